@@ -1,0 +1,223 @@
+//! `qtune bench`: tokens/s and peak memory of a LoRA training step at SmolLM2-135M's shape
+//! (random weights), printed beside PyTorch + PEFT's figures on the same kind of machine.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::spec::{LoraSpec, TargetModules, ALL_LINEAR};
+use crate::train::model::{synthetic, ForwardMode, Llama, ModelConfig};
+use crate::train::optim::{self, Optimizer};
+use crate::train::{data, Result};
+
+pub struct BenchOptions {
+    pub all_linear: bool,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub layers: Option<usize>,
+}
+
+/// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
+const PEFT_QKVO: (f64, f64) = (315.0, 4.2);
+const PEFT_ALL_LINEAR: (f64, f64) = (254.0, 5.5);
+
+/// Peak resident set size of this process so far, in GiB (Linux `VmHWM`).
+pub fn peak_rss_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / (1024.0 * 1024.0))
+        .unwrap_or(f64::NAN)
+}
+
+/// Analytic matmul FLOPs per token of a LoRA training step (as in the PEFT reference script):
+/// frozen linears and lm_head 4·N (no weight gradients), attention 3 × forward, LoRA 6r(in+out).
+pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usize) -> f64 {
+    let n_lin: usize = ALL_LINEAR
+        .iter()
+        .map(|m| {
+            let (o, i) = cfg.linear_shape(m);
+            o * i
+        })
+        .sum::<usize>()
+        * cfg.num_hidden_layers
+        + cfg.hidden_size * cfg.vocab_size;
+    let attn = 3 * cfg.num_hidden_layers * 2 * (2 * seq * cfg.num_attention_heads * cfg.head_dim);
+    let lora: usize = targets
+        .iter()
+        .map(|m| {
+            let (o, i) = cfg.linear_shape(m);
+            6 * r * (i + o)
+        })
+        .sum::<usize>()
+        * cfg.num_hidden_layers;
+    (4 * n_lin + attn + lora) as f64
+}
+
+/// GFLOP/s of candle's float32 matmul on 1024×576 @ 576×1536, the model's MLP shape.
+fn matmul_ceiling(device: &Device) -> Result<f64> {
+    let a = Tensor::ones((1024, 576), candle_core::DType::F32, device)?;
+    let b = Tensor::ones((576, 1536), candle_core::DType::F32, device)?;
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1024.0 * 576.0 * 1536.0 / median(&mut times[2..].to_vec()) / 1e9)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn run(opts: &BenchOptions) -> Result<()> {
+    let device = Device::Cpu;
+    let mut cfg = synthetic::smollm2_135m_config();
+    if let Some(l) = opts.layers {
+        cfg.num_hidden_layers = l;
+    }
+    let targets = if opts.all_linear {
+        TargetModules::Keyword("all-linear".into())
+    } else {
+        TargetModules::List(ALL_LINEAR[..4].iter().map(|s| s.to_string()).collect())
+    };
+    let lora = LoraSpec {
+        r: 16,
+        alpha: Some(32.0),
+        dropout: 0.05,
+        target_modules: targets,
+        use_rslora: false,
+    };
+    let names = lora.target_modules.names();
+    println!(
+        "qtune bench: SmolLM2-135M shape ({} layers), random weights, float32, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        cfg.num_hidden_layers,
+        if opts.all_linear { "all linears" } else { "q,k,v,o" },
+        opts.batch,
+        opts.seq,
+        candle_core::utils::get_num_threads()
+    );
+    let mut weights = synthetic::random_weights(&cfg, 0)?;
+    let model = Llama::load(
+        cfg.clone(),
+        &mut weights,
+        &lora,
+        0,
+        candle_core::DType::F32,
+        &device,
+    )?;
+    drop(weights);
+    let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
+    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let examples: Vec<data::Example> = (0..opts.batch)
+        .map(|_| data::Example {
+            ids: (0..=opts.seq)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect(),
+            labels: vec![true; opts.seq + 1],
+        })
+        .collect();
+    let refs: Vec<&data::Example> = examples.iter().collect();
+    let batch = data::make_batch(&refs, 0, &device)?;
+    let spec = crate::spec::TrainingSpec::default();
+    let mut optimizer = Optimizer::new(&spec, vars.len());
+    let (mut fwd, mut bwd, mut opt, mut step) = (vec![], vec![], vec![], vec![]);
+    for i in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        let mode = ForwardMode {
+            train: true,
+            dropout_seed: i as u64,
+        };
+        let loss = (model.loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)?
+            / batch.label_tokens as f64)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        let mut grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| store.get(v).expect("grad").clone())
+            .collect();
+        drop(store);
+        let t2 = Instant::now();
+        optim::clip_grad_norm(&mut grads, 1.0)?;
+        optimizer.step(&vars, &grads, 2e-4)?;
+        let t3 = Instant::now();
+        let tag = if i < opts.warmup { "warm-up" } else { "step" };
+        println!(
+            "  {tag} {:>2}: loss {loss_value:.4}  forward {:.2}s  backward {:.2}s  optimizer {:.3}s  total {:.2}s",
+            i + 1,
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+            (t3 - t0).as_secs_f64()
+        );
+        if i >= opts.warmup {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            opt.push((t3 - t2).as_secs_f64());
+            step.push((t3 - t0).as_secs_f64());
+        }
+    }
+    let step_s = median(&mut step);
+    let tokens = (opts.batch * opts.seq) as f64;
+    let tps = tokens / step_s;
+    let ceiling = matmul_ceiling(&device)?;
+    let fpt = flops_per_token(&cfg, opts.seq, &names, 16);
+    let peak = peak_rss_gib();
+    let (peft_tps, peft_rss) = if opts.all_linear {
+        PEFT_ALL_LINEAR
+    } else {
+        PEFT_QKVO
+    };
+    println!(
+        "\nmedian of {} steps after {} warm-up:",
+        opts.steps, opts.warmup
+    );
+    println!(
+        "  forward {:.2}s  backward {:.2}s  optimizer {:.3}s  step {:.2}s",
+        median(&mut fwd),
+        median(&mut bwd),
+        median(&mut opt),
+        step_s
+    );
+    println!("  trainable parameters {trainable}");
+    println!(
+        "  {:<26} {:>10} {:>12} {:>22}",
+        "", "tokens/s", "peak RSS", "share of f32 ceiling"
+    );
+    println!(
+        "  {:<26} {:>10.0} {:>8.2} GiB {:>21.0}%",
+        "qtune (this run)",
+        tps,
+        peak,
+        100.0 * fpt * tps / (ceiling * 1e9)
+    );
+    if opts.batch == 4 && opts.seq == 256 && opts.layers.is_none() {
+        println!(
+            "  {:<26} {:>10.0} {:>8.2} GiB {:>21}",
+            "PyTorch + PEFT (anchors)",
+            peft_tps,
+            peft_rss,
+            if opts.all_linear { "40%" } else { "48%" }
+        );
+    }
+    println!(
+        "  ({:.0} MFLOP/token; candle f32 matmul ceiling measured now: {:.0} GFLOP/s on 1024x576x1536)",
+        fpt / 1e6,
+        ceiling
+    );
+    Ok(())
+}

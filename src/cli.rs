@@ -1,0 +1,200 @@
+//! The `qtune` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::spec::JobSpec;
+use crate::train::{self, Event, Reporter};
+
+#[derive(Parser)]
+#[command(
+    name = "qtune",
+    version,
+    about = "LoRA / QLoRA fine-tuning in one binary"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fine-tune a model as a job spec says; checkpoints, adapter/ and metrics.jsonl go into --output.
+    Train {
+        /// The job spec (JSON), as the HTTP API takes it.
+        spec: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Continue from the latest checkpoint in --output.
+        #[arg(long)]
+        resume: bool,
+        /// Start from an existing PEFT adapter folder.
+        #[arg(long)]
+        init_adapter: Option<PathBuf>,
+        /// `cpu` or `cuda:N` (needs a build with --features cuda).
+        #[arg(long, default_value = "cpu", env = "QTUNE_DEVICE")]
+        device: String,
+    },
+    /// Measure a training step at SmolLM2-135M's shape (random weights): tokens/s, peak RSS.
+    Bench {
+        /// LoRA on all seven linears instead of q,k,v,o.
+        #[arg(long)]
+        all_linear: bool,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Fewer layers for a quick look (default: the model's 30).
+        #[arg(long)]
+        layers: Option<usize>,
+    },
+    /// Answer one prompt with greedy decoding through the chat template (optionally with an adapter).
+    Generate {
+        /// .gguf file, model folder or Hub repo id.
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter folder trained on this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+}
+
+pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    if let Some(i) = name.strip_prefix("cuda:") {
+        let ordinal: usize = i
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad device {name:?}"))?;
+        return Ok(candle_core::Device::new_cuda(ordinal)?);
+    }
+    anyhow::bail!("unknown device {name:?} (expected cpu or cuda:N)")
+}
+
+/// Prints engine events as progress lines.
+struct PrintReporter;
+
+impl Reporter for PrintReporter {
+    fn report(&mut self, event: &Event) {
+        match event {
+            Event::Phase { phase } => eprintln!("[{phase:?}]"),
+            Event::Data {
+                train,
+                validation,
+                total_steps,
+                trainable_parameters,
+            } => {
+                eprintln!(
+                    "train data: {} ({}): {} records, {} examples kept, {} truncated to max_seq_len, {} dropped (no label left), {} tokens, {} label tokens",
+                    train.path, train.format, train.records, train.examples, train.truncated, train.dropped_no_labels, train.tokens, train.label_tokens
+                );
+                if let Some(v) = validation {
+                    eprintln!(
+                        "validation: {}: {} examples, {} label tokens",
+                        v.path, v.examples, v.label_tokens
+                    );
+                }
+                eprintln!("{total_steps} optimizer steps, {trainable_parameters} trainable parameters");
+            }
+            Event::Step(m) => eprintln!(
+                "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.1}s",
+                m.step, m.total_steps, m.epoch, m.loss, m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
+            ),
+            Event::Eval { step, eval_loss, .. } => eprintln!("eval at step {step}: eval_loss {eval_loss:.4}"),
+            Event::Checkpoint { step, path } => eprintln!("checkpoint {step}: {}", path.display()),
+        }
+    }
+}
+
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train {
+            spec,
+            output,
+            resume,
+            init_adapter,
+            device,
+        } => {
+            let text = std::fs::read_to_string(&spec)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?;
+            let spec = JobSpec::from_json(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", spec_name(&spec)))?;
+            let opts = train::RunOptions {
+                output_dir: output,
+                device: parse_device(&device)?,
+                resume,
+                init_adapter,
+            };
+            let outcome = train::run(&spec, &opts, &mut PrintReporter)?;
+            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            Ok(())
+        }
+        Command::Bench {
+            all_linear,
+            batch,
+            seq,
+            steps,
+            warmup,
+            layers,
+        } => Ok(crate::bench::run(&crate::bench::BenchOptions {
+            all_linear,
+            batch,
+            seq,
+            steps,
+            warmup,
+            layers,
+        })?),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+        } => {
+            let base = train::model::load_base(
+                &model,
+                None,
+                &crate::spec::LoraSpec::default(),
+                0,
+                &candle_core::Device::Cpu,
+            );
+            let base = match (base, adapter) {
+                (Ok(b), None) => b,
+                (_, Some(dir)) => {
+                    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+                        dir.join(train::checkpoint::ADAPTER_CONFIG),
+                    )?)?;
+                    let lora = crate::spec::LoraSpec {
+                        r: cfg["r"].as_i64().unwrap_or(8),
+                        alpha: cfg["lora_alpha"].as_f64(),
+                        dropout: 0.0,
+                        target_modules: crate::spec::TargetModules::List(serde_json::from_value(
+                            cfg["target_modules"].clone(),
+                        )?),
+                        use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
+                    };
+                    let b =
+                        train::model::load_base(&model, None, &lora, 0, &candle_core::Device::Cpu)?;
+                    train::checkpoint::load_adapter(&dir, &b.model)?;
+                    b
+                }
+                (Err(e), None) => return Err(e.into()),
+            };
+            println!("{}", train::generate::chat(&base, &prompt, max_new_tokens)?);
+            Ok(())
+        }
+    }
+}
+
+fn spec_name(p: &std::path::Path) -> String {
+    p.display().to_string()
+}

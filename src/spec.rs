@@ -1,0 +1,523 @@
+//! The job spec: one validated type shared by the HTTP API, the CLI and the training engine.
+//!
+//! A spec is parsed from JSON (unknown fields are refused), then [`JobSpec::normalize`] fills the
+//! defaults that depend on other fields (alpha = 2·r, the target-module list) and checks every
+//! range, so what is stored and echoed back is exactly what will run.
+
+use serde::{Deserialize, Serialize};
+
+/// A spec error names the offending field (`param`, in dotted form) and says what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct SpecError {
+    pub param: String,
+    pub message: String,
+}
+
+fn err(param: &str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        param: param.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Hub repo id (`HuggingFaceTB/SmolLM2-135M-Instruct`), a local model directory, or a `.gguf` file.
+    pub base_model: String,
+    /// Hub revision (branch, tag or commit); ignored for local models.
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub dataset: DatasetSpec,
+    #[serde(default)]
+    pub lora: LoraSpec,
+    /// Frozen-base quantization (QLoRA); `null` trains plain LoRA on a dense base.
+    #[serde(default)]
+    pub quantization: Option<serde_json::Value>,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// Write a checkpoint every N optimizer steps (the final adapter is always written).
+    #[serde(default)]
+    pub checkpoint_every_steps: Option<u64>,
+    /// Free text appended to the adapter's name.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `"<job id>:<step>"` or `"<job id>"`: start from an adapter an earlier job made.
+    #[serde(default)]
+    pub from_checkpoint: Option<String>,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Local path, `file://` URL (or, through the service, http(s) / `file-<id>`), of a JSON Lines file.
+    pub url: String,
+    #[serde(default)]
+    pub format: DatasetFormat,
+    /// A second JSONL file used for evaluation.
+    #[serde(default)]
+    pub validation_url: Option<String>,
+    /// Fraction of the training examples held out for evaluation (0 < f < 1).
+    #[serde(default)]
+    pub validation_split: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetFormat {
+    /// Detected from the first record's fields.
+    #[default]
+    Auto,
+    /// `{"messages": [{"role", "content"}, ...]}`, rendered with the model's chat template.
+    Messages,
+    /// `{"instruction", "input"?, "output"}`, rendered with the Alpaca prompt.
+    Alpaca,
+    /// `{"conversations": [{"from", "value"}, ...]}`, rendered with the model's chat template.
+    Sharegpt,
+    /// `{"prompt", "completion"}`, concatenated as is.
+    PromptCompletion,
+    /// `{"text"}`: loss on every token.
+    Text,
+}
+
+impl DatasetFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetFormat::Auto => "auto",
+            DatasetFormat::Messages => "messages",
+            DatasetFormat::Alpaca => "alpaca",
+            DatasetFormat::Sharegpt => "sharegpt",
+            DatasetFormat::PromptCompletion => "prompt_completion",
+            DatasetFormat::Text => "text",
+        }
+    }
+}
+
+/// The linear layers of a Llama-family block, by their Hugging Face names.
+pub const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"` (every linear layer of every block, as PEFT means it).
+    Keyword(String),
+    List(Vec<String>),
+}
+
+impl TargetModules {
+    /// The module names, once normalized.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            TargetModules::Keyword(_) => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
+            TargetModules::List(l) => l.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    #[serde(default = "default_r")]
+    pub r: i64,
+    /// Defaults to 2·r.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetModules,
+    /// Scale by alpha/√r instead of alpha/r.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn default_r() -> i64 {
+    8
+}
+fn default_dropout() -> f64 {
+    0.05
+}
+fn default_targets() -> TargetModules {
+    TargetModules::List(ALL_LINEAR[..4].iter().map(|s| s.to_string()).collect())
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            r: default_r(),
+            alpha: None,
+            dropout: default_dropout(),
+            target_modules: default_targets(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The factor applied to B·A·x.
+    pub fn scale(&self) -> f64 {
+        let alpha = self.alpha.unwrap_or(2.0 * self.r as f64);
+        if self.use_rslora {
+            alpha / (self.r as f64).sqrt()
+        } else {
+            alpha / self.r as f64
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    #[serde(default = "default_epochs")]
+    pub epochs: i64,
+    /// Stop after this many optimizer steps (overrides epochs; data repeats if needed).
+    #[serde(default)]
+    pub max_steps: Option<i64>,
+    #[serde(default = "default_batch")]
+    pub batch_size: i64,
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: i64,
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "default_scheduler")]
+    pub lr_scheduler: LrScheduler,
+    #[serde(default)]
+    pub warmup_steps: i64,
+    /// Fraction of the total steps used for warmup when warmup_steps is 0.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerKind,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// SGD momentum.
+    #[serde(default)]
+    pub momentum: f64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    /// Examples longer than this many tokens are truncated (and counted as truncated).
+    #[serde(default = "default_seq")]
+    pub max_seq_len: i64,
+    /// Put the loss on prompt tokens too.
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    /// Evaluate every N optimizer steps (and always at the end) when a validation set exists.
+    #[serde(default)]
+    pub eval_every_steps: Option<i64>,
+}
+
+fn default_epochs() -> i64 {
+    3
+}
+fn default_batch() -> i64 {
+    4
+}
+fn one() -> i64 {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_scheduler() -> LrScheduler {
+    LrScheduler::Linear
+}
+fn default_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seq() -> i64 {
+    1024
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all training fields have defaults")
+    }
+}
+
+impl JobSpec {
+    /// Parses JSON text into a normalized, validated spec.
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            let param = field_from_serde_message(&msg).unwrap_or_else(|| "body".to_string());
+            err(&param, msg)
+        })?;
+        spec.normalize()
+    }
+
+    /// Fills dependent defaults and checks every field.
+    pub fn normalize(mut self) -> Result<JobSpec, SpecError> {
+        if self.base_model.trim().is_empty() {
+            return Err(err("base_model", "must not be empty"));
+        }
+        if self.dataset.url.trim().is_empty() {
+            return Err(err("dataset.url", "must not be empty"));
+        }
+        if let Some(f) = self.dataset.validation_split {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(err(
+                    "dataset.validation_split",
+                    format!("must be between 0 and 1 (exclusive), got {f}"),
+                ));
+            }
+            if self.dataset.validation_url.is_some() {
+                return Err(err(
+                    "dataset.validation_split",
+                    "give either validation_url or validation_split, not both",
+                ));
+            }
+        }
+        let lora = &mut self.lora;
+        if !(1..=1024).contains(&lora.r) {
+            return Err(err(
+                "lora.r",
+                format!("must be between 1 and 1024, got {}", lora.r),
+            ));
+        }
+        let alpha = lora.alpha.unwrap_or(2.0 * lora.r as f64);
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(err("lora.alpha", format!("must be > 0, got {alpha}")));
+        }
+        lora.alpha = Some(alpha);
+        if !(0.0..1.0).contains(&lora.dropout) {
+            return Err(err(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", lora.dropout),
+            ));
+        }
+        let names = match &lora.target_modules {
+            TargetModules::Keyword(k) if k == "all-linear" => lora.target_modules.names(),
+            TargetModules::Keyword(k) => {
+                return Err(err(
+                    "lora.target_modules",
+                    format!("unknown keyword {k:?}: use \"all-linear\" or a list of module names"),
+                ))
+            }
+            TargetModules::List(l) => l.clone(),
+        };
+        if names.is_empty() {
+            return Err(err("lora.target_modules", "must name at least one module"));
+        }
+        let mut ordered = Vec::new();
+        for known in ALL_LINEAR {
+            if names.iter().any(|n| n == known) {
+                ordered.push(known.to_string());
+            }
+        }
+        if let Some(bad) = names.iter().find(|n| !ALL_LINEAR.contains(&n.as_str())) {
+            return Err(err(
+                "lora.target_modules",
+                format!("unknown module {bad:?} (known: {})", ALL_LINEAR.join(", ")),
+            ));
+        }
+        lora.target_modules = TargetModules::List(ordered);
+
+        if let Some(q) = &self.quantization {
+            if !q.is_null() {
+                return Err(err(
+                    "quantization",
+                    "quantized base models are not supported yet; use null (plain LoRA)",
+                ));
+            }
+        }
+        let t = &self.training;
+        let positive = |name: &str, v: i64| {
+            if v < 1 {
+                Err(err(
+                    &format!("training.{name}"),
+                    format!("must be >= 1, got {v}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        positive("epochs", t.epochs)?;
+        positive("batch_size", t.batch_size)?;
+        positive("gradient_accumulation_steps", t.gradient_accumulation_steps)?;
+        if let Some(m) = t.max_steps {
+            positive("max_steps", m)?;
+        }
+        if let Some(e) = t.eval_every_steps {
+            positive("eval_every_steps", e)?;
+        }
+        if t.max_seq_len < 2 || t.max_seq_len > 131_072 {
+            return Err(err(
+                "training.max_seq_len",
+                format!("must be between 2 and 131072, got {}", t.max_seq_len),
+            ));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(err(
+                "training.learning_rate",
+                format!("must be > 0, got {}", t.learning_rate),
+            ));
+        }
+        if t.warmup_steps < 0 {
+            return Err(err("training.warmup_steps", "must be >= 0"));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(err(
+                "training.warmup_ratio",
+                format!("must be in [0, 1), got {}", t.warmup_ratio),
+            ));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err(err("training.weight_decay", "must be >= 0"));
+        }
+        for (name, b) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(err(
+                    &format!("training.{name}"),
+                    format!("must be in [0, 1), got {b}"),
+                ));
+            }
+        }
+        if !(t.adam_epsilon > 0.0) {
+            return Err(err("training.adam_epsilon", "must be > 0"));
+        }
+        if !(0.0..1.0).contains(&t.momentum) {
+            return Err(err("training.momentum", "must be in [0, 1)"));
+        }
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+            return Err(err(
+                "training.max_grad_norm",
+                "must be >= 0 (0 disables clipping)",
+            ));
+        }
+        if let Some(c) = self.checkpoint_every_steps {
+            if c < 1 {
+                return Err(err("checkpoint_every_steps", "must be >= 1"));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// serde_json says `unknown field `foo`` or `missing field `bar``; pull the name out so the
+/// error can point at it.
+fn field_from_serde_message(msg: &str) -> Option<String> {
+    for prefix in ["unknown field `", "missing field `"] {
+        if let Some(rest) = msg.split(prefix).nth(1) {
+            return rest.split('`').next().map(str::to_string);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_filled_and_echoed() {
+        let spec = JobSpec::from_json(r#"{"base_model":"m","dataset":{"url":"d.jsonl"}}"#).unwrap();
+        assert_eq!(spec.lora.r, 8);
+        assert_eq!(spec.lora.alpha, Some(16.0));
+        assert_eq!(
+            spec.lora.target_modules.names(),
+            vec!["q_proj", "k_proj", "v_proj", "o_proj"]
+        );
+        assert_eq!(spec.training.batch_size, 4);
+        let echoed = serde_json::to_value(&spec).unwrap();
+        assert_eq!(echoed["lora"]["alpha"], 16.0);
+        assert_eq!(echoed["training"]["lr_scheduler"], "linear");
+    }
+
+    #[test]
+    fn all_linear_expands() {
+        let spec = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d"},"lora":{"target_modules":"all-linear","r":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.lora.target_modules.names().len(), 7);
+        assert_eq!(spec.lora.scale(), 2.0);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"lora":{"r":0}}"#,
+                "lora.r",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"lora":{"target_modules":["qq"]}}"#,
+                "lora.target_modules",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"training":{"learning_rate":0}}"#,
+                "training.learning_rate",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"training":{"batch_size":0}}"#,
+                "training.batch_size",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"bogus":1}"#,
+                "bogus",
+            ),
+            (r#"{"dataset":{"url":"d"}}"#, "base_model"),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d","validation_split":1.5}}"#,
+                "dataset.validation_split",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d","format":"csv"}}"#,
+                "body",
+            ),
+        ];
+        for (json, param) in cases {
+            let e = JobSpec::from_json(json).unwrap_err();
+            assert_eq!(e.param, param, "{json}: {e}");
+        }
+    }
+}

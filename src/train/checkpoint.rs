@@ -1,0 +1,185 @@
+//! Checkpoints in Hugging Face PEFT's adapter format, plus what a resume needs.
+//!
+//! A checkpoint folder holds:
+//! - `adapter_config.json` and `adapter_model.safetensors` (tensor names like
+//!   `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`): `PeftModel.from_pretrained`
+//!   loads them unchanged;
+//! - `optimizer.safetensors` and `trainer_state.json`: optimizer moments and the step counter.
+//!   The data order and dropout masks are pure functions of (seed, step), so nothing else is needed
+//!   to continue the identical loss curve.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::model::Llama;
+use super::optim::Optimizer;
+use crate::spec::JobSpec;
+use crate::train::{Error, Result};
+
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+const TRAINER_STATE: &str = "trainer_state.json";
+
+/// PEFT's name for a LoRA tensor.
+pub fn peft_name(var_name: &str) -> String {
+    format!("base_model.model.{var_name}.weight")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub seed: u64,
+    /// The spec the run was started with (a resume refuses a different one).
+    pub spec: JobSpec,
+}
+
+/// The `adapter_config.json` PEFT expects.
+pub fn adapter_config(spec: &JobSpec, base_model_name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "revision": spec.revision,
+        "r": spec.lora.r,
+        "lora_alpha": spec.lora.alpha.unwrap_or(2.0 * spec.lora.r as f64),
+        "lora_dropout": spec.lora.dropout,
+        "target_modules": spec.lora.target_modules.names(),
+        "use_rslora": spec.lora.use_rslora,
+        "use_dora": false,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    })
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("serializable");
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Writes the PEFT adapter files of `model` into `dir`.
+pub fn save_adapter(
+    dir: &Path,
+    model: &Llama,
+    spec: &JobSpec,
+    base_model_name: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: HashMap<String, Tensor> = model
+        .lora_vars()
+        .into_iter()
+        .map(|(name, var)| (peft_name(&name), var.as_detached_tensor()))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join(ADAPTER_WEIGHTS))?;
+    write_json(
+        &dir.join(ADAPTER_CONFIG),
+        &adapter_config(spec, base_model_name),
+    )
+}
+
+/// Writes a full checkpoint (adapter + resume state) atomically: into a temporary folder that is
+/// renamed into place, so a crash never leaves a half-written checkpoint behind.
+pub fn save_checkpoint(
+    dir: &Path,
+    model: &Llama,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    base_model_name: &str,
+) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    save_adapter(&tmp, model, &state.spec, base_model_name)?;
+    let names: Vec<String> = model.lora_vars().into_iter().map(|(n, _)| n).collect();
+    let opt = optimizer.state_tensors(&names);
+    if !opt.is_empty() {
+        candle_core::safetensors::save(&opt, tmp.join(OPTIMIZER_STATE))?;
+    }
+    write_json(&tmp.join(TRAINER_STATE), state)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its shape.
+pub fn load_adapter(dir: &Path, model: &Llama) -> Result<()> {
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+    for (name, var) in model.lora_vars() {
+        let key = peft_name(&name);
+        let t = tensors
+            .remove(&key)
+            .ok_or_else(|| Error::Checkpoint(format!("{} has no tensor {key}", path.display())))?;
+        set_var(&var, &t, &key)?;
+    }
+    Ok(())
+}
+
+fn set_var(var: &Var, t: &Tensor, name: &str) -> Result<()> {
+    if t.dims() != var.dims() {
+        return Err(Error::Checkpoint(format!(
+            "{name} has shape {:?}, the model expects {:?} (different r or base model?)",
+            t.dims(),
+            var.dims()
+        )));
+    }
+    var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    Ok(())
+}
+
+/// Restores model and optimizer from a checkpoint folder; returns its trainer state.
+pub fn load_checkpoint(
+    dir: &Path,
+    model: &Llama,
+    optimizer: &mut Optimizer,
+) -> Result<TrainerState> {
+    let state_path = dir.join(TRAINER_STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", state_path.display())))?;
+    load_adapter(dir, model)?;
+    let opt_path = dir.join(OPTIMIZER_STATE);
+    let mut tensors = if opt_path.exists() {
+        candle_core::safetensors::load(&opt_path, &model.device)?
+    } else {
+        HashMap::new()
+    };
+    let names: Vec<String> = model.lora_vars().into_iter().map(|(n, _)| n).collect();
+    optimizer.load_state(&names, &mut tensors, state.step)?;
+    Ok(state)
+}
+
+/// Checkpoint folders `checkpoint-{step}` under `output_dir`, by step.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join(TRAINER_STATE)
+                .exists()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}

@@ -1,0 +1,392 @@
+//! Datasets: JSON Lines records → token ids with a label mask → padded batches.
+//!
+//! Each record becomes text segments marked "label" or not; the text is tokenized once with byte
+//! offsets and a token is a label when it starts inside a label segment. Chat records go through
+//! the model's chat template; the answer span of each assistant turn is found by rendering the
+//! conversation up to that turn, so the closing end-of-turn token is a label and the model learns
+//! to stop.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::tokenizer::{Message, TextTokenizer};
+use crate::spec::DatasetFormat;
+use crate::train::{Error, Result};
+
+/// One tokenized example. `labels[i]` says whether token `i` is predicted (carries loss).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub labels: Vec<bool>,
+}
+
+impl Example {
+    pub fn label_count(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l).count()
+    }
+}
+
+/// What the data step did with a file; printed and reported, never silent.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DataReport {
+    pub path: String,
+    pub format: String,
+    pub records: usize,
+    pub examples: usize,
+    /// Examples cut to max_seq_len (kept if labels remain).
+    pub truncated: usize,
+    /// Examples dropped because truncation left no label token.
+    pub dropped_no_labels: usize,
+    pub tokens: usize,
+    pub label_tokens: usize,
+}
+
+const ALPACA_PROMPT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n";
+const ALPACA_PROMPT_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n";
+
+fn detect(record: &serde_json::Map<String, Value>) -> Option<DatasetFormat> {
+    let has = |k: &str| record.contains_key(k);
+    if has("messages") {
+        Some(DatasetFormat::Messages)
+    } else if has("conversations") {
+        Some(DatasetFormat::Sharegpt)
+    } else if has("instruction") && has("output") {
+        Some(DatasetFormat::Alpaca)
+    } else if has("prompt") && has("completion") {
+        Some(DatasetFormat::PromptCompletion)
+    } else if has("text") {
+        Some(DatasetFormat::Text)
+    } else {
+        None
+    }
+}
+
+/// Reads, checks and tokenizes a JSONL file. Any malformed line is an error naming it.
+pub fn load_jsonl(
+    path: &Path,
+    format: DatasetFormat,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    train_on_inputs: bool,
+) -> Result<(Vec<Example>, DataReport)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let shown = path.display().to_string();
+    let mut format = format;
+    let mut report = DataReport {
+        path: shown.clone(),
+        ..Default::default()
+    };
+    let mut examples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |msg: String| Error::Data(format!("{shown} line {line_no}: {msg}"));
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+        let record = value
+            .as_object()
+            .ok_or_else(|| at("expected a JSON object".into()))?;
+        if format == DatasetFormat::Auto {
+            format = detect(record).ok_or_else(|| {
+                let keys: Vec<&String> = record.keys().collect();
+                at(format!(
+                    "cannot detect the dataset format from fields {keys:?}; expected messages, \
+                     conversations, instruction/output, prompt/completion or text"
+                ))
+            })?;
+        }
+        report.records += 1;
+        let segments = segments(record, format, tok).map_err(|e| match e {
+            Error::Data(m) => at(m),
+            other => at(other.to_string()),
+        })?;
+        let mut ex = tokenize(&segments, format, tok, train_on_inputs)?;
+        if ex.ids.len() > max_seq_len {
+            ex.ids.truncate(max_seq_len);
+            ex.labels.truncate(max_seq_len);
+            report.truncated += 1;
+        }
+        if ex.label_count() == 0 {
+            report.dropped_no_labels += 1;
+            continue;
+        }
+        report.tokens += ex.ids.len();
+        report.label_tokens += ex.label_count();
+        examples.push(ex);
+    }
+    report.format = format.as_str().to_string();
+    report.examples = examples.len();
+    if report.records == 0 {
+        return Err(Error::Data(format!("{shown} is empty: no records")));
+    }
+    if examples.is_empty() {
+        return Err(Error::Data(format!(
+            "{shown}: none of its {} records has a label token left within max_seq_len={max_seq_len} \
+             ({} truncated); raise max_seq_len or shorten the examples",
+            report.records, report.truncated
+        )));
+    }
+    Ok((examples, report))
+}
+
+/// A piece of an example's text and whether its tokens carry loss.
+type Segment = (String, bool);
+
+fn field<'a>(
+    record: &'a serde_json::Map<String, Value>,
+    key: &str,
+    format: DatasetFormat,
+) -> Result<&'a str> {
+    match record.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(Error::Data(format!(
+            "field {key:?} must be a string, got {}",
+            type_name(other)
+        ))),
+        None => Err(Error::Data(format!(
+            "missing field {key:?} (format {})",
+            format.as_str()
+        ))),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn segments(
+    record: &serde_json::Map<String, Value>,
+    format: DatasetFormat,
+    tok: &TextTokenizer,
+) -> Result<Vec<Segment>> {
+    match format {
+        DatasetFormat::Text => Ok(vec![(field(record, "text", format)?.to_string(), true)]),
+        DatasetFormat::PromptCompletion => Ok(vec![
+            (field(record, "prompt", format)?.to_string(), false),
+            (field(record, "completion", format)?.to_string(), true),
+        ]),
+        DatasetFormat::Alpaca => {
+            let instruction = field(record, "instruction", format)?;
+            let input = match record.get("input") {
+                None | Some(Value::Null) => "",
+                Some(Value::String(s)) => s,
+                Some(other) => {
+                    return Err(Error::Data(format!(
+                        "field \"input\" must be a string, got {}",
+                        type_name(other)
+                    )))
+                }
+            };
+            let prompt = if input.is_empty() {
+                format!("{ALPACA_PROMPT}{instruction}\n\n### Response:\n")
+            } else {
+                format!(
+                    "{ALPACA_PROMPT_INPUT}{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+                )
+            };
+            Ok(vec![
+                (prompt, false),
+                (field(record, "output", format)?.to_string(), true),
+            ])
+        }
+        DatasetFormat::Messages | DatasetFormat::Sharegpt => {
+            let messages = chat_messages(record, format)?;
+            chat_segments(&messages, tok)
+        }
+        DatasetFormat::Auto => unreachable!("resolved before"),
+    }
+}
+
+fn chat_messages(
+    record: &serde_json::Map<String, Value>,
+    format: DatasetFormat,
+) -> Result<Vec<Message>> {
+    let (key, role_key, content_key) = match format {
+        DatasetFormat::Messages => ("messages", "role", "content"),
+        _ => ("conversations", "from", "value"),
+    };
+    let list = match record.get(key) {
+        Some(Value::Array(l)) => l,
+        Some(other) => {
+            return Err(Error::Data(format!(
+                "field {key:?} must be an array, got {}",
+                type_name(other)
+            )))
+        }
+        None => {
+            return Err(Error::Data(format!(
+                "missing field {key:?} (format {})",
+                format.as_str()
+            )))
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let obj = m
+            .as_object()
+            .ok_or_else(|| Error::Data(format!("{key}[{i}] must be an object")))?;
+        let role = match obj.get(role_key) {
+            Some(Value::String(s)) => s.as_str(),
+            _ => {
+                return Err(Error::Data(format!(
+                    "{key}[{i}]: missing string field {role_key:?}"
+                )))
+            }
+        };
+        let role = match (format, role) {
+            (DatasetFormat::Sharegpt, "human" | "user") => "user",
+            (DatasetFormat::Sharegpt, "gpt" | "assistant" | "chatgpt") => "assistant",
+            (_, "system" | "user" | "assistant") => role,
+            (_, other) => {
+                return Err(Error::Data(format!(
+                    "{key}[{i}]: unknown role {other:?} (expected system, user or assistant)"
+                )))
+            }
+        };
+        let content = match obj.get(content_key) {
+            Some(Value::String(s)) => s.clone(),
+            _ => {
+                return Err(Error::Data(format!(
+                    "{key}[{i}]: missing string field {content_key:?}"
+                )))
+            }
+        };
+        out.push(Message {
+            role: role.to_string(),
+            content,
+        });
+    }
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err(Error::Data(format!(
+            "{key} has no assistant turn to learn from"
+        )));
+    }
+    Ok(out)
+}
+
+/// Splits a rendered conversation into prompt text and assistant answers (each answer ending
+/// with the template's end-of-turn token, trailing whitespace excluded).
+fn chat_segments(messages: &[Message], tok: &TextTokenizer) -> Result<Vec<Segment>> {
+    let full = tok.render_chat(messages, false)?;
+    let mut segments = Vec::new();
+    let mut cursor = 0;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let before = tok.render_chat(&messages[..i], true)?;
+        let through = tok.render_chat(&messages[..=i], false)?;
+        if !full.starts_with(&through) || !through.starts_with(&before) || before.len() < cursor {
+            return Err(Error::Tokenizer(
+                "the chat template does not render conversations incrementally (a prefix of the \
+                 conversation does not render to a prefix of the text), so answer tokens cannot \
+                 be located"
+                    .into(),
+            ));
+        }
+        let answer_end = through.trim_end().len().max(before.len());
+        segments.push((full[cursor..before.len()].to_string(), false));
+        segments.push((full[before.len()..answer_end].to_string(), true));
+        cursor = answer_end;
+    }
+    if cursor < full.len() {
+        segments.push((full[cursor..].to_string(), false));
+    }
+    Ok(segments)
+}
+
+fn tokenize(
+    segments: &[Segment],
+    format: DatasetFormat,
+    tok: &TextTokenizer,
+    train_on_inputs: bool,
+) -> Result<Example> {
+    let text: String = segments.iter().map(|(s, _)| s.as_str()).collect();
+    let mut spans = Vec::new();
+    let mut pos = 0;
+    for (s, label) in segments {
+        if *label {
+            spans.push((pos, pos + s.len()));
+        }
+        pos += s.len();
+    }
+    let chat = matches!(format, DatasetFormat::Messages | DatasetFormat::Sharegpt);
+    // Chat templates write their own BOS/EOS; the raw formats get the tokenizer's special tokens
+    // and an explicit EOS after the answer.
+    let (mut ids, offsets) = tok.encode_with_offsets(&text, !chat)?;
+    let mut labels: Vec<bool> = offsets
+        .iter()
+        .map(|&(start, end)| {
+            train_on_inputs || (end > start && spans.iter().any(|&(a, b)| start >= a && start < b))
+        })
+        .collect();
+    if !chat {
+        let eos = tok.eos_id.ok_or_else(|| {
+            Error::Tokenizer("the tokenizer has no EOS token to close answers with".into())
+        })?;
+        ids.push(eos);
+        labels.push(true);
+    }
+    if let Some(first) = labels.first_mut() {
+        *first = false; // nothing predicts the first token
+    }
+    Ok(Example { ids, labels })
+}
+
+/// A padded micro-batch ready for the model.
+pub struct Batch {
+    /// (b, t) input ids, right-padded.
+    pub ids: Tensor,
+    /// Indices into the flattened (b·t) positions whose next token is a label.
+    pub positions: Tensor,
+    /// The label tokens at those positions.
+    pub targets: Tensor,
+    pub label_tokens: usize,
+    /// Real (non-padding) input tokens.
+    pub tokens: usize,
+}
+
+pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let t = examples
+        .iter()
+        .map(|e| e.ids.len() - 1)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let b = examples.len();
+    let mut ids = vec![pad_id; b * t];
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    let mut tokens = 0;
+    for (bi, ex) in examples.iter().enumerate() {
+        let n = ex.ids.len() - 1;
+        ids[bi * t..bi * t + n].copy_from_slice(&ex.ids[..n]);
+        tokens += n;
+        for p in 0..n {
+            if ex.labels[p + 1] {
+                positions.push((bi * t + p) as u32);
+                targets.push(ex.ids[p + 1]);
+            }
+        }
+    }
+    let label_tokens = targets.len();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        positions: Tensor::from_vec(positions, label_tokens, device)?,
+        targets: Tensor::from_vec(targets, label_tokens, device)?,
+        label_tokens,
+        tokens,
+    })
+}

@@ -1,0 +1,358 @@
+//! The Llama-family decoder (llama, mistral, qwen2) as a trainable candle graph.
+//!
+//! Base weights are plain tensors (never `Var`s), so they cannot change; only the LoRA factors are
+//! `Var`s. Every op on the path from a LoRA factor to the loss has a backward (see `ops`).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::ModelConfig;
+use crate::spec::{LoraSpec, ALL_LINEAR};
+use crate::train::ops;
+use crate::train::Result;
+
+/// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
+pub struct LoraAdapter {
+    /// (r, in), Kaiming-uniform like PEFT.
+    pub a: Var,
+    /// (out, r), zeros.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+/// A frozen linear layer, optionally adapted.
+pub struct Linear {
+    /// (out, in) in the compute dtype.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+/// What differs between a training forward and an evaluation forward.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardMode {
+    /// Track LoRA factors (build a graph) and apply dropout.
+    pub train: bool,
+    /// Seeds the dropout masks of this forward; masks are a pure function of it, so a resumed
+    /// run draws the same masks as an uninterrupted one.
+    pub dropout_seed: u64,
+}
+
+impl ForwardMode {
+    pub const EVAL: ForwardMode = ForwardMode {
+        train: false,
+        dropout_seed: 0,
+    };
+}
+
+/// Mixes numbers into a 64-bit seed (splitmix64 finaliser), for independent RNG streams.
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &p in parts {
+        h ^= p
+            .wrapping_add(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
+        let mut z = h;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h = z ^ (z >> 31);
+    }
+    h
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, mode: ForwardMode, stream: u64) -> Result<Tensor> {
+        let mut y = ops::frozen_matmul(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let Some(lora) = &self.lora else {
+            return Ok(y);
+        };
+        let (a, b) = if mode.train {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
+        };
+        let in_dim = a.dim(1)?;
+        let mut x32 = x.to_dtype(DType::F32)?.reshape(((), in_dim))?;
+        if mode.train && lora.dropout > 0.0 {
+            let mask = dropout_mask(
+                x32.elem_count(),
+                lora.dropout,
+                mix_seed(&[mode.dropout_seed, stream]),
+                x.device(),
+            )?;
+            x32 = x32.mul(&mask.reshape(x32.shape())?)?;
+        }
+        let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + delta)?)
+    }
+}
+
+/// Inverted dropout: each element kept with probability 1−p and scaled by 1/(1−p).
+fn dropout_mask(n: usize, p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let threshold = (p * u32::MAX as f64) as u32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<u32>() < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, n, device)?)
+}
+
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
+    /// q, k, v, o, gate, up, down, in [`ALL_LINEAR`] order.
+    pub linears: Vec<Linear>,
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when the vocabulary projection is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub device: Device,
+}
+
+/// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
+pub trait WeightSource {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>>;
+}
+
+impl Llama {
+    /// Builds the model from frozen weights and fresh LoRA factors (seeded).
+    pub fn load(
+        cfg: ModelConfig,
+        weights: &mut dyn WeightSource,
+        lora: &LoraSpec,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Llama> {
+        let mut req = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = weights.take(name)?.ok_or_else(|| {
+                crate::train::Error::Model(format!(
+                    "weight {name:?} is missing from the checkpoint"
+                ))
+            })?;
+            if t.dims() != shape {
+                return Err(crate::train::Error::Model(format!(
+                    "weight {name:?} has shape {:?}, the config implies {shape:?}",
+                    t.dims()
+                )));
+            }
+            Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+        };
+        let h = cfg.hidden_size;
+        let embed = req("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let targets = lora.target_modules.names();
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for layer in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{layer}");
+            let attn_norm = req(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let mlp_norm = req(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            let mut linears = Vec::with_capacity(7);
+            for (mi, module) in ALL_LINEAR.iter().enumerate() {
+                let group = if mi < 4 { "self_attn" } else { "mlp" };
+                let (out_dim, in_dim) = cfg.linear_shape(module);
+                let weight = req(&format!("{p}.{group}.{module}.weight"), &[out_dim, in_dim])?;
+                let bias = if cfg.attention_bias && mi < 3 {
+                    Some(req(&format!("{p}.{group}.{module}.bias"), &[out_dim])?)
+                } else {
+                    None
+                };
+                let lora = if targets.iter().any(|t| t == module) {
+                    Some(init_lora(
+                        lora,
+                        out_dim,
+                        in_dim,
+                        mix_seed(&[seed, layer as u64, mi as u64]),
+                        device,
+                    )?)
+                } else {
+                    None
+                };
+                linears.push(Linear { weight, bias, lora });
+            }
+            blocks.push(Block {
+                attn_norm,
+                mlp_norm,
+                linears,
+            });
+        }
+        let norm = req("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(req("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        Ok(Llama {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every trainable tensor with its PEFT name (without the `.weight` suffix's prefix), in a
+    /// fixed order: `model.layers.{i}.self_attn.q_proj.lora_A`.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            for (mi, lin) in block.linears.iter().enumerate() {
+                if let Some(l) = &lin.lora {
+                    let group = if mi < 4 { "self_attn" } else { "mlp" };
+                    let base = format!("model.layers.{layer}.{group}.{}", ALL_LINEAR[mi]);
+                    out.push((format!("{base}.lora_A"), l.a.clone()));
+                    out.push((format!("{base}.lora_B"), l.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Final hidden states `(b, t, hidden)` for token ids `(b, t)`. Sequences are right-padded,
+    /// so the causal mask alone keeps real tokens from seeing padding.
+    pub fn hidden_states(&self, ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let dtype = self.embed.dtype();
+        let (cos, sin) = self.rope_tables(t, dtype)?;
+        let mask = self.attention_mask(t, dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, cfg.hidden_size))?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let stream = |mi: usize| (layer * 8 + mi) as u64;
+            let l = &block.linears;
+            let h = ops::rms_norm(&x, &block.attn_norm, cfg.rms_norm_eps)?;
+            let q = l[0]
+                .forward(&h, mode, stream(0))?
+                .reshape((b, t, nh, hd))?
+                .transpose(1, 2)?;
+            let k = l[1]
+                .forward(&h, mode, stream(1))?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let v = l[2]
+                .forward(&h, mode, stream(2))?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let q = ops::rope(&q, &cos, &sin)?; // (b, nh, t, hd)
+            let k = ops::repeat_kv(&ops::rope(&k, &cos, &sin)?, nh / nkv)?.contiguous()?;
+            let v = ops::repeat_kv(&v.contiguous()?, nh / nkv)?.contiguous()?;
+            let att = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?; // (b, nh, t, t)
+            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + l[3].forward(&o, mode, stream(3))?)?;
+            let h = ops::rms_norm(&x, &block.mlp_norm, cfg.rms_norm_eps)?;
+            let gate = l[4].forward(&h, mode, stream(4))?.silu()?;
+            let up = l[5].forward(&h, mode, stream(5))?;
+            x = (x + l[6].forward(&(gate * up)?, mode, stream(6))?)?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// Logits `(b, t, vocab)` for every position (evaluation and generation).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden_states(ids, ForwardMode::EVAL)?;
+        Ok(ops::frozen_matmul(&h, self.lm_head_weight())?)
+    }
+
+    /// Summed cross-entropy over the label positions: `positions` index the flattened `(b·t)`
+    /// hidden states, `targets` are the next tokens there. Only label rows reach the vocabulary
+    /// projection.
+    pub fn loss_sum(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        targets: &Tensor,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(ids, mode)?;
+        let h = h
+            .reshape(((), self.cfg.hidden_size))?
+            .index_select(positions, 0)?;
+        Ok(ops::lm_head_cross_entropy(
+            &h,
+            self.lm_head_weight(),
+            targets,
+        )?)
+    }
+
+    fn rope_tables(&self, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let inv = self.cfg.rope_inv_freq();
+        let half = inv.len();
+        let mut freqs = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            freqs.extend(inv.iter().map(|f| pos as f32 * f));
+        }
+        let freqs = Tensor::from_vec(freqs, (t, half), &self.device)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    fn attention_mask(&self, t: usize, dtype: DType) -> Result<Tensor> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                let (row, col) = (i / t, i % t);
+                if col > row || row - col >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(dtype)?)
+    }
+}
+
+fn init_lora(
+    spec: &LoraSpec,
+    out_dim: usize,
+    in_dim: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<LoraAdapter> {
+    let r = spec.r as usize;
+    // PEFT: kaiming_uniform_(A, a=√5) ⇒ U(−1/√in, 1/√in); B = 0 so training starts at the base model.
+    let bound = 1.0 / (in_dim as f32).sqrt();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let a: Vec<f32> = (0..r * in_dim)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?;
+    let b = Var::zeros((out_dim, r), DType::F32, device)?;
+    Ok(LoraAdapter {
+        a,
+        b,
+        scale: spec.scale(),
+        dropout: spec.dropout,
+    })
+}

@@ -1,0 +1,336 @@
+//! Base models: where they come from (local folder, Hub, GGUF) and the decoder itself.
+
+pub mod config;
+pub mod llama;
+pub mod synthetic;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{Arch, ModelConfig};
+pub use llama::{mix_seed as mix_seed_for, ForwardMode, Llama, WeightSource};
+
+use super::tokenizer::TextTokenizer;
+use crate::spec::LoraSpec;
+use crate::train::{Error, Result};
+
+/// A loaded base model with fresh LoRA factors, and its tokenizer.
+pub struct BaseModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// What `adapter_config.json` records as `base_model_name_or_path`.
+    pub name: String,
+}
+
+/// Loads `base_model` (a `.gguf` file, a local Hugging Face folder, or a Hub repo id) on `device`,
+/// with the LoRA adapters that `lora` asks for.
+pub fn load_base(
+    base_model: &str,
+    revision: Option<&str>,
+    lora: &LoraSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<BaseModel> {
+    let path = Path::new(base_model);
+    if base_model.ends_with(".gguf") {
+        if !path.is_file() {
+            return Err(Error::Model(format!(
+                "GGUF file {base_model:?} does not exist"
+            )));
+        }
+        return load_gguf(path, lora, seed, device);
+    }
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else if looks_like_repo_id(base_model) {
+        hub::fetch(base_model, revision)?
+    } else {
+        return Err(Error::Model(format!(
+            "base_model {base_model:?} is neither a .gguf file, a local model folder, nor a Hub repo id (owner/name)"
+        )));
+    };
+    load_hf_dir(&dir, base_model, lora, seed, device)
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// The safetensors files of a folder: one `model.safetensors`, or the shards its index lists.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|_| {
+        Error::Model(format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        ))
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+struct SafetensorsSource(MmapedSafetensors);
+
+impl WeightSource for SafetensorsSource {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if self.0.get(name).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(self.0.load(name, &Device::Cpu)?))
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.remove(name))
+    }
+}
+
+/// Loads a local Hugging Face model folder.
+pub fn load_hf_dir(
+    dir: &Path,
+    name: &str,
+    lora: &LoraSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<BaseModel> {
+    let cfg_path = dir.join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg = ModelConfig::from_hf_json(&cfg_text)?;
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only for the duration of the load; the weights
+    // are copied out into tensors before the map is dropped.
+    let st = unsafe { MmapedSafetensors::multi(&files)? };
+    let mut source = SafetensorsSource(st);
+    let model = Llama::load(cfg, &mut source, lora, seed, DType::F32, device)?;
+    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+    Ok(BaseModel {
+        model,
+        tokenizer,
+        name: name.to_string(),
+    })
+}
+
+/// Loads a llama.cpp GGUF file, dequantized to float32, in Hugging Face tensor order.
+pub fn load_gguf(path: &Path, lora: &LoraSpec, seed: u64, device: &Device) -> Result<BaseModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| Error::Model(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let md = &content.metadata;
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?;
+    let arch = Arch::parse(&arch_name)?;
+    let num = |key: &str| -> Result<usize> {
+        md.get(&format!("{arch_name}.{key}"))
+            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Model(format!("GGUF metadata has no {arch_name}.{key}")))
+    };
+    let float = |key: &str| -> Option<f64> {
+        md.get(&format!("{arch_name}.{key}"))
+            .and_then(|v| v.to_f32().ok().map(f64::from))
+    };
+    let hidden_size = num("embedding_length")?;
+    let heads = num("attention.head_count")?;
+    let kv_heads = num("attention.head_count_kv").unwrap_or(heads);
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| Error::Model("GGUF has no token_embd.weight".into()))?;
+    let cfg = ModelConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: num("feed_forward_length")?,
+        num_hidden_layers: num("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: num("attention.key_length").unwrap_or(hidden_size / heads),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").ok_or_else(|| {
+            Error::Model(format!(
+                "GGUF metadata has no {arch_name}.attention.layer_norm_rms_epsilon"
+            ))
+        })?,
+        // llama.cpp's own default when the key is absent.
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        tie_word_embeddings: !has_output,
+        attention_bias: arch == Arch::Qwen2,
+        sliding_window: None,
+        max_position_embeddings: num("context_length").unwrap_or(4096),
+    };
+    cfg.check()?;
+    let mut weights: HashMap<String, Tensor> = HashMap::new();
+    let cpu = Device::Cpu;
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    for gguf_name in names {
+        let Some(hf_name) = hf_tensor_name(&gguf_name) else {
+            continue;
+        };
+        let t = content
+            .tensor(&mut file, &gguf_name, &cpu)?
+            .dequantize(&cpu)?;
+        // llama.cpp permutes q/k rows of llama-arch models for its interleaved RoPE; undo it so
+        // the weights (and adapters trained on them) are in Hugging Face order.
+        let t = if arch != Arch::Qwen2 && hf_name.ends_with("q_proj.weight") {
+            unpermute_rows(&t, heads)?
+        } else if arch != Arch::Qwen2 && hf_name.ends_with("k_proj.weight") {
+            unpermute_rows(&t, kv_heads)?
+        } else {
+            t
+        };
+        weights.insert(hf_name, t);
+    }
+    let model = Llama::load(cfg, &mut weights, lora, seed, DType::F32, device)?;
+    let tokenizer = TextTokenizer::from_gguf(md)?;
+    let name = md
+        .get("general.name")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| path.display().to_string());
+    Ok(BaseModel {
+        model,
+        tokenizer,
+        name,
+    })
+}
+
+/// `(heads·hd, in)` rows from llama.cpp's pair-interleaved order back to rotate-half order.
+pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+/// GGUF tensor name → Hugging Face name.
+fn hf_tensor_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Models by Hub repo id, through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1`).
+mod hub {
+    use super::*;
+    use hf_hub::{Cache, Repo, RepoType};
+
+    const FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+
+    pub fn fetch(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+        let revision = revision.unwrap_or("main").to_string();
+        let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+            .unwrap_or(false);
+        let cache = Cache::from_env();
+        let config = if offline {
+            let cached = cache.repo(repo.clone());
+            let config = cached.get("config.json").ok_or_else(|| {
+                Error::Model(format!(
+                    "HF_HUB_OFFLINE=1 and {repo_id} (revision {revision}) is not in the Hugging Face cache at {}",
+                    cache.path().display()
+                ))
+            })?;
+            if cached.get("tokenizer.json").is_none() {
+                return Err(Error::Model(format!(
+                    "HF_HUB_OFFLINE=1 and tokenizer.json of {repo_id} is not in the cache at {}",
+                    cache.path().display()
+                )));
+            }
+            config
+        } else {
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .map_err(|e| Error::Model(format!("Hugging Face Hub client: {e}")))?;
+            let r = api.repo(repo);
+            let get = |f: &str| {
+                r.get(f).map_err(|e| {
+                    Error::Model(format!(
+                        "could not download {f} of {repo_id} (revision {revision}) from the Hub: {e}; \
+                         set HF_HUB_OFFLINE=1 to use the cache at {}",
+                        cache.path().display()
+                    ))
+                })
+            };
+            let config = get(FILES[0])?;
+            get(FILES[1])?;
+            let _ = r.get(FILES[2]);
+            let _ = r.get("chat_template.jinja");
+            if r.get("model.safetensors").is_err() {
+                let index = get("model.safetensors.index.json")?;
+                let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|s| s.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                for s in shards {
+                    get(&s)?;
+                }
+            }
+            config
+        };
+        Ok(config
+            .parent()
+            .expect("a cached file lives in a snapshot folder")
+            .to_path_buf())
+    }
+}

@@ -1,0 +1,255 @@
+//! Differentiable building blocks that candle lacks or gets wrong for training.
+//!
+//! candle's fast kernels (`softmax_last_dim`, `rms_norm`, `rope`) have no backward: they cut the
+//! graph without an error. And stock `matmul` / broadcast ops compute gradients for frozen
+//! operands (weights, masks) that nobody reads, doubling backward cost. Each op here pairs a fast
+//! forward with a hand-written backward that returns only the gradients training needs.
+//! All of them are checked against finite differences in the tests.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// `y = x · Wᵀ` for a frozen `W` (out, in): the backward returns the input gradient only.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        if xl.dims().last() != Some(&k) || !xl.is_contiguous() {
+            candle_core::bail!(
+                "frozen linear: input {:?} does not fit weight ({n}, {k})",
+                xl.dims()
+            )
+        }
+        let m = xl.shape().elem_count() / k;
+        let lhs = Layout::contiguous_with_offset((m, k), xl.start_offset());
+        let rhs = wl.transpose(0, 1)?;
+        let y = x.matmul(w, (1, m, n, k), &lhs, &rhs)?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((y, Shape::from(dims)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cpu(ws) => self.fwd(s, l, ws, wl),
+            _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cuda(ws) => self.fwd(s, l, ws, wl),
+            _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, k) = self.weight.dims2()?;
+        let dims = with_last_dim(grad.dims(), k);
+        Ok(Some(
+            grad.reshape(((), n))?.matmul(&self.weight)?.reshape(dims)?,
+        ))
+    }
+}
+
+fn with_last_dim(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut dims = dims.to_vec();
+    *dims.last_mut().expect("rank >= 1") = last;
+    dims
+}
+
+/// `x · Wᵀ` with `W` frozen. Without a tracked input there is nothing to differentiate and the
+/// plain matmul is used.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.track_op() {
+        x.apply_op1(FrozenMatmul {
+            weight: weight.clone(),
+        })
+    } else {
+        let (n, k) = weight.dims2()?;
+        x.reshape(((), k))?
+            .matmul(&weight.t()?)?
+            .reshape(with_last_dim(x.dims(), n))
+    }
+}
+
+type BackwardFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// Graph node `(x, y_fast) -> y_fast` whose backward is `f(x, y, grad_y)` for `x` only.
+struct AttachBackward {
+    name: &'static str,
+    backward: Box<BackwardFn>,
+}
+
+fn copy_storage<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    if l.start_offset() != 0 || !l.is_contiguous() {
+        candle_core::bail!("attach_backward: the fast output must be contiguous")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for AttachBackward {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_storage(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_storage(s, l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.backward)(x, y, grad)?), None))
+    }
+}
+
+/// Makes `y_fast` (computed from `x` by an op with no backward) differentiable w.r.t. `x`.
+pub fn attach_backward(
+    name: &'static str,
+    x: &Tensor,
+    y_fast: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y_fast);
+    }
+    x.apply_op2(
+        &y_fast.contiguous()?,
+        AttachBackward {
+            name,
+            backward: Box::new(backward),
+        },
+    )
+}
+
+/// RMSNorm with a frozen weight: `x / sqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?;
+    let weight = weight.clone();
+    attach_backward("rms-norm", x, y, move |x, _y, g| {
+        // r = 1/rms;  dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x)
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let gw = g.broadcast_mul(&weight)?;
+        let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
+        gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?
+    })
+}
+
+/// Rotary position embedding in Hugging Face (rotate-half) layout on `(b, heads, t, head_dim)`.
+/// A rotation's backward is the rotation by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach_backward("rope", x, y, move |_x, _y, g| {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// `softmax(scores · scale + mask)` over the last dim, in one node: the constant additive mask
+/// gets no gradient.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let z = (scores.detach() * scale)?.broadcast_add(mask)?;
+    let y = candle_nn::ops::softmax_last_dim(&z)?;
+    attach_backward("masked-softmax", scores, y, move |_x, y, g| {
+        let gy = (g * y)?.sum_keepdim(D::Minus1)?;
+        (y * g.broadcast_sub(&gy)?)? * scale
+    })
+}
+
+/// Rows of logits computed at once by [`lm_head_cross_entropy`]: bounds the (rows, vocab)
+/// buffers to a few tens of MB whatever the batch.
+const LOGIT_ROWS_PER_CHUNK: usize = 256;
+
+/// Sum over rows of the cross-entropy of `hidden · Wᵀ` (the vocabulary projection, `W` frozen)
+/// against `targets`, without keeping any (rows, vocab) tensor alive.
+///
+/// Returns `(sum of losses, Σ|rows|)`. When `hidden` is tracked, the gradient w.r.t. `hidden` is
+/// computed chunk by chunk during the forward pass (`(softmax − onehot) · W`) and handed out in
+/// backward scaled by the upstream gradient: the vocabulary matmul then runs twice instead of
+/// three times and no logits survive the call.
+pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, _h) = hidden.dims2()?;
+    let want_grad = hidden.track_op();
+    let hidden_d = hidden.detach();
+    let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, hidden.device())?;
+    let mut grad_chunks = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = LOGIT_ROWS_PER_CHUNK.min(rows - start);
+        let h = hidden_d.narrow(0, start, n)?;
+        let t = targets.narrow(0, start, n)?;
+        let logits = frozen_matmul(&h, weight)?.to_dtype(candle_core::DType::F32)?;
+        let max = logits.max_keepdim(1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let exp = shifted.exp()?;
+        let sum_exp = exp.sum_keepdim(1)?;
+        let picked = shifted.gather(&t.unsqueeze(1)?, 1)?;
+        loss_sum = (loss_sum + (sum_exp.log()? - picked)?.sum_all()?)?;
+        if want_grad {
+            let softmax = exp.broadcast_div(&sum_exp)?;
+            let minus_one = Tensor::full(-1f32, (n, 1), hidden.device())?;
+            let d_logits = softmax.scatter_add(&t.unsqueeze(1)?, &minus_one, 1)?;
+            let d_hidden = d_logits.to_dtype(weight.dtype())?.matmul(weight)?;
+            grad_chunks.push(d_hidden.to_dtype(hidden.dtype())?);
+        }
+        start += n;
+    }
+    if !want_grad {
+        return Ok(loss_sum);
+    }
+    let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
+    attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
+        grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?)
+    })
+}
+
+/// Grouped-query attention: repeat each key/value head `n_rep` times, `(b, kv, t, d)` →
+/// `(b, kv·n_rep, t, d)`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))
+}

@@ -1,0 +1,233 @@
+//! Tokenizer and chat template of a base model.
+//!
+//! From a Hugging Face folder: `tokenizer.json`, plus `tokenizer_config.json` (special tokens,
+//! `chat_template`) or the `chat_template.jinja` newer checkpoints ship. From a GGUF file: built
+//! from the `tokenizer.ggml.*` metadata. The chat template is rendered with minijinja, with
+//! Python string methods enabled, so text matches transformers' `apply_chat_template`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::train::{Error, Result};
+
+pub struct TextTokenizer {
+    pub inner: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// The id appended after a trained answer when the format has no template of its own.
+    pub eos_id: Option<u32>,
+}
+
+/// One chat turn.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` and friends from a model folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<TextTokenizer> {
+        let tj = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&tj)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", cfg_path.display())))?,
+            Err(_) => Value::Null,
+        };
+        let mut chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the one named "default" is what transformers uses.
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.exists() {
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        let bos_token = token_string(cfg.get("bos_token"));
+        let eos_token = token_string(cfg.get("eos_token"));
+        let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        Ok(TextTokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_id,
+        })
+    }
+
+    /// Builds the tokenizer that a GGUF file describes in its metadata.
+    pub fn from_gguf(
+        md: &HashMap<String, candle_core::quantized::gguf_file::Value>,
+    ) -> Result<TextTokenizer> {
+        let get = |k: &str| {
+            md.get(k)
+                .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata has no {k:?}")))
+        };
+        let model = get("tokenizer.ggml.model")?.to_string()?.clone();
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model {model:?} is not supported (supported: gpt2 byte-level BPE)"
+            )));
+        }
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "default".into());
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()?;
+        let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
+            .to_vec()?
+            .iter()
+            .map(|v| {
+                let m = v.to_string()?;
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("bad merge {m:?}")))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("GGUF BPE: {e}")))?;
+        let mut inner = Tokenizer::new(bpe);
+        // The pre-tokenizers of Hugging Face's tokenizer.json for each llama.cpp `pre` name.
+        match pre.as_str() {
+            "smollm" => {
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])));
+            }
+            "default" | "gpt2" => {
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "GGUF tokenizer pre-type {other:?} is not supported (supported: smollm, gpt2, default)"
+                )))
+            }
+        }
+        inner.with_decoder(Some(ByteLevel::default()));
+        if let Some(types) = md.get("tokenizer.ggml.token_type") {
+            let special: Vec<AddedToken> = types
+                .to_vec()?
+                .iter()
+                .enumerate()
+                // token type 3 = control (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
+                .filter(|(_, t)| t.to_i32().map(|x| x == 3).unwrap_or(false))
+                .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
+                .collect();
+            inner
+                .add_special_tokens(special)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
+        let id_token = |k: &str| {
+            md.get(k)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|i| tokens.get(i as usize).cloned())
+        };
+        let eos_token = id_token("tokenizer.ggml.eos_token_id");
+        let eos_id = md
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        Ok(TextTokenizer {
+            inner,
+            chat_template: md
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok().cloned()),
+            bos_token: id_token("tokenizer.ggml.bos_token_id"),
+            eos_token,
+            eos_id,
+        })
+    }
+
+    /// Renders messages through the chat template, as `apply_chat_template(tokenize=False)` does.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Tokenizer(
+                "the model has no chat template, so chat-format data (messages, sharegpt) cannot \
+                 be rendered; use the alpaca, prompt_completion or text format"
+                    .into(),
+            )
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
+        let tmpl = env.get_template("chat").expect("just added");
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| Error::Tokenizer(format!("chat template failed: {e}")))
+    }
+
+    /// Token ids and the byte span of each token in `text` (special tokens are matched, nothing added).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, false)?.0)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+}
