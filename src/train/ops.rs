@@ -163,6 +163,11 @@ pub fn attach_backward(
 
 /// RMSNorm with a frozen weight: `x / sqrt(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F64 {
+        // candle's kernel has no f64; gradient checks run in f64 through the composite.
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+        return x.broadcast_div(&r)?.broadcast_mul(weight);
+    }
     let y = candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?;
     let weight = weight.clone();
     attach_backward("rms-norm", x, y, move |x, _y, g| {
@@ -210,14 +215,19 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
     let (rows, _h) = hidden.dims2()?;
     let want_grad = hidden.track_op();
     let hidden_d = hidden.detach();
-    let mut loss_sum = Tensor::zeros((), candle_core::DType::F32, hidden.device())?;
+    // The loss is accumulated in at least f32 (f64 stays f64 for gradient checks).
+    let acc = match weight.dtype() {
+        candle_core::DType::F64 => candle_core::DType::F64,
+        _ => candle_core::DType::F32,
+    };
+    let mut loss_sum = Tensor::zeros((), acc, hidden.device())?;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < rows {
         let n = LOGIT_ROWS_PER_CHUNK.min(rows - start);
         let h = hidden_d.narrow(0, start, n)?;
         let t = targets.narrow(0, start, n)?;
-        let logits = frozen_matmul(&h, weight)?.to_dtype(candle_core::DType::F32)?;
+        let logits = frozen_matmul(&h, weight)?.to_dtype(acc)?;
         let max = logits.max_keepdim(1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let exp = shifted.exp()?;
@@ -226,7 +236,7 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
         loss_sum = (loss_sum + (sum_exp.log()? - picked)?.sum_all()?)?;
         if want_grad {
             let softmax = exp.broadcast_div(&sum_exp)?;
-            let minus_one = Tensor::full(-1f32, (n, 1), hidden.device())?;
+            let minus_one = Tensor::full(-1f32, (n, 1), hidden.device())?.to_dtype(acc)?;
             let d_logits = softmax.scatter_add(&t.unsqueeze(1)?, &minus_one, 1)?;
             let d_hidden = d_logits.to_dtype(weight.dtype())?.matmul(weight)?;
             grad_chunks.push(d_hidden.to_dtype(hidden.dtype())?);

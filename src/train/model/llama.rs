@@ -78,7 +78,7 @@ impl Linear {
             (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
         };
         let in_dim = a.dim(1)?;
-        let mut x32 = x.to_dtype(DType::F32)?.reshape(((), in_dim))?;
+        let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
         if mode.train && lora.dropout > 0.0 {
             let mask = dropout_mask(
                 x32.elem_count(),
@@ -182,6 +182,7 @@ impl Llama {
                         in_dim,
                         mix_seed(&[seed, layer as u64, mi as u64]),
                         device,
+                        dtype,
                     )?)
                 } else {
                     None
@@ -339,7 +340,14 @@ fn init_lora(
     in_dim: usize,
     seed: u64,
     device: &Device,
+    base_dtype: DType,
 ) -> Result<LoraAdapter> {
+    // Adapters train in float32 whatever the base dtype; a float64 base (gradient checks) keeps f64.
+    let lora_dtype = if base_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let r = spec.r as usize;
     // PEFT: kaiming_uniform_(A, a=√5) ⇒ U(−1/√in, 1/√in); B = 0 so training starts at the base model.
     let bound = 1.0 / (in_dim as f32).sqrt();
@@ -347,8 +355,8 @@ fn init_lora(
     let a: Vec<f32> = (0..r * in_dim)
         .map(|_| rng.random_range(-bound..bound))
         .collect();
-    let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?;
-    let b = Var::zeros((out_dim, r), DType::F32, device)?;
+    let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?.to_dtype(lora_dtype)?)?;
+    let b = Var::zeros((out_dim, r), lora_dtype, device)?;
     Ok(LoraAdapter {
         a,
         b,

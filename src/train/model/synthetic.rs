@@ -65,15 +65,18 @@ fn normal(shape: (usize, usize), std: f32, rng: &mut ChaCha8Rng) -> Result<Tenso
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// Random base weights in Hugging Face naming: linears N(0, 0.02), norms 1.
+/// Random base weights in Hugging Face naming: linears N(0, 0.02), embeddings N(0, 3/√hidden), norms 1.
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut w = HashMap::new();
     let h = cfg.hidden_size;
+    // Embedding rows large enough (norm ≈ 3) that tied logits can become confident: with the
+    // usual 0.02 a tiny model's logits stay within ±1 and no loss can fall far.
+    let embed_std = 3.0 / (h as f32).sqrt();
     let ones = Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?;
     w.insert(
         "model.embed_tokens.weight".into(),
-        normal((cfg.vocab_size, h), 0.02, &mut rng)?,
+        normal((cfg.vocab_size, h), embed_std, &mut rng)?,
     );
     for layer in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{layer}");
@@ -96,7 +99,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
     if !cfg.tie_word_embeddings {
         w.insert(
             "lm_head.weight".into(),
-            normal((cfg.vocab_size, h), 0.02, &mut rng)?,
+            normal((cfg.vocab_size, h), embed_std, &mut rng)?,
         );
     }
     Ok(w)

@@ -1,0 +1,582 @@
+//! The training engine on a tiny random model: correctness of every piece that training rests on.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use qtune::spec::{LoraSpec, TargetModules};
+use qtune::train::model::{self, synthetic, ForwardMode, Llama};
+use qtune::train::{self, checkpoint, data, Event, Reporter, RunOptions, Silent};
+
+fn options(out: &std::path::Path) -> RunOptions {
+    RunOptions {
+        output_dir: out.to_path_buf(),
+        device: Device::Cpu,
+        resume: false,
+        init_adapter: None,
+    }
+}
+
+fn tiny_llama(lora: &LoraSpec, seed: u64) -> Llama {
+    tiny_llama_in(lora, seed, DType::F32)
+}
+
+fn tiny_llama_in(lora: &LoraSpec, seed: u64, dtype: DType) -> Llama {
+    let cfg = synthetic::tiny_config();
+    let mut w = synthetic::random_weights(&cfg, 7).unwrap();
+    Llama::load(cfg, &mut w, lora, seed, dtype, &Device::Cpu).unwrap()
+}
+
+fn lora(r: i64, targets: &[&str]) -> LoraSpec {
+    LoraSpec {
+        r,
+        alpha: Some(2.0 * r as f64),
+        dropout: 0.0,
+        target_modules: TargetModules::List(targets.iter().map(|s| s.to_string()).collect()),
+        use_rslora: false,
+    }
+}
+
+const ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn batch_of(ids: &[&[u32]]) -> data::Batch {
+    let examples: Vec<data::Example> = ids
+        .iter()
+        .map(|s| data::Example {
+            ids: s.to_vec(),
+            labels: vec![true; s.len()],
+        })
+        .collect();
+    let refs: Vec<&data::Example> = examples.iter().collect();
+    data::make_batch(&refs, 2, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn fill_b(model: &Llama, seed: u64) {
+    // B starts at zero; give it values so gradients w.r.t. A are not trivially zero.
+    for (i, (name, var)) in model.lora_vars().into_iter().enumerate() {
+        if name.ends_with("lora_B") {
+            let (o, r) = var.dims2().unwrap();
+            let vals: Vec<f32> = (0..o * r)
+                .map(|k| {
+                    (((k as u64 * 2654435761 + seed + i as u64) % 1000) as f32 / 1000.0 - 0.5) * 0.2
+                })
+                .collect();
+            var.set(
+                &Tensor::from_vec(vals, (o, r), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(var.dtype())
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn zero_b_leaves_the_base_model_unchanged() {
+    let base = tiny_llama(&lora(4, &[]), 1);
+    let adapted = tiny_llama(&lora(4, &ALL), 1);
+    assert!(base.lora_vars().is_empty());
+    assert_eq!(adapted.lora_vars().len(), 2 * 7 * 2);
+    let ids = Tensor::new(&[[5u32, 17, 200, 3, 9, 44]], &Device::Cpu).unwrap();
+    let d = max_abs_diff(&base.logits(&ids).unwrap(), &adapted.logits(&ids).unwrap());
+    assert_eq!(d, 0.0, "B = 0 must give exactly the base logits");
+    fill_b(&adapted, 1);
+    assert!(max_abs_diff(&base.logits(&ids).unwrap(), &adapted.logits(&ids).unwrap()) > 1e-4);
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
+    let model = tiny_llama(&lora(4, &ALL), 2);
+    let frozen: Vec<Tensor> = std::iter::once(model.embed.clone())
+        .chain(std::iter::once(model.norm.clone()))
+        .chain(model.blocks.iter().flat_map(|b| {
+            [b.attn_norm.clone(), b.mlp_norm.clone()]
+                .into_iter()
+                .chain(b.linears.iter().map(|l| l.weight.clone()))
+        }))
+        .collect();
+    let snapshot: Vec<Vec<f32>> = frozen
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let vars: Vec<Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
+    let spec = qtune::spec::TrainingSpec::default();
+    let mut opt = train::optim::Optimizer::new(&spec, vars.len());
+    let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 2, 2, 2]]);
+    for step in 0..5 {
+        let mode = ForwardMode {
+            train: true,
+            dropout_seed: step,
+        };
+        let loss = model
+            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = model
+            .lora_vars()
+            .iter()
+            .map(|(name, v)| {
+                grads
+                    .get(v)
+                    .unwrap_or_else(|| panic!("no gradient for {name}"))
+                    .clone()
+            })
+            .collect();
+        for (name, var) in model.lora_vars() {
+            assert!(grads.get(&var.as_tensor().clone()).is_some(), "{name}");
+        }
+        opt.step(&vars, &g, 1e-2).unwrap();
+    }
+    for (t, before) in frozen.iter().zip(&snapshot) {
+        let after: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            after
+                .iter()
+                .zip(before)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "a base weight changed"
+        );
+    }
+    let b_norm: f32 = model.lora_vars()[1]
+        .1
+        .as_tensor()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(b_norm > 0.0, "training must move B off zero");
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    // float64 end to end, so the central differences are exact to ~1e-9
+    let model = tiny_llama_in(&lora(2, &["q_proj", "v_proj", "down_proj"]), 3, DType::F64);
+    fill_b(&model, 3);
+    let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2]]);
+    let loss_of = || -> f64 {
+        let l = model
+            .loss_sum(
+                &batch.ids,
+                &batch.positions,
+                &batch.targets,
+                ForwardMode::EVAL,
+            )
+            .unwrap();
+        l.to_scalar::<f64>().unwrap()
+    };
+    let mode = ForwardMode {
+        train: true,
+        dropout_seed: 0,
+    };
+    let loss = model
+        .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (name, var) in model.lora_vars() {
+        let g: Vec<f64> = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // the three largest-magnitude entries of each tensor
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().partial_cmp(&g[a].abs()).unwrap());
+        for &i in idx.iter().take(3) {
+            let orig: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let eps = 1e-4;
+            let mut plus = orig.clone();
+            plus[i] += eps;
+            var.set(&Tensor::from_vec(plus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lp = loss_of();
+            let mut minus = orig.clone();
+            minus[i] -= eps;
+            var.set(&Tensor::from_vec(minus, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lm = loss_of();
+            var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let numeric = (lp - lm) / (2.0 * eps);
+            let analytic = g[i];
+            let ok = (numeric - analytic).abs() < 1e-5 * analytic.abs() + 1e-8;
+            assert!(
+                ok,
+                "{name}[{i}]: analytic {analytic:.6} vs numeric {numeric:.6}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * 3 * 2 * 3);
+}
+
+#[test]
+fn custom_backward_ops_match_stock_autograd() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
+    let w = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let grad_of = |f: &dyn Fn(&Tensor) -> Tensor| -> Tensor {
+        let y = f(x.as_tensor());
+        let l = (y * &probe).unwrap().sum_all().unwrap();
+        l.backward().unwrap().get(&x).unwrap().clone()
+    };
+    // rms_norm
+    let fast = grad_of(&|x| qtune::train::ops::rms_norm(x, &w, 1e-5).unwrap());
+    let slow = grad_of(&|x| {
+        let r = (x.sqr().unwrap().mean_keepdim(3).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        x.broadcast_div(&r).unwrap().broadcast_mul(&w).unwrap()
+    });
+    assert!(max_abs_diff(&fast, &slow) < 1e-4, "rms_norm");
+    // rope
+    let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+    let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+    let fast = grad_of(&|x| qtune::train::ops::rope(x, &cos, &sin).unwrap());
+    let slow = grad_of(&|x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap());
+    assert!(max_abs_diff(&fast, &slow) < 1e-4, "rope");
+    // masked softmax
+    let mask = Tensor::from_vec(
+        (0..64)
+            .map(|i| {
+                if i % 8 > i / 8 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect::<Vec<f32>>(),
+        (8, 8),
+        &dev,
+    )
+    .unwrap();
+    let probe8 = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let xs = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap()).unwrap();
+    let g = |fast: bool| {
+        let y = if fast {
+            qtune::train::ops::masked_softmax(xs.as_tensor(), &mask, 0.5).unwrap()
+        } else {
+            candle_nn::ops::softmax(
+                &(xs.as_tensor() * 0.5)
+                    .unwrap()
+                    .broadcast_add(&mask)
+                    .unwrap(),
+                3,
+            )
+            .unwrap()
+        };
+        let l = (y.narrow(2, 0, 5).unwrap() * &probe8)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        l.backward().unwrap().get(&xs).unwrap().clone()
+    };
+    assert!(max_abs_diff(&g(true), &g(false)) < 1e-5, "masked softmax");
+    // frozen matmul + fused lm-head cross-entropy against stock matmul + candle's cross_entropy
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 8), &dev).unwrap()).unwrap();
+    let wv = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
+    let targets = Tensor::from_vec(
+        (0..300u32).map(|i| i * 7 % 50).collect::<Vec<_>>(),
+        300,
+        &dev,
+    )
+    .unwrap();
+    let fused = qtune::train::ops::lm_head_cross_entropy(h.as_tensor(), &wv, &targets).unwrap();
+    let stock = (candle_nn::loss::cross_entropy(
+        &h.as_tensor().matmul(&wv.t().unwrap()).unwrap(),
+        &targets,
+    )
+    .unwrap()
+        * 300.0)
+        .unwrap();
+    let (lf, ls) = (
+        fused.to_scalar::<f32>().unwrap(),
+        stock.to_scalar::<f32>().unwrap(),
+    );
+    assert!((lf - ls).abs() / ls < 1e-5, "{lf} vs {ls}");
+    let gf = fused.backward().unwrap().get(&h).unwrap().clone();
+    let gs = stock.backward().unwrap().get(&h).unwrap().clone();
+    assert!(
+        max_abs_diff(&gf, &gs) < 1e-4,
+        "fused cross-entropy gradient"
+    );
+}
+
+#[test]
+fn loss_falls_and_the_adapter_is_peft_shaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data_path,
+        serde_json::json!({
+            "lora": {"target_modules": "all-linear", "r": 8},
+            "training": {"epochs": 12, "batch_size": 4},
+        }),
+    );
+    let out = dir.path().join("out");
+    let outcome = train::run(&spec, &options(&out), &mut Silent).unwrap();
+    assert_eq!(outcome.steps, 24);
+    let losses = train_losses(&out);
+    assert_eq!(losses.len(), 24);
+    let first = losses[0].1;
+    let last = losses.iter().rev().take(4).map(|l| l.1).sum::<f64>() / 4.0;
+    assert!(
+        last < 0.5 * first,
+        "loss should fall: first {first:.3}, last {last:.3}"
+    );
+
+    let tensors = candle_core::safetensors::load(
+        outcome.adapter_dir.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(tensors.len(), 2 * 7 * 2);
+    let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!(a.dims(), &[8, 32]);
+    assert_eq!(b.dims(), &[32, 8]);
+    assert_eq!(a.dtype(), DType::F32);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(outcome.adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    assert_eq!(cfg["bias"], "none");
+}
+
+#[test]
+fn exported_adapter_reproduces_the_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data_path,
+        serde_json::json!({"training": {"max_steps": 5}}),
+    );
+    let out = dir.path().join("out");
+    train::run(&spec, &options(&out), &mut Silent).unwrap();
+    let fresh = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &spec.lora,
+        999,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let untouched = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &spec.lora,
+        999,
+        &Device::Cpu,
+    )
+    .unwrap();
+    checkpoint::load_adapter(&out.join("adapter"), &fresh.model).unwrap();
+    // the final checkpoint's adapter must be the same weights
+    let from_ckpt = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &spec.lora,
+        5,
+        &Device::Cpu,
+    )
+    .unwrap();
+    checkpoint::load_adapter(&out.join("checkpoint-5"), &from_ckpt.model).unwrap();
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 43, 2]], &Device::Cpu).unwrap();
+    let l1 = fresh.model.logits(&ids).unwrap();
+    assert_eq!(
+        max_abs_diff(&l1, &from_ckpt.model.logits(&ids).unwrap()),
+        0.0
+    );
+    assert!(
+        max_abs_diff(&l1, &untouched.model.logits(&ids).unwrap()) > 1e-5,
+        "the adapter must change the logits"
+    );
+    // and an adapter reload reproduces what the trained model computed during its last eval
+    let reloaded_loss = train::evaluate(
+        &fresh,
+        &[data::Example {
+            ids: vec![1, 40, 41, 42, 2],
+            labels: vec![true; 5],
+        }],
+        1,
+    )
+    .unwrap();
+    assert!(reloaded_loss.is_finite());
+}
+
+#[test]
+fn batch_times_accumulation_gives_the_same_first_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 8);
+    let run_with = |bs: i64, acc: i64, name: &str| -> HashMap<String, Tensor> {
+        let s = spec(
+            &model_dir,
+            &data_path,
+            serde_json::json!({
+                "training": {"batch_size": bs, "gradient_accumulation_steps": acc, "max_steps": 1, "optimizer": "sgd", "learning_rate": 0.5}
+            }),
+        );
+        let out = dir.path().join(name);
+        train::run(&s, &options(&out), &mut Silent).unwrap();
+        candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let a = run_with(4, 1, "b4a1");
+    let b = run_with(1, 4, "b1a4");
+    let c = run_with(2, 2, "b2a2");
+    let mut moved = 0f32;
+    for (k, t) in &a {
+        let d1 = max_abs_diff(t, &b[k]);
+        let d2 = max_abs_diff(t, &c[k]);
+        assert!(d1 < 1e-5 && d2 < 1e-5, "{k}: {d1} {d2}");
+        if k.contains("lora_B") {
+            moved += t
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        }
+    }
+    assert!(moved > 0.0, "the update must move B");
+}
+
+/// Asks the engine to stop after `n` steps.
+struct StopAfter {
+    n: u64,
+    seen: u64,
+}
+impl Reporter for StopAfter {
+    fn report(&mut self, e: &Event) {
+        if let Event::Step(m) = e {
+            self.seen = m.step;
+        }
+    }
+    fn should_stop(&self) -> bool {
+        self.seen >= self.n
+    }
+}
+
+#[test]
+fn resume_continues_the_identical_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 10);
+    let s = spec(
+        &model_dir,
+        &data_path,
+        serde_json::json!({
+            "lora": {"dropout": 0.1},
+            "training": {"epochs": 3, "batch_size": 2, "lr_scheduler": "cosine", "warmup_steps": 2},
+        }),
+    );
+    let straight = dir.path().join("straight");
+    train::run(&s, &options(&straight), &mut Silent).unwrap();
+    let full = train_losses(&straight);
+    assert_eq!(full.len(), 15);
+
+    // same seed, same data: the same curve, bit for bit
+    let again = dir.path().join("again");
+    train::run(&s, &options(&again), &mut Silent).unwrap();
+    assert_eq!(train_losses(&again), full);
+
+    let interrupted = dir.path().join("interrupted");
+    let err = train::run(&s, &options(&interrupted), &mut StopAfter { n: 7, seen: 0 }).unwrap_err();
+    assert!(matches!(err, train::Error::Cancelled));
+    assert!(interrupted
+        .join("checkpoint-7/optimizer.safetensors")
+        .exists());
+    let mut resume = options(&interrupted);
+    resume.resume = true;
+    train::run(&s, &resume, &mut Silent).unwrap();
+    let resumed = train_losses(&interrupted);
+    assert_eq!(
+        resumed.iter().map(|l| l.0).collect::<Vec<_>>(),
+        (1..=15).collect::<Vec<u64>>()
+    );
+    for ((step, a), (_, b)) in full.iter().zip(&resumed) {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {step}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn validation_split_is_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 12);
+    let s = spec(
+        &model_dir,
+        &data_path,
+        serde_json::json!({
+            "dataset": {"validation_split": 0.25},
+            "training": {"epochs": 2, "eval_every_steps": 2},
+        }),
+    );
+    let out = dir.path().join("out");
+    let mut events = Vec::new();
+    struct Collect<'a>(&'a mut Vec<Event>);
+    impl Reporter for Collect<'_> {
+        fn report(&mut self, e: &Event) {
+            self.0.push(e.clone());
+        }
+    }
+    let outcome = train::run(&s, &options(&out), &mut Collect(&mut events)).unwrap();
+    let evals: Vec<u64> = events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Eval { step, .. } = e {
+                Some(*step)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(evals, vec![2, 4, 6, 8, 10]);
+    assert!(outcome.eval_loss.unwrap().is_finite());
+    let Some(Event::Data {
+        train, validation, ..
+    }) = events.iter().find(|e| matches!(e, Event::Data { .. }))
+    else {
+        panic!()
+    };
+    assert_eq!(train.examples, 12);
+    assert_eq!(validation.as_ref().unwrap().examples, 3);
+}
