@@ -87,7 +87,7 @@ struct PrintReporter;
 impl Reporter for PrintReporter {
     fn report(&mut self, event: &Event) {
         match event {
-            Event::Phase { phase } => eprintln!("[{phase:?}]"),
+            Event::Phase { phase } => eprintln!("phase: {}", serde_json::to_string(phase).unwrap_or_default().trim_matches('"')),
             Event::Data {
                 train,
                 validation,

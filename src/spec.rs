@@ -421,7 +421,7 @@ impl JobSpec {
                 ));
             }
         }
-        if !(t.adam_epsilon > 0.0) {
+        if t.adam_epsilon.is_nan() || t.adam_epsilon <= 0.0 {
             return Err(err("training.adam_epsilon", "must be > 0"));
         }
         if !(0.0..1.0).contains(&t.momentum) {

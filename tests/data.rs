@@ -13,7 +13,13 @@ fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
 }
 
 fn labelled_text(tok: &TextTokenizer, ex: &data::Example) -> String {
-    let ids: Vec<u32> = ex.ids.iter().zip(&ex.labels).filter(|(_, &l)| l).map(|(&i, _)| i).collect();
+    let ids: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.labels)
+        .filter(|(_, &l)| l)
+        .map(|(&i, _)| i)
+        .collect();
     tok.inner.decode(&ids, false).unwrap()
 }
 
@@ -21,18 +27,29 @@ fn labelled_text(tok: &TextTokenizer, ex: &data::Example) -> String {
 fn chat_labels_cover_answers_and_their_end_of_turn_token_only() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
-    let path = write(dir.path(), "d.jsonl", &serde_json::json!({"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "See you."},
-    ]}).to_string());
+    let path = write(
+        dir.path(),
+        "d.jsonl",
+        &serde_json::json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "See you."},
+        ]})
+        .to_string(),
+    );
     let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 512, false).unwrap();
     assert_eq!(report.format, "messages");
-    assert_eq!(labelled_text(&tok, &ex[0]), "Hello!<|im_end|>See you.<|im_end|>");
+    assert_eq!(
+        labelled_text(&tok, &ex[0]),
+        "Hello!<|im_end|>See you.<|im_end|>"
+    );
     let full = tok.inner.decode(&ex[0].ids, false).unwrap();
-    assert!(full.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi"), "{full}");
+    assert!(
+        full.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi"),
+        "{full}"
+    );
     // train_on_inputs puts loss on everything but the first token
     let (ex, _) = data::load_jsonl(&path, DatasetFormat::Messages, &tok, 512, true).unwrap();
     assert_eq!(ex[0].label_count(), ex[0].ids.len() - 1);
@@ -43,9 +60,21 @@ fn every_format_is_detected_and_ends_answers_with_eos() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
     let cases = [
-        (serde_json::json!({"instruction": "Add", "input": "1 2", "output": "3"}), "alpaca", "3<|im_end|>"),
-        (serde_json::json!({"prompt": "Q: 2+2\nA:", "completion": " 4"}), "prompt_completion", " 4<|im_end|>"),
-        (serde_json::json!({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}), "sharegpt", "Yo<|im_end|>"),
+        (
+            serde_json::json!({"instruction": "Add", "input": "1 2", "output": "3"}),
+            "alpaca",
+            "3<|im_end|>",
+        ),
+        (
+            serde_json::json!({"prompt": "Q: 2+2\nA:", "completion": " 4"}),
+            "prompt_completion",
+            " 4<|im_end|>",
+        ),
+        (
+            serde_json::json!({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}),
+            "sharegpt",
+            "Yo<|im_end|>",
+        ),
     ];
     for (record, format, labels) in cases {
         let path = write(dir.path(), "d.jsonl", &record.to_string());
@@ -73,7 +102,10 @@ fn truncation_is_counted_never_silent() {
     let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 8, false).unwrap();
     assert_eq!(report.records, 3);
     assert_eq!(report.truncated, 2);
-    assert_eq!(report.dropped_no_labels, 1, "the third line loses its whole answer");
+    assert_eq!(
+        report.dropped_no_labels, 1,
+        "the third line loses its whole answer"
+    );
     assert_eq!(report.examples, 2);
     assert_eq!(ex.len(), 2);
     assert!(ex.iter().all(|e| e.ids.len() <= 8));
@@ -84,7 +116,12 @@ fn job_error(dir: &std::path::Path, dataset: &str, extra: serde_json::Value) -> 
     let model = tiny_model(dir);
     let data_path = write(dir, "bad.jsonl", dataset);
     let s = spec(&model, &data_path, extra);
-    let opts = RunOptions { output_dir: dir.join("out"), device: Device::Cpu, resume: false, init_adapter: None };
+    let opts = RunOptions {
+        output_dir: dir.join("out"),
+        device: Device::Cpu,
+        resume: false,
+        init_adapter: None,
+    };
     train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
 }
 
@@ -92,23 +129,69 @@ fn job_error(dir: &std::path::Path, dataset: &str, extra: serde_json::Value) -> 
 fn bad_datasets_are_refused_with_the_line_and_the_reason() {
     let ok = "{\"text\": \"hello\"}";
     let cases: Vec<(String, serde_json::Value, &str)> = vec![
-        (format!("{ok}\n{{not json\n"), serde_json::json!({}), "line 2: invalid JSON"),
-        (format!("{ok}\n[1, 2]\n"), serde_json::json!({}), "line 2: expected a JSON object"),
-        ("{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n".into(), serde_json::json!({}), "line 2: missing field \"output\" (format alpaca)"),
-        ("{\"text\": 5}\n".into(), serde_json::json!({}), "line 1: field \"text\" must be a string, got a number"),
-        ("{\"foo\": 1}\n".into(), serde_json::json!({}), "line 1: cannot detect the dataset format"),
+        (
+            format!("{ok}\n{{not json\n"),
+            serde_json::json!({}),
+            "line 2: invalid JSON",
+        ),
+        (
+            format!("{ok}\n[1, 2]\n"),
+            serde_json::json!({}),
+            "line 2: expected a JSON object",
+        ),
+        (
+            "{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n".into(),
+            serde_json::json!({}),
+            "line 2: missing field \"output\" (format alpaca)",
+        ),
+        (
+            "{\"text\": 5}\n".into(),
+            serde_json::json!({}),
+            "line 1: field \"text\" must be a string, got a number",
+        ),
+        (
+            "{\"foo\": 1}\n".into(),
+            serde_json::json!({}),
+            "line 1: cannot detect the dataset format",
+        ),
         ("\n\n".into(), serde_json::json!({}), "is empty: no records"),
-        ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n".into(), serde_json::json!({}), "line 1: messages has no assistant turn"),
-        ("{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n".into(), serde_json::json!({}), "line 1: messages[0]: unknown role \"wizard\""),
-        ("{\"messages\": [{\"role\": \"user\"}]}\n".into(), serde_json::json!({}), "line 1: messages[0]: missing string field \"content\""),
-        ("{\"prompt\": \"a very long prompt indeed\", \"completion\": \"x\"}\n".into(), serde_json::json!({"training": {"max_seq_len": 4}}), "none of its 1 records has a label token left within max_seq_len=4"),
-        (format!("{ok}\n"), serde_json::json!({"dataset": {"format": "alpaca"}}), "line 1: missing field \"instruction\" (format alpaca)"),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n".into(),
+            serde_json::json!({}),
+            "line 1: messages has no assistant turn",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n".into(),
+            serde_json::json!({}),
+            "line 1: messages[0]: unknown role \"wizard\"",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\"}]}\n".into(),
+            serde_json::json!({}),
+            "line 1: messages[0]: missing string field \"content\"",
+        ),
+        (
+            "{\"prompt\": \"a very long prompt indeed\", \"completion\": \"x\"}\n".into(),
+            serde_json::json!({"training": {"max_seq_len": 4}}),
+            "none of its 1 records has a label token left within max_seq_len=4",
+        ),
+        (
+            format!("{ok}\n"),
+            serde_json::json!({"dataset": {"format": "alpaca"}}),
+            "line 1: missing field \"instruction\" (format alpaca)",
+        ),
     ];
     for (i, (text, extra, expected)) in cases.into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
         let msg = job_error(dir.path(), &text, extra);
-        assert!(msg.contains(expected), "case {i}: expected {expected:?} in {msg:?}");
-        assert!(msg.contains("bad.jsonl") || expected.contains("max_seq_len"), "case {i}: the file is named: {msg}");
+        assert!(
+            msg.contains(expected),
+            "case {i}: expected {expected:?} in {msg:?}"
+        );
+        assert!(
+            msg.contains("bad.jsonl") || expected.contains("max_seq_len"),
+            "case {i}: the file is named: {msg}"
+        );
     }
 }
 
@@ -118,32 +201,46 @@ fn bad_models_are_refused_clearly() {
     let data_path = write(dir.path(), "d.jsonl", "{\"text\": \"hello\"}");
     let run = |base: &str| {
         let s = JobSpec::from_json(&serde_json::json!({"base_model": base, "dataset": {"url": data_path.to_str().unwrap()}}).to_string()).unwrap();
-        let opts = RunOptions { output_dir: dir.path().join("out"), device: Device::Cpu, resume: false, init_adapter: None };
+        let opts = RunOptions {
+            output_dir: dir.path().join("out"),
+            device: Device::Cpu,
+            resume: false,
+            init_adapter: None,
+        };
         train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
     };
     assert!(run("/nope/model.gguf").contains("GGUF file \"/nope/model.gguf\" does not exist"));
-    assert!(run("not a model").contains("neither a .gguf file, a local model folder, nor a Hub repo id"));
+    assert!(run("not a model")
+        .contains("neither a .gguf file, a local model folder, nor a Hub repo id"));
 
     // an unknown architecture in config.json
     let model = tiny_model(dir.path());
     let cfg = model.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(&cfg, text).unwrap();
     assert!(run(model.to_str().unwrap()).contains("unsupported architecture \"gpt_neox\""));
 
     // a missing weight names the tensor
     let model = tiny_model(&dir.path().join("second"));
-    let mut w = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut w =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, model.join("model.safetensors")).unwrap();
-    assert!(run(model.to_str().unwrap()).contains("weight \"model.layers.1.mlp.up_proj.weight\" is missing"));
+    assert!(run(model.to_str().unwrap())
+        .contains("weight \"model.layers.1.mlp.up_proj.weight\" is missing"));
 
     // a Hub repo that is not cached, offline: names the repo and the cache path
     let hf_home = dir.path().join("hf");
     std::env::set_var("HF_HOME", &hf_home);
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let msg = run("HuggingFaceTB/SmolLM2-135M-Instruct");
-    assert!(msg.contains("HuggingFaceTB/SmolLM2-135M-Instruct") && msg.contains(hf_home.join("hub").to_str().unwrap()), "{msg}");
+    assert!(
+        msg.contains("HuggingFaceTB/SmolLM2-135M-Instruct")
+            && msg.contains(hf_home.join("hub").to_str().unwrap()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -152,15 +249,32 @@ fn hub_cache_is_used_offline() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("hf/hub/models--acme--tiny");
     let snapshot = repo.join("snapshots/0123abc");
-    qtune::train::model::synthetic::write_model_dir(&snapshot, &qtune::train::model::synthetic::tiny_config(), 1).unwrap();
+    qtune::train::model::synthetic::write_model_dir(
+        &snapshot,
+        &qtune::train::model::synthetic::tiny_config(),
+        1,
+    )
+    .unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
     // run in a child process: HF_HOME is process-wide
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_qtune"))
-        .args(["generate", "--model", "acme/tiny", "--prompt", "hi", "--max-new-tokens", "3"])
+        .args([
+            "generate",
+            "--model",
+            "acme/tiny",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+        ])
         .env("HF_HOME", dir.path().join("hf"))
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -577,6 +577,7 @@ fn validation_split_is_evaluated() {
     else {
         panic!()
     };
-    assert_eq!(train.examples, 12);
+    assert_eq!(train.records, 12);
+    assert_eq!(train.examples, 9);
     assert_eq!(validation.as_ref().unwrap().examples, 3);
 }

@@ -15,33 +15,66 @@ fn smollm2() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/test-models"));
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run scripts/fetch-test-models.sh", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        path.display()
+    );
     path
 }
 
 #[test]
 fn tokenizer_matches_the_models_own_ids() {
-    let base = model::load_base(smollm2().to_str().unwrap(), None, &LoraSpec::default(), 0, &Device::Cpu).unwrap();
+    let base = model::load_base(
+        smollm2().to_str().unwrap(),
+        None,
+        &LoraSpec::default(),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
     let text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>";
     let ids = base.tokenizer.encode(text).unwrap();
     assert_eq!(
         ids,
-        vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504, 3575, 282, 4649, 314, 7042, 30, 2]
+        vec![
+            1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504,
+            3575, 282, 4649, 314, 7042, 30, 2
+        ]
     );
-    assert_eq!(base.tokenizer.decode(&ids[13..23]).unwrap(), "assistant\nThe capital of France is Paris.");
+    assert_eq!(
+        base.tokenizer.decode(&ids[13..23]).unwrap(),
+        "assistant\nThe capital of France is Paris."
+    );
     assert_eq!(base.tokenizer.eos_id, Some(2));
     // the GGUF's own chat template, with SmolLM2's default system prompt
     let rendered = base
         .tokenizer
-        .render_chat(&[train::tokenizer::Message { role: "user".into(), content: "Hi".into() }], true)
+        .render_chat(
+            &[train::tokenizer::Message {
+                role: "user".into(),
+                content: "Hi".into(),
+            }],
+            true,
+        )
         .unwrap();
     assert!(rendered.starts_with("<|im_start|>system\n"), "{rendered}");
-    assert!(rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{rendered}");
+    assert!(
+        rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{rendered}"
+    );
 }
 
 #[test]
 fn answers_the_capital_of_france() {
-    let base = model::load_base(smollm2().to_str().unwrap(), None, &LoraSpec::default(), 0, &Device::Cpu).unwrap();
+    let base = model::load_base(
+        smollm2().to_str().unwrap(),
+        None,
+        &LoraSpec::default(),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(base.model.cfg.num_hidden_layers, 30);
     assert!(base.model.cfg.tie_word_embeddings);
     let answer = generate::chat(&base, "What is the capital of France?", 16).unwrap();
@@ -53,7 +86,8 @@ fn lora_lowers_held_out_loss() {
     // The anchors' recipe: q,k,v,o, r 16, alpha 32, dropout 0.05, AdamW (wd 0.01), lr 2e-4
     // constant, batch 4, 60 steps, on 200 short factual Q&A (20 held out).
     let dir = tempfile::tempdir().unwrap();
-    let all = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/facts.jsonl")).unwrap();
+    let all = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/facts.jsonl"))
+        .unwrap();
     let lines: Vec<&str> = all.lines().collect();
     assert_eq!(lines.len(), 200);
     let val = common::write(dir.path(), "val.jsonl", &lines[..20].join("\n"));
@@ -71,17 +105,34 @@ fn lora_lowers_held_out_loss() {
     )
     .unwrap();
     let base = model::load_base(&spec.base_model, None, &spec.lora, 0, &Device::Cpu).unwrap();
-    let (val_examples, _) =
-        data::load_jsonl(&val, qtune::spec::DatasetFormat::Auto, &base.tokenizer, 256, false).unwrap();
+    let (val_examples, _) = data::load_jsonl(
+        &val,
+        qtune::spec::DatasetFormat::Auto,
+        &base.tokenizer,
+        256,
+        false,
+    )
+    .unwrap();
     let before = train::evaluate(&base, &val_examples, 4).unwrap();
     drop(base);
     let out = dir.path().join("out");
-    let opts = RunOptions { output_dir: out.clone(), device: Device::Cpu, resume: false, init_adapter: None };
+    let opts = RunOptions {
+        output_dir: out.clone(),
+        device: Device::Cpu,
+        resume: false,
+        init_adapter: None,
+    };
     let outcome = train::run(&spec, &opts, &mut Silent).unwrap();
     let after = outcome.eval_loss.unwrap();
     eprintln!("held-out loss {before:.3} -> {after:.3} (PEFT reference on its own 200 Q&A: 1.135 -> 0.411)");
-    assert!((0.1..3.0).contains(&before), "base model held-out loss {before}");
-    assert!(after < 0.5 * before, "held-out loss {before:.3} -> {after:.3}");
+    assert!(
+        (0.1..3.0).contains(&before),
+        "base model held-out loss {before}"
+    );
+    assert!(
+        after < 0.5 * before,
+        "held-out loss {before:.3} -> {after:.3}"
+    );
     // the adapter reloads onto the GGUF base and reproduces the final eval loss
     let reloaded = model::load_base(&spec.base_model, None, &spec.lora, 1, &Device::Cpu).unwrap();
     train::checkpoint::load_adapter(&outcome.adapter_dir, &reloaded.model).unwrap();

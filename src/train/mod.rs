@@ -257,7 +257,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         phase: Phase::Tokenizing,
     });
     let max_len = t.max_seq_len as usize;
-    let (train, train_report) = data::load_jsonl(
+    let (train, mut train_report) = data::load_jsonl(
         &local_dataset_path(&spec.dataset.url)?,
         spec.dataset.format,
         &base.tokenizer,
@@ -278,6 +278,10 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
             }
             (None, Some(f)) => {
                 let (tr, v) = split_validation(train, f, spec.seed)?;
+                // the training report counts what is left for training
+                train_report.examples = tr.len();
+                train_report.tokens = tr.iter().map(|e| e.ids.len()).sum();
+                train_report.label_tokens = tr.iter().map(|e| e.label_count()).sum();
                 let r = DataReport {
                     path: format!("{} (validation_split {f})", train_report.path),
                     format: train_report.format.clone(),

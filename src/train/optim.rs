@@ -204,7 +204,7 @@ mod tests {
         let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &dev).unwrap()).unwrap();
         let g = Tensor::new(&[0.5f32, -3.0], &dev).unwrap();
         let mut opt = Optimizer::new(&TrainingSpec::default(), 1);
-        opt.step(&[var.clone()], &[g], 0.1).unwrap();
+        opt.step(std::slice::from_ref(&var), &[g], 0.1).unwrap();
         let v: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         assert!(
             (v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6,

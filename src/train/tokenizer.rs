@@ -17,6 +17,9 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::train::{Error, Result};
 
+/// `[start, end)` byte offsets of a token in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 pub struct TextTokenizer {
     pub inner: Tokenizer,
     pub chat_template: Option<String>,
@@ -213,7 +216,7 @@ impl TextTokenizer {
         &self,
         text: &str,
         add_special: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self
             .inner
             .encode(text, add_special)
