@@ -6,7 +6,7 @@ use candle_core::Device;
 use common::*;
 use qtune::spec::{DatasetFormat, JobSpec};
 use qtune::train::tokenizer::TextTokenizer;
-use qtune::train::{self, data, RunOptions, Silent};
+use qtune::train::{self, data, Silent};
 
 fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
     TextTokenizer::from_hf_dir(&tiny_model(dir)).unwrap()
@@ -116,12 +116,7 @@ fn job_error(dir: &std::path::Path, dataset: &str, extra: serde_json::Value) -> 
     let model = tiny_model(dir);
     let data_path = write(dir, "bad.jsonl", dataset);
     let s = spec(&model, &data_path, extra);
-    let opts = RunOptions {
-        output_dir: dir.join("out"),
-        device: Device::Cpu,
-        resume: false,
-        init_adapter: None,
-    };
+    let opts = common::run_options(&dir.join("out"));
     train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
 }
 
@@ -201,12 +196,7 @@ fn bad_models_are_refused_clearly() {
     let data_path = write(dir.path(), "d.jsonl", "{\"text\": \"hello\"}");
     let run = |base: &str| {
         let s = JobSpec::from_json(&serde_json::json!({"base_model": base, "dataset": {"url": data_path.to_str().unwrap()}}).to_string()).unwrap();
-        let opts = RunOptions {
-            output_dir: dir.path().join("out"),
-            device: Device::Cpu,
-            resume: false,
-            init_adapter: None,
-        };
+        let opts = common::run_options(&dir.path().join("out"));
         train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
     };
     assert!(run("/nope/model.gguf").contains("GGUF file \"/nope/model.gguf\" does not exist"));

@@ -8,16 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use qtune::spec::{LoraSpec, TargetModules};
 use qtune::train::model::{self, synthetic, ForwardMode, Llama};
-use qtune::train::{self, checkpoint, data, Event, Reporter, RunOptions, Silent};
-
-fn options(out: &std::path::Path) -> RunOptions {
-    RunOptions {
-        output_dir: out.to_path_buf(),
-        device: Device::Cpu,
-        resume: false,
-        init_adapter: None,
-    }
-}
+use qtune::train::{self, checkpoint, data, Event, Reporter, Silent};
 
 fn tiny_llama(lora: &LoraSpec, seed: u64) -> Llama {
     tiny_llama_in(lora, seed, DType::F32)
@@ -39,15 +30,7 @@ fn lora(r: i64, targets: &[&str]) -> LoraSpec {
     }
 }
 
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const ALL: [&str; 7] = qtune::spec::ALL_LINEAR;
 
 fn batch_of(ids: &[&[u32]]) -> data::Batch {
     let examples: Vec<data::Example> = ids
@@ -59,17 +42,6 @@ fn batch_of(ids: &[&[u32]]) -> data::Batch {
         .collect();
     let refs: Vec<&data::Example> = examples.iter().collect();
     data::make_batch(&refs, 2, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn fill_b(model: &Llama, seed: u64) {
@@ -344,7 +316,7 @@ fn loss_falls_and_the_adapter_is_peft_shaped() {
         }),
     );
     let out = dir.path().join("out");
-    let outcome = train::run(&spec, &options(&out), &mut Silent).unwrap();
+    let outcome = train::run(&spec, &run_options(&out), &mut Silent).unwrap();
     assert_eq!(outcome.steps, 24);
     let losses = train_losses(&out);
     assert_eq!(losses.len(), 24);
@@ -389,7 +361,7 @@ fn exported_adapter_reproduces_the_logits() {
         serde_json::json!({"training": {"max_steps": 5}}),
     );
     let out = dir.path().join("out");
-    train::run(&spec, &options(&out), &mut Silent).unwrap();
+    train::run(&spec, &run_options(&out), &mut Silent).unwrap();
     let fresh = model::load_base(
         model_dir.to_str().unwrap(),
         None,
@@ -454,7 +426,7 @@ fn batch_times_accumulation_gives_the_same_first_update() {
             }),
         );
         let out = dir.path().join(name);
-        train::run(&s, &options(&out), &mut Silent).unwrap();
+        train::run(&s, &run_options(&out), &mut Silent).unwrap();
         candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &Device::Cpu)
             .unwrap()
     };
@@ -509,22 +481,27 @@ fn resume_continues_the_identical_curve() {
         }),
     );
     let straight = dir.path().join("straight");
-    train::run(&s, &options(&straight), &mut Silent).unwrap();
+    train::run(&s, &run_options(&straight), &mut Silent).unwrap();
     let full = train_losses(&straight);
     assert_eq!(full.len(), 15);
 
     // same seed, same data: the same curve, bit for bit
     let again = dir.path().join("again");
-    train::run(&s, &options(&again), &mut Silent).unwrap();
+    train::run(&s, &run_options(&again), &mut Silent).unwrap();
     assert_eq!(train_losses(&again), full);
 
     let interrupted = dir.path().join("interrupted");
-    let err = train::run(&s, &options(&interrupted), &mut StopAfter { n: 7, seen: 0 }).unwrap_err();
+    let err = train::run(
+        &s,
+        &run_options(&interrupted),
+        &mut StopAfter { n: 7, seen: 0 },
+    )
+    .unwrap_err();
     assert!(matches!(err, train::Error::Cancelled));
     assert!(interrupted
         .join("checkpoint-7/optimizer.safetensors")
         .exists());
-    let mut resume = options(&interrupted);
+    let mut resume = run_options(&interrupted);
     resume.resume = true;
     train::run(&s, &resume, &mut Silent).unwrap();
     let resumed = train_losses(&interrupted);
@@ -558,7 +535,7 @@ fn validation_split_is_evaluated() {
             self.0.push(e.clone());
         }
     }
-    let outcome = train::run(&s, &options(&out), &mut Collect(&mut events)).unwrap();
+    let outcome = train::run(&s, &run_options(&out), &mut Collect(&mut events)).unwrap();
     let evals: Vec<u64> = events
         .iter()
         .filter_map(|e| {

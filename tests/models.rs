@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use qtune::spec::LoraSpec;
 use qtune::train::model::{self, synthetic, Arch};
-use qtune::train::{self, RunOptions, Silent};
+use qtune::train::{self, Silent};
 
 fn logits_of(dir: &std::path::Path) -> Tensor {
     let base = model::load_base(
@@ -59,15 +59,7 @@ fn sharded_safetensors_load_like_a_single_file() {
         serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
     )
     .unwrap();
-    let d = (logits_of(&single) - logits_of(&sharded))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(d, 0.0);
+    assert_eq!(max_abs_diff(&logits_of(&single), &logits_of(&sharded)), 0.0);
 }
 
 fn variant(
@@ -89,17 +81,7 @@ fn trains(dir: &std::path::Path, model: &std::path::Path) {
         serde_json::json!({"lora": {"target_modules": "all-linear"}, "training": {"epochs": 6, "batch_size": 4}}),
     );
     let out = dir.join("out");
-    train::run(
-        &s,
-        &RunOptions {
-            output_dir: out.clone(),
-            device: Device::Cpu,
-            resume: false,
-            init_adapter: None,
-        },
-        &mut Silent,
-    )
-    .unwrap();
+    train::run(&s, &common::run_options(&out), &mut Silent).unwrap();
     let l = train_losses(&out);
     assert!(l.last().unwrap().1 < 0.8 * l[0].1, "{l:?}");
 }

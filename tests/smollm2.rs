@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use qtune::spec::LoraSpec;
-use qtune::train::{self, data, generate, model, RunOptions, Silent};
+use qtune::train::{self, data, generate, model, Silent};
 
 fn smollm2() -> PathBuf {
     let dir = std::env::var("QTUNE_TEST_MODELS")
@@ -116,12 +116,7 @@ fn lora_lowers_held_out_loss() {
     let before = train::evaluate(&base, &val_examples, 4).unwrap();
     drop(base);
     let out = dir.path().join("out");
-    let opts = RunOptions {
-        output_dir: out.clone(),
-        device: Device::Cpu,
-        resume: false,
-        init_adapter: None,
-    };
+    let opts = common::run_options(&out);
     let outcome = train::run(&spec, &opts, &mut Silent).unwrap();
     let after = outcome.eval_loss.unwrap();
     eprintln!("held-out loss {before:.3} -> {after:.3} (PEFT reference on its own 200 Q&A: 1.135 -> 0.411)");

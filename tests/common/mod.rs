@@ -69,3 +69,24 @@ pub fn train_losses(output: &Path) -> Vec<(u64, f64)> {
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
+
+pub fn run_options(out: &Path) -> qtune::train::RunOptions {
+    qtune::train::RunOptions {
+        output_dir: out.to_path_buf(),
+        device: candle_core::Device::Cpu,
+        resume: false,
+        init_adapter: None,
+    }
+}
+
+/// Largest elementwise |a − b|.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
