@@ -20,6 +20,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Run the job service: HTTP API, SQLite queue, one worker per device.
+    Serve(crate::config::ServeConfig),
     /// Fine-tune a model as a job spec says; checkpoints, adapter/ and metrics.jsonl go into --output.
     Train {
         /// The job spec (JSON), as the HTTP API takes it.
@@ -118,6 +120,7 @@ impl Reporter for PrintReporter {
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(config) => serve(config),
         Command::Train {
             spec,
             output,
@@ -197,4 +200,20 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 
 fn spec_name(p: &std::path::Path) -> String {
     p.display().to_string()
+}
+
+fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QTUNE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), devices = ?config.devices, api_keys = config.api_keys.len(), "starting qtune serve");
+        let app = crate::app::App::build(config).await?;
+        tracing::info!(port = app.port(), "listening");
+        app.run_until_stopped(crate::app::shutdown_signal()).await
+    })
 }

@@ -5,12 +5,21 @@
 //!
 //! - [`spec`]: the job spec shared by the CLI, the service and the engine.
 //! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints); no HTTP, no SQL.
-//! - [`cli`]: the `qtune` command line (`train`, `bench`, `generate`).
+//! - [`app`], [`config`]: `qtune serve`, assembled: database, workers, HTTP server.
+//! - [`api`]: HTTP handlers (thin: parse, one call into `db`, answer JSON).
+//! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
+//! - [`worker`]: claims jobs, fetches datasets, runs the engine off the async runtime.
+//! - [`cli`]: the `qtune` command line (`serve`, `train`, `bench`, `generate`).
 
+pub mod api;
+pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod db;
 pub mod spec;
 pub mod train;
+pub mod worker;
 
 /// Keeps glibc from returning every large tensor buffer to the OS: training allocates and frees
 /// the same big buffers each step, and with the defaults each one is a fresh `mmap` (measured:

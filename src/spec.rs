@@ -286,9 +286,21 @@ impl Default for TrainingSpec {
 impl JobSpec {
     /// Parses JSON text into a normalized, validated spec.
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec = serde_json::from_str(text).map_err(|e| {
-            let msg = e.to_string();
-            let param = field_from_serde_message(&msg).unwrap_or_else(|| "body".to_string());
+        let mut de = serde_json::Deserializer::from_str(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = e.inner().to_string();
+            // serde reports unknown/missing fields at the enclosing object: name the field itself
+            // a missing field is reported at its enclosing object: name the field itself
+            let param = match (
+                msg.starts_with("missing field"),
+                field_from_serde_message(&msg),
+            ) {
+                (true, Some(field)) if path == "." => field,
+                (true, Some(field)) => format!("{path}.{field}"),
+                _ if path == "." => "body".to_string(),
+                _ => path,
+            };
             err(&param, msg)
         })?;
         spec.normalize()
@@ -512,7 +524,16 @@ mod tests {
             ),
             (
                 r#"{"base_model":"m","dataset":{"url":"d","format":"csv"}}"#,
-                "body",
+                "dataset.format",
+            ),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"training":{"bogus":1}}"#,
+                "training.bogus",
+            ),
+            (r#"{"base_model":"m","dataset":{}}"#, "dataset.url"),
+            (
+                r#"{"base_model":"m","dataset":{"url":"d"},"training":{"batch_size":"x"}}"#,
+                "training.batch_size",
             ),
         ];
         for (json, param) in cases {

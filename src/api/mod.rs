@@ -1,0 +1,138 @@
+//! HTTP API: thin handlers that parse, make one call into `db` or the artifacts on disk, and
+//! answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
+
+mod error;
+mod files;
+mod jobs;
+mod stream;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sha2::{Digest, Sha256};
+
+pub use error::ApiError;
+pub use files::sha256_file;
+
+use crate::app::AppState;
+
+/// Who is calling: the fingerprint of their API key, or `None` when keys are off.
+#[derive(Clone)]
+pub struct Owner(pub Option<String>);
+
+impl Owner {
+    pub fn as_deref(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
+    let v1 = Router::new()
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/v1/jobs/{id}/events", get(stream::events))
+        .route("/v1/jobs/{id}/checkpoints", get(files::checkpoints))
+        .route(
+            "/v1/jobs/{id}/checkpoints/{step}/{file}",
+            get(files::checkpoint_file),
+        )
+        .route("/v1/jobs/{id}/adapter", get(files::adapter))
+        .route("/v1/files", post(files::upload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .merge(v1)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The fingerprint that stands for an API key in the database (the key itself is never stored).
+pub fn key_fingerprint(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let owner = if state.config.api_keys.is_empty() {
+        None
+    } else {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(k) if state.config.api_keys.iter().any(|known| known == k) => {
+                Some(key_fingerprint(k))
+            }
+            _ => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid API key is required: Authorization: Bearer <key>",
+                )
+                .into_response()
+            }
+        }
+    };
+    req.extensions_mut().insert(Owner(owner));
+    next.run(req).await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let workers = state.workers_up.load(std::sync::atomic::Ordering::SeqCst);
+    if state.db.ping().await.is_err() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "database unreachable",
+        ));
+    }
+    if workers < state.config.devices.len() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("{workers} of {} workers up", state.config.devices.len()),
+        ));
+    }
+    Ok(Json(
+        serde_json::json!({"status": "ready", "database": "ok", "workers": workers}),
+    ))
+}
+
+/// The OpenAPI document (openapi/openapi.yaml, embedded at build time) as JSON.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi/openapi.yaml");
+
+async fn openapi() -> Response {
+    match serde_yaml::from_str::<serde_json::Value>(OPENAPI_YAML) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}

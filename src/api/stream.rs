@@ -1,0 +1,127 @@
+//! `GET /v1/jobs/{id}/events`: Server-Sent Events. Replays the stored history (after
+//! `Last-Event-ID` when given), then follows live events, and ends once the job has finished.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Extension;
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{jobs, ApiError, Owner};
+use crate::app::AppState;
+
+fn is_terminal(kind: &str, data: &str) -> bool {
+    kind == "status"
+        && serde_json::from_str::<serde_json::Value>(data)
+            .ok()
+            .and_then(|v| {
+                v["status"]
+                    .as_str()
+                    .map(|s| matches!(s, "succeeded" | "failed" | "cancelled"))
+            })
+            .unwrap_or(false)
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    jobs::load(&state, &id, &owner).await?;
+    let last_seen: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // Subscribe before reading history, so nothing falls between the two.
+    let live = state.events.subscribe();
+    let history = state.db.events_after(&id, last_seen).await?;
+    let stream = event_stream(state, id, last_seen, history, live);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+type Live = tokio::sync::broadcast::Receiver<crate::app::JobEvent>;
+
+/// History first, then live events of this job (ids only ever increase), until a terminal
+/// status or server shutdown.
+fn event_stream(
+    state: AppState,
+    id: String,
+    last_seen: i64,
+    history: Vec<crate::db::EventRow>,
+    live: Live,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct S {
+        state: AppState,
+        id: String,
+        last: i64,
+        history: std::vec::IntoIter<crate::db::EventRow>,
+        live: Live,
+        done: bool,
+    }
+    let init = S {
+        state,
+        id,
+        last: last_seen,
+        history: history.into_iter(),
+        live,
+        done: false,
+    };
+    futures_util::stream::unfold(init, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        if let Some(e) = s.history.next() {
+            s.last = e.id;
+            s.done = is_terminal(&e.kind, &e.data);
+            let ev = Event::default()
+                .id(e.id.to_string())
+                .event(e.kind)
+                .data(e.data);
+            return Some((Ok(ev), s));
+        }
+        loop {
+            let next = tokio::select! {
+                r = s.live.recv() => r,
+                _ = s.state.shutdown.cancelled() => return None,
+            };
+            match next {
+                Ok(e) if e.job_id == s.id && e.id > s.last => {
+                    s.last = e.id;
+                    s.done = is_terminal(&e.kind, &e.data);
+                    let ev = Event::default()
+                        .id(e.id.to_string())
+                        .event(e.kind)
+                        .data(e.data);
+                    return Some((Ok(ev), s));
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => {
+                    // Fell behind the broadcast: catch up from the database.
+                    let missed = s
+                        .state
+                        .db
+                        .events_after(&s.id, s.last)
+                        .await
+                        .unwrap_or_default();
+                    s.history = missed.into_iter();
+                    if let Some(e) = s.history.next() {
+                        s.last = e.id;
+                        s.done = is_terminal(&e.kind, &e.data);
+                        let ev = Event::default()
+                            .id(e.id.to_string())
+                            .event(e.kind)
+                            .data(e.data);
+                        return Some((Ok(ev), s));
+                    }
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    })
+}

@@ -1,0 +1,815 @@
+//! The job service end to end: the real server on an ephemeral port, a real SQLite file in a
+//! temporary data dir, the tiny model, real HTTP.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use qtune::app::App;
+use qtune::config::ServeConfig;
+use serde_json::{json, Value};
+
+struct TestApp {
+    base: String,
+    client: reqwest::Client,
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn spawn_app_with(f: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path());
+    let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
+    config.allow_file_dirs = vec![dir.path().to_path_buf()];
+    f(&mut config);
+    let app = App::build(config).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        dir,
+        model,
+        stop: Some(tx),
+        server: Some(server),
+    }
+}
+
+async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+impl TestApp {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A job body for the tiny model on a memorisable dataset in the allowed directory.
+    fn job(&self, extra: Value) -> Value {
+        let data = common::memorisable_chat(self.dir.path(), 8);
+        let mut v = json!({
+            "base_model": self.model.to_str().unwrap(),
+            "dataset": {"url": format!("file://{}", data.display())},
+            "lora": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
+            "training": {"epochs": 4, "batch_size": 4, "learning_rate": 0.01, "lr_scheduler": "constant", "max_seq_len": 64},
+        });
+        merge(&mut v, extra);
+        v
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn submit(&self, body: &Value) -> String {
+        let (status, job) = self.post("/v1/jobs", body).await;
+        assert_eq!(status, 201, "{job}");
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    async fn wait_status(&self, id: &str, want: &[&str], within: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, job) = self.get(&format!("/v1/jobs/{id}")).await;
+            if want.contains(&job["status"].as_str().unwrap_or("")) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < within,
+                "job {id} still {} after {within:?}: {job}",
+                job["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads the SSE stream to its end: (id, event, data) triples.
+    async fn events(&self, id: &str, last_event_id: Option<i64>) -> Vec<(i64, String, Value)> {
+        let mut req = self.client.get(self.url(&format!("/v1/jobs/{id}/events")));
+        if let Some(l) = last_event_id {
+            req = req.header("Last-Event-ID", l.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let mut body = String::new();
+        let mut stream = resp.bytes_stream();
+        let read = async {
+            while let Some(chunk) = stream.next().await {
+                body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .expect("the stream ends when the job ends");
+        parse_sse(&body)
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+fn parse_sse(body: &str) -> Vec<(i64, String, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let (mut id, mut event, mut data) = (None, None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = serde_json::from_str(v.trim()).ok();
+                }
+            }
+            Some((id?, event?, data?))
+        })
+        .collect()
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_end_to_end_and_its_adapter_downloads() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+    // upload the dataset rather than pointing at a file
+    let data = std::fs::read(common::memorisable_chat(app.dir.path(), 8)).unwrap();
+    let up: Value = app
+        .client
+        .post(app.url("/v1/files?filename=chat.jsonl"))
+        .body(data)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_id = up["id"].as_str().unwrap();
+    assert!(file_id.starts_with("file-"));
+    let body = app.job(json!({"dataset": {"url": file_id}, "checkpoint_every_steps": 4, "training": {"epochs": 3, "batch_size": 2}}));
+    let (status, job) = app.post("/v1/jobs", &body).await;
+    assert_eq!(status, 201, "{job}");
+    // defaults are filled in and echoed
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["spec"]["lora"]["alpha"], 8.0);
+    assert_eq!(job["spec"]["training"]["adam_beta2"], 0.999);
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let events = app.events(&id, None).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(
+        events.last().unwrap().2["status"],
+        "succeeded",
+        "{events:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "metrics").count(), 12);
+    assert!(kinds.contains(&"checkpoint") && kinds.contains(&"data"));
+    assert!(
+        events.windows(2).all(|w| w[0].0 < w[1].0),
+        "event ids increase"
+    );
+    // Last-Event-ID replays only what came after
+    let tail = app.events(&id, Some(events[events.len() - 3].0)).await;
+    assert_eq!(tail.len(), 2);
+
+    let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["progress"]["step"], 12);
+    assert_eq!(job["progress"]["total_steps"], 12);
+    assert!(job["finished_at"].is_string() && job["started_at"].is_string());
+
+    let (_, metrics) = app.get(&format!("/v1/jobs/{id}/metrics")).await;
+    let losses: Vec<f64> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["train_loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 12);
+    assert!(losses[11] < 0.7 * losses[0], "loss falls: {losses:?}");
+    let csv = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/metrics?format=csv")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        csv.starts_with(
+            "step,epoch,train_loss,eval_loss,learning_rate,grad_norm,tokens_per_second\n1,"
+        ),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 13);
+
+    let (_, ckpts) = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    let steps: Vec<i64> = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![4, 8, 12]);
+    let file = &ckpts["data"][0]["files"][0];
+    assert_eq!(file["name"], "adapter_model.safetensors");
+    let resp = app
+        .client
+        .get(app.url(&format!(
+            "/v1/jobs/{id}/checkpoints/4/adapter_model.safetensors"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    assert_eq!(
+        resp.headers()["content-length"].to_str().unwrap(),
+        file["bytes"].to_string()
+    );
+    assert_eq!(
+        resp.headers()["etag"].to_str().unwrap(),
+        format!("\"{}\"", file["sha256"].as_str().unwrap())
+    );
+    let bytes = resp.bytes().await.unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = tensors.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    assert_eq!(names.len(), 2 * 7 * 2);
+    assert_eq!(
+        names[0],
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    );
+
+    // the final adapter as one file, and as a tar of the PEFT folder
+    let resp = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/adapter?file=adapter_config.json")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let cfg: Value = resp.json().await.unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    let tar_bytes = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/adapter")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    let entries: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(
+        entries.contains(&"adapter/adapter_model.safetensors".to_string()),
+        "{entries:?}"
+    );
+
+    // a second job continues from the first one's checkpoint
+    let follow = app
+        .submit(
+            &app.job(json!({"from_checkpoint": format!("{id}:8"), "training": {"max_steps": 2}})),
+        )
+        .await;
+    app.wait_status(&follow, &["succeeded"], Duration::from_secs(60))
+        .await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_queued_and_running_jobs() {
+    let app = spawn_app().await;
+    // a long job occupies the single worker; the second one waits in the queue
+    let running = app
+        .submit(&app.job(json!({"training": {"max_steps": 100000}})))
+        .await;
+    let queued = app.submit(&app.job(json!({}))).await;
+    let start = Instant::now();
+    loop {
+        let (_, j) = app.get(&format!("/v1/jobs/{running}")).await;
+        if j["progress"]["step"].as_i64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, j) = app
+        .post(&format!("/v1/jobs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!((status, j["status"].as_str()), (200, Some("cancelled")));
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "cancel is idempotent");
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{running}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let job = app
+        .wait_status(&running, &["cancelled"], Duration::from_secs(30))
+        .await;
+    assert!(job["progress"]["step"].as_i64().unwrap() < 100000);
+    let (_, queued_job) = app.get(&format!("/v1/jobs/{queued}")).await;
+    assert_eq!(
+        queued_job["started_at"],
+        Value::Null,
+        "a cancelled queued job never ran"
+    );
+    // cancelling a finished job is a conflict
+    let done = app
+        .submit(&app.job(json!({"training": {"max_steps": 1}})))
+        .await;
+    app.wait_status(&done, &["succeeded"], Duration::from_secs(30))
+        .await;
+    let (status, err) = app
+        .post(&format!("/v1/jobs/{done}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "job_finished");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_error_naming_the_problem() {
+    let app = spawn_app_with(|c| c.max_upload_mib = 1).await;
+    let ok = app.job(json!({}));
+    let with = |extra: Value| {
+        let mut v = ok.clone();
+        merge(&mut v, extra);
+        v
+    };
+    let mut without_dataset = ok.clone();
+    without_dataset.as_object_mut().unwrap().remove("dataset");
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (with(json!({"lora": {"r": 0}})), 422, "lora.r"),
+        (with(json!({"lora": {"r": -3}})), 422, "lora.r"),
+        (with(json!({"lora": {"alpha": -1.0}})), 422, "lora.alpha"),
+        (with(json!({"lora": {"dropout": 1.5}})), 422, "lora.dropout"),
+        (
+            with(json!({"lora": {"target_modules": ["attn"]}})),
+            422,
+            "lora.target_modules",
+        ),
+        (
+            with(json!({"lora": {"target_modules": "everything"}})),
+            422,
+            "lora.target_modules",
+        ),
+        (
+            with(json!({"training": {"learning_rate": 0}})),
+            422,
+            "training.learning_rate",
+        ),
+        (
+            with(json!({"training": {"learning_rate": -0.1}})),
+            422,
+            "training.learning_rate",
+        ),
+        (
+            with(json!({"training": {"batch_size": 0}})),
+            422,
+            "training.batch_size",
+        ),
+        (
+            with(json!({"training": {"epochs": 0}})),
+            422,
+            "training.epochs",
+        ),
+        (
+            with(json!({"training": {"max_seq_len": 1}})),
+            422,
+            "training.max_seq_len",
+        ),
+        (
+            with(json!({"training": {"warmup_ratio": 2}})),
+            422,
+            "training.warmup_ratio",
+        ),
+        (
+            with(json!({"training": {"lr_scheduler": "exotic"}})),
+            422,
+            "training.lr_scheduler",
+        ),
+        (
+            with(json!({"training": {"batch_size": "four"}})),
+            422,
+            "training.batch_size",
+        ),
+        (with(json!({"extra_field": 1})), 422, "extra_field"),
+        (
+            with(json!({"training": {"bogus": 1}})),
+            422,
+            "training.bogus",
+        ),
+        (without_dataset, 422, "dataset"),
+        (with(json!({"base_model": ""})), 422, "base_model"),
+        (
+            with(json!({"dataset": {"url": "ftp://example/x"}})),
+            422,
+            "dataset.url",
+        ),
+        (
+            with(json!({"dataset": {"url": "file-doesnotexist"}})),
+            422,
+            "dataset.url",
+        ),
+        (
+            with(json!({"dataset": {"validation_split": 0}})),
+            422,
+            "dataset.validation_split",
+        ),
+        (
+            with(json!({"from_checkpoint": "not-a-job"})),
+            422,
+            "from_checkpoint",
+        ),
+        (
+            with(json!({"quantization": {"bits": 4}})),
+            422,
+            "quantization",
+        ),
+        (
+            with(json!({"checkpoint_every_steps": 0})),
+            422,
+            "checkpoint_every_steps",
+        ),
+    ];
+    assert!(cases.len() >= 20);
+    for (i, (body, status, param)) in cases.into_iter().enumerate() {
+        let (got, err) = app.post("/v1/jobs", &body).await;
+        assert_eq!(got, status, "case {i}: {err}");
+        assert_eq!(err["error"]["param"], param, "case {i}: {err}");
+        assert!(!err["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // malformed bodies
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_json");
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "body_too_large"
+    );
+    // unknown ids, routes and bad queries
+    for (path, status) in [
+        ("/v1/jobs/00000000-0000-0000-0000-000000000000", 404),
+        ("/v1/jobs/nope", 404),
+        ("/v1/jobs/00000000-0000-0000-0000-000000000000/events", 404),
+        ("/v1/nothing", 404),
+        ("/v1/jobs?limit=0", 422),
+        ("/v1/jobs?status=sleeping", 422),
+        ("/v1/jobs?limit=abc", 400),
+    ] {
+        let (got, err) = app.get(path).await;
+        assert_eq!(got, status, "{path}: {err}");
+        assert!(err["error"]["code"].is_string(), "{path}: {err}");
+    }
+    assert_eq!(app.get("/healthz").await.0, 200);
+    assert_eq!(app.get("/readyz").await.0, 200);
+    let (_, list) = app.get("/v1/jobs").await;
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        0,
+        "nothing was queued"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_concurrent_jobs_each_run_exactly_once() {
+    let app = spawn_app_with(|c| c.devices = vec!["cpu".into(), "cpu".into()]).await;
+    let body = app.job(json!({"training": {"max_steps": 1, "batch_size": 2}}));
+    let submits = (0..30).map(|_| app.submit(&body));
+    let ids: Vec<String> = futures_util::future::join_all(submits).await;
+    for id in &ids {
+        app.wait_status(id, &["succeeded"], Duration::from_secs(120))
+            .await;
+    }
+    for id in &ids {
+        let events = app.events(id, None).await;
+        let running = events
+            .iter()
+            .filter(|e| {
+                e.1 == "status" && e.2["status"] == "running" && e.2.get("attempt").is_some()
+            })
+            .count();
+        let succeeded = events
+            .iter()
+            .filter(|e| e.1 == "status" && e.2["status"] == "succeeded")
+            .count();
+        assert_eq!((running, succeeded), (1, 1), "{id}: {events:?}");
+        let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(job["attempt"], 1);
+    }
+    // pagination walks all 30, newest first, without repeats
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = match &after {
+            Some(a) => format!("/v1/jobs?limit=7&after={a}"),
+            None => "/v1/jobs?limit=7".into(),
+        };
+        let (_, page) = app.get(&q).await;
+        for j in page["data"].as_array().unwrap() {
+            seen.push(j["id"].as_str().unwrap().to_string());
+        }
+        if !page["has_more"].as_bool().unwrap() {
+            break;
+        }
+        after = page["last_id"].as_str().map(str::to_string);
+    }
+    let (_, succeeded) = app.get("/v1/jobs?status=succeeded&limit=100").await;
+    let all: Vec<String> = succeeded["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, all, "pages concatenate to the full list");
+    let mut sorted_seen = seen.clone();
+    sorted_seen.sort();
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+    assert_eq!(sorted_seen, sorted_ids);
+    let created: Vec<String> = succeeded["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["created_at"].as_str().unwrap().to_string())
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataset_url_failures_fail_the_job_with_the_url() {
+    use axum::routing::get;
+    // a local HTTP server with the failure modes
+    let big = "x".repeat(2 * 1024 * 1024);
+    let router = axum::Router::new()
+        .route(
+            "/ok.jsonl",
+            get(|| async { "{\"text\": \"hello there\"}\n" }),
+        )
+        .route(
+            "/missing.jsonl",
+            get(|| async { (axum::http::StatusCode::NOT_FOUND, "no") }),
+        )
+        .route(
+            "/page.html",
+            get(|| async { "<html><body>not json lines</body></html>" }),
+        )
+        .route(
+            "/big.jsonl",
+            get(move || {
+                let b = big.clone();
+                async move { b }
+            }),
+        )
+        .route(
+            "/slow.jsonl",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/flaky.jsonl",
+            get(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy") }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let app = spawn_app_with(|c| {
+        c.max_dataset_mib = 1;
+        c.fetch_timeout_secs = 1;
+    })
+    .await;
+    let ok = app
+        .submit(&app.job(
+            json!({"dataset": {"url": format!("{origin}/ok.jsonl")}, "training": {"max_steps": 1}}),
+        ))
+        .await;
+    app.wait_status(&ok, &["succeeded"], Duration::from_secs(60))
+        .await;
+    for (path, expected) in [
+        ("/missing.jsonl", "HTTP 404"),
+        ("/page.html", "line 1: invalid JSON"),
+        ("/big.jsonl", "dataset limit"),
+        ("/slow.jsonl", "timed out"),
+        ("/flaky.jsonl", "HTTP 503"),
+    ] {
+        let url = format!("{origin}{path}");
+        let id = app.submit(&app.job(json!({"dataset": {"url": url}}))).await;
+        let job = app
+            .wait_status(&id, &["failed"], Duration::from_secs(60))
+            .await;
+        let msg = job["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&url) && msg.contains(expected),
+            "{path}: {msg}"
+        );
+    }
+    // a local file outside the allowed directories
+    let id = app
+        .submit(&app.job(json!({"dataset": {"url": "file:///etc/hostname"}})))
+        .await;
+    let job = app
+        .wait_status(&id, &["failed"], Duration::from_secs(30))
+        .await;
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow-file-dirs"),
+        "{job}"
+    );
+    assert_eq!(app.get("/readyz").await.0, 200);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_v1_and_separate_owners() {
+    let app = spawn_app_with(|c| c.api_keys = vec!["alpha".into(), "beta".into()]).await;
+    let body = app.job(json!({"training": {"max_steps": 1}}));
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let job: Value = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth("alpha")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let mine = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth("alpha")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.status(), 200);
+    let theirs = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth("beta")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), 404);
+    let list: Value = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .bearer_auth("beta")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    assert_eq!(app.get("/healthz").await.0, 200, "health needs no key");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_router() {
+    let app = spawn_app().await;
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let documented: std::collections::BTreeSet<String> =
+        doc["paths"].as_object().unwrap().keys().cloned().collect();
+    // the routes the router declares, read from its source
+    let source = include_str!("../src/api/mod.rs");
+    let served: std::collections::BTreeSet<String> = source
+        .split(".route(\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap().to_string())
+        .collect();
+    assert_eq!(documented, served);
+    // and every documented operation reaches a handler (not the 404/405 of the router)
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|m| *m != "parameters")
+        {
+            let concrete = path
+                .replace("{id}", "00000000-0000-0000-0000-000000000000")
+                .replace("{step}", "1")
+                .replace("{file}", "adapter_config.json");
+            let req = app
+                .client
+                .request(method.to_uppercase().parse().unwrap(), app.url(&concrete));
+            let r = req.body("{}").send().await.unwrap();
+            assert_ne!(r.status().as_u16(), 405, "{method} {path}");
+            if r.status() == 404 {
+                let e: Value = r.json().await.unwrap();
+                assert_ne!(e["error"]["code"], "route_not_found", "{method} {path}");
+            }
+        }
+    }
+    // the README's example job validates against the document's JobSpec schema (required
+    // fields and known keys, checked by the server's own parser too)
+    let readme = include_str!("../README.md");
+    let example = readme
+        .split("```json\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let example: Value = serde_json::from_str(example).unwrap();
+    let schema = &doc["components"]["schemas"]["JobSpec"];
+    for key in example.as_object().unwrap().keys() {
+        assert!(
+            schema["properties"].get(key).is_some(),
+            "README field {key} is not in the OpenAPI JobSpec"
+        );
+    }
+    for key in schema["required"].as_array().unwrap() {
+        assert!(example.get(key.as_str().unwrap()).is_some());
+    }
+    assert!(qtune::spec::JobSpec::from_json(&example.to_string()).is_ok());
+    app.shutdown().await;
+}

@@ -1,0 +1,161 @@
+//! Crash recovery: `qtune serve` is killed with SIGKILL mid-training; started again on the same
+//! data dir, it requeues the job and resumes it from its last checkpoint.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(data_dir: &std::path::Path, allow: &std::path::Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .env("QTUNE_ALLOW_FILE_DIRS", allow)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_ready(client: &reqwest::blocking::Client, base: &str) {
+    let start = Instant::now();
+    while client
+        .get(format!("{base}/readyz"))
+        .send()
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn job(client: &reqwest::blocking::Client, base: &str, id: &str) -> Value {
+    client
+        .get(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_server_resumes_the_job_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path());
+    let data = common::memorisable_chat(dir.path(), 8);
+    let data_dir = dir.path().join("data");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+
+    let mut server = start(&data_dir, dir.path(), port);
+    wait_ready(&client, &base);
+    let body = json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every_steps": 10,
+        "training": {"max_steps": 300, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
+    });
+    let created: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let start_wait = Instant::now();
+    loop {
+        let j = job(&client, &base, &id);
+        if j["progress"]["step"].as_i64().unwrap_or(0) >= 25 {
+            break;
+        }
+        assert!(start_wait.elapsed() < Duration::from_secs(60), "{j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let mut server = start(&data_dir, dir.path(), port);
+    wait_ready(&client, &base);
+    let start_wait = Instant::now();
+    let done = loop {
+        let j = job(&client, &base, &id);
+        if j["status"] == "succeeded" || j["status"] == "failed" {
+            break j;
+        }
+        assert!(start_wait.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2, "claimed once per server life");
+    assert_eq!(done["progress"]["step"], 300);
+
+    // the event log shows the second attempt starting right after a checkpoint, not at step 1
+    let events: Vec<Value> = client
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+        .split("\n\n")
+        .filter_map(|block| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .and_then(|d| serde_json::from_str(d.trim()).ok())
+        })
+        .collect();
+    let second = events
+        .iter()
+        .position(|e| e["attempt"] == 2)
+        .expect("a second attempt");
+    let resumed_at = events[second..]
+        .iter()
+        .find_map(|e| e["loss"].as_f64().and(e["step"].as_i64()))
+        .unwrap();
+    assert_eq!(
+        (resumed_at - 1) % 10,
+        0,
+        "resumed right after a checkpoint: first step {resumed_at}"
+    );
+    assert!(
+        resumed_at > 10,
+        "resumed from a checkpoint, not from scratch: {resumed_at}"
+    );
+    // and the loss curve reads as one run: steps 1..=300, once each
+    let metrics: Value = client
+        .get(format!("{base}/v1/jobs/{id}/metrics"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let steps: Vec<i64> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["train_loss"].is_null())
+        .map(|r| r["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=300).collect::<Vec<i64>>());
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
