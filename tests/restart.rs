@@ -159,3 +159,94 @@ fn a_killed_server_resumes_the_job_from_its_checkpoint() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path());
+    let data = common::memorisable_chat(dir.path(), 8);
+    let data_dir = dir.path().join("data");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+
+    let mut server = start(&data_dir, dir.path(), port);
+    wait_ready(&client, &base);
+    let body = json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "lora": {"r": 4, "dropout": 0.0},
+        "training": {"max_steps": 3000, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
+    });
+    let created: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let start_wait = Instant::now();
+    while job(&client, &base, &id)["progress"]["step"]
+        .as_i64()
+        .unwrap_or(0)
+        < 15
+    {
+        assert!(start_wait.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let start_wait = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(30),
+            "server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    // the job was checkpointed where it stopped (no checkpoint_every_steps was asked for)
+    let ckpts: Vec<_> = std::fs::read_dir(data_dir.join("jobs").join(&id).join("output"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    let stopped_at = ckpts[0];
+    assert!(stopped_at >= 15 && stopped_at < 3000);
+
+    let mut server = start(&data_dir, dir.path(), port);
+    wait_ready(&client, &base);
+    let start_wait = Instant::now();
+    let done = loop {
+        let j = job(&client, &base, &id);
+        if j["status"] != "queued" && j["status"] != "running" {
+            break j;
+        }
+        assert!(start_wait.elapsed() < Duration::from_secs(120), "{j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // the raw event log: every step exactly once, nothing lost, nothing repeated
+    let log = client
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(log.matches("event: metrics").count(), 3000);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
