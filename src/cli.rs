@@ -55,6 +55,18 @@ pub enum Command {
         #[arg(long)]
         layers: Option<usize>,
     },
+    /// Load-test the job API: requests/s and latency percentiles, idle and while training.
+    BenchApi {
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Base model of the concurrent training job (default: a small random model).
+        #[arg(long)]
+        train_model: Option<String>,
+    },
     /// Answer one prompt with greedy decoding through the chat template (optionally with an adapter).
     Generate {
         /// .gguf file, model folder or Hub repo id.
@@ -157,6 +169,17 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             warmup,
             layers,
         })?),
+        Command::BenchApi {
+            jobs,
+            connections,
+            seconds,
+            train_model,
+        } => crate::bench::api::run(&crate::bench::api::ApiBenchOptions {
+            jobs,
+            connections,
+            seconds,
+            train_model,
+        }),
         Command::Generate {
             model,
             adapter,

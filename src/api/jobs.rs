@@ -6,7 +6,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{ApiError, Owner};
@@ -14,38 +15,86 @@ use crate::app::AppState;
 use crate::db::{CancelOutcome, JobRow};
 use crate::spec::JobSpec;
 
-/// The job as the API shows it.
-pub fn job_view(row: &JobRow) -> Value {
-    let spec: Value = serde_json::from_str(&row.spec).unwrap_or(Value::Null);
+/// The job as the API shows it. The stored spec is passed through as raw JSON: listing 50
+/// jobs then costs no parse-and-reserialize of 50 specs.
+#[derive(Serialize)]
+pub struct JobView<'a> {
+    id: &'a str,
+    object: &'static str,
+    status: &'a str,
+    phase: Option<&'a str>,
+    spec: &'a RawValue,
+    created_at: &'a str,
+    started_at: Option<&'a str>,
+    finished_at: Option<&'a str>,
+    progress: Progress,
+    train_loss: Option<f64>,
+    eval_loss: Option<f64>,
+    error: Option<ErrorView<'a>>,
+    attempt: i64,
+    cancel_requested: bool,
+}
+
+#[derive(Serialize)]
+struct Progress {
+    step: i64,
+    total_steps: Option<i64>,
+    epoch: Option<f64>,
+    tokens_seen: i64,
+    elapsed_seconds: Option<f64>,
+    eta_seconds: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct ErrorView<'a> {
+    code: &'a str,
+    message: Option<&'a str>,
+}
+
+pub fn job_view(row: &JobRow) -> JobView<'_> {
     let eta = match (row.total_steps, row.elapsed_seconds) {
         (Some(total), Some(elapsed)) if row.step > 0 && row.status == "running" => {
             Some(elapsed / row.step as f64 * (total - row.step).max(0) as f64)
         }
         _ => None,
     };
-    json!({
-        "id": row.id,
-        "object": "fine_tuning.job",
-        "status": row.status,
-        "phase": row.phase,
-        "spec": spec,
-        "created_at": row.created_at,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "progress": {
-            "step": row.step,
-            "total_steps": row.total_steps,
-            "epoch": row.epoch,
-            "tokens_seen": row.tokens_seen,
-            "elapsed_seconds": row.elapsed_seconds,
-            "eta_seconds": eta,
+    let spec: &RawValue = serde_json::from_str(&row.spec).unwrap_or_else(|_| {
+        serde_json::from_str("null").expect("null is JSON")
+    });
+    JobView {
+        id: &row.id,
+        object: "fine_tuning.job",
+        status: &row.status,
+        phase: row.phase.as_deref(),
+        spec,
+        created_at: &row.created_at,
+        started_at: row.started_at.as_deref(),
+        finished_at: row.finished_at.as_deref(),
+        progress: Progress {
+            step: row.step,
+            total_steps: row.total_steps,
+            epoch: row.epoch,
+            tokens_seen: row.tokens_seen,
+            elapsed_seconds: row.elapsed_seconds,
+            eta_seconds: eta,
         },
-        "train_loss": row.train_loss,
-        "eval_loss": row.eval_loss,
-        "error": row.error_code.as_ref().map(|c| json!({"code": c, "message": row.error_message})),
-        "attempt": row.attempt,
-        "cancel_requested": row.cancel_requested != 0,
-    })
+        train_loss: row.train_loss,
+        eval_loss: row.eval_loss,
+        error: row.error_code.as_deref().map(|code| ErrorView {
+            code,
+            message: row.error_message.as_deref(),
+        }),
+        attempt: row.attempt,
+        cancel_requested: row.cancel_requested != 0,
+    }
+}
+
+#[derive(Serialize)]
+struct JobList<'a> {
+    object: &'static str,
+    data: Vec<JobView<'a>>,
+    has_more: bool,
+    last_id: Option<&'a str>,
 }
 
 fn parse_id(id: &str) -> Result<(), ApiError> {
@@ -187,7 +236,7 @@ pub async fn list(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
     let limit = q.limit.unwrap_or(20);
@@ -218,26 +267,28 @@ pub async fn list(
         .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let data: Vec<Value> = rows.iter().map(job_view).collect();
-    let last = rows.last().map(|r| r.id.clone());
-    Ok(Json(
-        json!({"object": "list", "data": data, "has_more": has_more, "last_id": last}),
-    ))
+    let body = JobList {
+        object: "list",
+        data: rows.iter().map(job_view).collect(),
+        has_more,
+        last_id: rows.last().map(|r| r.id.as_str()),
+    };
+    Ok(Json(body).into_response())
 }
 
 pub async fn get(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(job_view(&load(&state, &id, &owner).await?)))
+) -> Result<Response, ApiError> {
+    Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     parse_id(&id)?;
     match state.db.request_cancel(&id, owner.as_deref()).await? {
         CancelOutcome::NotFound => return Err(ApiError::not_found("job", &id)),
@@ -260,7 +311,7 @@ pub async fn cancel(
         }
         CancelOutcome::AlreadyCancelled => {}
     }
-    Ok(Json(job_view(&load(&state, &id, &owner).await?)))
+    Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
 }
 
 #[derive(Deserialize)]

@@ -183,37 +183,34 @@ impl Db {
         .await
     }
 
+    /// One statement, so it is atomic without a read-then-write transaction (which WAL can
+    /// refuse with SQLITE_BUSY_SNAPSHOT while a worker writes).
     pub async fn request_cancel(&self, id: &str, owner: Option<&str>) -> Result<CancelOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let status: Option<(String,)> =
-            sqlx::query_as("SELECT status FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?)")
-                .bind(id)
-                .bind(owner)
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let outcome = match status.map(|s| s.0).as_deref() {
+        let stamp = now();
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "UPDATE jobs SET
+                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+                 finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END,
+                 phase = CASE WHEN status = 'queued' THEN NULL ELSE phase END,
+                 cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END
+             WHERE id = ? AND (? IS NULL OR owner = ?)
+             RETURNING status, finished_at",
+        )
+        .bind(&stamp)
+        .bind(id)
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
             None => CancelOutcome::NotFound,
-            Some("queued") => {
-                sqlx::query("UPDATE jobs SET status = 'cancelled', phase = NULL, finished_at = ? WHERE id = ?")
-                    .bind(now())
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                CancelOutcome::Cancelled
-            }
-            Some("running") => {
-                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                CancelOutcome::Requested
-            }
-            Some("cancelled") => CancelOutcome::AlreadyCancelled,
-            Some(other) => CancelOutcome::Finished(other.to_string()),
-        };
-        tx.commit().await?;
-        Ok(outcome)
+            Some((status, finished)) => match status.as_str() {
+                "cancelled" if finished.as_deref() == Some(stamp.as_str()) => CancelOutcome::Cancelled,
+                "cancelled" => CancelOutcome::AlreadyCancelled,
+                "running" => CancelOutcome::Requested,
+                other => CancelOutcome::Finished(other.to_string()),
+            },
+        })
     }
 
     /// Claims the oldest runnable job: queued, or running under a lease that expired (its worker

@@ -1,6 +1,8 @@
 //! `qtune bench`: tokens/s and peak memory of a LoRA training step at SmolLM2-135M's shape
 //! (random weights), printed beside PyTorch + PEFT's figures on the same kind of machine.
 
+pub mod api;
+
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};

@@ -1,0 +1,189 @@
+//! `qtune bench-api`: request rate and latency percentiles of the job API under load, with the
+//! database holding many jobs, first idle and then while a training job runs on the same machine.
+//!
+//! The server runs in this process on its own runtime; the load generator is a second runtime
+//! with its own threads, issuing requests over loopback from `connections` concurrent tasks.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::app::App;
+use crate::config::ServeConfig;
+
+pub struct ApiBenchOptions {
+    pub jobs: usize,
+    pub connections: usize,
+    pub seconds: u64,
+    /// Base model of the training job run during the second measurement.
+    pub train_model: Option<String>,
+}
+
+struct Stats {
+    requests: usize,
+    errors: usize,
+    rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// `connections` tasks, each looping over `paths` for `seconds`.
+fn load(base: &str, paths: &[String], connections: usize, seconds: u64) -> Stats {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..connections)
+            .map(|c| {
+                let client = client.clone();
+                let urls: Vec<String> = paths.iter().map(|p| format!("{base}{p}")).collect();
+                tokio::spawn(async move {
+                    let (mut lat, mut errors, mut i) = (Vec::new(), 0usize, c);
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        let ok = match client.get(&urls[i % urls.len()]).send().await {
+                            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        };
+                        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                        errors += usize::from(!ok);
+                        i += 1;
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await.expect("load task");
+            all.extend(l);
+            errors += e;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Stats {
+            requests: all.len(),
+            errors,
+            rps: all.len() as f64 / elapsed,
+            p50_ms: percentile(&all, 0.50),
+            p90_ms: percentile(&all, 0.90),
+            p99_ms: percentile(&all, 0.99),
+            max_ms: all.last().copied().unwrap_or(f64::NAN),
+        }
+    })
+}
+
+fn print(label: &str, s: &Stats) {
+    println!(
+        "  {label:<44} {:>8} req {:>4} err {:>9.0} req/s   p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.1} ms",
+        s.requests, s.errors, s.rps, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+    );
+}
+
+pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut config = ServeConfig::for_data_dir(dir.join("data"));
+    config.allow_file_dirs = vec![dir.clone()];
+    let (base, state) = server_rt.block_on(async {
+        let app = App::build(config).await?;
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let state = app.state();
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        anyhow::Ok((base, state))
+    })?;
+    // Fill the database: jobs created through the db layer, then cancelled, so the worker
+    // leaves them alone.
+    let ids: Vec<String> = server_rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..opts.jobs {
+            let id = uuid::Uuid::new_v4().to_string();
+            let spec = serde_json::json!({"base_model": format!("model-{i}"), "dataset": {"url": "https://example.invalid/d.jsonl"}});
+            let spec = crate::spec::JobSpec::from_json(&spec.to_string())?;
+            state.db.insert_job(&id, None, &serde_json::to_string(&spec)?).await?;
+            state.db.request_cancel(&id, None).await?;
+            ids.push(id);
+        }
+        anyhow::Ok(ids)
+    })?;
+    let one: Vec<String> = ids.iter().step_by((ids.len() / 100).max(1)).map(|id| format!("/v1/jobs/{id}")).collect();
+    let list = vec!["/v1/jobs?limit=50".to_string()];
+    println!(
+        "qtune bench-api: {} jobs in the database, {} concurrent connections, {} s per measurement, {} CPU threads",
+        opts.jobs,
+        opts.connections,
+        opts.seconds,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let idle_one = load(&base, &one, opts.connections, opts.seconds);
+    print("idle: GET /v1/jobs/{id}", &idle_one);
+    let idle_list = load(&base, &list, opts.connections, opts.seconds);
+    print("idle: GET /v1/jobs?limit=50", &idle_list);
+
+    // Now with a training job running on the same machine.
+    let model = match &opts.train_model {
+        Some(m) => m.clone(),
+        None => {
+            let path = dir.join("model");
+            let mut cfg = crate::train::model::synthetic::tiny_config();
+            (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim) = (256, 768, 8, 64);
+            crate::train::model::synthetic::write_model_dir(&path, &cfg, 0)?;
+            path.display().to_string()
+        }
+    };
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, (0..64).map(|i| format!("{{\"text\": \"sample number {i} with some words to train on, repeated a few times over\"}}\n")).collect::<String>())?;
+    let job = serde_json::json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "training": {"max_steps": 100000, "batch_size": 8, "max_seq_len": 128},
+    });
+    let client = reqwest::blocking::Client::new();
+    let created: serde_json::Value = client.post(format!("{base}/v1/jobs")).json(&job).send()?.json()?;
+    let job_id = created["id"].as_str().unwrap_or_default().to_string();
+    let started = Instant::now();
+    loop {
+        let j: serde_json::Value = client.get(format!("{base}/v1/jobs/{job_id}")).send()?.json()?;
+        if j["progress"]["step"].as_i64().unwrap_or(0) >= 1 {
+            break;
+        }
+        if j["status"] == "failed" || started.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("the training job did not start: {j}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("  (training job {job_id} on {model} is running)");
+    let busy_one = load(&base, &one, opts.connections, opts.seconds);
+    print("training: GET /v1/jobs/{id}", &busy_one);
+    let busy_list = load(&base, &list, opts.connections, opts.seconds);
+    print("training: GET /v1/jobs?limit=50", &busy_list);
+    let j: serde_json::Value = client.get(format!("{base}/v1/jobs/{job_id}")).send()?.json()?;
+    println!("  (training advanced to step {} meanwhile)", j["progress"]["step"]);
+    client.post(format!("{base}/v1/jobs/{job_id}/cancel")).send()?;
+    state.shutdown.cancel();
+    drop(server_rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("qtune-bench-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
