@@ -182,6 +182,27 @@ async fn a_job_runs_end_to_end_and_its_adapter_downloads() {
         .unwrap();
     let file_id = up["id"].as_str().unwrap();
     assert!(file_id.starts_with("file-"));
+    assert_eq!(up["filename"], "chat.jsonl");
+    // the same dataset as a multipart form
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(std::fs::read(app.dir.path().join("chat.jsonl")).unwrap())
+            .file_name("form.jsonl"),
+    );
+    let up2: Value = app
+        .client
+        .post(app.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (up2["filename"].as_str(), &up2["sha256"]),
+        (Some("form.jsonl"), &up["sha256"])
+    );
     let body = app.job(json!({"dataset": {"url": file_id}, "checkpoint_every_steps": 4, "training": {"epochs": 3, "batch_size": 2}}));
     let (status, job) = app.post("/v1/jobs", &body).await;
     assert_eq!(status, 201, "{job}");

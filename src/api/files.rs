@@ -2,7 +2,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -14,14 +14,57 @@ use super::{jobs, ApiError, Owner};
 use crate::app::AppState;
 use crate::db::FileRow;
 
-/// Stores a dataset sent as the raw request body; `?filename=` names it.
+/// Stores a dataset sent as the raw request body (`?filename=` names it) or as the first file
+/// field of a multipart form.
 pub async fn upload(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     Query(q): Query<std::collections::HashMap<String, String>>,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body = body?;
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (body, filename) = if is_multipart {
+        let mut form = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = form.next_field().await.map_err(|e| {
+            ApiError::new(
+                e.status(),
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "body_too_large"
+                } else {
+                    "invalid_body"
+                },
+                e.body_text(),
+            )
+        })? {
+            if field.file_name().is_some() || field.name() == Some("file") {
+                let name = field.file_name().map(str::to_string);
+                let bytes = field.bytes().await.map_err(|e| {
+                    ApiError::new(
+                        e.status(),
+                        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                            "body_too_large"
+                        } else {
+                            "invalid_body"
+                        },
+                        e.body_text(),
+                    )
+                })?;
+                found = Some((bytes, name));
+                break;
+            }
+        }
+        found.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))?
+    } else {
+        let body: Result<Bytes, BytesRejection> = Bytes::from_request(req, &state).await;
+        (body?, q.get("filename").cloned())
+    };
     if body.is_empty() {
         return Err(ApiError::invalid("body", "the upload is empty"));
     }
@@ -34,7 +77,7 @@ pub async fn upload(
     let row = FileRow {
         id,
         owner: owner.0.clone(),
-        filename: q.get("filename").cloned(),
+        filename,
         bytes: body.len() as i64,
         sha256: sha,
         created_at: crate::db::now(),

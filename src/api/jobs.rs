@@ -58,9 +58,8 @@ pub fn job_view(row: &JobRow) -> JobView<'_> {
         }
         _ => None,
     };
-    let spec: &RawValue = serde_json::from_str(&row.spec).unwrap_or_else(|_| {
-        serde_json::from_str("null").expect("null is JSON")
-    });
+    let spec: &RawValue = serde_json::from_str(&row.spec)
+        .unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"));
     JobView {
         id: &row.id,
         object: "fine_tuning.job",

@@ -99,7 +99,9 @@ fn print(label: &str, s: &Stats) {
 
 pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let mut config = ServeConfig::for_data_dir(dir.join("data"));
     config.allow_file_dirs = vec![dir.clone()];
     let (base, state) = server_rt.block_on(async {
@@ -123,7 +125,11 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         }
         anyhow::Ok(ids)
     })?;
-    let one: Vec<String> = ids.iter().step_by((ids.len() / 100).max(1)).map(|id| format!("/v1/jobs/{id}")).collect();
+    let one: Vec<String> = ids
+        .iter()
+        .step_by((ids.len() / 100).max(1))
+        .map(|id| format!("/v1/jobs/{id}"))
+        .collect();
     let list = vec!["/v1/jobs?limit=50".to_string()];
     println!(
         "qtune bench-api: {} jobs in the database, {} concurrent connections, {} s per measurement, {} CPU threads",
@@ -143,7 +149,12 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         None => {
             let path = dir.join("model");
             let mut cfg = crate::train::model::synthetic::tiny_config();
-            (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.head_dim) = (256, 768, 8, 64);
+            (
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_hidden_layers,
+                cfg.head_dim,
+            ) = (256, 768, 8, 64);
             crate::train::model::synthetic::write_model_dir(&path, &cfg, 0)?;
             path.display().to_string()
         }
@@ -155,11 +166,18 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         "training": {"max_steps": 100000, "batch_size": 8, "max_seq_len": 128},
     });
     let client = reqwest::blocking::Client::new();
-    let created: serde_json::Value = client.post(format!("{base}/v1/jobs")).json(&job).send()?.json()?;
+    let created: serde_json::Value = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&job)
+        .send()?
+        .json()?;
     let job_id = created["id"].as_str().unwrap_or_default().to_string();
     let started = Instant::now();
     loop {
-        let j: serde_json::Value = client.get(format!("{base}/v1/jobs/{job_id}")).send()?.json()?;
+        let j: serde_json::Value = client
+            .get(format!("{base}/v1/jobs/{job_id}"))
+            .send()?
+            .json()?;
         if j["progress"]["step"].as_i64().unwrap_or(0) >= 1 {
             break;
         }
@@ -173,9 +191,17 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
     print("training: GET /v1/jobs/{id}", &busy_one);
     let busy_list = load(&base, &list, opts.connections, opts.seconds);
     print("training: GET /v1/jobs?limit=50", &busy_list);
-    let j: serde_json::Value = client.get(format!("{base}/v1/jobs/{job_id}")).send()?.json()?;
-    println!("  (training advanced to step {} meanwhile)", j["progress"]["step"]);
-    client.post(format!("{base}/v1/jobs/{job_id}/cancel")).send()?;
+    let j: serde_json::Value = client
+        .get(format!("{base}/v1/jobs/{job_id}"))
+        .send()?
+        .json()?;
+    println!(
+        "  (training advanced to step {} meanwhile)",
+        j["progress"]["step"]
+    );
+    client
+        .post(format!("{base}/v1/jobs/{job_id}/cancel"))
+        .send()?;
     state.shutdown.cancel();
     drop(server_rt);
     let _ = std::fs::remove_dir_all(&dir);

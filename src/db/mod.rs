@@ -205,7 +205,9 @@ impl Db {
         Ok(match row {
             None => CancelOutcome::NotFound,
             Some((status, finished)) => match status.as_str() {
-                "cancelled" if finished.as_deref() == Some(stamp.as_str()) => CancelOutcome::Cancelled,
+                "cancelled" if finished.as_deref() == Some(stamp.as_str()) => {
+                    CancelOutcome::Cancelled
+                }
                 "cancelled" => CancelOutcome::AlreadyCancelled,
                 "running" => CancelOutcome::Requested,
                 other => CancelOutcome::Finished(other.to_string()),
