@@ -16,6 +16,7 @@ pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod quant;
 pub mod tokenizer;
 
 use std::io::Write;
