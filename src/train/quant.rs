@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::train::{ops, Result};
 
-/// NormalFloat-4 (QLoRA paper; bitsandbytes `get_4bit_type("nf4")`), code 0 … 15.
+/// NormalFloat-4 (QLoRA paper; bitsandbytes `get_4bit_type("nf4")`), code 0 … 15, written as
+/// bitsandbytes prints them (each parses to the exact float32).
+#[allow(clippy::excessive_precision)]
 pub const NF4: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
