@@ -54,6 +54,9 @@ pub enum Command {
         /// Fewer layers for a quick look (default: the model's 30).
         #[arg(long)]
         layers: Option<usize>,
+        /// Quantize the frozen base (QLoRA): nf4, fp4 or int8.
+        #[arg(long)]
+        quant: Option<String>,
     },
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
@@ -161,6 +164,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             steps,
             warmup,
             layers,
+            quant,
         } => Ok(crate::bench::run(&crate::bench::BenchOptions {
             all_linear,
             batch,
@@ -168,6 +172,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             steps,
             warmup,
             layers,
+            quant,
         })?),
         Command::BenchApi {
             jobs,
@@ -186,20 +191,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             prompt,
             max_new_tokens,
         } => {
-            let base = train::model::load_base(
-                &model,
-                None,
-                &crate::spec::LoraSpec::default(),
-                0,
-                &candle_core::Device::Cpu,
-            );
-            let base = match (base, adapter) {
-                (Ok(b), None) => b,
-                (_, Some(dir)) => {
+            // An adapter brings its own r, alpha and targets: read them before loading.
+            let lora = match &adapter {
+                None => crate::spec::LoraSpec::default(),
+                Some(dir) => {
                     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
                         dir.join(train::checkpoint::ADAPTER_CONFIG),
                     )?)?;
-                    let lora = crate::spec::LoraSpec {
+                    crate::spec::LoraSpec {
                         r: cfg["r"].as_i64().unwrap_or(8),
                         alpha: cfg["lora_alpha"].as_f64(),
                         dropout: 0.0,
@@ -207,14 +206,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                             cfg["target_modules"].clone(),
                         )?),
                         use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
-                    };
-                    let b =
-                        train::model::load_base(&model, None, &lora, 0, &candle_core::Device::Cpu)?;
-                    train::checkpoint::load_adapter(&dir, &b.model)?;
-                    b
+                    }
                 }
-                (Err(e), None) => return Err(e.into()),
             };
+            let base =
+                train::model::load_base(&model, None, &lora, None, 0, &candle_core::Device::Cpu)?;
+            if let Some(dir) = &adapter {
+                train::checkpoint::load_adapter(dir, &base.model)?;
+            }
             println!("{}", train::generate::chat(&base, &prompt, max_new_tokens)?);
             Ok(())
         }

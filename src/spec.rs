@@ -34,7 +34,7 @@ pub struct JobSpec {
     pub lora: LoraSpec,
     /// Frozen-base quantization (QLoRA); `null` trains plain LoRA on a dense base.
     #[serde(default)]
-    pub quantization: Option<serde_json::Value>,
+    pub quantization: Option<QuantizationSpec>,
     #[serde(default)]
     pub training: TrainingSpec,
     /// Write a checkpoint every N optimizer steps (the final adapter is always written).
@@ -97,6 +97,109 @@ impl DatasetFormat {
             DatasetFormat::PromptCompletion => "prompt_completion",
             DatasetFormat::Text => "text",
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantType {
+    /// 4-bit NormalFloat (QLoRA).
+    Nf4,
+    /// 4-bit float.
+    Fp4,
+    /// 8-bit block-wise absmax.
+    Int8,
+    /// A `.gguf` base kept in its own GGML types (Q4_0, Q4_1, Q8_0, K-quants, ...).
+    Gguf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// `{"bits": 4, "type": "nf4", "double_quant": true, "compute_dtype": "f32"}` and its variants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationSpec {
+    /// 4 or 8; implied by the type when absent.
+    #[serde(default)]
+    pub bits: Option<i64>,
+    /// nf4 (default for 4 bits), fp4, int8 (default for 8 bits), or gguf.
+    #[serde(default, rename = "type")]
+    pub kind: Option<QuantType>,
+    /// Quantize the 4-bit block constants again (default true for 4-bit types).
+    #[serde(default)]
+    pub double_quant: Option<bool>,
+    /// Dtype the frozen base is dequantized to and multiplied in (f32; bf16/f16 on CUDA).
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtype>,
+}
+
+impl QuantizationSpec {
+    /// Fills the implied fields and refuses impossible combinations.
+    fn normalize(mut self, base_model: &str) -> Result<QuantizationSpec, SpecError> {
+        let kind = match (self.kind, self.bits) {
+            (Some(k), _) => k,
+            (None, Some(4)) => QuantType::Nf4,
+            (None, Some(8)) => QuantType::Int8,
+            (None, Some(b)) => {
+                return Err(err("quantization.bits", format!("must be 4 or 8, got {b}")))
+            }
+            (None, None) => QuantType::Nf4,
+        };
+        let bits = match kind {
+            QuantType::Nf4 | QuantType::Fp4 => 4,
+            QuantType::Int8 => 8,
+            QuantType::Gguf => {
+                if let Some(b) = self.bits {
+                    return Err(err(
+                        "quantization.bits",
+                        format!("type gguf keeps the file's own types; do not give bits (got {b})"),
+                    ));
+                }
+                if !base_model.ends_with(".gguf") {
+                    return Err(err(
+                        "quantization.type",
+                        "gguf keeps a .gguf base quantized; base_model is not a .gguf file",
+                    ));
+                }
+                0
+            }
+        };
+        if let Some(b) = self.bits {
+            if b != 4 && b != 8 {
+                return Err(err("quantization.bits", format!("must be 4 or 8, got {b}")));
+            }
+            if kind != QuantType::Gguf && b != bits {
+                let name = serde_json::to_value(kind).expect("serializes");
+                return Err(err(
+                    "quantization.type",
+                    format!(
+                        "{} is a {bits}-bit type, but bits is {b}",
+                        name.as_str().unwrap_or("?")
+                    ),
+                ));
+            }
+        }
+        let double_quant = match (bits, self.double_quant) {
+            (4, dq) => dq.unwrap_or(true),
+            (_, Some(true)) => {
+                return Err(err(
+                    "quantization.double_quant",
+                    "only 4-bit types have block constants to quantize again",
+                ))
+            }
+            _ => false,
+        };
+        self.kind = Some(kind);
+        self.bits = (bits > 0).then_some(bits);
+        self.double_quant = Some(double_quant);
+        self.compute_dtype = Some(self.compute_dtype.unwrap_or(ComputeDtype::F32));
+        Ok(self)
     }
 }
 
@@ -373,13 +476,8 @@ impl JobSpec {
         }
         lora.target_modules = TargetModules::List(ordered);
 
-        if let Some(q) = &self.quantization {
-            if !q.is_null() {
-                return Err(err(
-                    "quantization",
-                    "quantized base models are not supported yet; use null (plain LoRA)",
-                ));
-            }
+        if let Some(q) = self.quantization.take() {
+            self.quantization = Some(q.normalize(&self.base_model)?);
         }
         let t = &self.training;
         let positive = |name: &str, v: i64| {
@@ -492,6 +590,81 @@ mod tests {
         .unwrap();
         assert_eq!(spec.lora.target_modules.names().len(), 7);
         assert_eq!(spec.lora.scale(), 2.0);
+    }
+
+    #[test]
+    fn quantization_is_completed_or_refused() {
+        let parse = |q: &str| {
+            JobSpec::from_json(&format!(
+                r#"{{"base_model":"m.gguf","dataset":{{"url":"d"}},"quantization":{q}}}"#
+            ))
+        };
+        let q = parse(r#"{"bits":4}"#).unwrap().quantization.unwrap();
+        assert_eq!(
+            (q.kind, q.bits, q.double_quant, q.compute_dtype),
+            (
+                Some(QuantType::Nf4),
+                Some(4),
+                Some(true),
+                Some(ComputeDtype::F32)
+            )
+        );
+        let q = parse(r#"{"type":"fp4"}"#).unwrap().quantization.unwrap();
+        assert_eq!((q.bits, q.double_quant), (Some(4), Some(true)));
+        let q = parse(r#"{"bits":8}"#).unwrap().quantization.unwrap();
+        assert_eq!(
+            (q.kind, q.double_quant),
+            (Some(QuantType::Int8), Some(false))
+        );
+        assert!(parse(r#"{"type":"gguf"}"#).is_ok());
+        assert!(parse("null").unwrap().quantization.is_none());
+        for (q, param, words) in [
+            (
+                r#"{"bits":3}"#,
+                "quantization.bits",
+                "must be 4 or 8, got 3",
+            ),
+            (
+                r#"{"bits":8,"type":"nf4"}"#,
+                "quantization.type",
+                "nf4 is a 4-bit type, but bits is 8",
+            ),
+            (
+                r#"{"bits":4,"type":"int8"}"#,
+                "quantization.type",
+                "int8 is a 8-bit type, but bits is 4",
+            ),
+            (
+                r#"{"type":"int8","double_quant":true}"#,
+                "quantization.double_quant",
+                "only 4-bit",
+            ),
+            (
+                r#"{"type":"gguf","bits":4}"#,
+                "quantization.bits",
+                "keeps the file's own types",
+            ),
+            (r#"{"type":"nf5"}"#, "quantization.type", "unknown variant"),
+            (
+                r#"{"bits":4,"group":64}"#,
+                "quantization.group",
+                "unknown field",
+            ),
+            (
+                r#"{"compute_dtype":"f8"}"#,
+                "quantization.compute_dtype",
+                "unknown variant",
+            ),
+        ] {
+            let e = parse(q).unwrap_err();
+            assert_eq!(e.param, param, "{q}: {e}");
+            assert!(e.message.contains(words), "{q}: {e}");
+        }
+        let e = JobSpec::from_json(
+            r#"{"base_model":"dir","dataset":{"url":"d"},"quantization":{"type":"gguf"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "quantization.type");
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn tiny_llama(lora: &LoraSpec, seed: u64) -> Llama {
 fn tiny_llama_in(lora: &LoraSpec, seed: u64, dtype: DType) -> Llama {
     let cfg = synthetic::tiny_config();
     let mut w = synthetic::random_weights(&cfg, 7).unwrap();
-    Llama::load(cfg, &mut w, lora, seed, dtype, &Device::Cpu).unwrap()
+    Llama::load(cfg, &mut w, lora, None, seed, dtype, &Device::Cpu).unwrap()
 }
 
 fn lora(r: i64, targets: &[&str]) -> LoraSpec {
@@ -86,7 +86,10 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
         .chain(model.blocks.iter().flat_map(|b| {
             [b.attn_norm.clone(), b.mlp_norm.clone()]
                 .into_iter()
-                .chain(b.linears.iter().map(|l| l.weight.clone()))
+                .chain(b.linears.iter().map(|l| match &l.weight {
+                    model::FrozenWeight::Dense(w) => w.clone(),
+                    model::FrozenWeight::Quantized(_) => unreachable!("dense model"),
+                }))
         }))
         .collect();
     let snapshot: Vec<Vec<f32>> = frozen
@@ -366,6 +369,7 @@ fn exported_adapter_reproduces_the_logits() {
         model_dir.to_str().unwrap(),
         None,
         &spec.lora,
+        None,
         999,
         &Device::Cpu,
     )
@@ -374,6 +378,7 @@ fn exported_adapter_reproduces_the_logits() {
         model_dir.to_str().unwrap(),
         None,
         &spec.lora,
+        None,
         999,
         &Device::Cpu,
     )
@@ -384,6 +389,7 @@ fn exported_adapter_reproduces_the_logits() {
         model_dir.to_str().unwrap(),
         None,
         &spec.lora,
+        None,
         5,
         &Device::Cpu,
     )

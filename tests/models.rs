@@ -14,6 +14,7 @@ fn logits_of(dir: &std::path::Path) -> Tensor {
         dir.to_str().unwrap(),
         None,
         &LoraSpec::default(),
+        None,
         0,
         &Device::Cpu,
     )
@@ -99,6 +100,7 @@ fn qwen2_with_qkv_bias_loads_and_trains() {
         m.to_str().unwrap(),
         None,
         &LoraSpec::default(),
+        None,
         0,
         &Device::Cpu,
     )
@@ -124,6 +126,7 @@ fn untied_lm_head_and_mistral_sliding_window() {
         m.to_str().unwrap(),
         None,
         &LoraSpec::default(),
+        None,
         0,
         &Device::Cpu,
     )

@@ -29,6 +29,7 @@ fn tokenizer_matches_the_models_own_ids() {
         smollm2().to_str().unwrap(),
         None,
         &LoraSpec::default(),
+        None,
         0,
         &Device::Cpu,
     )
@@ -71,6 +72,7 @@ fn answers_the_capital_of_france() {
         smollm2().to_str().unwrap(),
         None,
         &LoraSpec::default(),
+        None,
         0,
         &Device::Cpu,
     )
@@ -104,7 +106,7 @@ fn lora_lowers_held_out_loss() {
         .to_string(),
     )
     .unwrap();
-    let base = model::load_base(&spec.base_model, None, &spec.lora, 0, &Device::Cpu).unwrap();
+    let base = model::load_base(&spec.base_model, None, &spec.lora, None, 0, &Device::Cpu).unwrap();
     let (val_examples, _) = data::load_jsonl(
         &val,
         qtune::spec::DatasetFormat::Auto,
@@ -129,8 +131,119 @@ fn lora_lowers_held_out_loss() {
         "held-out loss {before:.3} -> {after:.3}"
     );
     // the adapter reloads onto the GGUF base and reproduces the final eval loss
-    let reloaded = model::load_base(&spec.base_model, None, &spec.lora, 1, &Device::Cpu).unwrap();
+    let reloaded =
+        model::load_base(&spec.base_model, None, &spec.lora, None, 1, &Device::Cpu).unwrap();
     train::checkpoint::load_adapter(&outcome.adapter_dir, &reloaded.model).unwrap();
     let again = train::evaluate(&reloaded, &val_examples, 4).unwrap();
     assert!((again - after).abs() < 1e-4, "{again} vs {after}");
+}
+
+fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let all = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/facts.jsonl"))
+        .unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let val = common::write(dir.path(), "val.jsonl", &lines[..12].join("\n"));
+    let trn = common::write(dir.path(), "train.jsonl", &lines[100..140].join("\n"));
+    let spec = qtune::spec::JobSpec::from_json(
+        &serde_json::json!({
+            "base_model": smollm2().to_str().unwrap(),
+            "dataset": {"url": trn.to_str().unwrap(), "validation_url": val.to_str().unwrap()},
+            "quantization": quantization,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "training": {"max_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lr_scheduler": "constant", "max_seq_len": 128},
+            "seed": 0,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let base = model::load_base(
+        &spec.base_model,
+        None,
+        &spec.lora,
+        spec.quantization.as_ref(),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (val_examples, _) = data::load_jsonl(
+        &val,
+        qtune::spec::DatasetFormat::Auto,
+        &base.tokenizer,
+        128,
+        false,
+    )
+    .unwrap();
+    let before = train::evaluate(&base, &val_examples, 4).unwrap();
+    drop(base);
+    let outcome = train::run(
+        &spec,
+        &common::run_options(&dir.path().join("out")),
+        &mut Silent,
+    )
+    .unwrap();
+    (before, outcome.eval_loss.unwrap())
+}
+
+#[test]
+fn qlora_on_nf4_requantized_weights_lowers_held_out_loss() {
+    let (before, after) =
+        qlora_run(serde_json::json!({"bits": 4, "type": "nf4", "double_quant": true}));
+    eprintln!("NF4 QLoRA held-out loss {before:.3} -> {after:.3}");
+    assert!(after < 0.7 * before, "{before} -> {after}");
+}
+
+#[test]
+fn qlora_on_the_ggufs_own_q4_1_tensors_lowers_held_out_loss() {
+    let (before, after) = qlora_run(serde_json::json!({"type": "gguf"}));
+    eprintln!("GGUF Q4_1 QLoRA held-out loss {before:.3} -> {after:.3}");
+    assert!(after < 0.7 * before, "{before} -> {after}");
+}
+
+#[test]
+fn native_gguf_weights_compute_what_the_dequantized_ones_do() {
+    let gguf = qtune::spec::JobSpec::from_json(&format!(
+        r#"{{"base_model":{:?},"dataset":{{"url":"-"}},"quantization":{{"type":"gguf"}}}}"#,
+        smollm2().to_str().unwrap()
+    ))
+    .unwrap()
+    .quantization;
+    let native = model::load_base(
+        smollm2().to_str().unwrap(),
+        None,
+        &LoraSpec::default(),
+        gguf.as_ref(),
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let dense = model::load_base(
+        smollm2().to_str().unwrap(),
+        None,
+        &LoraSpec::default(),
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let q = &native.model.blocks[0].linears[0].weight;
+    let model::FrozenWeight::Quantized(q) = q else {
+        panic!("q_proj should stay quantized")
+    };
+    assert_eq!(q.describe(), "Q4_1");
+    let ids = candle_core::Tensor::new(
+        &[[1u32, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let d = common::max_abs_diff(
+        &native.model.logits(&ids).unwrap(),
+        &dense.model.logits(&ids).unwrap(),
+    );
+    assert!(d < 1e-3, "max |Δlogit| {d}");
+    assert!(
+        generate::chat(&native, "What is the capital of France?", 12)
+            .unwrap()
+            .contains("Paris")
+    );
 }

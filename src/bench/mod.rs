@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub layers: Option<usize>,
+    /// Quantize the frozen linears: nf4, fp4, int8.
+    pub quant: Option<String>,
 }
 
 /// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
@@ -104,23 +106,54 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     };
     let names = lora.target_modules.names();
     println!(
-        "qtune bench: SmolLM2-135M shape ({} layers), random weights, float32, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        "qtune bench: SmolLM2-135M shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
         cfg.num_hidden_layers,
+        opts.quant.as_deref().unwrap_or("float32"),
         if opts.all_linear { "all linears" } else { "q,k,v,o" },
         opts.batch,
         opts.seq,
         candle_core::utils::get_num_threads()
     );
+    let quantization = match &opts.quant {
+        None => None,
+        Some(kind) => Some(
+            crate::spec::JobSpec::from_json(
+                &serde_json::json!({"base_model": "bench", "dataset": {"url": "-"}, "quantization": {"type": kind}})
+                    .to_string(),
+            )?
+            .quantization
+            .expect("given"),
+        ),
+    };
     let mut weights = synthetic::random_weights(&cfg, 0)?;
     let model = Llama::load(
         cfg.clone(),
         &mut weights,
         &lora,
+        quantization.as_ref(),
         0,
         candle_core::DType::F32,
         &device,
     )?;
     drop(weights);
+    let (linear_params, linear_bytes) =
+        model
+            .blocks
+            .iter()
+            .flat_map(|b| &b.linears)
+            .fold((0usize, 0usize), |(p, b), l| {
+                let (o, i) = match &l.weight {
+                    crate::train::model::FrozenWeight::Dense(w) => w.dims2().unwrap_or((0, 0)),
+                    crate::train::model::FrozenWeight::Quantized(q) => q.shape(),
+                };
+                (p + o * i, b + l.weight.bytes())
+            });
+    println!(
+        "  base linear weights: {} ({:.3} bytes per parameter, {:.1} MiB); embeddings and norms stay float32",
+        opts.quant.as_deref().unwrap_or("float32"),
+        linear_bytes as f64 / linear_params as f64,
+        linear_bytes as f64 / (1 << 20) as f64
+    );
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -207,7 +240,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         peak,
         100.0 * fpt * tps / (ceiling * 1e9)
     );
-    if opts.batch == 4 && opts.seq == 256 && opts.layers.is_none() {
+    if opts.batch == 4 && opts.seq == 256 && opts.layers.is_none() && opts.quant.is_none() {
         println!(
             "  {:<26} {:>10.0} {:>8.2} GiB {:>21}",
             "PyTorch + PEFT (anchors)",

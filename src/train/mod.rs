@@ -247,6 +247,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         &spec.base_model,
         spec.revision.as_deref(),
         &spec.lora,
+        spec.quantization.as_ref(),
         spec.seed,
         &opts.device,
     )?;

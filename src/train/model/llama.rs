@@ -7,9 +7,14 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+
 use super::config::ModelConfig;
-use crate::spec::{LoraSpec, ALL_LINEAR};
+use crate::spec::{LoraSpec, QuantType, QuantizationSpec, ALL_LINEAR};
 use crate::train::ops;
+use crate::train::quant::{self, Kind4, QuantizedWeight};
 use crate::train::Result;
 
 /// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
@@ -22,10 +27,26 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
+/// A frozen base weight: dense in the compute dtype, or quantized (QLoRA).
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl FrozenWeight {
+    /// Bytes the weight holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized(q) => q.bytes(),
+        }
+    }
+}
+
 /// A frozen linear layer, optionally adapted.
 pub struct Linear {
-    /// (out, in) in the compute dtype.
-    pub weight: Tensor,
+    /// (out, in).
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
@@ -65,7 +86,10 @@ pub fn mix_seed(parts: &[u64]) -> u64 {
 
 impl Linear {
     fn forward(&self, x: &Tensor, mode: ForwardMode, stream: u64) -> Result<Tensor> {
-        let mut y = ops::frozen_matmul(x, &self.weight)?;
+        let mut y = match &self.weight {
+            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
+            FrozenWeight::Quantized(q) => quant::quantized_matmul(x, q)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -137,6 +161,10 @@ pub struct Llama {
 /// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>>;
+    /// The weight in its stored quantized type, for sources that have one (GGUF).
+    fn take_quantized(&mut self, _name: &str) -> Result<Option<QTensor>> {
+        Ok(None)
+    }
 }
 
 impl Llama {
@@ -145,39 +173,66 @@ impl Llama {
         cfg: ModelConfig,
         weights: &mut dyn WeightSource,
         lora: &LoraSpec,
+        quantization: Option<&QuantizationSpec>,
         seed: u64,
         dtype: DType,
         device: &Device,
     ) -> Result<Llama> {
-        let mut req = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = weights.take(name)?.ok_or_else(|| {
-                crate::train::Error::Model(format!(
-                    "weight {name:?} is missing from the checkpoint"
-                ))
-            })?;
-            if t.dims() != shape {
-                return Err(crate::train::Error::Model(format!(
-                    "weight {name:?} has shape {:?}, the config implies {shape:?}",
-                    t.dims()
-                )));
-            }
-            Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
-        };
         let h = cfg.hidden_size;
-        let embed = req("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = take_dense(
+            weights,
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            dtype,
+            device,
+        )?;
         let targets = lora.target_modules.names();
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for layer in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{layer}");
-            let attn_norm = req(&format!("{p}.input_layernorm.weight"), &[h])?;
-            let mlp_norm = req(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            let attn_norm = take_dense(
+                weights,
+                &format!("{p}.input_layernorm.weight"),
+                &[h],
+                dtype,
+                device,
+            )?;
+            let mlp_norm = take_dense(
+                weights,
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+                dtype,
+                device,
+            )?;
             let mut linears = Vec::with_capacity(7);
             for (mi, module) in ALL_LINEAR.iter().enumerate() {
                 let group = if mi < 4 { "self_attn" } else { "mlp" };
                 let (out_dim, in_dim) = cfg.linear_shape(module);
-                let weight = req(&format!("{p}.{group}.{module}.weight"), &[out_dim, in_dim])?;
+                let name = format!("{p}.{group}.{module}.weight");
+                let weight = match quantization {
+                    None => FrozenWeight::Dense(take_dense(
+                        weights,
+                        &name,
+                        &[out_dim, in_dim],
+                        dtype,
+                        device,
+                    )?),
+                    Some(q) => FrozenWeight::Quantized(Arc::new(quantize_weight(
+                        weights,
+                        &name,
+                        (out_dim, in_dim),
+                        q,
+                        device,
+                    )?)),
+                };
                 let bias = if cfg.attention_bias && mi < 3 {
-                    Some(req(&format!("{p}.{group}.{module}.bias"), &[out_dim])?)
+                    Some(take_dense(
+                        weights,
+                        &format!("{p}.{group}.{module}.bias"),
+                        &[out_dim],
+                        dtype,
+                        device,
+                    )?)
                 } else {
                     None
                 };
@@ -201,11 +256,17 @@ impl Llama {
                 linears,
             });
         }
-        let norm = req("model.norm.weight", &[h])?;
+        let norm = take_dense(weights, "model.norm.weight", &[h], dtype, device)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(req("lm_head.weight", &[cfg.vocab_size, h])?)
+            Some(take_dense(
+                weights,
+                "lm_head.weight",
+                &[cfg.vocab_size, h],
+                dtype,
+                device,
+            )?)
         };
         Ok(Llama {
             cfg,
@@ -338,6 +399,57 @@ impl Llama {
             .collect();
         Ok(Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(dtype)?)
     }
+}
+
+fn take_dense(
+    weights: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = weights.take(name)?.ok_or_else(|| {
+        crate::train::Error::Model(format!("weight {name:?} is missing from the checkpoint"))
+    })?;
+    if t.dims() != shape {
+        return Err(crate::train::Error::Model(format!(
+            "weight {name:?} has shape {:?}, the config implies {shape:?}",
+            t.dims()
+        )));
+    }
+    Ok(t.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+}
+
+/// The frozen weight `name` in the layout the spec asks for. Re-quantizing types go through a
+/// float32 copy that is dropped right after; `gguf` takes the file's own tensor as it is.
+fn quantize_weight(
+    weights: &mut dyn WeightSource,
+    name: &str,
+    shape: (usize, usize),
+    q: &QuantizationSpec,
+    device: &Device,
+) -> Result<QuantizedWeight> {
+    let kind = q.kind.unwrap_or(QuantType::Nf4);
+    if kind == QuantType::Gguf {
+        let t = weights.take_quantized(name)?.ok_or_else(|| {
+            crate::train::Error::Model(format!("weight {name:?} is not in the GGUF file"))
+        })?;
+        if t.shape().dims2()? != shape {
+            return Err(crate::train::Error::Model(format!(
+                "weight {name:?} has shape {:?}, the config implies {shape:?}",
+                t.shape().dims()
+            )));
+        }
+        return Ok(QuantizedWeight::Ggml(Arc::new(t)));
+    }
+    let dense = take_dense(weights, name, &[shape.0, shape.1], DType::F32, device)?;
+    let double_quant = q.double_quant.unwrap_or(true);
+    Ok(match kind {
+        QuantType::Nf4 => QuantizedWeight::four_bit(&dense, Kind4::Nf4, double_quant)?,
+        QuantType::Fp4 => QuantizedWeight::four_bit(&dense, Kind4::Fp4, double_quant)?,
+        QuantType::Int8 => QuantizedWeight::int8(&dense)?,
+        QuantType::Gguf => unreachable!("handled above"),
+    })
 }
 
 fn init_lora(

@@ -12,10 +12,12 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Arch, ModelConfig};
-pub use llama::{mix_seed as mix_seed_for, ForwardMode, Llama, WeightSource};
+pub use llama::{mix_seed as mix_seed_for, ForwardMode, FrozenWeight, Llama, WeightSource};
 
 use super::tokenizer::TextTokenizer;
-use crate::spec::LoraSpec;
+use candle_core::quantized::QTensor;
+
+use crate::spec::{ComputeDtype, LoraSpec, QuantizationSpec};
 use crate::train::{Error, Result};
 
 /// A loaded base model with fresh LoRA factors, and its tokenizer.
@@ -32,9 +34,25 @@ pub fn load_base(
     base_model: &str,
     revision: Option<&str>,
     lora: &LoraSpec,
+    quantization: Option<&QuantizationSpec>,
     seed: u64,
     device: &Device,
 ) -> Result<BaseModel> {
+    let dtype = match quantization.and_then(|q| q.compute_dtype) {
+        None | Some(ComputeDtype::F32) => DType::F32,
+        Some(other) if device.is_cpu() => {
+            return Err(Error::Model(format!(
+                "quantization.compute_dtype {} needs a CUDA device; on CPU use f32",
+                if other == ComputeDtype::Bf16 {
+                    "bf16"
+                } else {
+                    "f16"
+                }
+            )))
+        }
+        Some(ComputeDtype::Bf16) => DType::BF16,
+        Some(ComputeDtype::F16) => DType::F16,
+    };
     let path = Path::new(base_model);
     if base_model.ends_with(".gguf") {
         if !path.is_file() {
@@ -42,7 +60,7 @@ pub fn load_base(
                 "GGUF file {base_model:?} does not exist"
             )));
         }
-        return load_gguf(path, lora, seed, device);
+        return load_gguf(path, lora, quantization, seed, dtype, device);
     }
     let dir = if path.is_dir() {
         path.to_path_buf()
@@ -53,7 +71,7 @@ pub fn load_base(
             "base_model {base_model:?} is neither a .gguf file, a local model folder, nor a Hub repo id (owner/name)"
         )));
     };
-    load_hf_dir(&dir, base_model, lora, seed, device)
+    load_hf_dir(&dir, base_model, lora, quantization, seed, dtype, device)
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
@@ -116,7 +134,9 @@ pub fn load_hf_dir(
     dir: &Path,
     name: &str,
     lora: &LoraSpec,
+    quantization: Option<&QuantizationSpec>,
     seed: u64,
+    dtype: DType,
     device: &Device,
 ) -> Result<BaseModel> {
     let cfg_path = dir.join("config.json");
@@ -127,7 +147,7 @@ pub fn load_hf_dir(
     // are copied out into tensors before the map is dropped.
     let st = unsafe { MmapedSafetensors::multi(&files)? };
     let mut source = SafetensorsSource(st);
-    let model = Llama::load(cfg, &mut source, lora, seed, DType::F32, device)?;
+    let model = Llama::load(cfg, &mut source, lora, quantization, seed, dtype, device)?;
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
     Ok(BaseModel {
         model,
@@ -137,7 +157,14 @@ pub fn load_hf_dir(
 }
 
 /// Loads a llama.cpp GGUF file, dequantized to float32, in Hugging Face tensor order.
-pub fn load_gguf(path: &Path, lora: &LoraSpec, seed: u64, device: &Device) -> Result<BaseModel> {
+pub fn load_gguf(
+    path: &Path,
+    lora: &LoraSpec,
+    quantization: Option<&QuantizationSpec>,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| Error::Model(format!("{}: not a readable GGUF file: {e}", path.display())))?;
@@ -189,28 +216,17 @@ pub fn load_gguf(path: &Path, lora: &LoraSpec, seed: u64, device: &Device) -> Re
         max_position_embeddings: num("context_length").unwrap_or(4096),
     };
     cfg.check()?;
-    let mut weights: HashMap<String, Tensor> = HashMap::new();
-    let cpu = Device::Cpu;
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    for gguf_name in names {
-        let Some(hf_name) = hf_tensor_name(&gguf_name) else {
-            continue;
-        };
-        let t = content
-            .tensor(&mut file, &gguf_name, &cpu)?
-            .dequantize(&cpu)?;
-        // llama.cpp permutes q/k rows of llama-arch models for its interleaved RoPE; undo it so
-        // the weights (and adapters trained on them) are in Hugging Face order.
-        let t = if arch != Arch::Qwen2 && hf_name.ends_with("q_proj.weight") {
-            unpermute_rows(&t, heads)?
-        } else if arch != Arch::Qwen2 && hf_name.ends_with("k_proj.weight") {
-            unpermute_rows(&t, kv_heads)?
-        } else {
-            t
-        };
-        weights.insert(hf_name, t);
-    }
-    let model = Llama::load(cfg, &mut weights, lora, seed, DType::F32, device)?;
+    // A GGUF file has no q/k row order of Hugging Face's: llama.cpp permutes llama-arch q/k rows
+    // for its interleaved RoPE. The source undoes it (on dense tensors, or by moving whole rows
+    // of quantized bytes) so the weights, and adapters trained on them, are in HF order.
+    let permuted = arch != Arch::Qwen2;
+    let mut weights = GgufSource {
+        content: &content,
+        file,
+        heads: if permuted { heads } else { 0 },
+        kv_heads: if permuted { kv_heads } else { 0 },
+    };
+    let model = Llama::load(cfg, &mut weights, lora, quantization, seed, dtype, device)?;
     let tokenizer = TextTokenizer::from_gguf(md)?;
     let name = md
         .get("general.name")
@@ -223,6 +239,97 @@ pub fn load_gguf(path: &Path, lora: &LoraSpec, seed: u64, device: &Device) -> Re
     })
 }
 
+/// Reads tensors of a GGUF file on demand, by Hugging Face name.
+struct GgufSource<'a> {
+    content: &'a gguf_file::Content,
+    file: std::fs::File,
+    /// Head counts for un-permuting q/k rows (0: the file is not permuted).
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl GgufSource<'_> {
+    fn read(&mut self, hf_name: &str) -> Result<Option<QTensor>> {
+        let Some(gguf) = gguf_tensor_name(hf_name) else {
+            return Ok(None);
+        };
+        if !self.content.tensor_infos.contains_key(&gguf) {
+            return Ok(None);
+        }
+        Ok(Some(self.content.tensor(
+            &mut self.file,
+            &gguf,
+            &Device::Cpu,
+        )?))
+    }
+
+    /// Heads whose rows are permuted in this tensor, if any.
+    fn permuted_heads(&self, hf_name: &str) -> Option<usize> {
+        let heads = if hf_name.ends_with("q_proj.weight") {
+            self.heads
+        } else if hf_name.ends_with("k_proj.weight") {
+            self.kv_heads
+        } else {
+            0
+        };
+        (heads > 0).then_some(heads)
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Some(q) = self.read(name)? else {
+            return Ok(None);
+        };
+        let t = q.dequantize(&Device::Cpu)?;
+        Ok(Some(match self.permuted_heads(name) {
+            Some(h) => unpermute_rows(&t, h)?,
+            None => t,
+        }))
+    }
+
+    fn take_quantized(&mut self, name: &str) -> Result<Option<QTensor>> {
+        let Some(q) = self.read(name)? else {
+            return Ok(None);
+        };
+        let Some(heads) = self.permuted_heads(name) else {
+            return Ok(Some(q));
+        };
+        // Rows are quantized independently (blocks run along a row), so moving whole rows of
+        // bytes un-permutes the tensor exactly, without dequantizing it.
+        let (out, inp) = q.shape().dims2()?;
+        let dtype = q.dtype();
+        let row_bytes = inp / dtype.block_size() * dtype.type_size();
+        let data = q.data()?;
+        let mut rows = vec![0u8; data.len()];
+        for (hf_row, gguf_row) in unpermuted_row_order(out, heads).into_iter().enumerate() {
+            rows[hf_row * row_bytes..(hf_row + 1) * row_bytes]
+                .copy_from_slice(&data[gguf_row * row_bytes..(gguf_row + 1) * row_bytes]);
+        }
+        Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &rows,
+            vec![out, inp],
+            &Device::Cpu,
+        )?))
+    }
+}
+
+/// For each Hugging Face row, the GGUF row that holds it (inverse of llama.cpp's q/k permutation).
+fn unpermuted_row_order(out: usize, heads: usize) -> Vec<usize> {
+    let half = out / heads / 2;
+    // HF row (h, j, i) with i < half the pair index and j ∈ {0, 1} the half sits in GGUF row (h, i, j).
+    let mut order = Vec::with_capacity(out);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + j);
+            }
+        }
+    }
+    order
+}
+
 /// `(heads·hd, in)` rows from llama.cpp's pair-interleaved order back to rotate-half order.
 pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
@@ -233,30 +340,30 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-/// GGUF tensor name → Hugging Face name.
-fn hf_tensor_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
+/// Hugging Face tensor name → GGUF name.
+fn gguf_tensor_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
         _ => {}
     }
-    let rest = gguf.strip_prefix("blk.")?;
+    let rest = hf.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
+    let gguf = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    Some(format!("blk.{layer}.{gguf}.{kind}"))
 }
 
 /// Models by Hub repo id, through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1`).
