@@ -125,7 +125,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             .expect("given"),
         ),
     };
-    let mut weights = synthetic::random_weights(&cfg, 0)?;
+    let mut weights = synthetic::RandomSource {
+        cfg: cfg.clone(),
+        seed: 0,
+    };
     let model = Llama::load(
         cfg.clone(),
         &mut weights,
@@ -135,7 +138,6 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         candle_core::DType::F32,
         &device,
     )?;
-    drop(weights);
     let (linear_params, linear_bytes) =
         model
             .blocks
@@ -149,10 +151,11 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 (p + o * i, b + l.weight.bytes())
             });
     println!(
-        "  base linear weights: {} ({:.3} bytes per parameter, {:.1} MiB); embeddings and norms stay float32",
+        "  base linear weights: {} ({:.3} bytes per parameter, {:.1} MiB); embeddings and norms stay float32; peak RSS after loading {:.2} GiB",
         opts.quant.as_deref().unwrap_or("float32"),
         linear_bytes as f64 / linear_params as f64,
-        linear_bytes as f64 / (1 << 20) as f64
+        linear_bytes as f64 / (1 << 20) as f64,
+        peak_rss_gib()
     );
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();

@@ -14,8 +14,14 @@ struct FrozenMatmul {
     weight: Tensor,
 }
 
-impl FrozenMatmul {
-    fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+/// `x · Wᵀ` on backend storage: `x` (…, k) contiguous, `W` (n, k).
+pub(crate) fn matmul_xwt<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+) -> Result<(S, Shape)> {
+    {
         let (n, k) = wl.shape().dims2()?;
         if xl.dims().last() != Some(&k) || !xl.is_contiguous() {
             candle_core::bail!(
@@ -41,7 +47,7 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.weight.storage_and_layout();
         match &*ws {
-            candle_core::Storage::Cpu(ws) => self.fwd(s, l, ws, wl),
+            candle_core::Storage::Cpu(ws) => matmul_xwt(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
         }
     }
@@ -54,7 +60,7 @@ impl CustomOp1 for FrozenMatmul {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ws, wl) = self.weight.storage_and_layout();
         match &*ws {
-            candle_core::Storage::Cuda(ws) => self.fwd(s, l, ws, wl),
+            candle_core::Storage::Cuda(ws) => matmul_xwt(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
         }
     }

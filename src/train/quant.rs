@@ -614,28 +614,71 @@ impl QuantizedWeight {
     }
 }
 
-/// `x · Wᵀ` for a frozen quantized `W`: dequantizes for the forward and again for the backward
-/// (which returns the input gradient only), so no dense copy outlives either.
-pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
-    let dense = w.dequantize(x.device(), x.dtype())?;
-    let y = ops::frozen_matmul(&x.detach(), &dense)?;
-    drop(dense);
-    if !x.track_op() {
-        return Ok(y);
+/// `y = x · Wᵀ` for a frozen quantized `W`, as one graph node: the forward dequantizes into a
+/// temporary and multiplies straight into the output, the backward dequantizes again and
+/// returns the input gradient only. Nothing dense outlives either call.
+struct QuantizedMatmul {
+    weight: Arc<QuantizedWeight>,
+}
+
+impl QuantizedMatmul {
+    fn dense(&self, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        self.weight
+            .dequantize(device, dtype)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
-    let w = w.clone();
-    Ok(ops::attach_backward(
-        "quantized-linear",
-        x,
-        y,
-        move |_x, _y, g| {
-            let dense = w
-                .dequantize(g.device(), g.dtype())
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            let (n, k) = dense.dims2()?;
-            let mut dims = g.dims().to_vec();
-            *dims.last_mut().expect("rank >= 1") = k;
-            g.reshape(((), n))?.matmul(&dense)?.reshape(dims)
-        },
-    )?)
+}
+
+impl candle_core::CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "quantized-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let w = self.dense(&Device::Cpu, s.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cpu(ws) => ops::matmul_xwt(s, l, ws, wl),
+            _ => candle_core::bail!("quantized linear: dequantized weight is not on the cpu"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = Device::Cuda(s.device().clone());
+        let w = self.dense(&device, s.dtype())?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cuda(ws) => ops::matmul_xwt(s, l, ws, wl),
+            _ => candle_core::bail!("quantized linear: dequantized weight is not on the gpu"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.dense(g.device(), g.dtype())?;
+        let (n, k) = w.dims2()?;
+        let mut dims = g.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = k;
+        Ok(Some(g.reshape(((), n))?.matmul(&w)?.reshape(dims)?))
+    }
+}
+
+/// `x · Wᵀ` for a frozen quantized `W` (see [`QuantizedMatmul`]).
+pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.track_op() {
+        return Ok(x.apply_op1(QuantizedMatmul { weight: w.clone() })?);
+    }
+    let dense = w.dequantize(x.device(), x.dtype())?;
+    Ok(ops::frozen_matmul(&x, &dense)?)
 }

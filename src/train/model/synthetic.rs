@@ -161,3 +161,43 @@ pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Random weights made when the loader asks for each one, so that only one dense tensor exists
+/// at a time (what the benchmark needs to measure a quantized model's real peak memory). Same
+/// distributions as [`random_weights`], seeded per tensor name.
+pub struct RandomSource {
+    pub cfg: ModelConfig,
+    pub seed: u64,
+}
+
+impl super::WeightSource for RandomSource {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        // FNV-1a of the name: a stable per-tensor stream
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ name_hash);
+        let embed_std = 3.0 / (h as f32).sqrt();
+        if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            return Ok(Some(normal((cfg.vocab_size, h), embed_std, &mut rng)?));
+        }
+        if name.ends_with("norm.weight") {
+            return Ok(Some(Tensor::ones(
+                h,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?));
+        }
+        let Some(module) = ALL_LINEAR.iter().find(|m| name.contains(*m)) else {
+            return Ok(None);
+        };
+        let shape = cfg.linear_shape(module);
+        Ok(Some(if name.ends_with(".bias") {
+            normal((1, shape.0), 0.02, &mut rng)?.squeeze(0)?
+        } else {
+            normal(shape, 0.02, &mut rng)?
+        }))
+    }
+}
