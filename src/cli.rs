@@ -146,7 +146,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&spec)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?;
             let spec = JobSpec::from_json(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", spec_name(&spec)))?;
+                .map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?;
             let opts = train::RunOptions {
                 output_dir: output,
                 device: parse_device(&device)?,
@@ -218,10 +218,6 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn spec_name(p: &std::path::Path) -> String {
-    p.display().to_string()
 }
 
 fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {

@@ -157,8 +157,8 @@ async fn check_references(state: &AppState, spec: &JobSpec, owner: &Owner) -> Re
         ),
     ] {
         let Some(url) = url else { continue };
-        if let Some(file_id) = url.strip_prefix("file-") {
-            if state.db.get_file(url, owner.as_deref()).await?.is_none() || file_id.is_empty() {
+        if url.starts_with("file-") {
+            if state.db.get_file(url, owner.as_deref()).await?.is_none() {
                 return Err(ApiError::invalid(
                     param,
                     format!("no uploaded file {url:?}"),

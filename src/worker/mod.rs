@@ -186,12 +186,14 @@ async fn execute(
     let persister = {
         let state = state.clone();
         let id = id.to_string();
-        let out = out.clone();
         tokio::spawn(async move {
-            let mut tokens_seen = 0i64;
+            // a resumed job keeps counting from where its previous attempt got to
+            let mut tokens_seen = match state.db.get_job(&id, None).await {
+                Ok(Some(row)) => row.tokens_seen,
+                _ => 0,
+            };
             while let Some(event) = rx.recv().await {
-                if let Err(e) = persist(&state, &id, attempt, &out, &event, &mut tokens_seen).await
-                {
+                if let Err(e) = persist(&state, &id, attempt, &event, &mut tokens_seen).await {
                     tracing::error!(error = %e, "could not store a job event");
                 }
             }
@@ -279,7 +281,6 @@ async fn persist(
     state: &AppState,
     id: &str,
     attempt: i64,
-    out: &Path,
     event: &Event,
     tokens_seen: &mut i64,
 ) -> crate::db::Result<()> {
@@ -357,7 +358,6 @@ async fn persist(
                     &serde_json::Value::Array(files.clone()).to_string(),
                 )
                 .await?;
-            let _ = out;
             state
                 .publish(id, "checkpoint", &json!({"step": step, "files": files}))
                 .await?;
