@@ -487,9 +487,19 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
             "from_checkpoint",
         ),
         (
-            with(json!({"quantization": {"bits": 4}})),
+            with(json!({"quantization": {"bits": 3}})),
             422,
-            "quantization",
+            "quantization.bits",
+        ),
+        (
+            with(json!({"quantization": {"type": "nf4", "bits": 8}})),
+            422,
+            "quantization.type",
+        ),
+        (
+            with(json!({"quantization": {"type": "gguf"}})),
+            422,
+            "quantization.type",
         ),
         (
             with(json!({"checkpoint_every_steps": 0})),
