@@ -32,30 +32,10 @@ pub async fn upload(
             .await
             .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
         let mut found = None;
-        while let Some(field) = form.next_field().await.map_err(|e| {
-            ApiError::new(
-                e.status(),
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    "body_too_large"
-                } else {
-                    "invalid_body"
-                },
-                e.body_text(),
-            )
-        })? {
+        while let Some(field) = form.next_field().await? {
             if field.file_name().is_some() || field.name() == Some("file") {
                 let name = field.file_name().map(str::to_string);
-                let bytes = field.bytes().await.map_err(|e| {
-                    ApiError::new(
-                        e.status(),
-                        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                            "body_too_large"
-                        } else {
-                            "invalid_body"
-                        },
-                        e.body_text(),
-                    )
-                })?;
+                let bytes = field.bytes().await?;
                 found = Some((bytes, name));
                 break;
             }

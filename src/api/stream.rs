@@ -47,6 +47,25 @@ pub async fn events(
 
 type Live = tokio::sync::broadcast::Receiver<crate::app::JobEvent>;
 
+/// Where a stream stands: history still to send, the live receiver, the last id sent.
+struct Cursor {
+    state: AppState,
+    id: String,
+    last: i64,
+    history: std::vec::IntoIter<crate::db::EventRow>,
+    live: Live,
+    done: bool,
+}
+
+impl Cursor {
+    /// Records an event as sent and makes its SSE form.
+    fn send(&mut self, id: i64, kind: String, data: String) -> Event {
+        self.last = id;
+        self.done = is_terminal(&kind, &data);
+        Event::default().id(id.to_string()).event(kind).data(data)
+    }
+}
+
 /// History first, then live events of this job (ids only ever increase), until a terminal
 /// status or server shutdown.
 fn event_stream(
@@ -56,15 +75,7 @@ fn event_stream(
     history: Vec<crate::db::EventRow>,
     live: Live,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    struct S {
-        state: AppState,
-        id: String,
-        last: i64,
-        history: std::vec::IntoIter<crate::db::EventRow>,
-        live: Live,
-        done: bool,
-    }
-    let init = S {
+    let init = Cursor {
         state,
         id,
         last: last_seen,
@@ -76,33 +87,23 @@ fn event_stream(
         if s.done {
             return None;
         }
-        if let Some(e) = s.history.next() {
-            s.last = e.id;
-            s.done = is_terminal(&e.kind, &e.data);
-            let ev = Event::default()
-                .id(e.id.to_string())
-                .event(e.kind)
-                .data(e.data);
-            return Some((Ok(ev), s));
-        }
         loop {
+            if let Some(e) = s.history.next() {
+                let ev = s.send(e.id, e.kind, e.data);
+                return Some((Ok(ev), s));
+            }
             let next = tokio::select! {
                 r = s.live.recv() => r,
                 _ = s.state.shutdown.cancelled() => return None,
             };
             match next {
                 Ok(e) if e.job_id == s.id && e.id > s.last => {
-                    s.last = e.id;
-                    s.done = is_terminal(&e.kind, &e.data);
-                    let ev = Event::default()
-                        .id(e.id.to_string())
-                        .event(e.kind)
-                        .data(e.data);
+                    let ev = s.send(e.id, e.kind, e.data);
                     return Some((Ok(ev), s));
                 }
                 Ok(_) => continue,
+                // Fell behind the broadcast: catch up from the database.
                 Err(RecvError::Lagged(_)) => {
-                    // Fell behind the broadcast: catch up from the database.
                     let missed = s
                         .state
                         .db
@@ -110,15 +111,6 @@ fn event_stream(
                         .await
                         .unwrap_or_default();
                     s.history = missed.into_iter();
-                    if let Some(e) = s.history.next() {
-                        s.last = e.id;
-                        s.done = is_terminal(&e.kind, &e.data);
-                        let ev = Event::default()
-                            .id(e.id.to_string())
-                            .event(e.kind)
-                            .data(e.data);
-                        return Some((Ok(ev), s));
-                    }
                 }
                 Err(RecvError::Closed) => return None,
             }
