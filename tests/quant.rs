@@ -302,3 +302,54 @@ fn half_precision_compute_is_refused_on_cpu() {
         "{err}"
     );
 }
+
+#[test]
+fn ggml_types_work_as_frozen_quantized_weights() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    // K-quants need rows that are a multiple of 256 long
+    let w = randn((32, 256), 5);
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ] {
+        let q = Arc::new(QuantizedWeight::Ggml(Arc::new(
+            QTensor::quantize(&w, dtype).unwrap(),
+        )));
+        let dense = q.dequantize(&Device::Cpu, DType::F32).unwrap();
+        let err = common::max_abs_diff(&dense, &w);
+        assert!(
+            err < 0.5,
+            "{dtype:?}: dequantized far from the input ({err})"
+        );
+        let x = Var::from_tensor(&randn((4, 256), 6)).unwrap();
+        let probe = randn((4, 32), 7);
+        let yq = quant::quantized_matmul(x.as_tensor(), &q).unwrap();
+        let yd = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+        assert!(common::max_abs_diff(&yq, &yd) < 1e-4, "{dtype:?}");
+        let gq = (yq * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .clone();
+        let gd = (yd * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .clone();
+        assert!(common::max_abs_diff(&gq, &gd) < 1e-4, "{dtype:?}");
+    }
+}
