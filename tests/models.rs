@@ -143,24 +143,10 @@ fn untied_lm_head_and_mistral_sliding_window() {
         .logits(&Tensor::new(&[[5u32, 7, 8, 9, 10, 11]], &Device::Cpu).unwrap())
         .unwrap();
     let at = |t: &Tensor, p: usize| t.squeeze(0).unwrap().get(p).unwrap();
-    let seen = (at(&a, 3) - at(&b, 3))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let seen = max_abs_diff(&at(&a, 3), &at(&b, 3));
     assert!(seen > 1e-4, "position 3 does see token 0 through layer 0");
     let last = |t: &Tensor| t.squeeze(0).unwrap().get(5).unwrap();
-    let d = (last(&a) - last(&b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&last(&a), &last(&b));
     assert!(d < 1e-5, "window ignored: {d}");
     trains(dir.path(), &m);
 }

@@ -199,6 +199,40 @@ fn nf4_beats_fp4_on_normal_weights_and_int8_beats_both() {
     assert!(int8 < 0.02 && int8 < nf4);
 }
 
+/// The quantized linear's output and input gradient equal those of a plain matmul on the
+/// dequantized weight.
+fn assert_matches_dense(
+    q: &Arc<QuantizedWeight>,
+    dense: &Tensor,
+    x: &Var,
+    probe: &Tensor,
+    tolerance: f32,
+) {
+    let grad_of = |y: Tensor| {
+        (y * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(x)
+            .unwrap()
+            .clone()
+    };
+    let yq = quant::quantized_matmul(x.as_tensor(), q).unwrap();
+    let yd = x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap();
+    assert!(
+        common::max_abs_diff(&yq, &yd) < tolerance,
+        "{}: output",
+        q.describe()
+    );
+    assert!(
+        common::max_abs_diff(&grad_of(yq), &grad_of(yd)) < tolerance,
+        "{}: input gradient",
+        q.describe()
+    );
+}
+
 #[test]
 fn quantized_linear_gradient_equals_the_dense_one() {
     let w = randn((48, 64), 2);
@@ -211,28 +245,7 @@ fn quantized_linear_gradient_equals_the_dense_one() {
         let dense = q.dequantize(&Device::Cpu, DType::F32).unwrap();
         let x = Var::from_tensor(&randn((6, 64), 3).reshape((2, 3, 64)).unwrap()).unwrap();
         let probe = randn((6, 48), 4).reshape((2, 3, 48)).unwrap();
-        let yq = quant::quantized_matmul(x.as_tensor(), &q).unwrap();
-        let yd = x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap();
-        assert!(common::max_abs_diff(&yq, &yd) < 1e-5, "{}", q.describe());
-        let gq = (yq * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .clone();
-        let gd = (yd * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .clone();
-        assert!(common::max_abs_diff(&gq, &gd) < 1e-5, "{}", q.describe());
+        assert_matches_dense(&q, &dense, &x, &probe, 1e-5);
     }
 }
 
@@ -329,27 +342,6 @@ fn ggml_types_work_as_frozen_quantized_weights() {
         );
         let x = Var::from_tensor(&randn((4, 256), 6)).unwrap();
         let probe = randn((4, 32), 7);
-        let yq = quant::quantized_matmul(x.as_tensor(), &q).unwrap();
-        let yd = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
-        assert!(common::max_abs_diff(&yq, &yd) < 1e-4, "{dtype:?}");
-        let gq = (yq * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .clone();
-        let gd = (yd * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(&x)
-            .unwrap()
-            .clone();
-        assert!(common::max_abs_diff(&gq, &gd) < 1e-4, "{dtype:?}");
+        assert_matches_dense(&q, &dense, &x, &probe, 1e-4);
     }
 }
