@@ -227,6 +227,7 @@ async fn execute(
             stop.store(true, Ordering::SeqCst);
         }
     }
+    forget_unrecorded_checkpoints(state, id, &out).await;
     let opts = train::RunOptions {
         output_dir: out.clone(),
         device: device.clone(),
@@ -265,6 +266,28 @@ async fn execute(
             "internal_error",
             format!("the training thread panicked: {panic}"),
         )),
+    }
+}
+
+/// A resume must start from a checkpoint the database has recorded. The engine writes a
+/// checkpoint to disk before its events reach the database, so a server killed in between leaves
+/// a folder whose preceding steps were never stored; resuming from it would leave a gap in the
+/// job's loss curve and checkpoint list. Such folders are removed and those steps run again.
+async fn forget_unrecorded_checkpoints(state: &AppState, id: &str, out: &Path) {
+    let recorded: Vec<u64> = match state.db.list_checkpoints(id).await {
+        Ok(rows) => rows.iter().map(|r| r.step as u64).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list recorded checkpoints");
+            return;
+        }
+    };
+    for (step, dir) in train::checkpoint::list_checkpoints(out) {
+        if !recorded.contains(&step) {
+            tracing::info!(step, "removing a checkpoint the database never recorded");
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                tracing::warn!(error = %e, path = %dir.display(), "could not remove checkpoint");
+            }
+        }
     }
 }
 
