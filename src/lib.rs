@@ -9,12 +9,14 @@
 //! - [`api`]: HTTP handlers (thin: parse, one call into `db`, answer JSON).
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
 //! - [`worker`]: claims jobs, fetches datasets, runs the engine off the async runtime.
-//! - [`cli`]: the `qtune` command line (`serve`, `train`, `bench`, `generate`).
+//! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
+//! - [`cli`]: the `qtune` command line.
 
 pub mod api;
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod spec;

@@ -1,6 +1,15 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     qtune::tune_allocator();
-    qtune::cli::main(qtune::cli::Cli::parse())
+    match qtune::cli::main(qtune::cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` keeps the causes on one line; a server's error body is printed as it came.
+            eprintln!("qtune: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,4 +1,9 @@
-//! The `qtune` command line.
+//! The `qtune` command line: the service (`serve`), the engine run locally (`train`, `generate`,
+//! `bench`), the HTTP client commands (`submit`, `jobs`, `status`, `follow`, `cancel`,
+//! `download`) and `quickstart`, which is all of it in one go.
+
+mod quickstart;
+mod remote;
 
 use std::path::PathBuf;
 
@@ -22,6 +27,58 @@ pub struct Cli {
 pub enum Command {
     /// Run the job service: HTTP API, SQLite queue, one worker per device.
     Serve(crate::config::ServeConfig),
+    /// Start the service here, submit examples/quickstart.json, watch it train, save the adapter.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Submit a job spec to a server; prints the job id. A local dataset path is uploaded first.
+    Submit {
+        spec: PathBuf,
+        /// Show the job's progress until it finishes.
+        #[arg(long)]
+        follow: bool,
+        /// Once it has succeeded, save the adapter into this folder (implies --follow).
+        #[arg(long)]
+        download: Option<PathBuf>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs in this status: queued, running, succeeded, failed, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Show one job: status, phase, progress, losses, error.
+    Status {
+        id: String,
+        /// The job as the server returns it (JSON).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Follow a job's live progress (step, loss, ETA) until it finishes.
+    Follow {
+        id: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Cancel a job: a queued one at once, a running one at its next step.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Save a succeeded job's adapter (PEFT folder) into DIR.
+    Download {
+        id: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Fine-tune a model as a job spec says; checkpoints, adapter/ and metrics.jsonl go into --output.
     Train {
         /// The job spec (JSON), as the HTTP API takes it.
@@ -136,6 +193,22 @@ impl Reporter for PrintReporter {
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(config) => serve(config),
+        Command::Quickstart(args) => quickstart::run(args),
+        Command::Submit {
+            spec,
+            follow,
+            download,
+            remote,
+        } => remote::submit(&remote, &spec, follow, download.as_deref()),
+        Command::Jobs {
+            status,
+            limit,
+            remote,
+        } => remote::jobs(&remote, status.as_deref(), limit),
+        Command::Status { id, json, remote } => remote::status(&remote, &id, json),
+        Command::Follow { id, remote } => remote::follow(&remote, &id),
+        Command::Cancel { id, remote } => remote::cancel(&remote, &id),
+        Command::Download { id, dir, remote } => remote::download(&remote, &id, &dir),
         Command::Train {
             spec,
             output,
