@@ -65,7 +65,15 @@ pub struct App {
 impl App {
     /// Opens the database (migrating it), requeues jobs a crash left running, and binds the
     /// listener. Nothing runs until [`App::run_until_stopped`].
-    pub async fn build(config: ServeConfig) -> anyhow::Result<App> {
+    pub async fn build(mut config: ServeConfig) -> anyhow::Result<App> {
+        // `QTUNE_API_KEYS=` (set but empty, as compose files pass it) means no keys, not one
+        // empty key that nobody can send.
+        config.api_keys = config
+            .api_keys
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
         std::fs::create_dir_all(&config.data_dir)?;
         std::fs::create_dir_all(config.files_dir())?;
         let db = Db::open(&config.db_path()).await?;

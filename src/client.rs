@@ -301,7 +301,10 @@ mod tests {
     #[test]
     fn sse_blocks_parse_and_keepalives_are_skipped() {
         let e = parse_sse_block("id: 7\nevent: metrics\ndata: {\"step\":3}\n\n").unwrap();
-        assert_eq!((e.id, e.kind.as_str(), e.data["step"].as_i64()), (7, "metrics", Some(3)));
+        assert_eq!(
+            (e.id, e.kind.as_str(), e.data["step"].as_i64()),
+            (7, "metrics", Some(3))
+        );
         assert!(parse_sse_block(":\n\n").is_none());
     }
 }

@@ -130,9 +130,15 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let id = first_line(&out);
-    assert!(uuid::Uuid::parse_str(&id).is_ok(), "first line is the id: {stdout}");
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "first line is the id: {stdout}"
+    );
     // the local dataset went up as an upload, and the job names the upload
-    assert!(stderr.contains("uploaded ") && stderr.contains(" as file-"), "{stderr}");
+    assert!(
+        stderr.contains("uploaded ") && stderr.contains(" as file-"),
+        "{stderr}"
+    );
     let job = server.job(&id).await;
     assert!(job["spec"]["dataset"]["url"]
         .as_str()
@@ -173,7 +179,10 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
     let out = server.qtune(&["jobs"]).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success());
-    let row = stdout.lines().find(|l| l.starts_with(&id)).expect("job listed");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .expect("job listed");
     assert!(row.contains("succeeded") && row.contains("12/12"), "{row}");
 
     let out = server.qtune(&["status", &id]).await;
@@ -303,7 +312,9 @@ async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
         .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).1.contains("cannot reach the qtune server at http://127.0.0.1:9"),
+        text(&out)
+            .1
+            .contains("cannot reach the qtune server at http://127.0.0.1:9"),
         "{:?}",
         text(&out)
     );

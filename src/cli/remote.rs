@@ -46,9 +46,7 @@ pub fn submit(
         .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", spec_path.display()))?;
     runtime()?.block_on(async {
         let client = remote.client();
-        let job = client
-            .submit(spec, &mut |note| eprintln!("{note}"))
-            .await?;
+        let job = client.submit(spec, &mut |note| eprintln!("{note}")).await?;
         let id = job["id"].as_str().unwrap_or_default().to_string();
         println!("{id}");
         if follow_it || download_to.is_some() {
@@ -110,7 +108,10 @@ pub fn status(remote: &Remote, id: &str, json: bool) -> anyhow::Result<()> {
             .map(|ph| format!(" ({ph})"))
             .unwrap_or_default()
     );
-    println!("model     {}", job["spec"]["base_model"].as_str().unwrap_or(""));
+    println!(
+        "model     {}",
+        job["spec"]["base_model"].as_str().unwrap_or("")
+    );
     if let Some(total) = p["total_steps"].as_i64() {
         println!(
             "step      {}/{total}  epoch {:.2}  tokens {}",
