@@ -10,6 +10,21 @@ fn qtune() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qtune"))
 }
 
+/// The newest build of a cargo example: `cargo test --all-targets` builds examples into
+/// `target/<profile>/examples/` beside the test binaries' `deps/`, with a hash in the name.
+fn built_example(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::current_exe().ok()?.parent()?.parent()?.join("examples");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let file = e.file_name().to_string_lossy().to_string();
+            file == name || (file.starts_with(&format!("{name}-")) && !file.contains('.'))
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
 #[test]
 fn train_command_writes_checkpoints_metrics_and_progress() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +90,37 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
         );
     }
     assert!(out.join("adapter/adapter_model.safetensors").exists());
+
+    // the adapter answers through `qtune generate` and through the README's Rust example alike
+    let generated = qtune()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "say 1"])
+        .args(["--max-new-tokens", "8", "--adapter"])
+        .arg(out.join("adapter"))
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let generated = String::from_utf8(generated.stdout).unwrap();
+    match built_example("load_adapter") {
+        Some(example) => {
+            let run = Command::new(&example)
+                .arg(&model)
+                .arg(out.join("adapter"))
+                .arg("say 1")
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+            let text = String::from_utf8(run.stdout).unwrap();
+            assert!(
+                text.starts_with(generated.trim_end()),
+                "{text:?} vs {generated:?}"
+            );
+        }
+        None => eprintln!("examples/load_adapter is not built (cargo test --all-targets builds it)"),
+    }
 
     // resuming a finished run changes nothing and succeeds
     let again = qtune()

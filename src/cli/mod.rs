@@ -267,20 +267,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             // An adapter brings its own r, alpha and targets: read them before loading.
             let lora = match &adapter {
                 None => crate::spec::LoraSpec::default(),
-                Some(dir) => {
-                    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-                        dir.join(train::checkpoint::ADAPTER_CONFIG),
-                    )?)?;
-                    crate::spec::LoraSpec {
-                        r: cfg["r"].as_i64().unwrap_or(8),
-                        alpha: cfg["lora_alpha"].as_f64(),
-                        dropout: 0.0,
-                        target_modules: crate::spec::TargetModules::List(serde_json::from_value(
-                            cfg["target_modules"].clone(),
-                        )?),
-                        use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
-                    }
-                }
+                Some(dir) => train::checkpoint::read_lora_spec(dir)?,
             };
             let base =
                 train::model::load_base(&model, None, &lora, None, 0, &candle_core::Device::Cpu)?;

@@ -112,6 +112,26 @@ pub fn save_checkpoint(
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
+/// The LoRA shape an adapter folder was trained with (r, alpha, targets), from its
+/// `adapter_config.json`: what a base model must be loaded with before [`load_adapter`].
+pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = |e: String| Error::Checkpoint(format!("{}: {e}", path.display()));
+    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone())
+        .map_err(|e| bad(format!("target_modules: {e}")))?;
+    Ok(crate::spec::LoraSpec {
+        r: cfg["r"]
+            .as_i64()
+            .ok_or_else(|| bad("no integer \"r\"".into()))?,
+        alpha: cfg["lora_alpha"].as_f64(),
+        dropout: 0.0,
+        target_modules: crate::spec::TargetModules::List(targets),
+        use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
+    })
+}
+
 /// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its shape.
 pub fn load_adapter(dir: &Path, model: &Llama) -> Result<()> {
     let path = dir.join(ADAPTER_WEIGHTS);
