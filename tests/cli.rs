@@ -13,7 +13,11 @@ fn qtune() -> Command {
 /// The newest build of a cargo example: `cargo test --all-targets` builds examples into
 /// `target/<profile>/examples/` beside the test binaries' `deps/`, with a hash in the name.
 fn built_example(name: &str) -> Option<std::path::PathBuf> {
-    let dir = std::env::current_exe().ok()?.parent()?.parent()?.join("examples");
+    let dir = std::env::current_exe()
+        .ok()?
+        .parent()?
+        .parent()?
+        .join("examples");
     std::fs::read_dir(dir)
         .ok()?
         .flatten()
@@ -93,7 +97,13 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
 
     // the adapter answers through `qtune generate` and through the README's Rust example alike
     let generated = qtune()
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "say 1"])
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "say 1",
+        ])
         .args(["--max-new-tokens", "8", "--adapter"])
         .arg(out.join("adapter"))
         .output()
@@ -112,14 +122,20 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
                 .arg("say 1")
                 .output()
                 .unwrap();
-            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+            assert!(
+                run.status.success(),
+                "{}",
+                String::from_utf8_lossy(&run.stderr)
+            );
             let text = String::from_utf8(run.stdout).unwrap();
             assert!(
                 text.starts_with(generated.trim_end()),
                 "{text:?} vs {generated:?}"
             );
         }
-        None => eprintln!("examples/load_adapter is not built (cargo test --all-targets builds it)"),
+        None => {
+            eprintln!("examples/load_adapter is not built (cargo test --all-targets builds it)")
+        }
     }
 
     // resuming a finished run changes nothing and succeeds
