@@ -107,9 +107,9 @@ impl Dockerfile {
                 );
             }
         }
-        // what `include_str!` and `sqlx::migrate!` read at compile time is copied in
+        // what `include_str!` (OpenAPI, dashboard) and `sqlx::migrate!` read at compile time is copied in
         let copied: Vec<&str> = self.all("COPY");
-        for needed in ["Cargo.lock", "src", "migrations", "openapi"] {
+        for needed in ["Cargo.lock", "src", "migrations", "openapi", "web"] {
             assert!(
                 copied
                     .iter()

@@ -1,6 +1,7 @@
 //! HTTP API: thin handlers that parse, make one call into `db` or the artifacts on disk, and
 //! answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
 
+mod dashboard;
 mod error;
 mod files;
 mod jobs;
@@ -46,6 +47,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files", post(files::upload))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/app.js", get(dashboard::app_js))
+        .route("/assets/app.css", get(dashboard::app_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
