@@ -84,9 +84,7 @@ impl Browser {
     }
 
     fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.session));
+        let mut req = self.http.request(method, format!("{}{path}", self.session));
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -273,19 +271,13 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     assert_eq!(polyline, 40);
     browser.click("#log-scale");
     let label = browser.js("return document.querySelector('svg.chart').getAttribute('aria-label')");
-    assert!(
-        label.as_str().unwrap().contains("(log scale)"),
-        "{label}"
-    );
+    assert!(label.as_str().unwrap().contains("(log scale)"), "{label}");
     browser.click("#log-scale");
     browser.screenshot(&shots.join("job.png"));
 
     // the form: one validation error from the server, shown next to its field; then a good job
     browser.goto(&format!("{base}/#/new"));
-    browser.wait_js(
-        "the form",
-        "return document.querySelector('#f-base_model')",
-    );
+    browser.wait_js("the form", "return document.querySelector('#f-base_model')");
     browser.type_into("#f-base_model", model.to_str().unwrap());
     browser.type_into("#f-dataset-url", &format!("file://{}", data.display()));
     browser.type_into("#f-training-max_steps", "6");
@@ -315,7 +307,11 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
         "the new job's page",
         "return location.hash.startsWith('#/jobs/') && location.hash",
     );
-    let new_id = hash.as_str().unwrap().trim_start_matches("#/jobs/").to_string();
+    let new_id = hash
+        .as_str()
+        .unwrap()
+        .trim_start_matches("#/jobs/")
+        .to_string();
     assert_ne!(new_id, id);
     let created: Value = api
         .get(format!("{base}/v1/jobs/{new_id}"))

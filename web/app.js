@@ -288,7 +288,10 @@ function lineChart(series, { log = false, height = 240, label = "" }) {
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (x0 === x1) x1 = x0 + 1;
   if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
-  const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+  const pad = (y1 - y0) * 0.05;
+  // losses and learning rates are never negative: the padding must not invent a negative axis
+  y0 = !log && y0 >= 0 ? Math.max(0, y0 - pad) : y0 - pad;
+  y1 += pad;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => T + (1 - (tf(y) - y0) / (y1 - y0)) * (H - T - B);
   for (let i = 0; i <= 4; i++) {
