@@ -176,7 +176,7 @@ function jobView(id) {
       fact("Train loss", fmtLoss(job.train_loss)),
       fact("Eval loss", fmtLoss(job.eval_loss)),
       fact("ETA", job.status === "running" ? fmtDuration(p.eta_seconds) : "–"),
-      fact("Base model", job.spec.base_model));
+      fact("Base model", job.spec.base_model, { class: "wide" }));
     errorBox.replaceChildren(job.error
       ? el("p", { class: "error-box", role: "alert" }, el("strong", { text: `${job.error.code}: ` }), job.error.message || "")
       : "");
@@ -298,7 +298,7 @@ function lineChart(series, { log = false, height = 240, label = "" }) {
     const v = y0 + ((y1 - y0) * i) / 4, y = T + (1 - i / 4) * (H - T - B);
     add("line", { class: "grid", x1: L, x2: W - R, y1: y, y2: y });
     const shown = log ? 10 ** v : v;
-    add("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, Math.abs(shown) < 0.01 ? shown.toExponential(1) : shown.toPrecision(3));
+    add("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, shown === 0 ? "0" : Math.abs(shown) < 0.01 ? shown.toExponential(1) : shown.toPrecision(3));
   }
   for (let i = 0; i <= 5; i++) {
     const x = x0 + ((x1 - x0) * i) / 5;
