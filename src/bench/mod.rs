@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub layers: Option<usize>,
     /// Quantize the frozen linears: nf4, fp4, int8.
     pub quant: Option<String>,
+    /// Also print the figures as one JSON object, for scripts.
+    pub json: bool,
 }
 
 /// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
@@ -67,14 +69,20 @@ pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usi
     (4 * n_lin + attn + lora) as f64
 }
 
-/// GFLOP/s of candle's float32 matmul on 1024×576 @ 576×1536, the model's MLP shape.
+/// GFLOP/s of the float32 matmul the frozen linears use (oneDNN when installed, else candle's
+/// gemm) on 1024×576 @ 576×1536, the model's MLP shape: the ceiling a step's share is taken of.
 fn matmul_ceiling(device: &Device) -> Result<f64> {
+    if device.is_cpu() {
+        if let Some(gflops) = crate::train::onednn::sgemm_gflops(1024, 1536, 576) {
+            return Ok(gflops);
+        }
+    }
     let a = Tensor::ones((1024, 576), candle_core::DType::F32, device)?;
-    let b = Tensor::ones((576, 1536), candle_core::DType::F32, device)?;
+    let w = Tensor::ones((1536, 576), candle_core::DType::F32, device)?;
     let mut times = Vec::new();
     for _ in 0..12 {
         let t0 = Instant::now();
-        let c = a.matmul(&b)?;
+        let c = crate::train::ops::frozen_matmul(&a, &w)?;
         c.sum_all()?.to_scalar::<f32>()?;
         times.push(t0.elapsed().as_secs_f64());
     }
@@ -253,9 +261,29 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         );
     }
     println!(
-        "  ({:.0} MFLOP/token; candle f32 matmul ceiling measured now: {:.0} GFLOP/s on 1024x576x1536)",
+        "  ({:.0} MFLOP/token; f32 matmul ceiling measured now with {}: {:.0} GFLOP/s on 1024x576x1536)",
         fpt / 1e6,
+        crate::train::onednn::describe(),
         ceiling
     );
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "targets": if opts.all_linear { "all-linear" } else { "q,k,v,o" },
+                "batch": opts.batch,
+                "seq": opts.seq,
+                "quantization": opts.quant,
+                "matmul": crate::train::onednn::describe(),
+                "tokens_per_second": tps,
+                "peak_rss_bytes": (peak * 1024.0 * 1024.0 * 1024.0) as u64,
+                "ceiling_gflops": ceiling,
+                "ceiling_share": fpt * tps / (ceiling * 1e9),
+                "forward_seconds": median(&mut fwd),
+                "backward_seconds": median(&mut bwd),
+                "optimizer_seconds": median(&mut opt),
+            })
+        );
+    }
     Ok(())
 }

@@ -114,6 +114,10 @@ pub enum Command {
         /// Quantize the frozen base (QLoRA): nf4, fp4 or int8.
         #[arg(long)]
         quant: Option<String>,
+        /// Also print one JSON object with the figures (targets, batch, seq, tokens_per_second,
+        /// peak_rss_bytes, ceiling_gflops, ceiling_share, ...).
+        #[arg(long)]
+        json: bool,
     },
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
@@ -238,6 +242,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             warmup,
             layers,
             quant,
+            json,
         } => Ok(crate::bench::run(&crate::bench::BenchOptions {
             all_linear,
             batch,
@@ -246,6 +251,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             warmup,
             layers,
             quant,
+            json,
         })?),
         Command::BenchApi {
             jobs,

@@ -14,6 +14,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod onednn;
 pub mod ops;
 pub mod optim;
 pub mod quant;

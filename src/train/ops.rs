@@ -39,6 +39,102 @@ pub(crate) fn matmul_xwt<S: BackendStorage>(
     }
 }
 
+/// Contiguous f32 data of a CPU storage as an `(rows × cols)` slice, when it is one.
+fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Option<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => v.get(l.start_offset()..l.start_offset() + len),
+        _ => None,
+    }
+}
+
+/// `x · Wᵀ` on the CPU: oneDNN when it is installed, candle's gemm otherwise.
+pub(crate) fn cpu_xwt(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, k) = wl.shape().dims2()?;
+    if xl.dims().last() == Some(&k) {
+        let m = xl.shape().elem_count() / k;
+        if let (Some(xs), Some(ws)) = (f32_rows(x, xl, m * k), f32_rows(w, wl, n * k)) {
+            if let Some(out) = super::onednn::matmul(m, n, k, xs, ws, true) {
+                return Ok((
+                    CpuStorage::F32(out),
+                    Shape::from(with_last_dim(xl.dims(), n)),
+                ));
+            }
+        }
+    }
+    matmul_xwt(x, xl, w, wl)
+}
+
+/// `g · W` on backend storage: `g` (…, n) contiguous, `W` (n, k) contiguous.
+fn matmul_xw<S: BackendStorage>(g: &S, gl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+    let (n, k) = wl.shape().dims2()?;
+    if gl.dims().last() != Some(&n) || !gl.is_contiguous() || !wl.is_contiguous() {
+        candle_core::bail!(
+            "frozen linear backward: gradient {:?} does not fit weight ({n}, {k})",
+            gl.dims()
+        )
+    }
+    let m = gl.shape().elem_count() / n;
+    let lhs = Layout::contiguous_with_offset((m, n), gl.start_offset());
+    let y = g.matmul(w, (1, m, k, n), &lhs, wl)?;
+    Ok((y, Shape::from(with_last_dim(gl.dims(), k))))
+}
+
+/// `g · W` for a frozen `W`: the input gradient of `x · Wᵀ` (and the vocabulary backward).
+struct FrozenMatmulT {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen linear: weight and input are on different devices")
+        };
+        let (n, k) = wl.shape().dims2()?;
+        if l.dims().last() == Some(&n) {
+            let m = l.shape().elem_count() / n;
+            if let (Some(gs), Some(w)) = (f32_rows(s, l, m * n), f32_rows(ws, wl, n * k)) {
+                if let Some(out) = super::onednn::matmul(m, k, n, gs, w, false) {
+                    return Ok((
+                        CpuStorage::F32(out),
+                        Shape::from(with_last_dim(l.dims(), k)),
+                    ));
+                }
+            }
+        }
+        matmul_xw(s, l, ws, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cuda(ws) => matmul_xw(s, l, ws, wl),
+            _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
+        }
+    }
+}
+
+/// `g · W` with `W` frozen, outside the graph (used in backward passes).
+pub fn frozen_matmul_t(g: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT {
+        weight: weight.contiguous()?,
+    })
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -47,7 +143,7 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (ws, wl) = self.weight.storage_and_layout();
         match &*ws {
-            candle_core::Storage::Cpu(ws) => matmul_xwt(s, l, ws, wl),
+            candle_core::Storage::Cpu(ws) => cpu_xwt(s, l, ws, wl),
             _ => candle_core::bail!("frozen linear: weight and input are on different devices"),
         }
     }
@@ -66,11 +162,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, k) = self.weight.dims2()?;
-        let dims = with_last_dim(grad.dims(), k);
-        Ok(Some(
-            grad.reshape(((), n))?.matmul(&self.weight)?.reshape(dims)?,
-        ))
+        Ok(Some(frozen_matmul_t(grad, &self.weight)?))
     }
 }
 
@@ -84,15 +176,13 @@ fn with_last_dim(dims: &[usize], last: usize) -> Vec<usize> {
 /// plain matmul is used.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let op = FrozenMatmul {
+        weight: weight.contiguous()?,
+    };
     if x.track_op() {
-        x.apply_op1(FrozenMatmul {
-            weight: weight.clone(),
-        })
+        x.apply_op1(op)
     } else {
-        let (n, k) = weight.dims2()?;
-        x.reshape(((), k))?
-            .matmul(&weight.t()?)?
-            .reshape(with_last_dim(x.dims(), n))
+        x.apply_op1_no_bwd(&op)
     }
 }
 
@@ -244,7 +334,7 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
             let softmax = exp.broadcast_div(&sum_exp)?;
             let minus_one = Tensor::full(-1f32, (n, 1), hidden.device())?.to_dtype(acc)?;
             let d_logits = softmax.scatter_add(&t.unsqueeze(1)?, &minus_one, 1)?;
-            let d_hidden = d_logits.to_dtype(weight.dtype())?.matmul(weight)?;
+            let d_hidden = frozen_matmul_t(&d_logits.to_dtype(weight.dtype())?, weight)?;
             grad_chunks.push(d_hidden.to_dtype(hidden.dtype())?);
         }
         start += n;

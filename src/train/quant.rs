@@ -643,7 +643,7 @@ impl candle_core::CustomOp1 for QuantizedMatmul {
         let w = self.dense(&Device::Cpu, s.dtype())?;
         let (ws, wl) = w.storage_and_layout();
         match &*ws {
-            candle_core::Storage::Cpu(ws) => ops::matmul_xwt(s, l, ws, wl),
+            candle_core::Storage::Cpu(ws) => ops::cpu_xwt(s, l, ws, wl),
             _ => candle_core::bail!("quantized linear: dequantized weight is not on the cpu"),
         }
     }
@@ -666,10 +666,7 @@ impl candle_core::CustomOp1 for QuantizedMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let w = self.dense(g.device(), g.dtype())?;
-        let (n, k) = w.dims2()?;
-        let mut dims = g.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = k;
-        Ok(Some(g.reshape(((), n))?.matmul(&w)?.reshape(dims)?))
+        Ok(Some(ops::frozen_matmul_t(g, &w)?))
     }
 }
 
