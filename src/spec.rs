@@ -341,6 +341,10 @@ pub struct TrainingSpec {
     /// Put the loss on prompt tokens too.
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations: less memory
+    /// for about one more forward pass (transformers' `gradient_checkpointing`).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Evaluate every N optimizer steps (and always at the end) when a validation set exists.
     #[serde(default)]
     pub eval_every_steps: Option<i64>,

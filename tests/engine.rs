@@ -205,6 +205,87 @@ fn onednn_path_matches_candles_gemm() {
     }
 }
 
+/// Gradient checkpointing recomputes each layer in backward: same loss, same LoRA gradients
+/// (dropout on, so the recomputed masks must be the same masks), and the same training curve.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
+    let mut spec = lora(4, &ALL);
+    spec.dropout = 0.1;
+    let mut model = tiny_llama(&spec, 5);
+    fill_b(&model, 3);
+    let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2, 2]]);
+    let mode = ForwardMode {
+        train: true,
+        dropout_seed: 11,
+    };
+    let mut run = |checkpointing: bool| {
+        model.gradient_checkpointing = checkpointing;
+        let loss = model
+            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let recomputed = model.take_checkpoint_grads();
+        assert_eq!(recomputed.is_empty(), !checkpointing);
+        let grads: Vec<Vec<f32>> = model
+            .lora_vars()
+            .iter()
+            .map(|(name, v)| {
+                store
+                    .get(v)
+                    .or_else(|| recomputed.get(&v.id()))
+                    .unwrap_or_else(|| panic!("no gradient for {name}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (plain_loss, plain) = run(false);
+    let (ckpt_loss, ckpt) = run(true);
+    assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6);
+    for (a, b) in ckpt.iter().zip(&plain) {
+        let diff: f32 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+        assert!(
+            norm > 0.0 && diff / norm < 1e-5,
+            "relative gradient error {}",
+            diff / norm
+        );
+    }
+
+    // through the job spec: the curve of a checkpointed run is the plain run's
+    let dir = tempfile::tempdir().unwrap();
+    let data = memorisable_chat(dir.path(), 8);
+    let tiny = tiny_model(dir.path());
+    let curve = |checkpointing: bool, out: &str| {
+        let s = common::spec(
+            &tiny,
+            &data,
+            serde_json::json!({"training": {"max_steps": 6, "gradient_checkpointing": checkpointing},
+                               "lora": {"dropout": 0.1}}),
+        );
+        let out = dir.path().join(out);
+        train::run(&s, &run_options(&out), &mut Silent).unwrap();
+        train_losses(&out)
+    };
+    let (plain, ckpt) = (curve(false, "plain"), curve(true, "ckpt"));
+    assert_eq!(plain.len(), 6);
+    for ((s1, l1), (s2, l2)) in plain.iter().zip(&ckpt) {
+        assert_eq!(s1, s2);
+        assert!(
+            (l1 - l2).abs() < 1e-5 * l1.abs().max(1.0),
+            "step {s1}: {l1} vs {l2}"
+        );
+    }
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     // float64 end to end, so the central differences are exact to ~1e-9

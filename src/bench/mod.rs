@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub quant: Option<String>,
     /// Also print the figures as one JSON object, for scripts.
     pub json: bool,
+    /// Recompute each layer in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 /// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
@@ -96,6 +98,9 @@ fn median(v: &mut [f64]) -> f64 {
 
 pub fn run(opts: &BenchOptions) -> Result<()> {
     let device = Device::Cpu;
+    // Measured first, on an idle machine: right after the training steps candle's worker
+    // threads are still spinning and the same multiply reads up to half as fast.
+    let ceiling = matmul_ceiling(&device)?;
     let mut cfg = synthetic::smollm2_135m_config();
     if let Some(l) = opts.layers {
         cfg.num_hidden_layers = l;
@@ -137,7 +142,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         cfg: cfg.clone(),
         seed: 0,
     };
-    let model = Llama::load(
+    let mut model = Llama::load(
         cfg.clone(),
         &mut weights,
         &lora,
@@ -146,6 +151,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         candle_core::DType::F32,
         &device,
     )?;
+    model.gradient_checkpointing = opts.gradient_checkpointing;
     let (linear_params, linear_bytes) =
         model
             .blocks
@@ -192,9 +198,16 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let loss_value = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let store = loss.backward()?;
+        let recomputed = model.take_checkpoint_grads();
         let mut grads: Vec<Tensor> = vars
             .iter()
-            .map(|v| store.get(v).expect("grad").clone())
+            .map(|v| {
+                store
+                    .get(v)
+                    .or_else(|| recomputed.get(&v.id()))
+                    .expect("grad")
+                    .clone()
+            })
             .collect();
         drop(store);
         let t2 = Instant::now();
@@ -220,7 +233,6 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let step_s = median(&mut step);
     let tokens = (opts.batch * opts.seq) as f64;
     let tps = tokens / step_s;
-    let ceiling = matmul_ceiling(&device)?;
     let fpt = flops_per_token(&cfg, opts.seq, &names, 16);
     let peak = peak_rss_gib();
     let (peft_tps, peft_rss) = if opts.all_linear {
@@ -274,6 +286,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "batch": opts.batch,
                 "seq": opts.seq,
                 "quantization": opts.quant,
+                "gradient_checkpointing": opts.gradient_checkpointing,
                 "matmul": crate::train::onednn::describe(),
                 "tokens_per_second": tps,
                 "peak_rss_bytes": (peak * 1024.0 * 1024.0 * 1024.0) as u64,

@@ -118,6 +118,9 @@ pub enum Command {
         /// peak_rss_bytes, ceiling_gflops, ceiling_share, ...).
         #[arg(long)]
         json: bool,
+        /// Recompute each layer in backward (training.gradient_checkpointing).
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
@@ -243,6 +246,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             layers,
             quant,
             json,
+            gradient_checkpointing,
         } => Ok(crate::bench::run(&crate::bench::BenchOptions {
             all_linear,
             batch,
@@ -252,6 +256,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             layers,
             quant,
             json,
+            gradient_checkpointing,
         })?),
         Command::BenchApi {
             jobs,

@@ -244,7 +244,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
     reporter.report(&Event::Phase {
         phase: Phase::LoadingModel,
     });
-    let base = model::load_base(
+    let mut base = model::load_base(
         &spec.base_model,
         spec.revision.as_deref(),
         &spec.lora,
@@ -252,6 +252,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         spec.seed,
         &opts.device,
     )?;
+    base.model.gradient_checkpointing = t.gradient_checkpointing;
     if let Some(dir) = &opts.init_adapter {
         checkpoint::load_adapter(dir, &base.model)?;
     }
@@ -375,13 +376,18 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
             let loss = (loss_sum / label_total as f64)?;
             loss_value += loss.to_scalar::<f32>()? as f64;
             let store = loss.backward()?;
+            // Layers recomputed under gradient checkpointing hand their LoRA gradients over here.
+            let recomputed = base.model.take_checkpoint_grads();
             for (i, var) in vars.iter().enumerate() {
-                let g = store.get(var).ok_or_else(|| {
-                    Error::Model(format!(
-                        "no gradient reached {} (a graph cut on the path to the loss)",
-                        names[i]
-                    ))
-                })?;
+                let g = store
+                    .get(var)
+                    .or_else(|| recomputed.get(&var.id()))
+                    .ok_or_else(|| {
+                        Error::Model(format!(
+                            "no gradient reached {} (a graph cut on the path to the loss)",
+                            names[i]
+                        ))
+                    })?;
                 grads[i] = Some(match grads[i].take() {
                     None => g.clone(),
                     Some(acc) => (acc + g)?,

@@ -18,6 +18,7 @@ use crate::train::quant::{self, Kind4, QuantizedWeight};
 use crate::train::Result;
 
 /// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
+#[derive(Clone)]
 pub struct LoraAdapter {
     /// (r, in), Kaiming-uniform like PEFT.
     pub a: Var,
@@ -28,6 +29,7 @@ pub struct LoraAdapter {
 }
 
 /// A frozen base weight: dense in the compute dtype, or quantized (QLoRA).
+#[derive(Clone)]
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<QuantizedWeight>),
@@ -44,6 +46,7 @@ impl FrozenWeight {
 }
 
 /// A frozen linear layer, optionally adapted.
+#[derive(Clone)]
 pub struct Linear {
     /// (out, in).
     pub weight: FrozenWeight,
@@ -141,6 +144,7 @@ fn dropout_mask(n: usize, p: f64, seed: u64, device: &Device) -> Result<Tensor> 
     Ok(Tensor::from_vec(mask, n, device)?)
 }
 
+#[derive(Clone)]
 pub struct Block {
     pub attn_norm: Tensor,
     pub mlp_norm: Tensor,
@@ -156,6 +160,12 @@ pub struct Llama {
     /// `None` when the vocabulary projection is tied to the embedding.
     pub lm_head: Option<Tensor>,
     pub device: Device,
+    /// Keep only each layer's input during a training forward and recompute the layer in
+    /// backward (activation memory of one layer instead of all, for one more forward).
+    pub gradient_checkpointing: bool,
+    /// LoRA gradients computed by recomputed layers during a backward pass, by variable id;
+    /// [`Llama::take_checkpoint_grads`] hands them to the optimizer step.
+    checkpoint_grads: Arc<std::sync::Mutex<Vec<(candle_core::TensorId, Tensor)>>>,
 }
 
 /// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
@@ -275,6 +285,8 @@ impl Llama {
             norm,
             lm_head,
             device: device.clone(),
+            gradient_checkpointing: false,
+            checkpoint_grads: Default::default(),
         })
     }
 
@@ -317,34 +329,65 @@ impl Llama {
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, cfg.hidden_size))?;
+        let context = LayerContext {
+            cfg: cfg.clone(),
+            cos,
+            sin,
+            mask,
+            scale,
+            shape: (b, t, nh, nkv, hd),
+            mode,
+        };
+        let checkpoint = self.gradient_checkpointing && mode.train;
+        if checkpoint {
+            // The first layer's backward must run although the embedding is frozen.
+            x = Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (layer, block) in self.blocks.iter().enumerate() {
-            let stream = |mi: usize| (layer * 8 + mi) as u64;
-            let l = &block.linears;
-            let h = ops::rms_norm(&x, &block.attn_norm, cfg.rms_norm_eps)?;
-            let q = l[0]
-                .forward(&h, mode, stream(0))?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = l[1]
-                .forward(&h, mode, stream(1))?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = l[2]
-                .forward(&h, mode, stream(2))?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let q = ops::rope(&q, &cos, &sin)?; // (b, nh, t, hd)
-            let k = ops::repeat_kv(&ops::rope(&k, &cos, &sin)?, nh / nkv)?.contiguous()?;
-            let v = ops::repeat_kv(&v.contiguous()?, nh / nkv)?.contiguous()?;
-            let att = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?; // (b, nh, t, t)
-            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + l[3].forward(&o, mode, stream(3))?)?;
-            let h = ops::rms_norm(&x, &block.mlp_norm, cfg.rms_norm_eps)?;
-            let gate = l[4].forward(&h, mode, stream(4))?.silu()?;
-            let up = l[5].forward(&h, mode, stream(5))?;
-            x = (x + l[6].forward(&(gate * up)?, mode, stream(6))?)?;
+            if !checkpoint {
+                x = block_forward(block, layer, &x, &context)?;
+                continue;
+            }
+            // Forward without keeping the layer's graph; backward recomputes it from its input.
+            let y = block_forward(block, layer, &x.detach(), &context)?.detach();
+            let (block, context, stash) = (
+                block.clone(),
+                context.clone(),
+                self.checkpoint_grads.clone(),
+            );
+            x = ops::attach_backward("checkpointed-layer", &x, y, move |x_in, _y, grad| {
+                let input = Var::from_tensor(&x_in.detach())?;
+                let y = block_forward(&block, layer, input.as_tensor(), &context)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let grads = (y * grad.detach())?.sum_all()?.backward()?;
+                let mut stash = stash.lock().expect("no panics while holding it");
+                for lin in &block.linears {
+                    if let Some(l) = &lin.lora {
+                        for var in [&l.a, &l.b] {
+                            if let Some(g) = grads.get(var.as_tensor()) {
+                                stash.push((var.id(), g.clone()));
+                            }
+                        }
+                    }
+                }
+                grads.get(input.as_tensor()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg("checkpointed layer: no input gradient".into())
+                })
+            })?;
         }
         Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
+    }
+
+    /// The LoRA gradients that recomputed (checkpointed) layers produced in the last backward
+    /// pass, by variable id; empty without gradient checkpointing.
+    pub fn take_checkpoint_grads(
+        &self,
+    ) -> std::collections::HashMap<candle_core::TensorId, Tensor> {
+        let mut stash = self
+            .checkpoint_grads
+            .lock()
+            .expect("no panics while holding it");
+        stash.drain(..).collect()
     }
 
     /// Logits `(b, t, vocab)` for every position (evaluation and generation).
@@ -481,4 +524,48 @@ fn init_lora(
         scale: spec.scale(),
         dropout: spec.dropout,
     })
+}
+
+/// What every layer of one forward shares: rotary tables, mask, shapes, mode.
+#[derive(Clone)]
+struct LayerContext {
+    cfg: ModelConfig,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    scale: f64,
+    /// batch, time, heads, key/value heads, head dim
+    shape: (usize, usize, usize, usize, usize),
+    mode: ForwardMode,
+}
+
+/// One decoder layer: attention then MLP, each with a pre-norm and a residual.
+fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> Result<Tensor> {
+    let (b, t, nh, nkv, hd) = c.shape;
+    let mode = c.mode;
+    let stream = |mi: usize| (layer * 8 + mi) as u64;
+    let l = &block.linears;
+    let h = ops::rms_norm(x, &block.attn_norm, c.cfg.rms_norm_eps)?;
+    let q = l[0]
+        .forward(&h, mode, stream(0))?
+        .reshape((b, t, nh, hd))?
+        .transpose(1, 2)?;
+    let k = l[1]
+        .forward(&h, mode, stream(1))?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let v = l[2]
+        .forward(&h, mode, stream(2))?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let q = ops::rope(&q, &c.cos, &c.sin)?; // (b, nh, t, hd)
+    let k = ops::repeat_kv(&ops::rope(&k, &c.cos, &c.sin)?, nh / nkv)?.contiguous()?;
+    let v = ops::repeat_kv(&v.contiguous()?, nh / nkv)?.contiguous()?;
+    let att = ops::masked_softmax(&q.matmul(&k.t()?)?, &c.mask, c.scale)?; // (b, nh, t, t)
+    let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let x = (x + l[3].forward(&o, mode, stream(3))?)?;
+    let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
+    let gate = l[4].forward(&h, mode, stream(4))?.silu()?;
+    let up = l[5].forward(&h, mode, stream(5))?;
+    Ok((&x + l[6].forward(&(gate * up)?, mode, stream(6))?)?)
 }
