@@ -187,7 +187,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let spec = crate::spec::TrainingSpec::default();
     let mut optimizer = Optimizer::new(&spec, vars.len());
     let (mut fwd, mut bwd, mut opt, mut step) = (vec![], vec![], vec![], vec![]);
+    let (mut matmul, mut loss_time, mut other) = (vec![], vec![], vec![]);
     for i in 0..opts.warmup + opts.steps {
+        crate::train::ops::timing::take();
         let t0 = Instant::now();
         let mode = ForwardMode {
             train: true,
@@ -228,6 +230,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             bwd.push((t2 - t1).as_secs_f64());
             opt.push((t3 - t2).as_secs_f64());
             step.push((t3 - t0).as_secs_f64());
+            let (mm, loss_s) = crate::train::ops::timing::take();
+            matmul.push(mm);
+            loss_time.push(loss_s);
+            other.push((t3 - t0).as_secs_f64() - mm - loss_s - (t3 - t2).as_secs_f64());
         }
     }
     let step_s = median(&mut step);
@@ -250,6 +256,20 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         median(&mut bwd),
         median(&mut opt),
         step_s
+    );
+    let (mm, loss_s, rest) = (
+        median(&mut matmul),
+        median(&mut loss_time),
+        median(&mut other),
+    );
+    println!(
+        "  where a step goes: frozen matmuls ({}) {mm:.2}s {:.0}%, loss softmax + cross-entropy {loss_s:.2}s {:.0}%, \
+         optimizer {:.3}s, the rest (attention, norms, RoPE, SiLU, LoRA, copies, allocation) {rest:.2}s {:.0}%",
+        crate::train::onednn::describe(),
+        100.0 * mm / step_s,
+        100.0 * loss_s / step_s,
+        median(&mut opt),
+        100.0 * rest / step_s
     );
     println!("  trainable parameters {trainable}");
     println!(
@@ -295,6 +315,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "forward_seconds": median(&mut fwd),
                 "backward_seconds": median(&mut bwd),
                 "optimizer_seconds": median(&mut opt),
+                "frozen_matmul_seconds": mm,
+                "loss_seconds": loss_s,
+                "other_seconds": rest,
             })
         );
     }
