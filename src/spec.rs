@@ -35,6 +35,12 @@ pub struct JobSpec {
     /// Frozen-base quantization (QLoRA); `null` trains plain LoRA on a dense base.
     #[serde(default)]
     pub quantization: Option<QuantizationSpec>,
+    /// Dtype the frozen base weights are stored and multiplied in: f32, or bf16 (on the CPU the
+    /// dense linear weights in bf16 with everything else in f32; on CUDA the whole base), f16 on
+    /// CUDA. LoRA weights and optimizer state stay f32. With `quantization`, this is its
+    /// `compute_dtype`.
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtype>,
     #[serde(default)]
     pub training: TrainingSpec,
     /// Write a checkpoint every N optimizer steps (the final adapter is always written).
@@ -480,9 +486,22 @@ impl JobSpec {
         }
         lora.target_modules = TargetModules::List(ordered);
 
-        if let Some(q) = self.quantization.take() {
-            self.quantization = Some(q.normalize(&self.base_model)?);
+        if let Some(mut q) = self.quantization.take() {
+            match (self.compute_dtype, q.compute_dtype) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(err(
+                        "compute_dtype",
+                        "differs from quantization.compute_dtype; give one of them",
+                    ))
+                }
+                (Some(a), None) => q.compute_dtype = Some(a),
+                _ => {}
+            }
+            let q = q.normalize(&self.base_model)?;
+            self.compute_dtype = q.compute_dtype;
+            self.quantization = Some(q);
         }
+        self.compute_dtype = Some(self.compute_dtype.unwrap_or(ComputeDtype::F32));
         let t = &self.training;
         let positive = |name: &str, v: i64| {
             if v < 1 {

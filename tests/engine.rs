@@ -286,6 +286,100 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
     }
 }
 
+/// A bf16 base on the CPU: linear weights stored in bf16, everything else f32; the loss and the
+/// LoRA gradients stay within bfloat16's precision of the f32 run, oneDNN's bf16 kernels agree
+/// with the fallback on the same rounded numbers, and a job's curve follows the f32 curve.
+#[test]
+fn bf16_base_on_the_cpu_tracks_the_f32_run() {
+    let spec = lora(4, &ALL);
+    let model32 = tiny_llama_in(&spec, 5, DType::F32);
+    let model16 = tiny_llama_in(&spec, 5, DType::BF16);
+    assert_eq!(model16.embed.dtype(), DType::F32);
+    match &model16.blocks[0].linears[0].weight {
+        model::FrozenWeight::Dense(w) => assert_eq!(w.dtype(), DType::BF16),
+        model::FrozenWeight::Quantized(_) => unreachable!("dense"),
+    }
+    fill_b(&model32, 3);
+    fill_b(&model16, 3);
+    let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2, 2]]);
+    let mode = ForwardMode {
+        train: true,
+        dropout_seed: 0,
+    };
+    let grads_of = |m: &Llama, onednn: bool| {
+        train::onednn::set_enabled(onednn);
+        let loss = m
+            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let g: Vec<f32> = m
+            .lora_vars()
+            .iter()
+            .flat_map(|(_, v)| {
+                store
+                    .get(v)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        train::onednn::set_enabled(true);
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let rel = |a: &[f32], b: &[f32]| {
+        let d: f32 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        d / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+    };
+    let (l32, g32) = grads_of(&model32, true);
+    let (l16, g16) = grads_of(&model16, true);
+    let (l16_fallback, g16_fallback) = grads_of(&model16, false);
+    assert!(((l16 - l32) / l32).abs() < 2e-2, "{l16} vs {l32}");
+    assert!(
+        rel(&g16, &g32) < 5e-2,
+        "bf16 vs f32 gradients: {}",
+        rel(&g16, &g32)
+    );
+    assert!(((l16 - l16_fallback) / l16).abs() < 1e-4);
+    assert!(
+        rel(&g16, &g16_fallback) < 1e-3,
+        "{}",
+        rel(&g16, &g16_fallback)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = memorisable_chat(dir.path(), 8);
+    let tiny = tiny_model(dir.path());
+    let curve = |dtype: &str, out: &str| {
+        let s = common::spec(
+            &tiny,
+            &data,
+            serde_json::json!({"training": {"max_steps": 8}, "compute_dtype": dtype}),
+        );
+        let out = dir.path().join(out);
+        train::run(&s, &run_options(&out), &mut Silent).unwrap();
+        train_losses(&out)
+    };
+    let (f32_curve, bf16_curve) = (curve("f32", "f32"), curve("bf16", "bf16"));
+    assert_eq!(f32_curve.len(), 8);
+    for ((s1, a), (_, b)) in f32_curve.iter().zip(&bf16_curve) {
+        assert!(
+            (a - b).abs() < 2e-2 * a.abs(),
+            "step {s1}: f32 {a} vs bf16 {b}"
+        );
+    }
+    assert!(
+        bf16_curve.last().unwrap().1 < bf16_curve[0].1,
+        "the bf16 run learns"
+    );
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     // float64 end to end, so the central differences are exact to ~1e-9

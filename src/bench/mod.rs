@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub json: bool,
     /// Recompute each layer in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// Frozen linear weights in bfloat16 (compute_dtype bf16).
+    pub bf16: bool,
 }
 
 /// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
@@ -148,7 +150,11 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         &lora,
         quantization.as_ref(),
         0,
-        candle_core::DType::F32,
+        if opts.bf16 {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        },
         &device,
     )?;
     model.gradient_checkpointing = opts.gradient_checkpointing;
@@ -283,13 +289,25 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         peak,
         100.0 * fpt * tps / (ceiling * 1e9)
     );
-    if opts.batch == 4 && opts.seq == 256 && opts.layers.is_none() && opts.quant.is_none() {
+    if opts.batch == 4
+        && opts.seq == 256
+        && opts.layers.is_none()
+        && opts.quant.is_none()
+        && !opts.bf16
+    {
         println!(
             "  {:<26} {:>10.0} {:>8.2} GiB {:>21}",
             "PyTorch + PEFT (anchors)",
             peft_tps,
             peft_rss,
             if opts.all_linear { "40%" } else { "48%" }
+        );
+    }
+    if opts.bf16 && !opts.all_linear && opts.batch == 4 && opts.seq == 256 && opts.layers.is_none()
+    {
+        println!(
+            "  {:<26} {:>10.0} {:>8.2} GiB   (bf16 base weights, f32 LoRA)",
+            "PyTorch + PEFT (anchors)", 534.0, 3.6
         );
     }
     println!(
@@ -307,6 +325,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "seq": opts.seq,
                 "quantization": opts.quant,
                 "gradient_checkpointing": opts.gradient_checkpointing,
+                "compute_dtype": if opts.bf16 { "bf16" } else { "f32" },
                 "matmul": crate::train::onednn::describe(),
                 "tokens_per_second": tps,
                 "peak_rss_bytes": (peak * 1024.0 * 1024.0 * 1024.0) as u64,

@@ -121,6 +121,9 @@ pub enum Command {
         /// Recompute each layer in backward (training.gradient_checkpointing).
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Frozen linear weights in bfloat16 (compute_dtype bf16).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
@@ -247,6 +250,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             quant,
             json,
             gradient_checkpointing,
+            bf16,
         } => Ok(crate::bench::run(&crate::bench::BenchOptions {
             all_linear,
             batch,
@@ -257,6 +261,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             quant,
             json,
             gradient_checkpointing,
+            bf16,
         })?),
         Command::BenchApi {
             jobs,

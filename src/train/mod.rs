@@ -244,11 +244,12 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
     reporter.report(&Event::Phase {
         phase: Phase::LoadingModel,
     });
-    let mut base = model::load_base(
+    let mut base = model::load_base_in(
         &spec.base_model,
         spec.revision.as_deref(),
         &spec.lora,
         spec.quantization.as_ref(),
+        spec.compute_dtype,
         spec.seed,
         &opts.device,
     )?;

@@ -17,6 +17,7 @@ type Handle = *mut c_void;
 
 // Values of oneDNN 2.x's enums (dnnl_types.h), checked by the self-test below.
 const DNNL_SUCCESS: Status = 0;
+const DNNL_BF16: c_int = 2;
 const DNNL_F32: c_int = 3;
 const DNNL_CPU: c_int = 1;
 const TAG_AB: c_int = 3;
@@ -95,7 +96,8 @@ struct OneDnn {
     api: Api,
     engine: Handle,
     stream: Handle,
-    primitives: HashMap<(usize, usize, usize, bool), Primitive>,
+    /// By (m, n, k, b transposed, bf16 inputs).
+    primitives: HashMap<(usize, usize, usize, bool, bool), Primitive>,
     implementation: String,
 }
 
@@ -181,15 +183,48 @@ pub fn matmul(
         out.set_len(m * n);
         d.run(
             (m, n, k),
-            a.as_ptr(),
-            b.as_ptr(),
-            b_transposed,
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            (b_transposed, false),
             out.as_mut_ptr().cast(),
         )
         .ok()?;
     }
     // SAFETY: oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
     let mut out = std::mem::ManuallyDrop::new(out);
+    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) })
+}
+
+/// As [`matmul`] with bf16 inputs (f32 accumulation and output): AVX-512 BF16 / AMX kernels
+/// where the CPU has them.
+pub fn matmul_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[half::bf16],
+    b: &[half::bf16],
+    b_transposed: bool,
+) -> Option<Vec<f32>> {
+    assert!(a.len() >= m * k && b.len() >= n * k);
+    if !enabled() {
+        return None;
+    }
+    let mut d = instance()?.lock().ok()?;
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: as in `matmul`; bf16 is a transparent u16, what oneDNN's bf16 reads.
+    unsafe {
+        out.set_len(m * n);
+        d.run(
+            (m, n, k),
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            (b_transposed, true),
+            out.as_mut_ptr().cast(),
+        )
+        .ok()?;
+    }
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
     Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) })
 }
 
@@ -214,9 +249,9 @@ pub fn sgemm(
     unsafe {
         d.run(
             (m, n, k),
-            a.as_ptr(),
-            b.as_ptr(),
-            b_transposed,
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            (b_transposed, false),
             out.as_mut_ptr(),
         )
     }
@@ -282,9 +317,9 @@ impl OneDnn {
             unsafe {
                 self.run(
                     (m, n, k),
-                    a.as_ptr(),
-                    w.as_ptr(),
-                    transposed,
+                    a.as_ptr().cast(),
+                    w.as_ptr().cast(),
+                    (transposed, false),
                     out.as_mut_ptr(),
                 )?
             };
@@ -323,18 +358,18 @@ impl OneDnn {
     unsafe fn run(
         &mut self,
         (m, n, k): (usize, usize, usize),
-        a: *const f32,
-        b: *const f32,
-        b_transposed: bool,
+        a: *const c_void,
+        b: *const c_void,
+        (b_transposed, bf16): (bool, bool),
         out: *mut f32,
     ) -> Result<(), String> {
         if self.primitives.len() > 512 {
             // shapes vary with batch padding; bound the cache instead of tracking use
             self.forget_primitives();
         }
-        let key = (m, n, k, b_transposed);
+        let key = (m, n, k, b_transposed, bf16);
         if !self.primitives.contains_key(&key) {
-            let p = self.create(m, n, k, b_transposed)?;
+            let p = self.create(m, n, k, b_transposed, bf16)?;
             self.primitives.insert(key, p);
         }
         let api = &self.api;
@@ -383,6 +418,7 @@ impl OneDnn {
         n: usize,
         k: usize,
         b_transposed: bool,
+        bf16: bool,
     ) -> Result<Primitive, String> {
         let api = &self.api;
         let mut mds = [Opaque::<1024>::zeroed(), Opaque::zeroed(), Opaque::zeroed()];
@@ -392,9 +428,12 @@ impl OneDnn {
             [m as i64, n as i64],
         ];
         let tags = [TAG_AB, if b_transposed { TAG_BA } else { TAG_AB }, TAG_AB];
+        // bf16 inputs accumulate and come out in f32
+        let input = if bf16 { DNNL_BF16 } else { DNNL_F32 };
+        let dtypes = [input, input, DNNL_F32];
         for i in 0..3 {
             check(
-                (api.md_init)(mds[i].ptr(), 2, dims[i].as_ptr(), DNNL_F32, tags[i]),
+                (api.md_init)(mds[i].ptr(), 2, dims[i].as_ptr(), dtypes[i], tags[i]),
                 "memory desc",
             )?;
         }

@@ -86,6 +86,42 @@ pub(crate) fn cpu_xwt(
     out
 }
 
+/// Contiguous bf16 data of a CPU storage, when it is one.
+fn bf16_rows<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Option<&'a [half::bf16]> {
+    match s {
+        CpuStorage::BF16(v) if l.is_contiguous() => v.get(l.start_offset()..l.start_offset() + len),
+        _ => None,
+    }
+}
+
+/// f32 activations times a bf16 weight (a bf16 base on the CPU): the activations are rounded to
+/// bf16 and multiplied with f32 accumulation, by oneDNN's bf16 kernels or, without oneDNN, by
+/// candle's f32 gemm on the same rounded numbers. `w_transposed`: `w` is (n×k) and the product
+/// is `a · wᵀ`; else `w` is (k×n).
+fn mixed_bf16(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    w: &[half::bf16],
+    w_transposed: bool,
+) -> Result<Vec<f32>> {
+    let a16: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    if let Some(out) = super::onednn::matmul_bf16(m, n, k, &a16, w, w_transposed) {
+        return Ok(out);
+    }
+    let a32 = CpuStorage::F32(a16.iter().map(|v| v.to_f32()).collect());
+    let w32 = CpuStorage::F32(w.iter().map(|v| v.to_f32()).collect());
+    let lhs = Layout::contiguous((m, k));
+    let rhs = if w_transposed {
+        Layout::contiguous((n, k)).transpose(0, 1)?
+    } else {
+        Layout::contiguous((k, n))
+    };
+    match a32.matmul(&w32, (1, m, n, k), &lhs, &rhs)? {
+        CpuStorage::F32(out) => Ok(out),
+        _ => candle_core::bail!("f32 matmul returned another dtype"),
+    }
+}
+
 fn cpu_xwt_untimed(
     x: &CpuStorage,
     xl: &Layout,
@@ -93,6 +129,16 @@ fn cpu_xwt_untimed(
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let (n, k) = wl.shape().dims2()?;
+    if xl.dims().last() == Some(&k) {
+        let m = xl.shape().elem_count() / k;
+        if let (Some(xs), Some(ws)) = (f32_rows(x, xl, m * k), bf16_rows(w, wl, n * k)) {
+            let out = mixed_bf16((m, n, k), xs, ws, true)?;
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from(with_last_dim(xl.dims(), n)),
+            ));
+        }
+    }
     if xl.dims().last() == Some(&k) {
         let m = xl.shape().elem_count() / k;
         if let (Some(xs), Some(ws)) = (f32_rows(x, xl, m * k), f32_rows(w, wl, n * k)) {
@@ -162,6 +208,13 @@ impl FrozenMatmulT {
         let (n, k) = wl.shape().dims2()?;
         if l.dims().last() == Some(&n) {
             let m = l.shape().elem_count() / n;
+            if let (Some(gs), Some(w)) = (f32_rows(s, l, m * n), bf16_rows(ws, wl, n * k)) {
+                let out = mixed_bf16((m, k, n), gs, w, false)?;
+                return Ok((
+                    CpuStorage::F32(out),
+                    Shape::from(with_last_dim(l.dims(), k)),
+                ));
+            }
             if let (Some(gs), Some(w)) = (f32_rows(s, l, m * n), f32_rows(ws, wl, n * k)) {
                 if let Some(out) = super::onednn::matmul(m, k, n, gs, w, false) {
                     return Ok((

@@ -188,6 +188,14 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Llama> {
+        // bf16 on the CPU stores the frozen linear weights in bf16 (half the memory, oneDNN's
+        // bf16 kernels); activations, norms, embeddings and LoRA stay f32 there, as under
+        // PyTorch's autocast. On CUDA the whole base takes the dtype.
+        let (dtype, linear_dtype) = if device.is_cpu() && dtype == DType::BF16 {
+            (DType::F32, DType::BF16)
+        } else {
+            (dtype, dtype)
+        };
         let h = cfg.hidden_size;
         let embed = take_dense(
             weights,
@@ -224,7 +232,7 @@ impl Llama {
                         weights,
                         &name,
                         &[out_dim, in_dim],
-                        dtype,
+                        linear_dtype,
                         device,
                     )?),
                     Some(q) => FrozenWeight::Quantized(Arc::new(quantize_weight(

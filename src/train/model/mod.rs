@@ -29,7 +29,7 @@ pub struct BaseModel {
 }
 
 /// Loads `base_model` (a `.gguf` file, a local Hugging Face folder, or a Hub repo id) on `device`,
-/// with the LoRA adapters that `lora` asks for.
+/// with the LoRA adapters that `lora` asks for, in float32 (or the quantization's compute dtype).
 pub fn load_base(
     base_model: &str,
     revision: Option<&str>,
@@ -38,20 +38,41 @@ pub fn load_base(
     seed: u64,
     device: &Device,
 ) -> Result<BaseModel> {
-    let dtype = match quantization.and_then(|q| q.compute_dtype) {
-        None | Some(ComputeDtype::F32) => DType::F32,
-        Some(other) if device.is_cpu() => {
-            return Err(Error::Model(format!(
-                "quantization.compute_dtype {} needs a CUDA device; on CPU use f32",
-                if other == ComputeDtype::Bf16 {
-                    "bf16"
-                } else {
-                    "f16"
-                }
-            )))
+    load_base_in(base_model, revision, lora, quantization, None, seed, device)
+}
+
+/// [`load_base`] with the job's `compute_dtype` for the frozen base.
+pub fn load_base_in(
+    base_model: &str,
+    revision: Option<&str>,
+    lora: &LoraSpec,
+    quantization: Option<&QuantizationSpec>,
+    compute_dtype: Option<ComputeDtype>,
+    seed: u64,
+    device: &Device,
+) -> Result<BaseModel> {
+    let wanted = quantization
+        .and_then(|q| q.compute_dtype)
+        .or(compute_dtype)
+        .unwrap_or(ComputeDtype::F32);
+    let dtype = match wanted {
+        ComputeDtype::F32 => DType::F32,
+        // On the CPU: dense linear weights in bf16, multiplied by oneDNN's bf16 kernels (see
+        // Llama::load); a quantized base is dequantized to f32 there.
+        ComputeDtype::Bf16 if device.is_cpu() && quantization.is_some() => {
+            return Err(Error::Model(
+                "quantization.compute_dtype bf16 needs a CUDA device (on the CPU a quantized base \
+                 is dequantized to f32; a dense base can use compute_dtype bf16)"
+                    .into(),
+            ))
         }
-        Some(ComputeDtype::Bf16) => DType::BF16,
-        Some(ComputeDtype::F16) => DType::F16,
+        ComputeDtype::Bf16 => DType::BF16,
+        ComputeDtype::F16 if device.is_cpu() => {
+            return Err(Error::Model(
+                "compute_dtype f16 needs a CUDA device; on CPU use f32 or bf16".into(),
+            ))
+        }
+        ComputeDtype::F16 => DType::F16,
     };
     let path = Path::new(base_model);
     if base_model.ends_with(".gguf") {
