@@ -173,26 +173,15 @@ pub fn matmul(
     b_transposed: bool,
 ) -> Option<Vec<f32>> {
     assert!(a.len() >= m * k && b.len() >= n * k);
-    if !enabled() {
-        return None;
-    }
-    let mut d = instance()?.lock().ok()?;
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: MaybeUninit needs no initialisation; the slices have the sizes the descriptors state.
+    // SAFETY: the slices hold the m·k and n·k elements the descriptors state.
     unsafe {
-        out.set_len(m * n);
-        d.run(
+        matmul_raw(
             (m, n, k),
             a.as_ptr().cast(),
             b.as_ptr().cast(),
             (b_transposed, false),
-            out.as_mut_ptr().cast(),
         )
-        .ok()?;
     }
-    // SAFETY: oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
-    let mut out = std::mem::ManuallyDrop::new(out);
-    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) })
 }
 
 /// As [`matmul`] with bf16 inputs (f32 accumulation and output): AVX-512 BF16 / AMX kernels
@@ -206,26 +195,43 @@ pub fn matmul_bf16(
     b_transposed: bool,
 ) -> Option<Vec<f32>> {
     assert!(a.len() >= m * k && b.len() >= n * k);
-    if !enabled() {
-        return None;
-    }
-    let mut d = instance()?.lock().ok()?;
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: as in `matmul`; bf16 is a transparent u16, what oneDNN's bf16 reads.
+    // SAFETY: as above; bf16 is a transparent u16, what oneDNN's bf16 reads.
     unsafe {
-        out.set_len(m * n);
-        d.run(
+        matmul_raw(
             (m, n, k),
             a.as_ptr().cast(),
             b.as_ptr().cast(),
             (b_transposed, true),
-            out.as_mut_ptr().cast(),
         )
-        .ok()?;
     }
+}
+
+/// Runs one multiply into a fresh (m×n) f32 buffer.
+///
+/// # Safety
+/// `a` and `b` must point to m·k and n·k elements of the input dtype.
+unsafe fn matmul_raw(
+    shape: (usize, usize, usize),
+    a: *const c_void,
+    b: *const c_void,
+    flags: (bool, bool),
+) -> Option<Vec<f32>> {
+    if !enabled() {
+        return None;
+    }
+    let mut d = instance()?.lock().ok()?;
+    let len = shape.0 * shape.1;
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // MaybeUninit needs no initialisation.
+    out.set_len(len);
+    d.run(shape, a, b, flags, out.as_mut_ptr().cast()).ok()?;
     let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
-    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) })
+    // oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
+    Some(Vec::from_raw_parts(
+        out.as_mut_ptr().cast(),
+        out.len(),
+        out.capacity(),
+    ))
 }
 
 /// `out (m×n) = a (m×k) · B`, row-major f32, where `b` holds `Bᵀ` (n×k, a weight as stored) when
