@@ -77,7 +77,16 @@ impl TestApp {
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
+        // A GET may land on a pooled connection the server just closed (after refusing an
+        // oversized body); it is idempotent, so it is sent again on a fresh one.
+        let mut tries = 0;
+        let r = loop {
+            match self.client.get(self.url(path)).send().await {
+                Ok(r) => break r,
+                Err(e) if tries < 2 && (e.is_connect() || e.is_request()) => tries += 1,
+                Err(e) => panic!("GET {path}: {e}"),
+            }
+        };
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

@@ -14,20 +14,35 @@ use crate::train::model::{synthetic, ForwardMode, Llama, ModelConfig};
 use crate::train::optim::{self, Optimizer};
 use crate::train::{data, Result};
 
+/// `qtune bench`: one training step configuration at SmolLM2-135M's shape (random weights).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// LoRA on all seven linears instead of q,k,v,o.
+    #[arg(long)]
     pub all_linear: bool,
+    #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    #[arg(long, default_value_t = 256)]
     pub seq: usize,
+    #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Fewer layers for a quick look (default: the model's 30).
+    #[arg(long)]
     pub layers: Option<usize>,
-    /// Quantize the frozen linears: nf4, fp4, int8.
+    /// Quantize the frozen base (QLoRA): nf4, fp4 or int8.
+    #[arg(long)]
     pub quant: Option<String>,
-    /// Also print the figures as one JSON object, for scripts.
+    /// Also print one JSON object with the figures (targets, batch, seq, tokens_per_second,
+    /// peak_rss_bytes, ceiling_gflops, ceiling_share, ...).
+    #[arg(long)]
     pub json: bool,
-    /// Recompute each layer in backward instead of keeping its activations.
+    /// Recompute each layer in backward (training.gradient_checkpointing).
+    #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Frozen linear weights in bfloat16 (compute_dtype bf16).
+    #[arg(long)]
     pub bf16: bool,
 }
 
@@ -77,7 +92,7 @@ pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usi
 /// gemm) on 1024×576 @ 576×1536, the model's MLP shape: the ceiling a step's share is taken of.
 fn matmul_ceiling(device: &Device) -> Result<f64> {
     if device.is_cpu() {
-        if let Some(gflops) = crate::train::onednn::sgemm_gflops(1024, 1536, 576) {
+        if let Some(gflops) = crate::train::onednn::matmul_gflops(1024, 1536, 576, false) {
             return Ok(gflops);
         }
     }
@@ -103,6 +118,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     // Measured first, on an idle machine: right after the training steps candle's worker
     // threads are still spinning and the same multiply reads up to half as fast.
     let ceiling = matmul_ceiling(&device)?;
+    let bf16_ceiling = opts
+        .bf16
+        .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true))
+        .flatten();
     let mut cfg = synthetic::smollm2_135m_config();
     if let Some(l) = opts.layers {
         cfg.num_hidden_layers = l;
@@ -316,6 +335,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         crate::train::onednn::describe(),
         ceiling
     );
+    if let Some(g) = bf16_ceiling {
+        println!("  (bf16 matmul, same shape and library: {g:.0} GFLOP/s)");
+    }
     if opts.json {
         println!(
             "{}",
@@ -331,6 +353,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "peak_rss_bytes": (peak * 1024.0 * 1024.0 * 1024.0) as u64,
                 "ceiling_gflops": ceiling,
                 "ceiling_share": fpt * tps / (ceiling * 1e9),
+                "bf16_ceiling_gflops": bf16_ceiling,
                 "forward_seconds": median(&mut fwd),
                 "backward_seconds": median(&mut bwd),
                 "optimizer_seconds": median(&mut opt),

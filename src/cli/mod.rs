@@ -96,35 +96,7 @@ pub enum Command {
         device: String,
     },
     /// Measure a training step at SmolLM2-135M's shape (random weights): tokens/s, peak RSS.
-    Bench {
-        /// LoRA on all seven linears instead of q,k,v,o.
-        #[arg(long)]
-        all_linear: bool,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// Fewer layers for a quick look (default: the model's 30).
-        #[arg(long)]
-        layers: Option<usize>,
-        /// Quantize the frozen base (QLoRA): nf4, fp4 or int8.
-        #[arg(long)]
-        quant: Option<String>,
-        /// Also print one JSON object with the figures (targets, batch, seq, tokens_per_second,
-        /// peak_rss_bytes, ceiling_gflops, ceiling_share, ...).
-        #[arg(long)]
-        json: bool,
-        /// Recompute each layer in backward (training.gradient_checkpointing).
-        #[arg(long)]
-        gradient_checkpointing: bool,
-        /// Frozen linear weights in bfloat16 (compute_dtype bf16).
-        #[arg(long)]
-        bf16: bool,
-    },
+    Bench(crate::bench::BenchOptions),
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
         #[arg(long, default_value_t = 1000)]
@@ -240,29 +212,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&outcome)?);
             Ok(())
         }
-        Command::Bench {
-            all_linear,
-            batch,
-            seq,
-            steps,
-            warmup,
-            layers,
-            quant,
-            json,
-            gradient_checkpointing,
-            bf16,
-        } => Ok(crate::bench::run(&crate::bench::BenchOptions {
-            all_linear,
-            batch,
-            seq,
-            steps,
-            warmup,
-            layers,
-            quant,
-            json,
-            gradient_checkpointing,
-            bf16,
-        })?),
+        Command::Bench(opts) => Ok(crate::bench::run(&opts)?),
         Command::BenchApi {
             jobs,
             connections,

@@ -234,36 +234,6 @@ unsafe fn matmul_raw(
     ))
 }
 
-/// `out (m×n) = a (m×k) · B`, row-major f32, where `b` holds `Bᵀ` (n×k, a weight as stored) when
-/// `b_transposed`, else `B` (k×n). Returns false when oneDNN is not available (nothing written).
-pub fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    b_transposed: bool,
-    out: &mut [f32],
-) -> bool {
-    assert!(a.len() >= m * k && b.len() >= n * k && out.len() >= m * n);
-    if !enabled() {
-        return false;
-    }
-    let Some(d) = instance() else { return false };
-    let Ok(mut d) = d.lock() else { return false };
-    // SAFETY: the slices outlive the call and have the sizes the descriptors state.
-    unsafe {
-        d.run(
-            (m, n, k),
-            a.as_ptr().cast(),
-            b.as_ptr().cast(),
-            (b_transposed, false),
-            out.as_mut_ptr(),
-        )
-    }
-    .is_ok()
-}
-
 impl OneDnn {
     fn load() -> Result<OneDnn, String> {
         // SAFETY: loading a shared library runs its initialisers; oneDNN's are benign.
@@ -494,22 +464,32 @@ fn check(status: Status, what: &str) -> Result<(), String> {
     }
 }
 
-/// GFLOP/s of oneDNN's f32 matmul on (m×k)·(k×n) with prepared buffers (the weight as stored,
-/// transposed): the ceiling a training step's matmul share is measured against.
-pub fn sgemm_gflops(m: usize, n: usize, k: usize) -> Option<f64> {
+/// GFLOP/s of oneDNN's matmul on (m×k)·(k×n), the weight as stored (transposed), f32 or bf16
+/// inputs: the ceiling a training step's matmul share is measured against.
+pub fn matmul_gflops(m: usize, n: usize, k: usize, bf16: bool) -> Option<f64> {
     if !(enabled() && available()) {
         return None;
     }
     let a = vec![0.5f32; m * k];
     let b = vec![0.25f32; n * k];
-    let mut out = vec![0f32; m * n];
+    let (a16, b16): (Vec<half::bf16>, Vec<half::bf16>) = if bf16 {
+        (
+            a.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+            b.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+        )
+    } else {
+        (vec![], vec![])
+    };
     let mut times = Vec::new();
     for _ in 0..12 {
         let t0 = std::time::Instant::now();
-        if !sgemm(m, n, k, &a, &b, true, &mut out) {
-            return None;
-        }
+        let out = if bf16 {
+            matmul_bf16(m, n, k, &a16, &b16, true)
+        } else {
+            matmul(m, n, k, &a, &b, true)
+        };
         times.push(t0.elapsed().as_secs_f64());
+        out?;
     }
     times.sort_by(f64::total_cmp);
     Some(2.0 * (m * n * k) as f64 / times[times.len() / 2] / 1e9)
@@ -520,7 +500,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sgemm_matches_the_plain_sum_when_onednn_is_present() {
+    fn matmul_matches_the_plain_sum() {
+        assert!(
+            available(),
+            "oneDNN (libdnnl.so.2) is not installed: apt-get install libdnnl2 (scripts/test.sh does)"
+        );
         let (m, n, k) = (37, 19, 53);
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5)
@@ -528,11 +512,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 5) % 11) as f32 / 11.0 - 0.5)
             .collect();
-        let mut out = vec![0f32; m * n];
-        if !sgemm(m, n, k, &a, &w, true, &mut out) {
-            eprintln!("oneDNN not installed: {}", describe());
-            return;
-        }
+        let out = matmul(m, n, k, &a, &w, true).expect("oneDNN runs");
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = (0..k).map(|p| a[i * k + p] * w[j * k + p]).sum();
