@@ -9,6 +9,7 @@
 //! (tokenizer + chat template), `data` (JSONL → labelled examples → batches), `optim`
 //! (AdamW/SGD, schedule, clipping), `checkpoint` (PEFT adapter + resume state).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -385,6 +385,53 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     })
 }
 
+thread_local! {
+    static FUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the fused CPU kernels (attention, SiLU·up, RMSNorm backward) on or off for this thread;
+/// off, the same model runs through candle's composite ops, the reference the tests compare with.
+pub fn set_fused(enabled: bool) {
+    FUSED.with(|f| f.set(enabled));
+}
+
+/// Whether the fused CPU kernel applies to `x`: float32 on the CPU with fused kernels enabled.
+fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && FUSED.with(|f| f.get())
+}
+
+/// Rotary position embedding on `(b, t, heads, head_dim)`.
+pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach_backward("rope", x, y, move |_x, _y, g| {
+        candle_nn::rotary_emb::rope_thd(&g.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// Causal grouped-query attention on `(b, t, heads, d)` queries and `(b, t, kv_heads, d)` keys and
+/// values (rotary already applied); returns `(b, t, heads, d)`. `mask` `(t, t)` is the additive
+/// causal (and sliding-window) mask the composite path uses; the fused kernel derives the same
+/// mask from `window`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    window: usize,
+) -> Result<Tensor> {
+    if fused_applies(q) {
+        return super::attention::causal_attention(q, k, v, scale, window);
+    }
+    let n_rep = q.dim(2)? / k.dim(2)?;
+    let q = q.transpose(1, 2)?.contiguous()?; // (b, heads, t, d)
+    let k = repeat_kv(&k.transpose(1, 2)?.contiguous()?, n_rep)?.contiguous()?;
+    let v = repeat_kv(&v.transpose(1, 2)?.contiguous()?, n_rep)?.contiguous()?;
+    let att = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
+    att.matmul(&v)?.transpose(1, 2)?.contiguous()
+}
+
 /// `softmax(scores · scale + mask)` over the last dim, in one node: the constant additive mask
 /// gets no gradient.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {

@@ -554,23 +554,18 @@ fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> R
     let stream = |mi: usize| (layer * 8 + mi) as u64;
     let l = &block.linears;
     let h = ops::rms_norm(x, &block.attn_norm, c.cfg.rms_norm_eps)?;
-    let q = l[0]
-        .forward(&h, mode, stream(0))?
-        .reshape((b, t, nh, hd))?
-        .transpose(1, 2)?;
+    // (b, t, heads, d): the projections' own layout; the attention op reads it as it is.
+    let q = l[0].forward(&h, mode, stream(0))?.reshape((b, t, nh, hd))?;
     let k = l[1]
         .forward(&h, mode, stream(1))?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?;
+        .reshape((b, t, nkv, hd))?;
     let v = l[2]
         .forward(&h, mode, stream(2))?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?;
-    let q = ops::rope(&q, &c.cos, &c.sin)?; // (b, nh, t, hd)
-    let k = ops::repeat_kv(&ops::rope(&k, &c.cos, &c.sin)?, nh / nkv)?.contiguous()?;
-    let v = ops::repeat_kv(&v.contiguous()?, nh / nkv)?.contiguous()?;
-    let att = ops::masked_softmax(&q.matmul(&k.t()?)?, &c.mask, c.scale)?; // (b, nh, t, t)
-    let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        .reshape((b, t, nkv, hd))?;
+    let q = ops::rope_thd(&q, &c.cos, &c.sin)?;
+    let k = ops::rope_thd(&k, &c.cos, &c.sin)?;
+    let window = c.cfg.sliding_window.unwrap_or(usize::MAX);
+    let o = ops::attention(&q, &k, &v, &c.mask, c.scale, window)?.reshape((b, t, nh * hd))?;
     let x = (x + l[3].forward(&o, mode, stream(3))?)?;
     let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
     let gate = l[4].forward(&h, mode, stream(4))?.silu()?;

@@ -1,0 +1,444 @@
+//! Causal grouped-query attention as one CPU op with its own backward.
+//!
+//! The composite path (transpose to `(b, h, t, d)`, repeat the key/value heads, a batched matmul,
+//! scale, mask, softmax, matmul, transpose back) writes about ten `(b, h, t, t)` or `(b, t, h·d)`
+//! tensors per layer and keeps most of them for backward; candle's batched matmul also runs the
+//! heads one after another on one core. Here one op reads q, k, v in the layout the projections
+//! produce (`(b, t, heads, d)`, no copies), spreads `(batch, head)` pairs over candle's worker
+//! threads, multiplies only the blocks at or below the diagonal, and keeps only the attention
+//! probabilities for backward. Key/value heads are shared by reading them with strides, not copied.
+//!
+//! Inner products go through the `gemm` crate (candle's own CPU matmul) with strides, one thread
+//! per `(batch, head)` pair.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Rows per block: the score matrix is computed in horizontal bands of this many rows, each only
+/// as wide as the causal mask allows.
+const BLOCK: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    time: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    fn q_row(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn kv_row(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// `softmax(q·kᵀ·scale + causal mask)·v` on `(b, t, heads, d)` queries and `(b, t, kv_heads, d)`
+/// keys and values; returns `(b, t, heads, d)`. `window`: a key more than `window − 1` positions
+/// back is masked too (sliding-window attention), `usize::MAX` for none.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: usize,
+) -> Result<Tensor> {
+    let (batch, time, heads, head_dim) = q.dims4()?;
+    let (_, _, kv_heads, _) = k.dims4()?;
+    if k.dims() != v.dims()
+        || k.dims() != [batch, time, kv_heads, head_dim]
+        || kv_heads == 0
+        || heads % kv_heads != 0
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let op = CausalAttention {
+        dims: Dims {
+            batch,
+            time,
+            heads,
+            kv_heads,
+            head_dim,
+        },
+        scale: scale as f32,
+        window,
+        keep_probs: q.track_op() || k.track_op() || v.track_op(),
+        probs: Mutex::new(None),
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if op.keep_probs {
+        q.apply_op3(&k, &v, op)
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)
+    }
+}
+
+struct CausalAttention {
+    dims: Dims,
+    scale: f32,
+    window: usize,
+    keep_probs: bool,
+    /// `(b, heads, t, t)` attention probabilities of the forward pass, for backward.
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("attention: {what} must be contiguous float32 on the CPU"),
+    }
+}
+
+/// A raw pointer handed to the worker threads; each thread writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the wrapper (Sync) and not its raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Strided matrix: base pointer, row stride, column stride (elements).
+#[derive(Clone, Copy)]
+struct Mat(*const f32, usize, usize);
+
+impl Mat {
+    fn at(self, row: usize, col: usize) -> Mat {
+        // SAFETY (callers): offsets stay inside the buffer the matrix views.
+        Mat(
+            unsafe { self.0.add(row * self.1 + col * self.2) },
+            self.1,
+            self.2,
+        )
+    }
+    fn t(self) -> Mat {
+        Mat(self.0, self.2, self.1)
+    }
+}
+
+/// `dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n)`, single-threaded.
+///
+/// # Safety
+/// Every pointer must be valid for the extents given, and `dst` not aliased by another thread.
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Mat,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0 as *mut f32,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// End of the row band that holds row `i`: the columns a band multiplies.
+fn band_end(i: usize, time: usize) -> usize {
+    ((i / BLOCK + 1) * BLOCK).min(time)
+}
+
+impl CausalAttention {
+    /// The first key row `i` may attend to.
+    fn first_key(&self, i: usize) -> usize {
+        (i + 1).saturating_sub(self.window)
+    }
+
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let d = self.dims;
+        let t = d.time;
+        let mut probs = vec![0f32; d.batch * d.heads * t * t];
+        let mut out = vec![0f32; d.batch * t * d.q_row()];
+        let (probs_ptr, out_ptr) = (SharedMut(probs.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
+        candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
+            for item in items {
+                let (b, h) = (item / d.heads, item % d.heads);
+                let kv = h / d.group();
+                let qm = Mat(q.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                let km = Mat(k.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                let vm = Mat(v.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                // SAFETY: item (b, h) owns probs[item] and the h columns of out's batch b.
+                let p = Mat(unsafe { probs_ptr.ptr().add(item * t * t) }, t, 1);
+                let o = Mat(out_ptr.ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    // SAFETY: all within the (t×t) and (t×d) views above.
+                    unsafe {
+                        gemm(
+                            r1 - r0,
+                            r1,
+                            d.head_dim,
+                            p.at(r0, 0),
+                            false,
+                            qm.at(r0, 0),
+                            km.t(),
+                            self.scale,
+                        )
+                    };
+                }
+                for i in 0..t {
+                    // SAFETY: row i of this item's probabilities.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(p.0.add(i * t) as *mut f32, t) };
+                    softmax_row(row, self.first_key(i), i + 1);
+                }
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    // SAFETY: as above.
+                    unsafe {
+                        gemm(
+                            r1 - r0,
+                            d.head_dim,
+                            r1,
+                            o.at(r0, 0),
+                            false,
+                            p.at(r0, 0),
+                            vm,
+                            1.0,
+                        )
+                    };
+                }
+            }
+        });
+        (probs, out)
+    }
+
+    /// Gradients of q, k, v given the output gradient `go` `(b, t, heads, d)`.
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: &[f32],
+        go: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = self.dims;
+        let t = d.time;
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let ptrs = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        // One item per (batch, key/value head): the heads sharing it add into the same dk, dv.
+        candle_core::utils::barrier_pool().execute_chunked(d.batch * d.kv_heads, |items| {
+            let (dq_ptr, dk_ptr, dv_ptr) = ptrs;
+            let mut ds = vec![0f32; t * t];
+            for item in items {
+                let (b, kv) = (item / d.kv_heads, item % d.kv_heads);
+                let km = Mat(k.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                let vm = Mat(v.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                let dkm = Mat(dk_ptr.ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                let dvm = Mat(dv_ptr.ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
+                let dsm = Mat(ds.as_mut_ptr(), t, 1);
+                for h in kv * d.group()..(kv + 1) * d.group() {
+                    let qm = Mat(q.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                    let gom = Mat(go.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                    let dqm = Mat(dq_ptr.ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                    let p_off = (b * d.heads + h) * t * t;
+                    let pm = Mat(probs[p_off..].as_ptr(), t, 1);
+                    // SAFETY for every gemm below: views stay inside their buffers; this item
+                    // alone writes dk, dv of (b, kv), dq of its heads, and its own ds.
+                    for r0 in (0..t).step_by(BLOCK) {
+                        let r1 = (r0 + BLOCK).min(t);
+                        // dP = dO · Vᵀ
+                        unsafe {
+                            gemm(
+                                r1 - r0,
+                                r1,
+                                d.head_dim,
+                                dsm.at(r0, 0),
+                                false,
+                                gom.at(r0, 0),
+                                vm.t(),
+                                1.0,
+                            )
+                        };
+                    }
+                    for i in 0..t {
+                        let end = band_end(i, t);
+                        let p = &probs[p_off + i * t..p_off + i * t + end];
+                        let row = &mut ds[i * t..i * t + end];
+                        // dS = P ⊙ (dP − Σⱼ P·dP) · scale; masked entries have P = 0.
+                        let dot: f32 = p.iter().zip(row.iter()).map(|(p, g)| p * g).sum();
+                        for (g, p) in row.iter_mut().zip(p) {
+                            *g = p * (*g - dot) * self.scale;
+                        }
+                    }
+                    for r0 in (0..t).step_by(BLOCK) {
+                        let r1 = (r0 + BLOCK).min(t);
+                        // dQ = dS · K
+                        unsafe {
+                            gemm(
+                                r1 - r0,
+                                d.head_dim,
+                                r1,
+                                dqm.at(r0, 0),
+                                false,
+                                dsm.at(r0, 0),
+                                km,
+                                1.0,
+                            )
+                        };
+                        // dK += dSᵀ · Q and dV += Pᵀ · dO over the rows at or below the band.
+                        unsafe {
+                            gemm(
+                                r1 - r0,
+                                d.head_dim,
+                                t - r0,
+                                dkm.at(r0, 0),
+                                true,
+                                dsm.at(r0, r0).t(),
+                                qm.at(r0, 0),
+                                1.0,
+                            );
+                            gemm(
+                                r1 - r0,
+                                d.head_dim,
+                                t - r0,
+                                dvm.at(r0, 0),
+                                true,
+                                pm.at(r0, r0).t(),
+                                gom.at(r0, 0),
+                                1.0,
+                            );
+                        }
+                    }
+                }
+            }
+        });
+        (dq, dk, dv)
+    }
+}
+
+/// In-place softmax of `row[lo..hi]`; the rest of the row becomes 0.
+fn softmax_row(row: &mut [f32], lo: usize, hi: usize) {
+    let max = row[lo..hi]
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in &mut row[lo..hi] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row[lo..hi].iter_mut().for_each(|x| *x *= inv);
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_slice(q, ql, "q")?,
+            f32_slice(k, kl, "k")?,
+            f32_slice(v, vl, "v")?,
+        );
+        let (probs, out) = self.forward(q, k, v);
+        if self.keep_probs {
+            *self.probs.lock().expect("no panics while holding it") = Some(probs);
+        }
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = self
+            .probs
+            .lock()
+            .expect("no panics while holding it")
+            .take();
+        let Some(probs) = probs else {
+            candle_core::bail!("attention: backward ran twice or without a forward")
+        };
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(qs),
+            candle_core::Storage::Cpu(ks),
+            candle_core::Storage::Cpu(vs),
+        ) = (&*gs, &*qs, &*ks, &*vs)
+        else {
+            candle_core::bail!("attention: the fused op runs on the CPU only")
+        };
+        let (dq, dk, dv) = self.backward(
+            f32_slice(qs, ql, "q")?,
+            f32_slice(ks, kl, "k")?,
+            f32_slice(vs, vl, "v")?,
+            &probs,
+            f32_slice(gs, gl, "output gradient")?,
+        );
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, k.shape(), device)?),
+            Some(Tensor::from_vec(dv, v.shape(), device)?),
+        ))
+    }
+}
