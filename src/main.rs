@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    qtune::tune_allocator();
+    qtune::tune_process();
     match qtune::cli::main(qtune::cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

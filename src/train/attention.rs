@@ -139,9 +139,7 @@ impl Mat {
 /// # Safety
 /// Every pointer must be valid for the extents given, and `dst` not aliased by another thread.
 unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: Mat,
     accumulate: bool,
     lhs: Mat,
@@ -206,9 +204,7 @@ impl CausalAttention {
                     // SAFETY: all within the (t×t) and (t×d) views above.
                     unsafe {
                         gemm(
-                            r1 - r0,
-                            r1,
-                            d.head_dim,
+                            (r1 - r0, r1, d.head_dim),
                             p.at(r0, 0),
                             false,
                             qm.at(r0, 0),
@@ -228,9 +224,7 @@ impl CausalAttention {
                     // SAFETY: as above.
                     unsafe {
                         gemm(
-                            r1 - r0,
-                            d.head_dim,
-                            r1,
+                            (r1 - r0, d.head_dim, r1),
                             o.at(r0, 0),
                             false,
                             p.at(r0, 0),
@@ -287,9 +281,7 @@ impl CausalAttention {
                         // dP = dO · Vᵀ
                         unsafe {
                             gemm(
-                                r1 - r0,
-                                r1,
-                                d.head_dim,
+                                (r1 - r0, r1, d.head_dim),
                                 dsm.at(r0, 0),
                                 false,
                                 gom.at(r0, 0),
@@ -313,9 +305,7 @@ impl CausalAttention {
                         // dQ = dS · K
                         unsafe {
                             gemm(
-                                r1 - r0,
-                                d.head_dim,
-                                r1,
+                                (r1 - r0, d.head_dim, r1),
                                 dqm.at(r0, 0),
                                 false,
                                 dsm.at(r0, 0),
@@ -326,9 +316,7 @@ impl CausalAttention {
                         // dK += dSᵀ · Q and dV += Pᵀ · dO over the rows at or below the band.
                         unsafe {
                             gemm(
-                                r1 - r0,
-                                d.head_dim,
-                                t - r0,
+                                (r1 - r0, d.head_dim, t - r0),
                                 dkm.at(r0, 0),
                                 true,
                                 dsm.at(r0, r0).t(),
@@ -336,9 +324,7 @@ impl CausalAttention {
                                 1.0,
                             );
                             gemm(
-                                r1 - r0,
-                                d.head_dim,
-                                t - r0,
+                                (r1 - r0, d.head_dim, t - r0),
                                 dvm.at(r0, 0),
                                 true,
                                 pm.at(r0, r0).t(),
