@@ -216,15 +216,19 @@ fn optimised_path_matches_the_plain_composite_path() {
         &loss_and_lora_grads(&model, &ids, true),
         &loss_and_lora_grads(&model, &ids, false),
     );
-    // Mistral's sliding window and a single key/value head.
+    // Mistral's sliding window, a single key/value head, LoRA dropout.
     let mut cfg = synthetic::tiny_config();
     cfg.sliding_window = Some(48);
     cfg.num_key_value_heads = 1;
     let mut w = synthetic::random_weights(&cfg, 8).unwrap();
+    let with_dropout = LoraSpec {
+        dropout: 0.1,
+        ..lora(4, &ALL)
+    };
     let model = Llama::load(
         cfg,
         &mut w,
-        &lora(4, &ALL),
+        &with_dropout,
         None,
         6,
         DType::F32,
@@ -233,7 +237,7 @@ fn optimised_path_matches_the_plain_composite_path() {
     .unwrap();
     fill_b(&model, 10);
     assert_close(
-        "sliding window",
+        "sliding window, dropout",
         &loss_and_lora_grads(&model, &ids, true),
         &loss_and_lora_grads(&model, &ids, false),
     );

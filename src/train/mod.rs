@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod onednn;
 pub mod ops;

@@ -396,7 +396,7 @@ pub fn set_fused(enabled: bool) {
 }
 
 /// Whether the fused CPU kernel applies to `x`: float32 on the CPU with fused kernels enabled.
-fn fused_applies(x: &Tensor) -> bool {
+pub fn fused_applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && FUSED.with(|f| f.get())
 }
 

@@ -13,6 +13,7 @@ use candle_core::quantized::QTensor;
 
 use super::config::ModelConfig;
 use crate::spec::{LoraSpec, QuantType, QuantizationSpec, ALL_LINEAR};
+use crate::train::lora::{self, Dropout};
 use crate::train::ops;
 use crate::train::quant::{self, Kind4, QuantizedWeight};
 use crate::train::Result;
@@ -104,44 +105,26 @@ impl Linear {
         } else {
             (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
         };
-        let in_dim = a.dim(1)?;
-        let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
-        if mode.train && lora.dropout > 0.0 {
-            let mask = dropout_mask(
-                x32.elem_count(),
-                lora.dropout,
-                mix_seed(&[mode.dropout_seed, stream]),
-                x.device(),
-            )?;
-            x32 = x32.mul(&mask.reshape(x32.shape())?)?;
-        }
-        let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
-        let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
+        let dropout = (mode.train && lora.dropout > 0.0).then(|| Dropout {
+            p: lora.dropout,
+            seed: mix_seed(&[mode.dropout_seed, stream]),
+        });
+        let delta = if ops::fused_applies(x) {
+            lora::lora_branch(x, &a, &b, lora.scale, dropout)?
+        } else {
+            let in_dim = a.dim(1)?;
+            let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
+            if let Some(d) = dropout {
+                let mask = d
+                    .mask(x32.elem_count(), x.device())?
+                    .to_dtype(x32.dtype())?;
+                x32 = x32.mul(&mask.reshape(x32.shape())?)?;
+            }
+            let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+            delta.reshape(y.shape())?.to_dtype(y.dtype())?
+        };
         Ok((y + delta)?)
     }
-}
-
-/// Inverted dropout: each element kept with probability 1−p and scaled by 1/(1−p).
-/// SplitMix64 gives four 16-bit draws per call (p resolved to 1/65536): generating the masks with
-/// ChaCha took about a second per step at SmolLM2's shape with all-linear targets.
-fn dropout_mask(n: usize, p: f64, seed: u64, device: &Device) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p) as f32;
-    let threshold = (p * 65536.0).round() as u64;
-    let mut state = seed;
-    let mut mask = Vec::with_capacity(n + 3);
-    while mask.len() < n {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        for lane in 0..4 {
-            let draw = (z >> (16 * lane)) & 0xffff;
-            mask.push(if draw < threshold { 0.0 } else { keep });
-        }
-    }
-    mask.truncate(n);
-    Ok(Tensor::from_vec(mask, n, device)?)
 }
 
 #[derive(Clone)]

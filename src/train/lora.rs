@@ -1,0 +1,384 @@
+//! The LoRA branch of an adapted linear layer, `scale · dropout(x) · Aᵀ · Bᵀ`, and its dropout
+//! masks.
+//!
+//! As composite candle ops the branch is about ten passes over `(tokens, in)` or `(tokens, out)`
+//! buffers per layer and direction (mask, multiply, two matmuls through transposed views, scale,
+//! and their gradients), while its arithmetic is a rank-r sliver: measured, the four q,k,v,o
+//! branches cost more than the frozen multiplies they sit on. On the CPU in float32 the branch is
+//! one op here: the dropped-out input is never stored (the mask is a pure function of its seed and
+//! is drawn again in backward), only the `(tokens, r)` product `dropout(x)·Aᵀ` is kept, and every
+//! multiply is split over candle's worker threads by independent output rows or columns.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+
+/// Rows (or columns) of an output one worker computes at a time.
+const CHUNK: usize = 64;
+
+/// Mask elements one worker draws at a time.
+const MASK_BLOCK: usize = 1 << 16;
+
+/// Inverted dropout: each element kept with probability 1−p and scaled by 1/(1−p).
+/// A counter-based SplitMix64 stream gives four 16-bit draws per counter (p resolved to 1/65536),
+/// so any range of the mask can be drawn on its own: in parallel, and again in backward.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// Mask values of elements `start .. start + out.len()`.
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        let keep = 1.0 / (1.0 - self.p) as f32;
+        let threshold = (self.p * 65536.0).round() as u64;
+        for (j, v) in out.iter_mut().enumerate() {
+            let i = start + j;
+            let counter = (i / 4) as u64 + 1;
+            let mut z = self
+                .seed
+                .wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let draw = (z >> (16 * (i % 4))) & 0xffff;
+            *v = if draw < threshold { 0.0 } else { keep };
+        }
+    }
+
+    /// `data ⊙= mask`, in parallel.
+    fn apply_in_place(&self, data: &mut [f32]) {
+        let n = data.len();
+        let ptr = SharedMut(data.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(MASK_BLOCK), |chunks| {
+            let mut mask = vec![0f32; MASK_BLOCK];
+            for c in chunks {
+                let (start, end) = (c * MASK_BLOCK, ((c + 1) * MASK_BLOCK).min(n));
+                // SAFETY: chunk c alone touches data[start..end].
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
+                let mask = &mut mask[..end - start];
+                self.fill(start, mask);
+                dst.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+            }
+        });
+    }
+
+    /// The mask of `n` elements as a tensor (the composite path multiplies by it).
+    pub fn mask(&self, n: usize, device: &Device) -> Result<Tensor> {
+        let mut mask = vec![1f32; n];
+        self.apply_in_place(&mut mask);
+        Tensor::from_vec(mask, n, device)
+    }
+}
+
+/// A raw pointer handed to the worker threads; each thread writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the wrapper (Sync) and not its raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Row-major matrix view: pointer, row stride, column stride (elements).
+#[derive(Clone, Copy)]
+struct Mat(*const f32, usize, usize);
+
+impl Mat {
+    fn at(self, row: usize, col: usize) -> Mat {
+        // SAFETY (callers): offsets stay inside the buffer the view covers.
+        Mat(
+            unsafe { self.0.add(row * self.1 + col * self.2) },
+            self.1,
+            self.2,
+        )
+    }
+    fn t(self) -> Mat {
+        Mat(self.0, self.2, self.1)
+    }
+}
+
+/// `dst (m×n) = alpha · lhs (m×k) · rhs (k×n)`, single-threaded.
+///
+/// # Safety
+/// Every view must be valid for its extent, and `dst` written by no other thread.
+unsafe fn gemm((m, n, k): (usize, usize, usize), dst: Mat, lhs: Mat, rhs: Mat, alpha: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0 as *mut f32,
+        dst.2 as isize,
+        dst.1 as isize,
+        false,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        0.0,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// `out (m×n) = alpha · lhs · rhs`, the m rows split over candle's worker threads.
+fn par_rows(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let ptr = SharedMut(out.as_mut_ptr());
+    let (lhs, rhs) = (SendMat(lhs), SendMat(rhs));
+    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(CHUNK), |chunks| {
+        let (lhs, rhs) = (lhs.get(), rhs.get());
+        for c in chunks {
+            let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(m));
+            let dst = Mat(ptr.ptr(), n, 1);
+            // SAFETY: rows r0..r1 of out belong to this chunk; lhs rows r0..r1 exist.
+            unsafe { gemm((r1 - r0, n, k), dst.at(r0, 0), lhs.at(r0, 0), rhs, alpha) };
+        }
+    });
+    out
+}
+
+/// `out (m×n) = alpha · lhs · rhs`, the n columns split over candle's worker threads (for
+/// outputs with few rows and a long inner dimension).
+fn par_cols(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let ptr = SharedMut(out.as_mut_ptr());
+    let (lhs, rhs) = (SendMat(lhs), SendMat(rhs));
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+        let (lhs, rhs) = (lhs.get(), rhs.get());
+        for c in chunks {
+            let (c0, c1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let dst = Mat(ptr.ptr(), n, 1);
+            // SAFETY: columns c0..c1 of out belong to this chunk; rhs columns c0..c1 exist.
+            unsafe { gemm((m, c1 - c0, k), dst.at(0, c0), lhs, rhs.at(0, c0), alpha) };
+        }
+    });
+    out
+}
+
+/// A read-only view handed to the worker threads.
+#[derive(Clone, Copy)]
+struct SendMat(Mat);
+unsafe impl Send for SendMat {}
+unsafe impl Sync for SendMat {}
+
+impl SendMat {
+    fn get(self) -> Mat {
+        self.0
+    }
+}
+
+/// `scale · dropout(x) · Aᵀ · Bᵀ` for `x` (…, in), `A` (r, in), `B` (out, r): float32 on the CPU.
+pub fn lora_branch(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (r, in_dim) = a.dims2()?;
+    let (_, r_b) = b.dims2()?;
+    if r != r_b || x.dims().last() != Some(&in_dim) {
+        candle_core::bail!(
+            "LoRA: x {:?}, A {:?}, B {:?} do not fit",
+            x.dims(),
+            a.dims(),
+            b.dims()
+        )
+    }
+    let tracked = x.track_op() || a.track_op() || b.track_op();
+    let op = LoraBranch {
+        scale: scale as f32,
+        dropout,
+        want_dx: x.track_op(),
+        keep: tracked,
+        xa: Mutex::new(None),
+    };
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    if tracked {
+        x.apply_op3(&a, &b, op)
+    } else {
+        x.apply_op3_no_bwd(&a, &b, &op)
+    }
+}
+
+struct LoraBranch {
+    scale: f32,
+    dropout: Option<Dropout>,
+    /// The input is tracked: backward returns its gradient.
+    want_dx: bool,
+    /// Keep `dropout(x)·Aᵀ` for backward.
+    keep: bool,
+    /// `dropout(x)·Aᵀ`, (tokens, r).
+    xa: Mutex<Option<Vec<f32>>>,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("LoRA: {what} must be contiguous float32 on the CPU"),
+    }
+}
+
+impl LoraBranch {
+    /// `dropout(x)`; `None` without dropout (use `x` itself).
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        let d = self.dropout?;
+        let mut out = x.to_vec();
+        d.apply_in_place(&mut out);
+        Some(out)
+    }
+}
+
+impl CustomOp3 for LoraBranch {
+    fn name(&self) -> &'static str {
+        "lora-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (
+            f32_slice(x, xl, "x")?,
+            f32_slice(a, al, "A")?,
+            f32_slice(b, bl, "B")?,
+        );
+        let (r, in_dim) = al.shape().dims2()?;
+        let (out_dim, _) = bl.shape().dims2()?;
+        let m = x.len() / in_dim;
+        let dropped = self.dropped(x);
+        let xd = dropped.as_deref().unwrap_or(x);
+        let xa = par_rows(
+            m,
+            r,
+            in_dim,
+            Mat(xd.as_ptr(), in_dim, 1),
+            Mat(a.as_ptr(), in_dim, 1).t(),
+            1.0,
+        );
+        let delta = par_rows(
+            m,
+            out_dim,
+            r,
+            Mat(xa.as_ptr(), r, 1),
+            Mat(b.as_ptr(), r, 1).t(),
+            self.scale,
+        );
+        if self.keep {
+            *self.xa.lock().expect("no panics while holding it") = Some(xa);
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out_dim;
+        Ok((CpuStorage::F32(delta), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _delta: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(xa) = self.xa.lock().expect("no panics while holding it").take() else {
+            candle_core::bail!("LoRA: backward ran twice or without a forward")
+        };
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(as_),
+            candle_core::Storage::Cpu(bs),
+        ) = (&*gs, &*xs, &*as_, &*bs)
+        else {
+            candle_core::bail!("LoRA: the fused op runs on the CPU only")
+        };
+        let (g, x_, a_, b_) = (
+            f32_slice(gs, gl, "gradient")?,
+            f32_slice(xs, xl, "x")?,
+            f32_slice(as_, al, "A")?,
+            f32_slice(bs, bl, "B")?,
+        );
+        let (r, in_dim) = al.shape().dims2()?;
+        let (out_dim, _) = bl.shape().dims2()?;
+        let m = x_.len() / in_dim;
+        // gb = g · B (tokens, r)
+        let gb = par_rows(
+            m,
+            r,
+            out_dim,
+            Mat(g.as_ptr(), out_dim, 1),
+            Mat(b_.as_ptr(), r, 1),
+            1.0,
+        );
+        // dB = scale · gᵀ · (dropout(x)·Aᵀ)
+        let db = par_rows(
+            out_dim,
+            r,
+            m,
+            Mat(g.as_ptr(), out_dim, 1).t(),
+            Mat(xa.as_ptr(), r, 1),
+            self.scale,
+        );
+        // dA = scale · gbᵀ · dropout(x)
+        let dropped = self.dropped(x_);
+        let xd = dropped.as_deref().unwrap_or(x_);
+        let da = par_cols(
+            r,
+            in_dim,
+            m,
+            Mat(gb.as_ptr(), r, 1).t(),
+            Mat(xd.as_ptr(), in_dim, 1),
+            self.scale,
+        );
+        drop(dropped);
+        // dx = scale · (gb · A) ⊙ mask
+        let dx = if self.want_dx {
+            let mut dx = par_rows(
+                m,
+                in_dim,
+                r,
+                Mat(gb.as_ptr(), r, 1),
+                Mat(a_.as_ptr(), in_dim, 1),
+                self.scale,
+            );
+            if let Some(d) = self.dropout {
+                d.apply_in_place(&mut dx);
+            }
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
