@@ -861,3 +861,17 @@ fn validation_split_is_evaluated() {
     assert_eq!(train.examples, 9);
     assert_eq!(validation.as_ref().unwrap().examples, 3);
 }
+
+/// The vectorising `exp` of the fused kernels against the standard library's.
+#[test]
+fn fused_exp_matches_std() {
+    let mut worst = 0f32;
+    for i in -870_000..=880_000 {
+        let x = i as f32 * 1e-4;
+        let (fast, exact) = (train::elementwise::exp(x), x.exp());
+        worst = worst.max(((fast - exact) / exact).abs());
+    }
+    assert!(worst < 1e-6, "relative error {worst}");
+    let tiny = train::elementwise::exp(-200.0);
+    assert!((0.0..1e-37).contains(&tiny), "exp(-200) = {tiny}");
+}

@@ -342,17 +342,7 @@ impl CausalAttention {
 
 /// In-place softmax of `row[lo..hi]`; the rest of the row becomes 0.
 fn softmax_row(row: &mut [f32], lo: usize, hi: usize) {
-    let max = row[lo..hi]
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in &mut row[lo..hi] {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row[lo..hi].iter_mut().for_each(|x| *x *= inv);
+    super::elementwise::softmax_row(&mut row[lo..hi]);
     row[..lo].fill(0.0);
     row[hi..].fill(0.0);
 }

@@ -12,6 +12,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod data;
+pub mod elementwise;
 pub mod error;
 pub mod generate;
 pub mod lora;

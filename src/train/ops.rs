@@ -367,6 +367,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let y = candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?;
     let weight = weight.clone();
     attach_backward("rms-norm", x, y, move |x, _y, g| {
+        if fused_applies(x) {
+            return super::elementwise::rms_norm_backward(x, g, &weight, eps);
+        }
         // r = 1/rms;  dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x)
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
         let gw = g.broadcast_mul(&weight)?;
@@ -389,7 +392,7 @@ thread_local! {
     static FUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Turns the fused CPU kernels (attention, SiLU·up, RMSNorm backward) on or off for this thread;
+/// Turns the fused CPU kernels (attention, LoRA branch, SiLU·up, RMSNorm backward) on or off for this thread;
 /// off, the same model runs through candle's composite ops, the reference the tests compare with.
 pub fn set_fused(enabled: bool) {
     FUSED.with(|f| f.set(enabled));
@@ -398,6 +401,14 @@ pub fn set_fused(enabled: bool) {
 /// Whether the fused CPU kernel applies to `x`: float32 on the CPU with fused kernels enabled.
 pub fn fused_applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && FUSED.with(|f| f.get())
+}
+
+/// SwiGLU's `silu(gate) · up`.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_applies(gate) {
+        return super::elementwise::silu_mul(gate, up);
+    }
+    gate.silu()? * up
 }
 
 /// Rotary position embedding on `(b, t, heads, head_dim)`.

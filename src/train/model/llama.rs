@@ -551,7 +551,8 @@ fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> R
     let o = ops::attention(&q, &k, &v, &c.mask, c.scale, window)?.reshape((b, t, nh * hd))?;
     let x = (x + l[3].forward(&o, mode, stream(3))?)?;
     let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
-    let gate = l[4].forward(&h, mode, stream(4))?.silu()?;
+    let gate = l[4].forward(&h, mode, stream(4))?;
     let up = l[5].forward(&h, mode, stream(5))?;
-    Ok((&x + l[6].forward(&(gate * up)?, mode, stream(6))?)?)
+    let mlp = ops::silu_mul(&gate, &up)?;
+    Ok((&x + l[6].forward(&mlp, mode, stream(6))?)?)
 }

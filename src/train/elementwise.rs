@@ -1,0 +1,257 @@
+//! Fused elementwise kernels for the CPU in float32: SwiGLU's `silu(gate)·up` with its backward,
+//! RMSNorm's backward, and an `exp` that vectorises.
+//!
+//! Each replaces a chain of candle ops that would each read and write a full activation buffer
+//! (RMSNorm's backward as composite ops is nine passes; here it is one pass per row). Work is split
+//! over candle's worker threads, and the loops are compiled twice, for AVX2 + FMA and for the
+//! baseline, with the choice made once at run time.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// Elements (or rows × width) one worker handles at a time.
+const BLOCK: usize = 1 << 14;
+
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the wrapper (Sync) and not its raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `f(start, end)` over `0..n` in blocks of `block`, on candle's worker threads.
+fn par_blocks(n: usize, block: usize, f: impl Fn(usize, usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
+        for c in chunks {
+            f(c * block, ((c + 1) * block).min(n));
+        }
+    });
+}
+
+/// Compiles `$body` (a function of `$args`) for AVX2 + FMA and for the baseline, and calls the
+/// best one the CPU has.
+macro_rules! multiversion {
+    (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// `e^x` to about 2 ulp, for x clamped to [−87.3, 88] (the ends of float32's normal range), written so that loops
+/// over it vectorise: range reduction `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, and the
+/// exponent bits set directly.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.0);
+    // Round to nearest with the 1.5·2^23 trick (no SSE4.1 rounding instruction needed).
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67 + r * (0.041_666_5 + r * (0.008_333_6 + r * 0.001_394_3)))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+multiversion! {
+    fn silu_mul_block(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    fn silu_mul_grad_block(gate: &[f32], up: &[f32], grad: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+        for i in 0..gate.len() {
+            let (g, u, dy) = (gate[i], up[i], grad[i]);
+            let s = 1.0 / (1.0 + exp(-g));
+            d_up[i] = dy * g * s;
+            d_gate[i] = dy * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+multiversion! {
+    fn rms_norm_grad_rows(x: &[f32], grad: &[f32], weight: &[f32], eps: f32, dx: &mut [f32]) {
+        let h = weight.len();
+        for ((x, g), dx) in x.chunks_exact(h).zip(grad.chunks_exact(h)).zip(dx.chunks_exact_mut(h)) {
+            let mut sq = 0f32;
+            let mut dot = 0f32;
+            for i in 0..h {
+                sq += x[i] * x[i];
+                dot += g[i] * weight[i] * x[i];
+            }
+            let r = 1.0 / (sq / h as f32 + eps).sqrt();
+            let c = r * r * r * dot / h as f32;
+            for i in 0..h {
+                dx[i] = r * g[i] * weight[i] - c * x[i];
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn softmax_row_block(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// In-place softmax of one row.
+pub fn softmax_row(row: &mut [f32]) {
+    softmax_row_block(row)
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("{what} must be contiguous float32 on the CPU"),
+    }
+}
+
+/// `silu(gate) · up` (SwiGLU), float32 on the CPU.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    if gate.track_op() || up.track_op() {
+        gate.apply_op2(&up, SiluMul)
+    } else {
+        gate.apply_op2_no_bwd(&up, &SiluMul)
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32_slice(g, gl, "gate")?, f32_slice(u, ul, "up")?);
+        if gl.shape() != ul.shape() {
+            candle_core::bail!("silu·up: gate {:?} vs up {:?}", gl.dims(), ul.dims())
+        }
+        let mut out = vec![0f32; gate.len()];
+        let ptr = SharedMut(out.as_mut_ptr());
+        par_blocks(gate.len(), BLOCK, |s, e| {
+            // SAFETY: this block alone writes out[s..e].
+            let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+            silu_mul_block(&gate[s..e], &up[s..e], out);
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (as_, al) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(gs),
+            candle_core::Storage::Cpu(as_),
+            candle_core::Storage::Cpu(us),
+        ) = (&*gs, &*as_, &*us)
+        else {
+            candle_core::bail!("silu·up: the fused op runs on the CPU only")
+        };
+        let (dy, g, u) = (
+            f32_slice(gs, gl, "gradient")?,
+            f32_slice(as_, al, "gate")?,
+            f32_slice(us, ul, "up")?,
+        );
+        let n = g.len();
+        let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
+        let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
+        par_blocks(n, BLOCK, |s, e| {
+            // SAFETY: this block alone writes [s..e] of both outputs.
+            let (dg, du) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
+                    std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
+                )
+            };
+            silu_mul_grad_block(&g[s..e], &u[s..e], &dy[s..e], dg, du);
+        });
+        Ok((
+            Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
+            Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
+        ))
+    }
+}
+
+/// The input gradient of `rms_norm(x) · weight` (weight frozen), float32 on the CPU:
+/// `r·(g⊙w) − x·r³·mean(g⊙w⊙x)` with `r = 1/rms(x)`, one pass per row.
+pub fn rms_norm_backward(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, grad, weight) = (x.contiguous()?, grad.contiguous()?, weight.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(xs),
+        candle_core::Storage::Cpu(gs),
+        candle_core::Storage::Cpu(ws),
+    ) = (&*xs, &*gs, &*ws)
+    else {
+        candle_core::bail!("RMSNorm backward: the fused kernel runs on the CPU only")
+    };
+    let (xv, gv, wv) = (
+        f32_slice(xs, xl, "x")?,
+        f32_slice(gs, gl, "gradient")?,
+        f32_slice(ws, wl, "weight")?,
+    );
+    let h = wv.len();
+    let rows = xv.len() / h;
+    let mut dx = vec![0f32; xv.len()];
+    let ptr = SharedMut(dx.as_mut_ptr());
+    par_blocks(rows, (BLOCK / h).max(1), |s, e| {
+        // SAFETY: this block alone writes rows s..e.
+        let dx = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        rms_norm_grad_rows(&xv[s * h..e * h], &gv[s * h..e * h], wv, eps as f32, dx);
+    });
+    Tensor::from_vec(dx, x.shape(), x.device())
+}
