@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::spec::{LoraSpec, TargetModules, ALL_LINEAR};
 use crate::train::model::{synthetic, ForwardMode, Llama, ModelConfig};
 use crate::train::optim::{self, Optimizer};
+use crate::train::timing::{self, Part};
 use crate::train::{data, Result};
 
 /// `qtune bench`: one training step configuration at SmolLM2-135M's shape (random weights).
@@ -212,9 +213,12 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let spec = crate::spec::TrainingSpec::default();
     let mut optimizer = Optimizer::new(&spec, vars.len());
     let (mut fwd, mut bwd, mut opt, mut step) = (vec![], vec![], vec![], vec![]);
-    let (mut matmul, mut loss_time, mut other) = (vec![], vec![], vec![]);
+    // Per measured step: seconds of each timed part, the rest, and kernel CPU time.
+    let mut parts: Vec<[f64; 6]> = vec![];
+    let (mut other, mut kernel) = (vec![], vec![]);
     for i in 0..opts.warmup + opts.steps {
-        crate::train::ops::timing::take();
+        timing::take();
+        let kernel0 = timing::kernel_cpu_seconds();
         let t0 = Instant::now();
         let mode = ForwardMode {
             train: true,
@@ -255,10 +259,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             bwd.push((t2 - t1).as_secs_f64());
             opt.push((t3 - t2).as_secs_f64());
             step.push((t3 - t0).as_secs_f64());
-            let (mm, loss_s) = crate::train::ops::timing::take();
-            matmul.push(mm);
-            loss_time.push(loss_s);
-            other.push((t3 - t0).as_secs_f64() - mm - loss_s - (t3 - t2).as_secs_f64());
+            let p = timing::take();
+            other.push((t3 - t0).as_secs_f64() - p.iter().sum::<f64>() - (t3 - t2).as_secs_f64());
+            parts.push(p);
+            kernel.push(timing::kernel_cpu_seconds() - kernel0);
         }
     }
     let step_s = median(&mut step);
@@ -282,19 +286,40 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         median(&mut opt),
         step_s
     );
-    let (mm, loss_s, rest) = (
-        median(&mut matmul),
-        median(&mut loss_time),
-        median(&mut other),
+    let part_s: Vec<f64> = (0..timing::PARTS.len())
+        .map(|k| median(&mut parts.iter().map(|p| p[k]).collect::<Vec<_>>()))
+        .collect();
+    let (opt_s, rest, kernel_s) = (median(&mut opt), median(&mut other), median(&mut kernel));
+    println!("  where a step goes (medians; each part timed on the thread that runs it):");
+    for (part, secs) in timing::PARTS.iter().zip(&part_s) {
+        if *part == Part::Dequantize && opts.quant.is_none() {
+            continue;
+        }
+        let name = match part {
+            Part::FrozenMatmul => format!(
+                "{} ({})",
+                timing::label(*part),
+                crate::train::onednn::describe()
+            ),
+            _ => timing::label(*part).to_string(),
+        };
+        println!(
+            "    {name:<58} {secs:>6.3}s {:>4.0}%",
+            100.0 * secs / step_s
+        );
+    }
+    println!(
+        "    {:<58} {opt_s:>6.3}s {:>4.0}%",
+        "optimizer (clipping + AdamW)",
+        100.0 * opt_s / step_s
     );
     println!(
-        "  where a step goes: frozen matmuls ({}) {mm:.2}s {:.0}%, loss softmax + cross-entropy {loss_s:.2}s {:.0}%, \
-         optimizer {:.3}s, the rest (attention, norms, RoPE, SiLU, LoRA, copies, allocation) {rest:.2}s {:.0}%",
-        crate::train::onednn::describe(),
-        100.0 * mm / step_s,
-        100.0 * loss_s / step_s,
-        median(&mut opt),
+        "    {:<58} {rest:>6.3}s {:>4.0}%",
+        "other candle ops (norms, RoPE, residuals, gradient sums)",
         100.0 * rest / step_s
+    );
+    println!(
+        "    kernel CPU time, all threads (page faults, allocation, thread wake-ups): {kernel_s:.2}s"
     );
     println!("  trainable parameters {trainable}");
     println!(
@@ -357,9 +382,17 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "forward_seconds": median(&mut fwd),
                 "backward_seconds": median(&mut bwd),
                 "optimizer_seconds": median(&mut opt),
-                "frozen_matmul_seconds": mm,
-                "loss_seconds": loss_s,
-                "other_seconds": rest,
+                "breakdown_seconds": {
+                    "frozen_matmul": part_s[Part::FrozenMatmul as usize],
+                    "dequantize": part_s[Part::Dequantize as usize],
+                    "attention": part_s[Part::Attention as usize],
+                    "lora": part_s[Part::Lora as usize],
+                    "elementwise": part_s[Part::Elementwise as usize],
+                    "loss": part_s[Part::Loss as usize],
+                    "optimizer": opt_s,
+                    "other": rest,
+                    "kernel_cpu": kernel_s,
+                },
             })
         );
     }

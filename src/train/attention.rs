@@ -15,6 +15,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::timing::{self, Part};
+
 /// Rows per block: the score matrix is computed in horizontal bands of this many rows, each only
 /// as wide as the causal mask allows.
 const BLOCK: usize = 64;
@@ -366,7 +368,7 @@ impl CustomOp3 for CausalAttention {
             f32_slice(k, kl, "k")?,
             f32_slice(v, vl, "v")?,
         );
-        let (probs, out) = self.forward(q, k, v);
+        let (probs, out) = timing::scope(Part::Attention, || self.forward(q, k, v));
         if self.keep_probs {
             *self.probs.lock().expect("no panics while holding it") = Some(probs);
         }
@@ -403,13 +405,14 @@ impl CustomOp3 for CausalAttention {
         else {
             candle_core::bail!("attention: the fused op runs on the CPU only")
         };
-        let (dq, dk, dv) = self.backward(
+        let (qd, kd, vd, god) = (
             f32_slice(qs, ql, "q")?,
             f32_slice(ks, kl, "k")?,
             f32_slice(vs, vl, "v")?,
-            &probs,
             f32_slice(gs, gl, "output gradient")?,
         );
+        let (dq, dk, dv) =
+            timing::scope(Part::Attention, || self.backward(qd, kd, vd, &probs, god));
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), device)?),

@@ -8,6 +8,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::timing::{self, Part};
+
 /// Elements (or rows × width) one worker handles at a time.
 const BLOCK: usize = 1 << 14;
 
@@ -166,18 +168,20 @@ impl CustomOp2 for SiluMul {
         u: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (f32_slice(g, gl, "gate")?, f32_slice(u, ul, "up")?);
-        if gl.shape() != ul.shape() {
-            candle_core::bail!("silu·up: gate {:?} vs up {:?}", gl.dims(), ul.dims())
-        }
-        let mut out = vec![0f32; gate.len()];
-        let ptr = SharedMut(out.as_mut_ptr());
-        par_blocks(gate.len(), BLOCK, |s, e| {
-            // SAFETY: this block alone writes out[s..e].
-            let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
-            silu_mul_block(&gate[s..e], &up[s..e], out);
-        });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        timing::scope(Part::Elementwise, || {
+            let (gate, up) = (f32_slice(g, gl, "gate")?, f32_slice(u, ul, "up")?);
+            if gl.shape() != ul.shape() {
+                candle_core::bail!("silu·up: gate {:?} vs up {:?}", gl.dims(), ul.dims())
+            }
+            let mut out = vec![0f32; gate.len()];
+            let ptr = SharedMut(out.as_mut_ptr());
+            par_blocks(gate.len(), BLOCK, |s, e| {
+                // SAFETY: this block alone writes out[s..e].
+                let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+                silu_mul_block(&gate[s..e], &up[s..e], out);
+            });
+            Ok((CpuStorage::F32(out), gl.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -187,46 +191,59 @@ impl CustomOp2 for SiluMul {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (gs, gl) = grad.storage_and_layout();
-        let (as_, al) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(as_),
-            candle_core::Storage::Cpu(us),
-        ) = (&*gs, &*as_, &*us)
-        else {
-            candle_core::bail!("silu·up: the fused op runs on the CPU only")
-        };
-        let (dy, g, u) = (
-            f32_slice(gs, gl, "gradient")?,
-            f32_slice(as_, al, "gate")?,
-            f32_slice(us, ul, "up")?,
-        );
-        let n = g.len();
-        let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
-        let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
-        par_blocks(n, BLOCK, |s, e| {
-            // SAFETY: this block alone writes [s..e] of both outputs.
-            let (dg, du) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
-                    std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
-                )
+        timing::scope(Part::Elementwise, || {
+            let grad = grad.contiguous()?;
+            let (gs, gl) = grad.storage_and_layout();
+            let (as_, al) = gate.storage_and_layout();
+            let (us, ul) = up.storage_and_layout();
+            let (
+                candle_core::Storage::Cpu(gs),
+                candle_core::Storage::Cpu(as_),
+                candle_core::Storage::Cpu(us),
+            ) = (&*gs, &*as_, &*us)
+            else {
+                candle_core::bail!("silu·up: the fused op runs on the CPU only")
             };
-            silu_mul_grad_block(&g[s..e], &u[s..e], &dy[s..e], dg, du);
-        });
-        Ok((
-            Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
-            Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
-        ))
+            let (dy, g, u) = (
+                f32_slice(gs, gl, "gradient")?,
+                f32_slice(as_, al, "gate")?,
+                f32_slice(us, ul, "up")?,
+            );
+            let n = g.len();
+            let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
+            let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
+            par_blocks(n, BLOCK, |s, e| {
+                // SAFETY: this block alone writes [s..e] of both outputs.
+                let (dg, du) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
+                        std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
+                    )
+                };
+                silu_mul_grad_block(&g[s..e], &u[s..e], &dy[s..e], dg, du);
+            });
+            Ok((
+                Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
+                Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
+            ))
+        })
     }
 }
 
 /// The input gradient of `rms_norm(x) · weight` (weight frozen), float32 on the CPU:
 /// `r·(g⊙w) − x·r³·mean(g⊙w⊙x)` with `r = 1/rms(x)`, one pass per row.
 pub fn rms_norm_backward(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    timing::scope(Part::Elementwise, || {
+        rms_norm_backward_untimed(x, grad, weight, eps)
+    })
+}
+
+fn rms_norm_backward_untimed(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let (x, grad, weight) = (x.contiguous()?, grad.contiguous()?, weight.contiguous()?);
     let (xs, xl) = x.storage_and_layout();
     let (gs, gl) = grad.storage_and_layout();

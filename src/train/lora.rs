@@ -13,6 +13,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
+use super::timing::{self, Part};
+
 /// Rows (or columns) of an output one worker computes at a time.
 const CHUNK: usize = 64;
 
@@ -260,38 +262,40 @@ impl CustomOp3 for LoraBranch {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (
-            f32_slice(x, xl, "x")?,
-            f32_slice(a, al, "A")?,
-            f32_slice(b, bl, "B")?,
-        );
-        let (r, in_dim) = al.shape().dims2()?;
-        let (out_dim, _) = bl.shape().dims2()?;
-        let m = x.len() / in_dim;
-        let dropped = self.dropped(x);
-        let xd = dropped.as_deref().unwrap_or(x);
-        let xa = par_rows(
-            m,
-            r,
-            in_dim,
-            Mat(xd.as_ptr(), in_dim, 1),
-            Mat(a.as_ptr(), in_dim, 1).t(),
-            1.0,
-        );
-        let delta = par_rows(
-            m,
-            out_dim,
-            r,
-            Mat(xa.as_ptr(), r, 1),
-            Mat(b.as_ptr(), r, 1).t(),
-            self.scale,
-        );
-        if self.keep {
-            *self.xa.lock().expect("no panics while holding it") = Some(xa);
-        }
-        let mut dims = xl.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = out_dim;
-        Ok((CpuStorage::F32(delta), Shape::from(dims)))
+        timing::scope(Part::Lora, || {
+            let (x, a, b) = (
+                f32_slice(x, xl, "x")?,
+                f32_slice(a, al, "A")?,
+                f32_slice(b, bl, "B")?,
+            );
+            let (r, in_dim) = al.shape().dims2()?;
+            let (out_dim, _) = bl.shape().dims2()?;
+            let m = x.len() / in_dim;
+            let dropped = self.dropped(x);
+            let xd = dropped.as_deref().unwrap_or(x);
+            let xa = par_rows(
+                m,
+                r,
+                in_dim,
+                Mat(xd.as_ptr(), in_dim, 1),
+                Mat(a.as_ptr(), in_dim, 1).t(),
+                1.0,
+            );
+            let delta = par_rows(
+                m,
+                out_dim,
+                r,
+                Mat(xa.as_ptr(), r, 1),
+                Mat(b.as_ptr(), r, 1).t(),
+                self.scale,
+            );
+            if self.keep {
+                *self.xa.lock().expect("no panics while holding it") = Some(xa);
+            }
+            let mut dims = xl.dims().to_vec();
+            *dims.last_mut().expect("rank >= 1") = out_dim;
+            Ok((CpuStorage::F32(delta), Shape::from(dims)))
+        })
     }
 
     fn bwd(
@@ -302,83 +306,85 @@ impl CustomOp3 for LoraBranch {
         _delta: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(xa) = self.xa.lock().expect("no panics while holding it").take() else {
-            candle_core::bail!("LoRA: backward ran twice or without a forward")
-        };
-        let grad = grad.contiguous()?;
-        let (gs, gl) = grad.storage_and_layout();
-        let (xs, xl) = x.storage_and_layout();
-        let (as_, al) = a.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(xs),
-            candle_core::Storage::Cpu(as_),
-            candle_core::Storage::Cpu(bs),
-        ) = (&*gs, &*xs, &*as_, &*bs)
-        else {
-            candle_core::bail!("LoRA: the fused op runs on the CPU only")
-        };
-        let (g, x_, a_, b_) = (
-            f32_slice(gs, gl, "gradient")?,
-            f32_slice(xs, xl, "x")?,
-            f32_slice(as_, al, "A")?,
-            f32_slice(bs, bl, "B")?,
-        );
-        let (r, in_dim) = al.shape().dims2()?;
-        let (out_dim, _) = bl.shape().dims2()?;
-        let m = x_.len() / in_dim;
-        // gb = g · B (tokens, r)
-        let gb = par_rows(
-            m,
-            r,
-            out_dim,
-            Mat(g.as_ptr(), out_dim, 1),
-            Mat(b_.as_ptr(), r, 1),
-            1.0,
-        );
-        // dB = scale · gᵀ · (dropout(x)·Aᵀ)
-        let db = par_rows(
-            out_dim,
-            r,
-            m,
-            Mat(g.as_ptr(), out_dim, 1).t(),
-            Mat(xa.as_ptr(), r, 1),
-            self.scale,
-        );
-        // dA = scale · gbᵀ · dropout(x)
-        let dropped = self.dropped(x_);
-        let xd = dropped.as_deref().unwrap_or(x_);
-        let da = par_cols(
-            r,
-            in_dim,
-            m,
-            Mat(gb.as_ptr(), r, 1).t(),
-            Mat(xd.as_ptr(), in_dim, 1),
-            self.scale,
-        );
-        drop(dropped);
-        // dx = scale · (gb · A) ⊙ mask
-        let dx = if self.want_dx {
-            let mut dx = par_rows(
+        timing::scope(Part::Lora, || {
+            let Some(xa) = self.xa.lock().expect("no panics while holding it").take() else {
+                candle_core::bail!("LoRA: backward ran twice or without a forward")
+            };
+            let grad = grad.contiguous()?;
+            let (gs, gl) = grad.storage_and_layout();
+            let (xs, xl) = x.storage_and_layout();
+            let (as_, al) = a.storage_and_layout();
+            let (bs, bl) = b.storage_and_layout();
+            let (
+                candle_core::Storage::Cpu(gs),
+                candle_core::Storage::Cpu(xs),
+                candle_core::Storage::Cpu(as_),
+                candle_core::Storage::Cpu(bs),
+            ) = (&*gs, &*xs, &*as_, &*bs)
+            else {
+                candle_core::bail!("LoRA: the fused op runs on the CPU only")
+            };
+            let (g, x_, a_, b_) = (
+                f32_slice(gs, gl, "gradient")?,
+                f32_slice(xs, xl, "x")?,
+                f32_slice(as_, al, "A")?,
+                f32_slice(bs, bl, "B")?,
+            );
+            let (r, in_dim) = al.shape().dims2()?;
+            let (out_dim, _) = bl.shape().dims2()?;
+            let m = x_.len() / in_dim;
+            // gb = g · B (tokens, r)
+            let gb = par_rows(
                 m,
-                in_dim,
                 r,
-                Mat(gb.as_ptr(), r, 1),
-                Mat(a_.as_ptr(), in_dim, 1),
+                out_dim,
+                Mat(g.as_ptr(), out_dim, 1),
+                Mat(b_.as_ptr(), r, 1),
+                1.0,
+            );
+            // dB = scale · gᵀ · (dropout(x)·Aᵀ)
+            let db = par_rows(
+                out_dim,
+                r,
+                m,
+                Mat(g.as_ptr(), out_dim, 1).t(),
+                Mat(xa.as_ptr(), r, 1),
                 self.scale,
             );
-            if let Some(d) = self.dropout {
-                d.apply_in_place(&mut dx);
-            }
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(da, a.shape(), a.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+            // dA = scale · gbᵀ · dropout(x)
+            let dropped = self.dropped(x_);
+            let xd = dropped.as_deref().unwrap_or(x_);
+            let da = par_cols(
+                r,
+                in_dim,
+                m,
+                Mat(gb.as_ptr(), r, 1).t(),
+                Mat(xd.as_ptr(), in_dim, 1),
+                self.scale,
+            );
+            drop(dropped);
+            // dx = scale · (gb · A) ⊙ mask
+            let dx = if self.want_dx {
+                let mut dx = par_rows(
+                    m,
+                    in_dim,
+                    r,
+                    Mat(gb.as_ptr(), r, 1),
+                    Mat(a_.as_ptr(), in_dim, 1),
+                    self.scale,
+                );
+                if let Some(d) = self.dropout {
+                    d.apply_in_place(&mut dx);
+                }
+                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+            } else {
+                None
+            };
+            Ok((
+                dx,
+                Some(Tensor::from_vec(da, a.shape(), a.device())?),
+                Some(Tensor::from_vec(db, b.shape(), b.device())?),
+            ))
+        })
     }
 }

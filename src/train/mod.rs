@@ -21,6 +21,7 @@ pub mod onednn;
 pub mod ops;
 pub mod optim;
 pub mod quant;
+pub mod timing;
 pub mod tokenizer;
 
 use std::io::Write;

@@ -9,31 +9,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-/// Time spent in the frozen multiplies and in the loss, summed over all threads, for the
-/// benchmark's breakdown (an atomic add per call; nothing reads it during training).
-pub mod timing {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    pub(super) static FROZEN_MATMUL_NS: AtomicU64 = AtomicU64::new(0);
-    pub(super) static LOSS_NS: AtomicU64 = AtomicU64::new(0);
-
-    pub(super) fn add(counter: &AtomicU64, since: std::time::Instant) {
-        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// Seconds in frozen matmuls (forward, input gradient, vocabulary projection) and in the
-    /// loss apart from its matmuls, since the last call.
-    pub fn take() -> (f64, f64) {
-        (
-            FROZEN_MATMUL_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9,
-            LOSS_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9,
-        )
-    }
-
-    pub(super) fn frozen_matmul_ns() -> u64 {
-        FROZEN_MATMUL_NS.load(Ordering::Relaxed)
-    }
-}
+use super::timing::{self, Part};
 
 /// `y = x · Wᵀ` for a frozen `W` (out, in): the backward returns the input gradient only.
 struct FrozenMatmul {
@@ -80,10 +56,7 @@ pub(crate) fn cpu_xwt(
     w: &CpuStorage,
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let t0 = std::time::Instant::now();
-    let out = cpu_xwt_untimed(x, xl, w, wl);
-    timing::add(&timing::FROZEN_MATMUL_NS, t0);
-    out
+    timing::scope(Part::FrozenMatmul, || cpu_xwt_untimed(x, xl, w, wl))
 }
 
 /// Contiguous bf16 data of a CPU storage, when it is one.
@@ -179,10 +152,7 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let t0 = std::time::Instant::now();
-        let out = self.cpu_fwd_untimed(s, l);
-        timing::add(&timing::FROZEN_MATMUL_NS, t0);
-        out
+        timing::scope(Part::FrozenMatmul, || self.cpu_fwd_untimed(s, l))
     }
 
     #[cfg(feature = "cuda")]
@@ -466,15 +436,9 @@ const LOGIT_ROWS_PER_CHUNK: usize = 256;
 /// backward scaled by the upstream gradient: the vocabulary matmul then runs twice instead of
 /// three times and no logits survive the call.
 pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (t0, matmul0) = (std::time::Instant::now(), timing::frozen_matmul_ns());
-    let out = lm_head_cross_entropy_untimed(hidden, weight, targets);
-    let matmuls = timing::frozen_matmul_ns().saturating_sub(matmul0);
-    let total = t0.elapsed().as_nanos() as u64;
-    timing::LOSS_NS.fetch_add(
-        total.saturating_sub(matmuls),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    out
+    timing::scope(Part::Loss, || {
+        lm_head_cross_entropy_untimed(hidden, weight, targets)
+    })
 }
 
 fn lm_head_cross_entropy_untimed(

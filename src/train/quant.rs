@@ -10,6 +10,7 @@
 //! wherever candle does. A quantized linear dequantizes in its forward and again in its backward:
 //! no dense copy of the weight lives between the two.
 
+use crate::train::timing::{self, Part};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -623,9 +624,11 @@ struct QuantizedMatmul {
 
 impl QuantizedMatmul {
     fn dense(&self, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
-        self.weight
-            .dequantize(device, dtype)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        timing::scope(Part::Dequantize, || {
+            self.weight
+                .dequantize(device, dtype)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
     }
 }
 
