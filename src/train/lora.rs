@@ -5,8 +5,8 @@
 //! buffers per layer and direction (mask, multiply, two matmuls through transposed views, scale,
 //! and their gradients), while its arithmetic is a rank-r sliver: measured, the four q,k,v,o
 //! branches cost more than the frozen multiplies they sit on. On the CPU in float32 the branch is
-//! one op here: the dropped-out input is never stored (the mask is a pure function of its seed and
-//! is drawn again in backward), only the `(tokens, r)` product `dropout(x)·Aᵀ` is kept, and every
+//! one op here: the dropped-out input is never stored (the mask is kept as one bit per element),
+//! only the `(tokens, r)` product `dropout(x)·Aᵀ` is kept, and every
 //! multiply is split over candle's worker threads by independent output rows or columns.
 
 use std::sync::Mutex;
@@ -18,60 +18,100 @@ use super::timing::{self, Part};
 /// Rows (or columns) of an output one worker computes at a time.
 const CHUNK: usize = 64;
 
-/// Mask elements one worker draws at a time.
-const MASK_BLOCK: usize = 1 << 16;
+/// Mask words (64 elements each) one worker draws at a time.
+const MASK_WORDS: usize = 1 << 10;
 
 /// Inverted dropout: each element kept with probability 1−p and scaled by 1/(1−p).
 /// A counter-based SplitMix64 stream gives four 16-bit draws per counter (p resolved to 1/65536),
-/// so any range of the mask can be drawn on its own: in parallel, and again in backward.
+/// so any range of the mask can be drawn on its own, in parallel. The forward pass draws it once
+/// as bits (one per element: 74 KB for a 1024 × 576 input) that backward reuses.
 #[derive(Debug, Clone, Copy)]
 pub struct Dropout {
     pub p: f64,
     pub seed: u64,
 }
 
+/// Which elements a [`Dropout`] drops, one bit each (1 = dropped).
+pub struct DropMask {
+    bits: Vec<u64>,
+    keep: f32,
+}
+
 impl Dropout {
-    /// Mask values of elements `start .. start + out.len()`.
-    fn fill(&self, start: usize, out: &mut [f32]) {
-        let keep = 1.0 / (1.0 - self.p) as f32;
+    /// The mask of `n` elements.
+    pub fn draw(&self, n: usize) -> DropMask {
         let threshold = (self.p * 65536.0).round() as u64;
-        for (j, v) in out.iter_mut().enumerate() {
-            let i = start + j;
-            let counter = (i / 4) as u64 + 1;
-            let mut z = self
-                .seed
-                .wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            let draw = (z >> (16 * (i % 4))) & 0xffff;
-            *v = if draw < threshold { 0.0 } else { keep };
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        let words = bits.len();
+        let ptr = SharedWords(bits.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(words.div_ceil(MASK_WORDS), |chunks| {
+            for c in chunks {
+                let (w0, w1) = (c * MASK_WORDS, ((c + 1) * MASK_WORDS).min(words));
+                for w in w0..w1 {
+                    let mut word = 0u64;
+                    // Word w holds elements 64w .. 64w+63: counters 16w+1 .. 16w+16.
+                    for q in 0..16u64 {
+                        let counter = 16 * w as u64 + q + 1;
+                        let mut z = self
+                            .seed
+                            .wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                        z ^= z >> 31;
+                        for lane in 0..4 {
+                            let draw = (z >> (16 * lane)) & 0xffff;
+                            word |= ((draw < threshold) as u64) << (4 * q + lane);
+                        }
+                    }
+                    // SAFETY: this chunk alone writes words w0..w1.
+                    unsafe { *ptr.ptr().add(w) = word };
+                }
+            }
+        });
+        DropMask {
+            bits,
+            keep: 1.0 / (1.0 - self.p) as f32,
         }
     }
 
+    /// The mask of `n` elements as a tensor of 0 and 1/(1−p) (the composite path multiplies by it).
+    pub fn mask(&self, n: usize, device: &Device) -> Result<Tensor> {
+        let mut mask = vec![1f32; n];
+        self.draw(n).apply(&mut mask);
+        Tensor::from_vec(mask, n, device)
+    }
+}
+
+impl DropMask {
     /// `data ⊙= mask`, in parallel.
-    fn apply_in_place(&self, data: &mut [f32]) {
+    pub fn apply(&self, data: &mut [f32]) {
         let n = data.len();
+        let block = 64 * MASK_WORDS;
         let ptr = SharedMut(data.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(MASK_BLOCK), |chunks| {
-            let mut mask = vec![0f32; MASK_BLOCK];
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
             for c in chunks {
-                let (start, end) = (c * MASK_BLOCK, ((c + 1) * MASK_BLOCK).min(n));
+                let (start, end) = (c * block, ((c + 1) * block).min(n));
                 // SAFETY: chunk c alone touches data[start..end].
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
-                let mask = &mut mask[..end - start];
-                self.fill(start, mask);
-                dst.iter_mut().zip(mask.iter()).for_each(|(v, m)| *v *= m);
+                for (j, v) in dst.iter_mut().enumerate() {
+                    let i = start + j;
+                    let dropped = (self.bits[i / 64] >> (i % 64)) & 1 == 1;
+                    *v = if dropped { 0.0 } else { *v * self.keep };
+                }
             }
         });
     }
+}
 
-    /// The mask of `n` elements as a tensor (the composite path multiplies by it).
-    pub fn mask(&self, n: usize, device: &Device) -> Result<Tensor> {
-        let mut mask = vec![1f32; n];
-        self.apply_in_place(&mut mask);
-        Tensor::from_vec(mask, n, device)
+#[derive(Clone, Copy)]
+struct SharedWords(*mut u64);
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    fn ptr(self) -> *mut u64 {
+        self.0
     }
 }
 
@@ -208,7 +248,7 @@ pub fn lora_branch(
         dropout,
         want_dx: x.track_op(),
         keep: tracked,
-        xa: Mutex::new(None),
+        saved: Mutex::new(None),
     };
     let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
     if tracked {
@@ -225,8 +265,8 @@ struct LoraBranch {
     want_dx: bool,
     /// Keep `dropout(x)·Aᵀ` for backward.
     keep: bool,
-    /// `dropout(x)·Aᵀ`, (tokens, r).
-    xa: Mutex<Option<Vec<f32>>>,
+    /// `dropout(x)·Aᵀ` (tokens, r) and the dropout mask, from forward for backward.
+    saved: Mutex<Option<(Vec<f32>, Option<DropMask>)>>,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -238,14 +278,12 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
-impl LoraBranch {
-    /// `dropout(x)`; `None` without dropout (use `x` itself).
-    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
-        let d = self.dropout?;
-        let mut out = x.to_vec();
-        d.apply_in_place(&mut out);
-        Some(out)
-    }
+/// `x ⊙ mask` as a new buffer; `None` without a mask (use `x` itself).
+fn dropped(x: &[f32], mask: Option<&DropMask>) -> Option<Vec<f32>> {
+    let mask = mask?;
+    let mut out = x.to_vec();
+    mask.apply(&mut out);
+    Some(out)
 }
 
 impl CustomOp3 for LoraBranch {
@@ -271,7 +309,8 @@ impl CustomOp3 for LoraBranch {
             let (r, in_dim) = al.shape().dims2()?;
             let (out_dim, _) = bl.shape().dims2()?;
             let m = x.len() / in_dim;
-            let dropped = self.dropped(x);
+            let mask = self.dropout.map(|d| d.draw(x.len()));
+            let dropped = dropped(x, mask.as_ref());
             let xd = dropped.as_deref().unwrap_or(x);
             let xa = par_rows(
                 m,
@@ -290,7 +329,7 @@ impl CustomOp3 for LoraBranch {
                 self.scale,
             );
             if self.keep {
-                *self.xa.lock().expect("no panics while holding it") = Some(xa);
+                *self.saved.lock().expect("no panics while holding it") = Some((xa, mask));
             }
             let mut dims = xl.dims().to_vec();
             *dims.last_mut().expect("rank >= 1") = out_dim;
@@ -307,7 +346,12 @@ impl CustomOp3 for LoraBranch {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         timing::scope(Part::Lora, || {
-            let Some(xa) = self.xa.lock().expect("no panics while holding it").take() else {
+            let saved = self
+                .saved
+                .lock()
+                .expect("no panics while holding it")
+                .take();
+            let Some((xa, mask)) = saved else {
                 candle_core::bail!("LoRA: backward ran twice or without a forward")
             };
             let grad = grad.contiguous()?;
@@ -352,7 +396,7 @@ impl CustomOp3 for LoraBranch {
                 self.scale,
             );
             // dA = scale · gbᵀ · dropout(x)
-            let dropped = self.dropped(x_);
+            let dropped = dropped(x_, mask.as_ref());
             let xd = dropped.as_deref().unwrap_or(x_);
             let da = par_cols(
                 r,
@@ -373,8 +417,8 @@ impl CustomOp3 for LoraBranch {
                     Mat(a_.as_ptr(), in_dim, 1),
                     self.scale,
                 );
-                if let Some(d) = self.dropout {
-                    d.apply_in_place(&mut dx);
+                if let Some(mask) = &mask {
+                    mask.apply(&mut dx);
                 }
                 Some(Tensor::from_vec(dx, x.shape(), x.device())?)
             } else {
