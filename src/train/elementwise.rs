@@ -130,6 +130,40 @@ multiversion! {
     }
 }
 
+multiversion! {
+    fn to_bf16_block(src: &[f32], dst: &mut [half::bf16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            // Round to nearest even on the upper 16 bits; NaN stays a (quiet) NaN.
+            let bits = x.to_bits();
+            let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+            *d = half::bf16::from_bits(if x.is_nan() { 0x7fc0 } else { rounded });
+        }
+    }
+}
+
+/// `src` rounded to bfloat16 (round to nearest even), in parallel.
+pub fn to_bf16(src: &[f32]) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    let ptr = SharedBf16(out.as_mut_ptr());
+    par_blocks(src.len(), BLOCK, |s, e| {
+        // SAFETY: this block alone writes out[s..e].
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        to_bf16_block(&src[s..e], dst);
+    });
+    out
+}
+
+#[derive(Clone, Copy)]
+struct SharedBf16(*mut half::bf16);
+unsafe impl Send for SharedBf16 {}
+unsafe impl Sync for SharedBf16 {}
+
+impl SharedBf16 {
+    fn ptr(self) -> *mut half::bf16 {
+        self.0
+    }
+}
+
 /// In-place softmax of one row.
 pub fn softmax_row(row: &mut [f32]) {
     softmax_row_block(row)

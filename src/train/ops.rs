@@ -77,7 +77,7 @@ fn mixed_bf16(
     w: &[half::bf16],
     w_transposed: bool,
 ) -> Result<Vec<f32>> {
-    let a16: Vec<half::bf16> = a.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let a16 = super::elementwise::to_bf16(a);
     if let Some(out) = super::onednn::matmul_bf16(m, n, k, &a16, w, w_transposed) {
         return Ok(out);
     }
