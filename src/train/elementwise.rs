@@ -79,6 +79,46 @@ pub fn exp(x: f32) -> f32 {
     p * scale
 }
 
+/// Lanes of the partial maxima and sums below: independent accumulators let the loops
+/// vectorise (a single float accumulator is a serial chain the compiler may not reorder).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// `row = exp(row − max)`; returns the sum.
+#[inline(always)]
+fn exp_in_place_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp(*x - max);
+            *a += *x;
+        }
+    }
+    let mut tail = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 multiversion! {
     fn silu_mul_block(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -119,12 +159,8 @@ multiversion! {
 
 multiversion! {
     fn softmax_row_block(row: &mut [f32]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = exp(*x - max);
-            sum += *x;
-        }
+        let max = lanes_max(row);
+        let sum = exp_in_place_sum(row, max);
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|x| *x *= inv);
     }
@@ -160,6 +196,53 @@ unsafe impl Sync for SharedBf16 {}
 
 impl SharedBf16 {
     fn ptr(self) -> *mut half::bf16 {
+        self.0
+    }
+}
+
+multiversion! {
+    fn xent_rows_block(rows: &mut [f32], vocab: usize, targets: &[u32], losses: &mut [f64]) {
+        for ((row, &t), loss) in rows.chunks_exact_mut(vocab).zip(targets).zip(losses.iter_mut()) {
+            let max = lanes_max(row);
+            let target_logit = row[t as usize];
+            let sum = exp_in_place_sum(row, max);
+            *loss = (sum.ln() + max - target_logit) as f64;
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+            row[t as usize] -= 1.0;
+        }
+    }
+}
+
+/// Summed cross-entropy of `(rows, vocab)` logits against `targets`; the logits become the
+/// gradient of that sum (`softmax − onehot`) in place. Rows in parallel.
+pub fn softmax_cross_entropy_rows(logits: &mut [f32], vocab: usize, targets: &[u32]) -> f64 {
+    let rows = targets.len();
+    let mut losses = vec![0f64; rows];
+    let (lp, sp) = (
+        SharedMut(logits.as_mut_ptr()),
+        SharedF64(losses.as_mut_ptr()),
+    );
+    par_blocks(rows, 4, |s, e| {
+        // SAFETY: this block alone writes rows s..e of both buffers.
+        let (rows, losses) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(lp.ptr().add(s * vocab), (e - s) * vocab),
+                std::slice::from_raw_parts_mut(sp.ptr().add(s), e - s),
+            )
+        };
+        xent_rows_block(rows, vocab, &targets[s..e], losses);
+    });
+    losses.iter().sum()
+}
+
+#[derive(Clone, Copy)]
+struct SharedF64(*mut f64);
+unsafe impl Send for SharedF64 {}
+unsafe impl Sync for SharedF64 {}
+
+impl SharedF64 {
+    fn ptr(self) -> *mut f64 {
         self.0
     }
 }

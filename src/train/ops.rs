@@ -425,8 +425,9 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 }
 
 /// Rows of logits computed at once by [`lm_head_cross_entropy`]: bounds the (rows, vocab)
-/// buffers to a few tens of MB whatever the batch.
-const LOGIT_ROWS_PER_CHUNK: usize = 256;
+/// buffers whatever the batch, and keeps one (25 MB at a 49,152 vocabulary) under glibc's 32 MB
+/// mmap threshold so that it is reused instead of mapped and faulted in afresh for every chunk.
+const LOGIT_ROWS_PER_CHUNK: usize = 128;
 
 /// Sum over rows of the cross-entropy of `hidden · Wᵀ` (the vocabulary projection, `W` frozen)
 /// against `targets`, without keeping any (rows, vocab) tensor alive.
@@ -449,6 +450,9 @@ fn lm_head_cross_entropy_untimed(
     let (rows, _h) = hidden.dims2()?;
     let want_grad = hidden.track_op();
     let hidden_d = hidden.detach();
+    if fused_applies(hidden) && weight.device().is_cpu() {
+        return lm_head_cross_entropy_cpu(hidden, weight, targets);
+    }
     // The loss is accumulated in at least f32 (f64 stays f64 for gradient checks).
     let acc = match weight.dtype() {
         candle_core::DType::F64 => candle_core::DType::F64,
@@ -483,6 +487,58 @@ fn lm_head_cross_entropy_untimed(
     let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
     attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
         grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?)
+    })
+}
+
+/// [`lm_head_cross_entropy`] on the CPU in float32: each chunk's logits buffer becomes its own
+/// gradient (`softmax − onehot`) in place, one row at a time, so a chunk costs one
+/// `(rows, vocab)` buffer instead of six.
+fn lm_head_cross_entropy_cpu(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, _h) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let want_grad = hidden.track_op();
+    let hidden_d = hidden.detach();
+    let targets: Vec<u32> = targets.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target {t} is outside the vocabulary ({vocab})")
+    }
+    let weight = weight.contiguous()?;
+    let mut loss_sum = 0f64;
+    let mut grad_chunks = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = LOGIT_ROWS_PER_CHUNK.min(rows - start);
+        let h = hidden_d.narrow(0, start, n)?.contiguous()?;
+        let mut logits = {
+            let (hs, hl) = h.storage_and_layout();
+            let (ws, wl) = weight.storage_and_layout();
+            let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws)
+            else {
+                candle_core::bail!("cross-entropy: hidden states and weight must be on the CPU")
+            };
+            match cpu_xwt(hs, hl, ws, wl)?.0 {
+                CpuStorage::F32(v) => v,
+                _ => candle_core::bail!("cross-entropy: logits must be float32"),
+            }
+        };
+        loss_sum += super::elementwise::softmax_cross_entropy_rows(
+            &mut logits,
+            vocab,
+            &targets[start..start + n],
+        );
+        if want_grad {
+            let d_logits = Tensor::from_vec(logits, (n, vocab), hidden.device())?;
+            grad_chunks.push(frozen_matmul_t(&d_logits, &weight)?);
+        }
+        start += n;
+    }
+    let loss_sum = Tensor::new(loss_sum as f32, hidden.device())?;
+    if !want_grad {
+        return Ok(loss_sum);
+    }
+    let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
+    attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
+        grad_hidden.broadcast_mul(g)
     })
 }
 
