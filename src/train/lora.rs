@@ -83,6 +83,46 @@ impl Dropout {
 }
 
 impl DropMask {
+    /// `x ⊙ mask` as a new buffer, in one parallel pass.
+    pub fn masked_copy(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        self.combine(
+            &mut out,
+            x,
+            |_, x, kept, keep| if kept { x * keep } else { 0.0 },
+        );
+        out
+    }
+
+    /// `dst += src ⊙ mask`, in one parallel pass.
+    pub fn add_masked(&self, dst: &mut [f32], src: &[f32]) {
+        self.combine(
+            dst,
+            src,
+            |d, s, kept, keep| if kept { d + s * keep } else { d },
+        );
+    }
+
+    /// `dst[i] = f(dst[i], src[i], kept(i), 1/(1−p))` over worker threads.
+    fn combine(&self, dst: &mut [f32], src: &[f32], f: impl Fn(f32, f32, bool, f32) -> f32 + Sync) {
+        let n = dst.len();
+        let block = 64 * MASK_WORDS;
+        let ptr = SharedMut(dst.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
+            for c in chunks {
+                let (start, end) = (c * block, ((c + 1) * block).min(n));
+                // SAFETY: chunk c alone touches dst[start..end].
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
+                for (j, (d, &s)) in dst.iter_mut().zip(&src[start..end]).enumerate() {
+                    let i = start + j;
+                    let kept = (self.bits[i / 64] >> (i % 64)) & 1 == 0;
+                    *d = f(*d, s, kept, self.keep);
+                }
+            }
+        });
+    }
+
     /// `data ⊙= mask`, in parallel.
     pub fn apply(&self, data: &mut [f32]) {
         let n = data.len();
@@ -150,7 +190,14 @@ impl Mat {
 ///
 /// # Safety
 /// Every view must be valid for its extent, and `dst` written by no other thread.
-unsafe fn gemm((m, n, k): (usize, usize, usize), dst: Mat, lhs: Mat, rhs: Mat, alpha: f32) {
+unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -161,14 +208,14 @@ unsafe fn gemm((m, n, k): (usize, usize, usize), dst: Mat, lhs: Mat, rhs: Mat, a
         dst.0 as *mut f32,
         dst.2 as isize,
         dst.1 as isize,
-        false,
+        accumulate,
         lhs.0,
         lhs.2 as isize,
         lhs.1 as isize,
         rhs.0,
         rhs.2 as isize,
         rhs.1 as isize,
-        0.0,
+        1.0,
         alpha,
         false,
         false,
@@ -180,18 +227,40 @@ unsafe fn gemm((m, n, k): (usize, usize, usize), dst: Mat, lhs: Mat, rhs: Mat, a
 /// `out (m×n) = alpha · lhs · rhs`, the m rows split over candle's worker threads.
 fn par_rows(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    let ptr = SharedMut(out.as_mut_ptr());
+    par_rows_into(&mut out, false, (m, n, k), lhs, rhs, alpha);
+    out
+}
+
+/// `dst (m×n) [+]= alpha · lhs · rhs`, the m rows split over candle's worker threads.
+fn par_rows_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat,
+    alpha: f32,
+) {
+    assert_eq!(dst.len(), m * n, "LoRA: output buffer size");
+    let ptr = SharedMut(dst.as_mut_ptr());
     let (lhs, rhs) = (SendMat(lhs), SendMat(rhs));
     candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(CHUNK), |chunks| {
         let (lhs, rhs) = (lhs.get(), rhs.get());
         for c in chunks {
             let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(m));
             let dst = Mat(ptr.ptr(), n, 1);
-            // SAFETY: rows r0..r1 of out belong to this chunk; lhs rows r0..r1 exist.
-            unsafe { gemm((r1 - r0, n, k), dst.at(r0, 0), lhs.at(r0, 0), rhs, alpha) };
+            // SAFETY: rows r0..r1 of dst belong to this chunk; lhs rows r0..r1 exist.
+            unsafe {
+                gemm(
+                    (r1 - r0, n, k),
+                    dst.at(r0, 0),
+                    accumulate,
+                    lhs.at(r0, 0),
+                    rhs,
+                    alpha,
+                )
+            };
         }
     });
-    out
 }
 
 /// `out (m×n) = alpha · lhs · rhs`, the n columns split over candle's worker threads (for
@@ -206,7 +275,16 @@ fn par_cols(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec
             let (c0, c1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let dst = Mat(ptr.ptr(), n, 1);
             // SAFETY: columns c0..c1 of out belong to this chunk; rhs columns c0..c1 exist.
-            unsafe { gemm((m, c1 - c0, k), dst.at(0, c0), lhs, rhs.at(0, c0), alpha) };
+            unsafe {
+                gemm(
+                    (m, c1 - c0, k),
+                    dst.at(0, c0),
+                    false,
+                    lhs,
+                    rhs.at(0, c0),
+                    alpha,
+                )
+            };
         }
     });
     out
@@ -222,6 +300,109 @@ impl SendMat {
     fn get(self) -> Mat {
         self.0
     }
+}
+
+/// Shapes of one LoRA pair: A is (rank, inputs), B is (outputs, rank).
+#[derive(Debug, Clone, Copy)]
+pub struct LoraDims {
+    pub rank: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+/// What the backward pass needs from the forward pass.
+pub struct LoraSaved {
+    /// `dropout(x)·Aᵀ`, (tokens, rank).
+    xa: Vec<f32>,
+    mask: Option<DropMask>,
+}
+
+/// `y += scale · dropout(x)·Aᵀ·Bᵀ` for `x` (tokens, inputs) and `y` (tokens, outputs).
+pub fn forward_into(
+    y: &mut [f32],
+    x: &[f32],
+    (a, b): (&[f32], &[f32]),
+    d: LoraDims,
+    scale: f32,
+    dropout: Option<Dropout>,
+) -> LoraSaved {
+    let m = x.len() / d.inputs;
+    let mask = dropout.map(|p| p.draw(x.len()));
+    let dropped = mask.as_ref().map(|mask| mask.masked_copy(x));
+    let xd = dropped.as_deref().unwrap_or(x);
+    let xa = par_rows(
+        m,
+        d.rank,
+        d.inputs,
+        Mat(xd.as_ptr(), d.inputs, 1),
+        Mat(a.as_ptr(), d.inputs, 1).t(),
+        1.0,
+    );
+    par_rows_into(
+        y,
+        true,
+        (m, d.outputs, d.rank),
+        Mat(xa.as_ptr(), d.rank, 1),
+        Mat(b.as_ptr(), d.rank, 1).t(),
+        scale,
+    );
+    LoraSaved { xa, mask }
+}
+
+/// Gradients of A and B for the output gradient `g` (tokens, outputs); adds the input gradient
+/// into `dx` (tokens, inputs) when one is wanted.
+pub fn backward(
+    g: &[f32],
+    x: &[f32],
+    saved: &LoraSaved,
+    (a, b): (&[f32], &[f32]),
+    d: LoraDims,
+    scale: f32,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let m = x.len() / d.inputs;
+    // gb = g · B (tokens, rank)
+    let gb = par_rows(
+        m,
+        d.rank,
+        d.outputs,
+        Mat(g.as_ptr(), d.outputs, 1),
+        Mat(b.as_ptr(), d.rank, 1),
+        1.0,
+    );
+    // dB = scale · gᵀ · (dropout(x)·Aᵀ)
+    let db = par_rows(
+        d.outputs,
+        d.rank,
+        m,
+        Mat(g.as_ptr(), d.outputs, 1).t(),
+        Mat(saved.xa.as_ptr(), d.rank, 1),
+        scale,
+    );
+    // dA = scale · gbᵀ · dropout(x)
+    let dropped = saved.mask.as_ref().map(|mask| mask.masked_copy(x));
+    let xd = dropped.as_deref().unwrap_or(x);
+    let da = par_cols(
+        d.rank,
+        d.inputs,
+        m,
+        Mat(gb.as_ptr(), d.rank, 1).t(),
+        Mat(xd.as_ptr(), d.inputs, 1),
+        scale,
+    );
+    drop(dropped);
+    // dx += scale · (gb · A) ⊙ mask
+    if let Some(dx) = dx {
+        let (gb_m, a_m) = (Mat(gb.as_ptr(), d.rank, 1), Mat(a.as_ptr(), d.inputs, 1));
+        match &saved.mask {
+            None => par_rows_into(dx, true, (m, d.inputs, d.rank), gb_m, a_m, scale),
+            Some(mask) => {
+                let t = par_rows(m, d.inputs, d.rank, gb_m, a_m, scale);
+                mask.add_masked(dx, &t);
+            }
+        }
+    }
+    (da, db)
 }
 
 /// `scale · dropout(x) · Aᵀ · Bᵀ` for `x` (…, in), `A` (r, in), `B` (out, r): float32 on the CPU.
@@ -263,10 +444,9 @@ struct LoraBranch {
     dropout: Option<Dropout>,
     /// The input is tracked: backward returns its gradient.
     want_dx: bool,
-    /// Keep `dropout(x)·Aᵀ` for backward.
+    /// Keep what backward needs.
     keep: bool,
-    /// `dropout(x)·Aᵀ` (tokens, r) and the dropout mask, from forward for backward.
-    saved: Mutex<Option<(Vec<f32>, Option<DropMask>)>>,
+    saved: Mutex<Option<LoraSaved>>,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -276,14 +456,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
         }
         _ => candle_core::bail!("LoRA: {what} must be contiguous float32 on the CPU"),
     }
-}
-
-/// `x ⊙ mask` as a new buffer; `None` without a mask (use `x` itself).
-fn dropped(x: &[f32], mask: Option<&DropMask>) -> Option<Vec<f32>> {
-    let mask = mask?;
-    let mut out = x.to_vec();
-    mask.apply(&mut out);
-    Some(out)
 }
 
 impl CustomOp3 for LoraBranch {
@@ -306,33 +478,20 @@ impl CustomOp3 for LoraBranch {
                 f32_slice(a, al, "A")?,
                 f32_slice(b, bl, "B")?,
             );
-            let (r, in_dim) = al.shape().dims2()?;
-            let (out_dim, _) = bl.shape().dims2()?;
-            let m = x.len() / in_dim;
-            let mask = self.dropout.map(|d| d.draw(x.len()));
-            let dropped = dropped(x, mask.as_ref());
-            let xd = dropped.as_deref().unwrap_or(x);
-            let xa = par_rows(
-                m,
-                r,
-                in_dim,
-                Mat(xd.as_ptr(), in_dim, 1),
-                Mat(a.as_ptr(), in_dim, 1).t(),
-                1.0,
-            );
-            let delta = par_rows(
-                m,
-                out_dim,
-                r,
-                Mat(xa.as_ptr(), r, 1),
-                Mat(b.as_ptr(), r, 1).t(),
-                self.scale,
-            );
+            let (rank, inputs) = al.shape().dims2()?;
+            let (outputs, _) = bl.shape().dims2()?;
+            let d = LoraDims {
+                rank,
+                inputs,
+                outputs,
+            };
+            let mut delta = vec![0f32; x.len() / inputs * outputs];
+            let saved = forward_into(&mut delta, x, (a, b), d, self.scale, self.dropout);
             if self.keep {
-                *self.saved.lock().expect("no panics while holding it") = Some((xa, mask));
+                *self.saved.lock().expect("no panics while holding it") = Some(saved);
             }
             let mut dims = xl.dims().to_vec();
-            *dims.last_mut().expect("rank >= 1") = out_dim;
+            *dims.last_mut().expect("rank >= 1") = outputs;
             Ok((CpuStorage::F32(delta), Shape::from(dims)))
         })
     }
@@ -346,12 +505,12 @@ impl CustomOp3 for LoraBranch {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         timing::scope(Part::Lora, || {
-            let saved = self
+            let Some(saved) = self
                 .saved
                 .lock()
                 .expect("no panics while holding it")
-                .take();
-            let Some((xa, mask)) = saved else {
+                .take()
+            else {
                 candle_core::bail!("LoRA: backward ran twice or without a forward")
             };
             let grad = grad.contiguous()?;
@@ -368,64 +527,20 @@ impl CustomOp3 for LoraBranch {
             else {
                 candle_core::bail!("LoRA: the fused op runs on the CPU only")
             };
-            let (g, x_, a_, b_) = (
-                f32_slice(gs, gl, "gradient")?,
-                f32_slice(xs, xl, "x")?,
-                f32_slice(as_, al, "A")?,
-                f32_slice(bs, bl, "B")?,
-            );
-            let (r, in_dim) = al.shape().dims2()?;
-            let (out_dim, _) = bl.shape().dims2()?;
-            let m = x_.len() / in_dim;
-            // gb = g · B (tokens, r)
-            let gb = par_rows(
-                m,
-                r,
-                out_dim,
-                Mat(g.as_ptr(), out_dim, 1),
-                Mat(b_.as_ptr(), r, 1),
-                1.0,
-            );
-            // dB = scale · gᵀ · (dropout(x)·Aᵀ)
-            let db = par_rows(
-                out_dim,
-                r,
-                m,
-                Mat(g.as_ptr(), out_dim, 1).t(),
-                Mat(xa.as_ptr(), r, 1),
-                self.scale,
-            );
-            // dA = scale · gbᵀ · dropout(x)
-            let dropped = dropped(x_, mask.as_ref());
-            let xd = dropped.as_deref().unwrap_or(x_);
-            let da = par_cols(
-                r,
-                in_dim,
-                m,
-                Mat(gb.as_ptr(), r, 1).t(),
-                Mat(xd.as_ptr(), in_dim, 1),
-                self.scale,
-            );
-            drop(dropped);
-            // dx = scale · (gb · A) ⊙ mask
-            let dx = if self.want_dx {
-                let mut dx = par_rows(
-                    m,
-                    in_dim,
-                    r,
-                    Mat(gb.as_ptr(), r, 1),
-                    Mat(a_.as_ptr(), in_dim, 1),
-                    self.scale,
-                );
-                if let Some(mask) = &mask {
-                    mask.apply(&mut dx);
-                }
-                Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-            } else {
-                None
+            let (g, x_) = (f32_slice(gs, gl, "gradient")?, f32_slice(xs, xl, "x")?);
+            let (a_, b_) = (f32_slice(as_, al, "A")?, f32_slice(bs, bl, "B")?);
+            let (rank, inputs) = al.shape().dims2()?;
+            let (outputs, _) = bl.shape().dims2()?;
+            let d = LoraDims {
+                rank,
+                inputs,
+                outputs,
             };
+            let mut dx = self.want_dx.then(|| vec![0f32; x_.len()]);
+            let (da, db) = backward(g, x_, &saved, (a_, b_), d, self.scale, dx.as_deref_mut());
             Ok((
-                dx,
+                dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+                    .transpose()?,
                 Some(Tensor::from_vec(da, a.shape(), a.device())?),
                 Some(Tensor::from_vec(db, b.shape(), b.device())?),
             ))
