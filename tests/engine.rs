@@ -108,20 +108,10 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
         let loss = model
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
             .unwrap();
-        let grads = loss.backward().unwrap();
-        let g: Vec<Tensor> = model
-            .lora_vars()
-            .iter()
-            .map(|(name, v)| {
-                grads
-                    .get(v)
-                    .unwrap_or_else(|| panic!("no gradient for {name}"))
-                    .clone()
-            })
-            .collect();
-        for (name, var) in model.lora_vars() {
-            assert!(grads.get(&var.as_tensor().clone()).is_some(), "{name}");
-        }
+        let store = loss.backward().unwrap();
+        // every LoRA factor gets a gradient (lora_grads errs naming one that does not)
+        let g: Vec<Tensor> = model.lora_grads(&store).unwrap();
+        assert_eq!(g.len(), vars.len());
         opt.step(&vars, &g, 1e-2).unwrap();
     }
     for (t, before) in frozen.iter().zip(&snapshot) {
@@ -159,19 +149,12 @@ fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, 
     let loss = model
         .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
         .unwrap();
-    let grads = loss.backward().unwrap();
+    let store = loss.backward().unwrap();
     let g = model
-        .lora_vars()
+        .lora_grads(&store)
+        .unwrap()
         .iter()
-        .map(|(_, v)| {
-            grads
-                .get(v)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
+        .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
         .collect();
     train::onednn::set_enabled(true);
     train::ops::set_fused(true);
@@ -256,46 +239,42 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
         train: true,
         dropout_seed: 11,
     };
-    let mut run = |checkpointing: bool| {
-        model.gradient_checkpointing = checkpointing;
-        let loss = model
-            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-            .unwrap();
-        let store = loss.backward().unwrap();
-        let recomputed = model.take_checkpoint_grads();
-        assert_eq!(recomputed.is_empty(), !checkpointing);
-        let grads: Vec<Vec<f32>> = model
-            .lora_vars()
-            .iter()
-            .map(|(name, v)| {
-                store
-                    .get(v)
-                    .or_else(|| recomputed.get(&v.id()))
-                    .unwrap_or_else(|| panic!("no gradient for {name}"))
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect();
-        (loss.to_scalar::<f32>().unwrap(), grads)
-    };
-    let (plain_loss, plain) = run(false);
-    let (ckpt_loss, ckpt) = run(true);
-    assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6);
-    for (a, b) in ckpt.iter().zip(&plain) {
-        let diff: f32 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f32>()
-            .sqrt();
-        let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-        assert!(
-            norm > 0.0 && diff / norm < 1e-5,
-            "relative gradient error {}",
-            diff / norm
-        );
+    // Both implementations: the fused CPU layer (which runs its forward again in backward) and
+    // the composite one (a custom backward that rebuilds the layer's graph).
+    for fused in [true, false] {
+        train::ops::set_fused(fused);
+        let mut run = |checkpointing: bool| {
+            model.gradient_checkpointing = checkpointing;
+            let loss = model
+                .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+                .unwrap();
+            let store = loss.backward().unwrap();
+            let grads: Vec<Vec<f32>> = model
+                .lora_grads(&store)
+                .unwrap()
+                .iter()
+                .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (plain_loss, plain) = run(false);
+        let (ckpt_loss, ckpt) = run(true);
+        train::ops::set_fused(true);
+        assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6);
+        for (a, b) in ckpt.iter().zip(&plain) {
+            let diff: f32 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+            assert!(
+                norm > 0.0 && diff / norm < 1e-5,
+                "fused {fused}: relative gradient error {}",
+                diff / norm
+            );
+        }
     }
 
     // through the job spec: the curve of a checkpointed run is the plain run's
@@ -351,17 +330,10 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
             .unwrap();
         let store = loss.backward().unwrap();
         let g: Vec<f32> = m
-            .lora_vars()
+            .lora_grads(&store)
+            .unwrap()
             .iter()
-            .flat_map(|(_, v)| {
-                store
-                    .get(v)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
+            .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();
         train::onednn::set_enabled(true);
         (loss.to_scalar::<f32>().unwrap(), g)
@@ -689,12 +661,12 @@ fn exported_adapter_reproduces_the_logits() {
             train: true,
             dropout_seed: step,
         };
-        let g = trained
+        let store = trained
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
             .unwrap()
             .backward()
             .unwrap();
-        let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v).unwrap().clone()).collect();
+        let grads: Vec<Tensor> = trained.lora_grads(&store).unwrap();
         opt.step(&vars, &grads, 1e-2).unwrap();
     }
     let spec = common::spec(

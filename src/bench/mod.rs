@@ -229,17 +229,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let loss_value = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let store = loss.backward()?;
-        let recomputed = model.take_checkpoint_grads();
-        let mut grads: Vec<Tensor> = vars
-            .iter()
-            .map(|v| {
-                store
-                    .get(v)
-                    .or_else(|| recomputed.get(&v.id()))
-                    .expect("grad")
-                    .clone()
-            })
-            .collect();
+        let mut grads = model.lora_grads(&store)?;
         drop(store);
         let t2 = Instant::now();
         optim::clip_grad_norm(&mut grads, 1.0)?;

@@ -87,7 +87,29 @@ pub fn causal_attention(
     }
 }
 
-struct CausalAttention {
+/// The attention kernels on plain buffers, for callers that keep their own activations (the
+/// fused decoder layer).
+pub(crate) fn kernels(
+    (batch, time, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
+    scale: f64,
+    window: usize,
+) -> CausalAttention {
+    CausalAttention {
+        dims: Dims {
+            batch,
+            time,
+            heads,
+            kv_heads,
+            head_dim,
+        },
+        scale: scale as f32,
+        window,
+        keep_probs: false,
+        probs: Mutex::new(None),
+    }
+}
+
+pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     window: usize,
@@ -185,7 +207,8 @@ impl CausalAttention {
         (i + 1).saturating_sub(self.window)
     }
 
-    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    /// `(probabilities (b, heads, t, t), output (b, t, heads, d))`.
+    pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let d = self.dims;
         let t = d.time;
         let mut probs = vec![0f32; d.batch * d.heads * t * t];
@@ -241,7 +264,7 @@ impl CausalAttention {
     }
 
     /// Gradients of q, k, v given the output gradient `go` `(b, t, heads, d)`.
-    fn backward(
+    pub(crate) fn backward(
         &self,
         q: &[f32],
         k: &[f32],

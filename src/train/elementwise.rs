@@ -261,6 +261,124 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
+multiversion! {
+    fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let h = weight.len();
+        for (x, out) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let mut acc = [0f32; LANES];
+            let mut chunks = x.chunks_exact(LANES);
+            for c in &mut chunks {
+                for (a, &v) in acc.iter_mut().zip(c) {
+                    *a += v * v;
+                }
+            }
+            let sq = acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>();
+            let r = 1.0 / (sq / h as f32 + eps).sqrt();
+            for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+                *o = v * r * w;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn rope_rows(x: &mut [f32], first: usize, heads: usize, time: usize, cos: &[f32], sin: &[f32], sign: f32) {
+        let half = cos.len() / time;
+        let d = 2 * half;
+        for row in 0..x.len() / d {
+            // Rows are (batch, position, head) in that order.
+            let pos = ((first + row) / heads) % time;
+            let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+            let (lo, hi) = x[row * d..(row + 1) * d].split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * c[i] - sign * b * s[i];
+                hi[i] = b * c[i] + sign * a * s[i];
+            }
+        }
+    }
+}
+
+/// Row-wise RMSNorm of `x` (rows, h) times `weight` (h).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
+    let h = weight.len();
+    let mut out = vec![0f32; x.len()];
+    let ptr = SharedMut(out.as_mut_ptr());
+    par_blocks(x.len() / h, (BLOCK / h).max(1), |s, e| {
+        // SAFETY: this block alone writes rows s..e.
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        rms_norm_rows(&x[s * h..e * h], weight, eps as f32, out);
+    });
+    out
+}
+
+/// Input gradient of [`rms_norm`] for the output gradient `dy`.
+pub fn rms_norm_grad(x: &[f32], dy: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
+    let h = weight.len();
+    let mut dx = vec![0f32; x.len()];
+    let ptr = SharedMut(dx.as_mut_ptr());
+    par_blocks(x.len() / h, (BLOCK / h).max(1), |s, e| {
+        // SAFETY: this block alone writes rows s..e.
+        let dx = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        rms_norm_grad_rows(&x[s * h..e * h], &dy[s * h..e * h], weight, eps as f32, dx);
+    });
+    dx
+}
+
+/// Rotary embedding (rotate-half layout) in place on `x` (b, t, heads, d) with `cos`, `sin`
+/// (t, d/2); `inverse` rotates back (the backward pass).
+pub fn rope(x: &mut [f32], heads: usize, time: usize, cos: &[f32], sin: &[f32], inverse: bool) {
+    let d = 2 * cos.len() / time;
+    let rows = x.len() / d;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let ptr = SharedMut(x.as_mut_ptr());
+    par_blocks(rows, (BLOCK / d).max(1), |s, e| {
+        // SAFETY: this block alone touches rows s..e.
+        let x = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * d), (e - s) * d) };
+        rope_rows(x, s, heads, time, cos, sin, sign);
+    });
+}
+
+/// `silu(gate) · up` on slices.
+pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    let ptr = SharedMut(out.as_mut_ptr());
+    par_blocks(gate.len(), BLOCK, |s, e| {
+        // SAFETY: this block alone writes out[s..e].
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        silu_mul_block(&gate[s..e], &up[s..e], out);
+    });
+    out
+}
+
+/// Gradients of [`silu_mul_forward`] w.r.t. gate and up.
+pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let n = gate.len();
+    let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
+    let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
+    par_blocks(n, BLOCK, |s, e| {
+        // SAFETY: this block alone writes [s..e] of both outputs.
+        let (dg, du) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
+                std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
+            )
+        };
+        silu_mul_grad_block(&gate[s..e], &up[s..e], &dy[s..e], dg, du);
+    });
+    (d_gate, d_up)
+}
+
+/// `dst += src`, in parallel.
+pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
+    let ptr = SharedMut(dst.as_mut_ptr());
+    par_blocks(dst.len(), BLOCK, |s, e| {
+        // SAFETY: this block alone writes dst[s..e].
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        dst.iter_mut().zip(&src[s..e]).for_each(|(d, s)| *d += s);
+    });
+}
+
 /// `silu(gate) · up` (SwiGLU), float32 on the CPU.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);

@@ -305,9 +305,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
             (None, None) => (train, Vec::new(), None),
         };
     let schedule = Schedule::new(&spec, train.len());
-    let named_vars = base.model.lora_vars();
-    let names: Vec<String> = named_vars.iter().map(|(n, _)| n.clone()).collect();
-    let vars: Vec<Var> = named_vars.into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<Var> = base.model.lora_vars().into_iter().map(|(_, v)| v).collect();
     reporter.report(&Event::Data {
         train: train_report,
         validation: val_report,
@@ -381,18 +379,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
             let loss = (loss_sum / label_total as f64)?;
             loss_value += loss.to_scalar::<f32>()? as f64;
             let store = loss.backward()?;
-            // Layers recomputed under gradient checkpointing hand their LoRA gradients over here.
-            let recomputed = base.model.take_checkpoint_grads();
-            for (i, var) in vars.iter().enumerate() {
-                let g = store
-                    .get(var)
-                    .or_else(|| recomputed.get(&var.id()))
-                    .ok_or_else(|| {
-                        Error::Model(format!(
-                            "no gradient reached {} (a graph cut on the path to the loss)",
-                            names[i]
-                        ))
-                    })?;
+            for (i, g) in base.model.lora_grads(&store)?.iter().enumerate() {
                 grads[i] = Some(match grads[i].take() {
                     None => g.clone(),
                     Some(acc) => (acc + g)?,

@@ -126,6 +126,39 @@ fn cpu_xwt_untimed(
     matmul_xwt(x, xl, w, wl)
 }
 
+/// `x · Wᵀ` (`forward`, `x` is (m, k)) or `g · W` (the input gradient, `g` is (m, n)) for a
+/// frozen dense CPU weight `W` (n, k) in float32 or bfloat16, on plain float32 buffers.
+pub(crate) fn cpu_frozen(x: &[f32], w: &Tensor, forward: bool) -> Result<Vec<f32>> {
+    timing::scope(Part::FrozenMatmul, || {
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen linear: the weight is not on the CPU")
+        };
+        let (n, k) = wl.shape().dims2()?;
+        let (inner, outer) = if forward { (k, n) } else { (n, k) };
+        let m = x.len() / inner;
+        if let Some(wb) = bf16_rows(ws, wl, n * k) {
+            return mixed_bf16((m, outer, inner), x, wb, forward);
+        }
+        if let Some(wf) = f32_rows(ws, wl, n * k) {
+            if let Some(out) = super::onednn::matmul(m, outer, inner, x, wf, forward) {
+                return Ok(out);
+            }
+        }
+        let xs = CpuStorage::F32(x.to_vec());
+        let xl = Layout::contiguous((m, inner));
+        let (out, _) = if forward {
+            matmul_xwt(&xs, &xl, ws, wl)?
+        } else {
+            matmul_xw(&xs, &xl, ws, wl)?
+        };
+        match out {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("frozen linear: the weight must be float32 or bfloat16"),
+        }
+    })
+}
+
 /// `g · W` on backend storage: `g` (…, n) contiguous, `W` (n, k) contiguous.
 fn matmul_xw<S: BackendStorage>(g: &S, gl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
     let (n, k) = wl.shape().dims2()?;

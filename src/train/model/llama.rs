@@ -146,9 +146,9 @@ pub struct Llama {
     /// Keep only each layer's input during a training forward and recompute the layer in
     /// backward (activation memory of one layer instead of all, for one more forward).
     pub gradient_checkpointing: bool,
-    /// LoRA gradients computed by recomputed layers during a backward pass, by variable id;
-    /// [`Llama::take_checkpoint_grads`] hands them to the optimizer step.
-    checkpoint_grads: Arc<std::sync::Mutex<Vec<(candle_core::TensorId, Tensor)>>>,
+    /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
+    /// variable id; [`Llama::take_checkpoint_grads`] hands them to the optimizer step.
+    checkpoint_grads: super::layer::GradStash,
 }
 
 /// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
@@ -330,6 +330,23 @@ impl Llama {
             mode,
         };
         let checkpoint = self.gradient_checkpointing && mode.train;
+        if ops::fused_applies(&x) {
+            if mode.train {
+                // The first layer's backward must run although the embedding is frozen.
+                x = Var::from_tensor(&x)?.as_tensor().clone();
+            }
+            for (layer, block) in self.blocks.iter().enumerate() {
+                x = super::layer::forward(
+                    block,
+                    layer,
+                    &x,
+                    &context,
+                    &self.checkpoint_grads,
+                    checkpoint,
+                )?;
+            }
+            return Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?);
+        }
         if checkpoint {
             // The first layer's backward must run although the embedding is frozen.
             x = Var::from_tensor(&x)?.as_tensor().clone();
@@ -369,16 +386,30 @@ impl Llama {
         Ok(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?)
     }
 
-    /// The LoRA gradients that recomputed (checkpointed) layers produced in the last backward
-    /// pass, by variable id; empty without gradient checkpointing.
-    pub fn take_checkpoint_grads(
-        &self,
-    ) -> std::collections::HashMap<candle_core::TensorId, Tensor> {
-        let mut stash = self
+    /// The gradient of every LoRA factor after `loss.backward()`, in [`Llama::lora_vars`] order:
+    /// from candle's gradient store, or handed over by layers that computed their own backward
+    /// (fused or recomputed layers). Takes those hand-overs, so call it once per backward.
+    pub fn lora_grads(&self, store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
+        let handed: std::collections::HashMap<candle_core::TensorId, Tensor> = self
             .checkpoint_grads
             .lock()
-            .expect("no panics while holding it");
-        stash.drain(..).collect()
+            .expect("no panics while holding it")
+            .drain(..)
+            .collect();
+        self.lora_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                store
+                    .get(&var)
+                    .or_else(|| handed.get(&var.id()))
+                    .cloned()
+                    .ok_or_else(|| {
+                        crate::train::Error::Model(format!(
+                            "no gradient reached {name} (a graph cut on the path to the loss)"
+                        ))
+                    })
+            })
+            .collect()
     }
 
     /// Logits `(b, t, vocab)` for every position (evaluation and generation).
@@ -519,15 +550,15 @@ fn init_lora(
 
 /// What every layer of one forward shares: rotary tables, mask, shapes, mode.
 #[derive(Clone)]
-struct LayerContext {
-    cfg: ModelConfig,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    scale: f64,
+pub(crate) struct LayerContext {
+    pub(crate) cfg: ModelConfig,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) mask: Tensor,
+    pub(crate) scale: f64,
     /// batch, time, heads, key/value heads, head dim
-    shape: (usize, usize, usize, usize, usize),
-    mode: ForwardMode,
+    pub(crate) shape: (usize, usize, usize, usize, usize),
+    pub(crate) mode: ForwardMode,
 }
 
 /// One decoder layer: attention then MLP, each with a pre-norm and a residual.

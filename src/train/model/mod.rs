@@ -1,6 +1,7 @@
 //! Base models: where they come from (local folder, Hub, GGUF) and the decoder itself.
 
 pub mod config;
+mod layer;
 pub mod llama;
 pub mod synthetic;
 

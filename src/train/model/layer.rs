@@ -1,0 +1,320 @@
+//! A decoder layer as one graph node whose backward is written out (CPU, float32 activations).
+//!
+//! Through candle's autograd a layer is some forty nodes, and every gradient that reaches a node
+//! costs a zero-filled buffer plus an add (`GradStore::or_insert`), besides the composite ops
+//! themselves. Here the layer is one node: the forward runs the fused kernels on plain buffers and
+//! keeps what the backward needs (or nothing, under gradient checkpointing, and runs the forward
+//! again in backward); the backward runs the chain rule by hand, hands each LoRA factor's gradient
+//! to the step through the model's gradient stash, and returns the input gradient. The composite
+//! path in `llama.rs` is the reference it is tested against, and what other devices run.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId};
+
+use super::llama::{mix_seed, Block, FrozenWeight, LayerContext, Linear};
+use crate::train::lora::{self, Dropout, LoraDims, LoraSaved};
+use crate::train::timing::{self, Part};
+use crate::train::{attention, elementwise, ops};
+
+/// LoRA gradients produced inside fused or recomputed layers, by variable id.
+pub(crate) type GradStash = Arc<Mutex<Vec<(TensorId, Tensor)>>>;
+
+type Result<T> = candle_core::Result<T>;
+
+/// Runs `block` on `x` as one graph node. `recompute`: keep nothing for backward and run the
+/// forward again there (gradient checkpointing).
+pub(crate) fn forward(
+    block: &Block,
+    layer: usize,
+    x: &Tensor,
+    context: &LayerContext,
+    stash: &GradStash,
+    recompute: bool,
+) -> Result<Tensor> {
+    let op = LayerOp {
+        block: block.clone(),
+        layer,
+        context: context.clone(),
+        stash: stash.clone(),
+        keep: x.track_op() && !recompute,
+        saved: Mutex::new(None),
+    };
+    let x = x.contiguous()?;
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+struct LayerOp {
+    block: Block,
+    layer: usize,
+    context: LayerContext,
+    stash: GradStash,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Activations the backward pass reads.
+struct Saved {
+    h1: Vec<f32>,
+    /// q and k after the rotary embedding.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    attn: Vec<f32>,
+    x1: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+    lora: Vec<Option<LoraSaved>>,
+}
+
+/// A tensor's values as a float32 vector (small tensors: norms, biases, LoRA factors).
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("fused layer: the input must be contiguous float32 on the CPU"),
+    }
+}
+
+/// The weight as a dense tensor (a cheap handle for dense weights; quantized ones are unpacked).
+fn dense(w: &FrozenWeight) -> Result<Tensor> {
+    match w {
+        FrozenWeight::Dense(t) => Ok(t.clone()),
+        FrozenWeight::Quantized(q) => timing::scope(Part::Dequantize, || {
+            q.dequantize(&Device::Cpu, DType::F32)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        }),
+    }
+}
+
+impl LayerOp {
+    fn dropout(&self, lin: &Linear, module: usize) -> Option<Dropout> {
+        let mode = self.context.mode;
+        let l = lin.lora.as_ref()?;
+        (mode.train && l.dropout > 0.0).then(|| Dropout {
+            p: l.dropout,
+            seed: mix_seed(&[mode.dropout_seed, (self.layer * 8 + module) as u64]),
+        })
+    }
+
+    /// `x · Wᵀ + bias + LoRA(x)` for linear `module`.
+    fn linear(&self, module: usize, x: &[f32]) -> Result<(Vec<f32>, Option<LoraSaved>)> {
+        let lin = &self.block.linears[module];
+        let mut y = ops::cpu_frozen(x, &dense(&lin.weight)?, true)?;
+        if let Some(bias) = &lin.bias {
+            let bias = host(bias)?;
+            timing::scope(Part::Elementwise, || {
+                y.chunks_exact_mut(bias.len())
+                    .for_each(|row| row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b))
+            });
+        }
+        let Some(l) = &lin.lora else {
+            return Ok((y, None));
+        };
+        let (a, b) = (host(l.a.as_tensor())?, host(l.b.as_tensor())?);
+        let (rank, inputs) = l.a.as_tensor().dims2()?;
+        let dims = LoraDims {
+            rank,
+            inputs,
+            outputs: l.b.as_tensor().dim(0)?,
+        };
+        let dropout = self.dropout(lin, module);
+        let saved = timing::scope(Part::Lora, || {
+            lora::forward_into(&mut y, x, (&a, &b), dims, l.scale as f32, dropout)
+        });
+        Ok((y, Some(saved)))
+    }
+
+    /// The input gradient of linear `module` for output gradient `g`; LoRA gradients go to `grads`.
+    fn linear_backward(
+        &self,
+        module: usize,
+        x: &[f32],
+        g: &[f32],
+        saved: Option<&LoraSaved>,
+        grads: &mut Vec<(TensorId, Tensor)>,
+    ) -> Result<Vec<f32>> {
+        let lin = &self.block.linears[module];
+        let mut dx = ops::cpu_frozen(g, &dense(&lin.weight)?, false)?;
+        if let (Some(l), Some(saved)) = (&lin.lora, saved) {
+            let (a, b) = (host(l.a.as_tensor())?, host(l.b.as_tensor())?);
+            let (rank, inputs) = l.a.as_tensor().dims2()?;
+            let outputs = l.b.as_tensor().dim(0)?;
+            let dims = LoraDims {
+                rank,
+                inputs,
+                outputs,
+            };
+            let (da, db) = timing::scope(Part::Lora, || {
+                lora::backward(g, x, saved, (&a, &b), dims, l.scale as f32, Some(&mut dx))
+            });
+            grads.push((
+                l.a.id(),
+                Tensor::from_vec(da, (rank, inputs), &Device::Cpu)?,
+            ));
+            grads.push((
+                l.b.id(),
+                Tensor::from_vec(db, (outputs, rank), &Device::Cpu)?,
+            ));
+        }
+        Ok(dx)
+    }
+
+    fn rope_tables(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((host(&self.context.cos)?, host(&self.context.sin)?))
+    }
+
+    fn attention(&self) -> attention::CausalAttention {
+        let c = &self.context;
+        let window = c.cfg.sliding_window.unwrap_or(usize::MAX);
+        attention::kernels(c.shape, c.scale, window)
+    }
+
+    fn run_forward(&self, x: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let c = &self.context;
+        let (_, t, nh, nkv, _) = c.shape;
+        let eps = c.cfg.rms_norm_eps;
+        let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
+        let (cos, sin) = self.rope_tables()?;
+        let h1 = timing::scope(Part::Elementwise, || elementwise::rms_norm(x, &w1, eps));
+        let (mut q, lq) = self.linear(0, &h1)?;
+        let (mut k, lk) = self.linear(1, &h1)?;
+        let (v, lv) = self.linear(2, &h1)?;
+        timing::scope(Part::Elementwise, || {
+            elementwise::rope(&mut q, nh, t, &cos, &sin, false);
+            elementwise::rope(&mut k, nkv, t, &cos, &sin, false);
+        });
+        let (probs, attn) = timing::scope(Part::Attention, || self.attention().forward(&q, &k, &v));
+        let (mut x1, lo) = self.linear(3, &attn)?;
+        timing::scope(Part::Elementwise, || elementwise::add_in_place(&mut x1, x));
+        let h2 = timing::scope(Part::Elementwise, || elementwise::rms_norm(&x1, &w2, eps));
+        let (gate, lg) = self.linear(4, &h2)?;
+        let (up, lu) = self.linear(5, &h2)?;
+        let act = timing::scope(Part::Elementwise, || {
+            elementwise::silu_mul_forward(&gate, &up)
+        });
+        let (mut y, ld) = self.linear(6, &act)?;
+        timing::scope(Part::Elementwise, || elementwise::add_in_place(&mut y, &x1));
+        let saved = Saved {
+            h1,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            x1,
+            h2,
+            gate,
+            up,
+            act,
+            lora: vec![lq, lk, lv, lo, lg, lu, ld],
+        };
+        Ok((y, saved))
+    }
+
+    /// The input gradient for the output gradient `gy`; LoRA gradients go to `grads`.
+    fn run_backward(
+        &self,
+        x: &[f32],
+        s: &Saved,
+        gy: &[f32],
+        grads: &mut Vec<(TensorId, Tensor)>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.context;
+        let (_, t, nh, nkv, _) = c.shape;
+        let eps = c.cfg.rms_norm_eps;
+        let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
+        let (cos, sin) = self.rope_tables()?;
+        let lora = |i: usize| s.lora[i].as_ref();
+        // MLP: y = x1 + down(silu(gate(h2)) · up(h2)), h2 = rms(x1)
+        let d_act = self.linear_backward(6, &s.act, gy, lora(6), grads)?;
+        let (d_gate, d_up) = timing::scope(Part::Elementwise, || {
+            elementwise::silu_mul_backward(&s.gate, &s.up, &d_act)
+        });
+        drop(d_act);
+        let mut d_h2 = self.linear_backward(4, &s.h2, &d_gate, lora(4), grads)?;
+        let d_h2_up = self.linear_backward(5, &s.h2, &d_up, lora(5), grads)?;
+        let dx1 = timing::scope(Part::Elementwise, || {
+            elementwise::add_in_place(&mut d_h2, &d_h2_up);
+            let mut dx1 = elementwise::rms_norm_grad(&s.x1, &d_h2, &w2, eps);
+            elementwise::add_in_place(&mut dx1, gy);
+            dx1
+        });
+        drop((d_gate, d_up, d_h2, d_h2_up));
+        // Attention: x1 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = rms(x)
+        let d_attn = self.linear_backward(3, &s.attn, &dx1, lora(3), grads)?;
+        let (mut dq, mut dk, dv) = timing::scope(Part::Attention, || {
+            self.attention()
+                .backward(&s.q, &s.k, &s.v, &s.probs, &d_attn)
+        });
+        timing::scope(Part::Elementwise, || {
+            elementwise::rope(&mut dq, nh, t, &cos, &sin, true);
+            elementwise::rope(&mut dk, nkv, t, &cos, &sin, true);
+        });
+        let mut d_h1 = self.linear_backward(0, &s.h1, &dq, lora(0), grads)?;
+        let d_h1_k = self.linear_backward(1, &s.h1, &dk, lora(1), grads)?;
+        let d_h1_v = self.linear_backward(2, &s.h1, &dv, lora(2), grads)?;
+        timing::scope(Part::Elementwise, || {
+            elementwise::add_in_place(&mut d_h1, &d_h1_k);
+            elementwise::add_in_place(&mut d_h1, &d_h1_v);
+            let mut dx = elementwise::rms_norm_grad(x, &d_h1, &w1, eps);
+            elementwise::add_in_place(&mut dx, &dx1);
+            Ok(dx)
+        })
+    }
+}
+
+impl CustomOp1 for LayerOp {
+    fn name(&self) -> &'static str {
+        "decoder-layer"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let (y, saved) = self.run_forward(x)?;
+        if self.keep {
+            *self.saved.lock().expect("no panics while holding it") = Some(saved);
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
+            candle_core::bail!("fused layer: runs on the CPU only")
+        };
+        let (x_, gy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let kept = self
+            .saved
+            .lock()
+            .expect("no panics while holding it")
+            .take();
+        let saved = match kept {
+            Some(saved) => saved,
+            // Gradient checkpointing: the forward again, from the layer's input.
+            None => self.run_forward(x_)?.1,
+        };
+        let mut grads = Vec::new();
+        let dx = self.run_backward(x_, &saved, gy, &mut grads)?;
+        drop(saved);
+        self.stash
+            .lock()
+            .expect("no panics while holding it")
+            .extend(grads);
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
