@@ -1,21 +1,16 @@
-//! Causal grouped-query attention as one CPU op with its own backward.
+//! Causal grouped-query attention on the CPU, forward and backward, on plain float32 buffers
+//! (the fused decoder layer calls it).
 //!
 //! The composite path (transpose to `(b, h, t, d)`, repeat the key/value heads, a batched matmul,
 //! scale, mask, softmax, matmul, transpose back) writes about ten `(b, h, t, t)` or `(b, t, h·d)`
 //! tensors per layer and keeps most of them for backward; candle's batched matmul also runs the
-//! heads one after another on one core. Here one op reads q, k, v in the layout the projections
+//! heads one after another on one core. Here the kernel reads q, k, v in the layout the projections
 //! produce (`(b, t, heads, d)`, no copies), spreads `(batch, head)` pairs over candle's worker
 //! threads, multiplies only the blocks at or below the diagonal, and keeps only the attention
 //! probabilities for backward. Key/value heads are shared by reading them with strides, not copied.
 //!
 //! Inner products go through the `gemm` crate (candle's own CPU matmul) with strides, one thread
 //! per `(batch, head)` pair.
-
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-
-use super::timing::{self, Part};
 
 /// Rows per block: the score matrix is computed in horizontal bands of this many rows, each only
 /// as wide as the causal mask allows.
@@ -42,51 +37,6 @@ impl Dims {
     }
 }
 
-/// `softmax(q·kᵀ·scale + causal mask)·v` on `(b, t, heads, d)` queries and `(b, t, kv_heads, d)`
-/// keys and values; returns `(b, t, heads, d)`. `window`: a key more than `window − 1` positions
-/// back is masked too (sliding-window attention), `usize::MAX` for none.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    window: usize,
-) -> Result<Tensor> {
-    let (batch, time, heads, head_dim) = q.dims4()?;
-    let (_, _, kv_heads, _) = k.dims4()?;
-    if k.dims() != v.dims()
-        || k.dims() != [batch, time, kv_heads, head_dim]
-        || kv_heads == 0
-        || heads % kv_heads != 0
-    {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        )
-    }
-    let op = CausalAttention {
-        dims: Dims {
-            batch,
-            time,
-            heads,
-            kv_heads,
-            head_dim,
-        },
-        scale: scale as f32,
-        window,
-        keep_probs: q.track_op() || k.track_op() || v.track_op(),
-        probs: Mutex::new(None),
-    };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if op.keep_probs {
-        q.apply_op3(&k, &v, op)
-    } else {
-        q.apply_op3_no_bwd(&k, &v, &op)
-    }
-}
-
 /// The attention kernels on plain buffers, for callers that keep their own activations (the
 /// fused decoder layer).
 pub(crate) fn kernels(
@@ -104,8 +54,6 @@ pub(crate) fn kernels(
         },
         scale: scale as f32,
         window,
-        keep_probs: false,
-        probs: Mutex::new(None),
     }
 }
 
@@ -113,18 +61,6 @@ pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     window: usize,
-    keep_probs: bool,
-    /// `(b, heads, t, t)` attention probabilities of the forward pass, for backward.
-    probs: Mutex<Option<Vec<f32>>>,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("attention: {what} must be contiguous float32 on the CPU"),
-    }
 }
 
 /// A raw pointer handed to the worker threads; each thread writes a disjoint part.
@@ -370,77 +306,4 @@ fn softmax_row(row: &mut [f32], lo: usize, hi: usize) {
     super::elementwise::softmax_row(&mut row[lo..hi]);
     row[..lo].fill(0.0);
     row[hi..].fill(0.0);
-}
-
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            f32_slice(q, ql, "q")?,
-            f32_slice(k, kl, "k")?,
-            f32_slice(v, vl, "v")?,
-        );
-        let (probs, out) = timing::scope(Part::Attention, || self.forward(q, k, v));
-        if self.keep_probs {
-            *self.probs.lock().expect("no panics while holding it") = Some(probs);
-        }
-        Ok((CpuStorage::F32(out), ql.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = self
-            .probs
-            .lock()
-            .expect("no panics while holding it")
-            .take();
-        let Some(probs) = probs else {
-            candle_core::bail!("attention: backward ran twice or without a forward")
-        };
-        let grad = grad.contiguous()?;
-        let (gs, gl) = grad.storage_and_layout();
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(gs),
-            candle_core::Storage::Cpu(qs),
-            candle_core::Storage::Cpu(ks),
-            candle_core::Storage::Cpu(vs),
-        ) = (&*gs, &*qs, &*ks, &*vs)
-        else {
-            candle_core::bail!("attention: the fused op runs on the CPU only")
-        };
-        let (qd, kd, vd, god) = (
-            f32_slice(qs, ql, "q")?,
-            f32_slice(ks, kl, "k")?,
-            f32_slice(vs, vl, "v")?,
-            f32_slice(gs, gl, "output gradient")?,
-        );
-        let (dq, dk, dv) =
-            timing::scope(Part::Attention, || self.backward(qd, kd, vd, &probs, god));
-        let device = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), device)?),
-            Some(Tensor::from_vec(dk, k.shape(), device)?),
-            Some(Tensor::from_vec(dv, v.shape(), device)?),
-        ))
-    }
 }

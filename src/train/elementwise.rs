@@ -6,7 +6,7 @@
 //! over candle's worker threads, and the loops are compiled twice, for AVX2 + FMA and for the
 //! baseline, with the choice made once at run time.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 use super::timing::{self, Part};
 
@@ -377,92 +377,6 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
         let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
         dst.iter_mut().zip(&src[s..e]).for_each(|(d, s)| *d += s);
     });
-}
-
-/// `silu(gate) · up` (SwiGLU), float32 on the CPU.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    if gate.track_op() || up.track_op() {
-        gate.apply_op2(&up, SiluMul)
-    } else {
-        gate.apply_op2_no_bwd(&up, &SiluMul)
-    }
-}
-
-struct SiluMul;
-
-impl CustomOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "silu-mul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        u: &CpuStorage,
-        ul: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        timing::scope(Part::Elementwise, || {
-            let (gate, up) = (f32_slice(g, gl, "gate")?, f32_slice(u, ul, "up")?);
-            if gl.shape() != ul.shape() {
-                candle_core::bail!("silu·up: gate {:?} vs up {:?}", gl.dims(), ul.dims())
-            }
-            let mut out = vec![0f32; gate.len()];
-            let ptr = SharedMut(out.as_mut_ptr());
-            par_blocks(gate.len(), BLOCK, |s, e| {
-                // SAFETY: this block alone writes out[s..e].
-                let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
-                silu_mul_block(&gate[s..e], &up[s..e], out);
-            });
-            Ok((CpuStorage::F32(out), gl.shape().clone()))
-        })
-    }
-
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        timing::scope(Part::Elementwise, || {
-            let grad = grad.contiguous()?;
-            let (gs, gl) = grad.storage_and_layout();
-            let (as_, al) = gate.storage_and_layout();
-            let (us, ul) = up.storage_and_layout();
-            let (
-                candle_core::Storage::Cpu(gs),
-                candle_core::Storage::Cpu(as_),
-                candle_core::Storage::Cpu(us),
-            ) = (&*gs, &*as_, &*us)
-            else {
-                candle_core::bail!("silu·up: the fused op runs on the CPU only")
-            };
-            let (dy, g, u) = (
-                f32_slice(gs, gl, "gradient")?,
-                f32_slice(as_, al, "gate")?,
-                f32_slice(us, ul, "up")?,
-            );
-            let n = g.len();
-            let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
-            let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
-            par_blocks(n, BLOCK, |s, e| {
-                // SAFETY: this block alone writes [s..e] of both outputs.
-                let (dg, du) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
-                        std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
-                    )
-                };
-                silu_mul_grad_block(&g[s..e], &u[s..e], &dy[s..e], dg, du);
-            });
-            Ok((
-                Some(Tensor::from_vec(d_gate, gate.shape(), gate.device())?),
-                Some(Tensor::from_vec(d_up, up.shape(), up.device())?),
-            ))
-        })
-    }
 }
 
 /// The input gradient of `rms_norm(x) · weight` (weight frozen), float32 on the CPU:

@@ -4,16 +4,13 @@
 //! As composite candle ops the branch is about ten passes over `(tokens, in)` or `(tokens, out)`
 //! buffers per layer and direction (mask, multiply, two matmuls through transposed views, scale,
 //! and their gradients), while its arithmetic is a rank-r sliver: measured, the four q,k,v,o
-//! branches cost more than the frozen multiplies they sit on. On the CPU in float32 the branch is
-//! one op here: the dropped-out input is never stored (the mask is kept as one bit per element),
-//! only the `(tokens, r)` product `dropout(x)·Aᵀ` is kept, and every
+//! branches cost more than the frozen multiplies they sit on. The kernels here (CPU, float32, used
+//! by the fused decoder layer) add the branch into the frozen product's buffer and its input
+//! gradient into the frozen input gradient; the dropped-out input is never stored (the mask is
+//! kept as one bit per element), only the `(tokens, r)` product `dropout(x)·Aᵀ` is; and every
 //! multiply is split over candle's worker threads by independent output rows or columns.
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
-
-use super::timing::{self, Part};
+use candle_core::{Device, Result, Tensor};
 
 /// Rows (or columns) of an output one worker computes at a time.
 const CHUNK: usize = 64;
@@ -403,147 +400,4 @@ pub fn backward(
         }
     }
     (da, db)
-}
-
-/// `scale · dropout(x) · Aᵀ · Bᵀ` for `x` (…, in), `A` (r, in), `B` (out, r): float32 on the CPU.
-pub fn lora_branch(
-    x: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    dropout: Option<Dropout>,
-) -> Result<Tensor> {
-    let (r, in_dim) = a.dims2()?;
-    let (_, r_b) = b.dims2()?;
-    if r != r_b || x.dims().last() != Some(&in_dim) {
-        candle_core::bail!(
-            "LoRA: x {:?}, A {:?}, B {:?} do not fit",
-            x.dims(),
-            a.dims(),
-            b.dims()
-        )
-    }
-    let tracked = x.track_op() || a.track_op() || b.track_op();
-    let op = LoraBranch {
-        scale: scale as f32,
-        dropout,
-        want_dx: x.track_op(),
-        keep: tracked,
-        saved: Mutex::new(None),
-    };
-    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
-    if tracked {
-        x.apply_op3(&a, &b, op)
-    } else {
-        x.apply_op3_no_bwd(&a, &b, &op)
-    }
-}
-
-struct LoraBranch {
-    scale: f32,
-    dropout: Option<Dropout>,
-    /// The input is tracked: backward returns its gradient.
-    want_dx: bool,
-    /// Keep what backward needs.
-    keep: bool,
-    saved: Mutex<Option<LoraSaved>>,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("LoRA: {what} must be contiguous float32 on the CPU"),
-    }
-}
-
-impl CustomOp3 for LoraBranch {
-    fn name(&self) -> &'static str {
-        "lora-branch"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        a: &CpuStorage,
-        al: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        timing::scope(Part::Lora, || {
-            let (x, a, b) = (
-                f32_slice(x, xl, "x")?,
-                f32_slice(a, al, "A")?,
-                f32_slice(b, bl, "B")?,
-            );
-            let (rank, inputs) = al.shape().dims2()?;
-            let (outputs, _) = bl.shape().dims2()?;
-            let d = LoraDims {
-                rank,
-                inputs,
-                outputs,
-            };
-            let mut delta = vec![0f32; x.len() / inputs * outputs];
-            let saved = forward_into(&mut delta, x, (a, b), d, self.scale, self.dropout);
-            if self.keep {
-                *self.saved.lock().expect("no panics while holding it") = Some(saved);
-            }
-            let mut dims = xl.dims().to_vec();
-            *dims.last_mut().expect("rank >= 1") = outputs;
-            Ok((CpuStorage::F32(delta), Shape::from(dims)))
-        })
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _delta: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        timing::scope(Part::Lora, || {
-            let Some(saved) = self
-                .saved
-                .lock()
-                .expect("no panics while holding it")
-                .take()
-            else {
-                candle_core::bail!("LoRA: backward ran twice or without a forward")
-            };
-            let grad = grad.contiguous()?;
-            let (gs, gl) = grad.storage_and_layout();
-            let (xs, xl) = x.storage_and_layout();
-            let (as_, al) = a.storage_and_layout();
-            let (bs, bl) = b.storage_and_layout();
-            let (
-                candle_core::Storage::Cpu(gs),
-                candle_core::Storage::Cpu(xs),
-                candle_core::Storage::Cpu(as_),
-                candle_core::Storage::Cpu(bs),
-            ) = (&*gs, &*xs, &*as_, &*bs)
-            else {
-                candle_core::bail!("LoRA: the fused op runs on the CPU only")
-            };
-            let (g, x_) = (f32_slice(gs, gl, "gradient")?, f32_slice(xs, xl, "x")?);
-            let (a_, b_) = (f32_slice(as_, al, "A")?, f32_slice(bs, bl, "B")?);
-            let (rank, inputs) = al.shape().dims2()?;
-            let (outputs, _) = bl.shape().dims2()?;
-            let d = LoraDims {
-                rank,
-                inputs,
-                outputs,
-            };
-            let mut dx = self.want_dx.then(|| vec![0f32; x_.len()]);
-            let (da, db) = backward(g, x_, &saved, (a_, b_), d, self.scale, dx.as_deref_mut());
-            Ok((
-                dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
-                    .transpose()?,
-                Some(Tensor::from_vec(da, a.shape(), a.device())?),
-                Some(Tensor::from_vec(db, b.shape(), b.device())?),
-            ))
-        })
-    }
 }

@@ -395,8 +395,9 @@ thread_local! {
     static FUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Turns the fused CPU kernels (attention, LoRA branch, SiLU·up, RMSNorm backward) on or off for this thread;
-/// off, the same model runs through candle's composite ops, the reference the tests compare with.
+/// Turns the fused CPU path (the decoder layer as one node with its own backward, RMSNorm
+/// backward, cross-entropy) on or off for this thread; off, the same model runs through candle's
+/// composite ops, the reference the tests compare with.
 pub fn set_fused(enabled: bool) {
     FUSED.with(|f| f.set(enabled));
 }
@@ -408,9 +409,6 @@ pub fn fused_applies(x: &Tensor) -> bool {
 
 /// SwiGLU's `silu(gate) · up`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused_applies(gate) {
-        return super::elementwise::silu_mul(gate, up);
-    }
     gate.silu()? * up
 }
 
@@ -424,20 +422,9 @@ pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Causal grouped-query attention on `(b, t, heads, d)` queries and `(b, t, kv_heads, d)` keys and
-/// values (rotary already applied); returns `(b, t, heads, d)`. `mask` `(t, t)` is the additive
-/// causal (and sliding-window) mask the composite path uses; the fused kernel derives the same
-/// mask from `window`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    scale: f64,
-    window: usize,
-) -> Result<Tensor> {
-    if fused_applies(q) {
-        return super::attention::causal_attention(q, k, v, scale, window);
-    }
+/// values (rotary already applied) with composite ops; returns `(b, t, heads, d)`. `mask` `(t, t)`
+/// is the additive causal (and sliding-window) mask.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let n_rep = q.dim(2)? / k.dim(2)?;
     let q = q.transpose(1, 2)?.contiguous()?; // (b, heads, t, d)
     let k = repeat_kv(&k.transpose(1, 2)?.contiguous()?, n_rep)?.contiguous()?;

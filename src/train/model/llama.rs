@@ -13,7 +13,7 @@ use candle_core::quantized::QTensor;
 
 use super::config::ModelConfig;
 use crate::spec::{LoraSpec, QuantType, QuantizationSpec, ALL_LINEAR};
-use crate::train::lora::{self, Dropout};
+use crate::train::lora::Dropout;
 use crate::train::ops;
 use crate::train::quant::{self, Kind4, QuantizedWeight};
 use crate::train::Result;
@@ -109,20 +109,16 @@ impl Linear {
             p: lora.dropout,
             seed: mix_seed(&[mode.dropout_seed, stream]),
         });
-        let delta = if ops::fused_applies(x) {
-            lora::lora_branch(x, &a, &b, lora.scale, dropout)?
-        } else {
-            let in_dim = a.dim(1)?;
-            let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
-            if let Some(d) = dropout {
-                let mask = d
-                    .mask(x32.elem_count(), x.device())?
-                    .to_dtype(x32.dtype())?;
-                x32 = x32.mul(&mask.reshape(x32.shape())?)?;
-            }
-            let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
-            delta.reshape(y.shape())?.to_dtype(y.dtype())?
-        };
+        let in_dim = a.dim(1)?;
+        let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
+        if let Some(d) = dropout {
+            let mask = d
+                .mask(x32.elem_count(), x.device())?
+                .to_dtype(x32.dtype())?;
+            x32 = x32.mul(&mask.reshape(x32.shape())?)?;
+        }
+        let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + delta)?)
     }
 }
@@ -578,8 +574,7 @@ fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> R
         .reshape((b, t, nkv, hd))?;
     let q = ops::rope_thd(&q, &c.cos, &c.sin)?;
     let k = ops::rope_thd(&k, &c.cos, &c.sin)?;
-    let window = c.cfg.sliding_window.unwrap_or(usize::MAX);
-    let o = ops::attention(&q, &k, &v, &c.mask, c.scale, window)?.reshape((b, t, nh * hd))?;
+    let o = ops::attention(&q, &k, &v, &c.mask, c.scale)?.reshape((b, t, nh * hd))?;
     let x = (x + l[3].forward(&o, mode, stream(3))?)?;
     let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
     let gate = l[4].forward(&h, mode, stream(4))?;
