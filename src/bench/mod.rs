@@ -143,7 +143,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     println!(
         "qtune bench: SmolLM2-135M shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
         cfg.num_hidden_layers,
-        opts.quant.as_deref().unwrap_or("float32"),
+        opts.quant
+            .as_deref()
+            .unwrap_or(if opts.bf16 { "bfloat16" } else { "float32" }),
         if opts.all_linear { "all linears" } else { "q,k,v,o" },
         opts.batch,
         opts.seq,
@@ -192,7 +194,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             });
     println!(
         "  base linear weights: {} ({:.3} bytes per parameter, {:.1} MiB); embeddings and norms stay float32; peak RSS after loading {:.2} GiB",
-        opts.quant.as_deref().unwrap_or("float32"),
+        opts.quant.as_deref().unwrap_or(if opts.bf16 { "bfloat16" } else { "float32" }),
         linear_bytes as f64 / linear_params as f64,
         linear_bytes as f64 / (1 << 20) as f64,
         peak_rss_gib()
@@ -305,7 +307,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     );
     println!(
         "    {:<58} {rest:>6.3}s {:>4.0}%",
-        "other candle ops (norms, RoPE, residuals, gradient sums)",
+        "other (embedding, final norm, candle's graph)",
         100.0 * rest / step_s
     );
     println!(

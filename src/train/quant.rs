@@ -566,6 +566,23 @@ impl QuantizedWeight {
                 packed,
                 scales,
                 ..
+            } if device.is_cpu() && packed.device().is_cpu() => {
+                let absmax = Self::absmax(scales)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                let pairs = pairs.flatten_all()?.to_vec1::<f32>()?;
+                let packed = packed.to_vec1::<u8>()?;
+                Tensor::from_vec(
+                    unpack_four_bit(&packed, &pairs, &absmax, n),
+                    (out, inp),
+                    device,
+                )?
+            }
+            QuantizedWeight::FourBit {
+                pairs,
+                packed,
+                scales,
+                ..
             } => {
                 // u32 indices: candle's u8 index_select loses index 255 (measured: every 0xFF
                 // byte dequantized to zeros)
@@ -612,6 +629,46 @@ impl QuantizedWeight {
             QuantizedWeight::Int8 { .. } => "int8".into(),
             QuantizedWeight::Ggml(q) => format!("{:?}", q.dtype()),
         }
+    }
+}
+
+/// The first `n` values of 4-bit codes on the CPU in one parallel pass: byte `j` holds elements
+/// `2j` (`pairs[2·byte]`) and `2j + 1` (`pairs[2·byte + 1]`), each times its block's absmax.
+/// (The tensor-op path is several full passes; per step this runs twice per quantized layer.)
+fn unpack_four_bit(packed: &[u8], pairs: &[f32], absmax: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let ptr = SharedOut(out.as_mut_ptr());
+    // Whole 4-bit blocks per work item, so each item reads one absmax run.
+    let per_item = BLOCK_4BIT * 256;
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per_item), |items| {
+        for item in items {
+            let (start, end) = (item * per_item, ((item + 1) * per_item).min(n));
+            // SAFETY: this item alone writes out[start..end].
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
+            for (block, dst) in dst.chunks_mut(BLOCK_4BIT).enumerate() {
+                let first = start + block * BLOCK_4BIT;
+                let scale = absmax[first / BLOCK_4BIT];
+                for (pair, dst) in dst.chunks_mut(2).enumerate() {
+                    let byte = packed[first / 2 + pair] as usize;
+                    for (k, v) in dst.iter_mut().enumerate() {
+                        *v = pairs[2 * byte + k] * scale;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    // A method, so that closures capture the wrapper (Sync) and not its raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
     }
 }
 
