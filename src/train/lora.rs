@@ -12,9 +12,6 @@
 
 use candle_core::{Device, Result, Tensor};
 
-/// Rows (or columns) of an output one worker computes at a time.
-const CHUNK: usize = 64;
-
 /// Mask words (64 elements each) one worker draws at a time.
 const MASK_WORDS: usize = 1 << 10;
 
@@ -32,6 +29,10 @@ pub struct Dropout {
 pub struct DropMask {
     bits: Vec<u64>,
     keep: f32,
+    /// For each byte of mask bits, the eight multipliers (0 or 1/(1−p)) it stands for: applying
+    /// the mask is then a multiply by a loaded row, which vectorises, instead of a bit test per
+    /// element.
+    factors: Box<[[f32; 8]; 256]>,
 }
 
 impl Dropout {
@@ -65,9 +66,17 @@ impl Dropout {
                 }
             }
         });
+        let keep = 1.0 / (1.0 - self.p) as f32;
+        let mut factors = Box::new([[0f32; 8]; 256]);
+        for (byte, row) in factors.iter_mut().enumerate() {
+            for (l, f) in row.iter_mut().enumerate() {
+                *f = if (byte >> l) & 1 == 1 { 0.0 } else { keep };
+            }
+        }
         DropMask {
             bits,
-            keep: 1.0 / (1.0 - self.p) as f32,
+            keep,
+            factors,
         }
     }
 
@@ -80,44 +89,54 @@ impl Dropout {
 }
 
 impl DropMask {
-    /// `x ⊙ mask` as a new buffer, in one parallel pass.
-    pub fn masked_copy(&self, x: &[f32]) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        self.combine(
-            &mut out,
-            x,
-            |_, x, kept, keep| if kept { x * keep } else { 0.0 },
-        );
-        out
+    /// Whether element `i` is kept.
+    fn kept(&self, i: usize) -> bool {
+        (self.bits[i / 64] >> (i % 64)) & 1 == 0
     }
 
-    /// `dst += src ⊙ mask`, in one parallel pass.
-    pub fn add_masked(&self, dst: &mut [f32], src: &[f32]) {
-        self.combine(
-            dst,
-            src,
-            |d, s, kept, keep| if kept { d + s * keep } else { d },
-        );
+    /// The multipliers of elements `i .. i + 8`, `i` a multiple of 8.
+    fn factors_at(&self, i: usize) -> &[f32; 8] {
+        &self.factors[((self.bits[i / 64] >> (i % 64)) & 0xff) as usize]
     }
 
-    /// `dst[i] = f(dst[i], src[i], kept(i), 1/(1−p))` over worker threads.
-    fn combine(&self, dst: &mut [f32], src: &[f32], f: impl Fn(f32, f32, bool, f32) -> f32 + Sync) {
-        let n = dst.len();
-        let block = 64 * MASK_WORDS;
-        let ptr = SharedMut(dst.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
-            for c in chunks {
-                let (start, end) = (c * block, ((c + 1) * block).min(n));
-                // SAFETY: chunk c alone touches dst[start..end].
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
-                for (j, (d, &s)) in dst.iter_mut().zip(&src[start..end]).enumerate() {
-                    let i = start + j;
-                    let kept = (self.bits[i / 64] >> (i % 64)) & 1 == 0;
-                    *d = f(*d, s, kept, self.keep);
-                }
+    /// `dst[j] = f(dst[j], src[j], multiplier of element start + j)` for all j.
+    #[inline(always)]
+    fn each(&self, start: usize, dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32, f32)) {
+        let n = dst.len().min(src.len());
+        let mut j = 0;
+        while j < n && (start + j) % 8 != 0 {
+            f(
+                &mut dst[j],
+                src[j],
+                if self.kept(start + j) { self.keep } else { 0.0 },
+            );
+            j += 1;
+        }
+        while j + 8 <= n {
+            let m = self.factors_at(start + j);
+            for ((d, &s), &m) in dst[j..j + 8].iter_mut().zip(&src[j..j + 8]).zip(m) {
+                f(d, s, m);
             }
-        });
+            j += 8;
+        }
+        while j < n {
+            f(
+                &mut dst[j],
+                src[j],
+                if self.kept(start + j) { self.keep } else { 0.0 },
+            );
+            j += 1;
+        }
+    }
+
+    /// `dst = src ⊙ mask` for the elements `start .. start + src.len()`.
+    fn copy_masked(&self, start: usize, src: &[f32], dst: &mut [f32]) {
+        self.each(start, dst, src, |d, s, m| *d = s * m);
+    }
+
+    /// `dst += src ⊙ mask` for the elements `start .. start + src.len()`.
+    fn add_masked(&self, start: usize, dst: &mut [f32], src: &[f32]) {
+        self.each(start, dst, src, |d, s, m| *d += s * m);
     }
 
     /// `data ⊙= mask`, in parallel.
@@ -221,84 +240,6 @@ unsafe fn gemm(
     )
 }
 
-/// `out (m×n) = alpha · lhs · rhs`, the m rows split over candle's worker threads.
-fn par_rows(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    par_rows_into(&mut out, false, (m, n, k), lhs, rhs, alpha);
-    out
-}
-
-/// `dst (m×n) [+]= alpha · lhs · rhs`, the m rows split over candle's worker threads.
-fn par_rows_into(
-    dst: &mut [f32],
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    lhs: Mat,
-    rhs: Mat,
-    alpha: f32,
-) {
-    assert_eq!(dst.len(), m * n, "LoRA: output buffer size");
-    let ptr = SharedMut(dst.as_mut_ptr());
-    let (lhs, rhs) = (SendMat(lhs), SendMat(rhs));
-    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(CHUNK), |chunks| {
-        let (lhs, rhs) = (lhs.get(), rhs.get());
-        for c in chunks {
-            let (r0, r1) = (c * CHUNK, ((c + 1) * CHUNK).min(m));
-            let dst = Mat(ptr.ptr(), n, 1);
-            // SAFETY: rows r0..r1 of dst belong to this chunk; lhs rows r0..r1 exist.
-            unsafe {
-                gemm(
-                    (r1 - r0, n, k),
-                    dst.at(r0, 0),
-                    accumulate,
-                    lhs.at(r0, 0),
-                    rhs,
-                    alpha,
-                )
-            };
-        }
-    });
-}
-
-/// `out (m×n) = alpha · lhs · rhs`, the n columns split over candle's worker threads (for
-/// outputs with few rows and a long inner dimension).
-fn par_cols(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, alpha: f32) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    let ptr = SharedMut(out.as_mut_ptr());
-    let (lhs, rhs) = (SendMat(lhs), SendMat(rhs));
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
-        let (lhs, rhs) = (lhs.get(), rhs.get());
-        for c in chunks {
-            let (c0, c1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-            let dst = Mat(ptr.ptr(), n, 1);
-            // SAFETY: columns c0..c1 of out belong to this chunk; rhs columns c0..c1 exist.
-            unsafe {
-                gemm(
-                    (m, c1 - c0, k),
-                    dst.at(0, c0),
-                    false,
-                    lhs,
-                    rhs.at(0, c0),
-                    alpha,
-                )
-            };
-        }
-    });
-    out
-}
-
-/// A read-only view handed to the worker threads.
-#[derive(Clone, Copy)]
-struct SendMat(Mat);
-unsafe impl Send for SendMat {}
-unsafe impl Sync for SendMat {}
-
-impl SendMat {
-    fn get(self) -> Mat {
-        self.0
-    }
-}
-
 /// Shapes of one LoRA pair: A is (rank, inputs), B is (outputs, rank).
 #[derive(Debug, Clone, Copy)]
 pub struct LoraDims {
@@ -314,6 +255,10 @@ pub struct LoraSaved {
     mask: Option<DropMask>,
 }
 
+/// Rows of `x` (and of `y`, the gradients) one work item takes through the whole branch: a
+/// chunk stays in cache between the steps, so each big buffer is read (or updated) once.
+const ROWS: usize = 64;
+
 /// `y += scale · dropout(x)·Aᵀ·Bᵀ` for `x` (tokens, inputs) and `y` (tokens, outputs).
 pub fn forward_into(
     y: &mut [f32],
@@ -324,30 +269,52 @@ pub fn forward_into(
     dropout: Option<Dropout>,
 ) -> LoraSaved {
     let m = x.len() / d.inputs;
+    assert_eq!(y.len(), m * d.outputs, "LoRA: output buffer size");
     let mask = dropout.map(|p| p.draw(x.len()));
-    let dropped = mask.as_ref().map(|mask| mask.masked_copy(x));
-    let xd = dropped.as_deref().unwrap_or(x);
-    let xa = par_rows(
-        m,
-        d.rank,
-        d.inputs,
-        Mat(xd.as_ptr(), d.inputs, 1),
-        Mat(a.as_ptr(), d.inputs, 1).t(),
-        1.0,
-    );
-    par_rows_into(
-        y,
-        true,
-        (m, d.outputs, d.rank),
-        Mat(xa.as_ptr(), d.rank, 1),
-        Mat(b.as_ptr(), d.rank, 1).t(),
-        scale,
-    );
+    let mut xa = vec![0f32; m * d.rank];
+    let (xa_ptr, y_ptr) = (SharedMut(xa.as_mut_ptr()), SharedMut(y.as_mut_ptr()));
+    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(ROWS), |chunks| {
+        let mut dropped = Vec::new();
+        for c in chunks {
+            let (r0, r1) = (c * ROWS, ((c + 1) * ROWS).min(m));
+            let xs = &x[r0 * d.inputs..r1 * d.inputs];
+            let lhs = match &mask {
+                None => xs,
+                Some(mask) => {
+                    dropped.resize(xs.len(), 0.0);
+                    mask.copy_masked(r0 * d.inputs, xs, &mut dropped);
+                    &dropped[..]
+                }
+            };
+            let xa_rows = Mat(xa_ptr.ptr(), d.rank, 1).at(r0, 0);
+            // SAFETY: rows r0..r1 of xa and y belong to this chunk; A, B are (rank, in), (out, rank).
+            unsafe {
+                gemm(
+                    (r1 - r0, d.rank, d.inputs),
+                    xa_rows,
+                    false,
+                    Mat(lhs.as_ptr(), d.inputs, 1),
+                    Mat(a.as_ptr(), d.inputs, 1).t(),
+                    1.0,
+                );
+                gemm(
+                    (r1 - r0, d.outputs, d.rank),
+                    Mat(y_ptr.ptr(), d.outputs, 1).at(r0, 0),
+                    true,
+                    xa_rows,
+                    Mat(b.as_ptr(), d.rank, 1).t(),
+                    scale,
+                );
+            }
+        }
+    });
     LoraSaved { xa, mask }
 }
 
 /// Gradients of A and B for the output gradient `g` (tokens, outputs); adds the input gradient
-/// into `dx` (tokens, inputs) when one is wanted.
+/// into `dx` (tokens, inputs) when one is wanted. Each thread sums its own row chunks' share of
+/// the A and B gradients (chunks dealt out round-robin, so the sums are the same every run on a
+/// machine) and the shares are added in thread order.
 pub fn backward(
     g: &[f32],
     x: &[f32],
@@ -358,46 +325,87 @@ pub fn backward(
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
     let m = x.len() / d.inputs;
-    // gb = g · B (tokens, rank)
-    let gb = par_rows(
-        m,
-        d.rank,
-        d.outputs,
-        Mat(g.as_ptr(), d.outputs, 1),
-        Mat(b.as_ptr(), d.rank, 1),
-        1.0,
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let (da_len, db_len) = (d.rank * d.inputs, d.outputs * d.rank);
+    let mut da_parts = vec![0f32; threads * da_len];
+    let mut db_parts = vec![0f32; threads * db_len];
+    let want_dx = dx.is_some();
+    let dx_ptr = SharedMut(dx.map_or(std::ptr::null_mut(), |dx| dx.as_mut_ptr()));
+    let (da_ptr, db_ptr) = (
+        SharedMut(da_parts.as_mut_ptr()),
+        SharedMut(db_parts.as_mut_ptr()),
     );
-    // dB = scale · gᵀ · (dropout(x)·Aᵀ)
-    let db = par_rows(
-        d.outputs,
-        d.rank,
-        m,
-        Mat(g.as_ptr(), d.outputs, 1).t(),
-        Mat(saved.xa.as_ptr(), d.rank, 1),
-        scale,
-    );
-    // dA = scale · gbᵀ · dropout(x)
-    let dropped = saved.mask.as_ref().map(|mask| mask.masked_copy(x));
-    let xd = dropped.as_deref().unwrap_or(x);
-    let da = par_cols(
-        d.rank,
-        d.inputs,
-        m,
-        Mat(gb.as_ptr(), d.rank, 1).t(),
-        Mat(xd.as_ptr(), d.inputs, 1),
-        scale,
-    );
-    drop(dropped);
-    // dx += scale · (gb · A) ⊙ mask
-    if let Some(dx) = dx {
-        let (gb_m, a_m) = (Mat(gb.as_ptr(), d.rank, 1), Mat(a.as_ptr(), d.inputs, 1));
-        match &saved.mask {
-            None => par_rows_into(dx, true, (m, d.inputs, d.rank), gb_m, a_m, scale),
-            Some(mask) => {
-                let t = par_rows(m, d.inputs, d.rank, gb_m, a_m, scale);
-                mask.add_masked(dx, &t);
+    let chunks = m.div_ceil(ROWS);
+    pool.execute(|tid| {
+        let mut gb = vec![0f32; ROWS * d.rank];
+        let (mut dropped, mut t) = (Vec::new(), Vec::new());
+        // SAFETY: thread tid alone writes its share of the partial sums.
+        let da = Mat(unsafe { da_ptr.ptr().add(tid * da_len) }, d.inputs, 1);
+        let db = Mat(unsafe { db_ptr.ptr().add(tid * db_len) }, d.rank, 1);
+        for c in (tid..chunks).step_by(threads) {
+            let (r0, r1) = (c * ROWS, ((c + 1) * ROWS).min(m));
+            let rows = r1 - r0;
+            let gm = Mat(g.as_ptr(), d.outputs, 1).at(r0, 0);
+            let gbm = Mat(gb.as_mut_ptr(), d.rank, 1);
+            let xs = &x[r0 * d.inputs..r1 * d.inputs];
+            let xd = match &saved.mask {
+                None => xs,
+                Some(mask) => {
+                    dropped.resize(xs.len(), 0.0);
+                    mask.copy_masked(r0 * d.inputs, xs, &mut dropped);
+                    &dropped[..]
+                }
+            };
+            // SAFETY for the multiplies: views stay inside g, x, xa, A, B and this thread's own
+            // buffers; rows r0..r1 of dx belong to this chunk.
+            unsafe {
+                // gb = g · B
+                gemm(
+                    (rows, d.rank, d.outputs),
+                    gbm,
+                    false,
+                    gm,
+                    Mat(b.as_ptr(), d.rank, 1),
+                    1.0,
+                );
+                // dB += scale · gᵀ · (dropout(x)·Aᵀ)
+                let xa = Mat(saved.xa.as_ptr(), d.rank, 1).at(r0, 0);
+                gemm((d.outputs, d.rank, rows), db, true, gm.t(), xa, scale);
+                // dA += scale · gbᵀ · dropout(x)
+                let xdm = Mat(xd.as_ptr(), d.inputs, 1);
+                gemm((d.rank, d.inputs, rows), da, true, gbm.t(), xdm, scale);
+            }
+            if !want_dx {
+                continue;
+            }
+            // dx += scale · (gb · A) ⊙ mask
+            let am = Mat(a.as_ptr(), d.inputs, 1);
+            let dx_rows = Mat(dx_ptr.ptr(), d.inputs, 1).at(r0, 0);
+            match &saved.mask {
+                None => unsafe { gemm((rows, d.inputs, d.rank), dx_rows, true, gbm, am, scale) },
+                Some(mask) => {
+                    t.resize(rows * d.inputs, 0.0);
+                    let tm = Mat(t.as_mut_ptr(), d.inputs, 1);
+                    unsafe { gemm((rows, d.inputs, d.rank), tm, false, gbm, am, scale) };
+                    // SAFETY: rows r0..r1 of dx belong to this chunk.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dx_ptr.ptr().add(r0 * d.inputs),
+                            rows * d.inputs,
+                        )
+                    };
+                    mask.add_masked(r0 * d.inputs, dst, &t);
+                }
             }
         }
-    }
-    (da, db)
+    });
+    let sum = |parts: Vec<f32>, len: usize| {
+        let mut total = parts[..len].to_vec();
+        for part in parts[len..].chunks_exact(len) {
+            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+        }
+        total
+    };
+    (sum(da_parts, da_len), sum(db_parts, db_len))
 }
