@@ -104,7 +104,7 @@ impl DropMask {
     fn each(&self, start: usize, dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32, f32)) {
         let n = dst.len().min(src.len());
         let mut j = 0;
-        while j < n && (start + j) % 8 != 0 {
+        while j < n && !(start + j).is_multiple_of(8) {
             f(
                 &mut dst[j],
                 src[j],
