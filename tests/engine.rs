@@ -141,11 +141,18 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
 fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, Vec<Vec<f32>>) {
     train::onednn::set_enabled(optimised);
     train::ops::set_fused(optimised);
-    let batch = batch_of(ids);
     let mode = ForwardMode {
         train: true,
         dropout_seed: 0,
     };
+    let out = loss_and_grads(model, &batch_of(ids), mode);
+    train::onednn::set_enabled(true);
+    train::ops::set_fused(true);
+    out
+}
+
+/// Loss and every LoRA gradient (flattened, in `lora_vars` order) of one forward + backward.
+fn loss_and_grads(model: &Llama, batch: &data::Batch, mode: ForwardMode) -> (f32, Vec<Vec<f32>>) {
     let loss = model
         .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
         .unwrap();
@@ -156,13 +163,17 @@ fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, 
         .iter()
         .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
         .collect();
-    train::onednn::set_enabled(true);
-    train::ops::set_fused(true);
     (loss.to_scalar::<f32>().unwrap(), g)
 }
 
-fn assert_close(what: &str, (la, ga): &(f32, Vec<Vec<f32>>), (lb, gb): &(f32, Vec<Vec<f32>>)) {
-    assert!(((la - lb) / lb).abs() < 1e-4, "{what}: loss {la} vs {lb}");
+/// Same loss and same LoRA gradients, both to relative error `tol`.
+fn assert_close(
+    what: &str,
+    (la, ga): &(f32, Vec<Vec<f32>>),
+    (lb, gb): &(f32, Vec<Vec<f32>>),
+    tol: f32,
+) {
+    assert!(((la - lb) / lb).abs() < tol, "{what}: loss {la} vs {lb}");
     for (a, b) in ga.iter().zip(gb) {
         let diff: f32 = a
             .iter()
@@ -173,7 +184,7 @@ fn assert_close(what: &str, (la, ga): &(f32, Vec<Vec<f32>>), (lb, gb): &(f32, Ve
         let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
         assert!(norm > 0.0, "{what}: a LoRA gradient is zero");
         assert!(
-            diff / norm < 1e-4,
+            diff / norm < tol,
             "{what}: relative gradient error {}",
             diff / norm
         );
@@ -198,6 +209,7 @@ fn optimised_path_matches_the_plain_composite_path() {
         "llama",
         &loss_and_lora_grads(&model, &ids, true),
         &loss_and_lora_grads(&model, &ids, false),
+        1e-4,
     );
     // Mistral's sliding window, a single key/value head, LoRA dropout.
     let mut cfg = synthetic::tiny_config();
@@ -223,6 +235,7 @@ fn optimised_path_matches_the_plain_composite_path() {
         "sliding window, dropout",
         &loss_and_lora_grads(&model, &ids, true),
         &loss_and_lora_grads(&model, &ids, false),
+        1e-4,
     );
 }
 
@@ -243,38 +256,12 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
     // the composite one (a custom backward that rebuilds the layer's graph).
     for fused in [true, false] {
         train::ops::set_fused(fused);
-        let mut run = |checkpointing: bool| {
-            model.gradient_checkpointing = checkpointing;
-            let loss = model
-                .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-                .unwrap();
-            let store = loss.backward().unwrap();
-            let grads: Vec<Vec<f32>> = model
-                .lora_grads(&store)
-                .unwrap()
-                .iter()
-                .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), grads)
-        };
-        let (plain_loss, plain) = run(false);
-        let (ckpt_loss, ckpt) = run(true);
+        model.gradient_checkpointing = false;
+        let plain = loss_and_grads(&model, &batch, mode);
+        model.gradient_checkpointing = true;
+        let ckpt = loss_and_grads(&model, &batch, mode);
         train::ops::set_fused(true);
-        assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6);
-        for (a, b) in ckpt.iter().zip(&plain) {
-            let diff: f32 = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).powi(2))
-                .sum::<f32>()
-                .sqrt();
-            let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-            assert!(
-                norm > 0.0 && diff / norm < 1e-5,
-                "fused {fused}: relative gradient error {}",
-                diff / norm
-            );
-        }
+        assert_close(&format!("fused {fused}"), &ckpt, &plain, 1e-5);
     }
 
     // through the job spec: the curve of a checkpointed run is the plain run's

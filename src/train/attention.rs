@@ -16,6 +16,8 @@
 /// as wide as the causal mask allows.
 const BLOCK: usize = 64;
 
+use super::cpu::{gemm, Mat, SharedMut};
+
 #[derive(Debug, Clone, Copy)]
 struct Dims {
     batch: usize,
@@ -63,75 +65,6 @@ pub(crate) struct CausalAttention {
     window: usize,
 }
 
-/// A raw pointer handed to the worker threads; each thread writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the wrapper (Sync) and not its raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Strided matrix: base pointer, row stride, column stride (elements).
-#[derive(Clone, Copy)]
-struct Mat(*const f32, usize, usize);
-
-impl Mat {
-    fn at(self, row: usize, col: usize) -> Mat {
-        // SAFETY (callers): offsets stay inside the buffer the matrix views.
-        Mat(
-            unsafe { self.0.add(row * self.1 + col * self.2) },
-            self.1,
-            self.2,
-        )
-    }
-    fn t(self) -> Mat {
-        Mat(self.0, self.2, self.1)
-    }
-}
-
-/// `dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n)`, single-threaded.
-///
-/// # Safety
-/// Every pointer must be valid for the extents given, and `dst` not aliased by another thread.
-unsafe fn gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: Mat,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    alpha: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0 as *mut f32,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        alpha,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 /// End of the row band that holds row `i`: the columns a band multiplies.
 fn band_end(i: usize, time: usize) -> usize {
     ((i / BLOCK + 1) * BLOCK).min(time)
@@ -149,7 +82,7 @@ impl CausalAttention {
         let t = d.time;
         let mut probs = vec![0f32; d.batch * d.heads * t * t];
         let mut out = vec![0f32; d.batch * t * d.q_row()];
-        let (probs_ptr, out_ptr) = (SharedMut(probs.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
+        let (probs_ptr, out_ptr) = (SharedMut::new(&mut probs), SharedMut::new(&mut out));
         candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
             for item in items {
                 let (b, h) = (item / d.heads, item % d.heads);
@@ -176,8 +109,7 @@ impl CausalAttention {
                 }
                 for i in 0..t {
                     // SAFETY: row i of this item's probabilities.
-                    let row =
-                        unsafe { std::slice::from_raw_parts_mut(p.0.add(i * t) as *mut f32, t) };
+                    let row = unsafe { probs_ptr.slice(item * t * t + i * t, t) };
                     softmax_row(row, self.first_key(i), i + 1);
                 }
                 for r0 in (0..t).step_by(BLOCK) {
@@ -214,9 +146,9 @@ impl CausalAttention {
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
         let ptrs = (
-            SharedMut(dq.as_mut_ptr()),
-            SharedMut(dk.as_mut_ptr()),
-            SharedMut(dv.as_mut_ptr()),
+            SharedMut::new(&mut dq),
+            SharedMut::new(&mut dk),
+            SharedMut::new(&mut dv),
         );
         // One item per (batch, key/value head): the heads sharing it add into the same dk, dv.
         candle_core::utils::barrier_pool().execute_chunked(d.batch * d.kv_heads, |items| {

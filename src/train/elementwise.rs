@@ -8,31 +8,12 @@
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
+use super::cpu::{par_blocks, SharedMut};
+
 use super::timing::{self, Part};
 
 /// Elements (or rows × width) one worker handles at a time.
 const BLOCK: usize = 1 << 14;
-
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the wrapper (Sync) and not its raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Runs `f(start, end)` over `0..n` in blocks of `block`, on candle's worker threads.
-fn par_blocks(n: usize, block: usize, f: impl Fn(usize, usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
-        for c in chunks {
-            f(c * block, ((c + 1) * block).min(n));
-        }
-    });
-}
 
 /// Compiles `$body` (a function of `$args`) for AVX2 + FMA and for the baseline, and calls the
 /// best one the CPU has.
@@ -180,24 +161,13 @@ multiversion! {
 /// `src` rounded to bfloat16 (round to nearest even), in parallel.
 pub fn to_bf16(src: &[f32]) -> Vec<half::bf16> {
     let mut out = vec![half::bf16::ZERO; src.len()];
-    let ptr = SharedBf16(out.as_mut_ptr());
+    let ptr = SharedMut::new(&mut out);
     par_blocks(src.len(), BLOCK, |s, e| {
         // SAFETY: this block alone writes out[s..e].
-        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        let dst = unsafe { ptr.slice(s, e - s) };
         to_bf16_block(&src[s..e], dst);
     });
     out
-}
-
-#[derive(Clone, Copy)]
-struct SharedBf16(*mut half::bf16);
-unsafe impl Send for SharedBf16 {}
-unsafe impl Sync for SharedBf16 {}
-
-impl SharedBf16 {
-    fn ptr(self) -> *mut half::bf16 {
-        self.0
-    }
 }
 
 multiversion! {
@@ -219,32 +189,13 @@ multiversion! {
 pub fn softmax_cross_entropy_rows(logits: &mut [f32], vocab: usize, targets: &[u32]) -> f64 {
     let rows = targets.len();
     let mut losses = vec![0f64; rows];
-    let (lp, sp) = (
-        SharedMut(logits.as_mut_ptr()),
-        SharedF64(losses.as_mut_ptr()),
-    );
+    let (lp, sp) = (SharedMut::new(logits), SharedMut::new(&mut losses));
     par_blocks(rows, 4, |s, e| {
         // SAFETY: this block alone writes rows s..e of both buffers.
-        let (rows, losses) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(lp.ptr().add(s * vocab), (e - s) * vocab),
-                std::slice::from_raw_parts_mut(sp.ptr().add(s), e - s),
-            )
-        };
+        let (rows, losses) = unsafe { (lp.slice(s * vocab, (e - s) * vocab), sp.slice(s, e - s)) };
         xent_rows_block(rows, vocab, &targets[s..e], losses);
     });
     losses.iter().sum()
-}
-
-#[derive(Clone, Copy)]
-struct SharedF64(*mut f64);
-unsafe impl Send for SharedF64 {}
-unsafe impl Sync for SharedF64 {}
-
-impl SharedF64 {
-    fn ptr(self) -> *mut f64 {
-        self.0
-    }
 }
 
 /// In-place softmax of one row.
@@ -303,10 +254,10 @@ multiversion! {
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let h = weight.len();
     let mut out = vec![0f32; x.len()];
-    let ptr = SharedMut(out.as_mut_ptr());
+    let ptr = SharedMut::new(&mut out);
     par_blocks(x.len() / h, (BLOCK / h).max(1), |s, e| {
         // SAFETY: this block alone writes rows s..e.
-        let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        let out = unsafe { ptr.slice(s * h, (e - s) * h) };
         rms_norm_rows(&x[s * h..e * h], weight, eps as f32, out);
     });
     out
@@ -316,10 +267,10 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
 pub fn rms_norm_grad(x: &[f32], dy: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let h = weight.len();
     let mut dx = vec![0f32; x.len()];
-    let ptr = SharedMut(dx.as_mut_ptr());
+    let ptr = SharedMut::new(&mut dx);
     par_blocks(x.len() / h, (BLOCK / h).max(1), |s, e| {
         // SAFETY: this block alone writes rows s..e.
-        let dx = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        let dx = unsafe { ptr.slice(s * h, (e - s) * h) };
         rms_norm_grad_rows(&x[s * h..e * h], &dy[s * h..e * h], weight, eps as f32, dx);
     });
     dx
@@ -331,10 +282,10 @@ pub fn rope(x: &mut [f32], heads: usize, time: usize, cos: &[f32], sin: &[f32], 
     let d = 2 * cos.len() / time;
     let rows = x.len() / d;
     let sign = if inverse { -1.0 } else { 1.0 };
-    let ptr = SharedMut(x.as_mut_ptr());
+    let ptr = SharedMut::new(x);
     par_blocks(rows, (BLOCK / d).max(1), |s, e| {
         // SAFETY: this block alone touches rows s..e.
-        let x = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * d), (e - s) * d) };
+        let x = unsafe { ptr.slice(s * d, (e - s) * d) };
         rope_rows(x, s, heads, time, cos, sin, sign);
     });
 }
@@ -342,10 +293,10 @@ pub fn rope(x: &mut [f32], heads: usize, time: usize, cos: &[f32], sin: &[f32], 
 /// `silu(gate) · up` on slices.
 pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
-    let ptr = SharedMut(out.as_mut_ptr());
+    let ptr = SharedMut::new(&mut out);
     par_blocks(gate.len(), BLOCK, |s, e| {
         // SAFETY: this block alone writes out[s..e].
-        let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        let out = unsafe { ptr.slice(s, e - s) };
         silu_mul_block(&gate[s..e], &up[s..e], out);
     });
     out
@@ -355,15 +306,10 @@ pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
 pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let n = gate.len();
     let (mut d_gate, mut d_up) = (vec![0f32; n], vec![0f32; n]);
-    let (pg, pu) = (SharedMut(d_gate.as_mut_ptr()), SharedMut(d_up.as_mut_ptr()));
+    let (pg, pu) = (SharedMut::new(&mut d_gate), SharedMut::new(&mut d_up));
     par_blocks(n, BLOCK, |s, e| {
         // SAFETY: this block alone writes [s..e] of both outputs.
-        let (dg, du) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(pg.ptr().add(s), e - s),
-                std::slice::from_raw_parts_mut(pu.ptr().add(s), e - s),
-            )
-        };
+        let (dg, du) = unsafe { (pg.slice(s, e - s), pu.slice(s, e - s)) };
         silu_mul_grad_block(&gate[s..e], &up[s..e], &dy[s..e], dg, du);
     });
     (d_gate, d_up)
@@ -371,10 +317,10 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec
 
 /// `dst += src`, in parallel.
 pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
-    let ptr = SharedMut(dst.as_mut_ptr());
+    let ptr = SharedMut::new(dst);
     par_blocks(dst.len(), BLOCK, |s, e| {
         // SAFETY: this block alone writes dst[s..e].
-        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s), e - s) };
+        let dst = unsafe { ptr.slice(s, e - s) };
         dst.iter_mut().zip(&src[s..e]).for_each(|(d, s)| *d += s);
     });
 }
@@ -413,10 +359,10 @@ fn rms_norm_backward_untimed(
     let h = wv.len();
     let rows = xv.len() / h;
     let mut dx = vec![0f32; xv.len()];
-    let ptr = SharedMut(dx.as_mut_ptr());
+    let ptr = SharedMut::new(&mut dx);
     par_blocks(rows, (BLOCK / h).max(1), |s, e| {
         // SAFETY: this block alone writes rows s..e.
-        let dx = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(s * h), (e - s) * h) };
+        let dx = unsafe { ptr.slice(s * h, (e - s) * h) };
         rms_norm_grad_rows(&xv[s * h..e * h], &gv[s * h..e * h], wv, eps as f32, dx);
     });
     Tensor::from_vec(dx, x.shape(), x.device())

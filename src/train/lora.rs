@@ -12,6 +12,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use super::cpu::{gemm, Mat, SharedMut};
+
 /// Mask words (64 elements each) one worker draws at a time.
 const MASK_WORDS: usize = 1 << 10;
 
@@ -41,7 +43,7 @@ impl Dropout {
         let threshold = (self.p * 65536.0).round() as u64;
         let mut bits = vec![0u64; n.div_ceil(64)];
         let words = bits.len();
-        let ptr = SharedWords(bits.as_mut_ptr());
+        let ptr = SharedMut::new(&mut bits);
         candle_core::utils::barrier_pool().execute_chunked(words.div_ceil(MASK_WORDS), |chunks| {
             for c in chunks {
                 let (w0, w1) = (c * MASK_WORDS, ((c + 1) * MASK_WORDS).min(words));
@@ -143,13 +145,12 @@ impl DropMask {
     pub fn apply(&self, data: &mut [f32]) {
         let n = data.len();
         let block = 64 * MASK_WORDS;
-        let ptr = SharedMut(data.as_mut_ptr());
+        let ptr = SharedMut::new(data);
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
             for c in chunks {
                 let (start, end) = (c * block, ((c + 1) * block).min(n));
                 // SAFETY: chunk c alone touches data[start..end].
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
+                let dst = unsafe { ptr.slice(start, end - start) };
                 for (j, v) in dst.iter_mut().enumerate() {
                     let i = start + j;
                     let dropped = (self.bits[i / 64] >> (i % 64)) & 1 == 1;
@@ -158,86 +159,6 @@ impl DropMask {
             }
         });
     }
-}
-
-#[derive(Clone, Copy)]
-struct SharedWords(*mut u64);
-unsafe impl Send for SharedWords {}
-unsafe impl Sync for SharedWords {}
-
-impl SharedWords {
-    fn ptr(self) -> *mut u64 {
-        self.0
-    }
-}
-
-/// A raw pointer handed to the worker threads; each thread writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the wrapper (Sync) and not its raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Row-major matrix view: pointer, row stride, column stride (elements).
-#[derive(Clone, Copy)]
-struct Mat(*const f32, usize, usize);
-
-impl Mat {
-    fn at(self, row: usize, col: usize) -> Mat {
-        // SAFETY (callers): offsets stay inside the buffer the view covers.
-        Mat(
-            unsafe { self.0.add(row * self.1 + col * self.2) },
-            self.1,
-            self.2,
-        )
-    }
-    fn t(self) -> Mat {
-        Mat(self.0, self.2, self.1)
-    }
-}
-
-/// `dst (m×n) = alpha · lhs (m×k) · rhs (k×n)`, single-threaded.
-///
-/// # Safety
-/// Every view must be valid for its extent, and `dst` written by no other thread.
-unsafe fn gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: Mat,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    alpha: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0 as *mut f32,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        alpha,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 /// Shapes of one LoRA pair: A is (rank, inputs), B is (outputs, rank).
@@ -272,7 +193,7 @@ pub fn forward_into(
     assert_eq!(y.len(), m * d.outputs, "LoRA: output buffer size");
     let mask = dropout.map(|p| p.draw(x.len()));
     let mut xa = vec![0f32; m * d.rank];
-    let (xa_ptr, y_ptr) = (SharedMut(xa.as_mut_ptr()), SharedMut(y.as_mut_ptr()));
+    let (xa_ptr, y_ptr) = (SharedMut::new(&mut xa), SharedMut::new(y));
     candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(ROWS), |chunks| {
         let mut dropped = Vec::new();
         for c in chunks {
@@ -330,12 +251,8 @@ pub fn backward(
     let (da_len, db_len) = (d.rank * d.inputs, d.outputs * d.rank);
     let mut da_parts = vec![0f32; threads * da_len];
     let mut db_parts = vec![0f32; threads * db_len];
-    let want_dx = dx.is_some();
-    let dx_ptr = SharedMut(dx.map_or(std::ptr::null_mut(), |dx| dx.as_mut_ptr()));
-    let (da_ptr, db_ptr) = (
-        SharedMut(da_parts.as_mut_ptr()),
-        SharedMut(db_parts.as_mut_ptr()),
-    );
+    let dx_ptr = dx.map(SharedMut::new);
+    let (da_ptr, db_ptr) = (SharedMut::new(&mut da_parts), SharedMut::new(&mut db_parts));
     let chunks = m.div_ceil(ROWS);
     pool.execute(|tid| {
         let mut gb = vec![0f32; ROWS * d.rank];
@@ -376,9 +293,9 @@ pub fn backward(
                 let xdm = Mat(xd.as_ptr(), d.inputs, 1);
                 gemm((d.rank, d.inputs, rows), da, true, gbm.t(), xdm, scale);
             }
-            if !want_dx {
+            let Some(dx_ptr) = dx_ptr else {
                 continue;
-            }
+            };
             // dx += scale · (gb · A) ⊙ mask
             let am = Mat(a.as_ptr(), d.inputs, 1);
             let dx_rows = Mat(dx_ptr.ptr(), d.inputs, 1).at(r0, 0);
@@ -389,12 +306,7 @@ pub fn backward(
                     let tm = Mat(t.as_mut_ptr(), d.inputs, 1);
                     unsafe { gemm((rows, d.inputs, d.rank), tm, false, gbm, am, scale) };
                     // SAFETY: rows r0..r1 of dx belong to this chunk.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dx_ptr.ptr().add(r0 * d.inputs),
-                            rows * d.inputs,
-                        )
-                    };
+                    let dst = unsafe { dx_ptr.slice(r0 * d.inputs, rows * d.inputs) };
                     mask.add_masked(r0 * d.inputs, dst, &t);
                 }
             }

@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+mod cpu;
 pub mod data;
 pub mod elementwise;
 pub mod error;

@@ -637,14 +637,14 @@ impl QuantizedWeight {
 /// (The tensor-op path is several full passes; per step this runs twice per quantized layer.)
 fn unpack_four_bit(packed: &[u8], pairs: &[f32], absmax: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n];
-    let ptr = SharedOut(out.as_mut_ptr());
+    let ptr = crate::train::cpu::SharedMut::new(&mut out);
     // Whole 4-bit blocks per work item, so each item reads one absmax run.
     let per_item = BLOCK_4BIT * 256;
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per_item), |items| {
         for item in items {
             let (start, end) = (item * per_item, ((item + 1) * per_item).min(n));
             // SAFETY: this item alone writes out[start..end].
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(start), end - start) };
+            let dst = unsafe { ptr.slice(start, end - start) };
             for (block, dst) in dst.chunks_mut(BLOCK_4BIT).enumerate() {
                 let first = start + block * BLOCK_4BIT;
                 let scale = absmax[first / BLOCK_4BIT];
@@ -658,18 +658,6 @@ fn unpack_four_bit(packed: &[u8], pairs: &[f32], absmax: &[f32], n: usize) -> Ve
         }
     });
     out
-}
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    // A method, so that closures capture the wrapper (Sync) and not its raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `y = x · Wᵀ` for a frozen quantized `W`, as one graph node: the forward dequantizes into a
