@@ -7,8 +7,8 @@
 //! branches cost more than the frozen multiplies they sit on. The kernels here (CPU, float32, used
 //! by the fused decoder layer) add the branch into the frozen product's buffer and its input
 //! gradient into the frozen input gradient; the dropped-out input is never stored (the mask is
-//! kept as one bit per element), only the `(tokens, r)` product `dropout(x)·Aᵀ` is; and every
-//! multiply is split over candle's worker threads by independent output rows or columns.
+//! kept as one bit per element), only the `(tokens, r)` product `dropout(x)·Aᵀ` is; and the work
+//! goes to candle's worker threads in chunks of 64 rows that stay in cache through every step.
 
 use candle_core::{Device, Result, Tensor};
 

@@ -143,8 +143,8 @@ pub struct Llama {
     /// backward (activation memory of one layer instead of all, for one more forward).
     pub gradient_checkpointing: bool,
     /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
-    /// variable id; [`Llama::take_checkpoint_grads`] hands them to the optimizer step.
-    checkpoint_grads: super::layer::GradStash,
+    /// variable id; [`Llama::lora_grads`] hands them to the optimizer step.
+    layer_grads: super::layer::GradStash,
 }
 
 /// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
@@ -273,7 +273,7 @@ impl Llama {
             lm_head,
             device: device.clone(),
             gradient_checkpointing: false,
-            checkpoint_grads: Default::default(),
+            layer_grads: Default::default(),
         })
     }
 
@@ -337,7 +337,7 @@ impl Llama {
                     layer,
                     &x,
                     &context,
-                    &self.checkpoint_grads,
+                    &self.layer_grads,
                     checkpoint,
                 )?;
             }
@@ -354,11 +354,8 @@ impl Llama {
             }
             // Forward without keeping the layer's graph; backward recomputes it from its input.
             let y = block_forward(block, layer, &x.detach(), &context)?.detach();
-            let (block, context, stash) = (
-                block.clone(),
-                context.clone(),
-                self.checkpoint_grads.clone(),
-            );
+            let (block, context, stash) =
+                (block.clone(), context.clone(), self.layer_grads.clone());
             x = ops::attach_backward("checkpointed-layer", &x, y, move |x_in, _y, grad| {
                 let input = Var::from_tensor(&x_in.detach())?;
                 let y = block_forward(&block, layer, input.as_tensor(), &context)
@@ -387,7 +384,7 @@ impl Llama {
     /// (fused or recomputed layers). Takes those hand-overs, so call it once per backward.
     pub fn lora_grads(&self, store: &candle_core::backprop::GradStore) -> Result<Vec<Tensor>> {
         let handed: std::collections::HashMap<candle_core::TensorId, Tensor> = self
-            .checkpoint_grads
+            .layer_grads
             .lock()
             .expect("no panics while holding it")
             .drain(..)
