@@ -211,10 +211,11 @@ fn optimised_path_matches_the_plain_composite_path() {
         &loss_and_lora_grads(&model, &ids, false),
         1e-4,
     );
-    // Mistral's sliding window, a single key/value head, LoRA dropout.
+    // Mistral's sliding window, a single key/value head, Qwen2's q/k/v biases, LoRA dropout.
     let mut cfg = synthetic::tiny_config();
     cfg.sliding_window = Some(48);
     cfg.num_key_value_heads = 1;
+    cfg.attention_bias = true;
     let mut w = synthetic::random_weights(&cfg, 8).unwrap();
     let with_dropout = LoraSpec {
         dropout: 0.1,
@@ -232,7 +233,7 @@ fn optimised_path_matches_the_plain_composite_path() {
     .unwrap();
     fill_b(&model, 10);
     assert_close(
-        "sliding window, dropout",
+        "sliding window, biases, dropout",
         &loss_and_lora_grads(&model, &ids, true),
         &loss_and_lora_grads(&model, &ids, false),
         1e-4,
