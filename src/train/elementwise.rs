@@ -6,9 +6,9 @@
 //! over candle's worker threads, and the loops are compiled twice, for AVX2 + FMA and for the
 //! baseline, with the choice made once at run time.
 
-use candle_core::{CpuStorage, Layout, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use super::cpu::{par_blocks, SharedMut};
+use super::cpu::{f32_slice, par_blocks, SharedMut};
 
 use super::timing::{self, Part};
 
@@ -203,15 +203,6 @@ pub fn softmax_row(row: &mut [f32]) {
     softmax_row_block(row)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("{what} must be contiguous float32 on the CPU"),
-    }
-}
-
 multiversion! {
     fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let h = weight.len();
@@ -351,19 +342,11 @@ fn rms_norm_backward_untimed(
     else {
         candle_core::bail!("RMSNorm backward: the fused kernel runs on the CPU only")
     };
-    let (xv, gv, wv) = (
-        f32_slice(xs, xl, "x")?,
-        f32_slice(gs, gl, "gradient")?,
-        f32_slice(ws, wl, "weight")?,
+    let dx = rms_norm_grad(
+        f32_slice(xs, xl, "RMSNorm input")?,
+        f32_slice(gs, gl, "RMSNorm gradient")?,
+        f32_slice(ws, wl, "RMSNorm weight")?,
+        eps,
     );
-    let h = wv.len();
-    let rows = xv.len() / h;
-    let mut dx = vec![0f32; xv.len()];
-    let ptr = SharedMut::new(&mut dx);
-    par_blocks(rows, (BLOCK / h).max(1), |s, e| {
-        // SAFETY: this block alone writes rows s..e.
-        let dx = unsafe { ptr.slice(s * h, (e - s) * h) };
-        rms_norm_grad_rows(&xv[s * h..e * h], &gv[s * h..e * h], wv, eps as f32, dx);
-    });
     Tensor::from_vec(dx, x.shape(), x.device())
 }

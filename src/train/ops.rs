@@ -95,35 +95,57 @@ fn mixed_bf16(
     }
 }
 
+/// The fast CPU multiply by a frozen weight `W` (n, k) on float32 rows: `x · Wᵀ` (`forward`,
+/// `x` is (m, k)) or `g · W` (`g` is (m, n)). A bf16 weight goes through [`mixed_bf16`], a float32
+/// one through oneDNN; `None` when neither applies (no oneDNN, another dtype) and the caller
+/// falls back to candle's gemm.
+fn fast_frozen(x: &[f32], w: &CpuStorage, wl: &Layout, forward: bool) -> Result<Option<Vec<f32>>> {
+    let (n, k) = wl.shape().dims2()?;
+    let (inner, outer) = if forward { (k, n) } else { (n, k) };
+    let m = x.len() / inner;
+    if let Some(wb) = bf16_rows(w, wl, n * k) {
+        return mixed_bf16((m, outer, inner), x, wb, forward).map(Some);
+    }
+    Ok(
+        f32_rows(w, wl, n * k)
+            .and_then(|wf| super::onednn::matmul(m, outer, inner, x, wf, forward)),
+    )
+}
+
+/// [`fast_frozen`] on a storage `x` whose last dimension is `inner`; `None` when it does not apply.
+fn fast_frozen_storage(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    forward: bool,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (n, k) = wl.shape().dims2()?;
+    let (inner, outer) = if forward { (k, n) } else { (n, k) };
+    if xl.dims().last() != Some(&inner) {
+        return Ok(None);
+    }
+    let Some(xs) = f32_rows(x, xl, xl.shape().elem_count()) else {
+        return Ok(None);
+    };
+    Ok(fast_frozen(xs, w, wl, forward)?.map(|out| {
+        (
+            CpuStorage::F32(out),
+            Shape::from(with_last_dim(xl.dims(), outer)),
+        )
+    }))
+}
+
 fn cpu_xwt_untimed(
     x: &CpuStorage,
     xl: &Layout,
     w: &CpuStorage,
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (n, k) = wl.shape().dims2()?;
-    if xl.dims().last() == Some(&k) {
-        let m = xl.shape().elem_count() / k;
-        if let (Some(xs), Some(ws)) = (f32_rows(x, xl, m * k), bf16_rows(w, wl, n * k)) {
-            let out = mixed_bf16((m, n, k), xs, ws, true)?;
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from(with_last_dim(xl.dims(), n)),
-            ));
-        }
+    match fast_frozen_storage(x, xl, w, wl, true)? {
+        Some(out) => Ok(out),
+        None => matmul_xwt(x, xl, w, wl),
     }
-    if xl.dims().last() == Some(&k) {
-        let m = xl.shape().elem_count() / k;
-        if let (Some(xs), Some(ws)) = (f32_rows(x, xl, m * k), f32_rows(w, wl, n * k)) {
-            if let Some(out) = super::onednn::matmul(m, n, k, xs, ws, true) {
-                return Ok((
-                    CpuStorage::F32(out),
-                    Shape::from(with_last_dim(xl.dims(), n)),
-                ));
-            }
-        }
-    }
-    matmul_xwt(x, xl, w, wl)
 }
 
 /// `x · Wᵀ` (`forward`, `x` is (m, k)) or `g · W` (the input gradient, `g` is (m, n)) for a
@@ -134,19 +156,13 @@ pub(crate) fn cpu_frozen(x: &[f32], w: &Tensor, forward: bool) -> Result<Vec<f32
         let candle_core::Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen linear: the weight is not on the CPU")
         };
+        if let Some(out) = fast_frozen(x, ws, wl, forward)? {
+            return Ok(out);
+        }
         let (n, k) = wl.shape().dims2()?;
-        let (inner, outer) = if forward { (k, n) } else { (n, k) };
-        let m = x.len() / inner;
-        if let Some(wb) = bf16_rows(ws, wl, n * k) {
-            return mixed_bf16((m, outer, inner), x, wb, forward);
-        }
-        if let Some(wf) = f32_rows(ws, wl, n * k) {
-            if let Some(out) = super::onednn::matmul(m, outer, inner, x, wf, forward) {
-                return Ok(out);
-            }
-        }
+        let inner = if forward { k } else { n };
         let xs = CpuStorage::F32(x.to_vec());
-        let xl = Layout::contiguous((m, inner));
+        let xl = Layout::contiguous((x.len() / inner, inner));
         let (out, _) = if forward {
             matmul_xwt(&xs, &xl, ws, wl)?
         } else {
@@ -208,26 +224,10 @@ impl FrozenMatmulT {
         let candle_core::Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen linear: weight and input are on different devices")
         };
-        let (n, k) = wl.shape().dims2()?;
-        if l.dims().last() == Some(&n) {
-            let m = l.shape().elem_count() / n;
-            if let (Some(gs), Some(w)) = (f32_rows(s, l, m * n), bf16_rows(ws, wl, n * k)) {
-                let out = mixed_bf16((m, k, n), gs, w, false)?;
-                return Ok((
-                    CpuStorage::F32(out),
-                    Shape::from(with_last_dim(l.dims(), k)),
-                ));
-            }
-            if let (Some(gs), Some(w)) = (f32_rows(s, l, m * n), f32_rows(ws, wl, n * k)) {
-                if let Some(out) = super::onednn::matmul(m, k, n, gs, w, false) {
-                    return Ok((
-                        CpuStorage::F32(out),
-                        Shape::from(with_last_dim(l.dims(), k)),
-                    ));
-                }
-            }
+        match fast_frozen_storage(s, l, ws, wl, false)? {
+            Some(out) => Ok(out),
+            None => matmul_xw(s, l, ws, wl),
         }
-        matmul_xw(s, l, ws, wl)
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId};
 
 use super::llama::{mix_seed, Block, FrozenWeight, LayerContext, Linear};
+use crate::train::cpu::f32_slice;
 use crate::train::lora::{self, Dropout, LoraDims, LoraSaved};
 use crate::train::timing::{self, Part};
 use crate::train::{attention, elementwise, ops};
@@ -77,15 +78,6 @@ struct Saved {
 /// A tensor's values as a float32 vector (small tensors: norms, biases, LoRA factors).
 fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("fused layer: the input must be contiguous float32 on the CPU"),
-    }
 }
 
 /// The weight as a dense tensor (a cheap handle for dense weights; quantized ones are unpacked).
@@ -282,7 +274,7 @@ impl CustomOp1 for LayerOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
+        let x = f32_slice(s, l, "fused layer input")?;
         let (y, saved) = self.run_forward(x)?;
         if self.keep {
             *self.saved.lock().expect("no panics while holding it") = Some(saved);
@@ -297,7 +289,8 @@ impl CustomOp1 for LayerOp {
         let (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(gs)) = (&*xs, &*gs) else {
             candle_core::bail!("fused layer: runs on the CPU only")
         };
-        let (x_, gy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let x_ = f32_slice(xs, xl, "fused layer input")?;
+        let gy = f32_slice(gs, gl, "fused layer output gradient")?;
         let kept = self
             .saved
             .lock()
