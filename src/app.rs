@@ -1,61 +1,19 @@
-//! The service assembled: database, event fan-out, worker pool and HTTP server.
+//! The service assembled: config → database + artifact store + event bus + workers + HTTP
+//! router. Nothing else lives here; what handlers and workers share is in `state`.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::LocalArtifacts;
 use crate::config::ServeConfig;
 use crate::db::Db;
-
-/// One stored job event, as it is fanned out to SSE subscribers.
-#[derive(Debug, Clone)]
-pub struct JobEvent {
-    pub job_id: String,
-    /// The row id in `job_events`: the SSE event id.
-    pub id: i64,
-    pub kind: String,
-    pub data: String,
-}
-
-/// Shared by handlers and workers; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub config: Arc<ServeConfig>,
-    pub events: broadcast::Sender<JobEvent>,
-    /// Wakes idle workers when a job is queued.
-    pub job_queued: Arc<Notify>,
-    /// Stop flags of the jobs running in this process, by job id.
-    pub running: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
-    pub workers_up: Arc<AtomicUsize>,
-    /// Set when the server is shutting down: running jobs checkpoint and go back to the queue.
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    /// Stores an event and fans it out; returns its id.
-    pub async fn publish(
-        &self,
-        job_id: &str,
-        kind: &str,
-        data: &serde_json::Value,
-    ) -> crate::db::Result<i64> {
-        let text = data.to_string();
-        let id = self.db.insert_event(job_id, kind, &text).await?;
-        let _ = self.events.send(JobEvent {
-            job_id: job_id.to_string(),
-            id,
-            kind: kind.to_string(),
-            data: text,
-        });
-        Ok(id)
-    }
-}
+use crate::events::EventBus;
+use crate::state::{AppState, RunningJobs};
 
 pub struct App {
     listener: TcpListener,
@@ -75,19 +33,19 @@ impl App {
             .filter(|k| !k.is_empty())
             .collect();
         std::fs::create_dir_all(&config.data_dir)?;
-        std::fs::create_dir_all(config.files_dir())?;
+        let artifacts = Arc::new(LocalArtifacts::new(&config.data_dir)?);
         let db = Db::open(&config.db_path()).await?;
         for id in db.requeue_running().await? {
             tracing::warn!(job.id = %id, "job was left running by a previous process; requeued to resume from its last checkpoint");
         }
         let listener = TcpListener::bind(config.listen).await?;
-        let (events, _) = broadcast::channel(4096);
         let state = AppState {
             db,
+            artifacts,
             config: Arc::new(config),
-            events,
+            events: EventBus::new(4096),
             job_queued: Arc::new(Notify::new()),
-            running: Arc::new(Mutex::new(HashMap::new())),
+            running: RunningJobs::default(),
             workers_up: Arc::new(AtomicUsize::new(0)),
             shutdown: CancellationToken::new(),
         };
@@ -125,7 +83,9 @@ impl App {
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await?;
         for w in workers {
-            let _ = w.await;
+            if let Err(e) = w.await {
+                tracing::error!(error = %e, "a worker ended abnormally");
+            }
         }
         Ok(())
     }
@@ -134,7 +94,10 @@ impl App {
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {
@@ -146,15 +109,4 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-}
-
-/// The id of the running job's stop flag, shared with the engine's reporter.
-pub fn stop_flag(state: &AppState, job_id: &str) -> Arc<AtomicBool> {
-    state
-        .running
-        .lock()
-        .expect("stop-flag map poisoned")
-        .entry(job_id.to_string())
-        .or_default()
-        .clone()
 }

@@ -61,12 +61,4 @@ impl ServeConfig {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("qtune.db")
     }
-
-    pub fn job_dir(&self, job_id: &str) -> PathBuf {
-        self.data_dir.join("jobs").join(job_id)
-    }
-
-    pub fn files_dir(&self) -> PathBuf {
-        self.data_dir.join("files")
-    }
 }

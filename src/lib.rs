@@ -4,22 +4,30 @@
 //! engine [`train::run`] → checkpoints in PEFT format and a metrics log.
 //!
 //! - [`spec`]: the job spec shared by the CLI, the service and the engine.
+//! - [`job`]: what a job is in every room's words: id, status, metrics, the API's views.
 //! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints); no HTTP, no SQL.
-//! - [`app`], [`config`]: `qtune serve`, assembled: database, workers, HTTP server.
-//! - [`api`]: HTTP handlers (thin: parse, one call into `db`, answer JSON).
+//! - [`app`], [`config`]: `qtune serve`, assembled: database, artifacts, workers, HTTP server.
+//! - [`state`]: what handlers and workers share; [`events`]: job events and their bus.
+//! - [`api`]: HTTP handlers (thin: parse, one call into `db`, `queue` or `artifacts`, answer JSON).
+//! - [`queue`]: submitting (with its checks) and cancelling jobs.
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
-//! - [`worker`]: claims jobs, fetches datasets, runs the engine off the async runtime.
+//! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
+//! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
 //! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
-//! - [`cli`]: the `qtune` command line.
+//! - [`cli`]: the `qtune` command line, with its benchmarks.
 
 pub mod api;
 pub mod app;
-pub mod bench;
+pub mod artifacts;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod events;
+pub mod job;
+pub mod queue;
 pub mod spec;
+pub mod state;
 pub mod train;
 pub mod worker;
 

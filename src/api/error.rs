@@ -40,8 +40,8 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> ApiError {
+impl From<crate::db::Error> for ApiError {
+    fn from(e: crate::db::Error) -> ApiError {
         // the cause goes to the log, not to the client
         tracing::error!(error = %e, "database error");
         ApiError::new(
@@ -49,6 +49,20 @@ impl From<sqlx::Error> for ApiError {
             "internal_error",
             "internal error",
         )
+    }
+}
+
+impl From<crate::queue::QueueError> for ApiError {
+    fn from(e: crate::queue::QueueError) -> ApiError {
+        use crate::queue::QueueError;
+        match e {
+            QueueError::Invalid { param, message } => ApiError::invalid(param, message),
+            QueueError::NotFound(id) => ApiError::not_found("job", id.as_str()),
+            e @ QueueError::Finished { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "job_finished", e.to_string())
+            }
+            QueueError::Db(e) => e.into(),
+        }
     }
 }
 

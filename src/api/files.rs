@@ -1,4 +1,5 @@
-//! Uploads (`POST /v1/files`) and downloads of checkpoints and adapters, streamed from disk.
+//! Uploads (`POST /v1/files`) and downloads of checkpoints and adapters, streamed from the
+//! artifact store.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -8,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{jobs, ApiError, Owner};
-use crate::app::AppState;
+use crate::artifacts::{new_upload_id, Key, Opened};
 use crate::db::FileRow;
+use crate::job::{CheckpointView, FileDigest, FileView, JobStatus};
+use crate::state::AppState;
 
 /// Stores a dataset sent as the raw request body (`?filename=` names it) or as the first file
 /// field of a multipart form.
@@ -21,7 +23,7 @@ pub async fn upload(
     Extension(owner): Extension<Owner>,
     Query(q): Query<std::collections::HashMap<String, String>>,
     req: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<FileView>), ApiError> {
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -48,31 +50,29 @@ pub async fn upload(
     if body.is_empty() {
         return Err(ApiError::invalid("body", "the upload is empty"));
     }
-    let id = format!("file-{}", uuid::Uuid::new_v4().simple());
-    let path = state.config.files_dir().join(&id);
-    let sha = hex(&Sha256::digest(&body));
-    let tmp = path.with_extension("part");
-    tokio::fs::write(&tmp, &body).await?;
-    tokio::fs::rename(&tmp, &path).await?;
+    let id = new_upload_id();
+    let key = Key::upload(&id).expect("a fresh upload id is valid");
+    let digest = state.artifacts.put_bytes(&key, &body).await?;
     let row = FileRow {
         id,
         owner: owner.0.clone(),
         filename,
-        bytes: body.len() as i64,
-        sha256: sha,
+        bytes: digest.bytes as i64,
+        sha256: digest.sha256,
         created_at: crate::db::now(),
     };
     state.db.insert_file(&row).await?;
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({"object": "file", "id": row.id, "filename": row.filename, "bytes": row.bytes, "sha256": row.sha256, "created_at": row.created_at}),
-        ),
+        Json(FileView {
+            object: "file".into(),
+            id: row.id,
+            filename: row.filename,
+            bytes: row.bytes,
+            sha256: row.sha256,
+            created_at: row.created_at,
+        }),
     ))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub async fn checkpoints(
@@ -80,48 +80,39 @@ pub async fn checkpoints(
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let job = jobs::parse_id(&id)?;
     jobs::load(&state, &id, &owner).await?;
-    let rows = state.db.list_checkpoints(&id).await?;
-    let data: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            let files: Value = serde_json::from_str(&r.files).unwrap_or(Value::Null);
-            json!({"step": r.step, "created_at": r.created_at, "files": files})
+    let data: Vec<CheckpointView> = state
+        .db
+        .list_checkpoints(&job)
+        .await?
+        .into_iter()
+        .map(|r| CheckpointView {
+            step: r.step as u64,
+            created_at: r.created_at,
+            files: serde_json::from_str(&r.files).unwrap_or_default(),
         })
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// Files a checkpoint exposes (the resume state stays private).
-const DOWNLOADABLE: [&str; 2] = ["adapter_model.safetensors", "adapter_config.json"];
-
 pub async fn checkpoint_file(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
-    Path((id, step, file)): Path<(String, i64, String)>,
+    Path((id, step, file)): Path<(String, u64, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let job = jobs::parse_id(&id)?;
     jobs::load(&state, &id, &owner).await?;
-    if !DOWNLOADABLE.contains(&file.as_str()) {
-        return Err(ApiError::not_found("checkpoint file", &file));
-    }
-    let rows = state.db.list_checkpoints(&id).await?;
-    let Some(row) = rows.iter().find(|r| r.step == step) else {
+    let key = Key::checkpoint_file(&job, step, &file)
+        .ok_or_else(|| ApiError::not_found("checkpoint file", &file))?;
+    let rows = state.db.list_checkpoints(&job).await?;
+    let Some(row) = rows.iter().find(|r| r.step as u64 == step) else {
         return Err(ApiError::not_found("checkpoint", &format!("{id}:{step}")));
     };
-    let files: Vec<Value> = serde_json::from_str(&row.files).unwrap_or_default();
-    let sha = files
-        .iter()
-        .find(|f| f["name"] == file.as_str())
-        .and_then(|f| f["sha256"].as_str())
-        .map(str::to_string);
-    let path = state
-        .config
-        .job_dir(&id)
-        .join("output")
-        .join(format!("checkpoint-{step}"))
-        .join(&file);
-    send_file(&path, sha, &headers).await
+    let files: Vec<FileDigest> = serde_json::from_str(&row.files).unwrap_or_default();
+    let sha = files.into_iter().find(|f| f.name == file).map(|f| f.sha256);
+    send(&state, &key, sha, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -140,93 +131,66 @@ pub async fn adapter(
 ) -> Result<Response, ApiError> {
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
-    let job = jobs::load(&state, &id, &owner).await?;
-    if job.status != "succeeded" {
+    let row = jobs::load(&state, &id, &owner).await?;
+    if row.status != JobStatus::Succeeded {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_ready",
             format!(
                 "job {id} is {}; the adapter exists once it has succeeded",
-                job.status
+                row.status
             ),
         ));
     }
-    let out = state.config.job_dir(&id).join("output");
-    let path = match q.file.as_deref() {
-        None => out.join("adapter.tar"),
-        Some(f) if DOWNLOADABLE.contains(&f) => out.join("adapter").join(f),
-        Some(f) => {
-            return Err(ApiError::invalid(
+    let job = jobs::parse_id(&id)?;
+    let key = match q.file.as_deref() {
+        None => Key::adapter_tar(&job),
+        Some(f) => Key::adapter_file(&job, f).ok_or_else(|| {
+            ApiError::invalid(
                 "file",
                 format!(
                     "unknown adapter file {f:?} (adapter_model.safetensors or adapter_config.json)"
                 ),
-            ))
-        }
+            )
+        })?,
     };
-    let sha = sha256_file(&path).await.ok();
-    send_file(&path, sha, &headers).await
+    let sha = state.artifacts.digest(&key).await.ok().map(|d| d.sha256);
+    send(&state, &key, sha, &headers).await
 }
 
-pub async fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn content_type(path: &std::path::Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()) {
+fn content_type(name: &str) -> &'static str {
+    match name.rsplit_once('.').map(|(_, ext)| ext) {
         Some("json") => "application/json",
         Some("tar") => "application/x-tar",
         _ => "application/octet-stream",
     }
 }
 
-/// Streams a file with Content-Type, Content-Length and a strong ETag (its sha256); answers
-/// 304 to a matching If-None-Match.
-async fn send_file(
-    path: &std::path::Path,
+/// Streams a stored file with Content-Type, Content-Length and a strong ETag (its sha256);
+/// answers 304 to a matching If-None-Match.
+async fn send(
+    state: &AppState,
+    key: &Key,
     sha: Option<String>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found(
-                "file",
-                &path.file_name().unwrap_or_default().to_string_lossy(),
-            ))
-        }
-        Err(e) => return Err(e.into()),
+    let Some(Opened { file, bytes, name }) = state.artifacts.open(key).await? else {
+        let name = key.as_str().rsplit('/').next().unwrap_or_default();
+        return Err(ApiError::not_found("file", name));
     };
-    let len = file.metadata().await?.len();
     let etag = sha.map(|s| format!("\"{s}\""));
     if let (Some(tag), Some(inm)) = (&etag, headers.get(header::IF_NONE_MATCH)) {
         if inm.as_bytes() == tag.as_bytes() {
             return Ok(StatusCode::NOT_MODIFIED.into_response());
         }
     }
-    let name = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .to_string();
     let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type(path)),
+        HeaderValue::from_static(content_type(&name)),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }

@@ -6,69 +6,36 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
 
 use super::{ApiError, Owner};
-use crate::app::AppState;
-use crate::db::{CancelOutcome, JobRow};
+use crate::db::JobRow;
+use crate::events::JobEvent;
+use crate::job::{JobErrorView, JobId, JobList, JobStatus, JobView, MetricsRow, Progress};
 use crate::spec::JobSpec;
+use crate::state::AppState;
 
-/// The job as the API shows it. The stored spec is passed through as raw JSON: listing 50
-/// jobs then costs no parse-and-reserialize of 50 specs.
-#[derive(Serialize)]
-pub struct JobView<'a> {
-    id: &'a str,
-    object: &'static str,
-    status: &'a str,
-    phase: Option<&'a str>,
-    spec: &'a RawValue,
-    created_at: &'a str,
-    started_at: Option<&'a str>,
-    finished_at: Option<&'a str>,
-    progress: Progress,
-    train_loss: Option<f64>,
-    eval_loss: Option<f64>,
-    error: Option<ErrorView<'a>>,
-    attempt: i64,
-    cancel_requested: bool,
-}
-
-#[derive(Serialize)]
-struct Progress {
-    step: i64,
-    total_steps: Option<i64>,
-    epoch: Option<f64>,
-    tokens_seen: i64,
-    elapsed_seconds: Option<f64>,
-    eta_seconds: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct ErrorView<'a> {
-    code: &'a str,
-    message: Option<&'a str>,
-}
-
-pub fn job_view(row: &JobRow) -> JobView<'_> {
+/// The job as the API shows it.
+pub fn job_view(row: &JobRow) -> JobView {
     let eta = match (row.total_steps, row.elapsed_seconds) {
-        (Some(total), Some(elapsed)) if row.step > 0 && row.status == "running" => {
+        (Some(total), Some(elapsed)) if row.step > 0 && row.status == JobStatus::Running => {
             Some(elapsed / row.step as f64 * (total - row.step).max(0) as f64)
         }
         _ => None,
     };
-    let spec: &RawValue = serde_json::from_str(&row.spec)
-        .unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"));
+    let spec = RawValue::from_string(row.spec.clone())
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
     JobView {
-        id: &row.id,
-        object: "fine_tuning.job",
-        status: &row.status,
-        phase: row.phase.as_deref(),
+        id: row.id.clone(),
+        object: "fine_tuning.job".into(),
+        status: row.status,
+        phase: row.phase.clone(),
         spec,
-        created_at: &row.created_at,
-        started_at: row.started_at.as_deref(),
-        finished_at: row.finished_at.as_deref(),
+        created_at: row.created_at.clone(),
+        started_at: row.started_at.clone(),
+        finished_at: row.finished_at.clone(),
         progress: Progress {
             step: row.step,
             total_steps: row.total_steps,
@@ -79,34 +46,26 @@ pub fn job_view(row: &JobRow) -> JobView<'_> {
         },
         train_loss: row.train_loss,
         eval_loss: row.eval_loss,
-        error: row.error_code.as_deref().map(|code| ErrorView {
-            code,
-            message: row.error_message.as_deref(),
+        error: row.error_code.as_ref().map(|code| JobErrorView {
+            code: code.clone(),
+            message: row.error_message.clone(),
         }),
         attempt: row.attempt,
         cancel_requested: row.cancel_requested != 0,
     }
 }
 
-#[derive(Serialize)]
-struct JobList<'a> {
-    object: &'static str,
-    data: Vec<JobView<'a>>,
-    has_more: bool,
-    last_id: Option<&'a str>,
+/// A job id from a URL; anything but a UUID names no job.
+pub(super) fn parse_id(id: &str) -> Result<JobId, ApiError> {
+    JobId::parse(id).ok_or_else(|| ApiError::not_found("job", id))
 }
 
-fn parse_id(id: &str) -> Result<(), ApiError> {
-    uuid::Uuid::parse_str(id)
-        .map(|_| ())
-        .map_err(|_| ApiError::not_found("job", id))
-}
-
+/// The job `id` if the caller may see it.
 pub(super) async fn load(state: &AppState, id: &str, owner: &Owner) -> Result<JobRow, ApiError> {
-    parse_id(id)?;
+    let job = parse_id(id)?;
     state
         .db
-        .get_job(id, owner.as_deref())
+        .get_job(&job, owner.as_deref())
         .await?
         .ok_or_else(|| ApiError::not_found("job", id))
 }
@@ -134,93 +93,8 @@ pub async fn create(
         )
     })?;
     let spec = JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))?;
-    check_references(&state, &spec, &owner).await?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let stored = serde_json::to_string(&spec).expect("a spec serializes");
-    let row = state.db.insert_job(&id, owner.as_deref(), &stored).await?;
-    state
-        .publish(&id, "status", &json!({"status": "queued"}))
-        .await?;
-    state.job_queued.notify_waiters();
-    tracing::info!(job.id = %id, base_model = %spec.base_model, "job queued");
+    let row = crate::queue::submit(&state, &spec, owner.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(job_view(&row))).into_response())
-}
-
-/// What a spec points at that can be checked before queueing: uploaded files and the job a
-/// `from_checkpoint` names.
-async fn check_references(state: &AppState, spec: &JobSpec, owner: &Owner) -> Result<(), ApiError> {
-    for (param, url) in [
-        ("dataset.url", Some(&spec.dataset.url)),
-        (
-            "dataset.validation_url",
-            spec.dataset.validation_url.as_ref(),
-        ),
-    ] {
-        let Some(url) = url else { continue };
-        if url.starts_with("file-") {
-            if state.db.get_file(url, owner.as_deref()).await?.is_none() {
-                return Err(ApiError::invalid(
-                    param,
-                    format!("no uploaded file {url:?}"),
-                ));
-            }
-        } else if !(url.starts_with("http://")
-            || url.starts_with("https://")
-            || url.starts_with("file://")
-            || url.starts_with('/'))
-        {
-            return Err(ApiError::invalid(
-                param,
-                format!("{url:?} is not a dataset URL: use http(s)://, file:// (allowed directories only) or file-<id> from POST /v1/files"),
-            ));
-        }
-    }
-    if let Some(from) = &spec.from_checkpoint {
-        let (job_id, step) = match from.split_once(':') {
-            Some((j, s)) => (j, Some(s)),
-            None => (from.as_str(), None),
-        };
-        let job = match uuid::Uuid::parse_str(job_id) {
-            Ok(_) => state.db.get_job(job_id, owner.as_deref()).await?,
-            Err(_) => None,
-        };
-        let Some(job) = job else {
-            return Err(ApiError::invalid(
-                "from_checkpoint",
-                format!("no job {job_id:?}"),
-            ));
-        };
-        match step {
-            Some(s) => {
-                let step: i64 = s
-                    .parse()
-                    .map_err(|_| ApiError::invalid("from_checkpoint", format!("bad step {s:?}")))?;
-                if !state
-                    .db
-                    .list_checkpoints(job_id)
-                    .await?
-                    .iter()
-                    .any(|c| c.step == step)
-                {
-                    return Err(ApiError::invalid(
-                        "from_checkpoint",
-                        format!("job {job_id} has no checkpoint at step {step}"),
-                    ));
-                }
-            }
-            None if job.status != "succeeded" => {
-                return Err(ApiError::invalid(
-                    "from_checkpoint",
-                    format!(
-                        "job {job_id} has not succeeded (it is {}), so it has no final adapter",
-                        job.status
-                    ),
-                ));
-            }
-            None => {}
-        }
-    }
-    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -245,11 +119,12 @@ pub async fn list(
             format!("must be between 1 and 100, got {limit}"),
         ));
     }
-    if let Some(s) = &q.status {
-        if !["queued", "running", "succeeded", "failed", "cancelled"].contains(&s.as_str()) {
-            return Err(ApiError::invalid("status", format!("unknown status {s:?}")));
-        }
-    }
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<JobStatus>)
+        .transpose()
+        .map_err(|e| ApiError::invalid("status", e.to_string()))?;
     let after = match &q.after {
         None => None,
         Some(id) => Some(
@@ -262,15 +137,15 @@ pub async fn list(
     // one row more than asked tells whether another page exists
     let mut rows = state
         .db
-        .list_jobs(owner.as_deref(), q.status.as_deref(), after, limit + 1)
+        .list_jobs(owner.as_deref(), status, after, limit + 1)
         .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let body = JobList {
-        object: "list",
+        object: "list".into(),
         data: rows.iter().map(job_view).collect(),
         has_more,
-        last_id: rows.last().map(|r| r.id.as_str()),
+        last_id: rows.last().map(|r| r.id.clone()),
     };
     Ok(Json(body).into_response())
 }
@@ -288,28 +163,8 @@ pub async fn cancel(
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    parse_id(&id)?;
-    match state.db.request_cancel(&id, owner.as_deref()).await? {
-        CancelOutcome::NotFound => return Err(ApiError::not_found("job", &id)),
-        CancelOutcome::Finished(status) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "job_finished",
-                format!("job {id} already {status}; nothing to cancel"),
-            ))
-        }
-        CancelOutcome::Cancelled => {
-            state
-                .publish(&id, "status", &json!({"status": "cancelled"}))
-                .await?;
-        }
-        CancelOutcome::Requested => {
-            if let Some(flag) = state.running.lock().expect("poisoned").get(&id) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        CancelOutcome::AlreadyCancelled => {}
-    }
+    let job = parse_id(&id)?;
+    crate::queue::cancel(&state, &job, owner.as_deref()).await?;
     Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
 }
 
@@ -330,45 +185,22 @@ pub async fn metrics(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
     load(&state, &id, &owner).await?;
     // A resumed job repeats the steps after its last checkpoint: the later row of a step wins.
-    let mut by_step: std::collections::BTreeMap<(i64, u8), Value> = Default::default();
+    let mut by_step: std::collections::BTreeMap<(u64, bool), MetricsRow> = Default::default();
     for e in state.db.events_after(&id, 0).await? {
-        let d: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
-        let step = d["step"].as_i64().unwrap_or(0);
-        match e.kind.as_str() {
-            "metrics" => by_step.insert((step, 0), json!({
-                "step": d["step"], "epoch": d["epoch"], "train_loss": d["loss"], "eval_loss": null,
-                "learning_rate": d["learning_rate"], "grad_norm": d["grad_norm"], "tokens_per_second": d["tokens_per_second"],
-            })),
-            "eval" => by_step.insert((step, 1), json!({
-                "step": d["step"], "epoch": d["epoch"], "train_loss": null, "eval_loss": d["eval_loss"],
-                "learning_rate": null, "grad_norm": null, "tokens_per_second": null,
-            })),
-            _ => None,
+        let row = match JobEvent::parse(&e.kind, &e.data) {
+            Ok(JobEvent::Metrics(m)) => MetricsRow::from(&m),
+            Ok(JobEvent::Eval(ev)) => MetricsRow::from(&ev),
+            _ => continue,
         };
+        by_step.insert((row.step, row.is_eval()), row);
     }
-    let rows: Vec<Value> = by_step.into_values().collect();
+    let rows: Vec<MetricsRow> = by_step.into_values().collect();
     match q.format.as_deref() {
         None | Some("json") => Ok(Json(json!({"object": "list", "data": rows})).into_response()),
         Some("csv") => {
-            let cols = [
-                "step",
-                "epoch",
-                "train_loss",
-                "eval_loss",
-                "learning_rate",
-                "grad_norm",
-                "tokens_per_second",
-            ];
-            let mut csv = cols.join(",") + "\n";
+            let mut csv = MetricsRow::COLUMNS.join(",") + "\n";
             for r in &rows {
-                let line: Vec<String> = cols
-                    .iter()
-                    .map(|c| match &r[*c] {
-                        Value::Null => String::new(),
-                        v => v.to_string(),
-                    })
-                    .collect();
-                csv += &(line.join(",") + "\n");
+                csv += &(r.csv_fields().join(",") + "\n");
             }
             Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
         }

@@ -1,6 +1,7 @@
-//! HTTP API: thin handlers that parse, make one call into `db` or the artifacts on disk, and
-//! answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
+//! HTTP API: thin handlers that parse, make one call into `db`, `queue` or the artifact store,
+//! and answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
 
+mod auth;
 mod dashboard;
 mod error;
 mod files;
@@ -8,27 +9,16 @@ mod jobs;
 mod stream;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use sha2::{Digest, Sha256};
 
+pub use auth::{key_fingerprint, Owner};
 pub use error::ApiError;
-pub use files::sha256_file;
 
-use crate::app::AppState;
-
-/// Who is calling: the fingerprint of their API key, or `None` when keys are off.
-#[derive(Clone)]
-pub struct Owner(pub Option<String>);
-
-impl Owner {
-    pub fn as_deref(&self) -> Option<&str> {
-        self.0.as_deref()
-    }
-}
+use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
@@ -45,7 +35,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}/adapter", get(files::adapter))
         .route("/v1/files", post(files::upload))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .route("/", get(dashboard::index))
         .route("/assets/app.js", get(dashboard::app_js))
@@ -58,39 +51,6 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
-}
-
-/// The fingerprint that stands for an API key in the database (the key itself is never stored).
-pub fn key_fingerprint(key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
-}
-
-async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let owner = if state.config.api_keys.is_empty() {
-        None
-    } else {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(k) if state.config.api_keys.iter().any(|known| known == k) => {
-                Some(key_fingerprint(k))
-            }
-            _ => {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid API key is required: Authorization: Bearer <key>",
-                )
-                .into_response()
-            }
-        }
-    };
-    req.extensions_mut().insert(Owner(owner));
-    next.run(req).await
 }
 
 async fn healthz() -> Json<serde_json::Value> {

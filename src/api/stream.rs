@@ -12,19 +12,8 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{jobs, ApiError, Owner};
-use crate::app::AppState;
-
-fn is_terminal(kind: &str, data: &str) -> bool {
-    kind == "status"
-        && serde_json::from_str::<serde_json::Value>(data)
-            .ok()
-            .and_then(|v| {
-                v["status"]
-                    .as_str()
-                    .map(|s| matches!(s, "succeeded" | "failed" | "cancelled"))
-            })
-            .unwrap_or(false)
-}
+use crate::events::StoredEvent;
+use crate::state::AppState;
 
 pub async fn events(
     State(state): State<AppState>,
@@ -45,7 +34,7 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-type Live = tokio::sync::broadcast::Receiver<crate::app::JobEvent>;
+type Live = tokio::sync::broadcast::Receiver<StoredEvent>;
 
 /// Where a stream stands: history still to send, the live receiver, the last id sent.
 struct Cursor {
@@ -59,10 +48,13 @@ struct Cursor {
 
 impl Cursor {
     /// Records an event as sent and makes its SSE form.
-    fn send(&mut self, id: i64, kind: String, data: String) -> Event {
-        self.last = id;
-        self.done = is_terminal(&kind, &data);
-        Event::default().id(id.to_string()).event(kind).data(data)
+    fn send(&mut self, e: StoredEvent) -> Event {
+        self.last = e.id;
+        self.done = e.is_terminal();
+        Event::default()
+            .id(e.id.to_string())
+            .event(e.kind)
+            .data(e.data)
     }
 }
 
@@ -89,7 +81,12 @@ fn event_stream(
         }
         loop {
             if let Some(e) = s.history.next() {
-                let ev = s.send(e.id, e.kind, e.data);
+                let ev = s.send(StoredEvent {
+                    job_id: s.id.clone(),
+                    id: e.id,
+                    kind: e.kind,
+                    data: e.data,
+                });
                 return Some((Ok(ev), s));
             }
             let next = tokio::select! {
@@ -98,7 +95,7 @@ fn event_stream(
             };
             match next {
                 Ok(e) if e.job_id == s.id && e.id > s.last => {
-                    let ev = s.send(e.id, e.kind, e.data);
+                    let ev = s.send(e);
                     return Some((Ok(ev), s));
                 }
                 Ok(_) => continue,

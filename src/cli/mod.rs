@@ -2,6 +2,7 @@
 //! `bench`), the HTTP client commands (`submit`, `jobs`, `status`, `follow`, `cancel`,
 //! `download`) and `quickstart`, which is all of it in one go.
 
+pub mod bench;
 mod quickstart;
 mod remote;
 
@@ -96,7 +97,7 @@ pub enum Command {
         device: String,
     },
     /// Measure a training step at SmolLM2-135M's shape (random weights): tokens/s, peak RSS.
-    Bench(crate::bench::BenchOptions),
+    Bench(bench::BenchOptions),
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
         #[arg(long, default_value_t = 1000)]
@@ -124,32 +125,19 @@ pub enum Command {
     },
 }
 
-pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
-    if name == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    if let Some(i) = name.strip_prefix("cuda:") {
-        let ordinal: usize = i
-            .parse()
-            .map_err(|_| anyhow::anyhow!("bad device {name:?}"))?;
-        return Ok(candle_core::Device::new_cuda(ordinal)?);
-    }
-    anyhow::bail!("unknown device {name:?} (expected cpu or cuda:N)")
-}
-
 /// Prints engine events as progress lines.
 struct PrintReporter;
 
 impl Reporter for PrintReporter {
     fn report(&mut self, event: &Event) {
         match event {
-            Event::Phase { phase } => eprintln!("phase: {}", serde_json::to_string(phase).unwrap_or_default().trim_matches('"')),
-            Event::Data {
+            Event::Phase(phase) => eprintln!("phase: {}", serde_json::to_string(phase).unwrap_or_default().trim_matches('"')),
+            Event::Data(train::DataSummary {
                 train,
                 validation,
                 total_steps,
                 trainable_parameters,
-            } => {
+            }) => {
                 eprintln!(
                     "train data: {} ({}): {} records, {} examples kept, {} truncated to max_seq_len, {} dropped (no label left), {} tokens, {} label tokens",
                     train.path, train.format, train.records, train.examples, train.truncated, train.dropped_no_labels, train.tokens, train.label_tokens
@@ -164,9 +152,9 @@ impl Reporter for PrintReporter {
             }
             Event::Step(m) => eprintln!(
                 "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.1}s",
-                m.step, m.total_steps, m.epoch, m.loss, m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
+                m.step, m.total_steps, m.epoch, m.train_loss, m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
             ),
-            Event::Eval { step, eval_loss, .. } => eprintln!("eval at step {step}: eval_loss {eval_loss:.4}"),
+            Event::Eval(e) => eprintln!("eval at step {}: eval_loss {:.4}", e.step, e.eval_loss),
             Event::Checkpoint { step, path } => eprintln!("checkpoint {step}: {}", path.display()),
         }
     }
@@ -204,21 +192,22 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?;
             let opts = train::RunOptions {
                 output_dir: output,
-                device: parse_device(&device)?,
+                device: train::device::parse(&device)?,
                 resume,
                 init_adapter,
+                datasets: None,
             };
             let outcome = train::run(&spec, &opts, &mut PrintReporter)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);
             Ok(())
         }
-        Command::Bench(opts) => Ok(crate::bench::run(&opts)?),
+        Command::Bench(opts) => Ok(bench::run(&opts)?),
         Command::BenchApi {
             jobs,
             connections,
             seconds,
             train_model,
-        } => crate::bench::api::run(&crate::bench::api::ApiBenchOptions {
+        } => bench::api::run(&bench::api::ApiBenchOptions {
             jobs,
             connections,
             seconds,

@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use super::model::Llama;
 use super::optim::Optimizer;
 use crate::spec::JobSpec;
-use crate::train::{Error, Result};
+use crate::train::error::{Area, Error, Result};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The final adapter's folder under a run's output folder.
+pub const ADAPTER_DIR: &str = "adapter";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 const TRAINER_STATE: &str = "trainer_state.json";
@@ -136,7 +138,7 @@ pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
 pub fn load_adapter(dir: &Path, model: &Llama) -> Result<()> {
     let path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::caused(Area::Checkpoint, path.display().to_string(), e))?;
     for (name, var) in model.lora_vars() {
         let key = peft_name(&name);
         let t = tensors
@@ -168,7 +170,7 @@ pub fn load_checkpoint(
     let state_path = dir.join(TRAINER_STATE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", state_path.display())))?;
+        .map_err(|e| Error::caused(Area::Checkpoint, state_path.display().to_string(), e))?;
     load_adapter(dir, model)?;
     let opt_path = dir.join(OPTIMIZER_STATE);
     let mut tensors = if opt_path.exists() {
@@ -201,5 +203,10 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
 }
 
 pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
-    output_dir.join(format!("checkpoint-{step}"))
+    output_dir.join(checkpoint_dir_name(step))
+}
+
+/// `checkpoint-{step}`: the folder name of a checkpoint under a run's output folder.
+pub fn checkpoint_dir_name(step: u64) -> String {
+    format!("checkpoint-{step}")
 }

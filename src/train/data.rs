@@ -6,14 +6,14 @@
 //! conversation up to that turn, so the closing end-of-turn token is a label and the model learns
 //! to stop.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::tokenizer::{Message, TextTokenizer};
-use crate::spec::DatasetFormat;
+use crate::spec::{DatasetFormat, JobSpec};
 use crate::train::{Error, Result};
 
 /// One tokenized example. `labels[i]` says whether token `i` is predicted (carries loss).
@@ -30,7 +30,7 @@ impl Example {
 }
 
 /// What the data step did with a file; printed and reported, never silent.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct DataReport {
     pub path: String,
     pub format: String,
@@ -64,16 +64,70 @@ fn detect(record: &serde_json::Map<String, Value>) -> Option<DatasetFormat> {
     }
 }
 
-/// Reads, checks and tokenizes a JSONL file. Any malformed line is an error naming it.
+/// A dataset file the engine reads, and the name its messages give it (what the job named:
+/// a URL or an upload id, rather than where the service put the file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetFile {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl DatasetFile {
+    /// A dataset reference the engine can read itself: a local path or a `file://` URL.
+    pub fn local(url: &str) -> Result<DatasetFile> {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return Err(Error::Data(format!(
+                "{url}: the engine reads local files; remote datasets are fetched by the service"
+            )));
+        }
+        Ok(DatasetFile {
+            path: PathBuf::from(url.strip_prefix("file://").unwrap_or(url)),
+            name: url.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Datasets {
+    pub train: DatasetFile,
+    pub validation: Option<DatasetFile>,
+}
+
+impl Datasets {
+    /// The spec's own `dataset.url` and `validation_url`, read as local files.
+    pub fn from_spec(spec: &JobSpec) -> Result<Datasets> {
+        Ok(Datasets {
+            train: DatasetFile::local(&spec.dataset.url)?,
+            validation: spec
+                .dataset
+                .validation_url
+                .as_deref()
+                .map(DatasetFile::local)
+                .transpose()?,
+        })
+    }
+}
+
+/// What the engine reports once the data is tokenized (the service's `data` event).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct DataSummary {
+    pub train: DataReport,
+    pub validation: Option<DataReport>,
+    pub total_steps: u64,
+    pub trainable_parameters: usize,
+}
+
+/// Reads, checks and tokenizes a JSONL file. Any malformed line is an error naming the file
+/// (by the name the job gave it) and the line.
 pub fn load_jsonl(
-    path: &Path,
+    file: &DatasetFile,
     format: DatasetFormat,
     tok: &TextTokenizer,
     max_seq_len: usize,
     train_on_inputs: bool,
 ) -> Result<(Vec<Example>, DataReport)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let shown = path.display().to_string();
+    let shown = file.name.clone();
+    let text = std::fs::read_to_string(&file.path).map_err(|e| Error::io(&shown, e))?;
     let mut format = format;
     let mut report = DataReport {
         path: shown.clone(),

@@ -1,5 +1,8 @@
 use std::path::PathBuf;
 
+/// An error another library raised, kept as the source of ours.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can stop a training run. Messages name the file, line or field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -13,6 +16,17 @@ pub enum Error {
     Data(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("device: {0}")]
+    Device(String),
+    /// A failure of another library (a parser, the Hub client, the template engine), with what
+    /// was being done; the library's error stays reachable as the source.
+    #[error("{}: {context}: {source}", .area.as_str())]
+    Caused {
+        area: Area,
+        context: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -26,6 +40,24 @@ pub enum Error {
     Cancelled,
 }
 
+/// Which part of a run an [`Error::Caused`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    Model,
+    Tokenizer,
+    Checkpoint,
+}
+
+impl Area {
+    fn as_str(self) -> &'static str {
+        match self {
+            Area::Model => "model",
+            Area::Tokenizer => "tokenizer",
+            Area::Checkpoint => "checkpoint",
+        }
+    }
+}
+
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
@@ -34,14 +66,35 @@ impl Error {
         }
     }
 
+    /// A library's error while doing `context` in `area`.
+    pub fn caused(area: Area, context: impl Into<String>, source: impl Into<BoxError>) -> Error {
+        Error::Caused {
+            area,
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// A short machine-readable code for the service's job error.
     pub fn code(&self) -> &'static str {
         match self {
             Error::Spec(_) => "invalid_spec",
-            Error::Model(_) => "model_error",
-            Error::Tokenizer(_) => "tokenizer_error",
+            Error::Model(_)
+            | Error::Caused {
+                area: Area::Model, ..
+            } => "model_error",
+            Error::Tokenizer(_)
+            | Error::Caused {
+                area: Area::Tokenizer,
+                ..
+            } => "tokenizer_error",
             Error::Data(_) => "dataset_error",
-            Error::Checkpoint(_) => "checkpoint_error",
+            Error::Checkpoint(_)
+            | Error::Caused {
+                area: Area::Checkpoint,
+                ..
+            } => "checkpoint_error",
+            Error::Device(_) => "device_error",
             Error::Io { .. } => "io_error",
             Error::Candle(_) => "internal_error",
             Error::Diverged(..) => "diverged",

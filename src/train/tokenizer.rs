@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::train::{Error, Result};
+use crate::train::error::{Area, Error, Result};
 
 /// `[start, end)` byte offsets of a token in the text it came from.
 pub type ByteSpan = (usize, usize);
@@ -49,11 +49,11 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<TextTokenizer> {
         let tj = dir.join("tokenizer.json");
         let inner = Tokenizer::from_file(&tj)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+            .map_err(|e| Error::caused(Area::Tokenizer, tj.display().to_string(), e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::Tokenizer(format!("{}: {e}", cfg_path.display())))?,
+                .map_err(|e| Error::caused(Area::Tokenizer, cfg_path.display().to_string(), e))?,
             Err(_) => Value::Null,
         };
         let mut chat_template = match cfg.get("chat_template") {
@@ -125,7 +125,7 @@ impl TextTokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| Error::Tokenizer(format!("GGUF BPE: {e}")))?;
+            .map_err(|e| Error::caused(Area::Tokenizer, "GGUF BPE", e))?;
         let mut inner = Tokenizer::new(bpe);
         // The pre-tokenizers of Hugging Face's tokenizer.json for each llama.cpp `pre` name.
         match pre.as_str() {
@@ -200,7 +200,7 @@ impl TextTokenizer {
             },
         );
         env.add_template("chat", template)
-            .map_err(|e| Error::Tokenizer(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| Error::caused(Area::Tokenizer, "chat template does not parse", e))?;
         let tmpl = env.get_template("chat").expect("just added");
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -208,7 +208,7 @@ impl TextTokenizer {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
-        .map_err(|e| Error::Tokenizer(format!("chat template failed: {e}")))
+        .map_err(|e| Error::caused(Area::Tokenizer, "chat template failed", e))
     }
 
     /// Token ids and the byte span of each token in `text` (special tokens are matched, nothing added).

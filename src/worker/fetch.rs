@@ -1,133 +1,200 @@
-//! Dataset references → local files: uploaded `file-<id>`, `file://` and local paths (only under
-//! the directories the operator allows), and http(s) with a timeout, a size cap, bounded
-//! redirects and retries on transient failures. Every error names the URL.
+//! Dataset references → local files the engine reads: uploaded `file-<id>`, `file://` and local
+//! paths (only under the directories the operator allows), and http(s) with a timeout, a size
+//! cap, bounded redirects and retries on transient failures. Every error names the URL.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::artifacts::{ArtifactStore, Key, Split};
 use crate::config::ServeConfig;
+use crate::job::JobId;
+use crate::train::DatasetFile;
 
 const ATTEMPTS: u32 = 3;
 
-/// Resolves `url` to a readable local file, downloading into `dest` if it is remote.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{url}: uploaded file not found")]
+    UploadMissing { url: String },
+    #[error("{url}: local files are only read from the directories in --allow-file-dirs (QTUNE_ALLOW_FILE_DIRS); upload it with POST /v1/files instead")]
+    NotAllowed { url: String },
+    #[error("{url}: {source}")]
+    Local { url: String, source: std::io::Error },
+    #[error("{url}: {what}: {source}")]
+    Request {
+        url: String,
+        what: &'static str,
+        source: reqwest::Error,
+    },
+    #[error("{url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{url}: over the {limit_mib} MiB dataset limit{}", .announced.map(|n| format!(" ({n} bytes)")).unwrap_or_default())]
+    TooLarge {
+        url: String,
+        limit_mib: u64,
+        announced: Option<u64>,
+    },
+    #[error("{url}: download interrupted: {source}")]
+    Interrupted { url: String, source: reqwest::Error },
+    #[error("{}: {source}", .path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl FetchError {
+    /// Worth another try: the network or the server may do better next time.
+    fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Request { source, .. } => !source.is_redirect(),
+            FetchError::Status { status, .. } => {
+                status.is_server_error() || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            }
+            FetchError::Interrupted { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Resolves `url` to a local file, downloading it into the job's artifacts if it is remote.
+/// The file keeps `url` as its name, so the engine's messages name what the user wrote.
 pub async fn fetch_dataset(
     config: &ServeConfig,
+    artifacts: &dyn ArtifactStore,
+    job: &JobId,
+    split: Split,
     url: &str,
-    dest: &Path,
-) -> Result<PathBuf, String> {
+) -> Result<DatasetFile, FetchError> {
+    let named = |path: PathBuf| DatasetFile {
+        path,
+        name: url.to_string(),
+    };
     if url.starts_with("file-") {
-        let path = config.files_dir().join(url);
+        let missing = || FetchError::UploadMissing {
+            url: url.to_string(),
+        };
+        let path = artifacts.local_path(&Key::upload(url).ok_or_else(missing)?);
         return if path.is_file() {
-            Ok(path)
+            Ok(named(path))
         } else {
-            Err(format!("{url}: uploaded file not found"))
+            Err(missing())
         };
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        return download(config, url, dest).await;
+        let dest = artifacts.local_path(&Key::dataset(job, split));
+        download(config, url, &dest).await?;
+        return Ok(named(dest));
     }
     let local = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-    let canonical = local.canonicalize().map_err(|e| format!("{url}: {e}"))?;
+    let canonical = local.canonicalize().map_err(|source| FetchError::Local {
+        url: url.to_string(),
+        source,
+    })?;
     let allowed = config
         .allow_file_dirs
         .iter()
         .filter_map(|d| d.canonicalize().ok())
         .any(|d| canonical.starts_with(d));
     if !allowed {
-        return Err(format!(
-            "{url}: local files are only read from the directories in --allow-file-dirs (QTUNE_ALLOW_FILE_DIRS); upload it with POST /v1/files instead"
-        ));
+        return Err(FetchError::NotAllowed {
+            url: url.to_string(),
+        });
     }
-    Ok(canonical)
+    Ok(named(canonical))
 }
 
-async fn download(config: &ServeConfig, url: &str, dest: &Path) -> Result<PathBuf, String> {
+async fn download(
+    config: &ServeConfig,
+    url: &str,
+    dest: &std::path::Path,
+) -> Result<(), FetchError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(config.fetch_timeout_secs))
         .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::limited(5))
         .build()
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|source| FetchError::Request {
+            url: url.to_string(),
+            what: "cannot build an HTTP client",
+            source,
+        })?;
     let cap = config.max_dataset_mib * 1024 * 1024;
-    let mut last_error = String::new();
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match download_once(&client, url, dest, cap).await {
-            Ok(p) => return Ok(p),
-            Err((msg, transient)) => {
-                last_error = msg;
-                if !transient || attempt == ATTEMPTS {
-                    break;
-                }
-                tracing::warn!(%url, attempt, error = %last_error, "dataset download failed; retrying");
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                tracing::warn!(%url, attempt, error = %e, "dataset download failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                attempt += 1;
             }
+            Err(e) => return Err(e),
         }
     }
-    Err(last_error)
 }
 
-/// `Err((message, transient))`.
 async fn download_once(
     client: &reqwest::Client,
     url: &str,
-    dest: &Path,
+    dest: &std::path::Path,
     cap: u64,
-) -> Result<PathBuf, (String, bool)> {
-    let resp = client.get(url).send().await.map_err(|e| {
-        let what = if e.is_timeout() {
+) -> Result<(), FetchError> {
+    let resp = client.get(url).send().await.map_err(|source| {
+        let what = if source.is_timeout() {
             "timed out"
-        } else if e.is_redirect() {
+        } else if source.is_redirect() {
             "too many redirects"
         } else {
             "request failed"
         };
-        (format!("{url}: {what}: {e}"), !e.is_redirect())
+        FetchError::Request {
+            url: url.to_string(),
+            what,
+            source,
+        }
     })?;
     let status = resp.status();
     if !status.is_success() {
-        return Err((
-            format!("{url}: HTTP {status}"),
-            status.is_server_error() || status.as_u16() == 429,
-        ));
+        return Err(FetchError::Status {
+            url: url.to_string(),
+            status,
+        });
     }
+    let too_large = |announced| FetchError::TooLarge {
+        url: url.to_string(),
+        limit_mib: cap >> 20,
+        announced,
+    };
     if resp.content_length().is_some_and(|n| n > cap) {
-        return Err((
-            format!(
-                "{url}: {} bytes is over the {} MiB dataset limit",
-                resp.content_length().unwrap_or(0),
-                cap >> 20
-            ),
-            false,
-        ));
+        return Err(too_large(resp.content_length()));
     }
+    let write_err = |source| FetchError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
     if let Some(dir) = dest.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| (format!("{}: {e}", dir.display()), false))?;
+        tokio::fs::create_dir_all(dir).await.map_err(write_err)?;
     }
-    let mut file = tokio::fs::File::create(dest)
-        .await
-        .map_err(|e| (format!("{}: {e}", dest.display()), false))?;
+    let mut file = tokio::fs::File::create(dest).await.map_err(write_err)?;
     let mut total = 0u64;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| (format!("{url}: download interrupted: {e}"), true))?;
+        let chunk = chunk.map_err(|source| FetchError::Interrupted {
+            url: url.to_string(),
+            source,
+        })?;
         total += chunk.len() as u64;
         if total > cap {
-            return Err((
-                format!("{url}: over the {} MiB dataset limit", cap >> 20),
-                false,
-            ));
+            return Err(too_large(None));
         }
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| (format!("{}: {e}", dest.display()), false))?;
+        file.write_all(&chunk).await.map_err(write_err)?;
     }
-    file.flush()
-        .await
-        .map_err(|e| (format!("{}: {e}", dest.display()), false))?;
-    Ok(dest.to_path_buf())
+    file.flush().await.map_err(write_err)
 }

@@ -4,7 +4,55 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::train::Error;
+use crate::train::error::{Area, Error};
+
+/// The seven linear projections of a decoder layer, in the order of [`crate::spec::ALL_LINEAR`]
+/// (the names PEFT's `target_modules` use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module's name in Hugging Face checkpoints and PEFT: `q_proj`, ...
+    pub fn name(self) -> &'static str {
+        crate::spec::ALL_LINEAR[self as usize]
+    }
+
+    /// A projection by its module name; `None` for anything else.
+    pub fn from_name(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The submodule it sits in: `self_attn` or `mlp`.
+    pub fn group(self) -> &'static str {
+        match self {
+            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+        }
+    }
+
+    /// q, k or v: the projections that carry a bias where the config says `attention_bias`.
+    pub fn is_qkv(self) -> bool {
+        matches!(self, Proj::Q | Proj::K | Proj::V)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,7 +130,7 @@ impl ModelConfig {
     /// Reads a transformers `config.json`.
     pub fn from_hf_json(text: &str) -> Result<ModelConfig, Error> {
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Model(format!("config.json is not valid JSON: {e}")))?;
+            .map_err(|e| Error::caused(Area::Model, "config.json is not valid JSON", e))?;
         let model_type = v
             .get("model_type")
             .and_then(Value::as_str)
@@ -214,21 +262,20 @@ impl ModelConfig {
         })
     }
 
-    /// (out, in) of each linear layer of a block, by HF name.
-    pub fn linear_shape(&self, module: &str) -> (usize, usize) {
+    /// (out, in) of a projection's weight.
+    pub fn linear_shape(&self, proj: Proj) -> (usize, usize) {
         let (h, q, kv, ff) = (
             self.hidden_size,
             self.num_attention_heads * self.head_dim,
             self.num_key_value_heads * self.head_dim,
             self.intermediate_size,
         );
-        match module {
-            "q_proj" => (q, h),
-            "k_proj" | "v_proj" => (kv, h),
-            "o_proj" => (h, q),
-            "gate_proj" | "up_proj" => (ff, h),
-            "down_proj" => (h, ff),
-            other => panic!("not a linear module: {other}"),
+        match proj {
+            Proj::Q => (q, h),
+            Proj::K | Proj::V => (kv, h),
+            Proj::O => (h, q),
+            Proj::Gate | Proj::Up => (ff, h),
+            Proj::Down => (h, ff),
         }
     }
 

@@ -8,18 +8,16 @@
 //! to the step through the model's gradient stash, and returns the input gradient. The composite
 //! path in `llama.rs` is the reference it is tested against, and what other devices run.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId};
 
-use super::llama::{mix_seed, Block, FrozenWeight, LayerContext, Linear};
+use super::config::Proj;
+use super::weights::{lora_dropout, Block, FrozenWeight, GradStash, LayerContext, Linear};
 use crate::train::cpu::f32_slice;
 use crate::train::lora::{self, Dropout, LoraDims, LoraSaved};
 use crate::train::timing::{self, Part};
 use crate::train::{attention, elementwise, ops};
-
-/// LoRA gradients produced inside fused or recomputed layers, by variable id.
-pub(crate) type GradStash = Arc<Mutex<Vec<(TensorId, Tensor)>>>;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -72,7 +70,8 @@ struct Saved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
-    lora: Vec<Option<LoraSaved>>,
+    /// What each projection's LoRA branch keeps, in [`Proj::ALL`] order.
+    lora: [Option<LoraSaved>; 7],
 }
 
 /// A tensor's values as a float32 vector (small tensors: norms, biases, LoRA factors).
@@ -92,18 +91,13 @@ fn dense(w: &FrozenWeight) -> Result<Tensor> {
 }
 
 impl LayerOp {
-    fn dropout(&self, lin: &Linear, module: usize) -> Option<Dropout> {
-        let mode = self.context.mode;
-        let l = lin.lora.as_ref()?;
-        (mode.train && l.dropout > 0.0).then(|| Dropout {
-            p: l.dropout,
-            seed: mix_seed(&[mode.dropout_seed, (self.layer * 8 + module) as u64]),
-        })
+    fn dropout(&self, lin: &Linear, proj: Proj) -> Option<Dropout> {
+        lora_dropout(self.context.mode, lin.lora.as_ref()?, self.layer, proj)
     }
 
-    /// `x · Wᵀ + bias + LoRA(x)` for linear `module`.
-    fn linear(&self, module: usize, x: &[f32]) -> Result<(Vec<f32>, Option<LoraSaved>)> {
-        let lin = &self.block.linears[module];
+    /// `x · Wᵀ + bias + LoRA(x)` for projection `proj`.
+    fn linear(&self, proj: Proj, x: &[f32]) -> Result<(Vec<f32>, Option<LoraSaved>)> {
+        let lin = self.block.linear(proj);
         let mut y = ops::cpu_frozen(x, &dense(&lin.weight)?, true)?;
         if let Some(bias) = &lin.bias {
             let bias = host(bias)?;
@@ -122,23 +116,24 @@ impl LayerOp {
             inputs,
             outputs: l.b.as_tensor().dim(0)?,
         };
-        let dropout = self.dropout(lin, module);
+        let dropout = self.dropout(lin, proj);
         let saved = timing::scope(Part::Lora, || {
             lora::forward_into(&mut y, x, (&a, &b), dims, l.scale as f32, dropout)
         });
         Ok((y, Some(saved)))
     }
 
-    /// The input gradient of linear `module` for output gradient `g`; LoRA gradients go to `grads`.
+    /// The input gradient of projection `proj` for output gradient `g`; LoRA gradients go to
+    /// `grads`.
     fn linear_backward(
         &self,
-        module: usize,
+        proj: Proj,
         x: &[f32],
         g: &[f32],
         saved: Option<&LoraSaved>,
         grads: &mut Vec<(TensorId, Tensor)>,
     ) -> Result<Vec<f32>> {
-        let lin = &self.block.linears[module];
+        let lin = self.block.linear(proj);
         let mut dx = ops::cpu_frozen(g, &dense(&lin.weight)?, false)?;
         if let (Some(l), Some(saved)) = (&lin.lora, saved) {
             let (a, b) = (host(l.a.as_tensor())?, host(l.b.as_tensor())?);
@@ -181,23 +176,23 @@ impl LayerOp {
         let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
         let (cos, sin) = self.rope_tables()?;
         let h1 = timing::scope(Part::Elementwise, || elementwise::rms_norm(x, &w1, eps));
-        let (mut q, lq) = self.linear(0, &h1)?;
-        let (mut k, lk) = self.linear(1, &h1)?;
-        let (v, lv) = self.linear(2, &h1)?;
+        let (mut q, lq) = self.linear(Proj::Q, &h1)?;
+        let (mut k, lk) = self.linear(Proj::K, &h1)?;
+        let (v, lv) = self.linear(Proj::V, &h1)?;
         timing::scope(Part::Elementwise, || {
             elementwise::rope(&mut q, nh, t, &cos, &sin, false);
             elementwise::rope(&mut k, nkv, t, &cos, &sin, false);
         });
         let (probs, attn) = timing::scope(Part::Attention, || self.attention().forward(&q, &k, &v));
-        let (mut x1, lo) = self.linear(3, &attn)?;
+        let (mut x1, lo) = self.linear(Proj::O, &attn)?;
         timing::scope(Part::Elementwise, || elementwise::add_in_place(&mut x1, x));
         let h2 = timing::scope(Part::Elementwise, || elementwise::rms_norm(&x1, &w2, eps));
-        let (gate, lg) = self.linear(4, &h2)?;
-        let (up, lu) = self.linear(5, &h2)?;
+        let (gate, lg) = self.linear(Proj::Gate, &h2)?;
+        let (up, lu) = self.linear(Proj::Up, &h2)?;
         let act = timing::scope(Part::Elementwise, || {
             elementwise::silu_mul_forward(&gate, &up)
         });
-        let (mut y, ld) = self.linear(6, &act)?;
+        let (mut y, ld) = self.linear(Proj::Down, &act)?;
         timing::scope(Part::Elementwise, || elementwise::add_in_place(&mut y, &x1));
         let saved = Saved {
             h1,
@@ -211,7 +206,7 @@ impl LayerOp {
             gate,
             up,
             act,
-            lora: vec![lq, lk, lv, lo, lg, lu, ld],
+            lora: [lq, lk, lv, lo, lg, lu, ld],
         };
         Ok((y, saved))
     }
@@ -229,15 +224,15 @@ impl LayerOp {
         let eps = c.cfg.rms_norm_eps;
         let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
         let (cos, sin) = self.rope_tables()?;
-        let lora = |i: usize| s.lora[i].as_ref();
+        let lora = |p: Proj| s.lora[p as usize].as_ref();
         // MLP: y = x1 + down(silu(gate(h2)) · up(h2)), h2 = rms(x1)
-        let d_act = self.linear_backward(6, &s.act, gy, lora(6), grads)?;
+        let d_act = self.linear_backward(Proj::Down, &s.act, gy, lora(Proj::Down), grads)?;
         let (d_gate, d_up) = timing::scope(Part::Elementwise, || {
             elementwise::silu_mul_backward(&s.gate, &s.up, &d_act)
         });
         drop(d_act);
-        let mut d_h2 = self.linear_backward(4, &s.h2, &d_gate, lora(4), grads)?;
-        let d_h2_up = self.linear_backward(5, &s.h2, &d_up, lora(5), grads)?;
+        let mut d_h2 = self.linear_backward(Proj::Gate, &s.h2, &d_gate, lora(Proj::Gate), grads)?;
+        let d_h2_up = self.linear_backward(Proj::Up, &s.h2, &d_up, lora(Proj::Up), grads)?;
         let dx1 = timing::scope(Part::Elementwise, || {
             elementwise::add_in_place(&mut d_h2, &d_h2_up);
             let mut dx1 = elementwise::rms_norm_grad(&s.x1, &d_h2, &w2, eps);
@@ -246,7 +241,7 @@ impl LayerOp {
         });
         drop((d_gate, d_up, d_h2, d_h2_up));
         // Attention: x1 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = rms(x)
-        let d_attn = self.linear_backward(3, &s.attn, &dx1, lora(3), grads)?;
+        let d_attn = self.linear_backward(Proj::O, &s.attn, &dx1, lora(Proj::O), grads)?;
         let (mut dq, mut dk, dv) = timing::scope(Part::Attention, || {
             self.attention()
                 .backward(&s.q, &s.k, &s.v, &s.probs, &d_attn)
@@ -255,9 +250,9 @@ impl LayerOp {
             elementwise::rope(&mut dq, nh, t, &cos, &sin, true);
             elementwise::rope(&mut dk, nkv, t, &cos, &sin, true);
         });
-        let mut d_h1 = self.linear_backward(0, &s.h1, &dq, lora(0), grads)?;
-        let d_h1_k = self.linear_backward(1, &s.h1, &dk, lora(1), grads)?;
-        let d_h1_v = self.linear_backward(2, &s.h1, &dv, lora(2), grads)?;
+        let mut d_h1 = self.linear_backward(Proj::Q, &s.h1, &dq, lora(Proj::Q), grads)?;
+        let d_h1_k = self.linear_backward(Proj::K, &s.h1, &dk, lora(Proj::K), grads)?;
+        let d_h1_v = self.linear_backward(Proj::V, &s.h1, &dv, lora(Proj::V), grads)?;
         timing::scope(Part::Elementwise, || {
             elementwise::add_in_place(&mut d_h1, &d_h1_k);
             elementwise::add_in_place(&mut d_h1, &d_h1_v);

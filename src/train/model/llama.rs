@@ -11,85 +11,19 @@ use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 
-use super::config::ModelConfig;
-use crate::spec::{LoraSpec, QuantType, QuantizationSpec, ALL_LINEAR};
-use crate::train::lora::Dropout;
+use super::config::{ModelConfig, Proj};
+use super::weights::{
+    lora_dropout, mix_seed, Block, ForwardMode, FrozenWeight, GradStash, LayerContext, Linear,
+    LoraAdapter,
+};
+use crate::spec::{LoraSpec, QuantType, QuantizationSpec};
 use crate::train::ops;
 use crate::train::quant::{self, Kind4, QuantizedWeight};
 use crate::train::Result;
 
-/// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
-#[derive(Clone)]
-pub struct LoraAdapter {
-    /// (r, in), Kaiming-uniform like PEFT.
-    pub a: Var,
-    /// (out, r), zeros.
-    pub b: Var,
-    pub scale: f64,
-    pub dropout: f64,
-}
-
-/// A frozen base weight: dense in the compute dtype, or quantized (QLoRA).
-#[derive(Clone)]
-pub enum FrozenWeight {
-    Dense(Tensor),
-    Quantized(Arc<QuantizedWeight>),
-}
-
-impl FrozenWeight {
-    /// Bytes the weight holds.
-    pub fn bytes(&self) -> usize {
-        match self {
-            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            FrozenWeight::Quantized(q) => q.bytes(),
-        }
-    }
-}
-
-/// A frozen linear layer, optionally adapted.
-#[derive(Clone)]
-pub struct Linear {
-    /// (out, in).
-    pub weight: FrozenWeight,
-    pub bias: Option<Tensor>,
-    pub lora: Option<LoraAdapter>,
-}
-
-/// What differs between a training forward and an evaluation forward.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardMode {
-    /// Track LoRA factors (build a graph) and apply dropout.
-    pub train: bool,
-    /// Seeds the dropout masks of this forward; masks are a pure function of it, so a resumed
-    /// run draws the same masks as an uninterrupted one.
-    pub dropout_seed: u64,
-}
-
-impl ForwardMode {
-    pub const EVAL: ForwardMode = ForwardMode {
-        train: false,
-        dropout_seed: 0,
-    };
-}
-
-/// Mixes numbers into a 64-bit seed (splitmix64 finaliser), for independent RNG streams.
-pub fn mix_seed(parts: &[u64]) -> u64 {
-    let mut h = 0x9e37_79b9_7f4a_7c15u64;
-    for &p in parts {
-        h ^= p
-            .wrapping_add(0x9e37_79b9_7f4a_7c15)
-            .wrapping_add(h << 6)
-            .wrapping_add(h >> 2);
-        let mut z = h;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        h = z ^ (z >> 31);
-    }
-    h
-}
-
 impl Linear {
-    fn forward(&self, x: &Tensor, mode: ForwardMode, stream: u64) -> Result<Tensor> {
+    /// The composite-graph forward: `x · Wᵀ + bias + scale · B · A · dropout(x)`.
+    fn forward(&self, x: &Tensor, mode: ForwardMode, layer: usize, proj: Proj) -> Result<Tensor> {
         let mut y = match &self.weight {
             FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
             FrozenWeight::Quantized(q) => quant::quantized_matmul(x, q)?,
@@ -105,10 +39,7 @@ impl Linear {
         } else {
             (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
         };
-        let dropout = (mode.train && lora.dropout > 0.0).then(|| Dropout {
-            p: lora.dropout,
-            seed: mix_seed(&[mode.dropout_seed, stream]),
-        });
+        let dropout = lora_dropout(mode, lora, layer, proj);
         let in_dim = a.dim(1)?;
         let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
         if let Some(d) = dropout {
@@ -121,14 +52,6 @@ impl Linear {
         let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + delta)?)
     }
-}
-
-#[derive(Clone)]
-pub struct Block {
-    pub attn_norm: Tensor,
-    pub mlp_norm: Tensor,
-    /// q, k, v, o, gate, up, down, in [`ALL_LINEAR`] order.
-    pub linears: Vec<Linear>,
 }
 
 pub struct Llama {
@@ -144,7 +67,7 @@ pub struct Llama {
     pub gradient_checkpointing: bool,
     /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
     /// variable id; [`Llama::lora_grads`] hands them to the optimizer step.
-    layer_grads: super::layer::GradStash,
+    layer_grads: GradStash,
 }
 
 /// Source of named base weights in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`).
@@ -201,11 +124,9 @@ impl Llama {
                 dtype,
                 device,
             )?;
-            let mut linears = Vec::with_capacity(7);
-            for (mi, module) in ALL_LINEAR.iter().enumerate() {
-                let group = if mi < 4 { "self_attn" } else { "mlp" };
-                let (out_dim, in_dim) = cfg.linear_shape(module);
-                let name = format!("{p}.{group}.{module}.weight");
+            let mut linear = |proj: Proj| -> Result<Linear> {
+                let (out_dim, in_dim) = cfg.linear_shape(proj);
+                let name = format!("{p}.{}.{}.weight", proj.group(), proj.name());
                 let weight = match quantization {
                     None => FrozenWeight::Dense(take_dense(
                         weights,
@@ -222,10 +143,10 @@ impl Llama {
                         device,
                     )?)),
                 };
-                let bias = if cfg.attention_bias && mi < 3 {
+                let bias = if cfg.attention_bias && proj.is_qkv() {
                     Some(take_dense(
                         weights,
-                        &format!("{p}.{group}.{module}.bias"),
+                        &format!("{p}.{}.{}.bias", proj.group(), proj.name()),
                         &[out_dim],
                         dtype,
                         device,
@@ -233,24 +154,30 @@ impl Llama {
                 } else {
                     None
                 };
-                let lora = if targets.iter().any(|t| t == module) {
+                let lora = if targets.iter().any(|t| t == proj.name()) {
                     Some(init_lora(
                         lora,
                         out_dim,
                         in_dim,
-                        mix_seed(&[seed, layer as u64, mi as u64]),
+                        mix_seed(&[seed, layer as u64, proj as u64]),
                         device,
                         dtype,
                     )?)
                 } else {
                     None
                 };
-                linears.push(Linear { weight, bias, lora });
-            }
+                Ok(Linear { weight, bias, lora })
+            };
             blocks.push(Block {
                 attn_norm,
                 mlp_norm,
-                linears,
+                q_proj: linear(Proj::Q)?,
+                k_proj: linear(Proj::K)?,
+                v_proj: linear(Proj::V)?,
+                o_proj: linear(Proj::O)?,
+                gate_proj: linear(Proj::Gate)?,
+                up_proj: linear(Proj::Up)?,
+                down_proj: linear(Proj::Down)?,
             });
         }
         let norm = take_dense(weights, "model.norm.weight", &[h], dtype, device)?;
@@ -286,10 +213,9 @@ impl Llama {
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
-            for (mi, lin) in block.linears.iter().enumerate() {
+            for (proj, lin) in block.linears() {
                 if let Some(l) = &lin.lora {
-                    let group = if mi < 4 { "self_attn" } else { "mlp" };
-                    let base = format!("model.layers.{layer}.{group}.{}", ALL_LINEAR[mi]);
+                    let base = format!("model.layers.{layer}.{}.{}", proj.group(), proj.name());
                     out.push((format!("{base}.lora_A"), l.a.clone()));
                     out.push((format!("{base}.lora_B"), l.b.clone()));
                 }
@@ -362,7 +288,7 @@ impl Llama {
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 let grads = (y * grad.detach())?.sum_all()?.backward()?;
                 let mut stash = stash.lock().expect("no panics while holding it");
-                for lin in &block.linears {
+                for (_, lin) in block.linears() {
                     if let Some(l) = &lin.lora {
                         for var in [&l.a, &l.b] {
                             if let Some(g) = grads.get(var.as_tensor()) {
@@ -541,41 +467,22 @@ fn init_lora(
     })
 }
 
-/// What every layer of one forward shares: rotary tables, mask, shapes, mode.
-#[derive(Clone)]
-pub(crate) struct LayerContext {
-    pub(crate) cfg: ModelConfig,
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    pub(crate) mask: Tensor,
-    pub(crate) scale: f64,
-    /// batch, time, heads, key/value heads, head dim
-    pub(crate) shape: (usize, usize, usize, usize, usize),
-    pub(crate) mode: ForwardMode,
-}
-
-/// One decoder layer: attention then MLP, each with a pre-norm and a residual.
+/// One decoder layer: attention then MLP, each with a pre-norm and a residual (the composite
+/// graph: the reference the fused layer is tested against, and the path of other devices).
 fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> Result<Tensor> {
     let (b, t, nh, nkv, hd) = c.shape;
     let mode = c.mode;
-    let stream = |mi: usize| (layer * 8 + mi) as u64;
-    let l = &block.linears;
+    let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
     let h = ops::rms_norm(x, &block.attn_norm, c.cfg.rms_norm_eps)?;
     // (b, t, heads, d): the projections' own layout; the attention op reads it as it is.
-    let q = l[0].forward(&h, mode, stream(0))?.reshape((b, t, nh, hd))?;
-    let k = l[1]
-        .forward(&h, mode, stream(1))?
-        .reshape((b, t, nkv, hd))?;
-    let v = l[2]
-        .forward(&h, mode, stream(2))?
-        .reshape((b, t, nkv, hd))?;
+    let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?;
+    let k = proj(Proj::K, &h)?.reshape((b, t, nkv, hd))?;
+    let v = proj(Proj::V, &h)?.reshape((b, t, nkv, hd))?;
     let q = ops::rope_thd(&q, &c.cos, &c.sin)?;
     let k = ops::rope_thd(&k, &c.cos, &c.sin)?;
     let o = ops::attention(&q, &k, &v, &c.mask, c.scale)?.reshape((b, t, nh * hd))?;
-    let x = (x + l[3].forward(&o, mode, stream(3))?)?;
+    let x = (x + proj(Proj::O, &o)?)?;
     let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
-    let gate = l[4].forward(&h, mode, stream(4))?;
-    let up = l[5].forward(&h, mode, stream(5))?;
-    let mlp = ops::silu_mul(&gate, &up)?;
-    Ok((&x + l[6].forward(&mlp, mode, stream(6))?)?)
+    let mlp = ops::silu_mul(&proj(Proj::Gate, &h)?, &proj(Proj::Up, &h)?)?;
+    Ok((&x + proj(Proj::Down, &mlp)?)?)
 }

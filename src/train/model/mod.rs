@@ -3,7 +3,7 @@
 pub mod config;
 mod layer;
 pub mod llama;
-pub mod synthetic;
+pub mod weights;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,14 +12,15 @@ use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-pub use config::{Arch, ModelConfig};
-pub use llama::{mix_seed as mix_seed_for, ForwardMode, FrozenWeight, Llama, WeightSource};
+pub use config::{Arch, ModelConfig, Proj};
+pub use llama::{Llama, WeightSource};
+pub use weights::{dropout_seed, mix_seed, Block, ForwardMode, FrozenWeight, Linear, LoraAdapter};
 
 use super::tokenizer::TextTokenizer;
 use candle_core::quantized::QTensor;
 
 use crate::spec::{ComputeDtype, LoraSpec, QuantizationSpec};
-use crate::train::{Error, Result};
+use crate::train::error::{Area, Error, Result};
 
 /// A loaded base model with fresh LoRA factors, and its tokenizer.
 pub struct BaseModel {
@@ -120,7 +121,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ))
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+        .map_err(|e| Error::caused(Area::Model, index.display().to_string(), e))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -188,8 +189,13 @@ pub fn load_gguf(
     device: &Device,
 ) -> Result<BaseModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| Error::Model(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        Error::caused(
+            Area::Model,
+            format!("{}: not a readable GGUF file", path.display()),
+            e,
+        )
+    })?;
     let md = &content.metadata;
     let arch_name = md
         .get("general.architecture")
@@ -421,7 +427,7 @@ mod hub {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(false)
                 .build()
-                .map_err(|e| Error::Model(format!("Hugging Face Hub client: {e}")))?;
+                .map_err(|e| Error::caused(Area::Model, "Hugging Face Hub client", e))?;
             let r = api.repo(repo);
             let get = |f: &str| {
                 r.get(f).map_err(|e| {
@@ -440,7 +446,7 @@ mod hub {
                 let index = get("model.safetensors.index.json")?;
                 let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
                 let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+                    .map_err(|e| Error::caused(Area::Model, index.display().to_string(), e))?;
                 let mut shards: Vec<String> = v["weight_map"]
                     .as_object()
                     .map(|m| {

@@ -1,5 +1,7 @@
-//! Random-weight models of any Llama shape, with a small byte-level tokenizer: what the tests
-//! train (nothing is downloaded) and what the benchmark measures at SmolLM2-135M's shape.
+//! Random-weight models of any Llama shape, with a small byte-level tokenizer: what the
+//! benchmarks measure (`qtune bench` at SmolLM2-135M's shape, the API benchmark's background
+//! job) and what the tests train (nothing is downloaded). Not part of the engine: it only
+//! writes files and weights the engine loads like any other.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,8 +14,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::config::{Arch, ModelConfig};
-use crate::spec::ALL_LINEAR;
+use crate::train::model::{Arch, ModelConfig, Proj, WeightSource};
 use crate::train::{Error, Result};
 
 /// Special tokens of the byte-level test tokenizer, ids 0, 1, 2; the 256 byte tokens follow.
@@ -80,14 +81,14 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
     );
     for layer in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{layer}");
-        for (mi, module) in ALL_LINEAR.iter().enumerate() {
-            let group = if mi < 4 { "self_attn" } else { "mlp" };
-            let shape = cfg.linear_shape(module);
+        for proj in Proj::ALL {
+            let (group, module) = (proj.group(), proj.name());
+            let shape = cfg.linear_shape(proj);
             w.insert(
                 format!("{p}.{group}.{module}.weight"),
                 normal(shape, 0.02, &mut rng)?,
             );
-            if cfg.attention_bias && mi < 3 {
+            if cfg.attention_bias && proj.is_qkv() {
                 let b = normal((1, shape.0), 0.02, &mut rng)?.squeeze(0)?;
                 w.insert(format!("{p}.{group}.{module}.bias"), b);
             }
@@ -170,7 +171,7 @@ pub struct RandomSource {
     pub seed: u64,
 }
 
-impl super::WeightSource for RandomSource {
+impl WeightSource for RandomSource {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
@@ -190,10 +191,10 @@ impl super::WeightSource for RandomSource {
                 &Device::Cpu,
             )?));
         }
-        let Some(module) = ALL_LINEAR.iter().find(|m| name.contains(*m)) else {
+        let Some(proj) = Proj::ALL.into_iter().find(|p| name.contains(p.name())) else {
             return Ok(None);
         };
-        let shape = cfg.linear_shape(module);
+        let shape = cfg.linear_shape(proj);
         Ok(Some(if name.ends_with(".bias") {
             normal((1, shape.0), 0.02, &mut rng)?.squeeze(0)?
         } else {

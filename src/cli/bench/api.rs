@@ -116,12 +116,12 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
     let ids: Vec<String> = server_rt.block_on(async {
         let mut ids = Vec::new();
         for i in 0..opts.jobs {
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = crate::job::JobId::new();
             let spec = serde_json::json!({"base_model": format!("model-{i}"), "dataset": {"url": "https://example.invalid/d.jsonl"}});
             let spec = crate::spec::JobSpec::from_json(&spec.to_string())?;
             state.db.insert_job(&id, None, &serde_json::to_string(&spec)?).await?;
             state.db.request_cancel(&id, None).await?;
-            ids.push(id);
+            ids.push(id.to_string());
         }
         anyhow::Ok(ids)
     })?;
@@ -148,14 +148,14 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         Some(m) => m.clone(),
         None => {
             let path = dir.join("model");
-            let mut cfg = crate::train::model::synthetic::tiny_config();
+            let mut cfg = super::random_model::tiny_config();
             (
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 cfg.num_hidden_layers,
                 cfg.head_dim,
             ) = (256, 768, 8, 64);
-            crate::train::model::synthetic::write_model_dir(&path, &cfg, 0)?;
+            super::random_model::write_model_dir(&path, &cfg, 0)?;
             path.display().to_string()
         }
     };

@@ -1,7 +1,11 @@
 //! `qtune bench`: tokens/s and peak memory of a LoRA training step at SmolLM2-135M's shape
-//! (random weights), printed beside PyTorch + PEFT's figures on the same kind of machine.
+//! (random weights), timing the trainer's own step ([`trainer::optimizer_step`]). Comparisons
+//! with PyTorch + PEFT are made side by side on one machine, with the reference scripts run in
+//! the same sitting: figures from another machine are not a comparison, so none are printed here.
+//! `qtune bench-api` (`api.rs`) loads the HTTP API.
 
 pub mod api;
+pub mod random_model;
 
 use std::time::Instant;
 
@@ -10,10 +14,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::spec::{LoraSpec, TargetModules, ALL_LINEAR};
-use crate::train::model::{synthetic, ForwardMode, Llama, ModelConfig};
-use crate::train::optim::{self, Optimizer};
+use crate::train::model::{Llama, ModelConfig, Proj};
+use crate::train::optim::Optimizer;
 use crate::train::timing::{self, Part};
-use crate::train::{data, Result};
+use crate::train::{data, trainer, Result};
 
 /// `qtune bench`: one training step configuration at SmolLM2-135M's shape (random weights).
 #[derive(Debug, Clone, clap::Args)]
@@ -47,10 +51,6 @@ pub struct BenchOptions {
     pub bf16: bool,
 }
 
-/// PyTorch 2.15 + PEFT 0.21 on this machine kind (shared/notes/anchors.md): tokens/s, peak GiB.
-const PEFT_QKVO: (f64, f64) = (315.0, 4.2);
-const PEFT_ALL_LINEAR: (f64, f64) = (254.0, 5.5);
-
 /// Peak resident set size of this process so far, in GiB (Linux `VmHWM`).
 pub fn peak_rss_gib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -68,10 +68,10 @@ pub fn peak_rss_gib() -> f64 {
 /// Analytic matmul FLOPs per token of a LoRA training step (as in the PEFT reference script):
 /// frozen linears and lm_head 4·N (no weight gradients), attention 3 × forward, LoRA 6r(in+out).
 pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usize) -> f64 {
-    let n_lin: usize = ALL_LINEAR
+    let n_lin: usize = Proj::ALL
         .iter()
-        .map(|m| {
-            let (o, i) = cfg.linear_shape(m);
+        .map(|&p| {
+            let (o, i) = cfg.linear_shape(p);
             o * i
         })
         .sum::<usize>()
@@ -80,8 +80,9 @@ pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usi
     let attn = 3 * cfg.num_hidden_layers * 2 * (2 * seq * cfg.num_attention_heads * cfg.head_dim);
     let lora: usize = targets
         .iter()
-        .map(|m| {
-            let (o, i) = cfg.linear_shape(m);
+        .filter_map(|m| Proj::from_name(m))
+        .map(|p| {
+            let (o, i) = cfg.linear_shape(p);
             6 * r * (i + o)
         })
         .sum::<usize>()
@@ -123,7 +124,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         .bf16
         .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true))
         .flatten();
-    let mut cfg = synthetic::smollm2_135m_config();
+    let mut cfg = random_model::smollm2_135m_config();
     if let Some(l) = opts.layers {
         cfg.num_hidden_layers = l;
     }
@@ -162,7 +163,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             .expect("given"),
         ),
     };
-    let mut weights = synthetic::RandomSource {
+    let mut weights = random_model::RandomSource {
         cfg: cfg.clone(),
         seed: 0,
     };
@@ -180,18 +181,17 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         &device,
     )?;
     model.gradient_checkpointing = opts.gradient_checkpointing;
-    let (linear_params, linear_bytes) =
-        model
-            .blocks
-            .iter()
-            .flat_map(|b| &b.linears)
-            .fold((0usize, 0usize), |(p, b), l| {
-                let (o, i) = match &l.weight {
-                    crate::train::model::FrozenWeight::Dense(w) => w.dims2().unwrap_or((0, 0)),
-                    crate::train::model::FrozenWeight::Quantized(q) => q.shape(),
-                };
-                (p + o * i, b + l.weight.bytes())
-            });
+    let (linear_params, linear_bytes) = model
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears().map(|(_, l)| l))
+        .fold((0usize, 0usize), |(p, b), l| {
+            let (o, i) = match &l.weight {
+                crate::train::model::FrozenWeight::Dense(w) => w.dims2().unwrap_or((0, 0)),
+                crate::train::model::FrozenWeight::Quantized(q) => q.shape(),
+            };
+            (p + o * i, b + l.weight.bytes())
+        });
     println!(
         "  base linear weights: {} ({:.3} bytes per parameter, {:.1} MiB); embeddings and norms stay float32; peak RSS after loading {:.2} GiB",
         opts.quant.as_deref().unwrap_or(if opts.bf16 { "bfloat16" } else { "float32" }),
@@ -221,38 +221,35 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     for i in 0..opts.warmup + opts.steps {
         timing::take();
         let kernel0 = timing::kernel_cpu_seconds();
-        let t0 = Instant::now();
-        let mode = ForwardMode {
-            train: true,
-            dropout_seed: i as u64,
-        };
-        let loss = (model.loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)?
-            / batch.label_tokens as f64)?;
-        let loss_value = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        let mut grads = model.lora_grads(&store)?;
-        drop(store);
-        let t2 = Instant::now();
-        optim::clip_grad_norm(&mut grads, 1.0)?;
-        optimizer.step(&vars, &grads, 2e-4)?;
-        let t3 = Instant::now();
+        let out = trainer::optimizer_step(
+            &model,
+            &vars,
+            &mut optimizer,
+            std::slice::from_ref(&batch),
+            0,
+            i as u64,
+            spec.learning_rate,
+            spec.max_grad_norm,
+        )?;
+        let t = out.times;
+        let total = t.forward + t.backward + t.optimizer;
         let tag = if i < opts.warmup { "warm-up" } else { "step" };
         println!(
-            "  {tag} {:>2}: loss {loss_value:.4}  forward {:.2}s  backward {:.2}s  optimizer {:.3}s  total {:.2}s",
+            "  {tag} {:>2}: loss {:.4}  forward {:.2}s  backward {:.2}s  optimizer {:.3}s  total {:.2}s",
             i + 1,
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64(),
-            (t3 - t0).as_secs_f64()
+            out.loss,
+            t.forward,
+            t.backward,
+            t.optimizer,
+            total
         );
         if i >= opts.warmup {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            opt.push((t3 - t2).as_secs_f64());
-            step.push((t3 - t0).as_secs_f64());
+            fwd.push(t.forward);
+            bwd.push(t.backward);
+            opt.push(t.optimizer);
+            step.push(total);
             let p = timing::take();
-            other.push((t3 - t0).as_secs_f64() - p.iter().sum::<f64>() - (t3 - t2).as_secs_f64());
+            other.push(total - p.iter().sum::<f64>() - t.optimizer);
             parts.push(p);
             kernel.push(timing::kernel_cpu_seconds() - kernel0);
         }
@@ -262,11 +259,6 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let tps = tokens / step_s;
     let fpt = flops_per_token(&cfg, opts.seq, &names, 16);
     let peak = peak_rss_gib();
-    let (peft_tps, peft_rss) = if opts.all_linear {
-        PEFT_ALL_LINEAR
-    } else {
-        PEFT_QKVO
-    };
     println!(
         "\nmedian of {} steps after {} warm-up:",
         opts.steps, opts.warmup
@@ -325,27 +317,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         peak,
         100.0 * fpt * tps / (ceiling * 1e9)
     );
-    if opts.batch == 4
-        && opts.seq == 256
-        && opts.layers.is_none()
-        && opts.quant.is_none()
-        && !opts.bf16
-    {
-        println!(
-            "  {:<26} {:>10.0} {:>8.2} GiB {:>21}",
-            "PyTorch + PEFT (anchors)",
-            peft_tps,
-            peft_rss,
-            if opts.all_linear { "40%" } else { "48%" }
-        );
-    }
-    if opts.bf16 && !opts.all_linear && opts.batch == 4 && opts.seq == 256 && opts.layers.is_none()
-    {
-        println!(
-            "  {:<26} {:>10.0} {:>8.2} GiB   (bf16 base weights, f32 LoRA)",
-            "PyTorch + PEFT (anchors)", 534.0, 3.6
-        );
-    }
+    println!(
+        "  (PyTorch + PEFT: run ../shared/reference's scripts at this shape in the same sitting, alternating with this command)"
+    );
     println!(
         "  ({:.0} MFLOP/token; f32 matmul ceiling measured now with {}: {:.0} GFLOP/s on 1024x576x1536)",
         fpt / 1e6,

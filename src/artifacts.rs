@@ -1,0 +1,279 @@
+//! Where a job's files live: the one place that knows the layout of uploads, fetched datasets,
+//! checkpoints and final adapters, and how they are written (atomically: a temporary file, then
+//! a rename) and read back (streamed, with their sha256).
+//!
+//! Layout, as keys under the store's root:
+//! ```text
+//! files/{file id}                                  uploaded datasets
+//! jobs/{job id}/dataset/{train,validation}.jsonl   datasets fetched from a URL
+//! jobs/{job id}/output/                            the engine's output folder (see train::checkpoint):
+//!     checkpoint-{step}/adapter_model.safetensors, adapter_config.json, optimizer + trainer state
+//!     adapter/adapter_model.safetensors, adapter_config.json   the final adapter
+//!     adapter.tar                                  the final adapter as one archive
+//! ```
+//! [`ArtifactStore`] is what the rest of the service uses; [`LocalArtifacts`] keeps everything
+//! in a directory. The engine reads and writes local files, so a store also names the local
+//! working folder of a job ([`ArtifactStore::job_output_dir`]).
+
+use std::path::{Path, PathBuf};
+
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::job::{FileDigest, JobId};
+use crate::train::checkpoint;
+
+/// The files of a checkpoint or adapter that leave the server (the resume state stays private).
+pub const DOWNLOADABLE: [&str; 2] = [checkpoint::ADAPTER_WEIGHTS, checkpoint::ADAPTER_CONFIG];
+
+/// Which dataset of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+/// A stored file's key under the store's root. Built only from validated ids (a [`JobId`] is a
+/// UUID, an upload id is `file-` and 32 hex digits), so no key can leave the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key(String);
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// An uploaded dataset; `None` unless `file_id` is one that `POST /v1/files` could issue.
+    pub fn upload(file_id: &str) -> Option<Key> {
+        is_upload_id(file_id).then(|| Key(format!("files/{file_id}")))
+    }
+
+    pub fn dataset(job: &JobId, split: Split) -> Key {
+        let name = match split {
+            Split::Train => "train.jsonl",
+            Split::Validation => "validation.jsonl",
+        };
+        Key(format!("jobs/{job}/dataset/{name}"))
+    }
+
+    /// A file of checkpoint `step`; `None` for files that are not downloadable.
+    pub fn checkpoint_file(job: &JobId, step: u64, name: &str) -> Option<Key> {
+        DOWNLOADABLE.contains(&name).then(|| {
+            Key(format!(
+                "jobs/{job}/output/{}/{name}",
+                checkpoint::checkpoint_dir_name(step)
+            ))
+        })
+    }
+
+    /// A file of the final adapter; `None` for files that are not downloadable.
+    pub fn adapter_file(job: &JobId, name: &str) -> Option<Key> {
+        DOWNLOADABLE.contains(&name).then(|| {
+            Key(format!(
+                "jobs/{job}/output/{}/{name}",
+                checkpoint::ADAPTER_DIR
+            ))
+        })
+    }
+
+    pub fn adapter_tar(job: &JobId) -> Key {
+        Key(format!("jobs/{job}/output/adapter.tar"))
+    }
+}
+
+/// `file-` and 32 lowercase hex digits: the ids [`new_upload_id`] makes.
+pub fn is_upload_id(s: &str) -> bool {
+    s.strip_prefix("file-")
+        .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+pub fn new_upload_id() -> String {
+    format!("file-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A stored file opened for reading.
+pub struct Opened {
+    pub file: tokio::fs::File,
+    pub bytes: u64,
+    pub name: String,
+}
+
+pub trait ArtifactStore: Send + Sync {
+    /// Stores `bytes` under `key` atomically; returns its size and sha256.
+    fn put_bytes<'a>(
+        &'a self,
+        key: &'a Key,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, std::io::Result<FileDigest>>;
+
+    /// Opens a stored file for streaming; `None` if it does not exist.
+    fn open<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<Opened>>>;
+
+    /// Size and sha256 of a stored file.
+    fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>>;
+
+    /// The local file the engine reads for `key` (an upload or a fetched dataset), and where a
+    /// download is written before it is stored.
+    fn local_path(&self, key: &Key) -> PathBuf;
+
+    /// The local folder the engine writes a job's checkpoints and adapter into.
+    fn job_output_dir(&self, job: &JobId) -> PathBuf;
+
+    /// The local folder of the adapter a `from_checkpoint` reference names: the job's final
+    /// adapter, or its checkpoint at `step`.
+    fn init_adapter_dir(&self, job: &JobId, step: Option<u64>) -> PathBuf {
+        let out = self.job_output_dir(job);
+        match step {
+            Some(step) => checkpoint::checkpoint_dir(&out, step),
+            None => out.join(checkpoint::ADAPTER_DIR),
+        }
+    }
+
+    /// Writes the job's final adapter folder as one tar archive (for `GET …/adapter`).
+    fn pack_adapter<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>>;
+}
+
+/// Every artifact in one local directory (the data dir).
+pub struct LocalArtifacts {
+    root: PathBuf,
+}
+
+impl LocalArtifacts {
+    pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalArtifacts> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("files"))?;
+        std::fs::create_dir_all(root.join("jobs"))?;
+        Ok(LocalArtifacts { root })
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        self.root.join(&key.0)
+    }
+}
+
+impl ArtifactStore for LocalArtifacts {
+    fn put_bytes<'a>(
+        &'a self,
+        key: &'a Key,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, std::io::Result<FileDigest>> {
+        Box::pin(async move {
+            let path = self.path(key);
+            write_atomically(&path, bytes).await?;
+            Ok(FileDigest {
+                name: file_name(&path),
+                bytes: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(bytes)),
+            })
+        })
+    }
+
+    fn open<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<Opened>>> {
+        Box::pin(async move {
+            let path = self.path(key);
+            let file = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let bytes = file.metadata().await?.len();
+            Ok(Some(Opened {
+                file,
+                bytes,
+                name: file_name(&path),
+            }))
+        })
+    }
+
+    fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>> {
+        Box::pin(async move { digest_file(&self.path(key)).await })
+    }
+
+    fn local_path(&self, key: &Key) -> PathBuf {
+        self.path(key)
+    }
+
+    fn job_output_dir(&self, job: &JobId) -> PathBuf {
+        self.root.join("jobs").join(job.as_str()).join("output")
+    }
+
+    fn pack_adapter<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            let adapter = self.job_output_dir(job).join(checkpoint::ADAPTER_DIR);
+            let tar = self.path(&Key::adapter_tar(job));
+            tokio::task::spawn_blocking(move || write_tar(&adapter, &tar)).await?
+        })
+    }
+}
+
+/// Size and sha256 of a local file, read in 64 KiB pieces.
+pub async fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok(FileDigest {
+        name: file_name(path),
+        bytes: total,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A temporary file beside `path`, renamed over it: readers see the old file or the new one.
+async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let tmp = path.with_extension("part");
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+/// The PEFT folder as one tar archive under the name `adapter/`, written atomically.
+fn write_tar(dir: &Path, dest: &Path) -> std::io::Result<()> {
+    let tmp = dest.with_extension("tar.part");
+    let mut builder = tar::Builder::new(std::fs::File::create(&tmp)?);
+    builder.append_dir_all(checkpoint::ADAPTER_DIR, dir)?;
+    builder.into_inner()?.sync_all()?;
+    std::fs::rename(tmp, dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_under_the_root() {
+        assert!(Key::upload("file-../../etc/passwd").is_none());
+        assert!(Key::upload(&new_upload_id()).is_some());
+        let job = JobId::new();
+        assert!(Key::checkpoint_file(&job, 3, "optimizer.safetensors").is_none());
+        assert!(Key::adapter_file(&job, "../x").is_none());
+        assert_eq!(
+            Key::checkpoint_file(&job, 3, "adapter_config.json")
+                .unwrap()
+                .as_str(),
+            format!("jobs/{job}/output/checkpoint-3/adapter_config.json")
+        );
+    }
+}

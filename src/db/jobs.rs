@@ -1,0 +1,358 @@
+//! The jobs table is the queue: create, read, list, cancel; claim under a lease; and the
+//! fenced writes of the worker holding the lease. Checkpoints are recorded here too, fenced the
+//! same way.
+
+use serde::Serialize;
+
+use super::{in_seconds, now, Db, Error, Lease, Result};
+use crate::job::{JobId, JobPhase, JobStatus, StepMetrics};
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct JobRow {
+    pub seq: i64,
+    pub id: String,
+    pub owner: Option<String>,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
+    pub phase: Option<String>,
+    pub spec: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub epoch: Option<f64>,
+    pub tokens_seen: i64,
+    pub elapsed_seconds: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub cancel_requested: i64,
+    pub attempt: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub step: i64,
+    pub created_at: String,
+    pub files: String,
+}
+
+/// What a cancel request did.
+pub enum CancelOutcome {
+    /// A queued job, cancelled at once.
+    Cancelled,
+    /// A running job, flagged: the worker stops it at its next step.
+    Requested,
+    /// Already cancelled (cancel is idempotent).
+    AlreadyCancelled,
+    /// Succeeded or failed: nothing to cancel.
+    Finished(JobStatus),
+    NotFound,
+}
+
+/// A claimed job.
+pub struct Claim {
+    pub lease: Lease,
+    pub spec: String,
+    /// Tokens trained by earlier attempts: a resumed job keeps counting from there.
+    pub tokens_seen: i64,
+    /// A cancel that arrived before or with the claim.
+    pub cancel_requested: bool,
+}
+
+const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt";
+
+/// The condition every fenced write adds: the job is still running under this attempt.
+const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
+
+impl Db {
+    pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &str) -> Result<JobRow> {
+        Ok(sqlx::query_as(&format!(
+            // created_at is taken inside the insert, which SQLite serializes, so it never runs
+            // backwards against seq (the list order)
+            "INSERT INTO jobs (id, owner, status, spec, created_at)
+             VALUES (?, ?, 'queued', ?, strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')) RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(spec)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// A job, if it exists and `owner` may see it (`None` = no API keys in use).
+    pub async fn get_job(&self, id: &JobId, owner: Option<&str>) -> Result<Option<JobRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?)"
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Newest first; `after` is the `seq` of the last job of the previous page.
+    pub async fn list_jobs(
+        &self,
+        owner: Option<&str>,
+        status: Option<JobStatus>,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let status = status.map(JobStatus::as_str);
+        Ok(sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE (? IS NULL OR owner = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR seq < ?)
+             ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(owner)
+        .bind(owner)
+        .bind(status)
+        .bind(status)
+        .bind(after)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// One statement, so it is atomic without a read-then-write transaction (which WAL can
+    /// refuse with SQLITE_BUSY_SNAPSHOT while a worker writes).
+    pub async fn request_cancel(&self, id: &JobId, owner: Option<&str>) -> Result<CancelOutcome> {
+        let stamp = now();
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "UPDATE jobs SET
+                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+                 finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END,
+                 phase = CASE WHEN status = 'queued' THEN NULL ELSE phase END,
+                 cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END
+             WHERE id = ? AND (? IS NULL OR owner = ?)
+             RETURNING status, finished_at",
+        )
+        .bind(&stamp)
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((status, finished)) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let status: JobStatus = status
+            .parse()
+            .map_err(|e| Error::Sqlx(sqlx::Error::Decode(Box::new(e))))?;
+        Ok(match status {
+            JobStatus::Cancelled if finished.as_deref() == Some(stamp.as_str()) => {
+                CancelOutcome::Cancelled
+            }
+            JobStatus::Cancelled => CancelOutcome::AlreadyCancelled,
+            JobStatus::Running => CancelOutcome::Requested,
+            JobStatus::Queued => CancelOutcome::Requested,
+            finished => CancelOutcome::Finished(finished),
+        })
+    }
+
+    /// Claims the oldest runnable job: queued, or running under a lease that expired (its worker
+    /// died). Atomic: two workers never get the same job.
+    pub async fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
+        let now = now();
+        let row: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, lease_expires_at = ?,
+                 started_at = COALESCE(started_at, ?), phase = NULL
+             WHERE seq = (SELECT seq FROM jobs
+                          WHERE (status = 'queued' OR (status = 'running' AND lease_expires_at < ?))
+                            AND cancel_requested = 0
+                          ORDER BY seq LIMIT 1)
+             RETURNING id, spec, attempt, tokens_seen, cancel_requested",
+        )
+        .bind(worker)
+        .bind(in_seconds(lease_secs))
+        .bind(&now)
+        .bind(&now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(id, spec, attempt, tokens_seen, cancel)| {
+            Some(Claim {
+                lease: Lease {
+                    job: JobId::parse(&id)?,
+                    attempt,
+                },
+                spec,
+                tokens_seen,
+                cancel_requested: cancel != 0,
+            })
+        }))
+    }
+
+    /// Extends the lease; returns whether a cancel was requested.
+    pub async fn heartbeat(&self, lease: &Lease, lease_secs: i64) -> Result<bool> {
+        let row: Option<(i64,)> = sqlx::query_as(&format!(
+            "UPDATE jobs SET lease_expires_at = ? WHERE {FENCE} RETURNING cancel_requested"
+        ))
+        .bind(in_seconds(lease_secs))
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.0 != 0).ok_or_else(|| lease.lost())
+    }
+
+    /// Moves a lease's expiry to `secs` from now (negative: into the past), as a worker that
+    /// stopped renewing would leave it. Used by tests of takeover and by operators' tooling.
+    pub async fn set_lease_expiry(&self, lease: &Lease, secs: i64) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET lease_expires_at = ? WHERE {FENCE}"
+        ))
+        .bind(in_seconds(secs))
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        lease.check(done.rows_affected())
+    }
+
+    /// At start-up of the single-node server: jobs left running by a crash go back to the queue
+    /// (they resume from their last checkpoint).
+    pub async fn requeue_running(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "UPDATE jobs SET status = 'queued', phase = NULL, worker = NULL, lease_expires_at = NULL
+             WHERE status = 'running' RETURNING id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    pub async fn set_phase(&self, lease: &Lease, phase: JobPhase) -> Result<()> {
+        let done = sqlx::query(&format!("UPDATE jobs SET phase = ? WHERE {FENCE}"))
+            .bind(phase.as_str())
+            .bind(lease.job.as_str())
+            .bind(lease.attempt)
+            .execute(&self.pool)
+            .await?;
+        lease.check(done.rows_affected())
+    }
+
+    /// A step's progress; `tokens_seen` counts every attempt's tokens.
+    pub async fn set_progress(
+        &self,
+        lease: &Lease,
+        m: &StepMetrics,
+        tokens_seen: i64,
+    ) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET step = ?, total_steps = ?, epoch = ?, tokens_seen = ?, elapsed_seconds = ?, train_loss = ?
+             WHERE {FENCE}"
+        ))
+        .bind(m.step as i64)
+        .bind(m.total_steps as i64)
+        .bind(m.epoch)
+        .bind(tokens_seen)
+        .bind(m.elapsed_seconds)
+        .bind(m.train_loss)
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        lease.check(done.rows_affected())
+    }
+
+    pub async fn set_total_steps(&self, lease: &Lease, total_steps: i64) -> Result<()> {
+        let done = sqlx::query(&format!("UPDATE jobs SET total_steps = ? WHERE {FENCE}"))
+            .bind(total_steps)
+            .bind(lease.job.as_str())
+            .bind(lease.attempt)
+            .execute(&self.pool)
+            .await?;
+        lease.check(done.rows_affected())
+    }
+
+    pub async fn set_eval_loss(&self, lease: &Lease, eval_loss: f64) -> Result<()> {
+        let done = sqlx::query(&format!("UPDATE jobs SET eval_loss = ? WHERE {FENCE}"))
+            .bind(eval_loss)
+            .bind(lease.job.as_str())
+            .bind(lease.attempt)
+            .execute(&self.pool)
+            .await?;
+        lease.check(done.rows_affected())
+    }
+
+    /// Ends a job the lease still holds — `succeeded`, `failed` (with an error) or
+    /// `cancelled` — and records its final status event, in one transaction. Returns the
+    /// event's id.
+    pub async fn finish(
+        &self,
+        lease: &Lease,
+        status: JobStatus,
+        error: Option<(&str, &str)>,
+        event_data: &str,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET status = ?, phase = NULL, finished_at = ?, error_code = ?, error_message = ?,
+                 worker = NULL, lease_expires_at = NULL
+             WHERE {FENCE}"
+        ))
+        .bind(status.as_str())
+        .bind(now())
+        .bind(error.map(|e| e.0))
+        .bind(error.map(|e| e.1))
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&mut *tx)
+        .await?;
+        lease.check(done.rows_affected())?;
+        let id = super::events::insert(&mut tx, lease.job.as_str(), "status", event_data).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Puts a running job back in the queue (graceful shutdown), keeping its progress, and
+    /// records why, in one transaction. Returns the event's id.
+    pub async fn requeue(&self, lease: &Lease, event_data: &str) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'queued', phase = NULL, worker = NULL, lease_expires_at = NULL
+             WHERE {FENCE}"
+        ))
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&mut *tx)
+        .await?;
+        lease.check(done.rows_affected())?;
+        let id = super::events::insert(&mut tx, lease.job.as_str(), "status", event_data).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Records a checkpoint the lease's worker wrote (a later write of the same step replaces
+    /// it: a resumed attempt may write it again).
+    pub async fn insert_checkpoint(&self, lease: &Lease, step: i64, files: &str) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "INSERT INTO checkpoints (job_id, step, created_at, files)
+             SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})
+             ON CONFLICT (job_id, step) DO UPDATE SET files = excluded.files, created_at = excluded.created_at"
+        ))
+        .bind(lease.job.as_str())
+        .bind(step)
+        .bind(now())
+        .bind(files)
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        lease.check(done.rows_affected())
+    }
+
+    pub async fn list_checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRow>> {
+        Ok(sqlx::query_as(
+            "SELECT step, created_at, files FROM checkpoints WHERE job_id = ? ORDER BY step",
+        )
+        .bind(job.as_str())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,385 @@
+//! What a job is, in the words every room shares: its id, status and phase, the metrics of its
+//! steps, and the views of jobs, checkpoints and files that the API sends and the client reads.
+//! No HTTP, no SQL, no engine here: `db`, `api`, `worker`, `client` and `train` all import this
+//! module, and it imports none of them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A job's id: a UUID, kept in its hyphenated text form (as the database and the URLs hold it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    pub fn new() -> JobId {
+        JobId(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// `None` unless `text` is a UUID: anything else cannot name a job, so lookups answer 404
+    /// without asking the database.
+    pub fn parse(text: &str) -> Option<JobId> {
+        uuid::Uuid::parse_str(text)
+            .ok()
+            .map(|u| JobId(u.hyphenated().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> JobId {
+        JobId::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a job is in its life. [`JobStatus::ALL`] is the one list: the migration's CHECK
+/// constraint mirrors it (a test compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed or cancelled: nothing will change it again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown job status {0:?} (one of queued, running, succeeded, failed, cancelled)")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for JobStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<JobStatus, UnknownStatus> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for JobStatus {
+    type Error = UnknownStatus;
+    fn try_from(s: String) -> Result<JobStatus, UnknownStatus> {
+        s.parse()
+    }
+}
+
+/// What a running job is doing. The engine's own phases (`train::Phase`) map onto the last four;
+/// fetching the dataset is the worker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    FetchingDataset,
+    LoadingModel,
+    Tokenizing,
+    Training,
+    Saving,
+}
+
+impl JobPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::FetchingDataset => "fetching_dataset",
+            JobPhase::LoadingModel => "loading_model",
+            JobPhase::Tokenizing => "tokenizing",
+            JobPhase::Training => "training",
+            JobPhase::Saving => "saving",
+        }
+    }
+}
+
+/// What one optimizer step reports: the engine makes it, the service stores and streams it
+/// (SSE `metrics` events), the client and dashboard show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps completed, counting this one (1-based).
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    /// Token-weighted mean cross-entropy of the step's label tokens. Streams written before
+    /// 0.2 called it `loss`; the SSE event still carries that name too (see [`with_legacy_loss`]).
+    #[serde(alias = "loss")]
+    pub train_loss: f64,
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens processed by this step (padding excluded).
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+}
+
+/// One evaluation on the validation data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub epoch: f64,
+    /// Token-weighted mean cross-entropy over every label token of the validation set.
+    pub eval_loss: f64,
+}
+
+/// One row of a job's loss curve: a step (eval columns empty) or an evaluation (train columns
+/// empty). The same row, with the same names, in `metrics.jsonl`, `GET /v1/jobs/{id}/metrics`
+/// (JSON and CSV columns) and the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRow {
+    pub step: u64,
+    pub epoch: f64,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+}
+
+impl MetricsRow {
+    /// The CSV header, in field order.
+    pub const COLUMNS: [&'static str; 7] = [
+        "step",
+        "epoch",
+        "train_loss",
+        "eval_loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+    ];
+
+    /// The row as CSV fields, empty where there is no value.
+    pub fn csv_fields(&self) -> [String; 7] {
+        let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+        [
+            self.step.to_string(),
+            self.epoch.to_string(),
+            opt(self.train_loss),
+            opt(self.eval_loss),
+            opt(self.learning_rate),
+            opt(self.grad_norm),
+            opt(self.tokens_per_second),
+        ]
+    }
+
+    /// Whether this row is an evaluation (it sorts after the step of the same number).
+    pub fn is_eval(&self) -> bool {
+        self.train_loss.is_none()
+    }
+}
+
+impl From<&StepMetrics> for MetricsRow {
+    fn from(m: &StepMetrics) -> MetricsRow {
+        MetricsRow {
+            step: m.step,
+            epoch: m.epoch,
+            train_loss: Some(m.train_loss),
+            eval_loss: None,
+            learning_rate: Some(m.learning_rate),
+            grad_norm: Some(m.grad_norm),
+            tokens_per_second: Some(m.tokens_per_second),
+        }
+    }
+}
+
+impl From<&EvalMetrics> for MetricsRow {
+    fn from(e: &EvalMetrics) -> MetricsRow {
+        MetricsRow {
+            step: e.step,
+            epoch: e.epoch,
+            train_loss: None,
+            eval_loss: Some(e.eval_loss),
+            learning_rate: None,
+            grad_norm: None,
+            tokens_per_second: None,
+        }
+    }
+}
+
+/// Adds `loss` beside `train_loss` (same value) to a serialized step: the name 0.1 published in
+/// SSE `metrics` events and `metrics.jsonl`, kept so that readers written for it keep working.
+pub fn with_legacy_loss(mut value: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = value.as_object_mut() {
+        if let Some(loss) = obj.get("train_loss").cloned() {
+            obj.insert("loss".into(), loss);
+        }
+    }
+    value
+}
+
+/// A job's error: a machine-readable code and a message that names what is wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobErrorView {
+    pub code: String,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub epoch: Option<f64>,
+    pub tokens_seen: i64,
+    pub elapsed_seconds: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it and the client reads it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub object: String,
+    pub status: JobStatus,
+    pub phase: Option<String>,
+    /// The stored spec, defaults filled in, passed through as it is stored: listing 50 jobs then
+    /// costs no parse-and-reserialize of 50 specs.
+    pub spec: Box<RawValue>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub progress: Progress,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub error: Option<JobErrorView>,
+    pub attempt: i64,
+    pub cancel_requested: bool,
+}
+
+impl JobView {
+    /// The spec's `base_model`, for listings.
+    pub fn base_model(&self) -> String {
+        serde_json::from_str::<serde_json::Value>(self.spec.get())
+            .ok()
+            .and_then(|v| v["base_model"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobList {
+    pub object: String,
+    pub data: Vec<JobView>,
+    pub has_more: bool,
+    pub last_id: Option<String>,
+}
+
+/// A file of a checkpoint or adapter, as recorded when it was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// A checkpoint as `GET /v1/jobs/{id}/checkpoints` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointView {
+    pub step: u64,
+    pub created_at: String,
+    pub files: Vec<FileDigest>,
+}
+
+/// An uploaded dataset as `POST /v1/files` answers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileView {
+    pub object: String,
+    pub id: String,
+    pub filename: Option<String>,
+    pub bytes: i64,
+    pub sha256: String,
+    pub created_at: String,
+}
+
+/// What `from_checkpoint` names: a job's final adapter (`"<job id>"`) or one of its checkpoints
+/// (`"<job id>:<step>"`). Parsed once, here; the API checks it and the worker resolves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRef {
+    pub job: JobId,
+    pub step: Option<u64>,
+}
+
+impl FromStr for CheckpointRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CheckpointRef, String> {
+        let (job, step) = match s.split_once(':') {
+            Some((j, st)) => (j, Some(st)),
+            None => (s, None),
+        };
+        let job = JobId::parse(job).ok_or_else(|| format!("no job {job:?}"))?;
+        let step = step
+            .map(|st| st.parse::<u64>().map_err(|_| format!("bad step {st:?}")))
+            .transpose()?;
+        Ok(CheckpointRef { job, step })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_through_text() {
+        for s in JobStatus::ALL {
+            assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
+            );
+        }
+        assert!("paused".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn checkpoint_refs_parse_once() {
+        let id = JobId::new();
+        let r: CheckpointRef = format!("{id}:20").parse().unwrap();
+        assert_eq!((r.job, r.step), (id.clone(), Some(20)));
+        assert_eq!(id.as_str().parse::<CheckpointRef>().unwrap().step, None);
+        assert!(format!("{id}:x").parse::<CheckpointRef>().is_err());
+        assert!("../etc:3".parse::<CheckpointRef>().is_err());
+    }
+}

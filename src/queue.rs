@@ -1,0 +1,144 @@
+//! The service's operations on jobs that more than one statement makes: submitting (with the
+//! checks a spec's references need) and cancelling. Handlers call these and stay thin; the
+//! workers' side of the queue is in `worker`.
+
+use crate::db::{self, CancelOutcome, JobRow};
+use crate::events::{JobEvent, StatusChange};
+use crate::job::{CheckpointRef, JobId, JobStatus};
+use crate::spec::JobSpec;
+use crate::state::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The request names something that does not exist or cannot be used; `param` is its field.
+    #[error("{param}: {message}")]
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// Cancelling a job that has already finished.
+    #[error("job {id} already {status}; nothing to cancel")]
+    Finished { id: JobId, status: JobStatus },
+    #[error(transparent)]
+    Db(#[from] db::Error),
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> QueueError {
+    QueueError::Invalid {
+        param,
+        message: message.into(),
+    }
+}
+
+/// Checks what the spec points at, stores the job as queued, announces it and wakes a worker.
+pub async fn submit(
+    state: &AppState,
+    spec: &JobSpec,
+    owner: Option<&str>,
+) -> Result<JobRow, QueueError> {
+    check_references(state, spec, owner).await?;
+    let id = JobId::new();
+    let stored = serde_json::to_string(spec).expect("a spec serializes");
+    let row = state.db.insert_job(&id, owner, &stored).await?;
+    state
+        .publish(&id, &JobEvent::Status(StatusChange::to(JobStatus::Queued)))
+        .await?;
+    state.job_queued.notify_waiters();
+    tracing::info!(job.id = %id, base_model = %spec.base_model, "job queued");
+    Ok(row)
+}
+
+/// What a spec points at that can be checked before queueing: uploaded files (the caller's
+/// own) and the job a `from_checkpoint` names (the caller's own, with that checkpoint).
+async fn check_references(
+    state: &AppState,
+    spec: &JobSpec,
+    owner: Option<&str>,
+) -> Result<(), QueueError> {
+    let datasets = [
+        ("dataset.url", Some(&spec.dataset.url)),
+        (
+            "dataset.validation_url",
+            spec.dataset.validation_url.as_ref(),
+        ),
+    ];
+    for (param, url) in datasets {
+        let Some(url) = url else { continue };
+        if url.starts_with("file-") {
+            if state.db.get_file(url, owner).await?.is_none() {
+                return Err(invalid(param, format!("no uploaded file {url:?}")));
+            }
+        } else if !(url.starts_with("http://")
+            || url.starts_with("https://")
+            || url.starts_with("file://")
+            || url.starts_with('/'))
+        {
+            return Err(invalid(
+                param,
+                format!("{url:?} is not a dataset URL: use http(s)://, file:// (allowed directories only) or file-<id> from POST /v1/files"),
+            ));
+        }
+    }
+    let Some(text) = &spec.from_checkpoint else {
+        return Ok(());
+    };
+    let named: CheckpointRef = text.parse().map_err(|e| invalid("from_checkpoint", e))?;
+    let job = &named.job;
+    let Some(row) = state.db.get_job(job, owner).await? else {
+        return Err(invalid(
+            "from_checkpoint",
+            format!("no job {:?}", job.as_str()),
+        ));
+    };
+    match named.step {
+        Some(step) => {
+            let recorded = state.db.list_checkpoints(job).await?;
+            if !recorded.iter().any(|c| c.step as u64 == step) {
+                return Err(invalid(
+                    "from_checkpoint",
+                    format!("job {job} has no checkpoint at step {step}"),
+                ));
+            }
+        }
+        None if row.status != JobStatus::Succeeded => {
+            return Err(invalid(
+                "from_checkpoint",
+                format!(
+                    "job {job} has not succeeded (it is {}), so it has no final adapter",
+                    row.status
+                ),
+            ));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// Cancels a job: a queued one at once; a running one at its next step (its worker's flag is
+/// raised here if it runs in this process, and its heartbeat sees the request otherwise).
+/// Cancelling a cancelled job is a no-op; a finished one is refused.
+pub async fn cancel(state: &AppState, id: &JobId, owner: Option<&str>) -> Result<(), QueueError> {
+    match state.db.request_cancel(id, owner).await? {
+        CancelOutcome::NotFound => Err(QueueError::NotFound(id.clone())),
+        CancelOutcome::Finished(status) => Err(QueueError::Finished {
+            id: id.clone(),
+            status,
+        }),
+        CancelOutcome::Cancelled => {
+            state
+                .publish(
+                    id,
+                    &JobEvent::Status(StatusChange::to(JobStatus::Cancelled)),
+                )
+                .await?;
+            Ok(())
+        }
+        CancelOutcome::Requested => {
+            state.running.stop(id);
+            Ok(())
+        }
+        CancelOutcome::AlreadyCancelled => Ok(()),
+    }
+}

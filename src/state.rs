@@ -1,0 +1,101 @@
+//! What handlers and workers share: the database, the artifact store, the event bus, the stop
+//! flags of running jobs. Cheap to clone. Imports neither `api` nor `worker`: both import it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::ArtifactStore;
+use crate::config::ServeConfig;
+use crate::db::{Db, Lease};
+use crate::events::{EventBus, JobEvent, StoredEvent};
+use crate::job::JobId;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub artifacts: Arc<dyn ArtifactStore>,
+    pub config: Arc<ServeConfig>,
+    pub events: EventBus,
+    /// Wakes idle workers when a job is queued.
+    pub job_queued: Arc<Notify>,
+    /// Stop flags of the jobs running in this process.
+    pub running: RunningJobs,
+    pub workers_up: Arc<AtomicUsize>,
+    /// Set when the server is shutting down: running jobs checkpoint and go back to the queue.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Records an event of the API's (no lease) and fans it out; returns its id.
+    pub async fn publish(&self, job: &JobId, event: &JobEvent) -> crate::db::Result<i64> {
+        let data = event.data_json();
+        let id = self
+            .db
+            .insert_event(job.as_str(), event.kind(), &data)
+            .await?;
+        self.announce(job, id, event.kind(), data);
+        Ok(id)
+    }
+
+    /// Records an event of the worker holding `lease` (refused once the lease is lost) and fans
+    /// it out; returns its id.
+    pub async fn publish_fenced(&self, lease: &Lease, event: &JobEvent) -> crate::db::Result<i64> {
+        let data = event.data_json();
+        let id = self
+            .db
+            .insert_event_fenced(lease, event.kind(), &data)
+            .await?;
+        self.announce(&lease.job, id, event.kind(), data);
+        Ok(id)
+    }
+
+    /// Fans out an event already stored (under `id`).
+    pub fn announce(&self, job: &JobId, id: i64, kind: &str, data: String) {
+        self.events.send(StoredEvent {
+            job_id: job.to_string(),
+            id,
+            kind: kind.to_string(),
+            data,
+        });
+    }
+}
+
+/// The stop flags of the jobs this process runs, by job id: the API raises one on cancel, the
+/// worker's heartbeat on shutdown or a lost lease, and the engine checks it between steps.
+#[derive(Clone, Default)]
+pub struct RunningJobs(Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>);
+
+impl RunningJobs {
+    /// A fresh (lowered) flag for a job starting here.
+    pub fn start(&self, job: &JobId) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.lock().insert(job.to_string(), flag.clone());
+        flag
+    }
+
+    pub fn finish(&self, job: &JobId) {
+        self.lock().remove(job.as_str());
+    }
+
+    /// Raises the job's flag if it runs here; whether it does.
+    pub fn stop(&self, job: &JobId) -> bool {
+        match self.lock().get(job.as_str()) {
+            Some(flag) => {
+                flag.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+        // a panic while holding this lock leaves only whole inserts/removes behind
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

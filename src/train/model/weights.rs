@@ -1,0 +1,153 @@
+//! The pieces of the decoder that both of its forward paths share: a layer's frozen linears and
+//! their LoRA factors ([`Block`], one named field per projection), what a forward knows
+//! ([`ForwardMode`], [`LayerContext`]) and how dropout masks are seeded ([`lora_dropout`],
+//! [`dropout_seed`]: the one place the seed formula is written). `llama.rs` (the composite graph
+//! and the model) and `layer.rs` (the fused CPU layer) both build on this file.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Tensor, TensorId, Var};
+
+use super::config::{ModelConfig, Proj};
+use crate::train::lora::Dropout;
+use crate::train::quant::QuantizedWeight;
+
+/// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
+#[derive(Clone)]
+pub struct LoraAdapter {
+    /// (r, in), Kaiming-uniform like PEFT.
+    pub a: Var,
+    /// (out, r), zeros.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+/// A frozen base weight: dense in the compute dtype, or quantized (QLoRA).
+#[derive(Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl FrozenWeight {
+    /// Bytes the weight holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized(q) => q.bytes(),
+        }
+    }
+}
+
+/// A frozen linear layer, optionally adapted.
+#[derive(Clone)]
+pub struct Linear {
+    /// (out, in).
+    pub weight: FrozenWeight,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+/// One decoder layer's weights.
+#[derive(Clone)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Block {
+    pub fn linear(&self, proj: Proj) -> &Linear {
+        match proj {
+            Proj::Q => &self.q_proj,
+            Proj::K => &self.k_proj,
+            Proj::V => &self.v_proj,
+            Proj::O => &self.o_proj,
+            Proj::Gate => &self.gate_proj,
+            Proj::Up => &self.up_proj,
+            Proj::Down => &self.down_proj,
+        }
+    }
+
+    /// The seven projections with their linears, in [`Proj::ALL`] order.
+    pub fn linears(&self) -> impl Iterator<Item = (Proj, &Linear)> {
+        Proj::ALL.into_iter().map(move |p| (p, self.linear(p)))
+    }
+}
+
+/// What differs between a training forward and an evaluation forward.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardMode {
+    /// Track LoRA factors (build a graph) and apply dropout.
+    pub train: bool,
+    /// Seeds the dropout masks of this forward; masks are a pure function of it, so a resumed
+    /// run draws the same masks as an uninterrupted one.
+    pub dropout_seed: u64,
+}
+
+impl ForwardMode {
+    pub const EVAL: ForwardMode = ForwardMode {
+        train: false,
+        dropout_seed: 0,
+    };
+}
+
+/// Mixes numbers into a 64-bit seed (splitmix64 finaliser), for independent RNG streams.
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    let mut h = 0x9e37_79b9_7f4a_7c15u64;
+    for &p in parts {
+        h ^= p
+            .wrapping_add(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(h << 6)
+            .wrapping_add(h >> 2);
+        let mut z = h;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h = z ^ (z >> 31);
+    }
+    h
+}
+
+/// The seed of micro-batch `micro_batch`'s dropout masks at optimizer step `step` (0-based)
+/// of a run seeded `seed`: masks are a pure function of it, so a resumed run draws the masks an
+/// uninterrupted one would.
+pub fn dropout_seed(seed: u64, step: u64, micro_batch: u64) -> u64 {
+    mix_seed(&[seed, step, micro_batch])
+}
+
+/// The dropout on the LoRA input of `proj` in layer `layer` during a forward in `mode`, if any.
+/// Both forward paths draw it here, so their masks are the same.
+pub fn lora_dropout(
+    mode: ForwardMode,
+    lora: &LoraAdapter,
+    layer: usize,
+    proj: Proj,
+) -> Option<Dropout> {
+    (mode.train && lora.dropout > 0.0).then(|| Dropout {
+        p: lora.dropout,
+        seed: mix_seed(&[mode.dropout_seed, (layer * 8 + proj as usize) as u64]),
+    })
+}
+
+/// LoRA gradients produced inside fused or recomputed layers, by variable id.
+pub type GradStash = Arc<Mutex<Vec<(TensorId, Tensor)>>>;
+
+/// What every layer of one forward shares: rotary tables, mask, shapes, mode.
+#[derive(Clone)]
+pub struct LayerContext {
+    pub cfg: ModelConfig,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+    pub scale: f64,
+    /// batch, time, heads, key/value heads, head dim
+    pub shape: (usize, usize, usize, usize, usize),
+    pub mode: ForwardMode,
+}

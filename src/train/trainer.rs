@@ -1,0 +1,481 @@
+//! The parts of a run: preparing it (load, tokenize, resume), one optimizer step, evaluation,
+//! checkpoints. [`super::run`] strings them together; `qtune bench` times [`optimizer_step`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+
+use candle_core::{Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::checkpoint;
+use super::data::Datasets;
+use super::data::{self, Batch, DataReport, DataSummary, Example};
+use super::error::{Error, Result};
+use super::model::{dropout_seed, mix_seed, BaseModel, ForwardMode, Llama};
+use super::optim::{self, Optimizer};
+use super::report::{Event, Phase, Reporter};
+use crate::job::{with_legacy_loss, EvalMetrics, MetricsRow, StepMetrics};
+use crate::spec::JobSpec;
+
+/// The examples of each optimizer step: examples are shuffled once per epoch (seeded), steps
+/// take `batch_size × accumulation` of them in order. Everything is a function of the step
+/// number, which is what makes resume exact.
+pub struct Schedule {
+    n_examples: usize,
+    per_step: usize,
+    steps_per_epoch: u64,
+    pub total_steps: u64,
+    seed: u64,
+}
+
+impl Schedule {
+    fn new(spec: &JobSpec, n_examples: usize) -> Schedule {
+        let t = &spec.training;
+        let per_step = (t.batch_size * t.gradient_accumulation_steps) as usize;
+        let steps_per_epoch = n_examples.div_ceil(per_step) as u64;
+        let total_steps = match t.max_steps {
+            Some(m) => m as u64,
+            None => steps_per_epoch * t.epochs as u64,
+        };
+        Schedule {
+            n_examples,
+            per_step,
+            steps_per_epoch,
+            total_steps,
+            seed: spec.seed,
+        }
+    }
+
+    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.n_examples).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(&[
+            self.seed, 0xda7a, epoch,
+        ])));
+        order
+    }
+
+    /// Example indices of step `step` (0-based).
+    fn step_examples(&self, step: u64) -> Vec<usize> {
+        let epoch = step / self.steps_per_epoch;
+        let k = (step % self.steps_per_epoch) as usize;
+        let order = self.epoch_order(epoch);
+        let end = ((k + 1) * self.per_step).min(self.n_examples);
+        order[k * self.per_step..end].to_vec()
+    }
+
+    fn epoch_at(&self, steps_done: u64) -> f64 {
+        steps_done as f64 / self.steps_per_epoch as f64
+    }
+}
+
+/// Token-weighted mean cross-entropy over every label token of `examples`.
+pub fn evaluate(base: &BaseModel, examples: &[Example], batch_size: usize) -> Result<f64> {
+    let pad = base.tokenizer.eos_id.unwrap_or(0);
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = data::make_batch(&refs, pad, &base.model.device)?;
+        let loss = base.model.loss_sum(
+            &batch.ids,
+            &batch.positions,
+            &batch.targets,
+            ForwardMode::EVAL,
+        )?;
+        sum += loss.to_scalar::<f32>()? as f64;
+        count += batch.label_tokens;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Splits off a seeded `fraction` of the examples for validation (at least one).
+fn split_validation(
+    examples: Vec<Example>,
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = examples.len();
+    let n_val = ((n as f64 * fraction).round() as usize).max(1);
+    if n_val >= n {
+        return Err(Error::Data(format!(
+            "validation_split {fraction} of {n} examples leaves nothing to train on"
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(&[seed, 0x5b11])));
+    let val_idx: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, ex) in examples.into_iter().enumerate() {
+        if val_idx.contains(&i) {
+            val.push(ex)
+        } else {
+            train.push(ex)
+        }
+    }
+    Ok((train, val))
+}
+
+/// Seconds of each part of an optimizer step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Forward and loss of every micro-batch.
+    pub forward: f64,
+    /// Backward of every micro-batch and the gradient accumulation.
+    pub backward: f64,
+    /// Clipping and the update.
+    pub optimizer: f64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput {
+    /// Token-weighted mean loss over the step's label tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens processed (padding excluded).
+    pub tokens: usize,
+    pub times: StepTimes,
+}
+
+/// One optimizer step over `micro_batches`: forward and loss, backward, gradient accumulation,
+/// clipping, update. Each micro-batch's loss is weighted by its share of the step's label
+/// tokens, so any split of the same examples into batch × accumulation gives the same gradient;
+/// micro-batch `i` draws its dropout masks from `dropout_seed(seed, step, i)`.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step(
+    model: &Llama,
+    vars: &[Var],
+    optimizer: &mut Optimizer,
+    micro_batches: &[Batch],
+    seed: u64,
+    step: u64,
+    learning_rate: f64,
+    max_grad_norm: f64,
+) -> Result<StepOutput> {
+    let label_total: usize = micro_batches.iter().map(|b| b.label_tokens).sum();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let (mut loss_value, mut tokens) = (0f64, 0usize);
+    let mut times = StepTimes::default();
+    for (mi, batch) in micro_batches.iter().enumerate() {
+        let t0 = Instant::now();
+        tokens += batch.tokens;
+        let mode = ForwardMode {
+            train: true,
+            dropout_seed: dropout_seed(seed, step, mi as u64),
+        };
+        let loss_sum = model.loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)?;
+        let loss = (loss_sum / label_total as f64)?;
+        loss_value += loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        for (i, g) in model.lora_grads(&store)?.iter().enumerate() {
+            grads[i] = Some(match grads[i].take() {
+                None => g.clone(),
+                Some(acc) => (acc + g)?,
+            });
+        }
+        drop(store);
+        times.forward += (t1 - t0).as_secs_f64();
+        times.backward += t1.elapsed().as_secs_f64();
+    }
+    if !loss_value.is_finite() {
+        return Err(Error::Diverged(loss_value, step + 1));
+    }
+    let t2 = Instant::now();
+    let mut grads: Vec<Tensor> = grads
+        .into_iter()
+        .map(|g| g.expect("every var has a gradient after the first micro-batch"))
+        .collect();
+    let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    optimizer.step(vars, &grads, learning_rate)?;
+    times.optimizer = t2.elapsed().as_secs_f64();
+    Ok(StepOutput {
+        loss: loss_value,
+        grad_norm,
+        tokens,
+        times,
+    })
+}
+
+/// What a run needs besides its spec.
+pub struct RunOptions {
+    /// Checkpoints, `adapter/` (the final PEFT adapter) and `metrics.jsonl` go here.
+    pub output_dir: PathBuf,
+    pub device: Device,
+    /// Continue from the latest checkpoint in `output_dir` if there is one.
+    pub resume: bool,
+    /// Start from the weights of an existing PEFT adapter (same r and targets).
+    pub init_adapter: Option<PathBuf>,
+    /// Where the data is; `None`: the spec's URLs are local paths ([`Datasets::from_spec`]).
+    pub datasets: Option<Datasets>,
+}
+
+/// A run in progress: the model, its data and optimizer, and where it writes.
+pub struct Trainer {
+    spec: JobSpec,
+    base: BaseModel,
+    vars: Vec<Var>,
+    optimizer: Optimizer,
+    pub schedule: Schedule,
+    train: Vec<Example>,
+    validation: Vec<Example>,
+    out: PathBuf,
+    /// The step a resumed run continues from (0 for a fresh one).
+    pub start_step: u64,
+    started: Instant,
+    metrics: MetricsLog,
+}
+
+impl Trainer {
+    /// Loads the base and the data, reports them, and restores the latest checkpoint when
+    /// resuming.
+    pub fn prepare(
+        spec: &JobSpec,
+        opts: &RunOptions,
+        datasets: &Datasets,
+        reporter: &mut dyn Reporter,
+    ) -> Result<Trainer> {
+        let t = &spec.training;
+        let out = opts.output_dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+
+        reporter.report(&Event::Phase(Phase::LoadingModel));
+        let mut base = super::model::load_base_in(
+            &spec.base_model,
+            spec.revision.as_deref(),
+            &spec.lora,
+            spec.quantization.as_ref(),
+            spec.compute_dtype,
+            spec.seed,
+            &opts.device,
+        )?;
+        base.model.gradient_checkpointing = t.gradient_checkpointing;
+        if let Some(dir) = &opts.init_adapter {
+            checkpoint::load_adapter(dir, &base.model)?;
+        }
+
+        reporter.report(&Event::Phase(Phase::Tokenizing));
+        let load = |file| {
+            data::load_jsonl(
+                file,
+                spec.dataset.format,
+                &base.tokenizer,
+                t.max_seq_len as usize,
+                t.train_on_inputs,
+            )
+        };
+        let (train, mut train_report) = load(&datasets.train)?;
+        let (train, validation, val_report) =
+            match (&datasets.validation, spec.dataset.validation_split) {
+                (Some(file), _) => {
+                    let (v, r) = load(file)?;
+                    (train, v, Some(r))
+                }
+                (None, Some(f)) => {
+                    let (tr, v) = split_validation(train, f, spec.seed)?;
+                    // the training report counts what is left for training
+                    train_report.examples = tr.len();
+                    train_report.tokens = tr.iter().map(|e| e.ids.len()).sum();
+                    train_report.label_tokens = tr.iter().map(|e| e.label_count()).sum();
+                    let r = DataReport {
+                        path: format!("{} (validation_split {f})", train_report.path),
+                        format: train_report.format.clone(),
+                        records: v.len(),
+                        examples: v.len(),
+                        tokens: v.iter().map(|e| e.ids.len()).sum(),
+                        label_tokens: v.iter().map(|e| e.label_count()).sum(),
+                        ..Default::default()
+                    };
+                    (tr, v, Some(r))
+                }
+                (None, None) => (train, Vec::new(), None),
+            };
+        let schedule = Schedule::new(spec, train.len());
+        let vars: Vec<Var> = base.model.lora_vars().into_iter().map(|(_, v)| v).collect();
+        reporter.report(&Event::Data(DataSummary {
+            train: train_report,
+            validation: val_report,
+            total_steps: schedule.total_steps,
+            trainable_parameters: vars.iter().map(|v| v.elem_count()).sum(),
+        }));
+
+        let mut optimizer = Optimizer::new(t, vars.len());
+        let mut start_step = 0;
+        if opts.resume {
+            if let Some((_, dir)) = checkpoint::list_checkpoints(&out).pop() {
+                let state = checkpoint::load_checkpoint(&dir, &base.model, &mut optimizer)?;
+                if state.spec != *spec {
+                    return Err(Error::Checkpoint(format!(
+                        "{} was written by a different job spec; refusing to resume from it",
+                        dir.display()
+                    )));
+                }
+                start_step = state.step;
+            }
+        }
+        let metrics = MetricsLog::open(&out.join("metrics.jsonl"), start_step)?;
+        Ok(Trainer {
+            spec: spec.clone(),
+            base,
+            vars,
+            optimizer,
+            schedule,
+            train,
+            validation,
+            out,
+            start_step,
+            started: Instant::now(),
+            metrics,
+        })
+    }
+
+    /// Optimizer step `step` (0-based) on the examples the schedule gives it; logged to
+    /// `metrics.jsonl`.
+    pub fn train_step(&mut self, step: u64) -> Result<StepMetrics> {
+        let t = &self.spec.training;
+        let t0 = Instant::now();
+        let pad = self.base.tokenizer.eos_id.unwrap_or(0);
+        let picked = self.schedule.step_examples(step);
+        let batches = picked
+            .chunks(t.batch_size as usize)
+            .map(|micro| {
+                let refs: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
+                data::make_batch(&refs, pad, &self.base.model.device)
+            })
+            .collect::<Result<Vec<Batch>>>()?;
+        let lr = optim::learning_rate(t, step, self.schedule.total_steps);
+        let out = optimizer_step(
+            &self.base.model,
+            &self.vars,
+            &mut self.optimizer,
+            &batches,
+            self.spec.seed,
+            step,
+            lr,
+            t.max_grad_norm,
+        )?;
+        let done = step + 1;
+        let m = StepMetrics {
+            step: done,
+            total_steps: self.schedule.total_steps,
+            epoch: self.schedule.epoch_at(done),
+            train_loss: out.loss,
+            learning_rate: lr,
+            grad_norm: out.grad_norm,
+            tokens: out.tokens,
+            tokens_per_second: out.tokens as f64 / t0.elapsed().as_secs_f64(),
+            elapsed_seconds: self.started.elapsed().as_secs_f64(),
+        };
+        self.metrics.write(&MetricsRow::from(&m))?;
+        Ok(m)
+    }
+
+    /// Whether an evaluation follows step `done` (1-based): every `eval_every_steps`, and at
+    /// the end, when there is validation data.
+    pub fn eval_due(&self, done: u64) -> bool {
+        !self.validation.is_empty()
+            && (self
+                .spec
+                .training
+                .eval_every_steps
+                .is_some_and(|e| done.is_multiple_of(e as u64))
+                || done == self.schedule.total_steps)
+    }
+
+    /// Evaluates on the validation data after step `done`; logged to `metrics.jsonl`.
+    pub fn evaluate_at(&mut self, done: u64) -> Result<EvalMetrics> {
+        let eval_loss = evaluate(
+            &self.base,
+            &self.validation,
+            self.spec.training.batch_size as usize,
+        )?;
+        let e = EvalMetrics {
+            step: done,
+            epoch: self.schedule.epoch_at(done),
+            eval_loss,
+        };
+        self.metrics.write(&MetricsRow::from(&e))?;
+        Ok(e)
+    }
+
+    /// Whether step `done` ends with a checkpoint (the last step's is written by [`Trainer::finish`]).
+    pub fn checkpoint_due(&self, done: u64) -> bool {
+        self.spec
+            .checkpoint_every_steps
+            .is_some_and(|c| done.is_multiple_of(c))
+            && done != self.schedule.total_steps
+    }
+
+    /// Writes checkpoint `step` (adapter + resume state) and reports it.
+    pub fn save_checkpoint(&self, step: u64, reporter: &mut dyn Reporter) -> Result<()> {
+        let dir = checkpoint::checkpoint_dir(&self.out, step);
+        let state = checkpoint::TrainerState {
+            step,
+            total_steps: self.schedule.total_steps,
+            epoch: self.schedule.epoch_at(step),
+            seed: self.spec.seed,
+            spec: self.spec.clone(),
+        };
+        checkpoint::save_checkpoint(
+            &dir,
+            &self.base.model,
+            &self.optimizer,
+            &state,
+            &self.base.name,
+        )?;
+        reporter.report(&Event::Checkpoint { step, path: dir });
+        Ok(())
+    }
+
+    /// The final checkpoint (unless a resumed run had nothing left to do and one exists) and
+    /// the final adapter; returns the adapter's folder.
+    pub fn finish(&self, reporter: &mut dyn Reporter) -> Result<PathBuf> {
+        let total = self.schedule.total_steps;
+        if self.start_step < total || checkpoint::list_checkpoints(&self.out).is_empty() {
+            self.save_checkpoint(total, reporter)?;
+        }
+        let adapter_dir = self.out.join(checkpoint::ADAPTER_DIR);
+        checkpoint::save_adapter(&adapter_dir, &self.base.model, &self.spec, &self.base.name)?;
+        Ok(adapter_dir)
+    }
+}
+
+/// `metrics.jsonl`: one [`MetricsRow`] per step or evaluation (with the old `loss` name beside
+/// `train_loss`). On resume, lines past the resumed step are dropped so the file reads as one
+/// uninterrupted run.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, keep_through_step: u64) -> Result<MetricsLog> {
+        let kept: String = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<MetricsRow>(l).is_ok_and(|r| r.step <= keep_through_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, kept).map_err(|e| Error::io(path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, row: &MetricsRow) -> Result<()> {
+        let value = with_legacy_loss(serde_json::to_value(row).expect("a row serializes"));
+        writeln!(self.file, "{value}").map_err(|e| Error::io(&self.path, e))
+    }
+}

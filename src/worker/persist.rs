@@ -1,0 +1,110 @@
+//! The engine's events, in order, into the database (fenced by the worker's lease) and out to
+//! the job's live streams.
+
+use crate::artifacts::{digest_file, DOWNLOADABLE};
+use crate::db::{self, Lease};
+use crate::events::{CheckpointWritten, JobEvent, StatusChange};
+use crate::job::JobPhase;
+use crate::state::AppState;
+use crate::train::{self, Event};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(transparent)]
+    Db(#[from] db::Error),
+    #[error("checkpoint file {}: {source}", .path.display())]
+    Digest {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl PersistError {
+    /// The worker's claim is gone: nothing more it writes will be kept.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, PersistError::Db(db::Error::LeaseLost { .. }))
+    }
+}
+
+pub struct Persister {
+    state: AppState,
+    lease: Lease,
+    /// Every attempt's tokens: a resumed job keeps counting from where its last attempt got to.
+    tokens_seen: i64,
+}
+
+impl Persister {
+    pub fn new(state: AppState, lease: Lease, tokens_seen: i64) -> Persister {
+        Persister {
+            state,
+            lease,
+            tokens_seen,
+        }
+    }
+
+    pub async fn record(&mut self, event: &Event) -> Result<(), PersistError> {
+        let (state, lease) = (&self.state, &self.lease);
+        match event {
+            Event::Phase(phase) => {
+                let phase = job_phase(*phase);
+                state.db.set_phase(lease, phase).await?;
+                state
+                    .publish_fenced(lease, &JobEvent::Status(StatusChange::phase(phase)))
+                    .await?;
+            }
+            Event::Data(summary) => {
+                state
+                    .db
+                    .set_total_steps(lease, summary.total_steps as i64)
+                    .await?;
+                state
+                    .publish_fenced(lease, &JobEvent::Data(summary.clone()))
+                    .await?;
+            }
+            Event::Step(m) => {
+                self.tokens_seen += m.tokens as i64;
+                state.db.set_progress(lease, m, self.tokens_seen).await?;
+                state
+                    .publish_fenced(lease, &JobEvent::Metrics(m.clone()))
+                    .await?;
+            }
+            Event::Eval(e) => {
+                state.db.set_eval_loss(lease, e.eval_loss).await?;
+                state
+                    .publish_fenced(lease, &JobEvent::Eval(e.clone()))
+                    .await?;
+            }
+            Event::Checkpoint { step, path } => {
+                let mut files = Vec::new();
+                for name in DOWNLOADABLE {
+                    let file = path.join(name);
+                    let digest = digest_file(&file)
+                        .await
+                        .map_err(|source| PersistError::Digest { path: file, source })?;
+                    files.push(digest);
+                }
+                let listed = serde_json::to_string(&files).expect("digests serialize");
+                state
+                    .db
+                    .insert_checkpoint(lease, *step as i64, &listed)
+                    .await?;
+                state
+                    .publish_fenced(
+                        lease,
+                        &JobEvent::Checkpoint(CheckpointWritten { step: *step, files }),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn job_phase(phase: train::Phase) -> JobPhase {
+    match phase {
+        train::Phase::LoadingModel => JobPhase::LoadingModel,
+        train::Phase::Tokenizing => JobPhase::Tokenizing,
+        train::Phase::Training => JobPhase::Training,
+        train::Phase::Saving => JobPhase::Saving,
+    }
+}

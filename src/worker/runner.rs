@@ -1,0 +1,270 @@
+//! One claimed job, start to end: fetch its datasets, run the engine on a blocking thread (in
+//! the job's tracing span), pass the engine's events to the database and the streams, and say
+//! how it ended. Writing that outcome is the caller's ([`super::record_outcome`]).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::fetch::{self, FetchError};
+use super::lease;
+use super::persist::Persister;
+use crate::artifacts::Split;
+use crate::db::{self, Claim, Lease};
+use crate::events::{JobEvent, StatusChange};
+use crate::job::{CheckpointRef, JobPhase, JobStatus};
+use crate::spec::JobSpec;
+use crate::state::AppState;
+use crate::train::{self, Datasets, Event, Reporter};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded,
+    Failed {
+        code: &'static str,
+        message: String,
+    },
+    Cancelled,
+    /// Stopped because the server is shutting down: back to the queue, to resume from its last
+    /// checkpoint.
+    Interrupted,
+    /// Another attempt holds the job now: nothing this one writes is kept.
+    LeaseLost,
+}
+
+impl Outcome {
+    fn failed(code: &'static str, message: impl ToString) -> Outcome {
+        Outcome::Failed {
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Engine events go through a channel to the async side, in order.
+struct ChannelReporter {
+    tx: mpsc::UnboundedSender<Event>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reporter for ChannelReporter {
+    fn report(&mut self, event: &Event) {
+        // the receiver lives until the engine returns; a closed channel means the job is being
+        // torn down and its events no longer matter
+        let _receiver_gone = self.tx.send(event.clone());
+    }
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs a claimed job to its end. Call within the job's tracing span: the engine's log lines
+/// inherit it.
+pub async fn run_one(state: &AppState, device: &candle_core::Device, claim: Claim) -> Outcome {
+    let stop = state.running.start(&claim.lease.job);
+    if claim.cancel_requested {
+        stop.store(true, Ordering::SeqCst);
+    }
+    let outcome = run(state, device, &claim, stop).await;
+    state.running.finish(&claim.lease.job);
+    outcome
+}
+
+/// A fenced write's result: a lost lease ends the run; anything else is logged and the run
+/// goes on (the job's own record is what suffers, not the training).
+fn written<T>(result: db::Result<T>, what: &str) -> Result<(), Outcome> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(db::Error::LeaseLost { .. }) => Err(Outcome::LeaseLost),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record {what}");
+            Ok(())
+        }
+    }
+}
+
+async fn run(
+    state: &AppState,
+    device: &candle_core::Device,
+    claim: &Claim,
+    stop: Arc<AtomicBool>,
+) -> Outcome {
+    match try_run(state, device, claim, stop).await {
+        Ok(outcome) | Err(outcome) => outcome,
+    }
+}
+
+async fn try_run(
+    state: &AppState,
+    device: &candle_core::Device,
+    claim: &Claim,
+    stop: Arc<AtomicBool>,
+) -> Result<Outcome, Outcome> {
+    let lease = &claim.lease;
+    tracing::info!("job started");
+    let started = StatusChange {
+        attempt: Some(lease.attempt),
+        ..StatusChange::to(JobStatus::Running)
+    };
+    written(
+        state
+            .publish_fenced(lease, &JobEvent::Status(started))
+            .await,
+        "the start",
+    )?;
+    let spec: JobSpec = serde_json::from_str(&claim.spec)
+        .map_err(|e| Outcome::failed("invalid_spec", format!("the stored spec: {e}")))?;
+
+    written(
+        state.db.set_phase(lease, JobPhase::FetchingDataset).await,
+        "the phase",
+    )?;
+    written(
+        state
+            .publish_fenced(
+                lease,
+                &JobEvent::Status(StatusChange::phase(JobPhase::FetchingDataset)),
+            )
+            .await,
+        "the phase",
+    )?;
+    let datasets = fetch_datasets(state, lease, &spec)
+        .await
+        .map_err(|e| Outcome::failed("dataset_fetch_failed", e))?;
+    let init_adapter = match &spec.from_checkpoint {
+        None => None,
+        Some(text) => {
+            let named: CheckpointRef = text
+                .parse()
+                .map_err(|e| Outcome::failed("invalid_spec", format!("from_checkpoint: {e}")))?;
+            Some(state.artifacts.init_adapter_dir(&named.job, named.step))
+        }
+    };
+    let out = state.artifacts.job_output_dir(&lease.job);
+    forget_unrecorded_checkpoints(state, lease, &out).await;
+
+    // Engine events → database + stream, in order, on the async side.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let persister = {
+        let mut persister = Persister::new(state.clone(), lease.clone(), claim.tokens_seen);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut lease_lost = false;
+            while let Some(event) = rx.recv().await {
+                if lease_lost {
+                    continue;
+                }
+                match persister.record(&event).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_lease_lost() => {
+                        tracing::warn!(error = %e, "stopping the job");
+                        stop.store(true, Ordering::SeqCst);
+                        lease_lost = true;
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not store a job event"),
+                }
+            }
+            lease_lost
+        })
+    };
+    let heartbeat = lease::spawn_heartbeat(state.clone(), lease.clone(), stop.clone());
+    let opts = train::RunOptions {
+        output_dir: out,
+        device: device.clone(),
+        resume: true,
+        init_adapter,
+        datasets: Some(datasets),
+    };
+    // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
+    let span = tracing::Span::current();
+    let engine_stop = stop.clone();
+    let engine = tokio::task::spawn_blocking(move || {
+        let _in_job = span.enter();
+        let mut reporter = ChannelReporter {
+            tx,
+            stop: engine_stop,
+        };
+        train::run(&spec, &opts, &mut reporter)
+    });
+    let result = engine.await;
+    heartbeat.abort();
+    let lease_lost = persister.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the event writer panicked");
+        false
+    });
+    if lease_lost {
+        return Ok(Outcome::LeaseLost);
+    }
+    Ok(match result {
+        Ok(Ok(_)) => {
+            written(
+                state.db.set_phase(lease, JobPhase::Saving).await,
+                "the phase",
+            )?;
+            match state.artifacts.pack_adapter(&lease.job).await {
+                Ok(()) => Outcome::Succeeded,
+                Err(e) => Outcome::failed("io_error", format!("packing the adapter: {e}")),
+            }
+        }
+        Ok(Err(train::Error::Cancelled)) if state.shutdown.is_cancelled() => Outcome::Interrupted,
+        Ok(Err(train::Error::Cancelled)) => {
+            match state.db.heartbeat(lease, lease::LEASE_SECS).await {
+                // stopped because the lease was lost, not because anyone cancelled
+                Err(db::Error::LeaseLost { .. }) => Outcome::LeaseLost,
+                _ => Outcome::Cancelled,
+            }
+        }
+        Ok(Err(e)) => Outcome::failed(e.code(), e),
+        Err(panic) => Outcome::failed(
+            "internal_error",
+            format!("the training thread panicked: {panic}"),
+        ),
+    })
+}
+
+async fn fetch_datasets(
+    state: &AppState,
+    lease: &Lease,
+    spec: &JobSpec,
+) -> Result<Datasets, FetchError> {
+    let fetch = |split, url| {
+        fetch::fetch_dataset(
+            &state.config,
+            state.artifacts.as_ref(),
+            &lease.job,
+            split,
+            url,
+        )
+    };
+    let train = fetch(Split::Train, &spec.dataset.url).await?;
+    let validation = match &spec.dataset.validation_url {
+        Some(url) => Some(fetch(Split::Validation, url).await?),
+        None => None,
+    };
+    Ok(Datasets { train, validation })
+}
+
+/// A resume must start from a checkpoint the database has recorded. The engine writes a
+/// checkpoint to disk before its events reach the database, so a server killed in between leaves
+/// a folder whose preceding steps were never stored; resuming from it would leave a gap in the
+/// job's loss curve and checkpoint list. Such folders are removed and those steps run again.
+async fn forget_unrecorded_checkpoints(state: &AppState, lease: &Lease, out: &Path) {
+    let recorded: Vec<u64> = match state.db.list_checkpoints(&lease.job).await {
+        Ok(rows) => rows.iter().map(|r| r.step as u64).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list recorded checkpoints");
+            return;
+        }
+    };
+    for (step, dir) in train::checkpoint::list_checkpoints(out) {
+        if !recorded.contains(&step) {
+            tracing::info!(step, "removing a checkpoint the database never recorded");
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                tracing::warn!(error = %e, path = %dir.display(), "could not remove checkpoint");
+            }
+        }
+    }
+}
