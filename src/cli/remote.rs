@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
 use crate::client::{Client, StreamEvent};
+use crate::events::JobEvent;
+use crate::job::JobStatus;
 
 /// Where the server is and who is calling.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,13 +49,12 @@ pub fn submit(
     runtime()?.block_on(async {
         let client = remote.client();
         let job = client.submit(spec, &mut |note| eprintln!("{note}")).await?;
-        let id = job["id"].as_str().unwrap_or_default().to_string();
-        println!("{id}");
+        println!("{}", job.id);
         if follow_it || download_to.is_some() {
-            follow_job(&client, &id).await?;
+            follow_job(&client, &job.id).await?;
         }
         if let Some(dir) = download_to {
-            download_adapter(&client, &id, dir).await?;
+            download_adapter(&client, &job.id, dir).await?;
         }
         Ok(())
     })
@@ -65,28 +66,23 @@ pub fn jobs(remote: &Remote, status: Option<&str>, limit: u32) -> anyhow::Result
         "{:<36}  {:<9}  {:>11}  {:>8}  {:<20}  BASE MODEL",
         "ID", "STATUS", "STEP", "LOSS", "CREATED"
     );
-    for job in page["data"].as_array().into_iter().flatten() {
-        let p = &job["progress"];
-        let step = match p["total_steps"].as_i64() {
-            Some(total) => format!("{}/{total}", p["step"].as_i64().unwrap_or(0)),
+    for job in &page.data {
+        let p = &job.progress;
+        let step = match p.total_steps {
+            Some(total) => format!("{}/{total}", p.step),
             None => "-".into(),
         };
         println!(
             "{:<36}  {:<9}  {:>11}  {:>8}  {:<20}  {}",
-            job["id"].as_str().unwrap_or(""),
-            job["status"].as_str().unwrap_or(""),
+            job.id,
+            job.status,
             step,
-            fmt_loss(&job["train_loss"]),
-            job["created_at"]
-                .as_str()
-                .unwrap_or("")
-                .chars()
-                .take(19)
-                .collect::<String>(),
-            job["spec"]["base_model"].as_str().unwrap_or(""),
+            fmt_loss(job.train_loss),
+            job.created_at.chars().take(19).collect::<String>(),
+            job.base_model(),
         );
     }
-    if page["has_more"].as_bool() == Some(true) {
+    if page.has_more {
         println!("(more: --limit or --status to narrow)");
     }
     Ok(())
@@ -98,45 +94,42 @@ pub fn status(remote: &Remote, id: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&job)?);
         return Ok(());
     }
-    let p = &job["progress"];
-    println!("job       {}", job["id"].as_str().unwrap_or(""));
+    let p = &job.progress;
+    println!("job       {}", job.id);
     println!(
         "status    {}{}",
-        job["status"].as_str().unwrap_or(""),
-        job["phase"]
-            .as_str()
+        job.status,
+        job.phase
+            .as_deref()
             .map(|ph| format!(" ({ph})"))
             .unwrap_or_default()
     );
-    println!(
-        "model     {}",
-        job["spec"]["base_model"].as_str().unwrap_or("")
-    );
-    if let Some(total) = p["total_steps"].as_i64() {
+    println!("model     {}", job.base_model());
+    if let Some(total) = p.total_steps {
         println!(
             "step      {}/{total}  epoch {:.2}  tokens {}",
-            p["step"].as_i64().unwrap_or(0),
-            p["epoch"].as_f64().unwrap_or(0.0),
-            p["tokens_seen"].as_i64().unwrap_or(0)
+            p.step,
+            p.epoch.unwrap_or(0.0),
+            p.tokens_seen
         );
     }
     println!(
         "loss      train {}  eval {}",
-        fmt_loss(&job["train_loss"]),
-        fmt_loss(&job["eval_loss"])
+        fmt_loss(job.train_loss),
+        fmt_loss(job.eval_loss)
     );
-    if let Some(eta) = p["eta_seconds"].as_f64() {
+    if let Some(eta) = p.eta_seconds {
         println!("eta       {}", fmt_duration(eta));
     }
-    if let Some(e) = job["error"].as_object() {
+    if let Some(e) = &job.error {
         println!(
             "error     {}: {}",
-            e.get("code").and_then(Value::as_str).unwrap_or(""),
-            e.get("message").and_then(Value::as_str).unwrap_or("")
+            e.code,
+            e.message.as_deref().unwrap_or("")
         );
     }
-    println!("created   {}", job["created_at"].as_str().unwrap_or(""));
-    if let Some(t) = job["finished_at"].as_str() {
+    println!("created   {}", job.created_at);
+    if let Some(t) = &job.finished_at {
         println!("finished  {t}");
     }
     Ok(())
@@ -148,11 +141,10 @@ pub fn follow(remote: &Remote, id: &str) -> anyhow::Result<()> {
 
 pub fn cancel(remote: &Remote, id: &str) -> anyhow::Result<()> {
     let job = runtime()?.block_on(remote.client().cancel(id))?;
-    let status = job["status"].as_str().unwrap_or("");
-    if status == "running" {
+    if job.status == JobStatus::Running {
         println!("{id}: cancel requested; the job stops at its next step");
     } else {
-        println!("{id}: {status}");
+        println!("{id}: {}", job.status);
     }
     Ok(())
 }
@@ -176,30 +168,19 @@ pub async fn follow_job(client: &Client, id: &str) -> anyhow::Result<()> {
     let mut view = FollowView::new();
     let job = client.follow(id, &mut |e| view.show(e)).await?;
     view.finish();
-    match job["status"].as_str() {
-        Some("succeeded") => {
-            println!(
-                "job {id} succeeded: train loss {}, eval loss {}",
-                fmt_loss(&job["train_loss"]),
-                fmt_loss(&job["eval_loss"])
-            );
-            Ok(())
-        }
-        Some(status) => {
-            let detail = job["error"]
-                .as_object()
-                .map(|e| {
-                    format!(
-                        ": {}: {}",
-                        e.get("code").and_then(Value::as_str).unwrap_or(""),
-                        e.get("message").and_then(Value::as_str).unwrap_or("")
-                    )
-                })
-                .unwrap_or_default();
-            anyhow::bail!("job {id} {status}{detail}")
-        }
-        None => anyhow::bail!("job {id}: the server sent no status"),
+    if job.status == JobStatus::Succeeded {
+        println!(
+            "job {id} succeeded: train loss {}, eval loss {}",
+            fmt_loss(job.train_loss),
+            fmt_loss(job.eval_loss)
+        );
+        return Ok(());
     }
+    let detail = job
+        .error
+        .map(|e| format!(": {}: {}", e.code, e.message.unwrap_or_default()))
+        .unwrap_or_default();
+    anyhow::bail!("job {id} {}{detail}", job.status)
 }
 
 /// Renders a job's event stream: a bar with step, loss and ETA on a terminal, text lines otherwise.
@@ -237,90 +218,76 @@ impl FollowView {
     }
 
     fn losses(&self) -> String {
-        let mut s = format!("loss {}", fmt_loss(&self.train_loss.into()));
+        let mut s = format!("loss {}", fmt_loss(self.train_loss));
         if self.eval_loss.is_some() {
-            s.push_str(&format!("  eval {}", fmt_loss(&self.eval_loss.into())));
+            s.push_str(&format!("  eval {}", fmt_loss(self.eval_loss)));
         }
         s
     }
 
     fn show(&mut self, e: &StreamEvent) {
-        let d = &e.data;
-        match e.kind.as_str() {
-            "status" => {
-                let mut text = format!("status: {}", d["status"].as_str().unwrap_or(""));
-                if let Some(phase) = d["phase"].as_str() {
-                    text.push_str(&format!(" ({phase})"));
+        match &e.event {
+            JobEvent::Status(change) => {
+                let mut text = format!("status: {}", change.status);
+                if let Some(phase) = change.phase {
+                    text.push_str(&format!(" ({})", phase.as_str()));
                 }
-                if let Some(reason) = d["reason"].as_str() {
+                if let Some(reason) = &change.reason {
                     text.push_str(&format!(": {reason}"));
                 }
-                if let Some(err) = d["error"].as_object() {
-                    text.push_str(&format!(
-                        ": {}",
-                        err.get("message").and_then(Value::as_str).unwrap_or("")
-                    ));
+                if let Some(err) = &change.error {
+                    text.push_str(&format!(": {}", err.message.as_deref().unwrap_or("")));
                 }
                 self.line(text);
             }
-            "data" => {
-                let total = d["total_steps"].as_u64().unwrap_or(0);
+            JobEvent::Data(d) => {
                 if let Some(bar) = &self.bar {
-                    bar.set_length(total);
+                    bar.set_length(d.total_steps);
                 }
-                let t = &d["train"];
                 self.line(format!(
-                    "data: {} examples, {} tokens; {total} steps, {} trainable parameters",
-                    t["examples"].as_u64().unwrap_or(0),
-                    t["tokens"].as_u64().unwrap_or(0),
-                    d["trainable_parameters"].as_u64().unwrap_or(0)
+                    "data: {} examples, {} tokens; {} steps, {} trainable parameters",
+                    d.train.examples, d.train.tokens, d.total_steps, d.trainable_parameters
                 ));
             }
-            "metrics" => {
-                let (step, total) = (
-                    d["step"].as_u64().unwrap_or(0),
-                    d["total_steps"].as_u64().unwrap_or(0),
-                );
-                self.train_loss = d["loss"].as_f64();
+            JobEvent::Metrics(m) => {
+                self.train_loss = Some(m.train_loss);
                 match &self.bar {
                     Some(bar) => {
-                        bar.set_length(total);
-                        bar.set_position(step);
+                        bar.set_length(m.total_steps);
+                        bar.set_position(m.step);
                         bar.set_message(self.losses());
                     }
                     None => {
-                        let elapsed = d["elapsed_seconds"].as_f64().unwrap_or(0.0);
-                        let eta = if step > 0 {
-                            elapsed / step as f64 * total.saturating_sub(step) as f64
+                        let eta = if m.step > 0 {
+                            m.elapsed_seconds / m.step as f64
+                                * m.total_steps.saturating_sub(m.step) as f64
                         } else {
                             0.0
                         };
                         println!(
-                            "step {step}/{total}  {}  lr {:.2e}  {:.0} tok/s  eta {}",
+                            "step {}/{}  {}  lr {:.2e}  {:.0} tok/s  eta {}",
+                            m.step,
+                            m.total_steps,
                             self.losses(),
-                            d["learning_rate"].as_f64().unwrap_or(0.0),
-                            d["tokens_per_second"].as_f64().unwrap_or(0.0),
+                            m.learning_rate,
+                            m.tokens_per_second,
                             fmt_duration(eta)
                         );
                     }
                 }
             }
-            "eval" => {
-                self.eval_loss = d["eval_loss"].as_f64();
+            JobEvent::Eval(ev) => {
+                self.eval_loss = Some(ev.eval_loss);
                 self.line(format!(
                     "eval at step {}: eval loss {}",
-                    d["step"].as_u64().unwrap_or(0),
-                    fmt_loss(&d["eval_loss"])
+                    ev.step,
+                    fmt_loss(Some(ev.eval_loss))
                 ));
                 if let Some(bar) = &self.bar {
                     bar.set_message(self.losses());
                 }
             }
-            "checkpoint" => self.line(format!(
-                "checkpoint at step {}",
-                d["step"].as_u64().unwrap_or(0)
-            )),
-            _ => {}
+            JobEvent::Checkpoint(c) => self.line(format!("checkpoint at step {}", c.step)),
         }
     }
 
@@ -331,10 +298,8 @@ impl FollowView {
     }
 }
 
-fn fmt_loss(v: &Value) -> String {
-    v.as_f64()
-        .map(|l| format!("{l:.4}"))
-        .unwrap_or_else(|| "-".into())
+fn fmt_loss(v: Option<f64>) -> String {
+    v.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
 }
 
 fn fmt_duration(secs: f64) -> String {

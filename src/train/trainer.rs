@@ -258,6 +258,7 @@ impl Trainer {
         if let Some(dir) = &opts.init_adapter {
             checkpoint::load_adapter(dir, &base.model)?;
         }
+        tracing::info!(model = %base.name, layers = base.model.blocks.len(), "base model loaded");
 
         reporter.report(&Event::Phase(Phase::Tokenizing));
         let load = |file| {
@@ -297,6 +298,12 @@ impl Trainer {
             };
         let schedule = Schedule::new(spec, train.len());
         let vars: Vec<Var> = base.model.lora_vars().into_iter().map(|(_, v)| v).collect();
+        tracing::info!(
+            examples = train.len(),
+            validation = validation.len(),
+            total_steps = schedule.total_steps,
+            "data tokenized"
+        );
         reporter.report(&Event::Data(DataSummary {
             train: train_report,
             validation: val_report,
@@ -316,6 +323,7 @@ impl Trainer {
                     )));
                 }
                 start_step = state.step;
+                tracing::info!(step = start_step, "resuming from the latest checkpoint");
             }
         }
         let metrics = MetricsLog::open(&out.join("metrics.jsonl"), start_step)?;
@@ -428,6 +436,7 @@ impl Trainer {
             &state,
             &self.base.name,
         )?;
+        tracing::info!(step, path = %dir.display(), "checkpoint written");
         reporter.report(&Event::Checkpoint { step, path: dir });
         Ok(())
     }
@@ -441,6 +450,7 @@ impl Trainer {
         }
         let adapter_dir = self.out.join(checkpoint::ADAPTER_DIR);
         checkpoint::save_adapter(&adapter_dir, &self.base.model, &self.spec, &self.base.name)?;
+        tracing::info!(path = %adapter_dir.display(), "adapter saved");
         Ok(adapter_dir)
     }
 }

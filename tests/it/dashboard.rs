@@ -3,8 +3,6 @@
 //! a real tiny job. scripts/test.sh installs `chromium` and `chromium-driver` when missing.
 //! Screenshots land in target/tmp/dashboard-e2e/.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +11,8 @@ use base64::Engine;
 use qtune::app::App;
 use qtune::config::ServeConfig;
 use serde_json::{json, Value};
+
+use crate::helpers::process::free_port;
 
 const KEY: &str = "dash-key";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -172,14 +172,6 @@ impl Drop for Browser {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
@@ -191,8 +183,8 @@ fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
 #[test]
 fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data = common::memorisable_chat(dir.path(), 12);
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 12);
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-e2e");
     std::fs::create_dir_all(&shots).unwrap();
 

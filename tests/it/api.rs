@@ -1,184 +1,17 @@
 //! The job service end to end: the real server on an ephemeral port, a real SQLite file in a
 //! temporary data dir, the tiny model, real HTTP.
 
-mod common;
-
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use qtune::app::App;
-use qtune::config::ServeConfig;
+use crate::helpers::app::{merge, spawn_app, spawn_app_with};
 use serde_json::{json, Value};
-
-struct TestApp {
-    base: String,
-    client: reqwest::Client,
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-async fn spawn_app_with(f: impl FnOnce(&mut ServeConfig)) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
-    config.allow_file_dirs = vec![dir.path().to_path_buf()];
-    f(&mut config);
-    let app = App::build(config).await.unwrap();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    TestApp {
-        base,
-        client: reqwest::Client::new(),
-        dir,
-        model,
-        stop: Some(tx),
-        server: Some(server),
-    }
-}
-
-async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
-}
-
-impl TestApp {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A job body for the tiny model on a memorisable dataset in the allowed directory.
-    fn job(&self, extra: Value) -> Value {
-        let data = common::memorisable_chat(self.dir.path(), 8);
-        let mut v = json!({
-            "base_model": self.model.to_str().unwrap(),
-            "dataset": {"url": format!("file://{}", data.display())},
-            "lora": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
-            "training": {"epochs": 4, "batch_size": 4, "learning_rate": 0.01, "lr_scheduler": "constant", "max_seq_len": 64},
-        });
-        merge(&mut v, extra);
-        v
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        // A GET may land on a pooled connection the server just closed (after refusing an
-        // oversized body); it is idempotent, so it is sent again on a fresh one.
-        let mut tries = 0;
-        let r = loop {
-            match self.client.get(self.url(path)).send().await {
-                Ok(r) => break r,
-                Err(e) if tries < 2 && (e.is_connect() || e.is_request()) => tries += 1,
-                Err(e) => panic!("GET {path}: {e}"),
-            }
-        };
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn submit(&self, body: &Value) -> String {
-        let (status, job) = self.post("/v1/jobs", body).await;
-        assert_eq!(status, 201, "{job}");
-        job["id"].as_str().unwrap().to_string()
-    }
-
-    async fn wait_status(&self, id: &str, want: &[&str], within: Duration) -> Value {
-        let start = Instant::now();
-        loop {
-            let (_, job) = self.get(&format!("/v1/jobs/{id}")).await;
-            if want.contains(&job["status"].as_str().unwrap_or("")) {
-                return job;
-            }
-            assert!(
-                start.elapsed() < within,
-                "job {id} still {} after {within:?}: {job}",
-                job["status"]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Reads the SSE stream to its end: (id, event, data) triples.
-    async fn events(&self, id: &str, last_event_id: Option<i64>) -> Vec<(i64, String, Value)> {
-        let mut req = self.client.get(self.url(&format!("/v1/jobs/{id}/events")));
-        if let Some(l) = last_event_id {
-            req = req.header("Last-Event-ID", l.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        assert!(resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream"));
-        let mut body = String::new();
-        let mut stream = resp.bytes_stream();
-        let read = async {
-            while let Some(chunk) = stream.next().await {
-                body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(120), read)
-            .await
-            .expect("the stream ends when the job ends");
-        parse_sse(&body)
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.server.take().unwrap().await.unwrap().unwrap();
-    }
-}
-
-fn parse_sse(body: &str) -> Vec<(i64, String, Value)> {
-    body.split("\n\n")
-        .filter_map(|block| {
-            let (mut id, mut event, mut data) = (None, None, None);
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = v.trim().parse().ok();
-                } else if let Some(v) = line.strip_prefix("event:") {
-                    event = Some(v.trim().to_string());
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data = serde_json::from_str(v.trim()).ok();
-                }
-            }
-            Some((id?, event?, data?))
-        })
-        .collect()
-}
-
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_end_to_end_and_its_adapter_downloads() {
     let app = spawn_app().await;
     assert_eq!(app.get("/healthz").await.0, 200);
     // upload the dataset rather than pointing at a file
-    let data = std::fs::read(common::memorisable_chat(app.dir.path(), 8)).unwrap();
+    let data = std::fs::read(crate::helpers::memorisable_chat(app.dir.path(), 8)).unwrap();
     let up: Value = app
         .client
         .post(app.url("/v1/files?filename=chat.jsonl"))
@@ -808,7 +641,7 @@ async fn openapi_document_matches_the_router() {
     let documented: std::collections::BTreeSet<String> =
         doc["paths"].as_object().unwrap().keys().cloned().collect();
     // the routes the router declares, read from its source
-    let source = include_str!("../src/api/mod.rs");
+    let source = include_str!("../../src/api/mod.rs");
     let served: std::collections::BTreeSet<String> = source
         .split(".route(")
         .skip(1)
@@ -847,7 +680,7 @@ async fn openapi_document_matches_the_router() {
     }
     // the README's example job validates against the document's JobSpec schema (required
     // fields and known keys, checked by the server's own parser too)
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let example = readme
         .split("```json\n")
         .nth(1)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use clap::Parser;
 
-const README: &str = include_str!("../README.md");
+const README: &str = include_str!("../../README.md");
 
 /// Lines of the ```bash blocks, with `\` continuations joined and comments dropped.
 fn shell_lines() -> Vec<String> {

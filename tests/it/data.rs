@@ -1,9 +1,7 @@
 //! Datasets and bad input: formats, label masks, and a clear error for every malformed case.
 
-mod common;
-
+use crate::helpers::*;
 use candle_core::Device;
-use common::*;
 use qtune::spec::{DatasetFormat, JobSpec};
 use qtune::train::tokenizer::TextTokenizer;
 use qtune::train::{self, data, Silent};
@@ -39,7 +37,8 @@ fn chat_labels_cover_answers_and_their_end_of_turn_token_only() {
         ]})
         .to_string(),
     );
-    let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 512, false).unwrap();
+    let (ex, report) =
+        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
     assert_eq!(report.format, "messages");
     assert_eq!(
         labelled_text(&tok, &ex[0]),
@@ -51,7 +50,14 @@ fn chat_labels_cover_answers_and_their_end_of_turn_token_only() {
         "{full}"
     );
     // train_on_inputs puts loss on everything but the first token
-    let (ex, _) = data::load_jsonl(&path, DatasetFormat::Messages, &tok, 512, true).unwrap();
+    let (ex, _) = data::load_jsonl(
+        &dataset_file(&path),
+        DatasetFormat::Messages,
+        &tok,
+        512,
+        true,
+    )
+    .unwrap();
     assert_eq!(ex[0].label_count(), ex[0].ids.len() - 1);
 }
 
@@ -78,12 +84,14 @@ fn every_format_is_detected_and_ends_answers_with_eos() {
     ];
     for (record, format, labels) in cases {
         let path = write(dir.path(), "d.jsonl", &record.to_string());
-        let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 512, false).unwrap();
+        let (ex, report) =
+            data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
         assert_eq!(report.format, format);
         assert_eq!(labelled_text(&tok, &ex[0]), labels, "{format}");
     }
     let path = write(dir.path(), "d.jsonl", "{\"text\": \"abc\"}\n");
-    let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 512, false).unwrap();
+    let (ex, report) =
+        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
     assert_eq!(report.format, "text");
     assert_eq!(labelled_text(&tok, &ex[0]), "bc<|im_end|>");
 }
@@ -99,7 +107,8 @@ fn truncation_is_counted_never_silent() {
     ];
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     let path = write(dir.path(), "d.jsonl", &text.join("\n"));
-    let (ex, report) = data::load_jsonl(&path, DatasetFormat::Auto, &tok, 8, false).unwrap();
+    let (ex, report) =
+        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 8, false).unwrap();
     assert_eq!(report.records, 3);
     assert_eq!(report.truncated, 2);
     assert_eq!(
@@ -116,7 +125,7 @@ fn job_error(dir: &std::path::Path, dataset: &str, extra: serde_json::Value) -> 
     let model = tiny_model(dir);
     let data_path = write(dir, "bad.jsonl", dataset);
     let s = spec(&model, &data_path, extra);
-    let opts = common::run_options(&dir.join("out"));
+    let opts = crate::helpers::run_options(&dir.join("out"));
     train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
 }
 
@@ -196,7 +205,7 @@ fn bad_models_are_refused_clearly() {
     let data_path = write(dir.path(), "d.jsonl", "{\"text\": \"hello\"}");
     let run = |base: &str| {
         let s = JobSpec::from_json(&serde_json::json!({"base_model": base, "dataset": {"url": data_path.to_str().unwrap()}}).to_string()).unwrap();
-        let opts = common::run_options(&dir.path().join("out"));
+        let opts = crate::helpers::run_options(&dir.path().join("out"));
         train::run(&s, &opts, &mut Silent).unwrap_err().to_string()
     };
     assert!(run("/nope/model.gguf").contains("GGUF file \"/nope/model.gguf\" does not exist"));
@@ -239,9 +248,9 @@ fn hub_cache_is_used_offline() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("hf/hub/models--acme--tiny");
     let snapshot = repo.join("snapshots/0123abc");
-    qtune::train::model::synthetic::write_model_dir(
+    qtune::cli::bench::random_model::write_model_dir(
         &snapshot,
-        &qtune::train::model::synthetic::tiny_config(),
+        &qtune::cli::bench::random_model::tiny_config(),
         1,
     )
     .unwrap();

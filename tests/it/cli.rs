@@ -1,10 +1,8 @@
 //! `qtune train SPEC.json --output DIR`, run as a user runs it.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::helpers::*;
 
 fn qtune() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qtune"))
@@ -67,9 +65,11 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // one row shape (the API's metrics row), plus `loss`, the name 0.1 wrote, for old readers
     for key in [
         "step",
         "epoch",
+        "train_loss",
         "loss",
         "eval_loss",
         "learning_rate",
@@ -81,7 +81,11 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
             "every line has {key}"
         );
     }
-    assert_eq!(lines.iter().filter(|l| !l["loss"].is_null()).count(), 6);
+    assert_eq!(
+        lines.iter().filter(|l| !l["train_loss"].is_null()).count(),
+        6
+    );
+    assert!(lines.iter().all(|l| l["loss"] == l["train_loss"]));
     assert_eq!(
         lines.iter().filter(|l| !l["eval_loss"].is_null()).count(),
         3
@@ -133,9 +137,11 @@ fn train_command_writes_checkpoints_metrics_and_progress() {
                 "{text:?} vs {generated:?}"
             );
         }
-        None => {
-            eprintln!("examples/load_adapter is not built (cargo test --all-targets builds it)")
-        }
+        // a check that cannot run is a failure, not a pass
+        None => panic!(
+            "examples/load_adapter is not built: run the tests with `cargo test --all-targets` \
+             (scripts/test.sh does), which builds the examples beside the test binary"
+        ),
     }
 
     // resuming a finished run changes nothing and succeeds

@@ -1,74 +1,25 @@
 //! Crash recovery: `qtune serve` is killed with SIGKILL mid-training; started again on the same
 //! data dir, it requeues the job and resumes it from its last checkpoint.
 
-mod common;
-
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(data_dir: &std::path::Path, allow: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qtune"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ])
-        .env("QTUNE_ALLOW_FILE_DIRS", allow)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_ready(client: &reqwest::blocking::Client, base: &str) {
-    let start = Instant::now();
-    while client
-        .get(format!("{base}/readyz"))
-        .send()
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn job(client: &reqwest::blocking::Client, base: &str, id: &str) -> Value {
-    client
-        .get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap()
-}
+use crate::helpers::app::parse_sse;
+use crate::helpers::process::{free_port, ServeProcess};
 
 #[test]
 fn a_killed_server_resumes_the_job_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data = common::memorisable_chat(dir.path(), 8);
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 8);
     let data_dir = dir.path().join("data");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::blocking::Client::new();
 
-    let mut server = start(&data_dir, dir.path(), port);
-    wait_ready(&client, &base);
+    let server = ServeProcess::start(&data_dir, dir.path(), port, None);
     let body = json!({
         "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
         "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every_steps": 10,
@@ -84,21 +35,19 @@ fn a_killed_server_resumes_the_job_from_its_checkpoint() {
     let id = created["id"].as_str().unwrap().to_string();
     let start_wait = Instant::now();
     loop {
-        let j = job(&client, &base, &id);
+        let j = server.job(&id);
         if j["progress"]["step"].as_i64().unwrap_or(0) >= 25 {
             break;
         }
         assert!(start_wait.elapsed() < Duration::from_secs(60), "{j}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    server.kill().unwrap(); // SIGKILL
-    server.wait().unwrap();
+    server.kill(); // SIGKILL
 
-    let mut server = start(&data_dir, dir.path(), port);
-    wait_ready(&client, &base);
+    let server = ServeProcess::start(&data_dir, dir.path(), port, None);
     let start_wait = Instant::now();
     let done = loop {
-        let j = job(&client, &base, &id);
+        let j = server.job(&id);
         if j["status"] == "succeeded" || j["status"] == "failed" {
             break j;
         }
@@ -110,19 +59,15 @@ fn a_killed_server_resumes_the_job_from_its_checkpoint() {
     assert_eq!(done["progress"]["step"], 300);
 
     // the event log shows the second attempt starting right after a checkpoint, not at step 1
-    let events: Vec<Value> = client
+    let log = client
         .get(format!("{base}/v1/jobs/{id}/events"))
         .send()
         .unwrap()
         .text()
-        .unwrap()
-        .split("\n\n")
-        .filter_map(|block| {
-            block
-                .lines()
-                .find_map(|l| l.strip_prefix("data:"))
-                .and_then(|d| serde_json::from_str(d.trim()).ok())
-        })
+        .unwrap();
+    let events: Vec<Value> = parse_sse(&log)
+        .into_iter()
+        .map(|(_, _, data)| data)
         .collect();
     let second = events
         .iter()
@@ -130,7 +75,7 @@ fn a_killed_server_resumes_the_job_from_its_checkpoint() {
         .expect("a second attempt");
     let resumed_at = events[second..]
         .iter()
-        .find_map(|e| e["loss"].as_f64().and(e["step"].as_i64()))
+        .find_map(|e| e["train_loss"].as_f64().and(e["step"].as_i64()))
         .unwrap();
     assert_eq!(
         (resumed_at - 1) % 10,
@@ -156,22 +101,20 @@ fn a_killed_server_resumes_the_job_from_its_checkpoint() {
         .map(|r| r["step"].as_i64().unwrap())
         .collect();
     assert_eq!(steps, (1..=300).collect::<Vec<i64>>());
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
 }
 
 #[test]
 fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data = common::memorisable_chat(dir.path(), 8);
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 8);
     let data_dir = dir.path().join("data");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::blocking::Client::new();
 
-    let mut server = start(&data_dir, dir.path(), port);
-    wait_ready(&client, &base);
+    let mut server = ServeProcess::start(&data_dir, dir.path(), port, None);
     let body = json!({
         "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
         "lora": {"r": 4, "dropout": 0.0},
@@ -186,22 +129,18 @@ fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
         .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     let start_wait = Instant::now();
-    while job(&client, &base, &id)["progress"]["step"]
-        .as_i64()
-        .unwrap_or(0)
-        < 15
-    {
+    while server.job(&id)["progress"]["step"].as_i64().unwrap_or(0) < 15 {
         assert!(start_wait.elapsed() < Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(20));
     }
     let term = Command::new("sh") // the shell's own kill builtin: no procps needed
-        .args(["-c", &format!("kill -TERM {}", server.id())])
+        .args(["-c", &format!("kill -TERM {}", server.child.id())])
         .status()
         .unwrap();
     assert!(term.success());
     let start_wait = Instant::now();
     let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -227,11 +166,10 @@ fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
     let stopped_at = ckpts[0];
     assert!((15..3000).contains(&stopped_at));
 
-    let mut server = start(&data_dir, dir.path(), port);
-    wait_ready(&client, &base);
+    let server = ServeProcess::start(&data_dir, dir.path(), port, None);
     let start_wait = Instant::now();
     let done = loop {
-        let j = job(&client, &base, &id);
+        let j = server.job(&id);
         if j["status"] != "queued" && j["status"] != "running" {
             break j;
         }
@@ -247,6 +185,5 @@ fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
         .text()
         .unwrap();
     assert_eq!(log.matches("event: metrics").count(), 3000);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
 }

@@ -1,8 +1,6 @@
 //! Quantized base weights: NF4 bit for bit against bitsandbytes, error bounds, double
 //! quantization, and the quantized linear's gradient.
 
-mod common;
-
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -222,12 +220,12 @@ fn assert_matches_dense(
     let yq = quant::quantized_matmul(x.as_tensor(), q).unwrap();
     let yd = x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap();
     assert!(
-        common::max_abs_diff(&yq, &yd) < tolerance,
+        crate::helpers::max_abs_diff(&yq, &yd) < tolerance,
         "{}: output",
         q.describe()
     );
     assert!(
-        common::max_abs_diff(&grad_of(yq), &grad_of(yd)) < tolerance,
+        crate::helpers::max_abs_diff(&grad_of(yq), &grad_of(yd)) < tolerance,
         "{}: input gradient",
         q.describe()
     );
@@ -253,9 +251,9 @@ fn quantized_linear_gradient_equals_the_dense_one() {
 fn qlora_on_the_tiny_model_lowers_the_loss_for_every_type() {
     for kind in ["nf4", "fp4", "int8"] {
         let dir = tempfile::tempdir().unwrap();
-        let model = common::tiny_model(dir.path());
-        let data = common::memorisable_chat(dir.path(), 8);
-        let spec = common::spec(
+        let model = crate::helpers::tiny_model(dir.path());
+        let data = crate::helpers::memorisable_chat(dir.path(), 8);
+        let spec = crate::helpers::spec(
             &model,
             &data,
             serde_json::json!({
@@ -265,8 +263,13 @@ fn qlora_on_the_tiny_model_lowers_the_loss_for_every_type() {
             }),
         );
         let out = dir.path().join("out");
-        qtune::train::run(&spec, &common::run_options(&out), &mut qtune::train::Silent).unwrap();
-        let losses = common::train_losses(&out);
+        qtune::train::run(
+            &spec,
+            &crate::helpers::run_options(&out),
+            &mut qtune::train::Silent,
+        )
+        .unwrap();
+        let losses = crate::helpers::train_losses(&out);
         let (first, last) = (
             losses[0].1,
             losses.iter().rev().take(4).map(|l| l.1).sum::<f64>() / 4.0,
@@ -283,7 +286,7 @@ fn qlora_on_the_tiny_model_lowers_the_loss_for_every_type() {
         )
         .unwrap();
         for block in &base.model.blocks {
-            for l in &block.linears {
+            for (_, l) in block.linears() {
                 assert!(
                     matches!(l.weight, qtune::train::model::FrozenWeight::Quantized(_)),
                     "{kind}"
@@ -296,16 +299,16 @@ fn qlora_on_the_tiny_model_lowers_the_loss_for_every_type() {
 #[test]
 fn half_precision_compute_is_refused_on_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data = common::memorisable_chat(dir.path(), 4);
-    let spec = common::spec(
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 4);
+    let spec = crate::helpers::spec(
         &model,
         &data,
         serde_json::json!({"quantization": {"bits": 4, "compute_dtype": "bf16"}}),
     );
     let err = qtune::train::run(
         &spec,
-        &common::run_options(&dir.path().join("out")),
+        &crate::helpers::run_options(&dir.path().join("out")),
         &mut qtune::train::Silent,
     )
     .unwrap_err();
@@ -335,7 +338,7 @@ fn ggml_types_work_as_frozen_quantized_weights() {
             QTensor::quantize(&w, dtype).unwrap(),
         )));
         let dense = q.dequantize(&Device::Cpu, DType::F32).unwrap();
-        let err = common::max_abs_diff(&dense, &w);
+        let err = crate::helpers::max_abs_diff(&dense, &w);
         assert!(
             err < 0.5,
             "{dtype:?}: dequantized far from the input ({err})"

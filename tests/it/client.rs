@@ -1,94 +1,54 @@
 //! The CLI client (`qtune submit/jobs/status/follow/cancel/download`), run as the real binary
 //! against a real server on an ephemeral port with a real SQLite file and the tiny model.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use qtune::app::App;
-use qtune::config::ServeConfig;
 use serde_json::{json, Value};
 
-struct Server {
-    base: String,
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    data_dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+use crate::helpers::app::{spawn_app_with, TestApp};
 
 /// The server reads no client files: datasets reach it only as uploads (no allowed file dirs).
-async fn spawn_server(api_keys: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path());
-    let data_dir = dir.path().join("data");
-    let mut config = ServeConfig::for_data_dir(data_dir.clone());
-    config.api_keys = api_keys.iter().map(|k| k.to_string()).collect();
-    let app = App::build(config).await.unwrap();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    Server {
-        base,
-        dir,
-        model,
-        data_dir,
-        stop: Some(tx),
-    }
+async fn spawn_server(api_keys: &[&str]) -> TestApp {
+    spawn_app_with(|config| {
+        config.api_keys = api_keys.iter().map(|k| k.to_string()).collect();
+        config.allow_file_dirs.clear();
+    })
+    .await
 }
 
-impl Server {
-    fn spec_file(&self, name: &str, training: Value) -> PathBuf {
-        let data = common::memorisable_chat(self.dir.path(), 8);
-        let spec = json!({
-            "base_model": self.model,
-            "dataset": {"url": data, "validation_split": 0.25},
-            "lora": {"r": 4, "dropout": 0.0},
-            "training": training,
-            "checkpoint_every_steps": 5,
-        });
-        common::write(self.dir.path(), name, &spec.to_string())
-    }
+/// A spec file for the tiny model naming a local dataset (the client uploads it).
+fn spec_file(server: &TestApp, name: &str, training: Value) -> PathBuf {
+    let data = crate::helpers::memorisable_chat(server.dir.path(), 8);
+    let spec = json!({
+        "base_model": server.model,
+        "dataset": {"url": data, "validation_split": 0.25},
+        "lora": {"r": 4, "dropout": 0.0},
+        "training": training,
+        "checkpoint_every_steps": 5,
+    });
+    crate::helpers::write(server.dir.path(), name, &spec.to_string())
+}
 
-    async fn qtune(&self, args: &[&str]) -> Output {
-        self.qtune_env(args, &[]).await
-    }
+/// Runs the real binary as a client of `server`.
+async fn qtune(server: &TestApp, args: &[&str]) -> Output {
+    qtune_env(server, args, &[]).await
+}
 
-    async fn qtune_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_qtune"));
-        cmd.args(args)
-            .env("QTUNE_SERVER", &self.base)
-            .env_remove("QTUNE_API_KEY")
-            .current_dir(self.dir.path());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        tokio::time::timeout(Duration::from_secs(120), cmd.output())
-            .await
-            .expect("the command finishes")
-            .unwrap()
+async fn qtune_env(server: &TestApp, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_qtune"));
+    cmd.args(args)
+        .env("QTUNE_SERVER", &server.base)
+        .env_remove("QTUNE_API_KEY")
+        .current_dir(server.dir.path());
+    for (k, v) in env {
+        cmd.env(k, v);
     }
-
-    async fn job(&self, id: &str) -> Value {
-        reqwest::get(format!("{}/v1/jobs/{id}", self.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the command finishes")
+        .unwrap()
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -114,19 +74,22 @@ fn files_in(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follows_to_the_end_and_downloads_the_adapter() {
     let server = spawn_server(&[]).await;
-    let spec = server.spec_file(
+    let spec = spec_file(
+        &server,
         "job.json",
         json!({"max_steps": 12, "batch_size": 2, "learning_rate": 0.01, "eval_every_steps": 4, "max_seq_len": 64}),
     );
-    let out = server
-        .qtune(&[
+    let out = qtune(
+        &server,
+        &[
             "submit",
             spec.to_str().unwrap(),
             "--follow",
             "--download",
             "adapter-out",
-        ])
-        .await;
+        ],
+    )
+    .await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let id = first_line(&out);
@@ -139,7 +102,7 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
         stderr.contains("uploaded ") && stderr.contains(" as file-"),
         "{stderr}"
     );
-    let job = server.job(&id).await;
+    let job = server.get(&format!("/v1/jobs/{id}")).await.1;
     assert!(job["spec"]["dataset"]["url"]
         .as_str()
         .unwrap()
@@ -176,7 +139,7 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
     assert!(tensors.names().iter().any(|n| n.ends_with("lora_A.weight")));
 
     // jobs, status and download on their own
-    let out = server.qtune(&["jobs"]).await;
+    let out = qtune(&server, &["jobs"]).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success());
     let row = stdout
@@ -185,18 +148,18 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
         .expect("job listed");
     assert!(row.contains("succeeded") && row.contains("12/12"), "{row}");
 
-    let out = server.qtune(&["status", &id]).await;
+    let out = qtune(&server, &["status", &id]).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success());
     assert!(stdout.contains("status    succeeded"), "{stdout}");
     assert!(stdout.contains("step      12/12"), "{stdout}");
 
-    let out = server.qtune(&["status", &id, "--json"]).await;
+    let out = qtune(&server, &["status", &id, "--json"]).await;
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["id"], id.as_str());
     assert_eq!(shown["progress"]["step"], 12);
 
-    let out = server.qtune(&["download", &id, "again"]).await;
+    let out = qtune(&server, &["download", &id, "again"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(
         std::fs::read(server.dir.path().join("again/adapter_model.safetensors")).unwrap(),
@@ -204,7 +167,7 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
     );
 
     // following a finished job replays its history and ends at once
-    let out = server.qtune(&["follow", &id]).await;
+    let out = qtune(&server, &["follow", &id]).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success());
     assert!(stdout.contains("step 12/12"), "{stdout}");
@@ -213,15 +176,16 @@ async fn submit_follows_to_the_end_and_downloads_the_adapter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
     let server = spawn_server(&[]).await;
-    let spec = server.spec_file(
+    let spec = spec_file(
+        &server,
         "long.json",
         json!({"max_steps": 100000, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64}),
     );
-    let out = server.qtune(&["submit", spec.to_str().unwrap()]).await;
+    let out = qtune(&server, &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{:?}", text(&out));
     let id = first_line(&out);
     let started = Instant::now();
-    while server.job(&id).await["progress"]["step"]
+    while server.get(&format!("/v1/jobs/{id}")).await.1["progress"]["step"]
         .as_i64()
         .unwrap_or(0)
         < 2
@@ -242,7 +206,7 @@ async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = server.qtune(&["cancel", &id]).await;
+    let out = qtune(&server, &["cancel", &id]).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("cancel"), "{stdout}");
@@ -255,21 +219,23 @@ async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
     assert!(!followed.status.success(), "{stdout}");
     assert!(stdout.contains("step 1/100000"), "{stdout}");
     assert!(stderr.contains(&format!("job {id} cancelled")), "{stderr}");
-    assert_eq!(server.job(&id).await["status"], "cancelled");
+    assert_eq!(
+        server.get(&format!("/v1/jobs/{id}")).await.1["status"],
+        "cancelled"
+    );
 
     // cancelling again is idempotent
-    let out = server.qtune(&["cancel", &id]).await;
+    let out = qtune(&server, &["cancel", &id]).await;
     assert!(out.status.success());
     assert_eq!(first_line(&out), format!("{id}: cancelled"));
 
     // cancelling a job that succeeded: the server's 409 body, as it wrote it, and exit 1
-    let short = server.spec_file(
+    let short = spec_file(
+        &server,
         "short.json",
         json!({"max_steps": 2, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64}),
     );
-    let out = server
-        .qtune(&["submit", short.to_str().unwrap(), "--follow"])
-        .await;
+    let out = qtune(&server, &["submit", short.to_str().unwrap(), "--follow"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
     let id = first_line(&out);
     let direct = reqwest::Client::new()
@@ -279,37 +245,33 @@ async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
         .unwrap();
     assert_eq!(direct.status(), 409);
     let body = direct.text().await.unwrap();
-    let out = server.qtune(&["cancel", &id]).await;
+    let out = qtune(&server, &["cancel", &id]).await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("409"), "{stderr}");
     assert!(stderr.contains(&body), "server body {body} not in {stderr}");
 
     // an invalid spec: refused, the field named, nothing queued
-    let bad = server.spec_file("bad.json", json!({"learning_rate": -1}));
-    let out = server.qtune(&["submit", bad.to_str().unwrap()]).await;
+    let bad = spec_file(&server, "bad.json", json!({"learning_rate": -1}));
+    let out = qtune(&server, &["submit", bad.to_str().unwrap()]).await;
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stderr.contains("training.learning_rate"), "{stderr}");
     assert!(stdout.is_empty(), "no job id for a refused spec: {stdout}");
 
     // an unknown job, a spec file that is not JSON, and no server at all
-    let out = server
-        .qtune(&["status", "00000000-0000-4000-8000-000000000000"])
-        .await;
+    let out = qtune(&server, &["status", "00000000-0000-4000-8000-000000000000"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("404"), "{:?}", text(&out));
-    let junk = common::write(server.dir.path(), "junk.json", "{not json");
-    let out = server.qtune(&["submit", junk.to_str().unwrap()]).await;
+    let junk = crate::helpers::write(server.dir.path(), "junk.json", "{not json");
+    let out = qtune(&server, &["submit", junk.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out).1.contains("junk.json: not valid JSON"),
         "{:?}",
         text(&out)
     );
-    let out = server
-        .qtune(&["jobs", "--server", "http://127.0.0.1:9"])
-        .await;
+    let out = qtune(&server, &["jobs", "--server", "http://127.0.0.1:9"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out)
@@ -323,16 +285,14 @@ async fn cancel_and_server_errors_reach_the_user_with_a_failing_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_from_the_environment_or_the_flag() {
     let server = spawn_server(&["k-one"]).await;
-    let out = server.qtune(&["jobs"]).await;
+    let out = qtune(&server, &["jobs"]).await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("401"), "{stderr}");
-    let out = server
-        .qtune_env(&["jobs"], &[("QTUNE_API_KEY", "k-one")])
-        .await;
+    let out = qtune_env(&server, &["jobs"], &[("QTUNE_API_KEY", "k-one")]).await;
     assert!(out.status.success(), "{:?}", text(&out));
-    let out = server.qtune(&["jobs", "--api-key", "k-one"]).await;
+    let out = qtune(&server, &["jobs", "--api-key", "k-one"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
-    let out = server.qtune(&["jobs", "--api-key", "wrong"]).await;
+    let out = qtune(&server, &["jobs", "--api-key", "wrong"]).await;
     assert_eq!(out.status.code(), Some(1));
 }

@@ -1,12 +1,11 @@
 //! Model variants the loader must handle: sharded safetensors, qwen2 (q/k/v bias), untied
 //! lm_head, mistral's sliding window.
 
-mod common;
-
+use crate::helpers::*;
 use candle_core::{Device, Tensor};
-use common::*;
+use qtune::cli::bench::random_model as synthetic;
 use qtune::spec::LoraSpec;
-use qtune::train::model::{self, synthetic, Arch};
+use qtune::train::model::{self, Arch};
 use qtune::train::{self, Silent};
 
 fn logits_of(dir: &std::path::Path) -> Tensor {
@@ -82,7 +81,7 @@ fn trains(dir: &std::path::Path, model: &std::path::Path) {
         serde_json::json!({"lora": {"target_modules": "all-linear"}, "training": {"epochs": 6, "batch_size": 4}}),
     );
     let out = dir.join("out");
-    train::run(&s, &common::run_options(&out), &mut Silent).unwrap();
+    train::run(&s, &crate::helpers::run_options(&out), &mut Silent).unwrap();
     let l = train_losses(&out);
     assert!(l.last().unwrap().1 < 0.8 * l[0].1, "{l:?}");
 }
@@ -105,7 +104,7 @@ fn qwen2_with_qkv_bias_loads_and_trains() {
         &Device::Cpu,
     )
     .unwrap();
-    assert!(base.model.blocks[0].linears[0].bias.is_some());
+    assert!(base.model.blocks[0].q_proj.bias.is_some());
     trains(dir.path(), &m);
 }
 

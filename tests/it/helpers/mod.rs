@@ -1,10 +1,13 @@
-//! Helpers shared by the test binaries: a tiny random model folder and small datasets.
-#![allow(dead_code)]
+//! What the tests share: the service in this process (`app`), the binary as a process
+//! (`process`), a tiny random model folder, small datasets and specs.
+
+pub mod app;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 
+use qtune::cli::bench::random_model as synthetic;
 use qtune::spec::JobSpec;
-use qtune::train::model::synthetic;
 
 /// A tiny Llama folder (2 layers, hidden 32, byte tokenizer, ChatML template) in `dir/model`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
@@ -48,25 +51,21 @@ pub fn spec(model: &Path, data: &Path, extra: serde_json::Value) -> JobSpec {
     JobSpec::from_json(&v.to_string()).unwrap()
 }
 
-fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
-    match (a, b) {
-        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
-}
+use app::merge;
 
-/// The `loss` values of metrics.jsonl, by step.
+/// The `train_loss` values of metrics.jsonl, by step.
 pub fn train_losses(output: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(output.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| !v["loss"].is_null())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .filter(|v| !v["train_loss"].is_null())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["train_loss"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -76,6 +75,7 @@ pub fn run_options(out: &Path) -> qtune::train::RunOptions {
         device: candle_core::Device::Cpu,
         resume: false,
         init_adapter: None,
+        datasets: None,
     }
 }
 
@@ -89,4 +89,12 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// A dataset file named by its path, as `qtune train` names a local file.
+pub fn dataset_file(path: &Path) -> qtune::train::DatasetFile {
+    qtune::train::DatasetFile {
+        path: path.to_path_buf(),
+        name: path.display().to_string(),
+    }
 }

@@ -1,13 +1,12 @@
 //! The training engine on a tiny random model: correctness of every piece that training rests on.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::helpers::*;
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
+use qtune::cli::bench::random_model as synthetic;
 use qtune::spec::{LoraSpec, TargetModules};
-use qtune::train::model::{self, synthetic, ForwardMode, Llama};
+use qtune::train::model::{self, ForwardMode, Llama};
 use qtune::train::{self, checkpoint, data, Event, Reporter, Silent};
 
 fn tiny_llama(lora: &LoraSpec, seed: u64) -> Llama {
@@ -86,7 +85,7 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
         .chain(model.blocks.iter().flat_map(|b| {
             [b.attn_norm.clone(), b.mlp_norm.clone()]
                 .into_iter()
-                .chain(b.linears.iter().map(|l| match &l.weight {
+                .chain(b.linears().map(|(_, l)| match &l.weight {
                     model::FrozenWeight::Dense(w) => w.clone(),
                     model::FrozenWeight::Quantized(_) => unreachable!("dense model"),
                 }))
@@ -274,7 +273,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
     let data = memorisable_chat(dir.path(), 8);
     let tiny = tiny_model(dir.path());
     let curve = |checkpointing: bool, out: &str| {
-        let s = common::spec(
+        let s = crate::helpers::spec(
             &tiny,
             &data,
             serde_json::json!({"training": {"max_steps": 6, "gradient_checkpointing": checkpointing},
@@ -304,7 +303,7 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
     let model32 = tiny_llama_in(&spec, 5, DType::F32);
     let model16 = tiny_llama_in(&spec, 5, DType::BF16);
     assert_eq!(model16.embed.dtype(), DType::F32);
-    match &model16.blocks[0].linears[0].weight {
+    match &model16.blocks[0].q_proj.weight {
         model::FrozenWeight::Dense(w) => assert_eq!(w.dtype(), DType::BF16),
         model::FrozenWeight::Quantized(_) => unreachable!("dense"),
     }
@@ -343,7 +342,7 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
     let data = memorisable_chat(dir.path(), 8);
     let tiny = tiny_model(dir.path());
     let curve = |dtype: &str, out: &str| {
-        let s = common::spec(
+        let s = crate::helpers::spec(
             &tiny,
             &data,
             serde_json::json!({"training": {"max_steps": 8}, "compute_dtype": dtype}),
@@ -645,7 +644,7 @@ fn exported_adapter_reproduces_the_logits() {
         let grads: Vec<Tensor> = trained.lora_grads(&store).unwrap();
         opt.step(&vars, &grads, 1e-2).unwrap();
     }
-    let spec = common::spec(
+    let spec = crate::helpers::spec(
         &model_dir,
         &data_path,
         serde_json::json!({"lora": {"r": 4, "target_modules": "all-linear"}}),
@@ -790,8 +789,8 @@ fn validation_split_is_evaluated() {
     let evals: Vec<u64> = events
         .iter()
         .filter_map(|e| {
-            if let Event::Eval { step, .. } = e {
-                Some(*step)
+            if let Event::Eval(ev) = e {
+                Some(ev.step)
             } else {
                 None
             }
@@ -799,11 +798,11 @@ fn validation_split_is_evaluated() {
         .collect();
     assert_eq!(evals, vec![2, 4, 6, 8, 10]);
     assert!(outcome.eval_loss.unwrap().is_finite());
-    let Some(Event::Data {
+    let Some(Event::Data(train::DataSummary {
         train, validation, ..
-    }) = events.iter().find(|e| matches!(e, Event::Data { .. }))
+    })) = events.iter().find(|e| matches!(e, Event::Data(_)))
     else {
-        panic!()
+        panic!("no data event")
     };
     assert_eq!(train.records, 12);
     assert_eq!(train.examples, 9);

@@ -2,8 +2,6 @@
 //! fetched by scripts/fetch-test-models.sh): loading, tokenizer, chat template, and a LoRA run
 //! that lowers held-out loss.
 
-mod common;
-
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -92,8 +90,8 @@ fn lora_lowers_held_out_loss() {
         .unwrap();
     let lines: Vec<&str> = all.lines().collect();
     assert_eq!(lines.len(), 200);
-    let val = common::write(dir.path(), "val.jsonl", &lines[..20].join("\n"));
-    let trn = common::write(dir.path(), "train.jsonl", &lines[20..].join("\n"));
+    let val = crate::helpers::write(dir.path(), "val.jsonl", &lines[..20].join("\n"));
+    let trn = crate::helpers::write(dir.path(), "train.jsonl", &lines[20..].join("\n"));
     let spec = qtune::spec::JobSpec::from_json(
         &serde_json::json!({
             "base_model": smollm2().to_str().unwrap(),
@@ -108,17 +106,17 @@ fn lora_lowers_held_out_loss() {
     .unwrap();
     let base = model::load_base(&spec.base_model, None, &spec.lora, None, 0, &Device::Cpu).unwrap();
     let (val_examples, _) = data::load_jsonl(
-        &val,
+        &crate::helpers::dataset_file(&val),
         qtune::spec::DatasetFormat::Auto,
         &base.tokenizer,
         256,
         false,
     )
     .unwrap();
-    let before = train::evaluate(&base, &val_examples, 4).unwrap();
+    let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();
     drop(base);
     let out = dir.path().join("out");
-    let opts = common::run_options(&out);
+    let opts = crate::helpers::run_options(&out);
     let outcome = train::run(&spec, &opts, &mut Silent).unwrap();
     let after = outcome.eval_loss.unwrap();
     eprintln!("held-out loss {before:.3} -> {after:.3} (PEFT reference on its own 200 Q&A: 1.135 -> 0.411)");
@@ -134,7 +132,7 @@ fn lora_lowers_held_out_loss() {
     let reloaded =
         model::load_base(&spec.base_model, None, &spec.lora, None, 1, &Device::Cpu).unwrap();
     train::checkpoint::load_adapter(&outcome.adapter_dir, &reloaded.model).unwrap();
-    let again = train::evaluate(&reloaded, &val_examples, 4).unwrap();
+    let again = train::trainer::evaluate(&reloaded, &val_examples, 4).unwrap();
     assert!((again - after).abs() < 1e-4, "{again} vs {after}");
 }
 
@@ -143,8 +141,8 @@ fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
     let all = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/facts.jsonl"))
         .unwrap();
     let lines: Vec<&str> = all.lines().collect();
-    let val = common::write(dir.path(), "val.jsonl", &lines[..12].join("\n"));
-    let trn = common::write(dir.path(), "train.jsonl", &lines[100..140].join("\n"));
+    let val = crate::helpers::write(dir.path(), "val.jsonl", &lines[..12].join("\n"));
+    let trn = crate::helpers::write(dir.path(), "train.jsonl", &lines[100..140].join("\n"));
     let spec = qtune::spec::JobSpec::from_json(
         &serde_json::json!({
             "base_model": smollm2().to_str().unwrap(),
@@ -167,18 +165,18 @@ fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
     )
     .unwrap();
     let (val_examples, _) = data::load_jsonl(
-        &val,
+        &crate::helpers::dataset_file(&val),
         qtune::spec::DatasetFormat::Auto,
         &base.tokenizer,
         128,
         false,
     )
     .unwrap();
-    let before = train::evaluate(&base, &val_examples, 4).unwrap();
+    let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();
     drop(base);
     let outcome = train::run(
         &spec,
-        &common::run_options(&dir.path().join("out")),
+        &crate::helpers::run_options(&dir.path().join("out")),
         &mut Silent,
     )
     .unwrap();
@@ -226,7 +224,7 @@ fn native_gguf_weights_compute_what_the_dequantized_ones_do() {
         &Device::Cpu,
     )
     .unwrap();
-    let q = &native.model.blocks[0].linears[0].weight;
+    let q = &native.model.blocks[0].q_proj.weight;
     let model::FrozenWeight::Quantized(q) = q else {
         panic!("q_proj should stay quantized")
     };
@@ -236,7 +234,7 @@ fn native_gguf_weights_compute_what_the_dequantized_ones_do() {
         &Device::Cpu,
     )
     .unwrap();
-    let d = common::max_abs_diff(
+    let d = crate::helpers::max_abs_diff(
         &native.model.logits(&ids).unwrap(),
         &dense.model.logits(&ids).unwrap(),
     );

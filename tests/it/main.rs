@@ -1,0 +1,20 @@
+//! Every integration test in one binary (each test binary links all of candle, axum, sqlx and
+//! reqwest: one link instead of thirteen). `helpers` holds what they share.
+
+mod helpers;
+
+mod api;
+mod cli;
+mod client;
+mod dashboard;
+mod data;
+mod docker;
+mod engine;
+mod logs;
+mod models;
+mod quant;
+mod queue;
+mod quickstart;
+mod readme;
+mod restart;
+mod smollm2;

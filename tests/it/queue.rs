@@ -1,0 +1,238 @@
+//! The queue under contention and failure, on a real SQLite file: claims race, leases expire and
+//! are taken over, and every write of a worker whose lease was taken is refused.
+
+use std::collections::HashMap;
+
+use qtune::db::{self, Db, Lease};
+use qtune::events::{JobEvent, StatusChange};
+use qtune::job::{JobId, JobPhase, JobStatus, StepMetrics};
+use qtune::worker::{record_outcome, Outcome, LEASE_SECS};
+
+use crate::helpers::app::spawn_app_with;
+
+const SPEC: &str = r#"{"base_model": "m", "dataset": {"url": "https://example.invalid/d.jsonl"}}"#;
+
+fn step(n: u64) -> StepMetrics {
+    StepMetrics {
+        step: n,
+        total_steps: 10,
+        epoch: n as f64 / 10.0,
+        train_loss: 1.0 / n as f64,
+        learning_rate: 1e-3,
+        grad_norm: 0.5,
+        tokens: 100,
+        tokens_per_second: 1000.0,
+        elapsed_seconds: n as f64,
+    }
+}
+
+fn is_lease_lost<T: std::fmt::Debug>(r: db::Result<T>) -> bool {
+    matches!(r, Err(db::Error::LeaseLost { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_race_for_each_job_and_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qtune.db");
+    // two pools on one file: two processes, as far as SQLite can tell
+    let (a, b) = (
+        Db::open(&path).await.unwrap(),
+        Db::open(&path).await.unwrap(),
+    );
+    const JOBS: usize = 40;
+    for _ in 0..JOBS {
+        a.insert_job(&JobId::new(), None, SPEC).await.unwrap();
+    }
+    let race = |db: Db, name: &'static str| {
+        tokio::spawn(async move {
+            let mut won = Vec::new();
+            while let Some(claim) = db.claim_next(name, LEASE_SECS).await.unwrap() {
+                won.push(claim.lease.job);
+            }
+            won
+        })
+    };
+    let (won_a, won_b) = tokio::join!(race(a.clone(), "worker-a"), race(b, "worker-b"));
+    let (won_a, won_b) = (won_a.unwrap(), won_b.unwrap());
+    let mut claims: HashMap<JobId, usize> = HashMap::new();
+    for id in won_a.iter().chain(&won_b) {
+        *claims.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(claims.len(), JOBS, "every job was claimed");
+    assert!(claims.values().all(|&n| n == 1), "no job claimed twice");
+    assert!(
+        !won_a.is_empty() && !won_b.is_empty(),
+        "both workers took part: {} and {}",
+        won_a.len(),
+        won_b.len()
+    );
+    for id in claims.keys() {
+        let row = a.get_job(id, None).await.unwrap().unwrap();
+        assert_eq!((row.status, row.attempt), (JobStatus::Running, 1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("qtune.db")).await.unwrap();
+    let id = JobId::new();
+    db.insert_job(&id, None, SPEC).await.unwrap();
+
+    let first = db
+        .claim_next("worker-a", LEASE_SECS)
+        .await
+        .unwrap()
+        .unwrap();
+    let a: Lease = first.lease;
+    assert_eq!((a.job.clone(), a.attempt), (id.clone(), 1));
+    // while it holds the lease, its writes land; another worker finds nothing to claim
+    assert!(!db.heartbeat(&a, LEASE_SECS).await.unwrap());
+    db.set_progress(&a, &step(1), 100).await.unwrap();
+    db.insert_checkpoint(&a, 1, "[]").await.unwrap();
+    assert!(db
+        .claim_next("worker-b", LEASE_SECS)
+        .await
+        .unwrap()
+        .is_none());
+
+    // worker A goes silent: its lease runs out and worker B takes the job over
+    db.set_lease_expiry(&a, -5).await.unwrap();
+    let second = db
+        .claim_next("worker-b", LEASE_SECS)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = second.lease;
+    assert_eq!((b.job.clone(), b.attempt), (id.clone(), 2));
+    assert_eq!(second.tokens_seen, 100, "B continues A's token count");
+
+    // every late write of A is refused
+    assert!(is_lease_lost(db.heartbeat(&a, LEASE_SECS).await));
+    assert!(is_lease_lost(db.set_phase(&a, JobPhase::Training).await));
+    assert!(is_lease_lost(db.set_progress(&a, &step(7), 700).await));
+    assert!(is_lease_lost(db.set_total_steps(&a, 99).await));
+    assert!(is_lease_lost(db.set_eval_loss(&a, 9.0).await));
+    assert!(is_lease_lost(
+        db.insert_event_fenced(&a, "metrics", "{}").await
+    ));
+    assert!(is_lease_lost(db.insert_checkpoint(&a, 7, "[]").await));
+    let done = JobEvent::Status(StatusChange::to(JobStatus::Succeeded)).data_json();
+    assert!(is_lease_lost(
+        db.finish(&a, JobStatus::Succeeded, None, &done).await
+    ));
+    assert!(is_lease_lost(db.requeue(&a, "{}").await));
+
+    // B's writes land, and the job shows B's work only
+    db.set_progress(&b, &step(2), 200).await.unwrap();
+    db.insert_event_fenced(&b, "metrics", "{}").await.unwrap();
+    db.insert_checkpoint(&b, 2, "[]").await.unwrap();
+    let row = db.get_job(&id, None).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.step, row.tokens_seen),
+        (JobStatus::Running, 2, 200)
+    );
+    assert_eq!(
+        row.total_steps,
+        Some(10),
+        "A's set_total_steps(99) did not land"
+    );
+    assert_eq!(row.eval_loss, None);
+    let steps: Vec<i64> = db
+        .list_checkpoints(&id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(steps, [1, 2], "A's late checkpoint 7 is not recorded");
+    assert_eq!(db.events_after(id.as_str(), 0).await.unwrap().len(), 1);
+    db.finish(&b, JobStatus::Succeeded, None, &done)
+        .await
+        .unwrap();
+    let row = db.get_job(&id, None).await.unwrap().unwrap();
+    assert_eq!(row.status, JobStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
+    // no workers: the test plays the worker, through the service's own state and outcome writer
+    let app = spawn_app_with(|c| c.devices.clear()).await;
+    let state = &app.state;
+    let id = JobId::new();
+    state.db.insert_job(&id, None, SPEC).await.unwrap();
+    let mut live = state.events.subscribe();
+
+    let claim = state
+        .db
+        .claim_next("test", LEASE_SECS)
+        .await
+        .unwrap()
+        .unwrap();
+    record_outcome(state, &claim.lease, &Outcome::Interrupted)
+        .await
+        .expect("a requeue by the lease holder is written");
+    let row = state.db.get_job(&id, None).await.unwrap().unwrap();
+    assert_eq!((row.status, row.attempt), (JobStatus::Queued, 1));
+    let announced = live.recv().await.unwrap();
+    let stored = state.db.events_after(id.as_str(), 0).await.unwrap();
+    assert_eq!(
+        stored.last().unwrap().id,
+        announced.id,
+        "stored, then announced"
+    );
+    match JobEvent::parse(&announced.kind, &announced.data).unwrap() {
+        JobEvent::Status(s) => {
+            assert_eq!(s.status, JobStatus::Queued);
+            assert!(s.reason.unwrap().contains("shutting down"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // a requeue whose lease was taken over is refused, and the caller hears why
+    let second = state
+        .db
+        .claim_next("test", LEASE_SECS)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.lease.attempt, 2, "the requeued job is claimed again");
+    state.db.set_lease_expiry(&second.lease, -1).await.unwrap();
+    let third = state
+        .db
+        .claim_next("other", LEASE_SECS)
+        .await
+        .unwrap()
+        .unwrap();
+    let err = record_outcome(state, &second.lease, &Outcome::Interrupted)
+        .await
+        .expect_err("the lease is gone");
+    assert!(
+        matches!(err, db::Error::LeaseLost { attempt: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(id.as_str()), "{err}");
+    let row = state.db.get_job(&id, None).await.unwrap().unwrap();
+    assert_eq!((row.status, row.attempt), (JobStatus::Running, 3));
+
+    // the same for a finish: the taken-over attempt's result is not written
+    let err = record_outcome(state, &second.lease, &Outcome::Succeeded)
+        .await
+        .expect_err("the lease is gone");
+    assert!(matches!(err, db::Error::LeaseLost { .. }));
+    record_outcome(state, &third.lease, &Outcome::Cancelled)
+        .await
+        .unwrap();
+    let row = state.db.get_job(&id, None).await.unwrap().unwrap();
+    assert_eq!(row.status, JobStatus::Cancelled);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_status_list_is_the_one_the_schema_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("qtune.db")).await.unwrap();
+    let allowed = db.allowed_statuses().await.unwrap();
+    let ours: Vec<String> = JobStatus::ALL.iter().map(|s| s.to_string()).collect();
+    assert_eq!(allowed, ours);
+}
