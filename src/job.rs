@@ -138,14 +138,14 @@ impl JobPhase {
 /// What one optimizer step reports: the engine makes it, the service stores and streams it
 /// (SSE `metrics` events), the client and dashboard show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredStep")]
 pub struct StepMetrics {
     /// Optimizer steps completed, counting this one (1-based).
     pub step: u64,
     pub total_steps: u64,
     pub epoch: f64,
-    /// Token-weighted mean cross-entropy of the step's label tokens. Streams written before
-    /// 0.2 called it `loss`; the SSE event still carries that name too (see [`with_legacy_loss`]).
-    #[serde(alias = "loss")]
+    /// Token-weighted mean cross-entropy of the step's label tokens. Events stored before 0.2
+    /// call it `loss` only; the SSE event still carries that name too (see [`with_legacy_loss`]).
     pub train_loss: f64,
     pub learning_rate: f64,
     /// Global gradient norm before clipping.
@@ -154,6 +154,41 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
+}
+
+/// A stored step as it may come back: with `train_loss`, or with only the `loss` of 0.1.
+#[derive(Deserialize)]
+struct StoredStep {
+    step: u64,
+    total_steps: u64,
+    epoch: f64,
+    train_loss: Option<f64>,
+    loss: Option<f64>,
+    learning_rate: f64,
+    grad_norm: f64,
+    tokens: usize,
+    tokens_per_second: f64,
+    elapsed_seconds: f64,
+}
+
+impl TryFrom<StoredStep> for StepMetrics {
+    type Error = &'static str;
+    fn try_from(s: StoredStep) -> Result<StepMetrics, &'static str> {
+        Ok(StepMetrics {
+            step: s.step,
+            total_steps: s.total_steps,
+            epoch: s.epoch,
+            train_loss: s
+                .train_loss
+                .or(s.loss)
+                .ok_or("missing field `train_loss`")?,
+            learning_rate: s.learning_rate,
+            grad_norm: s.grad_norm,
+            tokens: s.tokens,
+            tokens_per_second: s.tokens_per_second,
+            elapsed_seconds: s.elapsed_seconds,
+        })
+    }
 }
 
 /// One evaluation on the validation data.

@@ -16,7 +16,7 @@ pub fn free_port() -> u16 {
 }
 
 /// `qtune serve` on `port` with `data_dir`, reading `file://` datasets under `allow`. Its log
-/// (stderr) goes to `log` when given, else nowhere. Killed when dropped.
+/// (tracing writes it to stdout) goes to `log` when given, else nowhere. Killed when dropped.
 pub struct ServeProcess {
     pub child: Child,
     pub base: String,
@@ -25,7 +25,7 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn start(data_dir: &Path, allow: &Path, port: u16, log: Option<&PathBuf>) -> ServeProcess {
-        let stderr = match log {
+        let stdout = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
             None => Stdio::null(),
         };
@@ -40,8 +40,8 @@ impl ServeProcess {
             .env("QTUNE_ALLOW_FILE_DIRS", allow)
             .env("QTUNE_LOG", "info")
             .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(stderr)
+            .stdout(stdout)
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let server = ServeProcess {
