@@ -58,8 +58,6 @@ pub struct Claim {
     pub spec: String,
     /// Tokens trained by earlier attempts: a resumed job keeps counting from there.
     pub tokens_seen: i64,
-    /// A cancel that arrived before or with the claim.
-    pub cancel_requested: bool,
 }
 
 const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt";
@@ -159,14 +157,14 @@ impl Db {
     /// died). Atomic: two workers never get the same job.
     pub async fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
         let now = now();
-        let row: Option<(String, String, i64, i64, i64)> = sqlx::query_as(
+        let row: Option<(String, String, i64, i64)> = sqlx::query_as(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, lease_expires_at = ?,
                  started_at = COALESCE(started_at, ?), phase = NULL
              WHERE seq = (SELECT seq FROM jobs
                           WHERE (status = 'queued' OR (status = 'running' AND lease_expires_at < ?))
                             AND cancel_requested = 0
                           ORDER BY seq LIMIT 1)
-             RETURNING id, spec, attempt, tokens_seen, cancel_requested",
+             RETURNING id, spec, attempt, tokens_seen",
         )
         .bind(worker)
         .bind(in_seconds(lease_secs))
@@ -174,7 +172,7 @@ impl Db {
         .bind(&now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|(id, spec, attempt, tokens_seen, cancel)| {
+        Ok(row.and_then(|(id, spec, attempt, tokens_seen)| {
             Some(Claim {
                 lease: Lease {
                     job: JobId::parse(&id)?,
@@ -182,7 +180,6 @@ impl Db {
                 },
                 spec,
                 tokens_seen,
-                cancel_requested: cancel != 0,
             })
         }))
     }

@@ -20,6 +20,8 @@ use crate::spec::JobSpec;
 use crate::train::error::{Area, Error, Result};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// A checkpoint's folder under a run's output folder is this and its step.
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
 /// The final adapter's folder under a run's output folder.
 pub const ADAPTER_DIR: &str = "adapter";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -102,7 +104,8 @@ pub fn save_checkpoint(
     base_model_name: &str,
 ) -> Result<()> {
     let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
+    // a leftover of an interrupted save, usually absent
+    std::fs::remove_dir_all(&tmp).ok();
     save_adapter(&tmp, model, &state.spec, base_model_name)?;
     let names: Vec<String> = model.lora_vars().into_iter().map(|(n, _)| n).collect();
     let opt = optimizer.state_tensors(&names);
@@ -110,7 +113,8 @@ pub fn save_checkpoint(
         candle_core::safetensors::save(&opt, tmp.join(OPTIMIZER_STATE))?;
     }
     write_json(&tmp.join(TRAINER_STATE), state)?;
-    let _ = std::fs::remove_dir_all(dir);
+    // the same step written again (a resumed attempt): replaced whole; usually absent
+    std::fs::remove_dir_all(dir).ok();
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
@@ -191,7 +195,7 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let step = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
             e.path()
                 .join(TRAINER_STATE)
                 .exists()
@@ -208,5 +212,5 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 
 /// `checkpoint-{step}`: the folder name of a checkpoint under a run's output folder.
 pub fn checkpoint_dir_name(step: u64) -> String {
-    format!("checkpoint-{step}")
+    format!("{CHECKPOINT_PREFIX}{step}")
 }

@@ -65,9 +65,6 @@ impl Reporter for ChannelReporter {
 /// inherit it.
 pub async fn run_one(state: &AppState, device: &candle_core::Device, claim: Claim) -> Outcome {
     let stop = state.running.start(&claim.lease.job);
-    if claim.cancel_requested {
-        stop.store(true, Ordering::SeqCst);
-    }
     let outcome = run(state, device, &claim, stop).await;
     state.running.finish(&claim.lease.job);
     outcome
@@ -171,6 +168,17 @@ async fn try_run(
         })
     };
     let heartbeat = lease::spawn_heartbeat(state.clone(), lease.clone(), stop.clone());
+    // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
+    // database has it (the heartbeat would see it too, but only after its first interval).
+    match state.db.heartbeat(lease, lease::LEASE_SECS).await {
+        Ok(true) => stop.store(true, Ordering::SeqCst),
+        Ok(false) => {}
+        Err(db::Error::LeaseLost { .. }) => {
+            heartbeat.abort();
+            return Err(Outcome::LeaseLost);
+        }
+        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
     let opts = train::RunOptions {
         output_dir: out,
         device: device.clone(),

@@ -245,10 +245,13 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     browser.click(&format!("tr[data-job=\"{id}\"] a"));
 
     // the job page: the curve has every step, eval points, status, checkpoints, the spec
+    // the page draws the replayed stream as it arrives: wait for the last step and eval, then
+    // check that nothing is missing or drawn twice
     let points = browser.wait_js(
-        "the chart to show 5+ points and the job to read succeeded",
+        "the chart to reach step 40 and its last eval, and the job to read succeeded",
         "const s = document.querySelector('svg.chart'); const st = document.querySelector('#job-status');
-         return s && st && st.dataset.status === 'succeeded' && Number(s.dataset.trainPoints) >= 5
+         return s && st && st.dataset.status === 'succeeded' && Number(s.dataset.trainPoints) >= 40
+                && Number(s.dataset.evalPoints) >= 8
                 && [Number(s.dataset.trainPoints), Number(s.dataset.evalPoints)]",
     );
     assert_eq!(points, json!([40, 8]), "train and eval points");
