@@ -231,7 +231,7 @@ function jobView(id) {
     try {
       await followEvents(`/v1/jobs/${id}/events`, (kind, data) => {
         if (kind === "metrics") {
-          curve.train.set(data.step, data.train_loss);
+          curve.train.set(data.step, data.train_loss ?? data.loss);  // events stored by 0.1 say `loss`
           curve.lr.set(data.step, data.learning_rate);
           drawSoon();
         } else if (kind === "eval") {
