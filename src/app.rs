@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::LocalArtifacts;
 use crate::config::ServeConfig;
 use crate::db::Db;
+use crate::egress::EgressPolicy;
 use crate::events::EventBus;
 use crate::state::{AppState, RunningJobs};
 
@@ -35,14 +36,34 @@ impl App {
         std::fs::create_dir_all(&config.data_dir)?;
         let artifacts = Arc::new(LocalArtifacts::new(&config.data_dir)?);
         let db = Db::open(&config.db_path()).await?;
+        // Without keys every caller sees everything: refused while the data dir holds what keys
+        // own, unless the operator says so (a restart that forgot QTUNE_API_KEYS would otherwise
+        // open every tenant's jobs and adapters to anyone who can reach the port).
+        if config.api_keys.is_empty() && db.holds_owned_data().await? {
+            if config.allow_keyless {
+                tracing::warn!("starting without API keys over jobs and files that keys own (--allow-keyless): every caller sees all of them");
+            } else {
+                anyhow::bail!(
+                    "{} holds jobs or files created with API keys; start with the same QTUNE_API_KEYS, \
+                     or pass --allow-keyless (QTUNE_ALLOW_KEYLESS=true) to let every caller see them",
+                    config.db_path().display()
+                );
+            }
+        }
         for id in db.requeue_running().await? {
             tracing::warn!(job.id = %id, "job was left running by a previous process; requeued to resume from its last checkpoint");
         }
+        if !(config.max_job_hours.is_finite() && config.max_job_hours > 0.0) {
+            anyhow::bail!("--max-job-hours must be a positive number of hours");
+        }
+        let egress = EgressPolicy::parse(&config.fetch_allow)
+            .map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
         let listener = TcpListener::bind(config.listen).await?;
         let state = AppState {
             db,
             artifacts,
             config: Arc::new(config),
+            egress: Arc::new(egress),
             events: EventBus::new(4096),
             job_queued: Arc::new(Notify::new()),
             running: RunningJobs::default(),
@@ -71,7 +92,8 @@ impl App {
         for device in state.config.devices.clone() {
             workers.push(tokio::spawn(crate::worker::run(state.clone(), device)));
         }
-        let router = crate::api::router(state.clone());
+        let bound = self.listener.local_addr()?;
+        let router = crate::api::router(state.clone(), bound);
         let shutdown = state.shutdown.clone();
         tokio::spawn(async move {
             stop.await;
@@ -79,9 +101,12 @@ impl App {
             shutdown.cancel();
         });
         let http_shutdown = state.shutdown.clone();
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await?;
+        axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await?;
         for w in workers {
             if let Err(e) = w.await {
                 tracing::error!(error = %e, "a worker ended abnormally");

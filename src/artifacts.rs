@@ -17,9 +17,12 @@
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::job::{FileDigest, JobId};
 use crate::train::checkpoint;
@@ -92,6 +95,18 @@ pub fn new_upload_id() -> String {
     format!("file-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Why a streamed write did not store anything.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    #[error("over the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// The body stopped (a client that went away, a bad multipart part).
+    #[error("the upload broke off: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// A stored file opened for reading.
 pub struct Opened {
     pub file: tokio::fs::File,
@@ -100,15 +115,20 @@ pub struct Opened {
 }
 
 pub trait ArtifactStore: Send + Sync {
-    /// Stores `bytes` under `key` atomically; returns its size and sha256.
-    fn put_bytes<'a>(
+    /// Stores a stream under `key` atomically, hashing as it goes, never holding it whole;
+    /// refuses it (storing nothing) once it passes `limit` bytes.
+    fn put_stream<'a>(
         &'a self,
         key: &'a Key,
-        bytes: &'a [u8],
-    ) -> BoxFuture<'a, std::io::Result<FileDigest>>;
+        body: BoxStream<'a, Result<Bytes, String>>,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<FileDigest, PutError>>;
 
     /// Opens a stored file for streaming; `None` if it does not exist.
     fn open<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<Opened>>>;
+
+    /// Removes a stored file; a missing one is not an error.
+    fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
 
     /// Size and sha256 of a stored file.
     fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>>;
@@ -130,8 +150,12 @@ pub trait ArtifactStore: Send + Sync {
         }
     }
 
-    /// Writes the job's final adapter folder as one tar archive (for `GET …/adapter`).
-    fn pack_adapter<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Writes the job's final adapter folder as one tar archive (for `GET …/adapter`); returns
+    /// the digests of the archive and of each downloadable file, to be recorded.
+    fn pack_adapter<'a>(
+        &'a self,
+        job: &'a JobId,
+    ) -> BoxFuture<'a, std::io::Result<Vec<FileDigest>>>;
 }
 
 /// Every artifact in one local directory (the data dir).
@@ -140,10 +164,18 @@ pub struct LocalArtifacts {
 }
 
 impl LocalArtifacts {
+    /// Opens (creating) the directory, and removes the temporary files of writes that a crash
+    /// interrupted (they were never renamed into place, so nothing refers to them).
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalArtifacts> {
         let root = root.into();
         std::fs::create_dir_all(root.join("files"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
+        for entry in std::fs::read_dir(root.join("files"))?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".part") {
+                tracing::info!(path = %entry.path().display(), "removing an interrupted upload");
+                std::fs::remove_file(entry.path())?;
+            }
+        }
         Ok(LocalArtifacts { root })
     }
 
@@ -153,19 +185,50 @@ impl LocalArtifacts {
 }
 
 impl ArtifactStore for LocalArtifacts {
-    fn put_bytes<'a>(
+    fn put_stream<'a>(
         &'a self,
         key: &'a Key,
-        bytes: &'a [u8],
-    ) -> BoxFuture<'a, std::io::Result<FileDigest>> {
+        mut body: BoxStream<'a, Result<Bytes, String>>,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<FileDigest, PutError>> {
         Box::pin(async move {
             let path = self.path(key);
-            write_atomically(&path, bytes).await?;
-            Ok(FileDigest {
-                name: file_name(&path),
-                bytes: bytes.len() as u64,
-                sha256: hex(&Sha256::digest(bytes)),
-            })
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            let tmp = path.with_extension("part");
+            let written = async {
+                let mut file = tokio::fs::File::create(&tmp).await?;
+                let mut hasher = Sha256::new();
+                let mut total = 0u64;
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(PutError::Body)?;
+                    total += chunk.len() as u64;
+                    if total > limit {
+                        return Err(PutError::TooLarge { limit });
+                    }
+                    hasher.update(&chunk);
+                    file.write_all(&chunk).await?;
+                }
+                file.sync_all().await?;
+                Ok(FileDigest {
+                    name: file_name(&path),
+                    bytes: total,
+                    sha256: hex(&hasher.finalize()),
+                })
+            }
+            .await;
+            match written {
+                Ok(digest) => {
+                    tokio::fs::rename(&tmp, &path).await?;
+                    Ok(digest)
+                }
+                Err(e) => {
+                    // nothing of a refused or broken upload is kept
+                    tokio::fs::remove_file(&tmp).await.ok();
+                    Err(e)
+                }
+            }
         })
     }
 
@@ -190,6 +253,15 @@ impl ArtifactStore for LocalArtifacts {
         Box::pin(async move { digest_file(&self.path(key)).await })
     }
 
+    fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            match tokio::fs::remove_file(self.path(key)).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        })
+    }
+
     fn local_path(&self, key: &Key) -> PathBuf {
         self.path(key)
     }
@@ -198,11 +270,20 @@ impl ArtifactStore for LocalArtifacts {
         self.root.join("jobs").join(job.as_str()).join("output")
     }
 
-    fn pack_adapter<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>> {
+    fn pack_adapter<'a>(
+        &'a self,
+        job: &'a JobId,
+    ) -> BoxFuture<'a, std::io::Result<Vec<FileDigest>>> {
         Box::pin(async move {
             let adapter = self.job_output_dir(job).join(checkpoint::ADAPTER_DIR);
             let tar = self.path(&Key::adapter_tar(job));
-            tokio::task::spawn_blocking(move || write_tar(&adapter, &tar)).await?
+            let (dir, dest) = (adapter.clone(), tar.clone());
+            tokio::task::spawn_blocking(move || write_tar(&dir, &dest)).await??;
+            let mut digests = vec![digest_file(&tar).await?];
+            for name in DOWNLOADABLE {
+                digests.push(digest_file(&adapter.join(name)).await?);
+            }
+            Ok(digests)
         })
     }
 }
@@ -237,16 +318,6 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned()
-}
-
-/// A temporary file beside `path`, renamed over it: readers see the old file or the new one.
-async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await?;
-    }
-    let tmp = path.with_extension("part");
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
 }
 
 /// The PEFT folder as one tar archive under the name `adapter/`, written atomically.

@@ -41,6 +41,28 @@ pub struct ServeConfig {
     /// Timeout of one dataset download attempt, in seconds.
     #[arg(long, env = "QTUNE_FETCH_TIMEOUT_SECS", default_value_t = 120)]
     pub fetch_timeout_secs: u64,
+    /// Hosts, host:ports and address ranges (10.0.0.0/8) that dataset URLs may reach although
+    /// they are not public, comma-separated. Everything else internal is refused.
+    #[arg(long, env = "QTUNE_FETCH_ALLOW", value_delimiter = ',')]
+    pub fetch_allow: Vec<String>,
+    /// Host names (with or without port) the API answers to; by default a loopback listener
+    /// answers only to its own address and `localhost`, any other listener to any name.
+    #[arg(long, env = "QTUNE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Start without API keys although the data dir holds jobs or files that keys own
+    /// (every caller then sees everything).
+    #[arg(long, env = "QTUNE_ALLOW_KEYLESS")]
+    pub allow_keyless: bool,
+    /// Most optimizer steps one job may run (its epochs × steps per epoch, or its max_steps).
+    #[arg(long, env = "QTUNE_MAX_JOB_STEPS", default_value_t = 1_000_000)]
+    pub max_job_steps: u64,
+    /// Longest one run of a job may train, in hours (fractions allowed); past it the job
+    /// checkpoints and fails with time_limit_exceeded.
+    #[arg(long, env = "QTUNE_MAX_JOB_HOURS", default_value_t = 72.0)]
+    pub max_job_hours: f64,
+    /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
+    #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
+    pub max_record_kib: u64,
 }
 
 impl ServeConfig {
@@ -55,6 +77,12 @@ impl ServeConfig {
             max_upload_mib: 256,
             max_dataset_mib: 1024,
             fetch_timeout_secs: 120,
+            fetch_allow: vec![],
+            allowed_hosts: vec![],
+            allow_keyless: false,
+            max_record_kib: 1024,
+            max_job_steps: 1_000_000,
+            max_job_hours: 72.0,
         }
     }
 

@@ -159,6 +159,7 @@ mod tests {
             learning_rate: 1e-3,
             grad_norm: 0.5,
             tokens: 100,
+            tokens_seen: 300,
             tokens_per_second: 50.0,
             elapsed_seconds: 2.0,
         };
@@ -168,7 +169,7 @@ mod tests {
         assert_eq!(data["loss"], 1.25);
         assert_eq!(JobEvent::parse("metrics", &e.data_json()).unwrap(), e);
         // an event stored by 0.1, with `loss` only, still reads
-        let old = r#"{"step":3,"total_steps":10,"epoch":0.5,"loss":1.25,"learning_rate":0.001,"grad_norm":0.5,"tokens":100,"tokens_per_second":50.0,"elapsed_seconds":2.0}"#;
+        let old = r#"{"step":3,"total_steps":10,"epoch":0.5,"loss":1.25,"learning_rate":0.001,"grad_norm":0.5,"tokens":100,"tokens_seen":300,"tokens_per_second":50.0,"elapsed_seconds":2.0}"#;
         assert_eq!(JobEvent::parse("metrics", old).unwrap(), e);
         let done = JobEvent::Status(StatusChange::to(JobStatus::Succeeded));
         assert_eq!(done.data_json(), r#"{"status":"succeeded"}"#);

@@ -152,6 +152,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Input tokens processed by this step (padding excluded).
     pub tokens: usize,
+    /// Input tokens of every step through this one: a resumed run counts from its checkpoint,
+    /// so steps redone after a crash are not counted twice.
+    pub tokens_seen: u64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
 }
@@ -167,6 +170,8 @@ struct StoredStep {
     learning_rate: f64,
     grad_norm: f64,
     tokens: usize,
+    #[serde(default)]
+    tokens_seen: u64,
     tokens_per_second: f64,
     elapsed_seconds: f64,
 }
@@ -185,6 +190,7 @@ impl TryFrom<StoredStep> for StepMetrics {
             learning_rate: s.learning_rate,
             grad_norm: s.grad_norm,
             tokens: s.tokens,
+            tokens_seen: s.tokens_seen,
             tokens_per_second: s.tokens_per_second,
             elapsed_seconds: s.elapsed_seconds,
         })

@@ -12,6 +12,7 @@
 //! - [`queue`]: submitting (with its checks) and cancelling jobs.
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
 //! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
+//! - [`egress`]: which addresses dataset URLs may reach.
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
 //! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod db;
+pub mod egress;
 pub mod events;
 pub mod job;
 pub mod queue;
@@ -30,6 +32,22 @@ pub mod spec;
 pub mod state;
 pub mod train;
 pub mod worker;
+
+/// Hands the memory freed by a finished job back to the system. [`tune_process`] has the
+/// allocator keep freed memory for the next training step; between jobs an idle server should
+/// not hold gigabytes it no longer uses.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free pages of glibc's heaps to the kernel.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
 
 /// Process-wide settings for training speed; call first thing in `main`, before any thread starts.
 ///

@@ -70,11 +70,15 @@ async fn check_references(
             if state.db.get_file(url, owner).await?.is_none() {
                 return Err(invalid(param, format!("no uploaded file {url:?}")));
             }
-        } else if !(url.starts_with("http://")
-            || url.starts_with("https://")
-            || url.starts_with("file://")
-            || url.starts_with('/'))
-        {
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            // what can be told without a DNS lookup is told now; names are checked at fetch
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| invalid(param, format!("not a valid URL: {e}")))?;
+            state
+                .egress
+                .check_url(&parsed)
+                .map_err(|reason| invalid(param, format!("{url}: {reason}")))?;
+        } else if !(url.starts_with("file://") || url.starts_with('/')) {
             return Err(invalid(
                 param,
                 format!("{url:?} is not a dataset URL: use http(s)://, file:// (allowed directories only) or file-<id> from POST /v1/files"),

@@ -427,6 +427,32 @@ impl JobSpec {
         if self.dataset.url.trim().is_empty() {
             return Err(err("dataset.url", "must not be empty"));
         }
+        let texts = [
+            ("base_model", Some(&self.base_model), MAX_NAME_LEN),
+            ("revision", self.revision.as_ref(), MAX_NAME_LEN),
+            ("dataset.url", Some(&self.dataset.url), MAX_URL_LEN),
+            (
+                "dataset.validation_url",
+                self.dataset.validation_url.as_ref(),
+                MAX_URL_LEN,
+            ),
+            ("suffix", self.suffix.as_ref(), MAX_SUFFIX_LEN),
+            (
+                "from_checkpoint",
+                self.from_checkpoint.as_ref(),
+                MAX_NAME_LEN,
+            ),
+        ];
+        for (field, text, max) in texts {
+            if let Some(text) = text {
+                if text.chars().count() > max {
+                    return Err(err(field, format!("longer than {max} characters")));
+                }
+                if text.chars().any(char::is_control) {
+                    return Err(err(field, "must not contain control characters"));
+                }
+            }
+        }
         if let Some(f) = self.dataset.validation_split {
             if !(f > 0.0 && f < 1.0) {
                 return Err(err(
@@ -449,8 +475,11 @@ impl JobSpec {
             ));
         }
         let alpha = lora.alpha.unwrap_or(2.0 * lora.r as f64);
-        if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(err("lora.alpha", format!("must be > 0, got {alpha}")));
+        if !(alpha.is_finite() && alpha > 0.0 && alpha <= MAX_ALPHA) {
+            return Err(err(
+                "lora.alpha",
+                format!("must be > 0 and at most {MAX_ALPHA}, got {alpha}"),
+            ));
         }
         lora.alpha = Some(alpha);
         if !(0.0..1.0).contains(&lora.dropout) {
@@ -513,11 +542,25 @@ impl JobSpec {
                 Ok(())
             }
         };
-        positive("epochs", t.epochs)?;
-        positive("batch_size", t.batch_size)?;
-        positive("gradient_accumulation_steps", t.gradient_accumulation_steps)?;
+        let within = |name: &str, v: i64, max: i64| {
+            positive(name, v)?;
+            if v > max {
+                return Err(err(
+                    &format!("training.{name}"),
+                    format!("must be at most {max}, got {v}"),
+                ));
+            }
+            Ok(())
+        };
+        within("epochs", t.epochs, MAX_EPOCHS)?;
+        within("batch_size", t.batch_size, MAX_BATCH_SIZE)?;
+        within(
+            "gradient_accumulation_steps",
+            t.gradient_accumulation_steps,
+            MAX_ACCUMULATION,
+        )?;
         if let Some(m) = t.max_steps {
-            positive("max_steps", m)?;
+            within("max_steps", m, MAX_STEPS)?;
         }
         if let Some(e) = t.eval_every_steps {
             positive("eval_every_steps", e)?;
@@ -534,8 +577,11 @@ impl JobSpec {
                 format!("must be > 0, got {}", t.learning_rate),
             ));
         }
-        if t.warmup_steps < 0 {
-            return Err(err("training.warmup_steps", "must be >= 0"));
+        if !(0..=MAX_STEPS).contains(&t.warmup_steps) {
+            return Err(err(
+                "training.warmup_steps",
+                format!("must be between 0 and {MAX_STEPS}"),
+            ));
         }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return Err(err(
@@ -574,6 +620,17 @@ impl JobSpec {
         Ok(self)
     }
 }
+
+/// Bounds that keep one spec from asking for absurd work or storage (a job's total work is
+/// also bounded by the operator's `--max-job-steps` and `--max-job-hours`).
+pub const MAX_STEPS: i64 = 1_000_000;
+pub const MAX_EPOCHS: i64 = 10_000;
+pub const MAX_BATCH_SIZE: i64 = 4096;
+pub const MAX_ACCUMULATION: i64 = 1024;
+pub const MAX_ALPHA: f64 = 1e6;
+const MAX_NAME_LEN: usize = 512;
+const MAX_URL_LEN: usize = 4096;
+const MAX_SUFFIX_LEN: usize = 64;
 
 /// serde_json says `unknown field `foo`` or `missing field `bar``; pull the name out so the
 /// error can point at it.

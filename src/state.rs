@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::ArtifactStore;
 use crate::config::ServeConfig;
 use crate::db::{Db, Lease};
+use crate::egress::EgressPolicy;
 use crate::events::{EventBus, JobEvent, StoredEvent};
 use crate::job::JobId;
 
@@ -19,6 +20,8 @@ pub struct AppState {
     pub db: Db,
     pub artifacts: Arc<dyn ArtifactStore>,
     pub config: Arc<ServeConfig>,
+    /// What dataset URLs may reach.
+    pub egress: Arc<EgressPolicy>,
     pub events: EventBus,
     /// Wakes idle workers when a job is queued.
     pub job_queued: Arc<Notify>,

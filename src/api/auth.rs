@@ -1,8 +1,15 @@
 //! API keys: who is calling. With keys configured every `/v1` route needs
 //! `Authorization: Bearer <key>`, and the key's fingerprint is the owner of what it creates.
+//! Keys are compared in constant time; failed attempts are logged and, past a few a minute from
+//! one address, answered 429 without looking at the key.
 
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -26,29 +33,117 @@ pub fn key_fingerprint(key: &str) -> String {
     digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Whether `presented` is one of `known`, in time that does not depend on where they differ:
+/// both sides are hashed to 32 bytes and every byte of every key is compared.
+fn key_matches(known: &[String], presented: &str) -> bool {
+    let p = Sha256::digest(presented.as_bytes());
+    known.iter().fold(false, |found, k| {
+        let k = Sha256::digest(k.as_bytes());
+        let diff = k.iter().zip(p.iter()).fold(0u8, |d, (a, b)| d | (a ^ b));
+        found | (diff == 0)
+    })
+}
+
+/// Failed authentications per client address within the current minute.
+#[derive(Default)]
+pub struct FailedAuth(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+
+/// Failures from one address allowed per minute before it is answered 429.
+const FAILURES_PER_MINUTE: u32 = 20;
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl FailedAuth {
+    /// Seconds until `ip` may try again, if it is over its allowance.
+    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, count) = map.get(&ip)?;
+        let left = WINDOW.checked_sub(start.elapsed())?;
+        (*count >= FAILURES_PER_MINUTE).then(|| left.as_secs().max(1))
+    }
+
+    fn record(&self, ip: IpAddr) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (start, _)| start.elapsed() < WINDOW);
+        }
+        let entry = map.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+}
+
+/// `Authorization: Bearer <key>`, the scheme in any case (RFC 7235).
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+pub async fn authenticate(
+    State((state, failures)): State<(AppState, Arc<FailedAuth>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let owner = if state.config.api_keys.is_empty() {
         None
     } else {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(k) if state.config.api_keys.iter().any(|known| known == k) => {
-                Some(key_fingerprint(k))
-            }
-            _ => {
-                return ApiError::new(
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(wait) = peer.and_then(|ip| failures.blocked(ip)) {
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failed_authentications",
+                "too many requests with a wrong API key from this address; try again later",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+            return resp;
+        }
+        match bearer(&req) {
+            Some(k) if key_matches(&state.config.api_keys, k) => Some(key_fingerprint(k)),
+            presented => {
+                if let Some(ip) = peer {
+                    failures.record(ip);
+                }
+                tracing::warn!(
+                    peer = ?peer,
+                    path = %req.uri().path(),
+                    key_given = presented.is_some(),
+                    "authentication failed"
+                );
+                let mut resp = ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "a valid API key is required: Authorization: Bearer <key>",
                 )
-                .into_response()
+                .into_response();
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"qtune\""),
+                );
+                return resp;
             }
         }
     };
     req.extensions_mut().insert(Owner(owner));
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_only_exactly() {
+        let known = vec!["alpha".to_string(), "beta".to_string()];
+        assert!(key_matches(&known, "beta"));
+        assert!(!key_matches(&known, "bet"));
+        assert!(!key_matches(&known, "betaa"));
+        assert!(!key_matches(&[], "beta"));
+    }
 }

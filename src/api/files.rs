@@ -1,8 +1,7 @@
 //! Uploads (`POST /v1/files`) and downloads of checkpoints and adapters, streamed from the
 //! artifact store.
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,48 +10,85 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{jobs, ApiError, Owner};
-use crate::artifacts::{new_upload_id, Key, Opened};
+use futures_util::StreamExt;
+
+use crate::artifacts::{new_upload_id, Key, Opened, PutError};
 use crate::db::FileRow;
 use crate::job::{CheckpointView, FileDigest, FileView, JobStatus};
 use crate::state::AppState;
 
 /// Stores a dataset sent as the raw request body (`?filename=` names it) or as the first file
-/// field of a multipart form.
+/// field of a multipart form. The body goes to the store as it arrives (hashed on the way, never
+/// held whole); one announced as larger than the limit is refused before it is read.
 pub async fn upload(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     Query(q): Query<std::collections::HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<FileView>), ApiError> {
+    let limit = state.config.max_upload_mib * 1024 * 1024;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the upload is over the {} MiB limit (--max-upload-mib)",
+                state.config.max_upload_mib
+            ),
+        )
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let (body, filename) = if is_multipart {
+    let id = new_upload_id();
+    let key = Key::upload(&id).expect("a fresh upload id is valid");
+    let stored = if is_multipart {
         let mut form = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
-        let mut found = None;
+        let mut stored = None;
         while let Some(field) = form.next_field().await? {
             if field.file_name().is_some() || field.name() == Some("file") {
                 let name = field.file_name().map(str::to_string);
-                let bytes = field.bytes().await?;
-                found = Some((bytes, name));
+                let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
+                stored = Some((state.artifacts.put_stream(&key, chunks, limit).await, name));
                 break;
             }
         }
-        found.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))?
+        stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))?
     } else {
-        let body: Result<Bytes, BytesRejection> = Bytes::from_request(req, &state).await;
-        (body?, q.get("filename").cloned())
+        let chunks = req
+            .into_body()
+            .into_data_stream()
+            .map(|c| c.map_err(|e| e.to_string()))
+            .boxed();
+        (
+            state.artifacts.put_stream(&key, chunks, limit).await,
+            q.get("filename").cloned(),
+        )
     };
-    if body.is_empty() {
+    let (digest, filename) = match stored {
+        (Ok(digest), name) => (digest, name),
+        (Err(PutError::TooLarge { .. }), _) => return Err(too_large()),
+        (Err(PutError::Body(e)), _) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e))
+        }
+        (Err(PutError::Io(e)), _) => return Err(e.into()),
+    };
+    if digest.bytes == 0 {
+        state.artifacts.delete(&key).await?;
         return Err(ApiError::invalid("body", "the upload is empty"));
     }
-    let id = new_upload_id();
-    let key = Key::upload(&id).expect("a fresh upload id is valid");
-    let digest = state.artifacts.put_bytes(&key, &body).await?;
     let row = FileRow {
         id,
         owner: owner.0.clone(),
@@ -111,8 +147,8 @@ pub async fn checkpoint_file(
         return Err(ApiError::not_found("checkpoint", &format!("{id}:{step}")));
     };
     let files: Vec<FileDigest> = serde_json::from_str(&row.files).unwrap_or_default();
-    let sha = files.into_iter().find(|f| f.name == file).map(|f| f.sha256);
-    send(&state, &key, sha, &headers).await
+    let recorded = files.into_iter().find(|f| f.name == file);
+    send(&state, &key, recorded, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -154,8 +190,20 @@ pub async fn adapter(
             )
         })?,
     };
-    let sha = state.artifacts.digest(&key).await.ok().map(|d| d.sha256);
-    send(&state, &key, sha, &headers).await
+    // recorded when the job succeeded; jobs finished before digests were kept get one now
+    let name = key.as_str().rsplit('/').next().unwrap_or_default();
+    let recorded: Vec<FileDigest> = row
+        .adapter_files
+        .as_deref()
+        .and_then(|f| serde_json::from_str(f).ok())
+        .unwrap_or_default();
+    match recorded.into_iter().find(|d| d.name == name) {
+        Some(digest) => send(&state, &key, Some(digest), &headers).await,
+        None => {
+            let sha = state.artifacts.digest(&key).await.ok();
+            send_unrecorded(&state, &key, sha, &headers).await
+        }
+    }
 }
 
 fn content_type(name: &str) -> &'static str {
@@ -166,31 +214,135 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// Streams a stored file with Content-Type, Content-Length and a strong ETag (its sha256);
-/// answers 304 to a matching If-None-Match.
+/// A stored file with no recorded digest: served under the digest just computed, unchecked.
+async fn send_unrecorded(
+    state: &AppState,
+    key: &Key,
+    computed: Option<FileDigest>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    serve(state, key, computed, false, headers).await
+}
+
+/// Streams a stored file under its recorded digest (the ETag), checked on the way: a size that
+/// differs is refused before anything is sent, and a whole-file response whose bytes do not hash
+/// to the record is broken off at its end, so a corrupted artifact never arrives whole.
 async fn send(
     state: &AppState,
     key: &Key,
-    sha: Option<String>,
+    recorded: Option<FileDigest>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Some(Opened { file, bytes, name }) = state.artifacts.open(key).await? else {
+    let checked = recorded.is_some();
+    serve(state, key, recorded, checked, headers).await
+}
+
+/// One byte range of a file, as `Range: bytes=…` asks (a single range; others get the whole file).
+enum Wanted {
+    Whole,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+fn wanted(headers: &HeaderMap, len: u64) -> Wanted {
+    let Some(spec) = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+    else {
+        return Wanted::Whole;
+    };
+    if spec.contains(',') {
+        return Wanted::Whole;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Wanted::Whole;
+    };
+    let (start, end) = match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+        (Some(s), Some(e)) => (s, e.min(len.saturating_sub(1))),
+        (Some(s), None) if b.is_empty() => (s, len.saturating_sub(1)),
+        (None, Some(n)) if a.is_empty() && n > 0 => (len.saturating_sub(n), len.saturating_sub(1)),
+        _ => return Wanted::Whole,
+    };
+    if len == 0 || start > end || start >= len {
+        return Wanted::Unsatisfiable;
+    }
+    Wanted::Part(start, end)
+}
+
+async fn serve(
+    state: &AppState,
+    key: &Key,
+    digest: Option<FileDigest>,
+    verify: bool,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some(Opened {
+        mut file,
+        bytes,
+        name,
+    }) = state.artifacts.open(key).await?
+    else {
         let name = key.as_str().rsplit('/').next().unwrap_or_default();
         return Err(ApiError::not_found("file", name));
     };
-    let etag = sha.map(|s| format!("\"{s}\""));
+    if verify && digest.as_ref().is_some_and(|d| d.bytes != bytes) {
+        tracing::error!(key = key.as_str(), stored = bytes, recorded = ?digest.as_ref().map(|d| d.bytes), "artifact size differs from its record");
+        return Err(corrupt(&name));
+    }
+    let etag = digest.as_ref().map(|d| format!("\"{}\"", d.sha256));
     if let (Some(tag), Some(inm)) = (&etag, headers.get(header::IF_NONE_MATCH)) {
         if inm.as_bytes() == tag.as_bytes() {
             return Ok(StatusCode::NOT_MODIFIED.into_response());
         }
     }
-    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let (status, length, body) = match wanted(headers, bytes) {
+        Wanted::Unsatisfiable => {
+            let mut resp = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("{name} has {bytes} bytes"),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{bytes}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+        Wanted::Part(start, end) => {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            file.seek(std::io::SeekFrom::Start(start)).await?;
+            let part = file.take(end - start + 1);
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(part));
+            (
+                StatusCode::PARTIAL_CONTENT,
+                end - start + 1,
+                (body, Some((start, end))),
+            )
+        }
+        Wanted::Whole => {
+            let chunks = tokio_util::io::ReaderStream::new(file);
+            let body = match digest.filter(|_| verify) {
+                Some(d) => Body::from_stream(verified(chunks, d.sha256, key.as_str().to_string())),
+                None => Body::from_stream(chunks),
+            };
+            (StatusCode::OK, bytes, (body, None))
+        }
+    };
+    let (body, range) = body;
+    let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(content_type(&name)),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some((start, end)) = range {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{bytes}")) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -198,4 +350,59 @@ async fn send(
         h.insert(header::ETAG, tag);
     }
     Ok(resp)
+}
+
+fn corrupt(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "artifact_corrupt",
+        format!("{name} on the server does not match what was recorded when it was written"),
+    )
+}
+
+/// The chunks of a file, hashed as they pass. Each chunk is held back until the next one has
+/// been read, and the last one is sent only if the whole hashes to `expected`: otherwise the
+/// body ends short of its Content-Length with an error, and the client sees a failed download
+/// rather than a complete one.
+fn verified(
+    chunks: tokio_util::io::ReaderStream<tokio::fs::File>,
+    expected: String,
+    what: String,
+) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    use sha2::{Digest, Sha256};
+    struct Reading {
+        chunks: tokio_util::io::ReaderStream<tokio::fs::File>,
+        hasher: Sha256,
+        held: Option<axum::body::Bytes>,
+    }
+    let start = Reading {
+        chunks,
+        hasher: Sha256::new(),
+        held: None,
+    };
+    futures_util::stream::unfold(Some(start), move |state| {
+        let (expected, what) = (expected.clone(), what.clone());
+        async move {
+            let mut r = state?;
+            loop {
+                match r.chunks.next().await {
+                    Some(Ok(b)) => {
+                        r.hasher.update(&b);
+                        if let Some(previous) = r.held.replace(b) {
+                            return Some((Ok(previous), Some(r)));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(e), None)),
+                    None => {
+                        let got = crate::artifacts::hex(&r.hasher.finalize_reset());
+                        if got != expected {
+                            tracing::error!(key = %what, %got, %expected, "artifact does not hash to its record");
+                            return Some((Err(std::io::Error::other("artifact corrupt")), None));
+                        }
+                        return r.held.take().map(|last| (Ok(last), None));
+                    }
+                }
+            }
+        }
+    })
 }

@@ -73,9 +73,30 @@ pub(super) async fn load(state: &AppState, id: &str, owner: &Owner) -> Result<Jo
 pub async fn create(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
+    // A form on any web page can post text/plain or form data here without the browser asking
+    // first; a JSON body cannot be sent cross-origin without a preflight, which is never granted.
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if essence.as_deref() != Some("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "a job spec is sent as Content-Type: application/json",
+        )
+        .param("content-type"));
+    }
     // Not JSON at all is a 400; JSON that is not a valid spec is a 422 naming the field.
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return Err(ApiError::new(

@@ -5,6 +5,7 @@ mod auth;
 mod dashboard;
 mod error;
 mod files;
+mod guard;
 mod jobs;
 mod stream;
 
@@ -14,13 +15,18 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::sync::Arc;
 
 pub use auth::{key_fingerprint, Owner};
 pub use error::ApiError;
+pub use guard::HostPolicy;
 
 use crate::state::AppState;
 
-pub fn router(state: AppState) -> Router {
+/// The HTTP API of `state`, served on `bound` (the `Host` values it answers to follow from it).
+pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
+    let hosts = Arc::new(HostPolicy::new(&state.config.allowed_hosts, bound));
+    let failures = Arc::new(auth::FailedAuth::default());
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
@@ -36,7 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/adapter", get(files::adapter))
         .route("/v1/files", post(files::upload))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), failures),
             auth::authenticate,
         ));
     Router::new()
@@ -49,6 +55,8 @@ pub fn router(state: AppState) -> Router {
         .merge(v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(hosts, guard::browser_checks))
+        .layer(middleware::from_fn(guard::response_shape))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -196,6 +196,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 resume,
                 init_adapter,
                 datasets: None,
+                max_record_bytes: train::data::DEFAULT_MAX_RECORD_BYTES,
+                max_total_steps: None,
             };
             let outcome = train::run(&spec, &opts, &mut PrintReporter)?;
             println!("{}", serde_json::to_string_pretty(&outcome)?);

@@ -31,6 +31,17 @@ impl Db {
         Ok(())
     }
 
+    /// Whether any job or file belongs to an API key.
+    pub async fn holds_owned_data(&self) -> Result<bool> {
+        let (owned,): (i64,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE owner IS NOT NULL)
+                 OR EXISTS (SELECT 1 FROM files WHERE owner IS NOT NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(owned != 0)
+    }
+
     pub async fn get_file(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRow>> {
         Ok(sqlx::query_as(
             "SELECT id, owner, filename, bytes, sha256, created_at FROM files WHERE id = ? AND (? IS NULL OR owner = ?)",

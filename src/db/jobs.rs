@@ -30,6 +30,8 @@ pub struct JobRow {
     pub error_message: Option<String>,
     pub cancel_requested: i64,
     pub attempt: i64,
+    /// The final adapter's files as recorded when the job succeeded (`[{name, bytes, sha256}]`).
+    pub adapter_files: Option<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -56,11 +58,9 @@ pub enum CancelOutcome {
 pub struct Claim {
     pub lease: Lease,
     pub spec: String,
-    /// Tokens trained by earlier attempts: a resumed job keeps counting from there.
-    pub tokens_seen: i64,
 }
 
-const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt";
+const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt, adapter_files";
 
 /// The condition every fenced write adds: the job is still running under this attempt.
 const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
@@ -153,18 +153,24 @@ impl Db {
         })
     }
 
-    /// Claims the oldest runnable job: queued, or running under a lease that expired (its worker
-    /// died). Atomic: two workers never get the same job.
+    /// Claims a runnable job — queued, or running under a lease that expired (its worker died) —
+    /// of the owner with the fewest jobs running, the oldest first: one tenant's long queue does
+    /// not hold every worker. Atomic: two workers never get the same job.
     pub async fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
         let now = now();
-        let row: Option<(String, String, i64, i64)> = sqlx::query_as(
+        let row: Option<(String, String, i64)> = sqlx::query_as(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, lease_expires_at = ?,
                  started_at = COALESCE(started_at, ?), phase = NULL
-             WHERE seq = (SELECT seq FROM jobs
-                          WHERE (status = 'queued' OR (status = 'running' AND lease_expires_at < ?))
-                            AND cancel_requested = 0
-                          ORDER BY seq LIMIT 1)
-             RETURNING id, spec, attempt, tokens_seen",
+             WHERE seq = (SELECT q.seq FROM jobs q
+                          WHERE (q.status = 'queued' OR (q.status = 'running' AND q.lease_expires_at < ?))
+                            AND q.cancel_requested = 0
+                          -- fair between owners: the owner with the fewest jobs running goes
+                          -- first, then the oldest job
+                          ORDER BY (SELECT COUNT(*) FROM jobs r
+                                    WHERE r.status = 'running' AND r.owner IS q.owner AND r.seq != q.seq),
+                                   q.seq
+                          LIMIT 1)
+             RETURNING id, spec, attempt",
         )
         .bind(worker)
         .bind(in_seconds(lease_secs))
@@ -172,14 +178,13 @@ impl Db {
         .bind(&now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|(id, spec, attempt, tokens_seen)| {
+        Ok(row.and_then(|(id, spec, attempt)| {
             Some(Claim {
                 lease: Lease {
                     job: JobId::parse(&id)?,
                     attempt,
                 },
                 spec,
-                tokens_seen,
             })
         }))
     }
@@ -233,13 +238,8 @@ impl Db {
         lease.check(done.rows_affected())
     }
 
-    /// A step's progress; `tokens_seen` counts every attempt's tokens.
-    pub async fn set_progress(
-        &self,
-        lease: &Lease,
-        m: &StepMetrics,
-        tokens_seen: i64,
-    ) -> Result<()> {
+    /// A step's progress.
+    pub async fn set_progress(&self, lease: &Lease, m: &StepMetrics) -> Result<()> {
         let done = sqlx::query(&format!(
             "UPDATE jobs SET step = ?, total_steps = ?, epoch = ?, tokens_seen = ?, elapsed_seconds = ?, train_loss = ?
              WHERE {FENCE}"
@@ -247,7 +247,7 @@ impl Db {
         .bind(m.step as i64)
         .bind(m.total_steps as i64)
         .bind(m.epoch)
-        .bind(tokens_seen)
+        .bind(m.tokens_seen as i64)
         .bind(m.elapsed_seconds)
         .bind(m.train_loss)
         .bind(lease.job.as_str())
@@ -277,26 +277,28 @@ impl Db {
         lease.check(done.rows_affected())
     }
 
-    /// Ends a job the lease still holds — `succeeded`, `failed` (with an error) or
-    /// `cancelled` — and records its final status event, in one transaction. Returns the
-    /// event's id.
+    /// Ends a job the lease still holds — `succeeded` (with its adapter's digests), `failed`
+    /// (with an error) or `cancelled` — and records its final status event, in one
+    /// transaction. Returns the event's id.
     pub async fn finish(
         &self,
         lease: &Lease,
         status: JobStatus,
         error: Option<(&str, &str)>,
+        adapter_files: Option<&str>,
         event_data: &str,
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(&format!(
             "UPDATE jobs SET status = ?, phase = NULL, finished_at = ?, error_code = ?, error_message = ?,
-                 worker = NULL, lease_expires_at = NULL
+                 adapter_files = ?, worker = NULL, lease_expires_at = NULL
              WHERE {FENCE}"
         ))
         .bind(status.as_str())
         .bind(now())
         .bind(error.map(|e| e.0))
         .bind(error.map(|e| e.1))
+        .bind(adapter_files)
         .bind(lease.job.as_str())
         .bind(lease.attempt)
         .execute(&mut *tx)

@@ -42,6 +42,9 @@ pub struct TrainerState {
     pub seed: u64,
     /// The spec the run was started with (a resume refuses a different one).
     pub spec: JobSpec,
+    /// Input tokens trained through `step` (0 in checkpoints written before it was kept).
+    #[serde(default)]
+    pub tokens_seen: u64,
 }
 
 /// The `adapter_config.json` PEFT expects.

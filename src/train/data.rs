@@ -117,40 +117,78 @@ pub struct DataSummary {
     pub trainable_parameters: usize,
 }
 
-/// Reads, checks and tokenizes a JSONL file. Any malformed line is an error naming the file
-/// (by the name the job gave it) and the line.
+/// The largest record (one JSONL line) a run reads unless told otherwise: 1 MiB, about 250k
+/// tokens of text. Tokenizing takes a few hundred bytes of memory per byte of record, so one
+/// unbounded record could take the host's memory from every other job.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Reads, checks and tokenizes a JSONL file, one record at a time (the file is never held
+/// whole). Any malformed line is an error naming the file (by the name the job gave it) and the
+/// line; so is a record over `max_record_bytes`. Errors never quote the data.
 pub fn load_jsonl(
     file: &DatasetFile,
     format: DatasetFormat,
     tok: &TextTokenizer,
     max_seq_len: usize,
     train_on_inputs: bool,
+    max_record_bytes: usize,
 ) -> Result<(Vec<Example>, DataReport)> {
+    use std::io::{BufRead, Read};
     let shown = file.name.clone();
-    let text = std::fs::read_to_string(&file.path).map_err(|e| Error::io(&shown, e))?;
+    let opened = std::fs::File::open(&file.path).map_err(|e| Error::io(&shown, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, opened);
     let mut format = format;
     let mut report = DataReport {
         path: shown.clone(),
         ..Default::default()
     };
     let mut examples = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
+    let mut raw = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        raw.clear();
+        // one byte past the limit (plus the newline) tells an oversized record from a full one
+        let read = (&mut reader)
+            .take(max_record_bytes as u64 + 2)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| Error::io(&shown, e))?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+        }
+        if raw.last() == Some(&b'\r') {
+            raw.pop();
+        }
+        if raw.len() > max_record_bytes {
+            return Err(Error::Data(format!(
+                "{shown} line {line_no}: the record is over {max_record_bytes} bytes, the most \
+                 one record may have; split it or shorten it"
+            )));
+        }
+        let line = std::str::from_utf8(&raw)
+            .map_err(|_| Error::Data(format!("{shown} line {line_no}: not UTF-8 text")))?;
         if line.trim().is_empty() {
             continue;
         }
         let at = |msg: String| Error::Data(format!("{shown} line {line_no}: {msg}"));
+        // serde_json's messages give a position, never the text
         let value: Value =
             serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
         let record = value
             .as_object()
             .ok_or_else(|| at("expected a JSON object".into()))?;
         if format == DatasetFormat::Auto {
+            // the record's own keys are not quoted: a fetched file may hold what its owner did
+            // not mean to show (the fields of a credentials document, say)
             format = detect(record).ok_or_else(|| {
-                let keys: Vec<&String> = record.keys().collect();
                 at(format!(
-                    "cannot detect the dataset format from fields {keys:?}; expected messages, \
-                     conversations, instruction/output, prompt/completion or text"
+                    "cannot detect the dataset format from the record's {} fields; expected \
+                     messages, conversations, instruction/output, prompt/completion or text \
+                     (or set dataset.format)",
+                    record.len()
                 ))
             })?;
         }
@@ -303,9 +341,10 @@ fn chat_messages(
             (DatasetFormat::Sharegpt, "human" | "user") => "user",
             (DatasetFormat::Sharegpt, "gpt" | "assistant" | "chatgpt") => "assistant",
             (_, "system" | "user" | "assistant") => role,
-            (_, other) => {
+            // not quoted: error messages never repeat the data
+            (_, _) => {
                 return Err(Error::Data(format!(
-                    "{key}[{i}]: unknown role {other:?} (expected system, user or assistant)"
+                    "{key}[{i}]: unknown role (expected system, user or assistant)"
                 )))
             }
         };

@@ -34,8 +34,9 @@ pub enum Error {
     },
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("training diverged: loss is {0} at step {1}")]
-    Diverged(f64, u64),
+    /// The run stopped making sense; `reason` says what was seen and what to change.
+    #[error("training diverged at step {step}: {reason}")]
+    Diverged { step: u64, reason: String },
     #[error("cancelled")]
     Cancelled,
 }
@@ -97,7 +98,7 @@ impl Error {
             Error::Device(_) => "device_error",
             Error::Io { .. } => "io_error",
             Error::Candle(_) => "internal_error",
-            Error::Diverged(..) => "diverged",
+            Error::Diverged { .. } => "diverged",
             Error::Cancelled => "cancelled",
         }
     }

@@ -184,7 +184,12 @@ pub fn optimizer_step(
         times.backward += t1.elapsed().as_secs_f64();
     }
     if !loss_value.is_finite() {
-        return Err(Error::Diverged(loss_value, step + 1));
+        return Err(Error::Diverged {
+            step: step + 1,
+            reason: format!(
+                "the loss is {loss_value}; lower training.learning_rate (now {learning_rate})"
+            ),
+        });
     }
     let t2 = Instant::now();
     let mut grads: Vec<Tensor> = grads
@@ -192,6 +197,14 @@ pub fn optimizer_step(
         .map(|g| g.expect("every var has a gradient after the first micro-batch"))
         .collect();
     let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Err(Error::Diverged {
+            step: step + 1,
+            reason: format!(
+                "the gradient norm is {grad_norm}; lower training.learning_rate (now {learning_rate})"
+            ),
+        });
+    }
     optimizer.step(vars, &grads, learning_rate)?;
     times.optimizer = t2.elapsed().as_secs_f64();
     Ok(StepOutput {
@@ -213,6 +226,11 @@ pub struct RunOptions {
     pub init_adapter: Option<PathBuf>,
     /// Where the data is; `None`: the spec's URLs are local paths ([`Datasets::from_spec`]).
     pub datasets: Option<Datasets>,
+    /// The largest record a dataset may hold ([`data::DEFAULT_MAX_RECORD_BYTES`] unless the
+    /// operator says otherwise).
+    pub max_record_bytes: usize,
+    /// The most optimizer steps the run may take (an operator's limit); `None`: no limit.
+    pub max_total_steps: Option<u64>,
 }
 
 /// A run in progress: the model, its data and optimizer, and where it writes.
@@ -227,8 +245,63 @@ pub struct Trainer {
     out: PathBuf,
     /// The step a resumed run continues from (0 for a fresh one).
     pub start_step: u64,
+    /// Input tokens trained through the last step done.
+    tokens_seen: u64,
     started: Instant,
     metrics: MetricsLog,
+    health: Health,
+}
+
+/// Signs that a run has gone wrong although every number is finite: the loss far above where
+/// it started for several steps, or no gradient at all (a model collapsed onto a uniform or
+/// saturated prediction learns nothing more, and would "succeed" wrecked).
+#[derive(Default)]
+struct Health {
+    first_loss: Option<f64>,
+    rising: u32,
+    flat: u32,
+}
+
+/// Consecutive steps of a sign before the run is failed.
+const DIVERGED_STEPS: u32 = 5;
+const FLAT_STEPS: u32 = 3;
+
+impl Health {
+    fn check(&mut self, m: &StepMetrics) -> Result<()> {
+        let first = *self.first_loss.get_or_insert(m.train_loss);
+        self.rising = if m.train_loss > 2.0 * first + 1.0 {
+            self.rising + 1
+        } else {
+            0
+        };
+        self.flat = if m.grad_norm == 0.0 { self.flat + 1 } else { 0 };
+        let advice = format!(
+            "lower training.learning_rate (now {:e}) or add warmup; the last checkpoint before \
+             this is kept and from_checkpoint can start from it",
+            m.learning_rate
+        );
+        if self.rising >= DIVERGED_STEPS {
+            return Err(Error::Diverged {
+                step: m.step,
+                reason: format!(
+                    "the loss has been above twice its start ({first:.4}) for {} steps (now \
+                     {:.4}); {advice}",
+                    self.rising, m.train_loss
+                ),
+            });
+        }
+        if self.flat >= FLAT_STEPS {
+            return Err(Error::Diverged {
+                step: m.step,
+                reason: format!(
+                    "the gradient has been exactly zero for {} steps (loss {:.4}): the model \
+                     has collapsed and learns nothing more; {advice}",
+                    self.flat, m.train_loss
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Trainer {
@@ -268,6 +341,7 @@ impl Trainer {
                 &base.tokenizer,
                 t.max_seq_len as usize,
                 t.train_on_inputs,
+                opts.max_record_bytes,
             )
         };
         let (train, mut train_report) = load(&datasets.train)?;
@@ -297,6 +371,13 @@ impl Trainer {
                 (None, None) => (train, Vec::new(), None),
             };
         let schedule = Schedule::new(spec, train.len());
+        if let Some(cap) = opts.max_total_steps.filter(|c| schedule.total_steps > *c) {
+            return Err(Error::Data(format!(
+                "the job would run {} optimizer steps, over this server's limit of {cap}; lower \
+                 training.epochs or set training.max_steps",
+                schedule.total_steps
+            )));
+        }
         let vars: Vec<Var> = base.model.lora_vars().into_iter().map(|(_, v)| v).collect();
         tracing::info!(
             examples = train.len(),
@@ -312,7 +393,7 @@ impl Trainer {
         }));
 
         let mut optimizer = Optimizer::new(t, vars.len());
-        let mut start_step = 0;
+        let (mut start_step, mut tokens_seen) = (0, 0);
         if opts.resume {
             if let Some((_, dir)) = checkpoint::list_checkpoints(&out).pop() {
                 let state = checkpoint::load_checkpoint(&dir, &base.model, &mut optimizer)?;
@@ -323,6 +404,7 @@ impl Trainer {
                     )));
                 }
                 start_step = state.step;
+                tokens_seen = state.tokens_seen;
                 tracing::info!(step = start_step, "resuming from the latest checkpoint");
             }
         }
@@ -337,8 +419,10 @@ impl Trainer {
             validation,
             out,
             start_step,
+            tokens_seen,
             started: Instant::now(),
             metrics,
+            health: Health::default(),
         })
     }
 
@@ -368,6 +452,7 @@ impl Trainer {
             t.max_grad_norm,
         )?;
         let done = step + 1;
+        self.tokens_seen += out.tokens as u64;
         let m = StepMetrics {
             step: done,
             total_steps: self.schedule.total_steps,
@@ -376,10 +461,12 @@ impl Trainer {
             learning_rate: lr,
             grad_norm: out.grad_norm,
             tokens: out.tokens,
+            tokens_seen: self.tokens_seen,
             tokens_per_second: out.tokens as f64 / t0.elapsed().as_secs_f64(),
             elapsed_seconds: self.started.elapsed().as_secs_f64(),
         };
         self.metrics.write(&MetricsRow::from(&m))?;
+        self.health.check(&m)?;
         Ok(m)
     }
 
@@ -428,6 +515,7 @@ impl Trainer {
             epoch: self.schedule.epoch_at(step),
             seed: self.spec.seed,
             spec: self.spec.clone(),
+            tokens_seen: self.tokens_seen,
         };
         checkpoint::save_checkpoint(
             &dir,

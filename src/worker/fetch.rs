@@ -1,8 +1,11 @@
 //! Dataset references → local files the engine reads: uploaded `file-<id>`, `file://` and local
-//! paths (only under the directories the operator allows), and http(s) with a timeout, a size
-//! cap, bounded redirects and retries on transient failures. Every error names the URL.
+//! paths (only under the directories the operator allows), and http(s) under the egress rules
+//! (`crate::egress`: public addresses only, checked on every redirect, no credentials in URLs)
+//! with a timeout, a size cap, bounded redirects and retries on transient failures. Every error
+//! names the URL and the reason, never what the server answered.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -10,10 +13,12 @@ use tokio::io::AsyncWriteExt;
 
 use crate::artifacts::{ArtifactStore, Key, Split};
 use crate::config::ServeConfig;
+use crate::egress::{EgressPolicy, Refused};
 use crate::job::JobId;
 use crate::train::DatasetFile;
 
 const ATTEMPTS: u32 = 3;
+const MAX_REDIRECTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -23,6 +28,8 @@ pub enum FetchError {
     NotAllowed { url: String },
     #[error("{url}: {source}")]
     Local { url: String, source: std::io::Error },
+    #[error("{url}: {reason}")]
+    Refused { url: String, reason: Refused },
     #[error("{url}: {what}: {source}")]
     Request {
         url: String,
@@ -49,6 +56,18 @@ pub enum FetchError {
     },
 }
 
+/// The egress refusal inside a reqwest error (from the redirect policy or the resolver).
+fn refusal(e: &reqwest::Error) -> Option<Refused> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return Some(r.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
 impl FetchError {
     /// Worth another try: the network or the server may do better next time.
     fn is_transient(&self) -> bool {
@@ -67,6 +86,7 @@ impl FetchError {
 /// The file keeps `url` as its name, so the engine's messages name what the user wrote.
 pub async fn fetch_dataset(
     config: &ServeConfig,
+    egress: &Arc<EgressPolicy>,
     artifacts: &dyn ArtifactStore,
     job: &JobId,
     split: Split,
@@ -89,7 +109,7 @@ pub async fn fetch_dataset(
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         let dest = artifacts.local_path(&Key::dataset(job, split));
-        download(config, url, &dest).await?;
+        download(config, egress, url, &dest).await?;
         return Ok(named(dest));
     }
     let local = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
@@ -112,13 +132,32 @@ pub async fn fetch_dataset(
 
 async fn download(
     config: &ServeConfig,
+    egress: &Arc<EgressPolicy>,
     url: &str,
     dest: &std::path::Path,
 ) -> Result<(), FetchError> {
+    let refused = |reason| FetchError::Refused {
+        url: url.to_string(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|_| refused(Refused::NoHost))?;
+    egress.check_url(&parsed).map_err(refused)?;
+    let redirects = egress.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(config.fetch_timeout_secs))
         .connect_timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::limited(5))
+        // a proxy would resolve names itself, past the checks below
+        .no_proxy()
+        .dns_resolver(egress.resolver())
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error("too many redirects");
+            }
+            match redirects.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(reason) => attempt.error(reason),
+            }
+        }))
         .build()
         .map_err(|source| FetchError::Request {
             url: url.to_string(),
@@ -147,10 +186,16 @@ async fn download_once(
     cap: u64,
 ) -> Result<(), FetchError> {
     let resp = client.get(url).send().await.map_err(|source| {
+        if let Some(reason) = refusal(&source) {
+            return FetchError::Refused {
+                url: url.to_string(),
+                reason,
+            };
+        }
         let what = if source.is_timeout() {
             "timed out"
         } else if source.is_redirect() {
-            "too many redirects"
+            "redirect refused"
         } else {
             "request failed"
         };

@@ -12,16 +12,28 @@ use crate::state::AppState;
 pub const LEASE_SECS: i64 = 60;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
-/// Renews `lease` until aborted (the job ended) or until it must stop the job.
+/// Renews `lease` until aborted (the job ended) or until it must stop the job; raises
+/// `over_time` too when the job has run past the operator's time limit.
 pub fn spawn_heartbeat(
     state: AppState,
     lease: Lease,
     stop: Arc<AtomicBool>,
+    over_time: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
+    // checked finite and positive at start-up; ten years stands for "no limit"
+    let hours = state.config.max_job_hours.clamp(0.0, 24.0 * 365.0 * 10.0);
+    let limit = Duration::from_secs_f64(hours * 3600.0);
+    let deadline = tokio::time::Instant::now() + limit;
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(hours = state.config.max_job_hours, "the job reached the time limit; stopping it");
+                    over_time.store(true, Ordering::SeqCst);
+                    stop.store(true, Ordering::SeqCst);
+                    return;
+                }
                 _ = state.shutdown.cancelled() => {
                     stop.store(true, Ordering::SeqCst);
                     return;

@@ -50,6 +50,7 @@ pub async fn run(state: AppState, device_name: String) {
                     if let Err(e) = record_outcome(&state, &lease, &outcome).await {
                         tracing::error!(error = %e, ?outcome, "could not record how the job ended");
                     }
+                    crate::release_freed_memory();
                 }
                 .instrument(span)
                 .await;
@@ -89,9 +90,15 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
             tracing::info!("job requeued for shutdown");
             return Ok(());
         }
-        Outcome::Succeeded => (JobStatus::Succeeded, None),
+        Outcome::Succeeded { .. } => (JobStatus::Succeeded, None),
         Outcome::Cancelled => (JobStatus::Cancelled, None),
         Outcome::Failed { code, message } => (JobStatus::Failed, Some((*code, message.as_str()))),
+    };
+    let adapter = match outcome {
+        Outcome::Succeeded { adapter } => {
+            Some(serde_json::to_string(adapter).expect("digests serialize"))
+        }
+        _ => None,
     };
     let event = JobEvent::Status(StatusChange {
         error: error.map(|(code, message)| JobErrorView {
@@ -101,7 +108,10 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
         ..StatusChange::to(status)
     });
     let data = event.data_json();
-    let id = state.db.finish(lease, status, error, &data).await?;
+    let id = state
+        .db
+        .finish(lease, status, error, adapter.as_deref(), &data)
+        .await?;
     state.announce(&lease.job, id, event.kind(), data);
     tracing::info!(%status, "job finished");
     Ok(())

@@ -29,17 +29,11 @@ impl PersistError {
 pub struct Persister {
     state: AppState,
     lease: Lease,
-    /// Every attempt's tokens: a resumed job keeps counting from where its last attempt got to.
-    tokens_seen: i64,
 }
 
 impl Persister {
-    pub fn new(state: AppState, lease: Lease, tokens_seen: i64) -> Persister {
-        Persister {
-            state,
-            lease,
-            tokens_seen,
-        }
+    pub fn new(state: AppState, lease: Lease) -> Persister {
+        Persister { state, lease }
     }
 
     pub async fn record(&mut self, event: &Event) -> Result<(), PersistError> {
@@ -62,8 +56,7 @@ impl Persister {
                     .await?;
             }
             Event::Step(m) => {
-                self.tokens_seen += m.tokens as i64;
-                state.db.set_progress(lease, m, self.tokens_seen).await?;
+                state.db.set_progress(lease, m).await?;
                 state
                     .publish_fenced(lease, &JobEvent::Metrics(m.clone()))
                     .await?;

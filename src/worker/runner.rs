@@ -14,7 +14,7 @@ use super::persist::Persister;
 use crate::artifacts::Split;
 use crate::db::{self, Claim, Lease};
 use crate::events::{JobEvent, StatusChange};
-use crate::job::{CheckpointRef, JobPhase, JobStatus};
+use crate::job::{CheckpointRef, FileDigest, JobPhase, JobStatus};
 use crate::spec::JobSpec;
 use crate::state::AppState;
 use crate::train::{self, Datasets, Event, Reporter};
@@ -22,7 +22,10 @@ use crate::train::{self, Datasets, Event, Reporter};
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded,
+    /// With the digests of the final adapter's files, to be recorded.
+    Succeeded {
+        adapter: Vec<FileDigest>,
+    },
     Failed {
         code: &'static str,
         message: String,
@@ -146,7 +149,7 @@ async fn try_run(
     // Engine events → database + stream, in order, on the async side.
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let persister = {
-        let mut persister = Persister::new(state.clone(), lease.clone(), claim.tokens_seen);
+        let mut persister = Persister::new(state.clone(), lease.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut lease_lost = false;
@@ -167,7 +170,13 @@ async fn try_run(
             lease_lost
         })
     };
-    let heartbeat = lease::spawn_heartbeat(state.clone(), lease.clone(), stop.clone());
+    let over_time = Arc::new(AtomicBool::new(false));
+    let heartbeat = lease::spawn_heartbeat(
+        state.clone(),
+        lease.clone(),
+        stop.clone(),
+        over_time.clone(),
+    );
     // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
     // database has it (the heartbeat would see it too, but only after its first interval).
     match state.db.heartbeat(lease, lease::LEASE_SECS).await {
@@ -185,6 +194,8 @@ async fn try_run(
         resume: true,
         init_adapter,
         datasets: Some(datasets),
+        max_record_bytes: (state.config.max_record_kib * 1024) as usize,
+        max_total_steps: Some(state.config.max_job_steps),
     };
     // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
     let span = tracing::Span::current();
@@ -213,10 +224,18 @@ async fn try_run(
                 "the phase",
             )?;
             match state.artifacts.pack_adapter(&lease.job).await {
-                Ok(()) => Outcome::Succeeded,
+                Ok(adapter) => Outcome::Succeeded { adapter },
                 Err(e) => Outcome::failed("io_error", format!("packing the adapter: {e}")),
             }
         }
+        Ok(Err(train::Error::Cancelled)) if over_time.load(Ordering::SeqCst) => Outcome::failed(
+            "time_limit_exceeded",
+            format!(
+                "the job trained longer than this server's limit of {} hours; it checkpointed \
+                 where it stopped (from_checkpoint can continue from it)",
+                state.config.max_job_hours
+            ),
+        ),
         Ok(Err(train::Error::Cancelled)) if state.shutdown.is_cancelled() => Outcome::Interrupted,
         Ok(Err(train::Error::Cancelled)) => {
             match state.db.heartbeat(lease, lease::LEASE_SECS).await {
@@ -241,6 +260,7 @@ async fn fetch_datasets(
     let fetch = |split, url| {
         fetch::fetch_dataset(
             &state.config,
+            &state.egress,
             state.artifacts.as_ref(),
             &lease.job,
             split,

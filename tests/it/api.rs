@@ -517,12 +517,15 @@ async fn dataset_url_failures_fail_the_job_with_the_url() {
             get(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy") }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let port = listener.local_addr().unwrap().port();
+    let origin = format!("http://127.0.0.1:{port}");
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
 
     let app = spawn_app_with(|c| {
         c.max_dataset_mib = 1;
         c.fetch_timeout_secs = 1;
+        // the test's server is on loopback, which only an operator's allowance opens
+        c.fetch_allow = vec![format!("127.0.0.1:{port}")];
     })
     .await;
     let ok = app

@@ -37,8 +37,15 @@ fn chat_labels_cover_answers_and_their_end_of_turn_token_only() {
         ]})
         .to_string(),
     );
-    let (ex, report) =
-        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
+    let (ex, report) = data::load_jsonl(
+        &dataset_file(&path),
+        DatasetFormat::Auto,
+        &tok,
+        512,
+        false,
+        data::DEFAULT_MAX_RECORD_BYTES,
+    )
+    .unwrap();
     assert_eq!(report.format, "messages");
     assert_eq!(
         labelled_text(&tok, &ex[0]),
@@ -56,6 +63,7 @@ fn chat_labels_cover_answers_and_their_end_of_turn_token_only() {
         &tok,
         512,
         true,
+        data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
     assert_eq!(ex[0].label_count(), ex[0].ids.len() - 1);
@@ -84,14 +92,28 @@ fn every_format_is_detected_and_ends_answers_with_eos() {
     ];
     for (record, format, labels) in cases {
         let path = write(dir.path(), "d.jsonl", &record.to_string());
-        let (ex, report) =
-            data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
+        let (ex, report) = data::load_jsonl(
+            &dataset_file(&path),
+            DatasetFormat::Auto,
+            &tok,
+            512,
+            false,
+            data::DEFAULT_MAX_RECORD_BYTES,
+        )
+        .unwrap();
         assert_eq!(report.format, format);
         assert_eq!(labelled_text(&tok, &ex[0]), labels, "{format}");
     }
     let path = write(dir.path(), "d.jsonl", "{\"text\": \"abc\"}\n");
-    let (ex, report) =
-        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 512, false).unwrap();
+    let (ex, report) = data::load_jsonl(
+        &dataset_file(&path),
+        DatasetFormat::Auto,
+        &tok,
+        512,
+        false,
+        data::DEFAULT_MAX_RECORD_BYTES,
+    )
+    .unwrap();
     assert_eq!(report.format, "text");
     assert_eq!(labelled_text(&tok, &ex[0]), "bc<|im_end|>");
 }
@@ -107,8 +129,15 @@ fn truncation_is_counted_never_silent() {
     ];
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     let path = write(dir.path(), "d.jsonl", &text.join("\n"));
-    let (ex, report) =
-        data::load_jsonl(&dataset_file(&path), DatasetFormat::Auto, &tok, 8, false).unwrap();
+    let (ex, report) = data::load_jsonl(
+        &dataset_file(&path),
+        DatasetFormat::Auto,
+        &tok,
+        8,
+        false,
+        data::DEFAULT_MAX_RECORD_BYTES,
+    )
+    .unwrap();
     assert_eq!(report.records, 3);
     assert_eq!(report.truncated, 2);
     assert_eq!(
@@ -167,7 +196,7 @@ fn bad_datasets_are_refused_with_the_line_and_the_reason() {
         (
             "{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n".into(),
             serde_json::json!({}),
-            "line 1: messages[0]: unknown role \"wizard\"",
+            "line 1: messages[0]: unknown role (expected system, user or assistant)",
         ),
         (
             "{\"messages\": [{\"role\": \"user\"}]}\n".into(),

@@ -10,6 +10,7 @@ mod dashboard;
 mod data;
 mod docker;
 mod engine;
+mod hostile;
 mod logs;
 mod models;
 mod quant;

@@ -111,6 +111,7 @@ fn lora_lowers_held_out_loss() {
         &base.tokenizer,
         256,
         false,
+        data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
     let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();
@@ -170,6 +171,7 @@ fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
         &base.tokenizer,
         128,
         false,
+        data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
     let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();

@@ -76,6 +76,8 @@ pub fn run_options(out: &Path) -> qtune::train::RunOptions {
         resume: false,
         init_adapter: None,
         datasets: None,
+        max_record_bytes: qtune::train::data::DEFAULT_MAX_RECORD_BYTES,
+        max_total_steps: None,
     }
 }
 

@@ -1,0 +1,188 @@
+//! What a browser could be made to send, and what every response carries.
+//!
+//! - `Host` must be one this server answers to ([`HostPolicy`]): a page on another site that
+//!   re-points its own name at 127.0.0.1 (DNS rebinding) is refused.
+//! - A write (any method but GET, HEAD, OPTIONS) from another origin is refused: browsers send
+//!   `Origin` (and `Sec-Fetch-Site`) on cross-origin requests, and a form on any web page can post
+//!   to a localhost server without asking.
+//! - Every error body has the documented JSON shape, including the ones axum writes itself (a bad
+//!   path parameter, 405); every response says `nosniff`; the dashboard's pages forbid framing,
+//!   foreign scripts and referrers.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+
+/// The `Host` values this server answers to; `None`: any (a non-loopback listener with no list
+/// configured, behind a proxy that checks it).
+#[derive(Debug, Clone)]
+pub struct HostPolicy {
+    allowed: Option<Vec<String>>,
+}
+
+impl HostPolicy {
+    /// `configured` (QTUNE_ALLOWED_HOSTS) when given; else, on a loopback listener, its own
+    /// names with the port it is bound to.
+    pub fn new(configured: &[String], bound: std::net::SocketAddr) -> HostPolicy {
+        let configured: Vec<String> = configured
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if !configured.is_empty() {
+            return HostPolicy {
+                allowed: Some(configured),
+            };
+        }
+        if !bound.ip().is_loopback() {
+            return HostPolicy { allowed: None };
+        }
+        let port = bound.port();
+        let mut names = Vec::new();
+        for host in ["127.0.0.1", "localhost", "[::1]"] {
+            names.push(format!("{host}:{port}"));
+            if port == 80 {
+                names.push(host.to_string());
+            }
+        }
+        HostPolicy {
+            allowed: Some(names),
+        }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        match &self.allowed {
+            None => true,
+            // an entry without a port allows that name on any port
+            Some(list) => list.iter().any(|a| {
+                *a == host || (!a.contains(':') && host.split(':').next() == Some(a.as_str()))
+            }),
+        }
+    }
+}
+
+fn forbidden(message: impl Into<String>) -> Response {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response()
+}
+
+/// Refuses requests for other hosts and cross-origin writes.
+pub async fn browser_checks(
+    State(hosts): State<Arc<HostPolicy>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match &host {
+        Some(h) if hosts.allows(h) => {}
+        Some(h) => {
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown_host",
+                format!("this server does not answer for host {h:?} (QTUNE_ALLOWED_HOSTS)"),
+            )
+            .into_response()
+        }
+        None if hosts.allowed.is_some() => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_host",
+                "a Host header is required",
+            )
+            .into_response()
+        }
+        None => {}
+    }
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if write {
+        let site = req
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok());
+        if matches!(site, Some("cross-site" | "same-site")) {
+            return forbidden("cross-origin writes are refused");
+        }
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("null");
+            let origin_host = origin
+                .split_once("://")
+                .map(|(_, rest)| rest.trim_end_matches('/'))
+                .unwrap_or("");
+            let same = host
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(origin_host));
+            if !same {
+                return forbidden(format!(
+                    "cross-origin writes are refused (Origin {origin:?})"
+                ));
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Gives every error the JSON shape and every response its security headers.
+pub async fn response_shape(req: Request, next: Next) -> Response {
+    let dashboard = matches!(req.uri().path(), "/" | "/assets/app.js" | "/assets/app.css");
+    let method = req.method().clone();
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        // axum's own rejections are text; keep their words, in the documented shape
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(std::mem::take(resp.body_mut()), 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        let (code, message) = match status {
+            StatusCode::METHOD_NOT_ALLOWED => (
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", text),
+            s if s.is_server_error() => ("internal_error", "internal error".to_string()),
+            _ => ("invalid_request", text),
+        };
+        let mut shaped = ApiError::new(status, code, message).into_response();
+        if let Some(allow) = headers.get(header::ALLOW) {
+            shaped.headers_mut().insert(header::ALLOW, allow.clone());
+        }
+        resp = shaped;
+    }
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if dashboard {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                 connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+                 frame-ancestors 'none'",
+            ),
+        );
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
+    resp
+}

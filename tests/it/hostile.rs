@@ -1,0 +1,575 @@
+//! Hostile tenants, huge inputs and a bad day on the host, each through the real server: every
+//! hostile request gets its clear 4xx (or its job fails saying why) and the server stays healthy.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use qtune::app::App;
+use qtune::config::ServeConfig;
+use qtune::job::JobId;
+use serde_json::{json, Value};
+
+use crate::helpers::app::{spawn_app, spawn_app_with};
+use crate::helpers::process::{free_port, ServeProcess};
+use crate::helpers::{memorisable_chat, tiny_model};
+
+/// Peak resident memory of a process, in MiB (Linux `VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn one_huge_record_fails_its_job_by_line_and_the_server_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let server = ServeProcess::start(&dir.path().join("data"), dir.path(), free_port(), None);
+    // one 50 MB chat record, then a normal one
+    let huge = json!({"messages": [
+        {"role": "user", "content": "x".repeat(50 * 1024 * 1024)},
+        {"role": "assistant", "content": "ok"},
+    ]});
+    let body = format!(
+        "{huge}\n{}\n",
+        json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    );
+    let file: Value = server
+        .client
+        .post(format!("{}/v1/files?filename=huge.jsonl", server.base))
+        .body(body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = server.submit(&json!({
+        "base_model": model, "dataset": {"url": file["id"]},
+        "lora": {"r": 4}, "training": {"max_steps": 2, "max_seq_len": 64},
+    }));
+    let done = server.wait_job(&id, Duration::from_secs(120), |j| {
+        j["status"] != "queued" && j["status"] != "running"
+    });
+    let peak = peak_rss_mib(server.child.id());
+    println!("peak RSS of the server after a 50 MB record: {peak:.0} MiB");
+    assert_eq!(done["status"], "failed", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 1") && message.contains("over 1048576 bytes"),
+        "{message}"
+    );
+    assert!(!message.contains("xxxx"), "the record is not quoted");
+    assert!(peak < 400.0, "peak RSS {peak:.0} MiB");
+    // and the server goes on serving and training
+    let data = memorisable_chat(dir.path(), 8);
+    let ok = server.submit(&json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "lora": {"r": 4}, "training": {"max_steps": 2, "max_seq_len": 64},
+    }));
+    let done = server.wait_job(&ok, Duration::from_secs(120), |j| {
+        j["status"] != "queued" && j["status"] != "running"
+    });
+    assert_eq!(done["status"], "succeeded", "{done}");
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataset_urls_cannot_reach_internal_addresses() {
+    use axum::routing::get;
+    // an "internal" service the server must not reach, and one the operator allowed
+    let secret = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let secret_port = secret.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let router =
+            axum::Router::new().route("/secret", get(|| async { "{\"text\": \"TOP SECRET\"}\n" }));
+        axum::serve(secret, router).await.unwrap()
+    });
+    let allowed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let allowed_port = allowed.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let to_secret = format!("http://127.0.0.1:{secret_port}/secret");
+        let to_localhost = format!("http://localhost:{secret_port}/secret");
+        let router = axum::Router::new()
+            .route(
+                "/hop",
+                get(move || async move { axum::response::Redirect::temporary(&to_secret) }),
+            )
+            .route(
+                "/hop-by-name",
+                get(move || async move { axum::response::Redirect::temporary(&to_localhost) }),
+            )
+            .route(
+                "/credentials",
+                get(|| async {
+                    "{\"AccessKeyId\": \"AKIA1\", \"SecretAccessKey\": \"s3cr3t\", \"Token\": \"t\"}\n"
+                }),
+            );
+        axum::serve(allowed, router).await.unwrap()
+    });
+    let app = spawn_app_with(|c| c.fetch_allow = vec![format!("127.0.0.1:{allowed_port}")]).await;
+
+    // refused at submission: every internal spelling, credentials in the URL
+    for url in [
+        format!("http://127.0.0.1:{secret_port}/secret"),
+        format!("http://localhost:{secret_port}/secret"),
+        format!("http://0x7f000001:{secret_port}/secret"),
+        format!("http://2130706433:{secret_port}/secret"),
+        format!("http://[::1]:{secret_port}/secret"),
+        format!("http://[::ffff:127.0.0.1]:{secret_port}/secret"),
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/".to_string(),
+        "http://10.0.0.1/data.jsonl".to_string(),
+        "http://user:pass@example.com/data.jsonl".to_string(),
+    ] {
+        let (status, e) = app
+            .post("/v1/jobs", &app.job(json!({"dataset": {"url": url}})))
+            .await;
+        assert_eq!(status, 422, "{url}: {e}");
+        assert_eq!(e["error"]["param"], "dataset.url", "{url}: {e}");
+    }
+    // an allowed host that redirects inward: refused at the redirect, nothing fetched
+    for path in ["/hop", "/hop-by-name"] {
+        let id =
+            app.submit(&app.job(
+                json!({"dataset": {"url": format!("http://127.0.0.1:{allowed_port}{path}")}}),
+            ))
+            .await;
+        let job = app
+            .wait_status(&id, &["failed"], Duration::from_secs(60))
+            .await;
+        let message = job["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("not a public address"),
+            "{path}: {message}"
+        );
+        assert!(!message.contains("SECRET"), "{message}");
+    }
+    // fetched bytes are never echoed, even when the job fails on them
+    let id = app
+        .submit(&app.job(
+            json!({"dataset": {"url": format!("http://127.0.0.1:{allowed_port}/credentials")}}),
+        ))
+        .await;
+    let job = app
+        .wait_status(&id, &["failed"], Duration::from_secs(60))
+        .await;
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("line 1"), "{message}");
+    for leaked in ["AccessKeyId", "SecretAccessKey", "s3cr3t", "AKIA1"] {
+        assert!(!message.contains(leaked), "{message}");
+    }
+    assert_eq!(app.get("/readyz").await.0, 200);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_cannot_write_across_origins_or_through_other_host_names() {
+    let app = spawn_app().await;
+    let body = app.job(json!({"training": {"max_steps": 1}}));
+    let post = |content_type: &'static str, extra: Vec<(&'static str, String)>| {
+        let mut req = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .header("content-type", content_type)
+            .body(body.to_string());
+        for (k, v) in extra {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    // a form on a foreign page can send text/plain without asking: refused
+    let r = post("text/plain", vec![]).await.unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unsupported_media_type"
+    );
+    let r = post(
+        "application/json",
+        vec![("origin", "http://evil.example".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(
+        "application/json",
+        vec![("sec-fetch-site", "cross-site".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    // DNS rebinding: the page's own name pointed at 127.0.0.1
+    let port = app.base.rsplit(':').next().unwrap().to_string();
+    let r = post(
+        "application/json",
+        vec![("host", format!("evil.example:{port}"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 421);
+    let r = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    // the same request from the dashboard's own origin is fine
+    let origin = app.base.clone();
+    let r = post("application/json; charset=utf-8", vec![("origin", origin)])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // headers on the dashboard and on every response
+    let r = app.client.get(app.url("/")).send().await.unwrap();
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(r.headers()["referrer-policy"], "no-referrer");
+    let r = app.client.get(app.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_data_dir_does_not_start_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut keyed = ServeConfig::for_data_dir(data_dir.clone());
+    keyed.api_keys = vec!["k1".into()];
+    keyed.devices.clear();
+    let app = App::build(keyed).await.unwrap();
+    let state = app.state();
+    state
+        .db
+        .insert_job(&JobId::new(), Some("owner-of-k1"), "{}")
+        .await
+        .unwrap();
+    drop(app);
+    drop(state);
+
+    let mut keyless = ServeConfig::for_data_dir(data_dir.clone());
+    keyless.devices.clear();
+    let err = App::build(keyless.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("QTUNE_API_KEYS"), "{err}");
+    keyless.allow_keyless = true;
+    assert!(App::build(keyless).await.is_ok(), "the operator may insist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
+    let app = spawn_app_with(|c| {
+        c.max_job_steps = 1000;
+        c.max_job_hours = 0.5 / 3600.0;
+    })
+    .await;
+    for (extra, param) in [
+        (
+            json!({"training": {"max_steps": 1_000_000_000_000i64}}),
+            "training.max_steps",
+        ),
+        (
+            json!({"training": {"batch_size": 100_000_000}}),
+            "training.batch_size",
+        ),
+        (
+            json!({"training": {"gradient_accumulation_steps": 1_000_000_000}}),
+            "training.gradient_accumulation_steps",
+        ),
+        (
+            json!({"training": {"epochs": 1_000_000_000}}),
+            "training.epochs",
+        ),
+        (json!({"lora": {"alpha": 1e308}}), "lora.alpha"),
+        (json!({"suffix": "s".repeat(1 << 20)}), "suffix"),
+        (json!({"base_model": "m".repeat(1 << 20)}), "base_model"),
+    ] {
+        let (status, e) = app.post("/v1/jobs", &app.job(extra.clone())).await;
+        assert_eq!(status, 422, "{extra}: {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    // over the operator's step limit: the job fails before training, saying so
+    // (8 examples in batches of 4: 2 steps an epoch, 2000 steps in all)
+    let id = app
+        .submit(&app.job(json!({"training": {"epochs": 1000}})))
+        .await;
+    let job = app
+        .wait_status(&id, &["failed"], Duration::from_secs(60))
+        .await;
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 1000"),
+        "{job}"
+    );
+    // past the time limit (half a second; 1000 steps take several): stopped, checkpointed,
+    // failed with its own code
+    let id = app
+        .submit(&app.job(json!({"training": {"max_steps": 1000, "batch_size": 1}})))
+        .await;
+    let job = app
+        .wait_status(&id, &["failed", "succeeded"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job["error"]["code"], "time_limit_exceeded", "{job}");
+    let (_, checkpoints) = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    assert_eq!(
+        checkpoints["data"].as_array().unwrap().len(),
+        1,
+        "{checkpoints}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_take_turns_at_the_queue() {
+    use qtune::worker::LEASE_SECS;
+    let app = spawn_app_with(|c| c.devices.clear()).await;
+    let db = &app.state.db;
+    let spec = r#"{"base_model": "m", "dataset": {"url": "https://example.com/d.jsonl"}}"#;
+    let mut a_jobs = Vec::new();
+    for _ in 0..3 {
+        let id = JobId::new();
+        db.insert_job(&id, Some("tenant-a"), spec).await.unwrap();
+        a_jobs.push(id);
+    }
+    let b_job = JobId::new();
+    db.insert_job(&b_job, Some("tenant-b"), spec).await.unwrap();
+    let first = db.claim_next("w1", LEASE_SECS).await.unwrap().unwrap();
+    assert_eq!(first.lease.job, a_jobs[0], "the oldest job first");
+    let second = db.claim_next("w2", LEASE_SECS).await.unwrap().unwrap();
+    assert_eq!(
+        second.lease.job, b_job,
+        "tenant b's only job before tenant a's second, though it came later"
+    );
+    let third = db.claim_next("w3", LEASE_SECS).await.unwrap().unwrap();
+    assert_eq!(third.lease.job, a_jobs[1]);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_stream_to_disk_and_oversized_ones_are_refused_before_reading() {
+    let app = spawn_app_with(|c| c.max_upload_mib = 1).await;
+    // announced as 1 GB: answered 413 before a byte of the body is sent
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000000000\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    // over the limit without announcing it: refused, and nothing is left on disk
+    let r = app
+        .client
+        .post(app.url("/v1/files"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            (0..20).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 100 * 1024])),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let files: Vec<_> = std::fs::read_dir(app.data_dir.join("files"))
+        .unwrap()
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+    // within the limit: stored with its sha256
+    let data = std::fs::read(memorisable_chat(app.dir.path(), 8)).unwrap();
+    let r = app
+        .client
+        .post(app.url("/v1/files?filename=chat.jsonl"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let file: Value = r.json().await.unwrap();
+    use sha2::Digest;
+    let expected: String = sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(file["sha256"], expected.as_str());
+    assert_eq!(file["bytes"], data.len());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upload_cut_off_by_a_crash_is_removed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir_all(data_dir.join("files")).unwrap();
+    let part = data_dir.join("files/file-0123456789abcdef0123456789abcdef.part");
+    std::fs::write(&part, b"half an upload").unwrap();
+    let mut config = ServeConfig::for_data_dir(data_dir);
+    config.devices.clear();
+    let _app = App::build(config).await.unwrap();
+    assert!(!part.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_are_served_under_their_recorded_digest_and_corruption_is_caught() {
+    let app = spawn_app().await;
+    let id = app
+        .submit(&app.job(json!({"training": {"max_steps": 2}})))
+        .await;
+    app.wait_status(&id, &["succeeded"], Duration::from_secs(60))
+        .await;
+    let row = app
+        .state
+        .db
+        .get_job(&JobId::parse(&id).unwrap(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let recorded: Vec<Value> = serde_json::from_str(row.adapter_files.as_deref().unwrap()).unwrap();
+    let tar_digest = recorded
+        .iter()
+        .find(|d| d["name"] == "adapter.tar")
+        .unwrap();
+    let url = app.url(&format!("/v1/jobs/{id}/adapter"));
+    let r = app.client.get(&url).send().await.unwrap();
+    assert_eq!(
+        r.headers()["etag"].to_str().unwrap(),
+        format!("\"{}\"", tar_digest["sha256"].as_str().unwrap())
+    );
+    let whole = r.bytes().await.unwrap();
+    // a range
+    let r = app
+        .client
+        .get(&url)
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 10-19/{}", whole.len())
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &whole[10..20]);
+    let r = app
+        .client
+        .get(&url)
+        .header("range", format!("bytes={}-", whole.len() + 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    // a flipped byte on disk: the download does not arrive whole
+    let tar = app.data_dir.join(format!("jobs/{id}/output/adapter.tar"));
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&tar, &bytes).unwrap();
+    let r = app.client.get(&url).send().await.unwrap();
+    assert!(
+        r.bytes().await.is_err(),
+        "a corrupted file must not download cleanly"
+    );
+    // a truncated one is refused before anything is sent
+    std::fs::write(&tar, &bytes[..100]).unwrap();
+    let (status, e) = app.get(&format!("/v1/jobs/{id}/adapter")).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (500, Some("artifact_corrupt"))
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_wrecks_the_model_fails_instead_of_succeeding() {
+    let app = spawn_app().await;
+    let id = app
+        .submit(
+            &app.job(
+                json!({"training": {"max_steps": 30, "learning_rate": 1e6, "max_grad_norm": 0}}),
+            ),
+        )
+        .await;
+    let job = app
+        .wait_status(&id, &["failed", "succeeded"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "diverged", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("learning_rate"), "{message}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_ones_authentication_errors_and_checkpoint_references() {
+    let app = spawn_app_with(|c| c.api_keys = vec!["k-one".into()]).await;
+    // any case of the scheme; 401 says how to authenticate
+    let r = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .header("authorization", "bEaReR k-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.client.get(app.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    // every error in the JSON shape: a method not allowed, a bad path parameter
+    let r = app
+        .client
+        .delete(app.url("/v1/jobs"))
+        .bearer_auth("k-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
+    let id = JobId::new();
+    let r = app
+        .client
+        .get(app.url(&format!(
+            "/v1/jobs/{id}/checkpoints/not-a-step/adapter_config.json"
+        )))
+        .bearer_auth("k-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    // wrong keys, again and again: answered 429 with Retry-After after a while
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = app
+            .client
+            .get(app.url("/v1/jobs"))
+            .bearer_auth("guess")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 401);
+    }
+    let limited = limited.expect("rate-limited");
+    assert!(limited.headers().contains_key("retry-after"));
+    app.shutdown().await;
+}
