@@ -130,6 +130,9 @@ pub trait ArtifactStore: Send + Sync {
     /// Removes a stored file; a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
 
+    /// Removes everything a job stored (datasets, checkpoints, adapter).
+    fn delete_job<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>>;
+
     /// Size and sha256 of a stored file.
     fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>>;
 
@@ -251,6 +254,15 @@ impl ArtifactStore for LocalArtifacts {
 
     fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>> {
         Box::pin(async move { digest_file(&self.path(key)).await })
+    }
+
+    fn delete_job<'a>(&'a self, job: &'a JobId) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            match tokio::fs::remove_dir_all(self.root.join("jobs").join(job.as_str())).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        })
     }
 
     fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {

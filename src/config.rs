@@ -32,6 +32,13 @@ pub struct ServeConfig {
     /// Directories from which `file://` dataset URLs and local paths may be read.
     #[arg(long, env = "QTUNE_ALLOW_FILE_DIRS", value_delimiter = ',')]
     pub allow_file_dirs: Vec<PathBuf>,
+    /// Directories under which a job's base_model may be a local .gguf file or model folder.
+    #[arg(long, env = "QTUNE_ALLOW_MODEL_DIRS", value_delimiter = ',')]
+    pub allow_model_dirs: Vec<PathBuf>,
+    /// Hub repos a job's base_model may name (`owner/name` or `owner/*`); none listed: any
+    /// well-formed repo id.
+    #[arg(long, env = "QTUNE_ALLOW_HUB", value_delimiter = ',')]
+    pub allow_hub: Vec<String>,
     /// Largest request body (job specs, uploads), in MiB.
     #[arg(long, env = "QTUNE_MAX_UPLOAD_MIB", default_value_t = 256)]
     pub max_upload_mib: u64,
@@ -74,6 +81,8 @@ impl ServeConfig {
             devices: vec!["cpu".into()],
             api_keys: vec![],
             allow_file_dirs: vec![],
+            allow_model_dirs: vec![],
+            allow_hub: vec![],
             max_upload_mib: 256,
             max_dataset_mib: 1024,
             fetch_timeout_secs: 120,

@@ -12,7 +12,7 @@
 //! - [`queue`]: submitting (with its checks) and cancelling jobs.
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
 //! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
-//! - [`egress`]: which addresses dataset URLs may reach.
+//! - [`egress`]: which addresses dataset URLs may reach; [`model_access`]: which base models a job may name.
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
 //! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
@@ -27,6 +27,7 @@ pub mod db;
 pub mod egress;
 pub mod events;
 pub mod job;
+pub mod model_access;
 pub mod queue;
 pub mod spec;
 pub mod state;

@@ -2,7 +2,7 @@
 //! checks a spec's references need) and cancelling. Handlers call these and stay thin; the
 //! workers' side of the queue is in `worker`.
 
-use crate::db::{self, CancelOutcome, JobRow};
+use crate::db::{self, CancelOutcome, DeleteOutcome, JobRow};
 use crate::events::{JobEvent, StatusChange};
 use crate::job::{CheckpointRef, JobId, JobStatus};
 use crate::spec::JobSpec;
@@ -21,8 +21,13 @@ pub enum QueueError {
     /// Cancelling a job that has already finished.
     #[error("job {id} already {status}; nothing to cancel")]
     Finished { id: JobId, status: JobStatus },
+    /// Deleting a running job: it is being cancelled, and can be deleted once it has stopped.
+    #[error("job {0} is running; it is being cancelled: delete it again once it has stopped")]
+    Running(JobId),
     #[error(transparent)]
     Db(#[from] db::Error),
+    #[error("removing stored files: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> QueueError {
@@ -57,6 +62,8 @@ async fn check_references(
     spec: &JobSpec,
     owner: Option<&str>,
 ) -> Result<(), QueueError> {
+    crate::model_access::check_base_model(&state.config, &spec.base_model)
+        .map_err(|m| invalid("base_model", m))?;
     let datasets = [
         ("dataset.url", Some(&spec.dataset.url)),
         (
@@ -118,6 +125,23 @@ async fn check_references(
         None => {}
     }
     Ok(())
+}
+
+/// Deletes a job and everything it stored. A running job is cancelled first and refused for
+/// now (its worker is still writing).
+pub async fn delete(state: &AppState, id: &JobId, owner: Option<&str>) -> Result<(), QueueError> {
+    match state.db.delete_job(id, owner).await? {
+        DeleteOutcome::NotFound => Err(QueueError::NotFound(id.clone())),
+        DeleteOutcome::Running => {
+            cancel(state, id, owner).await?;
+            Err(QueueError::Running(id.clone()))
+        }
+        DeleteOutcome::Deleted => {
+            state.artifacts.delete_job(id).await?;
+            tracing::info!(job.id = %id, "job deleted");
+            Ok(())
+        }
+    }
 }
 
 /// Cancels a job: a queued one at once; a running one at its next step (its worker's flag is

@@ -443,6 +443,17 @@ impl JobSpec {
                 MAX_NAME_LEN,
             ),
         ];
+        if let Some(rev) = &self.revision {
+            let plain = rev
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if rev.is_empty() || !plain || rev.contains("..") || rev.starts_with('/') {
+                return Err(err(
+                    "revision",
+                    "must be a branch, tag or commit: letters, digits, - _ . / (no ..)",
+                ));
+            }
+        }
         for (field, text, max) in texts {
             if let Some(text) = text {
                 if text.chars().count() > max {

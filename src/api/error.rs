@@ -61,7 +61,11 @@ impl From<crate::queue::QueueError> for ApiError {
             e @ QueueError::Finished { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "job_finished", e.to_string())
             }
+            e @ QueueError::Running(_) => {
+                ApiError::new(StatusCode::CONFLICT, "job_running", e.to_string())
+            }
             QueueError::Db(e) => e.into(),
+            QueueError::Io(e) => e.into(),
         }
     }
 }

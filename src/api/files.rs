@@ -98,17 +98,62 @@ pub async fn upload(
         created_at: crate::db::now(),
     };
     state.db.insert_file(&row).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(FileView {
-            object: "file".into(),
-            id: row.id,
-            filename: row.filename,
-            bytes: row.bytes,
-            sha256: row.sha256,
-            created_at: row.created_at,
-        }),
+    Ok((StatusCode::CREATED, Json(file_view(row))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListQuery {
+    limit: Option<i64>,
+}
+
+/// The caller's uploads, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    query: Result<Query<FileListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("must be between 1 and 1000, got {limit}"),
+        ));
+    }
+    let mut rows = state.db.list_files(owner.as_deref(), limit + 1).await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let data: Vec<FileView> = rows.into_iter().map(file_view).collect();
+    Ok(Json(
+        json!({"object": "list", "data": data, "has_more": has_more}),
     ))
+}
+
+/// Deletes an upload (jobs that name it and have not fetched it yet will fail saying so).
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let key = Key::upload(&id).ok_or_else(|| ApiError::not_found("file", &id))?;
+    if !state.db.delete_file(&id, owner.as_deref()).await? {
+        return Err(ApiError::not_found("file", &id));
+    }
+    state.artifacts.delete(&key).await?;
+    Ok(Json(json!({"object": "file", "id": id, "deleted": true})))
+}
+
+fn file_view(row: FileRow) -> FileView {
+    FileView {
+        object: "file".into(),
+        id: row.id,
+        filename: row.filename,
+        bytes: row.bytes,
+        sha256: row.sha256,
+        created_at: row.created_at,
+    }
 }
 
 pub async fn checkpoints(

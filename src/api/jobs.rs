@@ -189,6 +189,20 @@ pub async fn cancel(
     Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
 }
 
+/// Deletes a finished or queued job with its events, checkpoints and adapter.
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = parse_id(&id)?;
+    crate::queue::delete(&state, &job, owner.as_deref()).await?;
+    Ok(
+        Json(json!({"object": "fine_tuning.job.deleted", "id": id, "deleted": true}))
+            .into_response(),
+    )
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsQuery {

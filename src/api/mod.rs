@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
         .route("/v1/jobs/{id}/events", get(stream::events))
@@ -40,7 +40,8 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
             get(files::checkpoint_file),
         )
         .route("/v1/jobs/{id}/adapter", get(files::adapter))
-        .route("/v1/files", post(files::upload))
+        .route("/v1/files", post(files::upload).get(files::list))
+        .route("/v1/files/{id}", delete(files::delete))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), failures),
             auth::authenticate,

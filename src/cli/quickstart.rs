@@ -66,6 +66,20 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let mut config = crate::config::ServeConfig::for_data_dir(args.data_dir.clone());
         config.listen = args.listen;
+        // the quickstart's model may be a local file (the GGUF fallback): its folder is allowed
+        if let Some(dir) = spec["base_model"]
+            .as_str()
+            .map(std::path::Path::new)
+            .filter(|p| p.exists())
+            .and_then(|p| p.parent())
+        {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            config.allow_model_dirs.push(dir.to_path_buf());
+        }
         let app = crate::app::App::build(config).await?;
         let base = format!("http://127.0.0.1:{}", app.port());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

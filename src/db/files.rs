@@ -31,6 +31,30 @@ impl Db {
         Ok(())
     }
 
+    /// The caller's uploads, newest first; one more than `limit` tells whether more exist.
+    pub async fn list_files(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, owner, filename, bytes, sha256, created_at FROM files
+             WHERE (? IS NULL OR owner = ?) ORDER BY created_at DESC, id DESC LIMIT ?",
+        )
+        .bind(owner)
+        .bind(owner)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Removes an upload's record; whether there was one the caller may see.
+    pub async fn delete_file(&self, id: &str, owner: Option<&str>) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM files WHERE id = ? AND (? IS NULL OR owner = ?)")
+            .bind(id)
+            .bind(owner)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Whether any job or file belongs to an API key.
     pub async fn holds_owned_data(&self) -> Result<bool> {
         let (owned,): (i64,) = sqlx::query_as(

@@ -54,6 +54,15 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What a delete did.
+pub enum DeleteOutcome {
+    /// Gone, with its events and checkpoints.
+    Deleted,
+    /// Running: it must stop first.
+    Running,
+    NotFound,
+}
+
 /// A claimed job.
 pub struct Claim {
     pub lease: Lease,
@@ -150,6 +159,26 @@ impl Db {
             JobStatus::Running => CancelOutcome::Requested,
             JobStatus::Queued => CancelOutcome::Requested,
             finished => CancelOutcome::Finished(finished),
+        })
+    }
+
+    /// Deletes a job that is not running (its events and checkpoints go with it).
+    pub async fn delete_job(&self, id: &JobId, owner: Option<&str>) -> Result<DeleteOutcome> {
+        let gone: Option<(String,)> = sqlx::query_as(
+            "DELETE FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND status != 'running'
+             RETURNING id",
+        )
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?;
+        if gone.is_some() {
+            return Ok(DeleteOutcome::Deleted);
+        }
+        Ok(match self.get_job(id, owner).await? {
+            Some(_) => DeleteOutcome::Running,
+            None => DeleteOutcome::NotFound,
         })
     }
 

@@ -19,7 +19,7 @@ use sqlx::SqlitePool;
 
 pub use events::EventRow;
 pub use files::FileRow;
-pub use jobs::{CancelOutcome, CheckpointRow, Claim, JobRow};
+pub use jobs::{CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow};
 
 use crate::job::JobId;
 

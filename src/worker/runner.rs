@@ -117,6 +117,9 @@ async fn try_run(
     )?;
     let spec: JobSpec = serde_json::from_str(&claim.spec)
         .map_err(|e| Outcome::failed("invalid_spec", format!("the stored spec: {e}")))?;
+    // checked at submission too; the operator's lists may have changed since
+    crate::model_access::check_base_model(&state.config, &spec.base_model)
+        .map_err(|m| Outcome::failed("model_not_allowed", format!("base_model: {m}")))?;
 
     written(
         state.db.set_phase(lease, JobPhase::FetchingDataset).await,

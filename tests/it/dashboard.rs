@@ -191,6 +191,7 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
     config.allow_file_dirs = vec![dir.path().to_path_buf()];
+    config.allow_model_dirs = vec![dir.path().to_path_buf()];
     config.api_keys = vec![KEY.into()];
     let app = runtime.block_on(App::build(config)).unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

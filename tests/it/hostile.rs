@@ -573,3 +573,153 @@ async fn small_ones_authentication_errors_and_checkpoint_references() {
     assert!(limited.headers().contains_key("retry-after"));
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_models_only_from_allowed_folders_and_well_formed_repo_ids() {
+    let app = spawn_app().await;
+    // a real model, outside the allowed folder
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = tiny_model(elsewhere.path());
+    let mut answers = Vec::new();
+    for base in [
+        outside.to_str().unwrap().to_string(),
+        "/etc".to_string(),
+        "/nonexistent/model.gguf".to_string(),
+        format!("{}/../../etc", app.dir.path().display()),
+        "../secrets".to_string(),
+        "owner/..".to_string(),
+        "owner/name%2F..".to_string(),
+    ] {
+        let (status, e) = app
+            .post("/v1/jobs", &app.job(json!({"base_model": base})))
+            .await;
+        assert_eq!(status, 422, "{base}: {e}");
+        assert_eq!(e["error"]["param"], "base_model", "{e}");
+        answers.push(e["error"]["message"].as_str().unwrap().to_string());
+    }
+    // one answer for missing and forbidden alike: nothing tells what exists
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let (status, e) = app
+        .post(
+            "/v1/jobs",
+            &app.job(json!({"revision": "../../../etc/passwd"})),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (422, Some("revision"))
+    );
+    // the allowed folder works
+    let id = app
+        .submit(&app.job(json!({"training": {"max_steps": 1}})))
+        .await;
+    app.wait_status(&id, &["succeeded"], Duration::from_secs(60))
+        .await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_list_and_delete_their_own_files_and_jobs() {
+    let app = spawn_app_with(|c| c.api_keys = vec!["k-a".into(), "k-b".into()]).await;
+    let send = |method: reqwest::Method, path: String, key: &'static str| {
+        app.client
+            .request(method, app.url(&path))
+            .bearer_auth(key)
+            .send()
+    };
+    let data = std::fs::read(memorisable_chat(app.dir.path(), 8)).unwrap();
+    let file: Value = app
+        .client
+        .post(app.url("/v1/files?filename=chat.jsonl"))
+        .bearer_auth("k-a")
+        .body(data)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_id = file["id"].as_str().unwrap().to_string();
+    let listed: Value = send(reqwest::Method::GET, "/v1/files".into(), "k-a")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"][0]["id"], file_id.as_str());
+    let theirs: Value = send(reqwest::Method::GET, "/v1/files".into(), "k-b")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        theirs["data"].as_array().unwrap().len(),
+        0,
+        "b sees none of a's files"
+    );
+    // a job on the upload
+    let mut body = app.job(json!({"training": {"max_steps": 2}}));
+    body["dataset"]["url"] = json!(file_id);
+    let job: Value = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth("k-a")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let start = std::time::Instant::now();
+    loop {
+        let j: Value = send(reqwest::Method::GET, format!("/v1/jobs/{id}"), "k-a")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "succeeded" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // another key can delete neither
+    let r = send(reqwest::Method::DELETE, format!("/v1/jobs/{id}"), "k-b")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = send(
+        reqwest::Method::DELETE,
+        format!("/v1/files/{file_id}"),
+        "k-b",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    // the owner deletes both, and their files leave the disk
+    let job_dir = app.data_dir.join("jobs").join(&id);
+    assert!(job_dir.exists());
+    let r = send(reqwest::Method::DELETE, format!("/v1/jobs/{id}"), "k-a")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!job_dir.exists());
+    let r = send(reqwest::Method::GET, format!("/v1/jobs/{id}"), "k-a")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = send(
+        reqwest::Method::DELETE,
+        format!("/v1/files/{file_id}"),
+        "k-a",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!app.data_dir.join("files").join(&file_id).exists());
+    app.shutdown().await;
+}

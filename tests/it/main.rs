@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api;
+mod chaos;
 mod cli;
 mod client;
 mod dashboard;

@@ -104,6 +104,14 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         .build()?;
     let mut config = ServeConfig::for_data_dir(dir.join("data"));
     config.allow_file_dirs = vec![dir.clone()];
+    config.allow_model_dirs = vec![dir.clone()];
+    if let Some(parent) = opts
+        .train_model
+        .as_deref()
+        .and_then(|m| std::path::Path::new(m).parent())
+    {
+        config.allow_model_dirs.push(parent.to_path_buf());
+    }
     let (base, state) = server_rt.block_on(async {
         let app = App::build(config).await?;
         let base = format!("http://127.0.0.1:{}", app.port());

@@ -98,13 +98,7 @@ pub fn load_base_in(
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
+    crate::model_access::is_repo_id(s)
 }
 
 /// The safetensors files of a folder: one `model.safetensors`, or the shards its index lists.

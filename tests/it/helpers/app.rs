@@ -29,6 +29,7 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let data_dir = dir.path().join("data");
     let mut config = ServeConfig::for_data_dir(data_dir.clone());
     config.allow_file_dirs = vec![dir.path().to_path_buf()];
+    config.allow_model_dirs = vec![dir.path().to_path_buf()];
     f(&mut config);
     let app = App::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

@@ -38,6 +38,7 @@ impl ServeProcess {
                 data_dir.to_str().unwrap(),
             ])
             .env("QTUNE_ALLOW_FILE_DIRS", allow)
+            .env("QTUNE_ALLOW_MODEL_DIRS", allow)
             .env("QTUNE_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(stdout)
