@@ -100,13 +100,13 @@ impl App {
             tracing::info!("shutting down: no new jobs; running jobs checkpoint and requeue");
             shutdown.cancel();
         });
-        let http_shutdown = state.shutdown.clone();
-        axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-        .await?;
+        let limits = crate::http::ConnectionLimits {
+            max_connections: state.config.max_connections.max(1),
+            header_read_timeout: std::time::Duration::from_secs(
+                state.config.header_timeout_secs.max(1),
+            ),
+        };
+        crate::http::serve(self.listener, router, limits, state.shutdown.clone()).await?;
         for w in workers {
             if let Err(e) = w.await {
                 tracing::error!(error = %e, "a worker ended abnormally");

@@ -67,6 +67,12 @@ pub struct ServeConfig {
     /// checkpoints and fails with time_limit_exceeded.
     #[arg(long, env = "QTUNE_MAX_JOB_HOURS", default_value_t = 72.0)]
     pub max_job_hours: f64,
+    /// Most connections open at once; more are closed as they arrive.
+    #[arg(long, env = "QTUNE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers before its connection is closed.
+    #[arg(long, env = "QTUNE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
     /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
     pub max_record_kib: u64,
@@ -90,6 +96,8 @@ impl ServeConfig {
             allowed_hosts: vec![],
             allow_keyless: false,
             max_record_kib: 1024,
+            max_connections: 1024,
+            header_timeout_secs: 10,
             max_job_steps: 1_000_000,
             max_job_hours: 72.0,
         }

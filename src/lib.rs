@@ -8,6 +8,7 @@
 //! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints); no HTTP, no SQL.
 //! - [`app`], [`config`]: `qtune serve`, assembled: database, artifacts, workers, HTTP server.
 //! - [`state`]: what handlers and workers share; [`events`]: job events and their bus.
+//! - [`http`]: serving the router (connection cap, header-read timeout, graceful shutdown).
 //! - [`api`]: HTTP handlers (thin: parse, one call into `db`, `queue` or `artifacts`, answer JSON).
 //! - [`queue`]: submitting (with its checks) and cancelling jobs.
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod egress;
 pub mod events;
+pub mod http;
 pub mod job;
 pub mod model_access;
 pub mod queue;

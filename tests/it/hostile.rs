@@ -723,3 +723,59 @@ async fn tenants_list_and_delete_their_own_files_and_jobs() {
     assert!(!app.data_dir.join("files").join(&file_id).exists());
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    let app = spawn_app_with(|c| {
+        c.max_connections = 20;
+        c.header_timeout_secs = 1;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    // twenty connections that send half a request line and then nothing
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /healthz HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // at the cap: one more connection is closed at once, unanswered
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut extra, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+    )
+    .await
+    .expect("closed, not held")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "refused without an answer");
+    // the slow ones are cut off after the header timeout
+    for s in &mut slow {
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(s, &mut buf),
+        )
+        .await
+        .expect("the server closes a connection that stalls in its headers");
+        // hyper may answer 408 before closing, or just close
+        if let Ok(n) = n {
+            assert!(
+                n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+                "{:?}",
+                &buf[..n]
+            );
+        }
+    }
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // their slots are free again
+    assert_eq!(app.get("/healthz").await.0, 200);
+    app.shutdown().await;
+}
