@@ -35,7 +35,9 @@ impl App {
             .collect();
         std::fs::create_dir_all(&config.data_dir)?;
         let artifacts = Arc::new(LocalArtifacts::new(&config.data_dir)?);
-        let db = Db::open(&config.db_path()).await?;
+        let db = Db::open(&config.db_path())
+            .await?
+            .limit_running_per_owner(config.max_running_per_key);
         // Without keys every caller sees everything: refused while the data dir holds what keys
         // own, unless the operator says so (a restart that forgot QTUNE_API_KEYS would otherwise
         // open every tenant's jobs and adapters to anyone who can reach the port).
@@ -52,6 +54,9 @@ impl App {
         }
         for id in db.requeue_running().await? {
             tracing::warn!(job.id = %id, "job was left running by a previous process; requeued to resume from its last checkpoint");
+        }
+        if !(config.retention_days.is_finite() && config.retention_days >= 0.0) {
+            anyhow::bail!("--retention-days must be a number of days, 0 or more");
         }
         if !(config.max_job_hours.is_finite() && config.max_job_hours > 0.0) {
             anyhow::bail!("--max-job-hours must be a positive number of hours");
@@ -91,6 +96,9 @@ impl App {
         let mut workers = Vec::new();
         for device in state.config.devices.clone() {
             workers.push(tokio::spawn(crate::worker::run(state.clone(), device)));
+        }
+        if state.config.retention_days > 0.0 {
+            workers.push(tokio::spawn(crate::worker::retention::run(state.clone())));
         }
         let bound = self.listener.local_addr()?;
         let router = crate::api::router(state.clone(), bound);

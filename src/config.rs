@@ -67,6 +67,22 @@ pub struct ServeConfig {
     /// checkpoints and fails with time_limit_exceeded.
     #[arg(long, env = "QTUNE_MAX_JOB_HOURS", default_value_t = 72.0)]
     pub max_job_hours: f64,
+    /// Jobs one API key may have queued at once; more are answered 429 (0: no limit).
+    #[arg(long, env = "QTUNE_MAX_QUEUED_PER_KEY", default_value_t = 100)]
+    pub max_queued_per_key: u64,
+    /// Jobs of one API key that may run at once, over all workers (0: no limit).
+    #[arg(long, env = "QTUNE_MAX_RUNNING_PER_KEY", default_value_t = 0)]
+    pub max_running_per_key: u64,
+    /// Uploaded bytes one API key may keep stored, in MiB; more are answered 429 (0: no limit).
+    #[arg(long, env = "QTUNE_MAX_STORED_MIB_PER_KEY", default_value_t = 10240)]
+    pub max_stored_mib_per_key: u64,
+    /// Days a finished job's artifacts (checkpoints, adapter, fetched datasets) are kept; its
+    /// record and loss curve stay (0: forever). Fractions allowed.
+    #[arg(long, env = "QTUNE_RETENTION_DAYS", default_value_t = 0.0)]
+    pub retention_days: f64,
+    /// Uploads received at once; more are answered 429.
+    #[arg(long, env = "QTUNE_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
+    pub max_concurrent_uploads: usize,
     /// Most connections open at once; more are closed as they arrive.
     #[arg(long, env = "QTUNE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -96,6 +112,11 @@ impl ServeConfig {
             allowed_hosts: vec![],
             allow_keyless: false,
             max_record_kib: 1024,
+            max_queued_per_key: 100,
+            max_running_per_key: 0,
+            max_stored_mib_per_key: 10240,
+            retention_days: 0.0,
+            max_concurrent_uploads: 8,
             max_connections: 1024,
             header_timeout_secs: 10,
             max_job_steps: 1_000_000,

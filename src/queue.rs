@@ -24,6 +24,9 @@ pub enum QueueError {
     /// Deleting a running job: it is being cancelled, and can be deleted once it has stopped.
     #[error("job {0} is running; it is being cancelled: delete it again once it has stopped")]
     Running(JobId),
+    /// A per-key limit is reached; trying again after `retry_after` seconds may succeed.
+    #[error("{message}")]
+    Quota { message: String, retry_after: u64 },
     #[error(transparent)]
     Db(#[from] db::Error),
     #[error("removing stored files: {0}")]
@@ -44,6 +47,15 @@ pub async fn submit(
     owner: Option<&str>,
 ) -> Result<JobRow, QueueError> {
     check_references(state, spec, owner).await?;
+    let cap = state.config.max_queued_per_key;
+    if cap > 0 && state.db.count_jobs(owner, JobStatus::Queued).await? >= cap as i64 {
+        return Err(QueueError::Quota {
+            message: format!(
+                "this key already has {cap} jobs queued, the most it may; submit more once some have started"
+            ),
+            retry_after: 60,
+        });
+    }
     let id = JobId::new();
     let stored = serde_json::to_string(spec).expect("a spec serializes");
     let row = state.db.insert_job(&id, owner, &stored).await?;

@@ -10,6 +10,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub param: Option<String>,
+    /// Seconds after which trying again may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,7 +21,19 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// A per-key limit reached: 429, with when to try again.
+    pub fn quota(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+            .retry_after(retry_after)
     }
 
     pub fn param(mut self, param: impl Into<String>) -> ApiError {
@@ -64,6 +78,10 @@ impl From<crate::queue::QueueError> for ApiError {
             e @ QueueError::Running(_) => {
                 ApiError::new(StatusCode::CONFLICT, "job_running", e.to_string())
             }
+            QueueError::Quota {
+                message,
+                retry_after,
+            } => ApiError::quota(message, retry_after),
             QueueError::Db(e) => e.into(),
             QueueError::Io(e) => e.into(),
         }
@@ -110,6 +128,11 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({
             "error": {"code": self.code, "message": self.message, "param": self.param}
         });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }

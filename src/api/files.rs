@@ -26,7 +26,27 @@ pub async fn upload(
     Query(q): Query<std::collections::HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<FileView>), ApiError> {
-    let limit = state.config.max_upload_mib * 1024 * 1024;
+    let upload_limit = state.config.max_upload_mib * 1024 * 1024;
+    // what this key may still store: an upload past it is refused as a quota, not as too large
+    let quota = state.config.max_stored_mib_per_key * 1024 * 1024;
+    let room = if quota == 0 {
+        u64::MAX
+    } else {
+        quota.saturating_sub(state.db.stored_bytes(owner.as_deref()).await?)
+    };
+    let over_quota = || {
+        ApiError::quota(
+            format!(
+                "this key's uploads would pass its {} MiB of storage; delete files it no longer needs (DELETE /v1/files/{{id}})",
+                state.config.max_stored_mib_per_key
+            ),
+            3600,
+        )
+    };
+    if room == 0 {
+        return Err(over_quota());
+    }
+    let limit = upload_limit.min(room);
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -42,8 +62,11 @@ pub async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit) {
+    if announced.is_some_and(|n| n > upload_limit) {
         return Err(too_large());
+    }
+    if announced.is_some_and(|n| n > limit) {
+        return Err(over_quota());
     }
     let is_multipart = req
         .headers()
@@ -79,6 +102,7 @@ pub async fn upload(
     };
     let (digest, filename) = match stored {
         (Ok(digest), name) => (digest, name),
+        (Err(PutError::TooLarge { .. }), _) if limit < upload_limit => return Err(over_quota()),
         (Err(PutError::TooLarge { .. }), _) => return Err(too_large()),
         (Err(PutError::Body(e)), _) => {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e))
@@ -184,7 +208,8 @@ pub async fn checkpoint_file(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = jobs::parse_id(&id)?;
-    jobs::load(&state, &id, &owner).await?;
+    let row = jobs::load(&state, &id, &owner).await?;
+    gone_by_retention(&row)?;
     let key = Key::checkpoint_file(&job, step, &file)
         .ok_or_else(|| ApiError::not_found("checkpoint file", &file))?;
     let rows = state.db.list_checkpoints(&job).await?;
@@ -223,6 +248,7 @@ pub async fn adapter(
             ),
         ));
     }
+    gone_by_retention(&row)?;
     let job = jobs::parse_id(&id)?;
     let key = match q.file.as_deref() {
         None => Key::adapter_tar(&job),
@@ -395,6 +421,21 @@ async fn serve(
         h.insert(header::ETAG, tag);
     }
     Ok(resp)
+}
+
+/// 410 for a job whose artifacts retention has removed.
+fn gone_by_retention(row: &crate::db::JobRow) -> Result<(), ApiError> {
+    match &row.artifacts_removed_at {
+        Some(when) => Err(ApiError::new(
+            StatusCode::GONE,
+            "artifacts_removed",
+            format!(
+                "job {}'s files were removed at {when}, past the server's retention period",
+                row.id
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn corrupt(name: &str) -> ApiError {

@@ -131,6 +131,28 @@ pub async fn browser_checks(
     next.run(req).await
 }
 
+/// At most `n` uploads are received at once (each holds a connection and a disk stream); the
+/// next is answered 429 at once.
+pub async fn bound_uploads(
+    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    match slots.try_acquire_owned() {
+        Ok(_slot) => next.run(req).await,
+        Err(_) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_uploads",
+            "the server is receiving as many uploads as it takes at once; try again shortly",
+        )
+        .retry_after(1)
+        .into_response(),
+    }
+}
+
 /// Gives every error the JSON shape and every response its security headers.
 pub async fn response_shape(req: Request, next: Next) -> Response {
     let dashboard = matches!(req.uri().path(), "/" | "/assets/app.js" | "/assets/app.css");

@@ -27,6 +27,9 @@ use crate::state::AppState;
 pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     let hosts = Arc::new(HostPolicy::new(&state.config.allowed_hosts, bound));
     let failures = Arc::new(auth::FailedAuth::default());
+    let uploads = Arc::new(tokio::sync::Semaphore::new(
+        state.config.max_concurrent_uploads.max(1),
+    ));
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
@@ -40,7 +43,15 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
             get(files::checkpoint_file),
         )
         .route("/v1/jobs/{id}/adapter", get(files::adapter))
-        .route("/v1/files", post(files::upload).get(files::list))
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .get(files::list)
+                .route_layer(middleware::from_fn_with_state(
+                    uploads,
+                    guard::bound_uploads,
+                )),
+        )
         .route("/v1/files/{id}", delete(files::delete))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), failures),

@@ -24,6 +24,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// parsed once at start-up: the size of the serve settings does not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the job service: HTTP API, SQLite queue, one worker per device.

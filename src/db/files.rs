@@ -55,6 +55,16 @@ impl Db {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Bytes of the owner's uploads.
+    pub async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS ?")
+                .bind(owner)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n.max(0) as u64)
+    }
+
     /// Whether any job or file belongs to an API key.
     pub async fn holds_owned_data(&self) -> Result<bool> {
         let (owned,): (i64,) = sqlx::query_as(

@@ -32,6 +32,8 @@ pub struct JobRow {
     pub attempt: i64,
     /// The final adapter's files as recorded when the job succeeded (`[{name, bytes, sha256}]`).
     pub adapter_files: Option<String>,
+    /// When retention removed the job's artifacts.
+    pub artifacts_removed_at: Option<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -69,7 +71,7 @@ pub struct Claim {
     pub spec: String,
 }
 
-const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt, adapter_files";
+const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt, adapter_files, artifacts_removed_at";
 
 /// The condition every fenced write adds: the job is still running under this attempt.
 const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
@@ -162,6 +164,39 @@ impl Db {
         })
     }
 
+    /// How many of the owner's jobs are in `status`.
+    pub async fn count_jobs(&self, owner: Option<&str>, status: JobStatus) -> Result<i64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status = ?")
+                .bind(owner)
+                .bind(status.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n)
+    }
+
+    /// Finished jobs whose artifacts are still kept and that finished before `cutoff`.
+    pub async fn expired_jobs(&self, cutoff: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
+                 AND finished_at < ? AND artifacts_removed_at IS NULL",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Records that a job's artifacts were removed by retention (its record stays).
+    pub async fn mark_artifacts_removed(&self, id: &JobId) -> Result<()> {
+        sqlx::query("UPDATE jobs SET artifacts_removed_at = ?, adapter_files = NULL WHERE id = ?")
+            .bind(now())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Deletes a job that is not running (its events and checkpoints go with it).
     pub async fn delete_job(&self, id: &JobId, owner: Option<&str>) -> Result<DeleteOutcome> {
         let gone: Option<(String,)> = sqlx::query_as(
@@ -193,6 +228,8 @@ impl Db {
              WHERE seq = (SELECT q.seq FROM jobs q
                           WHERE (q.status = 'queued' OR (q.status = 'running' AND q.lease_expires_at < ?))
                             AND q.cancel_requested = 0
+                            AND (SELECT COUNT(*) FROM jobs r
+                                 WHERE r.status = 'running' AND r.owner IS q.owner AND r.seq != q.seq) < ?
                           -- fair between owners: the owner with the fewest jobs running goes
                           -- first, then the oldest job
                           ORDER BY (SELECT COUNT(*) FROM jobs r
@@ -205,6 +242,7 @@ impl Db {
         .bind(in_seconds(lease_secs))
         .bind(&now)
         .bind(&now)
+        .bind(self.max_running_per_owner)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.and_then(|(id, spec, attempt)| {

@@ -66,6 +66,8 @@ impl Lease {
 #[derive(Clone)]
 pub struct Db {
     pool: SqlitePool,
+    /// Jobs of one owner that may run at once (the claim skips owners at it).
+    max_running_per_owner: i64,
 }
 
 /// RFC 3339 UTC time with a fixed six-digit fraction, so that text order is time order (the
@@ -74,7 +76,7 @@ const TIME_FORMAT: &[time::format_description::FormatItem<'static>] = time::macr
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
 );
 
-fn format_time(t: time::OffsetDateTime) -> String {
+pub fn format_time(t: time::OffsetDateTime) -> String {
     t.format(TIME_FORMAT).expect("any UTC time formats")
 }
 
@@ -101,7 +103,16 @@ impl Db {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            max_running_per_owner: i64::MAX,
+        })
+    }
+
+    /// Claims skip an owner with `n` jobs running (0: no limit).
+    pub fn limit_running_per_owner(mut self, n: u64) -> Db {
+        self.max_running_per_owner = if n == 0 { i64::MAX } else { n as i64 };
+        self
     }
 
     pub async fn ping(&self) -> Result<()> {

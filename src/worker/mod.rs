@@ -1,10 +1,12 @@
 //! The worker pool: one worker per device claims queued jobs from the database under a lease
 //! (`lease.rs`), runs each (`runner.rs`: fetch with `fetch.rs`, the engine on a blocking
-//! thread, its events stored by `persist.rs`) and records how it ended.
+//! thread, its events stored by `persist.rs`) and records how it ended. `retention.rs` removes
+//! finished jobs' artifacts once they are older than the operator keeps them.
 
 mod fetch;
 mod lease;
 mod persist;
+pub mod retention;
 mod runner;
 
 use std::sync::atomic::Ordering;
