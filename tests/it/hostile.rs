@@ -931,3 +931,39 @@ async fn uploads_beyond_the_concurrent_bound_wait_their_turn() {
     assert_eq!(r.status(), 201, "the slot is free again");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_references_are_canonical_and_errors_name_no_server_path() {
+    let app = spawn_app().await;
+    let id = app
+        .submit(&app.job(json!({"checkpoint_every_steps": 1, "training": {"max_steps": 2}})))
+        .await;
+    app.wait_status(&id, &["succeeded"], Duration::from_secs(60))
+        .await;
+    // "+1" is step 1, read as a number: the job starts from checkpoint-1
+    let from = app
+        .submit(
+            &app.job(json!({"from_checkpoint": format!("{id}:+1"), "training": {"max_steps": 1}})),
+        )
+        .await;
+    app.wait_status(&from, &["succeeded"], Duration::from_secs(60))
+        .await;
+    let data_dir = app.data_dir.display().to_string();
+    for bad in [
+        format!("{id}:7"),
+        format!("{id}:-1"),
+        format!("{id}:1/../../x"),
+        "nope:1".into(),
+    ] {
+        let (status, e) = app
+            .post("/v1/jobs", &app.job(json!({"from_checkpoint": bad})))
+            .await;
+        assert_eq!(
+            (status, e["error"]["param"].as_str()),
+            (422, Some("from_checkpoint")),
+            "{bad}: {e}"
+        );
+        assert!(!e.to_string().contains(&data_dir), "{e}");
+    }
+    app.shutdown().await;
+}
