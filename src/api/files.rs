@@ -218,7 +218,8 @@ pub async fn checkpoint_file(
     };
     let files: Vec<FileDigest> = serde_json::from_str(&row.files).unwrap_or_default();
     let recorded = files.into_iter().find(|f| f.name == file);
-    send(&state, &key, recorded, &headers).await
+    let checked = recorded.is_some();
+    serve(&state, &key, recorded, checked, &headers).await
 }
 
 #[derive(Deserialize)]
@@ -269,10 +270,10 @@ pub async fn adapter(
         .and_then(|f| serde_json::from_str(f).ok())
         .unwrap_or_default();
     match recorded.into_iter().find(|d| d.name == name) {
-        Some(digest) => send(&state, &key, Some(digest), &headers).await,
+        Some(digest) => serve(&state, &key, Some(digest), true, &headers).await,
         None => {
-            let sha = state.artifacts.digest(&key).await.ok();
-            send_unrecorded(&state, &key, sha, &headers).await
+            let computed = state.artifacts.digest(&key).await.ok();
+            serve(&state, &key, computed, false, &headers).await
         }
     }
 }
@@ -283,29 +284,6 @@ fn content_type(name: &str) -> &'static str {
         Some("tar") => "application/x-tar",
         _ => "application/octet-stream",
     }
-}
-
-/// A stored file with no recorded digest: served under the digest just computed, unchecked.
-async fn send_unrecorded(
-    state: &AppState,
-    key: &Key,
-    computed: Option<FileDigest>,
-    headers: &HeaderMap,
-) -> Result<Response, ApiError> {
-    serve(state, key, computed, false, headers).await
-}
-
-/// Streams a stored file under its recorded digest (the ETag), checked on the way: a size that
-/// differs is refused before anything is sent, and a whole-file response whose bytes do not hash
-/// to the record is broken off at its end, so a corrupted artifact never arrives whole.
-async fn send(
-    state: &AppState,
-    key: &Key,
-    recorded: Option<FileDigest>,
-    headers: &HeaderMap,
-) -> Result<Response, ApiError> {
-    let checked = recorded.is_some();
-    serve(state, key, recorded, checked, headers).await
 }
 
 /// One byte range of a file, as `Range: bytes=…` asks (a single range; others get the whole file).
@@ -341,6 +319,11 @@ fn wanted(headers: &HeaderMap, len: u64) -> Wanted {
     Wanted::Part(start, end)
 }
 
+/// Streams a stored file with Content-Type, Content-Length, `Accept-Ranges` and its digest as
+/// a strong ETag (304 to a matching If-None-Match; 206 to a single `Range`). With `verify`, the
+/// digest is the one recorded when the file was written: a size that differs is refused before
+/// anything is sent, and a whole-file response whose bytes do not hash to it is broken off at
+/// its end, so a corrupted artifact never arrives whole.
 async fn serve(
     state: &AppState,
     key: &Key,
