@@ -262,7 +262,7 @@ async fn a_keyed_data_dir_does_not_start_without_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
     let app = spawn_app_with(|c| {
-        c.max_job_steps = 1000;
+        c.max_job_steps = 10_000;
         c.max_job_hours = 0.5 / 3600.0;
     })
     .await;
@@ -292,9 +292,9 @@ async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
         assert_eq!(e["error"]["param"], param, "{e}");
     }
     // over the operator's step limit: the job fails before training, saying so
-    // (8 examples in batches of 4: 2 steps an epoch, 2000 steps in all)
+    // (8 examples in batches of 4: 2 steps an epoch, 20,000 steps in all)
     let id = app
-        .submit(&app.job(json!({"training": {"epochs": 1000}})))
+        .submit(&app.job(json!({"training": {"epochs": 10_000}})))
         .await;
     let job = app
         .wait_status(&id, &["failed"], Duration::from_secs(60))
@@ -303,13 +303,13 @@ async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
         job["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("limit of 1000"),
+            .contains("limit of 10000"),
         "{job}"
     );
-    // past the time limit (half a second; 1000 steps take several): stopped, checkpointed,
+    // past the time limit (half a second; 8,000 steps take over ten): stopped, checkpointed,
     // failed with its own code
     let id = app
-        .submit(&app.job(json!({"training": {"max_steps": 1000, "batch_size": 1}})))
+        .submit(&app.job(json!({"training": {"max_steps": 8000, "batch_size": 1}})))
         .await;
     let job = app
         .wait_status(&id, &["failed", "succeeded"], Duration::from_secs(60))
@@ -482,9 +482,13 @@ async fn downloads_are_served_under_their_recorded_digest_and_corruption_is_caug
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&tar, &bytes).unwrap();
-    let r = app.client.get(&url).send().await.unwrap();
+    // (the server may break off before or after the headers go out: either way no whole body)
+    let downloaded = match reqwest::Client::new().get(&url).send().await {
+        Ok(r) => r.bytes().await.ok(),
+        Err(_) => None,
+    };
     assert!(
-        r.bytes().await.is_err(),
+        downloaded.is_none(),
         "a corrupted file must not download cleanly"
     );
     // a truncated one is refused before anything is sent
