@@ -28,6 +28,18 @@ fn engine_log_lines_during_a_job_carry_its_id() {
         j["status"] != "queued" && j["status"] != "running"
     });
     assert_eq!(done["status"], "succeeded", "{done}");
+    // the worker logs the finish just after recording it: wait for the line before the kill
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("job finished")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no 'job finished' line"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill();
 
     let text = std::fs::read_to_string(&log).unwrap();
