@@ -77,6 +77,81 @@ fn one_huge_record_fails_its_job_by_line_and_the_server_stays_small() {
     server.kill();
 }
 
+/// Current resident memory of a process, in MiB (Linux `VmRSS`).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn six_concurrent_large_uploads_do_not_gather_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProcess::start(&dir.path().join("data"), dir.path(), free_port(), None);
+    let before = peak_rss_mib(server.child.id());
+    let uploads: Vec<_> = (0..6)
+        .map(|i| {
+            let url = format!("{}/v1/files?filename=big-{i}.jsonl", server.base);
+            std::thread::spawn(move || {
+                let line = format!("{}\n", json!({"text": "y".repeat(1000)}));
+                let body = line.repeat(60 * 1024 * 1024 / line.len());
+                reqwest::blocking::Client::new()
+                    .post(url)
+                    .body(body)
+                    .send()
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for u in uploads {
+        assert_eq!(u.join().unwrap(), 201);
+    }
+    let peak = peak_rss_mib(server.child.id());
+    println!("peak RSS of the server: {before:.0} MiB before, {peak:.0} MiB after six 60 MB uploads at once");
+    assert!(
+        peak < 150.0,
+        "uploads are streamed to disk, not held: peak {peak:.0} MiB"
+    );
+    server.kill();
+}
+
+#[test]
+fn memory_a_job_used_is_handed_back_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // records just under the 1 MiB cap: tokenizing each takes a few hundred MB for a moment
+    let record = json!({"messages": [
+        {"role": "user", "content": "z ".repeat(450 * 1024)},
+        {"role": "assistant", "content": "ok"},
+    ]});
+    let data = dir.path().join("long.jsonl");
+    std::fs::write(&data, format!("{record}\n").repeat(3)).unwrap();
+    let server = ServeProcess::start(&dir.path().join("data"), dir.path(), free_port(), None);
+    let id = server.submit(&json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "lora": {"r": 4}, "training": {"max_steps": 1, "max_seq_len": 64, "train_on_inputs": true},
+    }));
+    let done = server.wait_job(&id, Duration::from_secs(120), |j| {
+        j["status"] != "queued" && j["status"] != "running"
+    });
+    assert_eq!(done["status"], "succeeded", "{done}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (peak, now) = (peak_rss_mib(server.child.id()), rss_mib(server.child.id()));
+    println!("server RSS: peak {peak:.0} MiB during the job, {now:.0} MiB after it");
+    assert!(peak > 100.0, "the job did use memory (peak {peak:.0} MiB)");
+    assert!(
+        now < peak / 2.0,
+        "most of it was handed back: {now:.0} of {peak:.0} MiB still held"
+    );
+    server.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dataset_urls_cannot_reach_internal_addresses() {
     use axum::routing::get;
