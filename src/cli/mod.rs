@@ -245,6 +245,8 @@ fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("QTUNE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // colour only on a terminal: `docker logs` and log collectors get plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -45,6 +45,7 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let text = std::fs::read_to_string(&args.spec).map_err(|e| {
         anyhow::anyhow!(

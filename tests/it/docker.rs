@@ -1,8 +1,8 @@
-//! The Docker files, checked without a Docker engine (none runs on these machines): the compose
-//! files parse and point at files that exist, the Dockerfiles copy what the build needs and set
-//! only variables that `qtune serve` reads, and the binary started with the image's environment
-//! (ports and paths moved to a temporary place) serves /healthz and an open /v1 API.
-//! `.ci/run` also runs `docker-compose config` on both compose files.
+//! The Docker files, checked without a Docker engine: the compose files parse and point at files
+//! that exist, the Dockerfiles copy what the build needs, are laid out as the prebuilt-binary build
+//! expects and set only variables that `qtune serve` reads, and the binary started with the image's
+//! environment (ports and paths moved to a temporary place) serves /healthz and an open /v1 API.
+//! `.ci/run` then builds the image and runs docker-compose.yml for real: scripts/docker-check.sh.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,15 +73,59 @@ impl Dockerfile {
             .collect()
     }
 
-    /// ENV of the last stage (the runtime image).
-    fn runtime_env(&self) -> BTreeMap<String, String> {
-        let last_from = self
+    /// Global `ARG NAME=default` lines (before the first FROM).
+    fn global_args(&self) -> BTreeMap<String, String> {
+        let first_from = self
             .instructions
             .iter()
-            .rposition(|(o, _)| o == "FROM")
+            .position(|(o, _)| o == "FROM")
             .unwrap();
+        let mut args = BTreeMap::new();
+        for (op, rest) in &self.instructions[..first_from] {
+            if op == "ARG" {
+                let (k, v) = rest.split_once('=').expect("ARG NAME=default");
+                // defaults may name earlier arguments: ${CUDA_VERSION}
+                let v = args
+                    .iter()
+                    .fold(v.to_string(), |v, (name, value): (&String, &String)| {
+                        v.replace(&format!("${{{name}}}"), value)
+                    });
+                args.insert(k.to_string(), v);
+            }
+        }
+        args
+    }
+
+    /// Stages by name: (what FROM names, its instructions).
+    fn stages(&self) -> Vec<(String, Option<String>, Vec<(String, String)>)> {
+        let mut stages: Vec<(String, Option<String>, Vec<(String, String)>)> = Vec::new();
+        for (op, rest) in &self.instructions {
+            if op == "FROM" {
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let name = match words.as_slice() {
+                    [_, as_, name] if as_.eq_ignore_ascii_case("as") => Some(name.to_string()),
+                    _ => None,
+                };
+                stages.push((words[0].to_string(), name, Vec::new()));
+            } else if let Some(last) = stages.last_mut() {
+                last.2.push((op.clone(), rest.clone()));
+            }
+        }
+        stages
+    }
+
+    fn stage(&self, name: &str) -> (String, Vec<(String, String)>) {
+        self.stages()
+            .into_iter()
+            .find(|(_, n, _)| n.as_deref() == Some(name))
+            .map(|(from, _, body)| (from, body))
+            .unwrap_or_else(|| panic!("{}: no stage {name}", self.name))
+    }
+
+    /// ENV of the `runtime` stage, which both images the Dockerfile makes are built on.
+    fn runtime_env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
-        for (op, rest) in &self.instructions[last_from..] {
+        for (op, rest) in self.stage("runtime").1 {
             if op == "ENV" {
                 for pair in rest.split_whitespace() {
                     let (k, v) = pair.split_once('=').expect("ENV KEY=VALUE");
@@ -92,12 +136,30 @@ impl Dockerfile {
         env
     }
 
+    /// The image a base-image argument defaults to: `${RUNTIME_IMAGE}` → `debian:bookworm-slim`.
+    fn default_image(&self, from: &str) -> String {
+        let arg = from
+            .strip_prefix("${")
+            .and_then(|f| f.strip_suffix('}'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: the base image {from} is not a build argument",
+                    self.name
+                )
+            });
+        self.global_args()[arg].clone()
+    }
+
     fn check(&self) {
-        // every COPY from the build context exists
-        for copy in self.all("COPY") {
-            if copy.starts_with("--from") {
-                continue;
-            }
+        // every COPY from the repository's context exists (`prebuilt` has a context of its own: a
+        // folder holding the binary)
+        let repo_copies = self
+            .stages()
+            .into_iter()
+            .filter(|(_, name, _)| name.as_deref() != Some("prebuilt"))
+            .flat_map(|(_, _, body)| body)
+            .filter(|(op, rest)| op == "COPY" && !rest.starts_with("--from"));
+        for (_, copy) in repo_copies {
             let parts: Vec<&str> = copy.split_whitespace().collect();
             for src in &parts[..parts.len() - 1] {
                 assert!(
@@ -135,17 +197,52 @@ impl Dockerfile {
             "{}: {health}",
             self.name
         );
-        let user = self.all("USER");
-        assert!(
-            !user.is_empty() && user.iter().all(|u| *u != "root" && *u != "0"),
-            "{}: runs as a non-root user",
-            self.name
-        );
-        assert!(
-            self.all("FROM").len() >= 2,
-            "{}: multi-stage (build, then a runtime image)",
-            self.name
-        );
+        // the default target and `--target prebuilt` are the runtime stage plus the binary, run as
+        // a non-root user
+        let stages = self.stages();
+        let (final_from, final_name, final_body) = stages.last().unwrap();
+        assert_eq!(final_from, "runtime", "{}: the default target", self.name);
+        assert!(final_name.is_none());
+        let (prebuilt_from, prebuilt_body) = self.stage("prebuilt");
+        assert_eq!(prebuilt_from, "runtime");
+        for (what, body) in [("default", final_body), ("prebuilt", &prebuilt_body)] {
+            let copies_binary = body
+                .iter()
+                .any(|(o, r)| o == "COPY" && r.ends_with(" /usr/local/bin/qtune"));
+            assert!(
+                copies_binary,
+                "{}: {what} target installs the binary",
+                self.name
+            );
+            let user = body
+                .iter()
+                .rev()
+                .find(|(o, _)| o == "USER")
+                .map(|(_, r)| r.as_str());
+            assert!(
+                matches!(user, Some(u) if u != "root" && u != "0"),
+                "{}: {what} target runs as a non-root user",
+                self.name
+            );
+        }
+        // `prebuilt` comes before the compiling stage: stages are built in order up to the target
+        let position = |n: &str| {
+            stages
+                .iter()
+                .position(|(_, name, _)| name.as_deref() == Some(n))
+        };
+        assert!(position("prebuilt") < position("build"), "{}", self.name);
+        // base images are build arguments whose defaults are the public images
+        for (from, name, _) in &stages {
+            if from != "runtime" {
+                let image = self.default_image(from);
+                assert!(
+                    image.contains(':'),
+                    "{}: stage {name:?} from {image}",
+                    self.name
+                );
+            }
+        }
         assert_eq!(self.all("ENTRYPOINT"), ["[\"qtune\"]"]);
     }
 }
@@ -160,7 +257,19 @@ fn dockerfiles_copy_what_the_build_needs_and_set_only_known_variables() {
         .all("RUN")
         .iter()
         .any(|r| r.contains("cargo build --release --locked --features cuda")));
-    assert!(cuda.all("FROM").iter().all(|f| f.contains("nvidia/cuda")));
+    for stage in ["runtime", "build"] {
+        assert!(cuda
+            .default_image(&cuda.stage(stage).0)
+            .starts_with("nvidia/cuda:"));
+    }
+    assert_eq!(
+        cpu.default_image(&cpu.stage("runtime").0),
+        "debian:bookworm-slim"
+    );
+    assert_eq!(
+        cpu.default_image(&cpu.stage("build").0),
+        "rust:1.95-bookworm"
+    );
     assert_eq!(cuda.runtime_env()["QTUNE_DEVICES"], "cuda:0");
     assert_eq!(cpu.runtime_env()["QTUNE_DEVICES"], "cpu");
 }
