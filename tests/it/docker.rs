@@ -40,6 +40,13 @@ fn assert_known_var(name: &str, file: &str) {
     );
 }
 
+/// One build stage: the image or stage it starts from, its name, its instructions.
+struct Stage {
+    from: String,
+    name: Option<String>,
+    body: Vec<(String, String)>,
+}
+
 /// `ENV A=1 B=2` instructions of a Dockerfile, with line continuations joined.
 struct Dockerfile {
     name: String,
@@ -96,9 +103,9 @@ impl Dockerfile {
         args
     }
 
-    /// Stages by name: (what FROM names, its instructions).
-    fn stages(&self) -> Vec<(String, Option<String>, Vec<(String, String)>)> {
-        let mut stages: Vec<(String, Option<String>, Vec<(String, String)>)> = Vec::new();
+    /// The build stages, in order.
+    fn stages(&self) -> Vec<Stage> {
+        let mut stages: Vec<Stage> = Vec::new();
         for (op, rest) in &self.instructions {
             if op == "FROM" {
                 let words: Vec<&str> = rest.split_whitespace().collect();
@@ -106,26 +113,29 @@ impl Dockerfile {
                     [_, as_, name] if as_.eq_ignore_ascii_case("as") => Some(name.to_string()),
                     _ => None,
                 };
-                stages.push((words[0].to_string(), name, Vec::new()));
+                stages.push(Stage {
+                    from: words[0].to_string(),
+                    name,
+                    body: Vec::new(),
+                });
             } else if let Some(last) = stages.last_mut() {
-                last.2.push((op.clone(), rest.clone()));
+                last.body.push((op.clone(), rest.clone()));
             }
         }
         stages
     }
 
-    fn stage(&self, name: &str) -> (String, Vec<(String, String)>) {
+    fn stage(&self, name: &str) -> Stage {
         self.stages()
             .into_iter()
-            .find(|(_, n, _)| n.as_deref() == Some(name))
-            .map(|(from, _, body)| (from, body))
+            .find(|s| s.name.as_deref() == Some(name))
             .unwrap_or_else(|| panic!("{}: no stage {name}", self.name))
     }
 
     /// ENV of the `runtime` stage, which both images the Dockerfile makes are built on.
     fn runtime_env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
-        for (op, rest) in self.stage("runtime").1 {
+        for (op, rest) in self.stage("runtime").body {
             if op == "ENV" {
                 for pair in rest.split_whitespace() {
                     let (k, v) = pair.split_once('=').expect("ENV KEY=VALUE");
@@ -156,8 +166,8 @@ impl Dockerfile {
         let repo_copies = self
             .stages()
             .into_iter()
-            .filter(|(_, name, _)| name.as_deref() != Some("prebuilt"))
-            .flat_map(|(_, _, body)| body)
+            .filter(|s| s.name.as_deref() != Some("prebuilt"))
+            .flat_map(|s| s.body)
             .filter(|(op, rest)| op == "COPY" && !rest.starts_with("--from"));
         for (_, copy) in repo_copies {
             let parts: Vec<&str> = copy.split_whitespace().collect();
@@ -200,12 +210,12 @@ impl Dockerfile {
         // the default target and `--target prebuilt` are the runtime stage plus the binary, run as
         // a non-root user
         let stages = self.stages();
-        let (final_from, final_name, final_body) = stages.last().unwrap();
-        assert_eq!(final_from, "runtime", "{}: the default target", self.name);
-        assert!(final_name.is_none());
-        let (prebuilt_from, prebuilt_body) = self.stage("prebuilt");
-        assert_eq!(prebuilt_from, "runtime");
-        for (what, body) in [("default", final_body), ("prebuilt", &prebuilt_body)] {
+        let last = stages.last().unwrap();
+        assert_eq!(last.from, "runtime", "{}: the default target", self.name);
+        assert!(last.name.is_none());
+        let prebuilt = self.stage("prebuilt");
+        assert_eq!(prebuilt.from, "runtime");
+        for (what, body) in [("default", &last.body), ("prebuilt", &prebuilt.body)] {
             let copies_binary = body
                 .iter()
                 .any(|(o, r)| o == "COPY" && r.ends_with(" /usr/local/bin/qtune"));
@@ -229,11 +239,11 @@ impl Dockerfile {
         let position = |n: &str| {
             stages
                 .iter()
-                .position(|(_, name, _)| name.as_deref() == Some(n))
+                .position(|s| s.name.as_deref() == Some(n))
         };
         assert!(position("prebuilt") < position("build"), "{}", self.name);
         // base images are build arguments whose defaults are the public images
-        for (from, name, _) in &stages {
+        for Stage { from, name, .. } in &stages {
             if from != "runtime" {
                 let image = self.default_image(from);
                 assert!(
@@ -259,15 +269,15 @@ fn dockerfiles_copy_what_the_build_needs_and_set_only_known_variables() {
         .any(|r| r.contains("cargo build --release --locked --features cuda")));
     for stage in ["runtime", "build"] {
         assert!(cuda
-            .default_image(&cuda.stage(stage).0)
+            .default_image(&cuda.stage(stage).from)
             .starts_with("nvidia/cuda:"));
     }
     assert_eq!(
-        cpu.default_image(&cpu.stage("runtime").0),
+        cpu.default_image(&cpu.stage("runtime").from),
         "debian:bookworm-slim"
     );
     assert_eq!(
-        cpu.default_image(&cpu.stage("build").0),
+        cpu.default_image(&cpu.stage("build").from),
         "rust:1.95-bookworm"
     );
     assert_eq!(cuda.runtime_env()["QTUNE_DEVICES"], "cuda:0");
