@@ -1,5 +1,6 @@
-//! Process settings of `qtune serve`: every flag also from a `QTUNE_*` environment variable.
-//! Training hyper-parameters are not here: they belong to each job's spec.
+//! Process settings of `qtune serve` and `qtune worker` (one set, so that every process of a
+//! deployment reads the same environment): every flag also from a `QTUNE_*` environment
+//! variable. Training hyper-parameters are not here: they belong to each job's spec.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,9 +10,29 @@ pub struct ServeConfig {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "QTUNE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Holds qtune.db (SQLite), uploaded files and every job's artifacts.
+    /// Holds qtune.db (SQLite), uploaded files and every job's artifacts, unless --database and
+    /// --artifacts put them elsewhere; a worker's scratch space (a job's files while it trains).
     #[arg(long, env = "QTUNE_DATA_DIR", default_value = "./qtune-data")]
     pub data_dir: PathBuf,
+    /// The database: `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB` (shared by every
+    /// API and worker process). Default: qtune.db in the data dir.
+    #[arg(long, env = "QTUNE_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Connections in this process's database pool.
+    #[arg(long, env = "QTUNE_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+    /// Workers this process runs, one per device of --devices, in order (default: one for each);
+    /// 0: none, the HTTP API only.
+    #[arg(long, env = "QTUNE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Seconds a worker's claim on a job lasts without renewal (renewed every third of it); a
+    /// job whose worker died is taken over by another worker once it expires.
+    #[arg(long, env = "QTUNE_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+    /// Times a job may lose its worker (its lease expiring) and be taken over; one more and it
+    /// fails with too_many_failovers.
+    #[arg(long, env = "QTUNE_MAX_FAILOVERS", default_value_t = 3)]
+    pub max_failovers: u32,
     /// One worker per device, comma-separated: cpu, cuda:0, cuda:1, ...
     #[arg(
         long,
@@ -100,6 +121,11 @@ impl ServeConfig {
         ServeConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             data_dir,
+            database: None,
+            db_pool_size: 8,
+            workers: None,
+            lease_secs: 30,
+            max_failovers: 3,
             devices: vec!["cpu".into()],
             api_keys: vec![],
             allow_file_dirs: vec![],
@@ -124,7 +150,20 @@ impl ServeConfig {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
-        self.data_dir.join("qtune.db")
+    /// The database URL: --database, or the SQLite file in the data dir.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(url) if !url.trim().is_empty() => url.trim().to_string(),
+            _ => format!("sqlite://{}", self.data_dir.join("qtune.db").display()),
+        }
+    }
+
+    /// The devices this process runs workers on.
+    pub fn worker_devices(&self) -> &[String] {
+        let n = self
+            .workers
+            .unwrap_or(self.devices.len())
+            .min(self.devices.len());
+        &self.devices[..n]
     }
 }

@@ -31,6 +31,7 @@ pub mod http;
 pub mod job;
 pub mod model_access;
 pub mod queue;
+pub mod relay;
 pub mod spec;
 pub mod state;
 pub mod train;

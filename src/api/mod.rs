@@ -73,6 +73,14 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
         .with_state(state)
 }
 
+/// What a `qtune worker` serves on `--health-listen`: `/healthz` and `/readyz` alone.
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -86,11 +94,12 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
             "database unreachable",
         ));
     }
-    if workers < state.config.devices.len() {
+    let expected = state.config.worker_devices().len();
+    if workers < expected {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            format!("{workers} of {} workers up", state.config.devices.len()),
+            format!("{workers} of {expected} workers up"),
         ));
     }
     Ok(Json(

@@ -28,8 +28,18 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the job service: HTTP API, SQLite queue, one worker per device.
+    /// Run the job service: HTTP API, the queue (SQLite, or PostgreSQL shared with other
+    /// processes), one worker per device (--workers 0: the API only).
     Serve(crate::config::ServeConfig),
+    /// Run workers only, on the database and artifact store that `qtune serve` uses (the same
+    /// settings; the API's are ignored): more machines for one queue.
+    Worker {
+        #[command(flatten)]
+        config: crate::config::ServeConfig,
+        /// Serve /healthz and /readyz here (for an orchestrator's checks).
+        #[arg(long, env = "QTUNE_HEALTH_LISTEN")]
+        health_listen: Option<std::net::SocketAddr>,
+    },
     /// Start the service here, submit examples/quickstart.json, watch it train, save the adapter.
     Quickstart(quickstart::QuickstartArgs),
     /// Submit a job spec to a server; prints the job id. A local dataset path is uploaded first.
@@ -164,7 +174,11 @@ impl Reporter for PrintReporter {
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(config) => serve(config),
+        Command::Serve(config) => serve(config, None),
+        Command::Worker {
+            config,
+            health_listen,
+        } => serve(config, Some(health_listen)),
         Command::Quickstart(args) => quickstart::run(args),
         Command::Submit {
             spec,
@@ -239,7 +253,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
+/// `worker`: `None` runs `qtune serve`; `Some(health_listen)` runs `qtune worker`.
+fn serve(
+    config: crate::config::ServeConfig,
+    worker: Option<Option<std::net::SocketAddr>>,
+) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QTUNE_LOG")
@@ -250,8 +268,17 @@ fn serve(config: crate::config::ServeConfig) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), devices = ?config.devices, api_keys = config.api_keys.len(), "starting qtune serve");
-        let app = crate::app::App::build(config).await?;
+        let database = crate::db::redact(&config.database_url());
+        let app = match worker {
+            None => {
+                tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), %database, devices = ?config.worker_devices(), api_keys = config.api_keys.len(), "starting qtune serve");
+                crate::app::App::build(config).await?
+            }
+            Some(health_listen) => {
+                tracing::info!(data_dir = %config.data_dir.display(), %database, devices = ?config.worker_devices(), "starting qtune worker");
+                crate::app::App::build_worker(config, health_listen).await?
+            }
+        };
         tracing::info!(port = app.port(), "listening");
         app.run_until_stopped(crate::app::shutdown_signal()).await
     })

@@ -1,7 +1,7 @@
 //! The event log of every job: status changes, data summaries, step metrics, evaluations and
 //! checkpoints, in order. Its row ids are the SSE event ids.
 
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Any, Transaction};
 
 use super::{now, Db, Lease, Result};
 
@@ -12,41 +12,44 @@ pub struct EventRow {
     pub data: String,
 }
 
-pub(super) async fn insert(
-    tx: &mut Transaction<'_, Sqlite>,
-    job_id: &str,
-    kind: &str,
-    data: &str,
-) -> Result<i64> {
-    let (id,): (i64,) = sqlx::query_as(
-        "INSERT INTO job_events (job_id, kind, data, created_at) VALUES (?, ?, ?, ?) RETURNING id",
-    )
-    .bind(job_id)
-    .bind(kind)
-    .bind(data)
-    .bind(now())
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(id)
-}
-
 impl Db {
+    /// An event written inside `tx` (with the status change it records).
+    pub(super) async fn insert_event_in(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+        job_id: &str,
+        kind: &str,
+        data: &str,
+    ) -> Result<i64> {
+        let (id,): (i64,) = sqlx::query_as(&self.sql(
+            "INSERT INTO job_events (job_id, kind, data, created_at)
+             VALUES (?, ?, ?, ?::timestamptz) RETURNING id",
+        ))
+        .bind(job_id)
+        .bind(kind)
+        .bind(data)
+        .bind(now())
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(id)
+    }
+
     /// An event of the API's (queued, cancelled while queued): not fenced, no worker holds the job.
     pub async fn insert_event(&self, job_id: &str, kind: &str, data: &str) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let id = insert(&mut tx, job_id, kind, data).await?;
+        let id = self.insert_event_in(&mut tx, job_id, kind, data).await?;
         tx.commit().await?;
         Ok(id)
     }
 
     /// An event of the worker holding `lease`; refused once the lease is lost.
     pub async fn insert_event_fenced(&self, lease: &Lease, kind: &str, data: &str) -> Result<i64> {
-        let row: Option<(i64,)> = sqlx::query_as(
+        let row: Option<(i64,)> = sqlx::query_as(&self.sql(
             "INSERT INTO job_events (job_id, kind, data, created_at)
-             SELECT ?, ?, ?, ? WHERE EXISTS
+             SELECT ?, ?, ?, ?::timestamptz WHERE EXISTS
                  (SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND status = 'running')
              RETURNING id",
-        )
+        ))
         .bind(lease.job.as_str())
         .bind(kind)
         .bind(data)
@@ -61,11 +64,24 @@ impl Db {
     /// Events of a job after event id `after`, oldest first.
     pub async fn events_after(&self, job_id: &str, after: i64) -> Result<Vec<EventRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, kind, data FROM job_events WHERE job_id = ? AND id > ? ORDER BY id",
+            &self.sql(
+                "SELECT id, kind, data FROM job_events WHERE job_id = ? AND id > ? ORDER BY id",
+            ),
         )
         .bind(job_id)
         .bind(after)
         .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// One event of a job (what another process's NOTIFY named).
+    pub async fn event(&self, job_id: &str, id: i64) -> Result<Option<EventRow>> {
+        Ok(sqlx::query_as(
+            &self.sql("SELECT id, kind, data FROM job_events WHERE job_id = ? AND id = ?"),
+        )
+        .bind(job_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
         .await?)
     }
 }

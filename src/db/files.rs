@@ -15,11 +15,14 @@ pub struct FileRow {
     pub created_at: String,
 }
 
+const FILE_COLUMNS: [&str; 6] = ["id", "owner", "filename", "bytes", "sha256", "created_at"];
+
 impl Db {
     pub async fn insert_file(&self, row: &FileRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO files (id, owner, filename, bytes, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
+        sqlx::query(&self.sql(
+            "INSERT INTO files (id, owner, filename, bytes, sha256, created_at)
+             VALUES (?, ?, ?, ?, ?, ?::timestamptz)",
+        ))
         .bind(&row.id)
         .bind(&row.owner)
         .bind(&row.filename)
@@ -33,10 +36,11 @@ impl Db {
 
     /// The caller's uploads, newest first; one more than `limit` tells whether more exist.
     pub async fn list_files(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, owner, filename, bytes, sha256, created_at FROM files
-             WHERE (? IS NULL OR owner = ?) ORDER BY created_at DESC, id DESC LIMIT ?",
-        )
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT {} FROM files
+             WHERE (? IS NULL OR owner = ?) ORDER BY files.created_at DESC, id DESC LIMIT ?",
+            self.columns(&FILE_COLUMNS)
+        )))
         .bind(owner)
         .bind(owner)
         .bind(limit)
@@ -46,19 +50,24 @@ impl Db {
 
     /// Removes an upload's record; whether there was one the caller may see.
     pub async fn delete_file(&self, id: &str, owner: Option<&str>) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM files WHERE id = ? AND (? IS NULL OR owner = ?)")
-            .bind(id)
-            .bind(owner)
-            .bind(owner)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query(&self.sql("DELETE FROM files WHERE id = ? AND (? IS NULL OR owner = ?)"))
+                .bind(id)
+                .bind(owner)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Bytes of the owner's uploads.
     pub async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
         let (n,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS ?")
+            // PostgreSQL's SUM of bigints is numeric: cast back
+            sqlx::query_as(&self.sql(
+                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files
+                 WHERE owner IS NOT DISTINCT FROM ?",
+            ))
                 .bind(owner)
                 .fetch_one(&self.pool)
                 .await?;
@@ -68,8 +77,8 @@ impl Db {
     /// Whether any job or file belongs to an API key.
     pub async fn holds_owned_data(&self) -> Result<bool> {
         let (owned,): (i64,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE owner IS NOT NULL)
-                 OR EXISTS (SELECT 1 FROM files WHERE owner IS NOT NULL)",
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE owner IS NOT NULL)
+                 OR EXISTS (SELECT 1 FROM files WHERE owner IS NOT NULL) THEN 1 ELSE 0 END",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -77,9 +86,10 @@ impl Db {
     }
 
     pub async fn get_file(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRow>> {
-        Ok(sqlx::query_as(
-            "SELECT id, owner, filename, bytes, sha256, created_at FROM files WHERE id = ? AND (? IS NULL OR owner = ?)",
-        )
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT {} FROM files WHERE id = ? AND (? IS NULL OR owner = ?)",
+            self.columns(&FILE_COLUMNS)
+        )))
         .bind(id)
         .bind(owner)
         .bind(owner)

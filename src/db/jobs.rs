@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{in_seconds, now, Db, Error, Lease, Result};
+use super::{in_seconds, now, Backend, Db, Error, Lease, Result};
 use crate::job::{JobId, JobPhase, JobStatus, StepMetrics};
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
@@ -69,21 +69,52 @@ pub enum DeleteOutcome {
 pub struct Claim {
     pub lease: Lease,
     pub spec: String,
+    /// Times the job has been taken over from a worker whose lease expired (this claim included
+    /// when it is such a takeover).
+    pub failovers: i64,
 }
 
-const JOB_COLUMNS: &str = "seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code, error_message, cancel_requested, attempt, adapter_files, artifacts_removed_at";
+const JOB_COLUMNS: [&str; 22] = [
+    "seq",
+    "id",
+    "owner",
+    "status",
+    "phase",
+    "spec",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "step",
+    "total_steps",
+    "epoch",
+    "tokens_seen",
+    "elapsed_seconds",
+    "train_loss",
+    "eval_loss",
+    "error_code",
+    "error_message",
+    "cancel_requested",
+    "attempt",
+    "adapter_files",
+    "artifacts_removed_at",
+];
 
 /// The condition every fenced write adds: the job is still running under this attempt.
 const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 
 impl Db {
     pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &str) -> Result<JobRow> {
-        Ok(sqlx::query_as(&format!(
-            // created_at is taken inside the insert, which SQLite serializes, so it never runs
-            // backwards against seq (the list order)
+        // created_at is taken inside the insert, so that it does not run backwards against seq
+        // (the list order) as a time taken before it could
+        let created_at = match self.backend {
+            Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')",
+            Backend::Postgres => "clock_timestamp()",
+        };
+        Ok(sqlx::query_as(&self.sql(&format!(
             "INSERT INTO jobs (id, owner, status, spec, created_at)
-             VALUES (?, ?, 'queued', ?, strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')) RETURNING {JOB_COLUMNS}"
-        ))
+             VALUES (?, ?, 'queued', ?, {created_at}) RETURNING {}",
+            self.columns(&JOB_COLUMNS)
+        )))
         .bind(id.as_str())
         .bind(owner)
         .bind(spec)
@@ -93,9 +124,10 @@ impl Db {
 
     /// A job, if it exists and `owner` may see it (`None` = no API keys in use).
     pub async fn get_job(&self, id: &JobId, owner: Option<&str>) -> Result<Option<JobRow>> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?)"
-        ))
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT {} FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?)",
+            self.columns(&JOB_COLUMNS)
+        )))
         .bind(id.as_str())
         .bind(owner)
         .bind(owner)
@@ -112,11 +144,12 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<JobRow>> {
         let status = status.map(JobStatus::as_str);
-        Ok(sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT {} FROM jobs
              WHERE (? IS NULL OR owner = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR seq < ?)
-             ORDER BY seq DESC LIMIT ?"
-        ))
+             ORDER BY seq DESC LIMIT ?",
+            self.columns(&JOB_COLUMNS)
+        )))
         .bind(owner)
         .bind(owner)
         .bind(status)
@@ -132,15 +165,16 @@ impl Db {
     /// refuse with SQLITE_BUSY_SNAPSHOT while a worker writes).
     pub async fn request_cancel(&self, id: &JobId, owner: Option<&str>) -> Result<CancelOutcome> {
         let stamp = now();
-        let row: Option<(String, Option<String>)> = sqlx::query_as(
+        let row: Option<(String, Option<String>)> = sqlx::query_as(&self.sql(&format!(
             "UPDATE jobs SET
                  status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-                 finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END,
+                 finished_at = CASE WHEN status = 'queued' THEN ?::timestamptz ELSE finished_at END,
                  phase = CASE WHEN status = 'queued' THEN NULL ELSE phase END,
                  cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END
              WHERE id = ? AND (? IS NULL OR owner = ?)
-             RETURNING status, finished_at",
-        )
+             RETURNING status, {}",
+            self.time("finished_at")
+        )))
         .bind(&stamp)
         .bind(id.as_str())
         .bind(owner)
@@ -166,21 +200,23 @@ impl Db {
 
     /// How many of the owner's jobs are in `status`.
     pub async fn count_jobs(&self, owner: Option<&str>, status: JobStatus) -> Result<i64> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status = ?")
-                .bind(owner)
-                .bind(status.as_str())
-                .fetch_one(&self.pool)
-                .await?;
+        let (n,): (i64,) = sqlx::query_as(
+            &self
+                .sql("SELECT COUNT(*) FROM jobs WHERE owner IS NOT DISTINCT FROM ? AND status = ?"),
+        )
+        .bind(owner)
+        .bind(status.as_str())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n)
     }
 
     /// Finished jobs whose artifacts are still kept and that finished before `cutoff`.
     pub async fn expired_jobs(&self, cutoff: &str) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
+        let rows: Vec<(String,)> = sqlx::query_as(&self.sql(
             "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
-                 AND finished_at < ? AND artifacts_removed_at IS NULL",
-        )
+                 AND finished_at < ?::timestamptz AND artifacts_removed_at IS NULL",
+        ))
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
@@ -189,7 +225,9 @@ impl Db {
 
     /// Records that a job's artifacts were removed by retention (its record stays).
     pub async fn mark_artifacts_removed(&self, id: &JobId) -> Result<()> {
-        sqlx::query("UPDATE jobs SET artifacts_removed_at = ?, adapter_files = NULL WHERE id = ?")
+        sqlx::query(&self.sql(
+            "UPDATE jobs SET artifacts_removed_at = ?::timestamptz, adapter_files = NULL WHERE id = ?",
+        ))
             .bind(now())
             .bind(id.as_str())
             .execute(&self.pool)
@@ -199,10 +237,10 @@ impl Db {
 
     /// Deletes a job that is not running (its events and checkpoints go with it).
     pub async fn delete_job(&self, id: &JobId, owner: Option<&str>) -> Result<DeleteOutcome> {
-        let gone: Option<(String,)> = sqlx::query_as(
+        let gone: Option<(String,)> = sqlx::query_as(&self.sql(
             "DELETE FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?) AND status != 'running'
              RETURNING id",
-        )
+        ))
         .bind(id.as_str())
         .bind(owner)
         .bind(owner)
@@ -222,22 +260,33 @@ impl Db {
     /// not hold every worker. Atomic: two workers never get the same job.
     pub async fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
         let now = now();
-        let row: Option<(String, String, i64)> = sqlx::query_as(
-            "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?, lease_expires_at = ?,
-                 started_at = COALESCE(started_at, ?), phase = NULL
+        // PostgreSQL: the picked row is locked for this claim and skipped by concurrent ones, so
+        // racing workers each get a different job instead of waiting on one another
+        let lock = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        };
+        // (SET expressions read the row as it was: `status = 'running'` there means a takeover)
+        let row: Option<(String, String, i64, i64)> = sqlx::query_as(&self.sql(&format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = ?,
+                 failovers = failovers + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
+                 lease_expires_at = ?::timestamptz,
+                 started_at = COALESCE(started_at, ?::timestamptz), phase = NULL
              WHERE seq = (SELECT q.seq FROM jobs q
-                          WHERE (q.status = 'queued' OR (q.status = 'running' AND q.lease_expires_at < ?))
+                          WHERE (q.status = 'queued' OR (q.status = 'running' AND q.lease_expires_at < ?::timestamptz))
                             AND q.cancel_requested = 0
                             AND (SELECT COUNT(*) FROM jobs r
-                                 WHERE r.status = 'running' AND r.owner IS q.owner AND r.seq != q.seq) < ?
+                                 WHERE r.status = 'running' AND r.owner IS NOT DISTINCT FROM q.owner
+                                   AND r.seq != q.seq) < ?
                           -- fair between owners: the owner with the fewest jobs running goes
                           -- first, then the oldest job
                           ORDER BY (SELECT COUNT(*) FROM jobs r
-                                    WHERE r.status = 'running' AND r.owner IS q.owner AND r.seq != q.seq),
+                                    WHERE r.status = 'running' AND r.owner IS NOT DISTINCT FROM q.owner
+                                      AND r.seq != q.seq),
                                    q.seq
-                          LIMIT 1)
-             RETURNING id, spec, attempt",
-        )
+                          LIMIT 1 {lock})
+             RETURNING id, spec, attempt, failovers"
+        )))
         .bind(worker)
         .bind(in_seconds(lease_secs))
         .bind(&now)
@@ -245,22 +294,23 @@ impl Db {
         .bind(self.max_running_per_owner)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|(id, spec, attempt)| {
+        Ok(row.and_then(|(id, spec, attempt, failovers)| {
             Some(Claim {
                 lease: Lease {
                     job: JobId::parse(&id)?,
                     attempt,
                 },
                 spec,
+                failovers,
             })
         }))
     }
 
     /// Extends the lease; returns whether a cancel was requested.
     pub async fn heartbeat(&self, lease: &Lease, lease_secs: i64) -> Result<bool> {
-        let row: Option<(i64,)> = sqlx::query_as(&format!(
-            "UPDATE jobs SET lease_expires_at = ? WHERE {FENCE} RETURNING cancel_requested"
-        ))
+        let row: Option<(i64,)> = sqlx::query_as(&self.sql(&format!(
+            "UPDATE jobs SET lease_expires_at = ?::timestamptz WHERE {FENCE} RETURNING cancel_requested"
+        )))
         .bind(in_seconds(lease_secs))
         .bind(lease.job.as_str())
         .bind(lease.attempt)
@@ -272,9 +322,9 @@ impl Db {
     /// Moves a lease's expiry to `secs` from now (negative: into the past), as a worker that
     /// stopped renewing would leave it. Used by tests of takeover and by operators' tooling.
     pub async fn set_lease_expiry(&self, lease: &Lease, secs: i64) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "UPDATE jobs SET lease_expires_at = ? WHERE {FENCE}"
-        ))
+        let done = sqlx::query(&self.sql(&format!(
+            "UPDATE jobs SET lease_expires_at = ?::timestamptz WHERE {FENCE}"
+        )))
         .bind(in_seconds(secs))
         .bind(lease.job.as_str())
         .bind(lease.attempt)
@@ -283,20 +333,8 @@ impl Db {
         lease.check(done.rows_affected())
     }
 
-    /// At start-up of the single-node server: jobs left running by a crash go back to the queue
-    /// (they resume from their last checkpoint).
-    pub async fn requeue_running(&self) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "UPDATE jobs SET status = 'queued', phase = NULL, worker = NULL, lease_expires_at = NULL
-             WHERE status = 'running' RETURNING id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|r| r.0).collect())
-    }
-
     pub async fn set_phase(&self, lease: &Lease, phase: JobPhase) -> Result<()> {
-        let done = sqlx::query(&format!("UPDATE jobs SET phase = ? WHERE {FENCE}"))
+        let done = sqlx::query(&self.sql(&format!("UPDATE jobs SET phase = ? WHERE {FENCE}")))
             .bind(phase.as_str())
             .bind(lease.job.as_str())
             .bind(lease.attempt)
@@ -307,10 +345,10 @@ impl Db {
 
     /// A step's progress.
     pub async fn set_progress(&self, lease: &Lease, m: &StepMetrics) -> Result<()> {
-        let done = sqlx::query(&format!(
+        let done = sqlx::query(&self.sql(&format!(
             "UPDATE jobs SET step = ?, total_steps = ?, epoch = ?, tokens_seen = ?, elapsed_seconds = ?, train_loss = ?
              WHERE {FENCE}"
-        ))
+        )))
         .bind(m.step as i64)
         .bind(m.total_steps as i64)
         .bind(m.epoch)
@@ -325,17 +363,18 @@ impl Db {
     }
 
     pub async fn set_total_steps(&self, lease: &Lease, total_steps: i64) -> Result<()> {
-        let done = sqlx::query(&format!("UPDATE jobs SET total_steps = ? WHERE {FENCE}"))
-            .bind(total_steps)
-            .bind(lease.job.as_str())
-            .bind(lease.attempt)
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query(&self.sql(&format!("UPDATE jobs SET total_steps = ? WHERE {FENCE}")))
+                .bind(total_steps)
+                .bind(lease.job.as_str())
+                .bind(lease.attempt)
+                .execute(&self.pool)
+                .await?;
         lease.check(done.rows_affected())
     }
 
     pub async fn set_eval_loss(&self, lease: &Lease, eval_loss: f64) -> Result<()> {
-        let done = sqlx::query(&format!("UPDATE jobs SET eval_loss = ? WHERE {FENCE}"))
+        let done = sqlx::query(&self.sql(&format!("UPDATE jobs SET eval_loss = ? WHERE {FENCE}")))
             .bind(eval_loss)
             .bind(lease.job.as_str())
             .bind(lease.attempt)
@@ -356,11 +395,11 @@ impl Db {
         event_data: &str,
     ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(&format!(
-            "UPDATE jobs SET status = ?, phase = NULL, finished_at = ?, error_code = ?, error_message = ?,
-                 adapter_files = ?, worker = NULL, lease_expires_at = NULL
+        let done = sqlx::query(&self.sql(&format!(
+            "UPDATE jobs SET status = ?, phase = NULL, finished_at = ?::timestamptz, error_code = ?,
+                 error_message = ?, adapter_files = ?, worker = NULL, lease_expires_at = NULL
              WHERE {FENCE}"
-        ))
+        )))
         .bind(status.as_str())
         .bind(now())
         .bind(error.map(|e| e.0))
@@ -371,7 +410,9 @@ impl Db {
         .execute(&mut *tx)
         .await?;
         lease.check(done.rows_affected())?;
-        let id = super::events::insert(&mut tx, lease.job.as_str(), "status", event_data).await?;
+        let id = self
+            .insert_event_in(&mut tx, lease.job.as_str(), "status", event_data)
+            .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -380,16 +421,18 @@ impl Db {
     /// records why, in one transaction. Returns the event's id.
     pub async fn requeue(&self, lease: &Lease, event_data: &str) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(&format!(
+        let done = sqlx::query(&self.sql(&format!(
             "UPDATE jobs SET status = 'queued', phase = NULL, worker = NULL, lease_expires_at = NULL
              WHERE {FENCE}"
-        ))
+        )))
         .bind(lease.job.as_str())
         .bind(lease.attempt)
         .execute(&mut *tx)
         .await?;
         lease.check(done.rows_affected())?;
-        let id = super::events::insert(&mut tx, lease.job.as_str(), "status", event_data).await?;
+        let id = self
+            .insert_event_in(&mut tx, lease.job.as_str(), "status", event_data)
+            .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -397,11 +440,11 @@ impl Db {
     /// Records a checkpoint the lease's worker wrote (a later write of the same step replaces
     /// it: a resumed attempt may write it again).
     pub async fn insert_checkpoint(&self, lease: &Lease, step: i64, files: &str) -> Result<()> {
-        let done = sqlx::query(&format!(
+        let done = sqlx::query(&self.sql(&format!(
             "INSERT INTO checkpoints (job_id, step, created_at, files)
-             SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})
+             SELECT ?, ?, ?::timestamptz, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})
              ON CONFLICT (job_id, step) DO UPDATE SET files = excluded.files, created_at = excluded.created_at"
-        ))
+        )))
         .bind(lease.job.as_str())
         .bind(step)
         .bind(now())
@@ -414,9 +457,10 @@ impl Db {
     }
 
     pub async fn list_checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRow>> {
-        Ok(sqlx::query_as(
-            "SELECT step, created_at, files FROM checkpoints WHERE job_id = ? ORDER BY step",
-        )
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT step, {}, files FROM checkpoints WHERE job_id = ? ORDER BY step",
+            self.time("created_at")
+        )))
         .bind(job.as_str())
         .fetch_all(&self.pool)
         .await?)

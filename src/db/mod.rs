@@ -1,21 +1,26 @@
-//! Storage: one SQLite file in the data dir, through sqlx. All SQL lives in this module.
+//! Storage: SQLite (one file, the embedded default) or PostgreSQL (shared by any number of API
+//! and worker processes), through sqlx's `Any` driver. All SQL lives in this module.
 //!
 //! The job queue is the `jobs` table (`jobs.rs`): a worker claims the oldest queued job (or one
-//! whose lease expired) with a single `UPDATE … RETURNING`, which SQLite runs atomically, and
-//! every later write of that worker — heartbeat, phase, progress, events, checkpoints, the
-//! finish — names the [`Lease`] it claimed and is refused once another attempt has taken the job.
-//! `events.rs` is the event log (the SSE history), `files.rs` the uploads.
+//! whose lease expired) with a single `UPDATE … RETURNING` (on PostgreSQL its row is picked `FOR
+//! UPDATE SKIP LOCKED`), and every later write of that worker — heartbeat, phase, progress,
+//! events, checkpoints, the finish — names the [`Lease`] it claimed and is refused once another
+//! attempt has taken the job. `events.rs` is the event log (the SSE history), `files.rs` the
+//! uploads, `notify.rs` PostgreSQL's LISTEN/NOTIFY between processes.
+//!
+//! The SQL is written once, for both: `?` parameters, `?::timestamptz` for a time parameter, and
+//! times read through [`Db::time`]; [`Db::sql`] makes the backend's text. Times are RFC 3339 text
+//! in SQLite (a fixed format, so that text order is time order) and `timestamptz` in PostgreSQL.
 
 mod events;
 mod files;
 mod jobs;
+pub mod notify;
 
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor};
 
 pub use events::EventRow;
 pub use files::FileRow;
@@ -29,6 +34,8 @@ pub enum Error {
     Sqlx(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database URL {0:?}: expected sqlite://PATH or postgres://…")]
+    Url(String),
     /// A fenced write of a worker whose claim is no longer current: another attempt took the
     /// job over (its lease expired), or the job was finished or requeued.
     #[error("job {job}: attempt {attempt} no longer holds the job; the write was refused")]
@@ -63,9 +70,18 @@ impl Lease {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Clone)]
 pub struct Db {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+    /// Where it connected (PostgreSQL's LISTEN needs a connection of its own).
+    url: std::sync::Arc<str>,
     /// Jobs of one owner that may run at once (the claim skips owners at it).
     max_running_per_owner: i64,
 }
@@ -89,24 +105,86 @@ pub fn in_seconds(secs: i64) -> String {
 }
 
 impl Db {
-    /// Opens (creating if needed) the database file with WAL and foreign keys, and applies the
-    /// embedded migrations.
+    /// Opens (creating if needed) an SQLite database file.
     pub async fn open(path: &Path) -> Result<Db> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        Db::connect(&format!("sqlite://{}", path.display()), 8).await
+    }
+
+    /// Connects to `sqlite://PATH` (created if missing; WAL, foreign keys) or `postgres://…`
+    /// with a pool of `pool_size` connections, and applies the backend's embedded migrations.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (Backend::Sqlite, format!("{url}{sep}mode=rwc"))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_string())
+        } else {
+            return Err(Error::Url(redact(url)));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
         Ok(Db {
             pool,
+            backend,
+            url: url.into(),
             max_running_per_owner: i64::MAX,
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The backend's text of a statement written with `?` parameters (see the module's notes).
+    fn sql(&self, text: &str) -> String {
+        translate(self.backend, text)
+    }
+
+    /// A time column as the select list reads it: RFC 3339 text with six fraction digits on both.
+    fn time(&self, column: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => column.to_string(),
+            Backend::Postgres => {
+                let name = column.rsplit('.').next().unwrap_or(column);
+                format!(
+                    "to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS {name}"
+                )
+            }
+        }
+    }
+
+    /// A select list in which the time columns are read through [`Db::time`].
+    fn columns(&self, columns: &[&str]) -> String {
+        columns
+            .iter()
+            .map(|c| {
+                if TIME_COLUMNS.contains(c) {
+                    self.time(c)
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Claims skip an owner with `n` jobs running (0: no limit).
@@ -120,22 +198,99 @@ impl Db {
         Ok(())
     }
 
-    /// The statuses the jobs table's CHECK constraint allows, read from the schema SQLite keeps:
-    /// compared with [`crate::job::JobStatus::ALL`] by a test.
+    /// The statuses the jobs table's CHECK constraint allows, read from the schema the database
+    /// keeps: compared with [`crate::job::JobStatus::ALL`] by a test.
     pub async fn allowed_statuses(&self) -> Result<Vec<String>> {
-        let (sql,): (String,) =
-            sqlx::query_as("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
-                .fetch_one(&self.pool)
-                .await?;
-        let list = sql
-            .split_once("status IN (")
-            .and_then(|(_, rest)| rest.split_once(')'))
-            .map(|(list, _)| list)
-            .unwrap_or_default();
-        Ok(list
-            .split(',')
-            .map(|s| s.trim().trim_matches('\'').to_string())
-            .filter(|s| !s.is_empty())
+        let query = match self.backend {
+            Backend::Sqlite => "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+            Backend::Postgres => {
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'jobs_status_check'"
+            }
+        };
+        let (sql,): (String,) = sqlx::query_as(query).fetch_one(&self.pool).await?;
+        // the quoted words of the status check (SQLite keeps the CREATE TABLE text, PostgreSQL
+        // gives the constraint alone)
+        let check = match self.backend {
+            Backend::Sqlite => sql
+                .split_once("status IN (")
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map(|(list, _)| list.to_string())
+                .unwrap_or_default(),
+            Backend::Postgres => sql,
+        };
+        Ok(check
+            .split('\'')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
             .collect())
+    }
+}
+
+/// Columns that hold times (read through [`Db::time`]).
+const TIME_COLUMNS: [&str; 5] = [
+    "created_at",
+    "started_at",
+    "finished_at",
+    "lease_expires_at",
+    "artifacts_removed_at",
+];
+
+/// `?` → `$1, $2, …` for PostgreSQL; `?::timestamptz` → `?` for SQLite (which keeps times as
+/// text). The statements hold no `?` inside string literals.
+fn translate(backend: Backend, text: &str) -> String {
+    match backend {
+        Backend::Sqlite => text.replace("?::timestamptz", "?"),
+        Backend::Postgres => {
+            let mut out = String::with_capacity(text.len() + 16);
+            let mut n = 0;
+            for c in text.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// A database URL fit for an error message: without its password.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_translate_per_backend() {
+        let sql = "UPDATE jobs SET a = ?, t = ?::timestamptz WHERE id = ? AND owner IS NOT DISTINCT FROM ?";
+        assert_eq!(
+            translate(Backend::Postgres, sql),
+            "UPDATE jobs SET a = $1, t = $2::timestamptz WHERE id = $3 AND owner IS NOT DISTINCT FROM $4"
+        );
+        assert_eq!(
+            translate(Backend::Sqlite, sql),
+            "UPDATE jobs SET a = ?, t = ? WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
+        );
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("postgres://qtune:hunter2@db:5432/qtune"),
+            "postgres://qtune:***@db:5432/qtune"
+        );
     }
 }

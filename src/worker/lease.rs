@@ -8,9 +8,15 @@ use std::time::Duration;
 use crate::db::{self, Lease};
 use crate::state::AppState;
 
-/// A claim is held this long without a heartbeat before another worker may take the job over.
-pub const LEASE_SECS: i64 = 60;
-const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The lease a claim takes and each heartbeat renews (`--lease-secs`).
+pub fn lease_secs(state: &AppState) -> i64 {
+    state.config.lease_secs.clamp(1, 24 * 3600) as i64
+}
+
+/// Renewed three times per lease, so that one late or failed beat does not lose it.
+fn heartbeat_interval(state: &AppState) -> Duration {
+    Duration::from_secs_f64(lease_secs(state) as f64 / 3.0)
+}
 
 /// Renews `lease` until aborted (the job ended) or until it must stop the job; raises
 /// `over_time` too when the job has run past the operator's time limit.
@@ -27,7 +33,7 @@ pub fn spawn_heartbeat(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tokio::time::sleep(heartbeat_interval(&state)) => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(hours = state.config.max_job_hours, "the job reached the time limit; stopping it");
                     over_time.store(true, Ordering::SeqCst);
@@ -39,7 +45,7 @@ pub fn spawn_heartbeat(
                     return;
                 }
             }
-            match state.db.heartbeat(&lease, LEASE_SECS).await {
+            match state.db.heartbeat(&lease, lease_secs(&state)).await {
                 Ok(true) => stop.store(true, Ordering::SeqCst),
                 Ok(false) => {}
                 Err(e @ db::Error::LeaseLost { .. }) => {

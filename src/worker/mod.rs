@@ -15,7 +15,6 @@ use std::time::Duration;
 use tracing::Instrument;
 
 pub use fetch::FetchError;
-pub use lease::LEASE_SECS;
 pub use runner::{run_one, Outcome};
 
 use crate::db::{self, Lease};
@@ -36,7 +35,11 @@ pub async fn run(state: AppState, device_name: String) {
     state.workers_up.fetch_add(1, Ordering::SeqCst);
     tracing::info!(worker = %worker_id, "worker up");
     while !state.shutdown.is_cancelled() {
-        let claim = match state.db.claim_next(&worker_id, LEASE_SECS).await {
+        let claim = match state
+            .db
+            .claim_next(&worker_id, lease::lease_secs(&state))
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "claiming a job failed");
@@ -48,7 +51,25 @@ pub async fn run(state: AppState, device_name: String) {
                 let lease = claim.lease.clone();
                 let span = tracing::info_span!("job", job.id = %lease.job, attempt = lease.attempt);
                 async {
-                    let outcome = run_one(&state, &device, claim).await;
+                    if claim.failovers > 0 {
+                        tracing::warn!(
+                            failovers = claim.failovers,
+                            "took the job over from a worker whose lease expired"
+                        );
+                    }
+                    let outcome = if claim.failovers > i64::from(state.config.max_failovers) {
+                        Outcome::failed(
+                            "too_many_failovers",
+                            format!(
+                                "the job lost its worker {} times over attempts 1 to {}, more \
+                                 than --max-failovers {} allows: something in it may be bringing \
+                                 its workers down",
+                                claim.failovers, lease.attempt, state.config.max_failovers
+                            ),
+                        )
+                    } else {
+                        run_one(&state, &device, claim).await
+                    };
                     if let Err(e) = record_outcome(&state, &lease, &outcome).await {
                         tracing::error!(error = %e, ?outcome, "could not record how the job ended");
                     }

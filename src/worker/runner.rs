@@ -39,7 +39,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn failed(code: &'static str, message: impl ToString) -> Outcome {
+    pub(super) fn failed(code: &'static str, message: impl ToString) -> Outcome {
         Outcome::Failed {
             code,
             message: message.to_string(),
@@ -182,7 +182,7 @@ async fn try_run(
     );
     // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
     // database has it (the heartbeat would see it too, but only after its first interval).
-    match state.db.heartbeat(lease, lease::LEASE_SECS).await {
+    match state.db.heartbeat(lease, lease::lease_secs(state)).await {
         Ok(true) => stop.store(true, Ordering::SeqCst),
         Ok(false) => {}
         Err(db::Error::LeaseLost { .. }) => {
@@ -241,7 +241,7 @@ async fn try_run(
         ),
         Ok(Err(train::Error::Cancelled)) if state.shutdown.is_cancelled() => Outcome::Interrupted,
         Ok(Err(train::Error::Cancelled)) => {
-            match state.db.heartbeat(lease, lease::LEASE_SECS).await {
+            match state.db.heartbeat(lease, lease::lease_secs(state)).await {
                 // stopped because the lease was lost, not because anyone cancelled
                 Err(db::Error::LeaseLost { .. }) => Outcome::LeaseLost,
                 _ => Outcome::Cancelled,

@@ -236,11 +236,7 @@ impl Dockerfile {
             );
         }
         // `prebuilt` comes before the compiling stage: stages are built in order up to the target
-        let position = |n: &str| {
-            stages
-                .iter()
-                .position(|s| s.name.as_deref() == Some(n))
-        };
+        let position = |n: &str| stages.iter().position(|s| s.name.as_deref() == Some(n));
         assert!(position("prebuilt") < position("build"), "{}", self.name);
         // base images are build arguments whose defaults are the public images
         for Stage { from, name, .. } in &stages {

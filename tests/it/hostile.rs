@@ -401,7 +401,7 @@ async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_take_turns_at_the_queue() {
-    use qtune::worker::LEASE_SECS;
+    use crate::helpers::LEASE_SECS;
     let app = spawn_app_with(|c| c.devices.clear()).await;
     let db = &app.state.db;
     let spec = r#"{"base_model": "m", "dataset": {"url": "https://example.com/d.jsonl"}}"#;
@@ -911,7 +911,7 @@ async fn per_key_quotas_answer_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_cannot_hold_every_worker() {
-    use qtune::worker::LEASE_SECS;
+    use crate::helpers::LEASE_SECS;
     let app = spawn_app_with(|c| {
         c.devices.clear();
         c.max_running_per_key = 1;

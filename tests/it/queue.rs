@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
+use crate::helpers::LEASE_SECS;
 use qtune::db::{self, Db, Lease};
 use qtune::events::{JobEvent, StatusChange};
 use qtune::job::{JobId, JobPhase, JobStatus, StepMetrics};
-use qtune::worker::{record_outcome, Outcome, LEASE_SECS};
+use qtune::worker::{record_outcome, Outcome};
 
 use crate::helpers::app::spawn_app_with;
 

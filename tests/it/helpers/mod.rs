@@ -1,6 +1,9 @@
 //! What the tests share: the service in this process (`app`), the binary as a process
 //! (`process`), a tiny random model folder, small datasets and specs.
 
+/// The lease the tests' direct claims take: long enough never to expire by accident.
+pub const LEASE_SECS: i64 = 60;
+
 pub mod app;
 pub mod process;
 

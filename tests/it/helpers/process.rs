@@ -40,6 +40,8 @@ impl ServeProcess {
             .env("QTUNE_ALLOW_FILE_DIRS", allow)
             .env("QTUNE_ALLOW_MODEL_DIRS", allow)
             .env("QTUNE_LOG", "info")
+            // a job left running by a killed server is taken over once its lease expires
+            .env("QTUNE_LEASE_SECS", "3")
             .env("NO_COLOR", "1")
             .stdout(stdout)
             .stderr(Stdio::null())
