@@ -43,9 +43,6 @@ pub async fn upload(
             3600,
         )
     };
-    if room == 0 {
-        return Err(over_quota());
-    }
     let limit = upload_limit.min(room);
     let too_large = || {
         ApiError::new(
@@ -65,7 +62,8 @@ pub async fn upload(
     if announced.is_some_and(|n| n > upload_limit) {
         return Err(too_large());
     }
-    if announced.is_some_and(|n| n > limit) {
+    if room == 0 || announced.is_some_and(|n| n > limit) {
+        drain_small_body(req.into_body(), announced).await;
         return Err(over_quota());
     }
     let is_multipart = req
@@ -474,4 +472,25 @@ fn verified(
             }
         }
     })
+}
+
+/// Reads and drops the body of a request refused before reading it, when it is small (at most
+/// 4 MiB, for 5 s at most): a client still sending it then gets the answer instead of a
+/// connection closed under it. A larger body is answered at once and its connection closed.
+async fn drain_small_body(body: axum::body::Body, announced: Option<u64>) {
+    const MOST: u64 = 4 << 20;
+    if !announced.is_some_and(|n| n <= MOST) {
+        return;
+    }
+    let mut chunks = body.into_data_stream();
+    let drain = async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut chunks).await {
+            read += chunk.len() as u64;
+            if read > MOST {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }

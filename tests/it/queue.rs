@@ -35,11 +35,11 @@ fn is_lease_lost<T: std::fmt::Debug>(r: db::Result<T>) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_workers_race_for_one_job_and_exactly_one_wins() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("qtune.db");
-    // two pools on one file: two processes, as far as SQLite can tell
+    // two pools on one database: two processes, as far as the database can tell
+    let url = crate::helpers::test_database(dir.path());
     let (a, b) = (
-        Db::open(&path).await.unwrap(),
-        Db::open(&path).await.unwrap(),
+        Db::connect(&url, 4).await.unwrap(),
+        Db::connect(&url, 4).await.unwrap(),
     );
     let mut wins = HashMap::from([("worker-a", 0), ("worker-b", 0)]);
     for _ in 0..30 {
@@ -76,10 +76,10 @@ async fn two_workers_race_for_one_job_and_exactly_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_draining_a_queue_claim_each_job_once() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("qtune.db");
+    let url = crate::helpers::test_database(dir.path());
     let (a, b) = (
-        Db::open(&path).await.unwrap(),
-        Db::open(&path).await.unwrap(),
+        Db::connect(&url, 4).await.unwrap(),
+        Db::connect(&url, 4).await.unwrap(),
     );
     const JOBS: usize = 40;
     for _ in 0..JOBS {
@@ -111,7 +111,9 @@ async fn workers_draining_a_queue_claim_each_job_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(&dir.path().join("qtune.db")).await.unwrap();
+    let db = Db::connect(&crate::helpers::test_database(dir.path()), 4)
+        .await
+        .unwrap();
     let id = JobId::new();
     db.insert_job(&id, None, SPEC).await.unwrap();
 
@@ -270,7 +272,9 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
 #[tokio::test]
 async fn the_status_list_is_the_one_the_schema_allows() {
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(&dir.path().join("qtune.db")).await.unwrap();
+    let db = Db::connect(&crate::helpers::test_database(dir.path()), 4)
+        .await
+        .unwrap();
     let allowed = db.allowed_statuses().await.unwrap();
     let ours: Vec<String> = JobStatus::ALL.iter().map(|s| s.to_string()).collect();
     assert_eq!(allowed, ours);

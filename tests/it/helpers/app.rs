@@ -9,8 +9,9 @@ use qtune::config::ServeConfig;
 use qtune::state::AppState;
 use serde_json::{json, Value};
 
-/// `qtune serve` in this process: a real SQLite file in a temporary data dir, a real listener on
-/// an ephemeral port, the tiny model beside it. Stopped when dropped.
+/// `qtune serve` in this process: a real SQLite file in a temporary data dir (or a PostgreSQL
+/// database of its own: `QTUNE_TEST_BACKEND=postgres`), a real listener on an ephemeral port, the
+/// tiny model beside it. Stopped when dropped.
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
@@ -30,6 +31,10 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let mut config = ServeConfig::for_data_dir(data_dir.clone());
     config.allow_file_dirs = vec![dir.path().to_path_buf()];
     config.allow_model_dirs = vec![dir.path().to_path_buf()];
+    if super::postgres::selected() {
+        config.database = Some(super::postgres::database());
+        config.db_pool_size = 4;
+    }
     f(&mut config);
     let app = App::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

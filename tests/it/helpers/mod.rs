@@ -4,7 +4,18 @@
 /// The lease the tests' direct claims take: long enough never to expire by accident.
 pub const LEASE_SECS: i64 = 60;
 
+/// A database for a test: a new PostgreSQL database when the run selects that backend
+/// (`QTUNE_TEST_BACKEND=postgres`), else an SQLite file in `dir`.
+pub fn test_database(dir: &std::path::Path) -> String {
+    if postgres::selected() {
+        postgres::database()
+    } else {
+        format!("sqlite://{}", dir.join("qtune.db").display())
+    }
+}
+
 pub mod app;
+pub mod postgres;
 pub mod process;
 
 use std::path::{Path, PathBuf};
