@@ -168,13 +168,23 @@ pub struct LocalArtifacts {
 
 impl LocalArtifacts {
     /// Opens (creating) the directory, and removes the temporary files of writes that a crash
-    /// interrupted (they were never renamed into place, so nothing refers to them).
+    /// interrupted (they were never renamed into place, so nothing refers to them). Other
+    /// processes may share the directory: only a temporary file untouched for an hour counts as
+    /// interrupted.
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalArtifacts> {
         let root = root.into();
         std::fs::create_dir_all(root.join("files"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
+        let stale = |entry: &std::fs::DirEntry| {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600))
+        };
         for entry in std::fs::read_dir(root.join("files"))?.flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".part") {
+            if entry.file_name().to_string_lossy().ends_with(".part") && stale(&entry) {
                 tracing::info!(path = %entry.path().display(), "removing an interrupted upload");
                 std::fs::remove_file(entry.path())?;
             }

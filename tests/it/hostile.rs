@@ -496,10 +496,21 @@ async fn an_upload_cut_off_by_a_crash_is_removed_at_the_next_start() {
     std::fs::create_dir_all(data_dir.join("files")).unwrap();
     let part = data_dir.join("files/file-0123456789abcdef0123456789abcdef.part");
     std::fs::write(&part, b"half an upload").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(&part)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    // another process sharing the directory is writing this one now
+    let live = data_dir.join("files/file-fedcba9876543210fedcba9876543210.part");
+    std::fs::write(&live, b"an upload in progress").unwrap();
     let mut config = ServeConfig::for_data_dir(data_dir);
     config.devices.clear();
     let _app = App::build(config).await.unwrap();
     assert!(!part.exists());
+    assert!(live.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,4 +19,5 @@ mod queue;
 mod quickstart;
 mod readme;
 mod restart;
+mod scale;
 mod smollm2;

@@ -29,8 +29,21 @@ pub fn database() -> String {
     let server = SERVER.get_or_init(start);
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     let out = Command::new(server.bin.join("psql"))
-        .args(["-h", "127.0.0.1", "-p", &server.port.to_string(), "-U", "qtune"])
-        .args(["-d", "postgres", "-q", "-c", &format!("CREATE DATABASE {name}")])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            "qtune",
+        ])
+        .args([
+            "-d",
+            "postgres",
+            "-q",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
         .output()
         .expect("psql runs");
     assert!(
@@ -39,6 +52,21 @@ pub fn database() -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     format!("postgres://qtune@127.0.0.1:{}/{name}", server.port)
+}
+
+/// One value from `sql` on the database at `url` (psql's unaligned output, trimmed).
+pub fn query(url: &str, sql: &str) -> String {
+    let server = SERVER.get().expect("the server was started by database()");
+    let out = Command::new(server.bin.join("psql"))
+        .args([url, "-tAq", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn bin_dir() -> PathBuf {
@@ -118,7 +146,11 @@ fn start() -> Server {
     // The watchdog: once this process is gone, stop the server and remove its directory.
     let stop = format!(
         "{} {} -D {} -m immediate stop",
-        if is_root() { "runuser -u postgres --" } else { "" },
+        if is_root() {
+            "runuser -u postgres --"
+        } else {
+            ""
+        },
         bin.join("pg_ctl").display(),
         data.display()
     );

@@ -25,24 +25,41 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn start(data_dir: &Path, allow: &Path, port: u16, log: Option<&PathBuf>) -> ServeProcess {
+        let listen = format!("127.0.0.1:{port}");
+        ServeProcess::spawn(
+            &["serve", "--listen", &listen],
+            data_dir,
+            allow,
+            port,
+            &[],
+            log,
+        )
+    }
+
+    /// `qtune ARGS` with the data dir, allowed dirs and a short lease, plus `env`; ready when
+    /// `/readyz` on `port` answers 200 (for `qtune worker`: pass `--health-listen` there).
+    pub fn spawn(
+        args: &[&str],
+        data_dir: &Path,
+        allow: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+        log: Option<&PathBuf>,
+    ) -> ServeProcess {
         let stdout = match log {
             Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
             None => Stdio::null(),
         };
         let child = Command::new(env!("CARGO_BIN_EXE_qtune"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-            ])
+            .args(args)
+            .env("QTUNE_DATA_DIR", data_dir)
             .env("QTUNE_ALLOW_FILE_DIRS", allow)
             .env("QTUNE_ALLOW_MODEL_DIRS", allow)
             .env("QTUNE_LOG", "info")
-            // a job left running by a killed server is taken over once its lease expires
+            // a job left running by a killed process is taken over once its lease expires
             .env("QTUNE_LEASE_SECS", "3")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
