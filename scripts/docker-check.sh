@@ -35,7 +35,8 @@ export DOCKER_BUILDKIT=1
 
 docker-compose -f docker-compose.yml config -q
 docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
-say "docker-compose.yml and docker-compose.gpu.yml are valid"
+docker-compose -f docker-compose.scale.yml config -q
+say "docker-compose.yml, docker-compose.gpu.yml and docker-compose.scale.yml are valid"
 
 WORK=$(mktemp -d)
 DOCKERD_PID=""

@@ -118,9 +118,16 @@ pub enum Command {
         connections: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Base model of the concurrent training job (default: a small random model).
+        /// Base model of the concurrent training jobs (default: a small random model).
         #[arg(long)]
         train_model: Option<String>,
+        /// Measure on this database (`postgres://…`; it gets the benchmark's jobs) instead of
+        /// SQLite in a temporary directory.
+        #[arg(long)]
+        database: Option<String>,
+        /// Workers, each training one job, during the second measurement.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
     },
     /// Answer one prompt with greedy decoding through the chat template (optionally with an adapter).
     Generate {
@@ -225,7 +232,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             connections,
             seconds,
             train_model,
+            database,
+            workers,
         } => bench::api::run(&bench::api::ApiBenchOptions {
+            database,
+            workers,
             jobs,
             connections,
             seconds,

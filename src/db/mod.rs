@@ -127,9 +127,10 @@ impl Db {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
+                        // the busy timeout first: switching to WAL waits for other writers
                         conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL;
+                             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
                         )
                         .await?;
                     }
@@ -284,6 +285,29 @@ mod tests {
             translate(Backend::Sqlite, sql),
             "UPDATE jobs SET a = ?, t = ? WHERE id = ? AND owner IS NOT DISTINCT FROM ?"
         );
+    }
+
+    #[tokio::test]
+    async fn sqlite_connections_have_their_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("q.db")).await.unwrap();
+        for (pragma, expected) in [
+            ("journal_mode", "wal"),
+            ("foreign_keys", "1"),
+            ("busy_timeout", "10000"),
+            ("synchronous", "1"),
+        ] {
+            use sqlx::Row;
+            let row = sqlx::query(&format!("PRAGMA {pragma}"))
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            let value = row
+                .try_get::<String, _>(0)
+                .or_else(|_| row.try_get::<i64, _>(0).map(|n| n.to_string()))
+                .unwrap();
+            assert_eq!(value, expected, "PRAGMA {pragma}");
+        }
     }
 
     #[test]

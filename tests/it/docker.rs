@@ -339,6 +339,60 @@ fn compose_files_parse_and_their_references_exist() {
     }
 }
 
+#[test]
+fn the_scale_out_compose_file_runs_api_replicas_and_workers_on_one_database() {
+    let mut compose = yaml("docker-compose.scale.yml");
+    compose.apply_merge().unwrap();
+    let services = &compose["services"];
+    let command = |name: &str| -> Vec<String> {
+        services[name]["command"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name} has a command"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(command("qtune-api"), ["serve", "--workers", "0"]);
+    assert_eq!(command("qtune-worker")[0], "worker");
+    let database = |name: &str| {
+        services[name]["environment"]["QTUNE_DATABASE"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(database("qtune-api").starts_with("postgres://"));
+    assert_eq!(database("qtune-api"), database("qtune-worker"));
+    assert!(database("qtune-api").contains("@postgres:5432/"));
+    for name in ["qtune-api", "qtune-worker"] {
+        let service = &services[name];
+        assert!(root()
+            .join(service["build"]["dockerfile"].as_str().unwrap())
+            .is_file());
+        for k in service["environment"].as_mapping().unwrap().keys() {
+            assert_known_var(k.as_str().unwrap(), "docker-compose.scale.yml");
+        }
+        // every qtune process sees the same artifacts
+        assert_eq!(service["volumes"][0], "qtune-store:/data");
+        assert_eq!(service["deploy"]["replicas"], 2);
+    }
+    // the worker's health port is the one its healthcheck asks
+    let health_listen = command("qtune-worker")[2].clone();
+    let port = health_listen.rsplit(':').next().unwrap();
+    let check = services["qtune-worker"]["healthcheck"]["test"][3]
+        .as_str()
+        .unwrap();
+    assert!(check.contains(&format!(":{port}/")), "{check}");
+    // the proxy's config exists and sends to the API replicas' port
+    let mount = services["proxy"]["volumes"][0].as_str().unwrap();
+    let conf = std::fs::read_to_string(root().join(mount.split(':').next().unwrap())).unwrap();
+    assert!(conf.contains("server qtune-api:8080"), "{conf}");
+    assert!(
+        conf.contains("proxy_buffering off"),
+        "SSE must not be buffered"
+    );
+    assert!(compose["volumes"].get("qtune-store").is_some());
+}
+
 /// The compose default `${VAR:-}` yields variables that are set but empty; the server must read
 /// that as "not configured" (an empty API key list, not one empty key).
 #[test]

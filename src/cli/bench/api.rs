@@ -1,5 +1,7 @@
 //! `qtune bench-api`: request rate and latency percentiles of the job API under load, with the
-//! database holding many jobs, first idle and then while a training job runs on the same machine.
+//! database holding many jobs, first idle and then while training jobs run on the same machine;
+//! then the queue's claim throughput with eight workers racing. SQLite in a temporary directory,
+//! or the PostgreSQL database `--database` names.
 //!
 //! The server runs in this process on its own runtime; the load generator is a second runtime
 //! with its own threads, issuing requests over loopback from `connections` concurrent tasks.
@@ -16,6 +18,10 @@ pub struct ApiBenchOptions {
     pub seconds: u64,
     /// Base model of the training job run during the second measurement.
     pub train_model: Option<String>,
+    /// `postgres://…` to measure on (it gets the benchmark's jobs); SQLite in a temp dir if None.
+    pub database: Option<String>,
+    /// Workers (and training jobs) during the second measurement.
+    pub workers: usize,
 }
 
 struct Stats {
@@ -103,6 +109,8 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut config = ServeConfig::for_data_dir(dir.join("data"));
+    config.database = opts.database.clone();
+    config.devices = vec!["cpu".into(); opts.workers.max(1)];
     config.allow_file_dirs = vec![dir.clone()];
     config.allow_model_dirs = vec![dir.clone()];
     if let Some(parent) = opts
@@ -140,7 +148,8 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         .collect();
     let list = vec!["/v1/jobs?limit=50".to_string()];
     println!(
-        "qtune bench-api: {} jobs in the database, {} concurrent connections, {} s per measurement, {} CPU threads",
+        "qtune bench-api on {}: {} jobs in the database, {} concurrent connections, {} s per measurement, {} CPU threads",
+        crate::db::redact(&config_url(opts, &dir)),
         opts.jobs,
         opts.connections,
         opts.seconds,
@@ -174,27 +183,36 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         "training": {"max_steps": 100000, "batch_size": 8, "max_seq_len": 128},
     });
     let client = reqwest::blocking::Client::new();
-    let created: serde_json::Value = client
-        .post(format!("{base}/v1/jobs"))
-        .json(&job)
-        .send()?
-        .json()?;
-    let job_id = created["id"].as_str().unwrap_or_default().to_string();
-    let started = Instant::now();
-    loop {
-        let j: serde_json::Value = client
-            .get(format!("{base}/v1/jobs/{job_id}"))
+    let mut job_ids = Vec::new();
+    for _ in 0..opts.workers.max(1) {
+        let created: serde_json::Value = client
+            .post(format!("{base}/v1/jobs"))
+            .json(&job)
             .send()?
             .json()?;
-        if j["progress"]["step"].as_i64().unwrap_or(0) >= 1 {
-            break;
-        }
-        if j["status"] == "failed" || started.elapsed() > Duration::from_secs(300) {
-            anyhow::bail!("the training job did not start: {j}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        job_ids.push(created["id"].as_str().unwrap_or_default().to_string());
     }
-    println!("  (training job {job_id} on {model} is running)");
+    let started = Instant::now();
+    for job_id in &job_ids {
+        loop {
+            let j: serde_json::Value = client
+                .get(format!("{base}/v1/jobs/{job_id}"))
+                .send()?
+                .json()?;
+            if j["progress"]["step"].as_i64().unwrap_or(0) >= 1 {
+                break;
+            }
+            if j["status"] == "failed" || started.elapsed() > Duration::from_secs(300) {
+                anyhow::bail!("the training job did not start: {j}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let job_id = job_ids[0].clone();
+    println!(
+        "  ({} training job(s) on {model} running, one per worker)",
+        job_ids.len()
+    );
     let busy_one = load(&base, &one, opts.connections, opts.seconds);
     print("training: GET /v1/jobs/{id}", &busy_one);
     let busy_list = load(&base, &list, opts.connections, opts.seconds);
@@ -207,12 +225,66 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
         "  (training advanced to step {} meanwhile)",
         j["progress"]["step"]
     );
-    client
-        .post(format!("{base}/v1/jobs/{job_id}/cancel"))
-        .send()?;
+    for job_id in &job_ids {
+        client
+            .post(format!("{base}/v1/jobs/{job_id}/cancel"))
+            .send()?;
+    }
     state.shutdown.cancel();
+    server_rt.block_on(claim_race(&config_url(opts, &dir), 8, 1000))?;
     drop(server_rt);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn config_url(opts: &ApiBenchOptions, dir: &std::path::Path) -> String {
+    let mut config = ServeConfig::for_data_dir(dir.join("data"));
+    config.database = opts.database.clone();
+    config.database_url()
+}
+
+/// `jobs` queued jobs claimed by `workers` racing, each on its own connection, each finishing
+/// what it claims at once: claims per second, and a check that no job was claimed twice.
+async fn claim_race(url: &str, workers: usize, jobs: usize) -> anyhow::Result<()> {
+    let db = crate::db::Db::connect(url, 2).await?;
+    for _ in 0..jobs {
+        db.insert_job(&crate::job::JobId::new(), None, "{}").await?;
+    }
+    let started = Instant::now();
+    let racers: Vec<_> = (0..workers)
+        .map(|w| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let db = crate::db::Db::connect(&url, 1).await?;
+                let mut claimed = Vec::new();
+                while let Some(claim) = db.claim_next(&format!("bench-{w}"), 60).await? {
+                    db.finish(
+                        &claim.lease,
+                        crate::job::JobStatus::Succeeded,
+                        None,
+                        None,
+                        "{}",
+                    )
+                    .await?;
+                    claimed.push(claim.lease.job.to_string());
+                }
+                anyhow::Ok(claimed)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for r in racers {
+        all.extend(r.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let unique: std::collections::HashSet<&String> = all.iter().collect();
+    println!(
+        "  claim race: {} jobs claimed and finished by {workers} workers in {seconds:.2} s: {:.0} claims/s ({} claimed twice)",
+        all.len(),
+        all.len() as f64 / seconds,
+        all.len() - unique.len()
+    );
+    anyhow::ensure!(unique.len() == all.len(), "a job was claimed twice");
     Ok(())
 }
 
