@@ -479,7 +479,7 @@ fn verified(
 /// connection closed under it. A larger body is answered at once and its connection closed.
 async fn drain_small_body(body: axum::body::Body, announced: Option<u64>) {
     const MOST: u64 = 4 << 20;
-    if !announced.is_some_and(|n| n <= MOST) {
+    if announced.is_none_or(|n| n > MOST) {
         return;
     }
     let mut chunks = body.into_data_stream();
