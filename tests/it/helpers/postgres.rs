@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 struct Server {
     port: u16,
     bin: PathBuf,
+    /// Outlives this process on purpose: it stops the server once we are gone.
+    _watchdog: std::process::Child,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -159,12 +161,16 @@ fn start() -> Server {
         pid = std::process::id(),
         dir = dir.display()
     );
-    Command::new("sh")
+    let watchdog = Command::new("sh")
         .args(["-c", &watchdog])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("sh runs");
-    Server { port, bin }
+    Server {
+        port,
+        bin,
+        _watchdog: watchdog,
+    }
 }
