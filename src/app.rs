@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::artifacts::LocalArtifacts;
+use crate::artifacts::s3::S3Artifacts;
+use crate::artifacts::{ArtifactStore, LocalArtifacts};
 use crate::config::ServeConfig;
 use crate::db::Db;
 use crate::egress::EgressPolicy;
@@ -142,7 +143,13 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
         .filter(|k| !k.is_empty())
         .collect();
     std::fs::create_dir_all(&config.data_dir)?;
-    let artifacts = Arc::new(LocalArtifacts::new(&config.data_dir)?);
+    let artifacts: Arc<dyn ArtifactStore> = match config.artifacts.as_deref().map(str::trim) {
+        Some(url) if url.starts_with("s3://") => {
+            Arc::new(S3Artifacts::from_url(url, &config.data_dir)?)
+        }
+        Some(dir) if !dir.is_empty() => Arc::new(LocalArtifacts::new(dir)?),
+        _ => Arc::new(LocalArtifacts::new(&config.data_dir)?),
+    };
     let db = Db::connect(&config.database_url(), config.db_pool_size)
         .await?
         .limit_running_per_owner(config.max_running_per_key);

@@ -18,6 +18,11 @@ pub struct ServeConfig {
     /// API and worker process). Default: qtune.db in the data dir.
     #[arg(long, env = "QTUNE_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
+    /// Where uploads, fetched datasets, checkpoints and adapters are kept: a local directory, or
+    /// `s3://bucket/prefix` (credentials, region and endpoint from the AWS_* variables). Default:
+    /// the data dir. With S3 the data dir holds this process's local copies only.
+    #[arg(long, env = "QTUNE_ARTIFACTS")]
+    pub artifacts: Option<String>,
     /// Connections in this process's database pool.
     #[arg(long, env = "QTUNE_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
@@ -122,6 +127,7 @@ impl ServeConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             data_dir,
             database: None,
+            artifacts: None,
             db_pool_size: 8,
             workers: None,
             lease_secs: 30,

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::{jobs, ApiError, Owner};
 use futures_util::StreamExt;
 
-use crate::artifacts::{new_upload_id, Key, Opened, PutError};
+use crate::artifacts::{new_upload_id, Key, PutError};
 use crate::db::FileRow;
 use crate::job::{CheckpointView, FileDigest, FileView, JobStatus};
 use crate::state::AppState;
@@ -329,14 +329,14 @@ async fn serve(
     verify: bool,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Some(Opened {
-        mut file,
-        bytes,
-        name,
-    }) = state.artifacts.open(key).await?
-    else {
-        let name = key.as_str().rsplit('/').next().unwrap_or_default();
-        return Err(ApiError::not_found("file", name));
+    let name = key
+        .as_str()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let Some(bytes) = state.artifacts.size(key).await? else {
+        return Err(ApiError::not_found("file", &name));
     };
     if verify && digest.as_ref().is_some_and(|d| d.bytes != bytes) {
         tracing::error!(key = key.as_str(), stored = bytes, recorded = ?digest.as_ref().map(|d| d.bytes), "artifact size differs from its record");
@@ -362,10 +362,7 @@ async fn serve(
             return Ok(resp);
         }
         Wanted::Part(start, end) => {
-            use tokio::io::{AsyncReadExt, AsyncSeekExt};
-            file.seek(std::io::SeekFrom::Start(start)).await?;
-            let part = file.take(end - start + 1);
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(part));
+            let body = Body::from_stream(state.artifacts.read(key, Some((start, end))).await?);
             (
                 StatusCode::PARTIAL_CONTENT,
                 end - start + 1,
@@ -373,7 +370,7 @@ async fn serve(
             )
         }
         Wanted::Whole => {
-            let chunks = tokio_util::io::ReaderStream::new(file);
+            let chunks = state.artifacts.read(key, None).await?;
             let body = match digest.filter(|_| verify) {
                 Some(d) => Body::from_stream(verified(chunks, d.sha256, key.as_str().to_string())),
                 None => Body::from_stream(chunks),
@@ -432,13 +429,13 @@ fn corrupt(name: &str) -> ApiError {
 /// body ends short of its Content-Length with an error, and the client sees a failed download
 /// rather than a complete one.
 fn verified(
-    chunks: tokio_util::io::ReaderStream<tokio::fs::File>,
+    chunks: crate::artifacts::ByteStream,
     expected: String,
     what: String,
 ) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> {
     use sha2::{Digest, Sha256};
     struct Reading {
-        chunks: tokio_util::io::ReaderStream<tokio::fs::File>,
+        chunks: crate::artifacts::ByteStream,
         hasher: Sha256,
         held: Option<axum::body::Bytes>,
     }

@@ -49,6 +49,9 @@ pub enum FetchError {
     },
     #[error("{url}: download interrupted: {source}")]
     Interrupted { url: String, source: reqwest::Error },
+    /// Reading it from, or keeping it in, the artifact store.
+    #[error("{url}: artifact store: {source}")]
+    Store { url: String, source: std::io::Error },
     #[error("{}: {source}", .path.display())]
     Write {
         path: PathBuf,
@@ -100,16 +103,28 @@ pub async fn fetch_dataset(
         let missing = || FetchError::UploadMissing {
             url: url.to_string(),
         };
-        let path = artifacts.local_path(&Key::upload(url).ok_or_else(missing)?);
-        return if path.is_file() {
-            Ok(named(path))
-        } else {
-            Err(missing())
+        let key = Key::upload(url).ok_or_else(missing)?;
+        return match artifacts.load(&key).await {
+            Ok(true) => Ok(named(artifacts.local_path(&key))),
+            Ok(false) => Err(missing()),
+            Err(source) => Err(FetchError::Store {
+                url: url.to_string(),
+                source,
+            }),
         };
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let dest = artifacts.local_path(&Key::dataset(job, split));
+        let key = Key::dataset(job, split);
+        let dest = artifacts.local_path(&key);
         download(config, egress, url, &dest).await?;
+        // kept with the job's artifacts, so that a worker taking the job over reads the same data
+        artifacts
+            .save(&key)
+            .await
+            .map_err(|source| FetchError::Store {
+                url: url.to_string(),
+                source,
+            })?;
         return Ok(named(dest));
     }
     let local = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));

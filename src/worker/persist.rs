@@ -1,7 +1,7 @@
 //! The engine's events, in order, into the database (fenced by the worker's lease) and out to
 //! the job's live streams.
 
-use crate::artifacts::{digest_file, DOWNLOADABLE};
+use crate::artifacts::{digest_file, Key, DOWNLOADABLE};
 use crate::db::{self, Lease};
 use crate::events::{CheckpointWritten, JobEvent, StatusChange};
 use crate::job::JobPhase;
@@ -68,6 +68,16 @@ impl Persister {
                     .await?;
             }
             Event::Checkpoint { step, path } => {
+                // in the store before it is recorded: a worker taking the job over resumes only
+                // from a checkpoint that is both
+                state
+                    .artifacts
+                    .save_dir(&Key::checkpoint_dir(&lease.job, *step))
+                    .await
+                    .map_err(|source| PersistError::Digest {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let mut files = Vec::new();
                 for name in DOWNLOADABLE {
                     let file = path.join(name);

@@ -143,11 +143,21 @@ async fn try_run(
             let named: CheckpointRef = text
                 .parse()
                 .map_err(|e| Outcome::failed("invalid_spec", format!("from_checkpoint: {e}")))?;
-            Some(state.artifacts.init_adapter_dir(&named.job, named.step))
+            let dir = state
+                .artifacts
+                .init_adapter_dir(&named.job, named.step)
+                .await
+                .map_err(|e| {
+                    Outcome::failed(
+                        "io_error",
+                        format!("from_checkpoint: loading {text} from the artifact store: {e}"),
+                    )
+                })?;
+            Some(dir)
         }
     };
     let out = state.artifacts.job_output_dir(&lease.job);
-    forget_unrecorded_checkpoints(state, lease, &out).await;
+    align_checkpoints_with_record(state, lease, &out).await;
 
     // Engine events → database + stream, in order, on the async side.
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -279,10 +289,12 @@ async fn fetch_datasets(
 }
 
 /// A resume must start from a checkpoint the database has recorded. The engine writes a
-/// checkpoint to disk before its events reach the database, so a server killed in between leaves
+/// checkpoint to disk before its events reach the database, so a worker killed in between leaves
 /// a folder whose preceding steps were never stored; resuming from it would leave a gap in the
-/// job's loss curve and checkpoint list. Such folders are removed and those steps run again.
-async fn forget_unrecorded_checkpoints(state: &AppState, lease: &Lease, out: &Path) {
+/// job's loss curve and checkpoint list. Such folders are removed and those steps run again. The
+/// last recorded checkpoint is brought from the artifact store when this worker has no copy (the
+/// job ran on another machine before).
+async fn align_checkpoints_with_record(state: &AppState, lease: &Lease, out: &Path) {
     let recorded: Vec<u64> = match state.db.list_checkpoints(&lease.job).await {
         Ok(rows) => rows.iter().map(|r| r.step as u64).collect(),
         Err(e) => {
@@ -295,6 +307,23 @@ async fn forget_unrecorded_checkpoints(state: &AppState, lease: &Lease, out: &Pa
             tracing::info!(step, "removing a checkpoint the database never recorded");
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                 tracing::warn!(error = %e, path = %dir.display(), "could not remove checkpoint");
+            }
+        }
+    }
+    if let Some(&last) = recorded.iter().max() {
+        if !train::checkpoint::checkpoint_dir(out, last).is_dir() {
+            let key = crate::artifacts::Key::checkpoint_dir(&lease.job, last);
+            match state.artifacts.load_dir(&key).await {
+                Ok(true) => {
+                    tracing::info!(step = last, "checkpoint loaded from the artifact store")
+                }
+                Ok(false) => tracing::warn!(
+                    step = last,
+                    "the recorded checkpoint is not in the artifact store; the job starts over"
+                ),
+                Err(e) => {
+                    tracing::warn!(step = last, error = %e, "could not load the checkpoint; the job starts over")
+                }
             }
         }
     }

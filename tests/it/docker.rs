@@ -30,7 +30,18 @@ fn serve_env_vars() -> Vec<String> {
 }
 
 /// Variables a container may carry that are not qtune's own flags.
-const OTHER_KNOWN_VARS: [&str; 4] = ["HF_HOME", "HF_TOKEN", "QTUNE_LOG", "CUDA_COMPUTE_CAP"];
+/// (The AWS_* ones configure the S3 artifact store, as object_store reads them.)
+const OTHER_KNOWN_VARS: [&str; 9] = [
+    "HF_HOME",
+    "HF_TOKEN",
+    "QTUNE_LOG",
+    "CUDA_COMPUTE_CAP",
+    "AWS_ENDPOINT_URL",
+    "AWS_ALLOW_HTTP",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+];
 
 fn assert_known_var(name: &str, file: &str) {
     let known = serve_env_vars();
@@ -371,8 +382,20 @@ fn the_scale_out_compose_file_runs_api_replicas_and_workers_on_one_database() {
         for k in service["environment"].as_mapping().unwrap().keys() {
             assert_known_var(k.as_str().unwrap(), "docker-compose.scale.yml");
         }
-        // every qtune process sees the same artifacts
-        assert_eq!(service["volumes"][0], "qtune-store:/data");
+        // every qtune process sees the same artifacts: the S3 store, at the MinIO service
+        let env = &service["environment"];
+        assert!(env["QTUNE_ARTIFACTS"]
+            .as_str()
+            .unwrap()
+            .starts_with("s3://"));
+        assert!(env["AWS_ENDPOINT_URL"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://minio:9000"));
+        assert_eq!(
+            env["AWS_ACCESS_KEY_ID"],
+            services["minio"]["environment"]["MINIO_ROOT_USER"]
+        );
         assert_eq!(service["deploy"]["replicas"], 2);
     }
     // the worker's health port is the one its healthcheck asks
@@ -390,7 +413,7 @@ fn the_scale_out_compose_file_runs_api_replicas_and_workers_on_one_database() {
         conf.contains("proxy_buffering off"),
         "SSE must not be buffered"
     );
-    assert!(compose["volumes"].get("qtune-store").is_some());
+    assert!(compose["volumes"].get("qtune-minio").is_some());
 }
 
 /// The compose default `${VAR:-}` yields variables that are set but empty; the server must read

@@ -427,7 +427,12 @@ async fn tenants_take_turns_at_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_stream_to_disk_and_oversized_ones_are_refused_before_reading() {
-    let app = spawn_app_with(|c| c.max_upload_mib = 1).await;
+    // the local directory, whatever the run's backend: what is on disk is under test
+    let app = spawn_app_with(|c| {
+        c.max_upload_mib = 1;
+        c.artifacts = None;
+    })
+    .await;
     // announced as 1 GB: answered 413 before a byte of the body is sent
     let addr = app.base.trim_start_matches("http://").to_string();
     let answer = tokio::task::spawn_blocking(move || {
@@ -562,12 +567,18 @@ async fn downloads_are_served_under_their_recorded_digest_and_corruption_is_caug
         .await
         .unwrap();
     assert_eq!(r.status(), 416);
-    // a flipped byte on disk: the download does not arrive whole
-    let tar = app.data_dir.join(format!("jobs/{id}/output/adapter.tar"));
-    let mut bytes = std::fs::read(&tar).unwrap();
+    // a flipped byte in the store (a directory or S3): the download does not arrive whole
+    let key = qtune::artifacts::Key::adapter_tar(&JobId::parse(&id).unwrap());
+    let overwrite = |bytes: Vec<u8>| {
+        let stream = futures_util::stream::iter([Ok::<_, String>(bytes::Bytes::from(bytes))]);
+        app.state
+            .artifacts
+            .put_stream(&key, Box::pin(stream), u64::MAX)
+    };
+    let mut bytes = whole.to_vec();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
-    std::fs::write(&tar, &bytes).unwrap();
+    overwrite(bytes.clone()).await.unwrap();
     // (the server may break off before or after the headers go out: either way no whole body)
     let downloaded = match reqwest::Client::new().get(&url).send().await {
         Ok(r) => r.bytes().await.ok(),
@@ -578,7 +589,7 @@ async fn downloads_are_served_under_their_recorded_digest_and_corruption_is_caug
         "a corrupted file must not download cleanly"
     );
     // a truncated one is refused before anything is sent
-    std::fs::write(&tar, &bytes[..100]).unwrap();
+    overwrite(bytes[..100].to_vec()).await.unwrap();
     let (status, e) = app.get(&format!("/v1/jobs/{id}/adapter")).await;
     assert_eq!(
         (status, e["error"]["code"].as_str()),

@@ -1,6 +1,7 @@
-//! Scaled out: API replicas and `qtune worker` processes, each its own process, sharing one real
-//! PostgreSQL database (the queue and every record) and one artifact directory. Jobs run once
-//! each; a killed worker's job is taken over from its last checkpoint once its lease expires; a
+//! Scaled out: API replicas and `qtune worker` processes, each its own process with a data dir of
+//! its own (nothing shared on disk, as on separate hosts), sharing one real PostgreSQL database
+//! (the queue and every record) and one real S3 API server (every artifact). Jobs run once each;
+//! a killed worker's job is taken over from its last checkpoint once its lease expires; a
 //! stopped-then-resumed worker finds its writes refused; SSE and cancel work through a replica
 //! other than the one the job was submitted to.
 
@@ -16,38 +17,53 @@ use crate::helpers::process::{free_port, ServeProcess};
 
 struct Deployment {
     db: String,
+    artifacts: String,
     dir: tempfile::TempDir,
-    data_dir: PathBuf,
     model: PathBuf,
-    data: PathBuf,
+    /// The training data, uploaded through replica A: its workers read it from the store.
+    data: String,
     api_a: ServeProcess,
     api_b: ServeProcess,
     /// (process, pid) of each worker, in start order.
     workers: Vec<Option<ServeProcess>>,
 }
 
-fn api(db: &str, data_dir: &Path, allow: &Path) -> ServeProcess {
+/// What every process of the deployment is told: the database and the store.
+fn shared<'a>(db: &'a str, artifacts: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("QTUNE_DATABASE", db),
+        ("QTUNE_ARTIFACTS", artifacts),
+        ("QTUNE_DB_POOL_SIZE", "4"),
+    ]
+}
+
+/// A data dir of its own for each process.
+fn own_dir(root: &Path) -> PathBuf {
+    root.join(format!("host-{}", uuid::Uuid::new_v4().simple()))
+}
+
+fn api(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     ServeProcess::spawn(
         &["serve", "--workers", "0", "--listen", &listen],
-        data_dir,
-        allow,
+        &own_dir(root),
+        root,
         port,
-        &[("QTUNE_DATABASE", db), ("QTUNE_DB_POOL_SIZE", "4")],
+        &shared(db, artifacts),
         None,
     )
 }
 
-fn worker(db: &str, data_dir: &Path, allow: &Path) -> ServeProcess {
+fn worker(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
     let port = free_port();
     let health = format!("127.0.0.1:{port}");
     ServeProcess::spawn(
         &["worker", "--devices", "cpu", "--health-listen", &health],
-        data_dir,
-        allow,
+        &own_dir(root),
+        root,
         port,
-        &[("QTUNE_DATABASE", db), ("QTUNE_DB_POOL_SIZE", "4")],
+        &shared(db, artifacts),
         None,
     )
 }
@@ -56,18 +72,27 @@ impl Deployment {
     fn start(workers: usize) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let model = crate::helpers::tiny_model(dir.path());
-        let data = crate::helpers::memorisable_chat(dir.path(), 8);
-        let data_dir = dir.path().join("store");
+        let data_file = crate::helpers::memorisable_chat(dir.path(), 8);
         let db = postgres::database();
-        let api_a = api(&db, &data_dir, dir.path());
-        let api_b = api(&db, &data_dir, dir.path());
+        let artifacts = crate::helpers::s3_artifacts();
+        let api_a = api(&db, &artifacts, dir.path());
+        let api_b = api(&db, &artifacts, dir.path());
         let workers = (0..workers)
-            .map(|_| Some(worker(&db, &data_dir, dir.path())))
+            .map(|_| Some(worker(&db, &artifacts, dir.path())))
             .collect();
+        let uploaded: Value = api_a
+            .client
+            .post(format!("{}/v1/files?filename=chat.jsonl", api_a.base))
+            .body(std::fs::read(&data_file).unwrap())
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let data = uploaded["id"].as_str().unwrap().to_string();
         Deployment {
             db,
+            artifacts,
             dir,
-            data_dir,
             model,
             data,
             api_a,
@@ -78,7 +103,7 @@ impl Deployment {
 
     fn job(&self, max_steps: u64, checkpoint_every: u64) -> Value {
         json!({
-            "base_model": self.model, "dataset": {"url": format!("file://{}", self.data.display())},
+            "base_model": self.model, "dataset": {"url": self.data},
             "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every_steps": checkpoint_every,
             "training": {"max_steps": max_steps, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
         })
@@ -258,7 +283,22 @@ fn two_workers_run_each_job_once_and_take_over_a_killed_workers_job_from_its_che
         &format!("SELECT adapter_files FROM jobs WHERE id = '{victim}'"),
     );
     assert!(recorded.contains(&sha), "{recorded}");
-    assert!(d.data_dir.join("jobs").is_dir());
+    // a Range request through the other replica reads from the store
+    let part = d
+        .api_a
+        .client
+        .get(format!(
+            "{}/v1/jobs/{victim}/adapter?file=adapter_model.safetensors",
+            d.api_a.base
+        ))
+        .header("Range", "bytes=8-23")
+        .send()
+        .unwrap();
+    let status = part.status();
+    let got = part.bytes().unwrap();
+    assert_eq!(status, 206, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(&got[..], &bytes[8..24]);
+    assert!(d.artifacts.starts_with("s3://"));
     drop(d.dir);
 }
 

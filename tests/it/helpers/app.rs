@@ -9,9 +9,9 @@ use qtune::config::ServeConfig;
 use qtune::state::AppState;
 use serde_json::{json, Value};
 
-/// `qtune serve` in this process: a real SQLite file in a temporary data dir (or a PostgreSQL
-/// database of its own: `QTUNE_TEST_BACKEND=postgres`), a real listener on an ephemeral port, the
-/// tiny model beside it. Stopped when dropped.
+/// `qtune serve` in this process: a real SQLite file and artifacts in a temporary data dir (or a
+/// PostgreSQL database and an S3 prefix of its own: `QTUNE_TEST_BACKEND=postgres`), a real
+/// listener on an ephemeral port, the tiny model beside it. Stopped when dropped.
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
@@ -33,6 +33,7 @@ pub async fn spawn_app_with(f: impl FnOnce(&mut ServeConfig)) -> TestApp {
     config.allow_model_dirs = vec![dir.path().to_path_buf()];
     if super::postgres::selected() {
         config.database = Some(super::postgres::database());
+        config.artifacts = Some(super::s3_artifacts());
         config.db_pool_size = 4;
     }
     f(&mut config);

@@ -114,3 +114,18 @@ pub fn dataset_file(path: &Path) -> qtune::train::DatasetFile {
         name: path.display().to_string(),
     }
 }
+
+/// The S3 store the tests put artifacts in: `QTUNE_TEST_S3` (`s3://bucket`), with the server's
+/// address and keys in the `AWS_*` variables that qtune reads. scripts/test.sh starts the server
+/// (rclone's `serve s3`) and sets them; each caller gets a prefix of its own.
+pub fn s3_artifacts() -> String {
+    let bucket = std::env::var("QTUNE_TEST_S3").expect(
+        "QTUNE_TEST_S3 and the AWS_* variables name the S3 server these tests need: \
+         run them through scripts/test.sh, which starts one",
+    );
+    format!(
+        "{}/t-{}",
+        bucket.trim_end_matches('/'),
+        uuid::Uuid::new_v4().simple()
+    )
+}

@@ -12,8 +12,14 @@
 //!     adapter.tar                                  the final adapter as one archive
 //! ```
 //! [`ArtifactStore`] is what the rest of the service uses; [`LocalArtifacts`] keeps everything
-//! in a directory. The engine reads and writes local files, so a store also names the local
-//! working folder of a job ([`ArtifactStore::job_output_dir`]).
+//! in a directory (the data dir, which several processes may share), [`s3::S3Artifacts`] in an
+//! S3-compatible object store, with a local working copy of what a worker reads and writes.
+//! The engine reads and writes local files: a store names the local copy of a key
+//! ([`ArtifactStore::local_path`]), [`ArtifactStore::load`]s it from the store before the engine
+//! reads it and [`ArtifactStore::save`]s it after the engine wrote it; for the local directory
+//! both are nothing, the local copy being the stored file.
+
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +89,29 @@ impl Key {
     pub fn adapter_tar(job: &JobId) -> Key {
         Key(format!("jobs/{job}/output/adapter.tar"))
     }
+
+    /// The folder of checkpoint `step` (every file in it: the resume state too).
+    pub fn checkpoint_dir(job: &JobId, step: u64) -> Key {
+        Key(format!(
+            "jobs/{job}/output/{}",
+            checkpoint::checkpoint_dir_name(step)
+        ))
+    }
+
+    /// The folder of the final adapter.
+    pub fn adapter_dir(job: &JobId) -> Key {
+        Key(format!("jobs/{job}/output/{}", checkpoint::ADAPTER_DIR))
+    }
+
+    /// The engine's output folder of a job.
+    pub fn output_dir(job: &JobId) -> Key {
+        Key(format!("jobs/{job}/output"))
+    }
+
+    /// Everything of a job.
+    pub fn job_prefix(job: &JobId) -> Key {
+        Key(format!("jobs/{job}"))
+    }
 }
 
 /// `file-` and 32 lowercase hex digits: the ids [`new_upload_id`] makes.
@@ -107,12 +136,8 @@ pub enum PutError {
     Io(#[from] std::io::Error),
 }
 
-/// A stored file opened for reading.
-pub struct Opened {
-    pub file: tokio::fs::File,
-    pub bytes: u64,
-    pub name: String,
-}
+/// A stored file's bytes, streamed.
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 pub trait ArtifactStore: Send + Sync {
     /// Stores a stream under `key` atomically, hashing as it goes, never holding it whole;
@@ -124,8 +149,15 @@ pub trait ArtifactStore: Send + Sync {
         limit: u64,
     ) -> BoxFuture<'a, Result<FileDigest, PutError>>;
 
-    /// Opens a stored file for streaming; `None` if it does not exist.
-    fn open<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<Opened>>>;
+    /// A stored file's size; `None` if it does not exist.
+    fn size<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<u64>>>;
+
+    /// A stored file's bytes, all of them or the inclusive range `(first, last)`.
+    fn read<'a>(
+        &'a self,
+        key: &'a Key,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, std::io::Result<ByteStream>>;
 
     /// Removes a stored file; a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
@@ -136,29 +168,63 @@ pub trait ArtifactStore: Send + Sync {
     /// Size and sha256 of a stored file.
     fn digest<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<FileDigest>>;
 
-    /// The local file the engine reads for `key` (an upload or a fetched dataset), and where a
-    /// download is written before it is stored.
+    /// The local copy of `key`: the file (or folder) the engine reads or writes.
     fn local_path(&self, key: &Key) -> PathBuf;
 
-    /// The local folder the engine writes a job's checkpoints and adapter into.
-    fn job_output_dir(&self, job: &JobId) -> PathBuf;
+    /// Makes the local copy of a stored file current; `false` if nothing is stored under `key`.
+    fn load<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<bool>>;
 
-    /// The local folder of the adapter a `from_checkpoint` reference names: the job's final
-    /// adapter, or its checkpoint at `step`.
-    fn init_adapter_dir(&self, job: &JobId, step: Option<u64>) -> PathBuf {
-        let out = self.job_output_dir(job);
-        match step {
-            Some(step) => checkpoint::checkpoint_dir(&out, step),
-            None => out.join(checkpoint::ADAPTER_DIR),
-        }
+    /// Stores the local copy of `key` (written by a download or the engine).
+    fn save<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
+
+    /// Makes the local copy of every file stored under folder `key` current; `false` if none is.
+    fn load_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<bool>>;
+
+    /// Stores every file of the local folder `key`.
+    fn save_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
+
+    /// The local folder the engine writes a job's checkpoints and adapter into.
+    fn job_output_dir(&self, job: &JobId) -> PathBuf {
+        self.local_path(&Key::output_dir(job))
     }
 
-    /// Writes the job's final adapter folder as one tar archive (for `GET …/adapter`); returns
-    /// the digests of the archive and of each downloadable file, to be recorded.
+    /// The local folder of the adapter a `from_checkpoint` reference names (the job's final
+    /// adapter, or its checkpoint at `step`), loaded from the store.
+    fn init_adapter_dir<'a>(
+        &'a self,
+        job: &'a JobId,
+        step: Option<u64>,
+    ) -> BoxFuture<'a, std::io::Result<PathBuf>> {
+        Box::pin(async move {
+            let key = match step {
+                Some(step) => Key::checkpoint_dir(job, step),
+                None => Key::adapter_dir(job),
+            };
+            self.load_dir(&key).await?;
+            Ok(self.local_path(&key))
+        })
+    }
+
+    /// Writes the job's final adapter folder as one tar archive (for `GET …/adapter`) and stores
+    /// both; returns the digests of the archive and of each downloadable file, to be recorded.
     fn pack_adapter<'a>(
         &'a self,
         job: &'a JobId,
-    ) -> BoxFuture<'a, std::io::Result<Vec<FileDigest>>>;
+    ) -> BoxFuture<'a, std::io::Result<Vec<FileDigest>>> {
+        Box::pin(async move {
+            let adapter = self.local_path(&Key::adapter_dir(job));
+            let tar = self.local_path(&Key::adapter_tar(job));
+            let (dir, dest) = (adapter.clone(), tar.clone());
+            tokio::task::spawn_blocking(move || write_tar(&dir, &dest)).await??;
+            let mut digests = vec![digest_file(&tar).await?];
+            for name in DOWNLOADABLE {
+                digests.push(digest_file(&adapter.join(name)).await?);
+            }
+            self.save_dir(&Key::adapter_dir(job)).await?;
+            self.save(&Key::adapter_tar(job)).await?;
+            Ok(digests)
+        })
+    }
 }
 
 /// Every artifact in one local directory (the data dir).
@@ -245,20 +311,32 @@ impl ArtifactStore for LocalArtifacts {
         })
     }
 
-    fn open<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<Opened>>> {
+    fn size<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<Option<u64>>> {
         Box::pin(async move {
-            let path = self.path(key);
-            let file = match tokio::fs::File::open(&path).await {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let bytes = file.metadata().await?.len();
-            Ok(Some(Opened {
-                file,
-                bytes,
-                name: file_name(&path),
-            }))
+            match tokio::fs::metadata(self.path(key)).await {
+                Ok(m) if m.is_file() => Ok(Some(m.len())),
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        key: &'a Key,
+        range: Option<(u64, u64)>,
+    ) -> BoxFuture<'a, std::io::Result<ByteStream>> {
+        Box::pin(async move {
+            use tokio::io::AsyncSeekExt;
+            let mut file = tokio::fs::File::open(self.path(key)).await?;
+            Ok(match range {
+                Some((first, last)) => {
+                    file.seek(std::io::SeekFrom::Start(first)).await?;
+                    tokio_util::io::ReaderStream::new(file.take(last - first + 1)).boxed()
+                }
+                None => tokio_util::io::ReaderStream::new(file).boxed(),
+            })
         })
     }
 
@@ -288,25 +366,21 @@ impl ArtifactStore for LocalArtifacts {
         self.path(key)
     }
 
-    fn job_output_dir(&self, job: &JobId) -> PathBuf {
-        self.root.join("jobs").join(job.as_str()).join("output")
+    // The local copy is the stored file itself.
+    fn load<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<bool>> {
+        Box::pin(async move { Ok(self.path(key).is_file()) })
     }
 
-    fn pack_adapter<'a>(
-        &'a self,
-        job: &'a JobId,
-    ) -> BoxFuture<'a, std::io::Result<Vec<FileDigest>>> {
-        Box::pin(async move {
-            let adapter = self.job_output_dir(job).join(checkpoint::ADAPTER_DIR);
-            let tar = self.path(&Key::adapter_tar(job));
-            let (dir, dest) = (adapter.clone(), tar.clone());
-            tokio::task::spawn_blocking(move || write_tar(&dir, &dest)).await??;
-            let mut digests = vec![digest_file(&tar).await?];
-            for name in DOWNLOADABLE {
-                digests.push(digest_file(&adapter.join(name)).await?);
-            }
-            Ok(digests)
-        })
+    fn save<'a>(&'a self, _key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn load_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<bool>> {
+        Box::pin(async move { Ok(self.path(key).is_dir()) })
+    }
+
+    fn save_dir<'a>(&'a self, _key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
