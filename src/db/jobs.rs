@@ -409,7 +409,12 @@ impl Db {
         .bind(lease.attempt)
         .execute(&mut *tx)
         .await?;
-        lease.check(done.rows_affected())?;
+        if let Err(lost) = lease.check(done.rows_affected()) {
+            // ended now, not when the connection is next used: until then SQLite would keep
+            // the write lock the UPDATE took, and every other writer would wait on it
+            tx.rollback().await?;
+            return Err(lost);
+        }
         let id = self
             .insert_event_in(&mut tx, lease.job.as_str(), "status", event_data)
             .await?;
@@ -429,7 +434,12 @@ impl Db {
         .bind(lease.attempt)
         .execute(&mut *tx)
         .await?;
-        lease.check(done.rows_affected())?;
+        if let Err(lost) = lease.check(done.rows_affected()) {
+            // ended now, not when the connection is next used: until then SQLite would keep
+            // the write lock the UPDATE took, and every other writer would wait on it
+            tx.rollback().await?;
+            return Err(lost);
+        }
         let id = self
             .insert_event_in(&mut tx, lease.job.as_str(), "status", event_data)
             .await?;

@@ -2,6 +2,9 @@
 //! are taken over, and every write of a worker whose lease was taken is refused.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
 
 use crate::helpers::LEASE_SECS;
 use qtune::db::{self, Db, Lease};
@@ -77,34 +80,40 @@ async fn two_workers_race_for_one_job_and_exactly_one_wins() {
 async fn workers_draining_a_queue_claim_each_job_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = crate::helpers::test_database(dir.path());
-    let (a, b) = (
-        Db::connect(&url, 4).await.unwrap(),
-        Db::connect(&url, 4).await.unwrap(),
-    );
-    const JOBS: usize = 40;
+    let a = Db::connect(&url, 4).await.unwrap();
+    const JOBS: usize = 120;
     for _ in 0..JOBS {
         a.insert_job(&JobId::new(), None, SPEC).await.unwrap();
     }
-    let drain = |db: Db, name: &'static str| {
+    // eight workers, each connecting on its own (as separate processes would) while the others
+    // already claim, each finishing what it claims
+    let drain = |n: usize| {
+        let url = url.clone();
         tokio::spawn(async move {
+            let db = Db::connect(&url, 1).await.unwrap();
+            let name = format!("worker-{n}");
             let mut won = Vec::new();
-            while let Some(claim) = db.claim_next(name, LEASE_SECS).await.unwrap() {
+            while let Some(claim) = db.claim_next(&name, LEASE_SECS).await.unwrap() {
+                db.finish(&claim.lease, JobStatus::Succeeded, None, None, "{}")
+                    .await
+                    .unwrap();
                 won.push(claim.lease.job);
             }
             won
         })
     };
-    let (won_a, won_b) = tokio::join!(drain(a.clone(), "worker-a"), drain(b, "worker-b"));
-    let (won_a, won_b) = (won_a.unwrap(), won_b.unwrap());
+    let racers: Vec<_> = (0..8).map(drain).collect();
     let mut claims: HashMap<JobId, usize> = HashMap::new();
-    for id in won_a.iter().chain(&won_b) {
-        *claims.entry(id.clone()).or_default() += 1;
+    for racer in racers {
+        for id in racer.await.unwrap() {
+            *claims.entry(id).or_default() += 1;
+        }
     }
     assert_eq!(claims.len(), JOBS, "every job was claimed");
     assert!(claims.values().all(|&n| n == 1), "no job claimed twice");
     for id in claims.keys() {
         let row = a.get_job(id, None).await.unwrap().unwrap();
-        assert_eq!((row.status, row.attempt), (JobStatus::Running, 1));
+        assert_eq!((row.status, row.attempt), (JobStatus::Succeeded, 1));
     }
 }
 
@@ -278,4 +287,46 @@ async fn the_status_list_is_the_one_the_schema_allows() {
     let allowed = db.allowed_statuses().await.unwrap();
     let ours: Vec<String> = JobStatus::ALL.iter().map(|s| s.to_string()).collect();
     assert_eq!(allowed, ours);
+}
+
+/// Each takeover of an expired lease counts as a failover (a graceful requeue does not); a worker
+/// that claims a job past `--max-failovers` fails it, naming the count, instead of running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_losing_its_worker_fails_with_too_many_failovers() {
+    let app = spawn_app_with(|c| {
+        c.workers = Some(0);
+        c.max_failovers = 2;
+    })
+    .await;
+    let id = app.submit(&app.job(json!({}))).await;
+    let db = &app.state.db;
+    let mut failovers = Vec::new();
+    for worker in ["w1", "w2", "w3"] {
+        let claim = db.claim_next(worker, LEASE_SECS).await.unwrap().unwrap();
+        failovers.push(claim.failovers);
+        // the worker dies: its lease runs out
+        db.set_lease_expiry(&claim.lease, -1).await.unwrap();
+    }
+    assert_eq!(failovers, [0, 1, 2]);
+    // a graceful requeue is no failover
+    let claim = db.claim_next("w4", LEASE_SECS).await.unwrap().unwrap();
+    assert_eq!(claim.failovers, 3);
+    db.requeue(&claim.lease, "{}").await.unwrap();
+    let claim = db.claim_next("w5", LEASE_SECS).await.unwrap().unwrap();
+    assert_eq!(claim.failovers, 3);
+    db.set_lease_expiry(&claim.lease, -1).await.unwrap();
+
+    // a real worker takes it over once more (4 > 2) and fails it
+    let worker = tokio::spawn(qtune::worker::run(app.state.clone(), "cpu".into()));
+    let job = app
+        .wait_status(&id, &["failed"], Duration::from_secs(30))
+        .await;
+    assert_eq!(job["error"]["code"], "too_many_failovers", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("4 times") && message.contains("--max-failovers 2"),
+        "{message}"
+    );
+    app.state.shutdown.cancel();
+    worker.await.unwrap();
 }

@@ -246,40 +246,67 @@ fn config_url(opts: &ApiBenchOptions, dir: &std::path::Path) -> String {
 /// `jobs` queued jobs claimed by `workers` racing, each on its own connection, each finishing
 /// what it claims at once: claims per second, and a check that no job was claimed twice.
 async fn claim_race(url: &str, workers: usize, jobs: usize) -> anyhow::Result<()> {
-    let db = crate::db::Db::connect(url, 2).await?;
+    use anyhow::Context;
+    let db = crate::db::Db::connect(url, 2).await.context("connect")?;
     for _ in 0..jobs {
-        db.insert_job(&crate::job::JobId::new(), None, "{}").await?;
+        db.insert_job(&crate::job::JobId::new(), None, "{}")
+            .await
+            .context("insert")?;
     }
     let started = Instant::now();
     let racers: Vec<_> = (0..workers)
         .map(|w| {
             let url = url.to_string();
             tokio::spawn(async move {
-                let db = crate::db::Db::connect(&url, 1).await?;
-                let mut claimed = Vec::new();
-                while let Some(claim) = db.claim_next(&format!("bench-{w}"), 60).await? {
-                    db.finish(
-                        &claim.lease,
-                        crate::job::JobStatus::Succeeded,
-                        None,
-                        None,
-                        "{}",
-                    )
-                    .await?;
+                let db = crate::db::Db::connect(&url, 1).await.context("connect")?;
+                let (mut claimed, mut refused) = (Vec::new(), 0usize);
+                // SQLite has one write lock, which its waiters take in no order: under eight
+                // writers in a tight loop one can wait past its busy timeout and be refused
+                // ("database is locked"). A refused claim or finish is retried, as the worker
+                // loop retries, and counted.
+                let locked = |e: &crate::db::Error| e.to_string().contains("database is locked");
+                loop {
+                    let claim = match db.claim_next(&format!("bench-{w}"), 60).await {
+                        Ok(Some(claim)) => claim,
+                        Ok(None) => break,
+                        Err(e) if locked(&e) && refused < 1000 => {
+                            refused += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e).context("claim"),
+                    };
+                    loop {
+                        match db
+                            .finish(
+                                &claim.lease,
+                                crate::job::JobStatus::Succeeded,
+                                None,
+                                None,
+                                "{}",
+                            )
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(e) if locked(&e) && refused < 1000 => refused += 1,
+                            Err(e) => return Err(e).context("finish"),
+                        }
+                    }
                     claimed.push(claim.lease.job.to_string());
                 }
-                anyhow::Ok(claimed)
+                anyhow::Ok((claimed, refused))
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut refused) = (Vec::new(), 0);
     for r in racers {
-        all.extend(r.await??);
+        let (claimed, n) = r.await??;
+        all.extend(claimed);
+        refused += n;
     }
     let seconds = started.elapsed().as_secs_f64();
     let unique: std::collections::HashSet<&String> = all.iter().collect();
     println!(
-        "  claim race: {} jobs claimed and finished by {workers} workers in {seconds:.2} s: {:.0} claims/s ({} claimed twice)",
+        "  claim race: {} jobs claimed and finished by {workers} workers in {seconds:.2} s: {:.0} claims/s ({} claimed twice, {refused} claims refused as locked and retried)",
         all.len(),
         all.len() as f64 / seconds,
         all.len() - unique.len()
