@@ -36,12 +36,18 @@ export QTUNE_TEST_S3=s3://qtune-test
 "$S3_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$S3_LOG" 2>&1 &
 S3_PID=$!
 trap 'kill $S3_PID 2>/dev/null; wait $S3_PID 2>/dev/null; rm -f "$S3_LOG"' EXIT
-for _ in $(seq 100); do
-    curl -s -o /dev/null "$AWS_ENDPOINT_URL" && break
-    sleep 0.1
-done
-"$S3_VENV/bin/python" -c 'import boto3, os; boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="qtune-test")' \
-    || { cat "$S3_LOG" >&2; echo "the S3 server (moto) did not start" >&2; exit 1; }
+"$S3_VENV/bin/python" - <<'PY' || { cat "$S3_LOG" >&2; echo "the S3 server (moto) did not start" >&2; exit 1; }
+import os, socket, time
+import boto3
+port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+for _ in range(200):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="qtune-test")
+PY
 
 cargo test --all-targets "$@"
 echo "== the service, queue and client tests again, on PostgreSQL and the S3 server"

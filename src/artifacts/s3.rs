@@ -52,11 +52,9 @@ impl S3Artifacts {
         if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
             builder = builder.with_endpoint(endpoint);
         }
-        if std::env::var("AWS_REGION").is_ok() || std::env::var("AWS_DEFAULT_REGION").is_ok() {
-            // from_env reads AWS_DEFAULT_REGION; AWS_REGION is what most tools set
-            if let Ok(region) = std::env::var("AWS_REGION") {
-                builder = builder.with_region(region);
-            }
+        // from_env reads AWS_DEFAULT_REGION; AWS_REGION is what most tools set
+        if let Ok(region) = std::env::var("AWS_REGION") {
+            builder = builder.with_region(region);
         }
         let store = builder
             .build()
