@@ -261,7 +261,7 @@ pub async fn adapter(
         })?,
     };
     // recorded when the job succeeded; jobs finished before digests were kept get one now
-    let name = key.as_str().rsplit('/').next().unwrap_or_default();
+    let name = key.file_name();
     let recorded: Vec<FileDigest> = row
         .adapter_files
         .as_deref()
@@ -329,12 +329,7 @@ async fn serve(
     verify: bool,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let name = key
-        .as_str()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let name = key.file_name().to_string();
     let Some(bytes) = state.artifacts.size(key).await? else {
         return Err(ApiError::not_found("file", &name));
     };

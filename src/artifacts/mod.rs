@@ -53,6 +53,11 @@ impl Key {
         &self.0
     }
 
+    /// The last part of the key: the file's own name.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or_default()
+    }
+
     /// An uploaded dataset; `None` unless `file_id` is one that `POST /v1/files` could issue.
     pub fn upload(file_id: &str) -> Option<Key> {
         is_upload_id(file_id).then(|| Key(format!("files/{file_id}")))

@@ -200,12 +200,7 @@ impl ArtifactStore for S3Artifacts {
                 Ok(()) => {
                     writer.finish().await.map_err(io)?;
                     Ok(FileDigest {
-                        name: key
-                            .as_str()
-                            .rsplit('/')
-                            .next()
-                            .unwrap_or_default()
-                            .to_string(),
+                        name: key.file_name().to_string(),
                         bytes: total,
                         sha256: hex(&hasher.finalize()),
                     })
@@ -288,12 +283,7 @@ impl ArtifactStore for S3Artifacts {
                 hasher.update(&chunk);
             }
             Ok(FileDigest {
-                name: key
-                    .as_str()
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
+                name: key.file_name().to_string(),
                 bytes: total,
                 sha256: hex(&hasher.finalize()),
             })

@@ -409,17 +409,8 @@ impl Db {
         .bind(lease.attempt)
         .execute(&mut *tx)
         .await?;
-        if let Err(lost) = lease.check(done.rows_affected()) {
-            // ended now, not when the connection is next used: until then SQLite would keep
-            // the write lock the UPDATE took, and every other writer would wait on it
-            tx.rollback().await?;
-            return Err(lost);
-        }
-        let id = self
-            .insert_event_in(&mut tx, lease.job.as_str(), "status", event_data)
-            .await?;
-        tx.commit().await?;
-        Ok(id)
+        self.record_status_in(tx, lease, done.rows_affected(), event_data)
+            .await
     }
 
     /// Puts a running job back in the queue (graceful shutdown), keeping its progress, and
@@ -434,9 +425,21 @@ impl Db {
         .bind(lease.attempt)
         .execute(&mut *tx)
         .await?;
-        if let Err(lost) = lease.check(done.rows_affected()) {
-            // ended now, not when the connection is next used: until then SQLite would keep
-            // the write lock the UPDATE took, and every other writer would wait on it
+        self.record_status_in(tx, lease, done.rows_affected(), event_data)
+            .await
+    }
+
+    /// Ends the transaction of a fenced status change: its status event is written and both are
+    /// committed if the UPDATE changed the job's row, else it is rolled back at once (not when
+    /// the connection is next used, which would leave SQLite's write lock taken till then).
+    async fn record_status_in(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Any>,
+        lease: &Lease,
+        rows_affected: u64,
+        event_data: &str,
+    ) -> Result<i64> {
+        if let Err(lost) = lease.check(rows_affected) {
             tx.rollback().await?;
             return Err(lost);
         }

@@ -17,8 +17,6 @@ mod files;
 mod jobs;
 pub mod notify;
 
-use std::path::Path;
-
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
@@ -105,11 +103,6 @@ pub fn in_seconds(secs: i64) -> String {
 }
 
 impl Db {
-    /// Opens (creating if needed) an SQLite database file.
-    pub async fn open(path: &Path) -> Result<Db> {
-        Db::connect(&format!("sqlite://{}", path.display()), 8).await
-    }
-
     /// Connects to `sqlite://PATH` (created if missing; WAL, foreign keys) or `postgres://…`
     /// with a pool of `pool_size` connections, and applies the backend's embedded migrations.
     pub async fn connect(url: &str, pool_size: u32) -> Result<Db> {
@@ -290,7 +283,8 @@ mod tests {
     #[tokio::test]
     async fn sqlite_connections_have_their_settings() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("q.db")).await.unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let db = Db::connect(&url, 2).await.unwrap();
         for (pragma, expected) in [
             ("journal_mode", "wal"),
             ("foreign_keys", "1"),
