@@ -3,8 +3,9 @@
 # .cache/, installs what tests need from Debian's packages when it is missing (headless Chromium +
 # chromedriver for the dashboard's browser test; oneDNN, which the engine loads at run time for its
 # CPU matmuls; PostgreSQL, whose server the tests start themselves), starts an S3 API server, and
-# runs every test: all of them on SQLite and a local directory, then the service, queue and client
-# tests again on PostgreSQL and S3.
+# installs the official openai SDK into a venv, and runs every test: all of them on SQLite and a
+# local directory, then the service, queue, client and OpenAI-compatibility tests again on
+# PostgreSQL and S3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-test-models.sh
@@ -49,6 +50,14 @@ for _ in range(200):
 boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="qtune-test")
 PY
 
+# The official openai SDK (PyPI, pinned) for the test that drives the OpenAI-compatible API with it.
+OPENAI_VENV="$HOME/.cache/qtune-openai/venv"
+if ! "$OPENAI_VENV/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.57.0")' 2>/dev/null; then
+    python3 -m venv "$OPENAI_VENV"
+    "$OPENAI_VENV/bin/pip" install -q 'openai==3.57.0'
+fi
+export QTUNE_TEST_OPENAI_PYTHON="$OPENAI_VENV/bin/python"
+
 cargo test --all-targets "$@"
 echo "== the service, queue and client tests again, on PostgreSQL and the S3 server"
-QTUNE_TEST_BACKEND=postgres cargo test --test it "$@" -- api:: client:: hostile:: queue::
+QTUNE_TEST_BACKEND=postgres cargo test --test it "$@" -- api:: client:: hostile:: queue:: openai::

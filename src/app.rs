@@ -161,6 +161,7 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
     }
     let egress = EgressPolicy::parse(&config.fetch_allow)
         .map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
+    let models = Arc::new(crate::inference::Models::new(&config));
     Ok(AppState {
         db,
         artifacts,
@@ -171,6 +172,7 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
         running: RunningJobs::default(),
         workers_up: Arc::new(AtomicUsize::new(0)),
         shutdown: CancellationToken::new(),
+        models,
     })
 }
 

@@ -148,6 +148,16 @@ impl Client {
             .await
     }
 
+    pub async fn pause(&self, id: &str) -> Result<JobView> {
+        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/pause")))
+            .await
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<JobView> {
+        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/resume")))
+            .await
+    }
+
     /// Follows the job's event stream until the job finishes, calling `on_event` for each event
     /// (history first). A dropped connection is resumed with `Last-Event-ID`, so no event is seen
     /// twice or missed. Returns the finished job.

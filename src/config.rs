@@ -118,6 +118,18 @@ pub struct ServeConfig {
     /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
     pub max_record_kib: u64,
+    /// Chat and completion requests decoded at once (others wait their turn, first come first
+    /// served); they share the CPU threads with training, so each one running slows a running
+    /// job's steps while it lasts.
+    #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 1)]
+    pub max_concurrent_generations: usize,
+    /// Base models kept loaded for chat (the least recently used is dropped past it).
+    #[arg(long, env = "QTUNE_MAX_LOADED_BASES", default_value_t = 2)]
+    pub max_loaded_bases: usize,
+    /// Memory for fine-tuned adapters kept attached to their loaded base, in MiB (least
+    /// recently used dropped first).
+    #[arg(long, env = "QTUNE_ADAPTER_CACHE_MIB", default_value_t = 512)]
+    pub adapter_cache_mib: u64,
 }
 
 impl ServeConfig {
@@ -153,6 +165,9 @@ impl ServeConfig {
             header_timeout_secs: 10,
             max_job_steps: 1_000_000,
             max_job_hours: 72.0,
+            max_concurrent_generations: 1,
+            max_loaded_bases: 2,
+            adapter_cache_mib: 512,
         }
     }
 

@@ -156,6 +156,7 @@ mod tests {
             total_steps: 10,
             epoch: 0.5,
             train_loss: 1.25,
+            train_accuracy: None,
             learning_rate: 1e-3,
             grad_norm: 0.5,
             tokens: 100,

@@ -51,15 +51,18 @@ impl fmt::Display for JobId {
 pub enum JobStatus {
     Queued,
     Running,
+    /// Stopped at a checkpoint on request, off the workers; resuming queues it again.
+    Paused,
     Succeeded,
     Failed,
     Cancelled,
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
+    pub const ALL: [JobStatus; 6] = [
         JobStatus::Queued,
         JobStatus::Running,
+        JobStatus::Paused,
         JobStatus::Succeeded,
         JobStatus::Failed,
         JobStatus::Cancelled,
@@ -69,6 +72,7 @@ impl JobStatus {
         match self {
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
@@ -91,7 +95,7 @@ impl fmt::Display for JobStatus {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown job status {0:?} (one of queued, running, succeeded, failed, cancelled)")]
+#[error("unknown job status {0:?} (one of queued, running, paused, succeeded, failed, cancelled)")]
 pub struct UnknownStatus(pub String);
 
 impl FromStr for JobStatus {
@@ -147,6 +151,9 @@ pub struct StepMetrics {
     /// Token-weighted mean cross-entropy of the step's label tokens. Events stored before 0.2
     /// call it `loss` only; the SSE event still carries that name too (see [`with_legacy_loss`]).
     pub train_loss: f64,
+    /// Fraction of the step's label tokens whose most likely prediction was the label (before
+    /// the update). Absent from steps stored before 0.3.
+    pub train_accuracy: Option<f64>,
     pub learning_rate: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -167,6 +174,8 @@ struct StoredStep {
     epoch: f64,
     train_loss: Option<f64>,
     loss: Option<f64>,
+    #[serde(default)]
+    train_accuracy: Option<f64>,
     learning_rate: f64,
     grad_norm: f64,
     tokens: usize,
@@ -187,6 +196,7 @@ impl TryFrom<StoredStep> for StepMetrics {
                 .train_loss
                 .or(s.loss)
                 .ok_or("missing field `train_loss`")?,
+            train_accuracy: s.train_accuracy,
             learning_rate: s.learning_rate,
             grad_norm: s.grad_norm,
             tokens: s.tokens,
@@ -204,6 +214,9 @@ pub struct EvalMetrics {
     pub epoch: f64,
     /// Token-weighted mean cross-entropy over every label token of the validation set.
     pub eval_loss: f64,
+    /// Fraction of those tokens whose most likely prediction is the label (absent before 0.3).
+    #[serde(default)]
+    pub eval_accuracy: Option<f64>,
 }
 
 /// One row of a job's loss curve: a step (eval columns empty) or an evaluation (train columns
@@ -218,11 +231,16 @@ pub struct MetricsRow {
     pub learning_rate: Option<f64>,
     pub grad_norm: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub train_accuracy: Option<f64>,
+    #[serde(default)]
+    pub eval_accuracy: Option<f64>,
 }
 
 impl MetricsRow {
-    /// The CSV header, in field order.
-    pub const COLUMNS: [&'static str; 7] = [
+    /// The CSV header, in field order (columns added later come last, so that readers of the
+    /// older header keep their positions).
+    pub const COLUMNS: [&'static str; 9] = [
         "step",
         "epoch",
         "train_loss",
@@ -230,10 +248,12 @@ impl MetricsRow {
         "learning_rate",
         "grad_norm",
         "tokens_per_second",
+        "train_accuracy",
+        "eval_accuracy",
     ];
 
     /// The row as CSV fields, empty where there is no value.
-    pub fn csv_fields(&self) -> [String; 7] {
+    pub fn csv_fields(&self) -> [String; 9] {
         let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
         [
             self.step.to_string(),
@@ -243,6 +263,8 @@ impl MetricsRow {
             opt(self.learning_rate),
             opt(self.grad_norm),
             opt(self.tokens_per_second),
+            opt(self.train_accuracy),
+            opt(self.eval_accuracy),
         ]
     }
 
@@ -262,6 +284,8 @@ impl From<&StepMetrics> for MetricsRow {
             learning_rate: Some(m.learning_rate),
             grad_norm: Some(m.grad_norm),
             tokens_per_second: Some(m.tokens_per_second),
+            train_accuracy: m.train_accuracy,
+            eval_accuracy: None,
         }
     }
 }
@@ -276,6 +300,8 @@ impl From<&EvalMetrics> for MetricsRow {
             learning_rate: None,
             grad_norm: None,
             tokens_per_second: None,
+            train_accuracy: None,
+            eval_accuracy: e.eval_accuracy,
         }
     }
 }
@@ -364,15 +390,29 @@ pub struct CheckpointView {
     pub files: Vec<FileDigest>,
 }
 
-/// An uploaded dataset as `POST /v1/files` answers it.
+/// A file as `/v1/files` shows it: OpenAI's File object (the routes are shared with the
+/// OpenAI-compatible API), with qtune's `sha256` of the content beside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileView {
     pub object: String,
     pub id: String,
-    pub filename: Option<String>,
     pub bytes: i64,
-    pub sha256: String,
-    pub created_at: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub filename: String,
+    /// `fine-tune` (an upload) or `fine-tune-results` (a job's step metrics, made by qtune).
+    pub purpose: String,
+    /// `uploaded`, `processed` (checked as a training file) or `error`.
+    pub status: String,
+    pub status_details: Option<String>,
+    pub sha256: Option<String>,
+}
+
+/// Unix seconds of an RFC 3339 time (as the database keeps them); 0 for text that is not one.
+pub fn unix_seconds(rfc3339: &str) -> i64 {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .unwrap_or(0)
 }
 
 /// What `from_checkpoint` names: a job's final adapter (`"<job id>"`) or one of its checkpoints
@@ -411,7 +451,7 @@ mod tests {
                 serde_json::json!(s.as_str())
             );
         }
-        assert!("paused".parse::<JobStatus>().is_err());
+        assert!("validating_files".parse::<JobStatus>().is_err());
     }
 
     #[test]

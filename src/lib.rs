@@ -14,6 +14,7 @@
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
 //! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
 //! - [`egress`]: which addresses dataset URLs may reach; [`model_access`]: which base models a job may name.
+//! - [`inference`]: models loaded for chat and completions (bases, adapters over them, turns).
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
 //! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
@@ -28,6 +29,7 @@ pub mod db;
 pub mod egress;
 pub mod events;
 pub mod http;
+pub mod inference;
 pub mod job;
 pub mod model_access;
 pub mod queue;

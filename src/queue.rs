@@ -1,8 +1,8 @@
 //! The service's operations on jobs that more than one statement makes: submitting (with the
-//! checks a spec's references need) and cancelling. Handlers call these and stay thin; the
+//! checks a spec's references need), cancelling, pausing and resuming. Handlers call these and stay thin; the
 //! workers' side of the queue is in `worker`.
 
-use crate::db::{self, CancelOutcome, DeleteOutcome, JobRow};
+use crate::db::{self, CancelOutcome, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome};
 use crate::events::{JobEvent, StatusChange};
 use crate::job::{CheckpointRef, JobId, JobStatus};
 use crate::spec::JobSpec;
@@ -21,6 +21,13 @@ pub enum QueueError {
     /// Cancelling a job that has already finished.
     #[error("job {id} already {status}; nothing to cancel")]
     Finished { id: JobId, status: JobStatus },
+    /// Pausing a job that has finished, or resuming one that is not paused.
+    #[error("job {id} is {status}; {what}")]
+    WrongStatus {
+        id: JobId,
+        status: JobStatus,
+        what: &'static str,
+    },
     /// Deleting a running job: it is being cancelled, and can be deleted once it has stopped.
     #[error("job {0} is running; it is being cancelled: delete it again once it has stopped")]
     Running(JobId),
@@ -46,6 +53,16 @@ pub async fn submit(
     spec: &JobSpec,
     owner: Option<&str>,
 ) -> Result<JobRow, QueueError> {
+    submit_as(state, &JobId::new(), spec, owner).await
+}
+
+/// [`submit`] under an id chosen by the caller (bound to an idempotency key beforehand).
+pub async fn submit_as(
+    state: &AppState,
+    id: &JobId,
+    spec: &JobSpec,
+    owner: Option<&str>,
+) -> Result<JobRow, QueueError> {
     check_references(state, spec, owner).await?;
     let cap = state.config.max_queued_per_key;
     if cap > 0 && state.db.count_jobs(owner, JobStatus::Queued).await? >= cap as i64 {
@@ -56,11 +73,18 @@ pub async fn submit(
             retry_after: 60,
         });
     }
-    let id = JobId::new();
     let stored = serde_json::to_string(spec).expect("a spec serializes");
-    let row = state.db.insert_job(&id, owner, &stored).await?;
+    let row = state
+        .db
+        .insert_job_with_metadata(
+            id,
+            owner,
+            &stored,
+            &spec.metadata.clone().unwrap_or_default(),
+        )
+        .await?;
     state
-        .publish(&id, &JobEvent::Status(StatusChange::to(JobStatus::Queued)))
+        .publish(id, &JobEvent::Status(StatusChange::to(JobStatus::Queued)))
         .await?;
     state.job_queued.notify_waiters();
     tracing::info!(job.id = %id, base_model = %spec.base_model, "job queued");
@@ -180,5 +204,79 @@ pub async fn cancel(state: &AppState, id: &JobId, owner: Option<&str>) -> Result
             Ok(())
         }
         CancelOutcome::AlreadyCancelled => Ok(()),
+    }
+}
+
+/// Pauses a job: a queued one at once; a running one checkpoints at its next step and leaves its
+/// worker (its stop flag is raised here if it runs in this process, by its heartbeat or the
+/// database's notice otherwise). Pausing a paused job is a no-op; a finished one is refused.
+pub async fn pause(state: &AppState, id: &JobId, owner: Option<&str>) -> Result<(), QueueError> {
+    match state.db.request_pause(id, owner).await? {
+        PauseOutcome::NotFound => Err(QueueError::NotFound(id.clone())),
+        PauseOutcome::Finished(status) => Err(QueueError::WrongStatus {
+            id: id.clone(),
+            status,
+            what: "only queued or running jobs pause",
+        }),
+        PauseOutcome::Paused => {
+            state
+                .publish(id, &JobEvent::Status(StatusChange::to(JobStatus::Paused)))
+                .await?;
+            Ok(())
+        }
+        PauseOutcome::Requested => {
+            state.running.stop(id);
+            Ok(())
+        }
+        PauseOutcome::Unchanged(_) => Ok(()),
+    }
+}
+
+/// Resumes a paused job: back in the queue, to continue from its last checkpoint. A queued or
+/// running job is left as it is; a finished one is refused.
+pub async fn resume(state: &AppState, id: &JobId, owner: Option<&str>) -> Result<(), QueueError> {
+    let event = JobEvent::Status(StatusChange {
+        reason: Some("resumed; continues from its last checkpoint".into()),
+        ..StatusChange::to(JobStatus::Queued)
+    });
+    let data = event.data_json();
+    match state.db.resume(id, owner, &data).await? {
+        (ResumeOutcome::Resumed, Some(event_id)) => {
+            state.announce(id, event_id, event.kind(), data);
+            state.job_queued.notify_waiters();
+            tracing::info!(job.id = %id, "job resumed");
+            Ok(())
+        }
+        (ResumeOutcome::NotFound, _) => Err(QueueError::NotFound(id.clone())),
+        (ResumeOutcome::NotPaused(status), _) if status.is_terminal() => {
+            Err(QueueError::WrongStatus {
+                id: id.clone(),
+                status,
+                what: "only paused jobs resume",
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a caller may ask of a job's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+/// [`cancel`], [`pause`] or [`resume`], as `what` says.
+pub async fn control(
+    state: &AppState,
+    id: &JobId,
+    owner: Option<&str>,
+    what: Control,
+) -> Result<(), QueueError> {
+    match what {
+        Control::Cancel => cancel(state, id, owner).await,
+        Control::Pause => pause(state, id, owner).await,
+        Control::Resume => resume(state, id, owner).await,
     }
 }

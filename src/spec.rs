@@ -54,6 +54,10 @@ pub struct JobSpec {
     /// `"<job id>:<step>"` or `"<job id>"`: start from an adapter an earlier job made.
     #[serde(default)]
     pub from_checkpoint: Option<String>,
+    /// Up to 16 key/value pairs of the caller's own (keys ≤ 64, values ≤ 512 characters), as
+    /// OpenAI's jobs carry them; job lists filter on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn default_seed() -> u64 {
@@ -365,8 +369,12 @@ fn default_batch() -> i64 {
 fn one() -> i64 {
     1
 }
+/// The learning rate a job gets when it names none (OpenAI's `learning_rate_multiplier`
+/// scales this).
+pub const DEFAULT_LEARNING_RATE: f64 = 2e-4;
+
 fn default_lr() -> f64 {
-    2e-4
+    DEFAULT_LEARNING_RATE
 }
 fn default_scheduler() -> LrScheduler {
     LrScheduler::Linear
@@ -461,6 +469,26 @@ impl JobSpec {
                 }
                 if text.chars().any(char::is_control) {
                     return Err(err(field, "must not contain control characters"));
+                }
+            }
+        }
+        if let Some(pairs) = &self.metadata {
+            if pairs.len() > MAX_METADATA_PAIRS {
+                return Err(err(
+                    "metadata",
+                    format!("at most {MAX_METADATA_PAIRS} pairs, got {}", pairs.len()),
+                ));
+            }
+            for (key, value) in pairs {
+                let param = format!("metadata.{key}");
+                if key.is_empty() || key.chars().count() > 64 {
+                    return Err(err("metadata", "keys are 1 to 64 characters"));
+                }
+                if value.chars().count() > 512 {
+                    return Err(err(&param, "longer than 512 characters"));
+                }
+                if key.chars().chain(value.chars()).any(char::is_control) {
+                    return Err(err(&param, "must not contain control characters"));
                 }
             }
         }
@@ -642,6 +670,7 @@ pub const MAX_ALPHA: f64 = 1e6;
 const MAX_NAME_LEN: usize = 512;
 const MAX_URL_LEN: usize = 4096;
 const MAX_SUFFIX_LEN: usize = 64;
+const MAX_METADATA_PAIRS: usize = 16;
 
 /// serde_json says `unknown field `foo`` or `missing field `bar``; pull the name out so the
 /// error can point at it.

@@ -30,6 +30,8 @@ pub struct AppState {
     pub workers_up: Arc<AtomicUsize>,
     /// Set when the server is shutting down: running jobs checkpoint and go back to the queue.
     pub shutdown: CancellationToken,
+    /// Models loaded for chat and completions.
+    pub models: Arc<crate::inference::Models>,
 }
 
 impl AppState {

@@ -84,6 +84,9 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const fmtLoss = (v) => (typeof v === "number" ? v.toFixed(4) : "–");
+const fmtAccuracy = (v) => (typeof v === "number" ? `${(100 * v).toFixed(1)} %` : "–");
+/** The value at the highest step of a step → value map. */
+const last = (m) => (m.size ? m.get(Math.max(...m.keys())) : undefined);
 const fmtTime = (s) => (s ? new Date(s).toLocaleString() : "–");
 function fmtDuration(secs) {
   if (typeof secs !== "number") return "–";
@@ -134,7 +137,7 @@ function jobsView() {
 
 function jobView(id) {
   const controller = new AbortController();
-  const curve = { train: new Map(), eval: new Map(), lr: new Map() };
+  const curve = { train: new Map(), eval: new Map(), lr: new Map(), trainAcc: new Map(), evalAcc: new Map() };
   let job = null, logScale = false, timer = null;
 
   const title = el("h1", { text: `Job ${id}` });
@@ -144,6 +147,7 @@ function jobView(id) {
   const logToggle = el("input", { type: "checkbox", id: "log-scale", onchange: () => { logScale = logToggle.checked; draw(); } });
   const chartBox = el("div");
   const lrBox = el("div");
+  const accBox = el("div");
   const checkpoints = el("div");
   const spec = el("pre", { "aria-label": "Job spec" });
   main().replaceChildren(title, facts, errorBox, actions,
@@ -152,6 +156,10 @@ function jobView(id) {
       el("div", { class: "legend" }, el("span", { class: "train", text: "train loss" }), el("span", { class: "eval", text: "eval loss" })),
       el("label", {}, logToggle, " log scale")),
     chartBox,
+    el("h2", { text: "Token accuracy" }),
+    el("div", { class: "chart-head" },
+      el("div", { class: "legend" }, el("span", { class: "train", text: "train accuracy" }), el("span", { class: "eval", text: "eval accuracy" }))),
+    accBox,
     el("h2", { text: "Learning rate" }), lrBox,
     el("h2", { text: "Checkpoints" }), checkpoints,
     el("h2", { text: "Spec (defaults filled in)" }), spec);
@@ -161,6 +169,10 @@ function jobView(id) {
       { name: "train", points: [...curve.train] },
       { name: "eval", points: [...curve.eval], dots: true },
     ], { log: logScale, height: 300, label: "Loss against step" }));
+    accBox.replaceChildren(lineChart([
+      { name: "train", points: [...curve.trainAcc] },
+      { name: "eval", points: [...curve.evalAcc], dots: true },
+    ], { height: 160, label: "Token accuracy against step", id: "accuracy-chart" }));
     lrBox.replaceChildren(lineChart([{ name: "lr", points: [...curve.lr] }], { height: 120, label: "Learning rate against step" }));
   }
 
@@ -175,22 +187,42 @@ function jobView(id) {
       fact("Epoch", typeof p.epoch === "number" ? p.epoch.toFixed(2) : "–"),
       fact("Train loss", fmtLoss(job.train_loss)),
       fact("Eval loss", fmtLoss(job.eval_loss)),
+      fact("Train accuracy", fmtAccuracy(last(curve.trainAcc)), { id: "train-accuracy" }),
+      fact("Eval accuracy", fmtAccuracy(last(curve.evalAcc)), { id: "eval-accuracy" }),
       fact("ETA", job.status === "running" ? fmtDuration(p.eta_seconds) : "–"),
       fact("Base model", job.spec.base_model, { class: "wide" }));
     errorBox.replaceChildren(job.error
       ? el("p", { class: "error-box", role: "alert" }, el("strong", { text: `${job.error.code}: ` }), job.error.message || "")
       : "");
-    const cancellable = job.status === "queued" || job.status === "running";
-    actions.replaceChildren(
-      cancellable ? el("button", { class: "danger", id: "cancel", disabled: job.cancel_requested, onclick: cancel,
-        text: job.cancel_requested ? "Cancelling…" : "Cancel job" }) : "",
-      job.status === "succeeded" ? el("button", { class: "secondary",
-        onclick: () => download(`/v1/jobs/${id}/adapter`, `adapter-${id}.tar`), text: "Download adapter (.tar)" }) : "");
+    // the buttons are rebuilt only when what they offer changes, so that one being clicked is
+    // never replaced under the pointer by a progress refresh
+    const offer = `${job.status}/${job.cancel_requested}`;
+    if (actions.dataset.offer !== offer) {
+      actions.dataset.offer = offer;
+      const cancellable = ["queued", "running", "paused"].includes(job.status);
+      const pausable = job.status === "queued" || job.status === "running";
+      actions.replaceChildren(
+        pausable ? el("button", { class: "secondary", id: "pause", disabled: job.cancel_requested,
+          onclick: () => act("pause"), text: "Pause" }) : "",
+        job.status === "paused" ? el("button", { id: "resume", onclick: () => act("resume"), text: "Resume" }) : "",
+        cancellable ? el("button", { class: "danger", id: "cancel", disabled: job.cancel_requested, onclick: () => act("cancel"),
+          text: job.cancel_requested ? "Stopping…" : "Cancel job" }) : "",
+        job.status === "succeeded" ? el("button", { class: "secondary",
+          onclick: () => download(`/v1/jobs/${id}/adapter`, `adapter-${id}.tar`), text: "Download adapter (.tar)" }) : "");
+    }
     spec.textContent = JSON.stringify(job.spec, null, 2);
   }
 
-  async function cancel() {
-    const res = await api("POST", `/v1/jobs/${id}/cancel`);
+  function showAccuracy() {
+    for (const [id, m] of [["train-accuracy", curve.trainAcc], ["eval-accuracy", curve.evalAcc]]) {
+      const dd = document.querySelector(`#${id} dd`);
+      if (dd) dd.textContent = fmtAccuracy(last(m));
+    }
+  }
+
+  /** Cancel, pause or resume; a running job stops at its next step (its button says so). */
+  async function act(verb) {
+    const res = await api("POST", `/v1/jobs/${id}/${verb}`);
     if (!res.ok) alert(errorText(res));
     await refreshJob();
   }
@@ -233,9 +265,11 @@ function jobView(id) {
         if (kind === "metrics") {
           curve.train.set(data.step, data.train_loss ?? data.loss);  // events stored by 0.1 say `loss`
           curve.lr.set(data.step, data.learning_rate);
+          if (typeof data.train_accuracy === "number") curve.trainAcc.set(data.step, data.train_accuracy);
           drawSoon();
         } else if (kind === "eval") {
           curve.eval.set(data.step, data.eval_loss);
+          if (typeof data.eval_accuracy === "number") curve.evalAcc.set(data.step, data.eval_accuracy);
           drawSoon();
         } else if (kind === "checkpoint") {
           refreshCheckpoints();
@@ -253,14 +287,14 @@ function jobView(id) {
   function drawSoon() {
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; draw(); });
+    requestAnimationFrame(() => { pending = false; draw(); showAccuracy(); });
   }
 
   return () => { controller.abort(); clearInterval(timer); };
 }
 
 /** An SVG line chart of [step, value] series, with axes and ticks. */
-function lineChart(series, { log = false, height = 240, label = "" }) {
+function lineChart(series, { log = false, height = 240, label = "", id = "" }) {
   const W = 800, H = height, L = 58, R = 12, T = 10, B = 26;
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
@@ -268,6 +302,7 @@ function lineChart(series, { log = false, height = 240, label = "" }) {
   const all = series.flatMap((s) => s.points).filter(([, v]) => typeof v === "number" && (!log || v > 0));
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("class", "chart");
+  if (id) svg.setAttribute("id", id);
   svg.setAttribute("role", "img");
   const counts = Object.fromEntries(series.map((s) => [s.name, s.points.length]));
   for (const [name, n] of Object.entries(counts)) svg.setAttribute(`data-${name}-points`, n);
@@ -300,10 +335,16 @@ function lineChart(series, { log = false, height = 240, label = "" }) {
     const shown = log ? 10 ** v : v;
     add("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, shown === 0 ? "0" : Math.abs(shown) < 0.01 ? shown.toExponential(1) : shown.toPrecision(3));
   }
-  for (let i = 0; i <= 5; i++) {
-    const x = x0 + ((x1 - x0) * i) / 5;
-    add("text", { x: sx(x), y: H - 8, "text-anchor": "middle" }, Math.round(x));
+  // x ticks on whole steps, evenly spaced: a step of 1, 2 or 5 × 10ⁿ that gives at most 6
+  const ticks = [];
+  const raw = Math.max(1, (x1 - x0) / 6);
+  const unit = 10 ** Math.floor(Math.log10(raw));
+  const every = [1, 2, 5, 10].map((m) => m * unit).find((d) => d >= raw && Number.isInteger(d)) || Math.ceil(raw);
+  for (let x = Math.ceil(x0 / every) * every; x <= x1; x += every) {
+    ticks.push(x);
+    add("text", { x: sx(x), y: H - 8, "text-anchor": "middle" }, x);
   }
+  svg.setAttribute("data-x-ticks", ticks.join(" "));
   add("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B });
   add("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B });
   const summary = [];

@@ -1,4 +1,5 @@
-//! The one error type handlers return: a status and `{"error": {"code", "message", "param"}}`.
+//! The one error type handlers return: a status and
+//! `{"error": {"code", "message", "param", "type"}}` (OpenAI's error shape).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -49,6 +50,12 @@ impl ApiError {
         )
     }
 
+    /// A 400 naming the field: how the OpenAI-compatible routes answer invalid input (the SDK
+    /// raises `BadRequestError` with `.param`).
+    pub fn bad(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message).param(param)
+    }
+
     pub fn invalid(param: &str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message).param(param)
     }
@@ -74,6 +81,9 @@ impl From<crate::queue::QueueError> for ApiError {
             QueueError::NotFound(id) => ApiError::not_found("job", id.as_str()),
             e @ QueueError::Finished { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "job_finished", e.to_string())
+            }
+            e @ QueueError::WrongStatus { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "wrong_status", e.to_string())
             }
             e @ QueueError::Running(_) => {
                 ApiError::new(StatusCode::CONFLICT, "job_running", e.to_string())
@@ -125,8 +135,18 @@ impl From<axum::extract::multipart::MultipartError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // OpenAI's error `type`, which its SDKs read beside the status
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            409 => "conflict_error",
+            429 => "rate_limit_error",
+            500.. => "server_error",
+            _ => "invalid_request_error",
+        };
         let body = serde_json::json!({
-            "error": {"code": self.code, "message": self.message, "param": self.param}
+            "error": {"code": self.code, "message": self.message, "param": self.param, "type": kind}
         });
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {

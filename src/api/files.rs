@@ -13,13 +13,31 @@ use super::{jobs, ApiError, Owner};
 use futures_util::StreamExt;
 
 use crate::artifacts::{new_upload_id, Key, PutError};
-use crate::db::FileRow;
-use crate::job::{CheckpointView, FileDigest, FileView, JobStatus};
+use crate::db::{FileRow, Order};
+use crate::job::{unix_seconds, CheckpointView, FileDigest, FileView, JobStatus};
 use crate::state::AppState;
 
-/// Stores a dataset sent as the raw request body (`?filename=` names it) or as the first file
-/// field of a multipart form. The body goes to the store as it arrives (hashed on the way, never
-/// held whole); one announced as larger than the limit is refused before it is read.
+/// The one purpose an upload may have: a dataset for fine-tuning (`fine-tune-results` files are
+/// made by qtune from a job's metrics).
+const UPLOAD_PURPOSE: &str = "fine-tune";
+
+fn check_purpose(purpose: &str) -> Result<(), ApiError> {
+    if purpose == UPLOAD_PURPOSE {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_purpose",
+        format!("qtune stores files for fine-tuning only: purpose must be \"{UPLOAD_PURPOSE}\""),
+    )
+    .param("purpose"))
+}
+
+/// Stores a dataset sent as the raw request body (`?filename=` names it) or as the `file` field
+/// of a multipart form (OpenAI's `files.create`: fields `purpose` and `file`). The body goes to
+/// the store as it arrives (hashed on the way, never held whole); one announced as larger than
+/// the limit is refused before it is read. With an `Idempotency-Key`, a repeat of the same
+/// upload answers with the file the first one made.
 pub async fn upload(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -66,6 +84,7 @@ pub async fn upload(
         drain_small_body(req.into_body(), announced).await;
         return Err(over_quota());
     }
+    let idempotency_key = super::idempotency_key(req.headers())?;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -73,18 +92,45 @@ pub async fn upload(
         .is_some_and(|v| v.starts_with("multipart/form-data"));
     let id = new_upload_id();
     let key = Key::upload(&id).expect("a fresh upload id is valid");
+    let mut purpose = q.get("purpose").cloned();
+    if let Some(p) = &purpose {
+        check_purpose(p)?;
+    }
     let stored = if is_multipart {
         let mut form = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
         let mut stored = None;
-        while let Some(field) = form.next_field().await? {
-            if field.file_name().is_some() || field.name() == Some("file") {
-                let name = field.file_name().map(str::to_string);
-                let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
-                stored = Some((state.artifacts.put_stream(&key, chunks, limit).await, name));
-                break;
+        let read = async {
+            while let Some(field) = form.next_field().await? {
+                match field.name() {
+                    Some("purpose") => {
+                        let text = field.text().await?;
+                        check_purpose(text.trim())?;
+                        purpose = Some(text.trim().to_string());
+                    }
+                    Some("file") | None if stored.is_none() => {
+                        let name = field.file_name().map(str::to_string);
+                        let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
+                        stored =
+                            Some((state.artifacts.put_stream(&key, chunks, limit).await, name));
+                    }
+                    // other fields (OpenAI's expires_after[…]) are read past: retention is the
+                    // operator's
+                    _ => {
+                        let _ = field.bytes().await?;
+                    }
+                }
             }
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = read {
+            // a form refused after its file was stored leaves nothing behind
+            if matches!(stored, Some((Ok(_), _))) {
+                state.artifacts.delete(&key).await?;
+            }
+            return Err(e);
         }
         stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))?
     } else {
@@ -109,7 +155,31 @@ pub async fn upload(
     };
     if digest.bytes == 0 {
         state.artifacts.delete(&key).await?;
-        return Err(ApiError::invalid("body", "the upload is empty"));
+        return Err(ApiError::invalid("file", "the upload is empty"));
+    }
+    let purpose = purpose.unwrap_or_else(|| UPLOAD_PURPOSE.to_string());
+    if let Some(idem) = &idempotency_key {
+        let request = format!("{purpose}:{}", digest.sha256);
+        let scope = owner.as_deref().unwrap_or("");
+        match state
+            .db
+            .claim_idempotency_key(scope, "files", idem, &request, &id)
+            .await?
+        {
+            None => {}
+            Some(first) => {
+                state.artifacts.delete(&key).await?;
+                if first.request_sha256 != request {
+                    return Err(super::idempotency_key_reused());
+                }
+                let row = state
+                    .db
+                    .get_file(&first.object_id, owner.as_deref())
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("file", &first.object_id))?;
+                return Ok((StatusCode::OK, Json(file_view(row))));
+            }
+        }
     }
     let row = FileRow {
         id,
@@ -118,6 +188,9 @@ pub async fn upload(
         bytes: digest.bytes as i64,
         sha256: digest.sha256,
         created_at: crate::db::now(),
+        purpose,
+        status: "uploaded".into(),
+        status_details: None,
     };
     state.db.insert_file(&row).await?;
     Ok((StatusCode::CREATED, Json(file_view(row))))
@@ -127,9 +200,14 @@ pub async fn upload(
 #[serde(deny_unknown_fields)]
 pub struct FileListQuery {
     limit: Option<i64>,
+    after: Option<String>,
+    order: Option<String>,
+    purpose: Option<String>,
 }
 
-/// The caller's uploads, newest first.
+/// The caller's files, newest first (`order=asc`: oldest first), a page at a time (`after` the
+/// id of the previous page's last); `purpose=fine-tune-results` lists the results files of the
+/// caller's finished jobs.
 pub async fn list(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -144,13 +222,84 @@ pub async fn list(
             format!("must be between 1 and 1000, got {limit}"),
         ));
     }
-    let mut rows = state.db.list_files(owner.as_deref(), limit + 1).await?;
+    let order = match q.order.as_deref() {
+        None | Some("desc") => Order::Newest,
+        Some("asc") => Order::Oldest,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "order",
+                format!("{other:?} is not an order (asc or desc)"),
+            ))
+        }
+    };
+    if q.purpose.as_deref() == Some(super::openai::RESULTS_PURPOSE) {
+        return super::openai::list_results_files(&state, &owner, order, q.after.as_deref(), limit)
+            .await;
+    }
+    if let Some(after) = &q.after {
+        if state.db.get_file(after, owner.as_deref()).await?.is_none() {
+            return Err(ApiError::invalid("after", format!("no file {after:?}")));
+        }
+    }
+    let mut rows = state
+        .db
+        .list_files(
+            owner.as_deref(),
+            q.purpose.as_deref(),
+            order,
+            q.after.as_deref(),
+            limit + 1,
+        )
+        .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let data: Vec<FileView> = rows.into_iter().map(file_view).collect();
-    Ok(Json(
-        json!({"object": "list", "data": data, "has_more": has_more}),
-    ))
+    Ok(Json(super::list_page(&data, has_more, |f| f.id.clone())))
+}
+
+/// One file: an upload, or a job's results file.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<FileView>, ApiError> {
+    if let Some(job) = super::openai::results_file_job(&id) {
+        return Ok(Json(
+            super::openai::results_file(&state, &owner, &job).await?.0,
+        ));
+    }
+    let row = state
+        .db
+        .get_file(&id, owner.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    Ok(Json(file_view(row)))
+}
+
+/// A file's bytes: an upload as stored (checked against its recorded sha256 as it streams), or
+/// a results file's CSV.
+pub async fn content(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(job) = super::openai::results_file_job(&id) {
+        let (_, csv) = super::openai::results_file(&state, &owner, &job).await?;
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
+    let key = Key::upload(&id).ok_or_else(|| ApiError::not_found("file", &id))?;
+    let row = state
+        .db
+        .get_file(&id, owner.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    let digest = FileDigest {
+        name: key.file_name().to_string(),
+        bytes: row.bytes as u64,
+        sha256: row.sha256,
+    };
+    serve(&state, &key, Some(digest), true, &headers).await
 }
 
 /// Deletes an upload (jobs that name it and have not fetched it yet will fail saying so).
@@ -167,14 +316,17 @@ pub async fn delete(
     Ok(Json(json!({"object": "file", "id": id, "deleted": true})))
 }
 
-fn file_view(row: FileRow) -> FileView {
+pub(super) fn file_view(row: FileRow) -> FileView {
     FileView {
         object: "file".into(),
+        filename: row.filename.unwrap_or_else(|| row.id.clone()),
         id: row.id,
-        filename: row.filename,
         bytes: row.bytes,
-        sha256: row.sha256,
-        created_at: row.created_at,
+        created_at: unix_seconds(&row.created_at),
+        purpose: row.purpose,
+        status: row.status,
+        status_details: row.status_details,
+        sha256: Some(row.sha256),
     }
 }
 
@@ -280,6 +432,7 @@ fn content_type(name: &str) -> &'static str {
     match name.rsplit_once('.').map(|(_, ext)| ext) {
         Some("json") => "application/json",
         Some("tar") => "application/x-tar",
+        Some("gguf") => "application/octet-stream",
         _ => "application/octet-stream",
     }
 }
@@ -322,7 +475,7 @@ fn wanted(headers: &HeaderMap, len: u64) -> Wanted {
 /// digest is the one recorded when the file was written: a size that differs is refused before
 /// anything is sent, and a whole-file response whose bytes do not hash to it is broken off at
 /// its end, so a corrupted artifact never arrives whole.
-async fn serve(
+pub(super) async fn serve(
     state: &AppState,
     key: &Key,
     digest: Option<FileDigest>,
@@ -397,7 +550,7 @@ async fn serve(
 }
 
 /// 410 for a job whose artifacts retention has removed.
-fn gone_by_retention(row: &crate::db::JobRow) -> Result<(), ApiError> {
+pub(super) fn gone_by_retention(row: &crate::db::JobRow) -> Result<(), ApiError> {
     match &row.artifacts_removed_at {
         Some(when) => Err(ApiError::new(
             StatusCode::GONE,

@@ -14,6 +14,7 @@ use super::{ApiError, Owner};
 use crate::db::JobRow;
 use crate::events::JobEvent;
 use crate::job::{JobErrorView, JobId, JobList, JobStatus, JobView, MetricsRow, Progress};
+use crate::queue::Control;
 use crate::spec::JobSpec;
 use crate::state::AppState;
 
@@ -77,26 +78,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    // A form on any web page can post text/plain or form data here without the browser asking
-    // first; a JSON body cannot be sent cross-origin without a preflight, which is never granted.
-    let essence = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
-    if essence.as_deref() != Some("application/json") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "a job spec is sent as Content-Type: application/json",
-        )
-        .param("content-type"));
-    }
+    super::require_json(&headers, "a job spec")?;
     // Not JSON at all is a 400; JSON that is not a valid spec is a 422 naming the field.
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return Err(ApiError::new(
@@ -114,8 +96,58 @@ pub async fn create(
         )
     })?;
     let spec = JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))?;
-    let row = crate::queue::submit(&state, &spec, owner.as_deref()).await?;
+    let idempotency = super::idempotency_key(&headers)?;
+    let row = submit_once(&state, &owner, idempotency.as_deref(), &body, &spec).await?;
     Ok((StatusCode::CREATED, Json(job_view(&row))).into_response())
+}
+
+/// Submits `spec`, once per `Idempotency-Key`: a repeat of the request (same key, same body)
+/// answers with the job the first one made; the same key with another body is refused; a repeat
+/// that arrives while the first is still being queued gets a 409 to retry.
+pub(super) async fn submit_once(
+    state: &AppState,
+    owner: &Owner,
+    idempotency: Option<&str>,
+    body: &[u8],
+    spec: &JobSpec,
+) -> Result<JobRow, ApiError> {
+    use sha2::{Digest, Sha256};
+    let id = JobId::new();
+    let scope = owner.as_deref().unwrap_or("");
+    if let Some(key) = idempotency {
+        let request = crate::artifacts::hex(&Sha256::digest(body));
+        if let Some(first) = state
+            .db
+            .claim_idempotency_key(scope, "jobs", key, &request, id.as_str())
+            .await?
+        {
+            if first.request_sha256 != request {
+                return Err(super::idempotency_key_reused());
+            }
+            let job = JobId::parse(&first.object_id)
+                .ok_or_else(|| ApiError::not_found("job", &first.object_id))?;
+            return state
+                .db
+                .get_job(&job, owner.as_deref())
+                .await?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "request_in_progress",
+                        "a request with this Idempotency-Key is still being processed",
+                    )
+                });
+        }
+    }
+    match crate::queue::submit_as(state, &id, spec, owner.as_deref()).await {
+        Ok(row) => Ok(row),
+        Err(e) => {
+            if let Some(key) = idempotency {
+                state.db.release_idempotency_key(scope, "jobs", key).await?;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -179,14 +211,49 @@ pub async fn get(
     Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
 }
 
+/// Asks `what` of job `id`; the job as it is then.
+pub(super) async fn control(
+    state: &AppState,
+    owner: &Owner,
+    id: &str,
+    what: Control,
+) -> Result<JobRow, ApiError> {
+    let job = parse_id(id)?;
+    crate::queue::control(state, &job, owner.as_deref(), what).await?;
+    load(state, id, owner).await
+}
+
+/// Cancels a job: a queued or paused one at once, a running one at its next step.
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let job = parse_id(&id)?;
-    crate::queue::cancel(&state, &job, owner.as_deref()).await?;
-    Ok(Json(job_view(&load(&state, &id, &owner).await?)).into_response())
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(job_view(
+        &control(&state, &owner, &id, Control::Cancel).await?,
+    )))
+}
+
+/// Pauses a job: a running one checkpoints at its next step and leaves its worker.
+pub async fn pause(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(job_view(
+        &control(&state, &owner, &id, Control::Pause).await?,
+    )))
+}
+
+/// Resumes a paused job from its last checkpoint.
+pub async fn resume(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(job_view(
+        &control(&state, &owner, &id, Control::Resume).await?,
+    )))
 }
 
 /// Deletes a finished or queued job with its events, checkpoints and adapter.
@@ -218,18 +285,8 @@ pub async fn metrics(
 ) -> Result<Response, ApiError> {
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
-    load(&state, &id, &owner).await?;
-    // A resumed job repeats the steps after its last checkpoint: the later row of a step wins.
-    let mut by_step: std::collections::BTreeMap<(u64, bool), MetricsRow> = Default::default();
-    for e in state.db.events_after(&id, 0).await? {
-        let row = match JobEvent::parse(&e.kind, &e.data) {
-            Ok(JobEvent::Metrics(m)) => MetricsRow::from(&m),
-            Ok(JobEvent::Eval(ev)) => MetricsRow::from(&ev),
-            _ => continue,
-        };
-        by_step.insert((row.step, row.is_eval()), row);
-    }
-    let rows: Vec<MetricsRow> = by_step.into_values().collect();
+    let job = load(&state, &id, &owner).await?;
+    let rows = curve(&state, &job.id).await?;
     match q.format.as_deref() {
         None | Some("json") => Ok(Json(json!({"object": "list", "data": rows})).into_response()),
         Some("csv") => {
@@ -244,4 +301,19 @@ pub async fn metrics(
             format!("unknown format {other:?} (json or csv)"),
         )),
     }
+}
+
+/// A job's loss curve from its event log: one row per step and per evaluation. A resumed job
+/// repeats the steps after its last checkpoint: the later row of a step wins.
+pub(super) async fn curve(state: &AppState, job_id: &str) -> Result<Vec<MetricsRow>, ApiError> {
+    let mut by_step: std::collections::BTreeMap<(u64, bool), MetricsRow> = Default::default();
+    for e in state.db.events_after(job_id, 0).await? {
+        let row = match JobEvent::parse(&e.kind, &e.data) {
+            Ok(JobEvent::Metrics(m)) => MetricsRow::from(&m),
+            Ok(JobEvent::Eval(ev)) => MetricsRow::from(&ev),
+            _ => continue,
+        };
+        by_step.insert((row.step, row.is_eval()), row);
+    }
+    Ok(by_step.into_values().collect())
 }

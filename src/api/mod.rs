@@ -2,18 +2,21 @@
 //! and answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
 
 mod auth;
+mod chat;
 mod dashboard;
 mod error;
+mod exports;
 mod files;
 mod guard;
 mod jobs;
+mod openai;
 mod stream;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 
@@ -35,6 +38,8 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/pause", post(jobs::pause))
+        .route("/v1/jobs/{id}/resume", post(jobs::resume))
         .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
         .route("/v1/jobs/{id}/events", get(stream::events))
         .route("/v1/jobs/{id}/checkpoints", get(files::checkpoints))
@@ -43,6 +48,8 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
             get(files::checkpoint_file),
         )
         .route("/v1/jobs/{id}/adapter", get(files::adapter))
+        .route("/v1/jobs/{id}/exports", post(exports::create))
+        .route("/v1/jobs/{id}/exports/{format}", get(exports::download))
         .route(
             "/v1/files",
             post(files::upload)
@@ -52,7 +59,24 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
                     guard::bound_uploads,
                 )),
         )
-        .route("/v1/files/{id}", delete(files::delete))
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(openai::create).get(openai::list),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(openai::retrieve))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(openai::cancel))
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(openai::pause))
+        .route("/v1/fine_tuning/jobs/{id}/resume", post(openai::resume))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(openai::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(openai::checkpoints),
+        )
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), failures),
             auth::authenticate,
@@ -79,6 +103,94 @@ pub fn health_router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+}
+
+/// A list as OpenAI's API sends one: `{object: "list", data, has_more, first_id, last_id}`
+/// (a client pages by sending `after=<last_id>`).
+pub(crate) fn list_page<T: serde::Serialize>(
+    data: &[T],
+    has_more: bool,
+    id_of: impl Fn(&T) -> String,
+) -> serde_json::Value {
+    serde_json::json!({
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data.first().map(&id_of),
+        "last_id": data.last().map(&id_of),
+    })
+}
+
+/// Refuses a POST body not sent as `Content-Type: application/json`: a form on any web page can
+/// post text/plain or form data without the browser asking first; a JSON body cannot be sent
+/// cross-origin without a preflight, which is never granted.
+pub(crate) fn require_json(headers: &axum::http::HeaderMap, what: &str) -> Result<(), ApiError> {
+    let essence = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if essence.as_deref() == Some("application/json") {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("{what} is sent as Content-Type: application/json"),
+    )
+    .param("content-type"))
+}
+
+/// A JSON object body (checked as [`require_json`] does); anything else is a 400 naming `body`.
+pub(crate) fn json_object(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    what: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    require_json(headers, what)?;
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad("body", "expected a JSON object")),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+        .param("body")),
+    }
+}
+
+/// The `Idempotency-Key` a POST carries, if any: at most 255 visible ASCII characters.
+pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(v) if !v.is_empty() && v.len() <= 255 && v.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(v.to_string()))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+        .param("Idempotency-Key")),
+    }
+}
+
+/// A key sent again with a different request.
+pub(crate) fn idempotency_key_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request; use a new key for a new request",
+    )
+    .param("Idempotency-Key")
 }
 
 async fn healthz() -> Json<serde_json::Value> {

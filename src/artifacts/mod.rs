@@ -108,6 +108,13 @@ impl Key {
         Key(format!("jobs/{job}/output/{}", checkpoint::ADAPTER_DIR))
     }
 
+    /// An export of a job's adapter (`merged.tar`, `adapter.gguf`): `None` for other names.
+    pub fn export(job: &JobId, file: &str) -> Option<Key> {
+        ["merged.tar", "adapter.gguf"]
+            .contains(&file)
+            .then(|| Key(format!("jobs/{job}/exports/{file}")))
+    }
+
     /// The engine's output folder of a job.
     pub fn output_dir(job: &JobId) -> Key {
         Key(format!("jobs/{job}/output"))
@@ -423,9 +430,14 @@ fn file_name(path: &Path) -> String {
 
 /// The PEFT folder as one tar archive under the name `adapter/`, written atomically.
 fn write_tar(dir: &Path, dest: &Path) -> std::io::Result<()> {
+    write_tar_as(dir, checkpoint::ADAPTER_DIR, dest)
+}
+
+/// Writes folder `dir` into the tar archive `dest` (atomically) as the folder `name`.
+pub fn write_tar_as(dir: &Path, name: &str, dest: &Path) -> std::io::Result<()> {
     let tmp = dest.with_extension("tar.part");
     let mut builder = tar::Builder::new(std::fs::File::create(&tmp)?);
-    builder.append_dir_all(checkpoint::ADAPTER_DIR, dir)?;
+    builder.append_dir_all(name, dir)?;
     builder.into_inner()?.sync_all()?;
     std::fs::rename(tmp, dest)
 }

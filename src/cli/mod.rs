@@ -1,5 +1,5 @@
 //! The `qtune` command line: the service (`serve`), the engine run locally (`train`, `generate`,
-//! `bench`), the HTTP client commands (`submit`, `jobs`, `status`, `follow`, `cancel`,
+//! `bench`), the HTTP client commands (`submit`, `jobs`, `status`, `follow`, `cancel`, `pause`, `resume`,
 //! `download`) and `quickstart`, which is all of it in one go.
 
 pub mod bench;
@@ -56,7 +56,7 @@ pub enum Command {
     },
     /// List jobs, newest first.
     Jobs {
-        /// Only jobs in this status: queued, running, succeeded, failed, cancelled.
+        /// Only jobs in this status: queued, running, paused, succeeded, failed, cancelled.
         #[arg(long)]
         status: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -85,12 +85,40 @@ pub enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Pause a job: a running one checkpoints at its next step and leaves its worker.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Resume a paused job from its last checkpoint.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Save a succeeded job's adapter (PEFT folder) into DIR.
     Download {
         id: String,
         dir: PathBuf,
         #[command(flatten)]
         remote: remote::Remote,
+    },
+    /// Export an adapter for serving: `merged` writes the base folder with the adapter folded
+    /// into its weights (W + scale·B·A), loadable as the base is; `gguf-lora` writes the adapter
+    /// as a llama.cpp LoRA file.
+    Export {
+        /// The base model: its Hugging Face folder (config.json + safetensors; `gguf-lora` also
+        /// takes the `.gguf` file, of which it reads the shape).
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter folder (a job's download, or `adapter/` of `qtune train`).
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long, short)]
+        output: PathBuf,
     },
     /// Fine-tune a model as a job spec says; checkpoints, adapter/ and metrics.jsonl go into --output.
     Train {
@@ -110,6 +138,9 @@ pub enum Command {
     },
     /// Measure a training step at SmolLM2-135M's shape (random weights): tokens/s, peak RSS.
     Bench(bench::BenchOptions),
+    /// Time generation: time to first token and decode tokens/s (1 and N streams, base and with
+    /// an adapter), and the memory of one base with many adapters.
+    BenchGenerate(bench::generate::GenerateBenchOptions),
     /// Load-test the job API: requests/s and latency percentiles, idle and while training.
     BenchApi {
         #[arg(long, default_value_t = 1000)]
@@ -141,7 +172,30 @@ pub enum Command {
         prompt: String,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+        /// 0 decodes greedily; above it, samples.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sample among the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop before this text (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A Hugging Face folder with the adapter merged into the weights.
+    Merged,
+    /// The adapter as a llama.cpp LoRA GGUF file (`llama-server --lora`, Ollama's `ADAPTER`).
+    GgufLora,
 }
 
 /// Prints engine events as progress lines.
@@ -170,10 +224,15 @@ impl Reporter for PrintReporter {
                 eprintln!("{total_steps} optimizer steps, {trainable_parameters} trainable parameters");
             }
             Event::Step(m) => eprintln!(
-                "step {}/{}  epoch {:.2}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.1}s",
-                m.step, m.total_steps, m.epoch, m.train_loss, m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
+                "step {}/{}  epoch {:.2}  loss {:.4}  acc {:.3}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.1}s",
+                m.step, m.total_steps, m.epoch, m.train_loss, m.train_accuracy.unwrap_or(f64::NAN), m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
             ),
-            Event::Eval(e) => eprintln!("eval at step {}: eval_loss {:.4}", e.step, e.eval_loss),
+            Event::Eval(e) => eprintln!(
+                "eval at step {}: eval_loss {:.4}  eval_accuracy {:.3}",
+                e.step,
+                e.eval_loss,
+                e.eval_accuracy.unwrap_or(f64::NAN)
+            ),
             Event::Checkpoint { step, path } => eprintln!("checkpoint {step}: {}", path.display()),
         }
     }
@@ -201,6 +260,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Status { id, json, remote } => remote::status(&remote, &id, json),
         Command::Follow { id, remote } => remote::follow(&remote, &id),
         Command::Cancel { id, remote } => remote::cancel(&remote, &id),
+        Command::Pause { id, remote } => remote::pause(&remote, &id),
+        Command::Resume { id, remote } => remote::resume(&remote, &id),
         Command::Download { id, dir, remote } => remote::download(&remote, &id, &dir),
         Command::Train {
             spec,
@@ -227,6 +288,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(opts) => Ok(bench::run(&opts)?),
+        Command::BenchGenerate(opts) => Ok(bench::generate::run(&opts)?),
         Command::BenchApi {
             jobs,
             connections,
@@ -242,12 +304,59 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             seconds,
             train_model,
         }),
+        Command::Export {
+            model,
+            adapter,
+            format: ExportFormat::GgufLora,
+            output,
+        } => {
+            let cfg = train::model::base_config(&model)?;
+            let n = train::export::gguf_lora(&adapter, &cfg, &output)?;
+            eprintln!("wrote {n} LoRA tensors to {}", output.display());
+            println!("{}", serde_json::json!({"tensors": n, "file": output}));
+            Ok(())
+        }
+        Command::Export {
+            model,
+            adapter,
+            format: ExportFormat::Merged,
+            output,
+        } => {
+            let report = train::export::merged(&model, &adapter, &output)?;
+            eprintln!(
+                "merged the adapter into {} weights ({} tensors copied) in {}",
+                report.merged,
+                report.copied,
+                output.display()
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Generate {
             model,
             adapter,
             prompt,
             max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            repetition_penalty,
         } => {
+            let sampling = train::generate::Sampling {
+                max_tokens: max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                repetition_penalty,
+                ..Default::default()
+            };
+            sampling
+                .check()
+                .map_err(|(field, why)| anyhow::anyhow!("--{}: {why}", field.replace('_', "-")))?;
             // An adapter brings its own r, alpha and targets: read them before loading.
             let lora = match &adapter {
                 None => crate::spec::LoraSpec::default(),
@@ -258,7 +367,23 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = &adapter {
                 train::checkpoint::load_adapter(dir, &base.model)?;
             }
-            println!("{}", train::generate::chat(&base, &prompt, max_new_tokens)?);
+            let rendered = base
+                .tokenizer
+                .render_chat(&[train::tokenizer::Message::new("user", &prompt)], true)?;
+            let ids = base.tokenizer.encode(&rendered)?;
+            // the answer is printed as it is decoded
+            let mut stdout = std::io::stdout();
+            train::generate::generate(
+                &base.model,
+                &base.tokenizer,
+                &ids,
+                &sampling,
+                &mut |text| {
+                    use std::io::Write;
+                    stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok()
+                },
+            )?;
+            println!();
             Ok(())
         }
     }

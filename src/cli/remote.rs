@@ -1,4 +1,5 @@
-//! The client commands: `qtune submit`, `jobs`, `status`, `follow`, `cancel`, `download`.
+//! The client commands: `qtune submit`, `jobs`, `status`, `follow`, `cancel`, `pause`,
+//! `resume`, `download`.
 //! They talk to a running `qtune serve` over HTTP, through [`crate::client::Client`].
 
 use std::io::IsTerminal;
@@ -149,6 +150,22 @@ pub fn cancel(remote: &Remote, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn pause(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let job = runtime()?.block_on(remote.client().pause(id))?;
+    if job.status == JobStatus::Running {
+        println!("{id}: pause requested; the job checkpoints and stops at its next step");
+    } else {
+        println!("{id}: {}", job.status);
+    }
+    Ok(())
+}
+
+pub fn resume(remote: &Remote, id: &str) -> anyhow::Result<()> {
+    let job = runtime()?.block_on(remote.client().resume(id))?;
+    println!("{id}: {}", job.status);
+    Ok(())
+}
+
 pub fn download(remote: &Remote, id: &str, dir: &Path) -> anyhow::Result<()> {
     runtime()?.block_on(download_adapter(&remote.client(), id, dir))
 }
@@ -278,8 +295,12 @@ impl FollowView {
             }
             JobEvent::Eval(ev) => {
                 self.eval_loss = Some(ev.eval_loss);
+                let accuracy = ev
+                    .eval_accuracy
+                    .map(|a| format!("  token accuracy {a:.3}"))
+                    .unwrap_or_default();
                 self.line(format!(
-                    "eval at step {}: eval loss {}",
+                    "eval at step {}: eval loss {}{accuracy}",
                     ev.step,
                     fmt_loss(Some(ev.eval_loss))
                 ));

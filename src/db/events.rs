@@ -12,6 +12,15 @@ pub struct EventRow {
     pub data: String,
 }
 
+/// An event with the time it was recorded.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TimedEventRow {
+    pub id: i64,
+    pub kind: String,
+    pub data: String,
+    pub created_at: String,
+}
+
 impl Db {
     /// An event written inside `tx` (with the status change it records).
     pub(super) async fn insert_event_in(
@@ -82,6 +91,26 @@ impl Db {
         .bind(job_id)
         .bind(id)
         .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// A page of a job's events, newest first, older than event `before` when given.
+    pub async fn events_page(
+        &self,
+        job_id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<TimedEventRow>> {
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT id, kind, data, {} FROM job_events
+             WHERE job_id = ? AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+            self.time("created_at")
+        )))
+        .bind(job_id)
+        .bind(before)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
         .await?)
     }
 }

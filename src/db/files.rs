@@ -13,15 +13,38 @@ pub struct FileRow {
     pub bytes: i64,
     pub sha256: String,
     pub created_at: String,
+    /// What the file is for (OpenAI's `purpose`): `fine-tune` for datasets.
+    pub purpose: String,
+    /// `uploaded`, `processed` (checked as a training file) or `error`.
+    pub status: String,
+    /// Why the check failed, when `status` is `error`.
+    pub status_details: Option<String>,
 }
 
-const FILE_COLUMNS: [&str; 6] = ["id", "owner", "filename", "bytes", "sha256", "created_at"];
+const FILE_COLUMNS: [&str; 9] = [
+    "id",
+    "owner",
+    "filename",
+    "bytes",
+    "sha256",
+    "created_at",
+    "purpose",
+    "status",
+    "status_details",
+];
+
+/// The order of a list of files, by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Newest,
+    Oldest,
+}
 
 impl Db {
     pub async fn insert_file(&self, row: &FileRow) -> Result<()> {
         sqlx::query(&self.sql(
-            "INSERT INTO files (id, owner, filename, bytes, sha256, created_at)
-             VALUES (?, ?, ?, ?, ?, ?::timestamptz)",
+            "INSERT INTO files (id, owner, filename, bytes, sha256, created_at, purpose, status)
+             VALUES (?, ?, ?, ?, ?, ?::timestamptz, ?, ?)",
         ))
         .bind(&row.id)
         .bind(&row.owner)
@@ -29,23 +52,60 @@ impl Db {
         .bind(row.bytes)
         .bind(&row.sha256)
         .bind(&row.created_at)
+        .bind(&row.purpose)
+        .bind(&row.status)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// The caller's uploads, newest first; one more than `limit` tells whether more exist.
-    pub async fn list_files(&self, owner: Option<&str>, limit: i64) -> Result<Vec<FileRow>> {
+    /// The caller's uploads in `order`, after the file `after` (a page's last), of `purpose`
+    /// when given; one more than `limit` tells whether more exist.
+    pub async fn list_files(
+        &self,
+        owner: Option<&str>,
+        purpose: Option<&str>,
+        order: Order,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<FileRow>> {
+        let (cmp, dir) = match order {
+            Order::Newest => ("<", "DESC"),
+            Order::Oldest => (">", "ASC"),
+        };
         Ok(sqlx::query_as(&self.sql(&format!(
             "SELECT {} FROM files
-             WHERE (? IS NULL OR owner = ?) ORDER BY files.created_at DESC, id DESC LIMIT ?",
+             WHERE (? IS NULL OR owner = ?) AND (? IS NULL OR purpose = ?)
+               AND (? IS NULL OR (files.created_at, files.id) {cmp}
+                    (SELECT a.created_at, a.id FROM files a WHERE a.id = ?))
+             ORDER BY files.created_at {dir}, id {dir} LIMIT ?",
             self.columns(&FILE_COLUMNS)
         )))
         .bind(owner)
         .bind(owner)
+        .bind(purpose)
+        .bind(purpose)
+        .bind(after)
+        .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Records the outcome of checking a file as training data.
+    pub async fn set_file_status(
+        &self,
+        id: &str,
+        status: &str,
+        details: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(&self.sql("UPDATE files SET status = ?, status_details = ? WHERE id = ?"))
+            .bind(status)
+            .bind(details)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Removes an upload's record; whether there was one the caller may see.

@@ -56,6 +56,45 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// What a pause request did.
+pub enum PauseOutcome {
+    /// A queued job, paused at once.
+    Paused,
+    /// A running job, flagged: its worker checkpoints and stops at its next step.
+    Requested,
+    /// Already paused, or already being paused or cancelled.
+    Unchanged(JobStatus),
+    /// Succeeded, failed or cancelled: nothing to pause.
+    Finished(JobStatus),
+    NotFound,
+}
+
+/// What a resume request did.
+pub enum ResumeOutcome {
+    /// Back in the queue; it continues from its last checkpoint.
+    Resumed,
+    /// Not paused (queued or running: nothing to do; finished: nothing to resume).
+    NotPaused(JobStatus),
+    NotFound,
+}
+
+/// What a worker was asked, read by its heartbeat (`jobs.cancel_requested`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    Cancel,
+    Pause,
+}
+
+impl StopRequest {
+    fn from_column(v: i64) -> Option<StopRequest> {
+        match v {
+            0 => None,
+            2 => Some(StopRequest::Pause),
+            _ => Some(StopRequest::Cancel),
+        }
+    }
+}
+
 /// What a delete did.
 pub enum DeleteOutcome {
     /// Gone, with its events and checkpoints.
@@ -104,13 +143,27 @@ const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 
 impl Db {
     pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &str) -> Result<JobRow> {
+        self.insert_job_with_metadata(id, owner, spec, &Default::default())
+            .await
+    }
+
+    /// Inserts a queued job and its metadata pairs (the rows list filters read), in one
+    /// transaction.
+    pub async fn insert_job_with_metadata(
+        &self,
+        id: &JobId,
+        owner: Option<&str>,
+        spec: &str,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<JobRow> {
+        let mut tx = self.pool.begin().await?;
         // created_at is taken inside the insert, so that it does not run backwards against seq
         // (the list order) as a time taken before it could
         let created_at = match self.backend {
             Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')",
             Backend::Postgres => "clock_timestamp()",
         };
-        Ok(sqlx::query_as(&self.sql(&format!(
+        let row = sqlx::query_as(&self.sql(&format!(
             "INSERT INTO jobs (id, owner, status, spec, created_at)
              VALUES (?, ?, 'queued', ?, {created_at}) RETURNING {}",
             self.columns(&JOB_COLUMNS)
@@ -118,8 +171,20 @@ impl Db {
         .bind(id.as_str())
         .bind(owner)
         .bind(spec)
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(&mut *tx)
+        .await?;
+        for (key, value) in metadata {
+            sqlx::query(
+                &self.sql("INSERT INTO job_metadata (job_id, key, value) VALUES (?, ?, ?)"),
+            )
+            .bind(id.as_str())
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// A job, if it exists and `owner` may see it (`None` = no API keys in use).
@@ -143,22 +208,45 @@ impl Db {
         after: Option<i64>,
         limit: i64,
     ) -> Result<Vec<JobRow>> {
+        self.list_jobs_tagged(owner, status, &[], after, limit)
+            .await
+    }
+
+    /// [`Db::list_jobs`] of the jobs that carry every one of the `metadata` pairs.
+    pub async fn list_jobs_tagged(
+        &self,
+        owner: Option<&str>,
+        status: Option<JobStatus>,
+        metadata: &[(String, String)],
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
         let status = status.map(JobStatus::as_str);
-        Ok(sqlx::query_as(&self.sql(&format!(
+        let tagged: String = metadata
+            .iter()
+            .map(|_| {
+                " AND EXISTS (SELECT 1 FROM job_metadata m
+                              WHERE m.job_id = jobs.id AND m.key = ? AND m.value = ?)"
+            })
+            .collect();
+        let sql = self.sql(&format!(
             "SELECT {} FROM jobs
              WHERE (? IS NULL OR owner = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR seq < ?)
+                 {tagged}
              ORDER BY seq DESC LIMIT ?",
             self.columns(&JOB_COLUMNS)
-        )))
-        .bind(owner)
-        .bind(owner)
-        .bind(status)
-        .bind(status)
-        .bind(after)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        ));
+        let mut query = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(owner)
+            .bind(status)
+            .bind(status)
+            .bind(after)
+            .bind(after);
+        for (key, value) in metadata {
+            query = query.bind(key).bind(value);
+        }
+        Ok(query.bind(limit).fetch_all(&self.pool).await?)
     }
 
     /// One statement, so it is atomic without a read-then-write transaction (which WAL can
@@ -167,9 +255,9 @@ impl Db {
         let stamp = now();
         let row: Option<(String, Option<String>)> = sqlx::query_as(&self.sql(&format!(
             "UPDATE jobs SET
-                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-                 finished_at = CASE WHEN status = 'queued' THEN ?::timestamptz ELSE finished_at END,
-                 phase = CASE WHEN status = 'queued' THEN NULL ELSE phase END,
+                 status = CASE WHEN status IN ('queued', 'paused') THEN 'cancelled' ELSE status END,
+                 finished_at = CASE WHEN status IN ('queued', 'paused') THEN ?::timestamptz ELSE finished_at END,
+                 phase = CASE WHEN status IN ('queued', 'paused') THEN NULL ELSE phase END,
                  cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END
              WHERE id = ? AND (? IS NULL OR owner = ?)
              RETURNING status, {}",
@@ -193,8 +281,75 @@ impl Db {
             }
             JobStatus::Cancelled => CancelOutcome::AlreadyCancelled,
             JobStatus::Running => CancelOutcome::Requested,
-            JobStatus::Queued => CancelOutcome::Requested,
+            JobStatus::Queued | JobStatus::Paused => CancelOutcome::Requested,
             finished => CancelOutcome::Finished(finished),
+        })
+    }
+
+    /// Pauses a queued job at once, or asks a running one's worker to checkpoint and stop (a
+    /// cancel already asked for wins). Each statement is atomic on its own; the first that
+    /// changes the row says what happened.
+    pub async fn request_pause(&self, id: &JobId, owner: Option<&str>) -> Result<PauseOutcome> {
+        let paused = sqlx::query(&self.sql(
+            "UPDATE jobs SET status = 'paused'
+             WHERE id = ? AND (? IS NULL OR owner = ?) AND status = 'queued'",
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        if paused.rows_affected() == 1 {
+            return Ok(PauseOutcome::Paused);
+        }
+        let flagged = sqlx::query(&self.sql(
+            "UPDATE jobs SET cancel_requested = 2
+             WHERE id = ? AND (? IS NULL OR owner = ?) AND status = 'running'
+                 AND cancel_requested = 0",
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        if flagged.rows_affected() == 1 {
+            return Ok(PauseOutcome::Requested);
+        }
+        Ok(match self.get_job(id, owner).await? {
+            None => PauseOutcome::NotFound,
+            Some(row) if row.status.is_terminal() => PauseOutcome::Finished(row.status),
+            Some(row) => PauseOutcome::Unchanged(row.status),
+        })
+    }
+
+    /// Puts a paused job back in the queue with its status event, in one transaction.
+    pub async fn resume(
+        &self,
+        id: &JobId,
+        owner: Option<&str>,
+        event_data: &str,
+    ) -> Result<(ResumeOutcome, Option<i64>)> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&self.sql(
+            "UPDATE jobs SET status = 'queued', cancel_requested = 0, phase = NULL
+             WHERE id = ? AND (? IS NULL OR owner = ?) AND status = 'paused'",
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            let event = self
+                .insert_event_in(&mut tx, id.as_str(), "status", event_data)
+                .await?;
+            tx.commit().await?;
+            return Ok((ResumeOutcome::Resumed, Some(event)));
+        }
+        tx.rollback().await?;
+        Ok(match self.get_job(id, owner).await? {
+            Some(row) => (ResumeOutcome::NotPaused(row.status), None),
+            None => (ResumeOutcome::NotFound, None),
         })
     }
 
@@ -306,8 +461,58 @@ impl Db {
         }))
     }
 
-    /// Extends the lease; returns whether a cancel was requested.
-    pub async fn heartbeat(&self, lease: &Lease, lease_secs: i64) -> Result<bool> {
+    /// Ends the jobs whose worker died after being asked to stop (their lease expired with a
+    /// cancel or pause request on them, so no claim takes them): a pause becomes `paused` (it
+    /// resumes from its last recorded checkpoint), a cancel `cancelled`. Each with its status
+    /// event, in one transaction per job; returns the ids and events written.
+    pub async fn settle_stopped_orphans(
+        &self,
+        pause_event: &str,
+        cancel_event: &str,
+    ) -> Result<Vec<(String, i64, &'static str)>> {
+        let stamp = now();
+        let orphans: Vec<(String, i64)> = sqlx::query_as(&self.sql(
+            "SELECT id, cancel_requested FROM jobs
+             WHERE status = 'running' AND cancel_requested <> 0 AND lease_expires_at < ?::timestamptz",
+        ))
+        .bind(&stamp)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut settled = Vec::new();
+        for (id, request) in orphans {
+            let (status, data) = match StopRequest::from_column(request) {
+                Some(StopRequest::Pause) => ("paused", pause_event),
+                _ => ("cancelled", cancel_event),
+            };
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(&self.sql(
+                "UPDATE jobs SET status = ?, phase = NULL, worker = NULL, lease_expires_at = NULL,
+                     cancel_requested = 0,
+                     finished_at = CASE WHEN ? = 'cancelled' THEN ?::timestamptz ELSE finished_at END
+                 WHERE id = ? AND status = 'running' AND cancel_requested = ?
+                     AND lease_expires_at < ?::timestamptz",
+            ))
+            .bind(status)
+            .bind(status)
+            .bind(&stamp)
+            .bind(&id)
+            .bind(request)
+            .bind(&stamp)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await?;
+                continue;
+            }
+            let event = self.insert_event_in(&mut tx, &id, "status", data).await?;
+            tx.commit().await?;
+            settled.push((id, event, status));
+        }
+        Ok(settled)
+    }
+
+    /// Extends the lease; returns what the worker is asked to stop for, if anything.
+    pub async fn heartbeat(&self, lease: &Lease, lease_secs: i64) -> Result<Option<StopRequest>> {
         let row: Option<(i64,)> = sqlx::query_as(&self.sql(&format!(
             "UPDATE jobs SET lease_expires_at = ?::timestamptz WHERE {FENCE} RETURNING cancel_requested"
         )))
@@ -316,7 +521,8 @@ impl Db {
         .bind(lease.attempt)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| r.0 != 0).ok_or_else(|| lease.lost())
+        row.map(|r| StopRequest::from_column(r.0))
+            .ok_or_else(|| lease.lost())
     }
 
     /// Moves a lease's expiry to `secs` from now (negative: into the past), as a worker that
@@ -413,14 +619,18 @@ impl Db {
             .await
     }
 
-    /// Puts a running job back in the queue (graceful shutdown), keeping its progress, and
-    /// records why, in one transaction. Returns the event's id.
-    pub async fn requeue(&self, lease: &Lease, event_data: &str) -> Result<i64> {
+    /// Takes a running job off its worker, keeping its progress — back to the queue (graceful
+    /// shutdown) or paused (on request) — and records why, in one transaction. Returns the
+    /// event's id.
+    pub async fn requeue(&self, lease: &Lease, to: JobStatus, event_data: &str) -> Result<i64> {
+        debug_assert!(matches!(to, JobStatus::Queued | JobStatus::Paused));
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(&self.sql(&format!(
-            "UPDATE jobs SET status = 'queued', phase = NULL, worker = NULL, lease_expires_at = NULL
+            "UPDATE jobs SET status = ?, phase = NULL, worker = NULL, lease_expires_at = NULL,
+                 cancel_requested = 0
              WHERE {FENCE}"
         )))
+        .bind(to.as_str())
         .bind(lease.job.as_str())
         .bind(lease.attempt)
         .execute(&mut *tx)

@@ -6,7 +6,8 @@
 //! UPDATE SKIP LOCKED`), and every later write of that worker — heartbeat, phase, progress,
 //! events, checkpoints, the finish — names the [`Lease`] it claimed and is refused once another
 //! attempt has taken the job. `events.rs` is the event log (the SSE history), `files.rs` the
-//! uploads, `notify.rs` PostgreSQL's LISTEN/NOTIFY between processes.
+//! uploads, `idempotency.rs` the keys that make a repeated POST answer with its first object,
+//! `notify.rs` PostgreSQL's LISTEN/NOTIFY between processes.
 //!
 //! The SQL is written once, for both: `?` parameters, `?::timestamptz` for a time parameter, and
 //! times read through [`Db::time`]; [`Db::sql`] makes the backend's text. Times are RFC 3339 text
@@ -14,15 +15,20 @@
 
 mod events;
 mod files;
+mod idempotency;
 mod jobs;
 pub mod notify;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-pub use events::EventRow;
-pub use files::FileRow;
-pub use jobs::{CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow};
+pub use events::{EventRow, TimedEventRow};
+pub use files::{FileRow, Order};
+pub use idempotency::IdempotentRequest;
+pub use jobs::{
+    CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome,
+    StopRequest,
+};
 
 use crate::job::JobId;
 
@@ -133,7 +139,10 @@ impl Db {
             .connect(&url)
             .await?;
         match backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Sqlite => {
+                sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+                sqlite_rebuild_jobs(&pool).await?;
+            }
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
         Ok(Db {
@@ -219,6 +228,44 @@ impl Db {
             .map(str::to_string)
             .collect())
     }
+}
+
+/// Rebuilds SQLite's jobs table when its status CHECK lacks `paused`
+/// (migrations/sqlite-rebuilds/ says why this is not an sqlx migration). Foreign keys are off
+/// on this connection for the rebuild only; `BEGIN IMMEDIATE` takes the write lock first, so a
+/// second process starting on the same file waits and then finds the work done.
+async fn sqlite_rebuild_jobs(pool: &AnyPool) -> Result<()> {
+    const REBUILD: &str =
+        include_str!("../../migrations/sqlite-rebuilds/0005_jobs_status_paused.sql");
+    let mut conn = pool.acquire().await?;
+    conn.execute("PRAGMA foreign_keys = OFF").await?;
+    let rebuilt = async {
+        conn.execute("BEGIN IMMEDIATE").await?;
+        let (schema,): (String,) =
+            sqlx::query_as("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+                .fetch_one(&mut *conn)
+                .await?;
+        if !schema.contains("'paused'") {
+            conn.execute(REBUILD).await?;
+            let broken: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check")
+                .fetch_all(&mut *conn)
+                .await?;
+            if !broken.is_empty() {
+                return Err(sqlx::Error::Protocol(format!(
+                    "rebuilding the jobs table broke {} foreign keys",
+                    broken.len()
+                )));
+            }
+        }
+        conn.execute("COMMIT").await?;
+        Ok::<(), sqlx::Error>(())
+    }
+    .await;
+    if rebuilt.is_err() {
+        let _ = conn.execute("ROLLBACK").await;
+    }
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    Ok(rebuilt?)
 }
 
 /// Columns that hold times (read through [`Db::time`]).

@@ -122,6 +122,72 @@ pub struct DataSummary {
 /// unbounded record could take the host's memory from every other job.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 
+/// One JSONL line (without its newline, or with it: it is trimmed here) as a record: `None`
+/// for a blank line, else the JSON object, after checking its size, its encoding and its JSON,
+/// and detecting the format from the first record when it is `Auto`. Errors name `shown` and
+/// the line, and never quote the data.
+pub fn parse_line(
+    raw: &mut Vec<u8>,
+    shown: &str,
+    line_no: usize,
+    format: &mut DatasetFormat,
+    max_record_bytes: usize,
+) -> Result<Option<serde_json::Map<String, Value>>> {
+    if raw.last() == Some(&b'\n') {
+        raw.pop();
+    }
+    if raw.last() == Some(&b'\r') {
+        raw.pop();
+    }
+    let at = |msg: String| Error::Data(format!("{shown} line {line_no}: {msg}"));
+    if raw.len() > max_record_bytes {
+        return Err(at(format!(
+            "the record is over {max_record_bytes} bytes, the most one record may have; split it \
+             or shorten it"
+        )));
+    }
+    let line = std::str::from_utf8(raw).map_err(|_| at("not UTF-8 text".into()))?;
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    // serde_json's messages give a position, never the text
+    let value: Value = serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+    let Value::Object(record) = value else {
+        return Err(at("expected a JSON object".into()));
+    };
+    if *format == DatasetFormat::Auto {
+        // the record's own keys are not quoted: a fetched file may hold what its owner did not
+        // mean to show (the fields of a credentials document, say)
+        *format = detect(&record).ok_or_else(|| {
+            at(format!(
+                "cannot detect the dataset format from the record's {} fields; expected \
+                 messages, conversations, instruction/output, prompt/completion or text (or set \
+                 dataset.format)",
+                record.len()
+            ))
+        })?;
+    }
+    Ok(Some(record))
+}
+
+/// Checks a record's shape for `format` without a tokenizer (what can be told before a model is
+/// loaded: fields, types, roles, weights); rendering and tokenizing come at training.
+pub fn check_record(record: &serde_json::Map<String, Value>, format: DatasetFormat) -> Result<()> {
+    match format {
+        DatasetFormat::Messages | DatasetFormat::Sharegpt => {
+            chat_messages(record, format)?;
+            match record.get("tools") {
+                None | Some(Value::Null) | Some(Value::Array(_)) => Ok(()),
+                Some(other) => Err(Error::Data(format!(
+                    "field \"tools\" must be an array, got {}",
+                    type_name(other)
+                ))),
+            }
+        }
+        _ => plain_segments(record, format).map(|_| ()),
+    }
+}
+
 /// Reads, checks and tokenizes a JSONL file, one record at a time (the file is never held
 /// whole). Any malformed line is an error naming the file (by the name the job gave it) and the
 /// line; so is a record over `max_record_bytes`. Errors never quote the data.
@@ -156,44 +222,13 @@ pub fn load_jsonl(
             break;
         }
         line_no += 1;
-        if raw.last() == Some(&b'\n') {
-            raw.pop();
-        }
-        if raw.last() == Some(&b'\r') {
-            raw.pop();
-        }
-        if raw.len() > max_record_bytes {
-            return Err(Error::Data(format!(
-                "{shown} line {line_no}: the record is over {max_record_bytes} bytes, the most \
-                 one record may have; split it or shorten it"
-            )));
-        }
-        let line = std::str::from_utf8(&raw)
-            .map_err(|_| Error::Data(format!("{shown} line {line_no}: not UTF-8 text")))?;
-        if line.trim().is_empty() {
+        let Some(record) = parse_line(&mut raw, &shown, line_no, &mut format, max_record_bytes)?
+        else {
             continue;
-        }
+        };
         let at = |msg: String| Error::Data(format!("{shown} line {line_no}: {msg}"));
-        // serde_json's messages give a position, never the text
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
-        let record = value
-            .as_object()
-            .ok_or_else(|| at("expected a JSON object".into()))?;
-        if format == DatasetFormat::Auto {
-            // the record's own keys are not quoted: a fetched file may hold what its owner did
-            // not mean to show (the fields of a credentials document, say)
-            format = detect(record).ok_or_else(|| {
-                at(format!(
-                    "cannot detect the dataset format from the record's {} fields; expected \
-                     messages, conversations, instruction/output, prompt/completion or text \
-                     (or set dataset.format)",
-                    record.len()
-                ))
-            })?;
-        }
         report.records += 1;
-        let segments = segments(record, format, tok).map_err(|e| match e {
+        let segments = segments(&record, format, tok).map_err(|e| match e {
             Error::Data(m) => at(m),
             other => at(other.to_string()),
         })?;
@@ -264,6 +299,39 @@ fn segments(
     tok: &TextTokenizer,
 ) -> Result<Vec<Segment>> {
     match format {
+        DatasetFormat::Messages | DatasetFormat::Sharegpt => {
+            let (messages, trained) = chat_messages(record, format)?;
+            let tools = match record.get("tools") {
+                None | Some(Value::Null) => None,
+                Some(t @ Value::Array(_)) if format == DatasetFormat::Messages => {
+                    if !tok.template_takes_tools() {
+                        return Err(Error::Data(
+                            "the record has tools, but the model's chat template does not render \
+                             tools; remove them or use a model whose template takes tools"
+                                .into(),
+                        ));
+                    }
+                    Some(t)
+                }
+                Some(other) => {
+                    return Err(Error::Data(format!(
+                        "field \"tools\" must be an array, got {}",
+                        type_name(other)
+                    )))
+                }
+            };
+            chat_segments(&messages, &trained, tools, tok)
+        }
+        _ => plain_segments(record, format),
+    }
+}
+
+/// The segments of the formats that need no chat template.
+fn plain_segments(
+    record: &serde_json::Map<String, Value>,
+    format: DatasetFormat,
+) -> Result<Vec<Segment>> {
+    match format {
         DatasetFormat::Text => Ok(vec![(field(record, "text", format)?.to_string(), true)]),
         DatasetFormat::PromptCompletion => Ok(vec![
             (field(record, "prompt", format)?.to_string(), false),
@@ -293,18 +361,18 @@ fn segments(
                 (field(record, "output", format)?.to_string(), true),
             ])
         }
-        DatasetFormat::Messages | DatasetFormat::Sharegpt => {
-            let messages = chat_messages(record, format)?;
-            chat_segments(&messages, tok)
+        DatasetFormat::Messages | DatasetFormat::Sharegpt | DatasetFormat::Auto => {
+            unreachable!("chat formats are rendered by segments; auto is resolved before")
         }
-        DatasetFormat::Auto => unreachable!("resolved before"),
     }
 }
 
+/// A record's chat turns, and for each whether it is trained on: an assistant turn unless its
+/// OpenAI `weight` is 0.
 fn chat_messages(
     record: &serde_json::Map<String, Value>,
     format: DatasetFormat,
-) -> Result<Vec<Message>> {
+) -> Result<(Vec<Message>, Vec<bool>)> {
     let (key, role_key, content_key) = match format {
         DatasetFormat::Messages => ("messages", "role", "content"),
         _ => ("conversations", "from", "value"),
@@ -325,6 +393,7 @@ fn chat_messages(
         }
     };
     let mut out = Vec::with_capacity(list.len());
+    let mut trained = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let obj = m
             .as_object()
@@ -341,24 +410,57 @@ fn chat_messages(
             (DatasetFormat::Sharegpt, "human" | "user") => "user",
             (DatasetFormat::Sharegpt, "gpt" | "assistant" | "chatgpt") => "assistant",
             (_, "system" | "user" | "assistant") => role,
+            // OpenAI's developer messages are what chat templates call system messages
+            (DatasetFormat::Messages, "developer") => "system",
+            (DatasetFormat::Messages, "tool") => "tool",
             // not quoted: error messages never repeat the data
             (_, _) => {
                 return Err(Error::Data(format!(
-                    "{key}[{i}]: unknown role (expected system, user or assistant)"
+                    "{key}[{i}]: unknown role (expected system, developer, user, assistant or tool)"
+                )))
+            }
+        };
+        let tool_calls = match obj.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(calls @ Value::Array(_)) if role == "assistant" => Some(calls.clone()),
+            Some(_) => {
+                return Err(Error::Data(format!(
+                    "{key}[{i}].tool_calls: only assistant messages carry tool calls, as an array"
                 )))
             }
         };
         let content = match obj.get(content_key) {
             Some(Value::String(s)) => s.clone(),
+            // an assistant turn that only calls tools has no text
+            None | Some(Value::Null) if tool_calls.is_some() => String::new(),
             _ => {
                 return Err(Error::Data(format!(
                     "{key}[{i}]: missing string field {content_key:?}"
                 )))
             }
         };
+        let weight = match obj.get("weight") {
+            None | Some(Value::Null) => 1,
+            Some(_) if role != "assistant" => {
+                return Err(Error::Data(format!(
+                    "{key}[{i}].weight: only assistant messages have a weight"
+                )));
+            }
+            Some(w) => match w.as_f64() {
+                Some(v) if v == 0.0 || v == 1.0 => v as u8,
+                _ => return Err(Error::Data(format!("{key}[{i}].weight: must be 0 or 1"))),
+            },
+        };
+        let tool_call_id = match obj.get("tool_call_id") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        trained.push(role == "assistant" && weight == 1);
         out.push(Message {
             role: role.to_string(),
             content,
+            tool_calls,
+            tool_call_id,
         });
     }
     if !out.iter().any(|m| m.role == "assistant") {
@@ -366,21 +468,32 @@ fn chat_messages(
             "{key} has no assistant turn to learn from"
         )));
     }
-    Ok(out)
+    if !trained.iter().any(|&t| t) {
+        return Err(Error::Data(format!(
+            "every assistant turn of {key} has weight 0: nothing to learn from"
+        )));
+    }
+    Ok((out, trained))
 }
 
 /// Splits a rendered conversation into prompt text and assistant answers (each answer ending
 /// with the template's end-of-turn token, trailing whitespace excluded).
-fn chat_segments(messages: &[Message], tok: &TextTokenizer) -> Result<Vec<Segment>> {
-    let full = tok.render_chat(messages, false)?;
+fn chat_segments(
+    messages: &[Message],
+    trained: &[bool],
+    tools: Option<&Value>,
+    tok: &TextTokenizer,
+) -> Result<Vec<Segment>> {
+    let full = tok.render_chat_with_tools(messages, tools, false)?;
     let mut segments = Vec::new();
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
-        if m.role != "assistant" {
+        // an assistant turn with weight 0 stays in the prompt text
+        if m.role != "assistant" || !trained[i] {
             continue;
         }
-        let before = tok.render_chat(&messages[..i], true)?;
-        let through = tok.render_chat(&messages[..=i], false)?;
+        let before = tok.render_chat_with_tools(&messages[..i], tools, true)?;
+        let through = tok.render_chat_with_tools(&messages[..=i], tools, false)?;
         if !full.starts_with(&through) || !through.starts_with(&before) || before.len() < cursor {
             return Err(Error::Tokenizer(
                 "the chat template does not render conversations incrementally (a prefix of the \

@@ -171,10 +171,12 @@ pub fn to_bf16(src: &[f32]) -> Vec<half::bf16> {
 }
 
 multiversion! {
-    fn xent_rows_block(rows: &mut [f32], vocab: usize, targets: &[u32], losses: &mut [f64]) {
-        for ((row, &t), loss) in rows.chunks_exact_mut(vocab).zip(targets).zip(losses.iter_mut()) {
+    fn xent_rows_block(rows: &mut [f32], vocab: usize, targets: &[u32], losses: &mut [f64], hits: &mut [bool]) {
+        for (((row, &t), loss), hit) in rows.chunks_exact_mut(vocab).zip(targets).zip(losses.iter_mut()).zip(hits.iter_mut()) {
             let max = lanes_max(row);
             let target_logit = row[t as usize];
+            // the target is the argmax (a tie counts as a hit)
+            *hit = target_logit >= max;
             let sum = exp_in_place_sum(row, max);
             *loss = (sum.ln() + max - target_logit) as f64;
             let inv = 1.0 / sum;
@@ -184,18 +186,38 @@ multiversion! {
     }
 }
 
-/// Summed cross-entropy of `(rows, vocab)` logits against `targets`; the logits become the
-/// gradient of that sum (`softmax − onehot`) in place. Rows in parallel.
-pub fn softmax_cross_entropy_rows(logits: &mut [f32], vocab: usize, targets: &[u32]) -> f64 {
+/// Summed cross-entropy of `(rows, vocab)` logits against `targets`, and how many rows have
+/// their target as the argmax; the logits become the gradient of that sum (`softmax − onehot`)
+/// in place. Rows in parallel.
+pub fn softmax_cross_entropy_rows(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[u32],
+) -> (f64, usize) {
     let rows = targets.len();
+    assert!(
+        logits.len() >= rows * vocab,
+        "cross-entropy: logits shorter than rows × vocab"
+    );
     let mut losses = vec![0f64; rows];
-    let (lp, sp) = (SharedMut::new(logits), SharedMut::new(&mut losses));
+    let mut hits = vec![false; rows];
+    let (lp, sp, hp) = (
+        SharedMut::new(logits),
+        SharedMut::new(&mut losses),
+        SharedMut::new(&mut hits),
+    );
     par_blocks(rows, 4, |s, e| {
-        // SAFETY: this block alone writes rows s..e of both buffers.
-        let (rows, losses) = unsafe { (lp.slice(s * vocab, (e - s) * vocab), sp.slice(s, e - s)) };
-        xent_rows_block(rows, vocab, &targets[s..e], losses);
+        // SAFETY: this block alone writes rows s..e of the three buffers, each long enough.
+        let (rows, losses, hits) = unsafe {
+            (
+                lp.slice(s * vocab, (e - s) * vocab),
+                sp.slice(s, e - s),
+                hp.slice(s, e - s),
+            )
+        };
+        xent_rows_block(rows, vocab, &targets[s..e], losses, hits);
     });
-    losses.iter().sum()
+    (losses.iter().sum(), hits.iter().filter(|&&h| h).count())
 }
 
 /// In-place softmax of one row.

@@ -1,14 +1,305 @@
-//! Greedy decoding, for checking a base model or an adapter by eye and in tests.
+//! Text generation: the prompt is prefilled into a key/value cache, then one token at a time is
+//! decoded from it, picked greedily or sampled (temperature, top-k, top-p, penalties, a seed),
+//! and streamed out as text until an end-of-turn token, a stop sequence or the token limit.
 
 use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-use super::model::BaseModel;
-use super::tokenizer::Message;
-use super::Result;
+use super::model::{BaseModel, Llama};
+use super::tokenizer::{Message, TextTokenizer};
+use super::{Error, Result};
 
-/// Greedy continuation of `prompt_ids`, stopping at EOS or after `max_new_tokens`. Recomputes
-/// the whole sequence each token (no KV cache): fine for short checks, not a serving path.
-pub fn greedy(base: &BaseModel, prompt_ids: &[u32], max_new_tokens: usize) -> Result<Vec<u32>> {
+/// How to pick tokens; the defaults decode greedily.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0: greedy (argmax).
+    pub temperature: f64,
+    /// Keep the smallest set of tokens whose probability reaches this (1: all).
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    pub seed: u64,
+    /// Text that ends the answer where it first appears (not included).
+    pub stop: Vec<String>,
+    /// Divides a positive logit (multiplies a negative one) of every token already in the
+    /// prompt or the answer, as transformers' `repetition_penalty` (1: off).
+    pub repetition_penalty: f64,
+    /// Subtracted from a token's logit once per time it appears in the answer (OpenAI's).
+    pub frequency_penalty: f64,
+    /// Subtracted from a token's logit if it appears in the answer at all (OpenAI's).
+    pub presence_penalty: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Sampling {
+        Sampling {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: Vec::new(),
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        }
+    }
+}
+
+impl Sampling {
+    /// Refuses values that have no meaning, naming the field as the HTTP API does.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
+            return Err((
+                "temperature",
+                format!("must be between 0 and 2, got {}", self.temperature),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(("repetition_penalty", "must be > 0".into()));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
+                return Err((name, format!("must be between -2 and 2, got {v}")));
+            }
+        }
+        if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(("stop", "at most 4 sequences of 1 to 256 bytes".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-turn token or a stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The answer's tokens (the end-of-turn token excluded).
+    pub tokens: Vec<u32>,
+    /// The answer's text, cut before a stop sequence.
+    pub text: String,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+}
+
+/// The tokens that end a turn: the tokenizer's EOS and the end-of-turn markers of the common
+/// chat templates when the vocabulary has them as single tokens.
+pub fn end_of_turn_ids(tok: &TextTokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = tok.eos_id.into_iter().collect();
+    let named = tok.eos_token.iter().map(String::as_str);
+    for marker in named.chain([
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "</s>",
+    ]) {
+        if let Some(id) = tok.inner.token_to_id(marker) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text as it
+/// is decided (text that may still turn out to start a stop sequence, or an incomplete UTF-8
+/// character, is held back until it is known). `on_text` returning `false` stops early (a
+/// client that went away); what was generated so far is returned.
+pub fn generate(
+    model: &Llama,
+    tok: &TextTokenizer,
+    prompt_ids: &[u32],
+    sampling: &Sampling,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    if prompt_ids.is_empty() {
+        return Err(Error::Data("the prompt is empty".into()));
+    }
+    let ends = end_of_turn_ids(tok);
+    let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
+    let mut cache = model.new_cache();
+    let mut logits = model.forward_cached(prompt_ids, &mut cache)?;
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut counts: std::collections::HashMap<u32, usize> = Default::default();
+    let (mut text, mut sent) = (String::new(), 0usize);
+    let mut finish = Finish::Length;
+    while tokens.len() < sampling.max_tokens {
+        let next = pick(&logits, prompt_ids, &counts, sampling, &mut rng)?;
+        if ends.contains(&next) {
+            finish = Finish::Stop;
+            break;
+        }
+        tokens.push(next);
+        *counts.entry(next).or_default() += 1;
+        text = tok.decode(&tokens)?;
+        if let Some(at) = sampling
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(at);
+            finish = Finish::Stop;
+            break;
+        }
+        let ready = settled_len(&text, &sampling.stop);
+        if ready > sent {
+            if !on_text(&text[sent..ready]) {
+                break;
+            }
+            sent = ready;
+        }
+        if tokens.len() == sampling.max_tokens {
+            break;
+        }
+        logits = model.forward_cached(&[next], &mut cache)?;
+    }
+    if text.len() > sent {
+        on_text(&text[sent..]);
+    }
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+        prompt_tokens: prompt_ids.len(),
+    })
+}
+
+/// How much of `text` can be sent: not a trailing replacement character (the rest of a UTF-8
+/// sequence is still to come) nor a tail that a stop sequence could begin with.
+fn settled_len(text: &str, stop: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    // the longest tail that is the start of a stop sequence (a suffix that is a whole `str`
+    // starts on a character boundary)
+    let held = stop
+        .iter()
+        .filter_map(|s| {
+            (1..s.len())
+                .rev()
+                .find(|&k| s.is_char_boundary(k) && text[..end].ends_with(&s[..k]))
+        })
+        .max()
+        .unwrap_or(0);
+    end - held
+}
+
+/// The next token from the last position's logits.
+fn pick(
+    logits: &Tensor,
+    prompt: &[u32],
+    counts: &std::collections::HashMap<u32, usize>,
+    s: &Sampling,
+    rng: &mut ChaCha8Rng,
+) -> Result<u32> {
+    let penalised =
+        s.repetition_penalty != 1.0 || s.frequency_penalty != 0.0 || s.presence_penalty != 0.0;
+    if s.temperature == 0.0 && !penalised {
+        return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+    }
+    let mut l: Vec<f32> = logits.to_vec1()?;
+    if s.repetition_penalty != 1.0 {
+        let p = s.repetition_penalty as f32;
+        let seen = prompt.iter().chain(counts.keys());
+        let mut done = std::collections::HashSet::new();
+        for &t in seen {
+            if done.insert(t) {
+                if let Some(v) = l.get_mut(t as usize) {
+                    *v = if *v > 0.0 { *v / p } else { *v * p };
+                }
+            }
+        }
+    }
+    for (&t, &n) in counts {
+        if let Some(v) = l.get_mut(t as usize) {
+            *v -= (s.frequency_penalty * n as f64 + s.presence_penalty) as f32;
+        }
+    }
+    if s.temperature == 0.0 {
+        return Ok(argmax(&l));
+    }
+    // the candidates, most likely first, cut by top-k, then softmax and top-p
+    let mut order: Vec<u32> = (0..l.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let t = s.temperature as f32;
+    let top = l[order[0] as usize];
+    let mut probs: Vec<f32> = order
+        .iter()
+        .map(|&i| ((l[i as usize] - top) / t).exp())
+        .collect();
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    let mut keep = probs.len();
+    if s.top_p < 1.0 {
+        let mut acc = 0f32;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= s.top_p as f32 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    let mass: f32 = probs[..keep].iter().sum();
+    let mut draw = rng.random::<f32>() * mass;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        draw -= p;
+        if draw <= 0.0 {
+            return Ok(order[i]);
+        }
+    }
+    Ok(order[keep - 1])
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in l.iter().enumerate() {
+        if *v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy continuation of `prompt_ids` that recomputes the whole sequence for every token (no
+/// cache): the reference the cached path is tested against.
+pub fn greedy_uncached(
+    base: &BaseModel,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+) -> Result<Vec<u32>> {
+    let ends = end_of_turn_ids(&base.tokenizer);
     let mut ids = prompt_ids.to_vec();
     let mut out = Vec::new();
     for _ in 0..max_new_tokens {
@@ -19,7 +310,7 @@ pub fn greedy(base: &BaseModel, prompt_ids: &[u32], max_new_tokens: usize) -> Re
             .get(ids.len() - 1)?
             .argmax(D::Minus1)?
             .to_scalar::<u32>()?;
-        if Some(next) == base.tokenizer.eos_id {
+        if ends.contains(&next) {
             break;
         }
         ids.push(next);
@@ -28,15 +319,27 @@ pub fn greedy(base: &BaseModel, prompt_ids: &[u32], max_new_tokens: usize) -> Re
     Ok(out)
 }
 
-/// Answers one user message through the model's chat template.
+/// Greedy continuation through the cache.
+pub fn greedy(base: &BaseModel, prompt_ids: &[u32], max_new_tokens: usize) -> Result<Vec<u32>> {
+    let sampling = Sampling {
+        max_tokens: max_new_tokens,
+        ..Sampling::default()
+    };
+    Ok(generate(
+        &base.model,
+        &base.tokenizer,
+        prompt_ids,
+        &sampling,
+        &mut |_| true,
+    )?
+    .tokens)
+}
+
+/// Answers one user message through the model's chat template, greedily.
 pub fn chat(base: &BaseModel, user: &str, max_new_tokens: usize) -> Result<String> {
-    let prompt = base.tokenizer.render_chat(
-        &[Message {
-            role: "user".into(),
-            content: user.into(),
-        }],
-        true,
-    )?;
+    let prompt = base
+        .tokenizer
+        .render_chat(&[Message::new("user", user)], true)?;
     let ids = base.tokenizer.encode(&prompt)?;
     let answer = greedy(base, &ids, max_new_tokens)?;
     base.tokenizer.decode(&answer)

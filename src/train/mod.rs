@@ -17,6 +17,7 @@ pub mod data;
 pub mod device;
 pub mod elementwise;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod lora;
 pub mod model;

@@ -456,17 +456,28 @@ const LOGIT_ROWS_PER_CHUNK: usize = 128;
 /// computed chunk by chunk during the forward pass (`(softmax − onehot) · W`) and handed out in
 /// backward scaled by the upstream gradient: the vocabulary matmul then runs twice instead of
 /// three times and no logits survive the call.
-pub fn lm_head_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn lm_head_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<LossSum> {
     timing::scope(Part::Loss, || {
         lm_head_cross_entropy_untimed(hidden, weight, targets)
     })
+}
+
+/// The summed loss of a batch's label tokens (differentiable) and how many of those tokens the
+/// model ranks first (its argmax is the label): the token accuracy's numerator.
+pub struct LossSum {
+    pub sum: Tensor,
+    pub correct: usize,
 }
 
 fn lm_head_cross_entropy_untimed(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
-) -> Result<Tensor> {
+) -> Result<LossSum> {
     let (rows, _h) = hidden.dims2()?;
     let want_grad = hidden.track_op();
     let hidden_d = hidden.detach();
@@ -479,6 +490,7 @@ fn lm_head_cross_entropy_untimed(
         _ => candle_core::DType::F32,
     };
     let mut loss_sum = Tensor::zeros((), acc, hidden.device())?;
+    let mut correct = 0usize;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < rows {
@@ -491,6 +503,12 @@ fn lm_head_cross_entropy_untimed(
         let exp = shifted.exp()?;
         let sum_exp = exp.sum_keepdim(1)?;
         let picked = shifted.gather(&t.unsqueeze(1)?, 1)?;
+        // a hit when the target's logit is the row's largest (a tie counts), as on the CPU path
+        correct += picked
+            .ge(&Tensor::zeros_like(&picked)?)?
+            .to_dtype(candle_core::DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
         loss_sum = (loss_sum + (sum_exp.log()? - picked)?.sum_all()?)?;
         if want_grad {
             let softmax = exp.broadcast_div(&sum_exp)?;
@@ -502,18 +520,26 @@ fn lm_head_cross_entropy_untimed(
         start += n;
     }
     if !want_grad {
-        return Ok(loss_sum);
+        return Ok(LossSum {
+            sum: loss_sum,
+            correct,
+        });
     }
     let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
-    attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
+    let sum = attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
         grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?)
-    })
+    })?;
+    Ok(LossSum { sum, correct })
 }
 
 /// [`lm_head_cross_entropy`] on the CPU in float32: each chunk's logits buffer becomes its own
 /// gradient (`softmax − onehot`) in place, one row at a time, so a chunk costs one
 /// `(rows, vocab)` buffer instead of six.
-fn lm_head_cross_entropy_cpu(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+fn lm_head_cross_entropy_cpu(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<LossSum> {
     let (rows, _h) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     let want_grad = hidden.track_op();
@@ -523,7 +549,7 @@ fn lm_head_cross_entropy_cpu(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
         candle_core::bail!("cross-entropy: target {t} is outside the vocabulary ({vocab})")
     }
     let weight = weight.contiguous()?;
-    let mut loss_sum = 0f64;
+    let (mut loss_sum, mut correct) = (0f64, 0usize);
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < rows {
@@ -541,11 +567,13 @@ fn lm_head_cross_entropy_cpu(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
                 _ => candle_core::bail!("cross-entropy: logits must be float32"),
             }
         };
-        loss_sum += super::elementwise::softmax_cross_entropy_rows(
+        let (chunk_loss, chunk_correct) = super::elementwise::softmax_cross_entropy_rows(
             &mut logits,
             vocab,
             &targets[start..start + n],
         );
+        loss_sum += chunk_loss;
+        correct += chunk_correct;
         if want_grad {
             let d_logits = Tensor::from_vec(logits, (n, vocab), hidden.device())?;
             grad_chunks.push(frozen_matmul_t(&d_logits, &weight)?);
@@ -554,12 +582,16 @@ fn lm_head_cross_entropy_cpu(hidden: &Tensor, weight: &Tensor, targets: &Tensor)
     }
     let loss_sum = Tensor::new(loss_sum as f32, hidden.device())?;
     if !want_grad {
-        return Ok(loss_sum);
+        return Ok(LossSum {
+            sum: loss_sum,
+            correct,
+        });
     }
     let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
-    attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
+    let sum = attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
         grad_hidden.broadcast_mul(g)
-    })
+    })?;
+    Ok(LossSum { sum, correct })
 }
 
 /// Grouped-query attention: repeat each key/value head `n_rep` times, `(b, kv, t, d)` →

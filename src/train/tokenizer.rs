@@ -29,11 +29,28 @@ pub struct TextTokenizer {
     pub eos_id: Option<u32>,
 }
 
-/// One chat turn.
+/// One chat turn, with the OpenAI tool-calling fields that chat templates read.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls (`[{id, type: "function", function: {name, arguments}}]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A tool turn's answer to the call with this id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Message {
+        Message {
+            role: role.to_string(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
 }
 
 fn token_string(v: Option<&Value>) -> Option<String> {
@@ -180,6 +197,24 @@ impl TextTokenizer {
 
     /// Renders messages through the chat template, as `apply_chat_template(tokenize=False)` does.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_chat_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the chat template reads a `tools` list (transformers passes one to every
+    /// template; those that never mention it would drop it silently).
+    pub fn template_takes_tools(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("tools"))
+    }
+
+    /// [`TextTokenizer::render_chat`] with the OpenAI `tools` list the template may render.
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::Tokenizer(
                 "the model has no chat template, so chat-format data (messages, sharegpt) cannot \
@@ -204,6 +239,7 @@ impl TextTokenizer {
         let tmpl = env.get_template("chat").expect("just added");
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),

@@ -73,10 +73,19 @@ impl Schedule {
     }
 }
 
-/// Token-weighted mean cross-entropy over every label token of `examples`.
-pub fn evaluate(base: &BaseModel, examples: &[Example], batch_size: usize) -> Result<f64> {
+/// What an evaluation measured over every label token of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Token-weighted mean cross-entropy.
+    pub loss: f64,
+    /// Fraction of label tokens the model ranks first (argmax = label).
+    pub accuracy: f64,
+}
+
+/// Token-weighted mean cross-entropy and token accuracy over every label token of `examples`.
+pub fn evaluate(base: &BaseModel, examples: &[Example], batch_size: usize) -> Result<Evaluation> {
     let pad = base.tokenizer.eos_id.unwrap_or(0);
-    let (mut sum, mut count) = (0f64, 0usize);
+    let (mut sum, mut count, mut correct) = (0f64, 0usize, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad, &base.model.device)?;
@@ -86,10 +95,14 @@ pub fn evaluate(base: &BaseModel, examples: &[Example], batch_size: usize) -> Re
             &batch.targets,
             ForwardMode::EVAL,
         )?;
-        sum += loss.to_scalar::<f32>()? as f64;
+        sum += loss.sum.to_scalar::<f32>()? as f64;
+        correct += loss.correct;
         count += batch.label_tokens;
     }
-    Ok(sum / count.max(1) as f64)
+    Ok(Evaluation {
+        loss: sum / count.max(1) as f64,
+        accuracy: correct as f64 / count.max(1) as f64,
+    })
 }
 
 /// Splits off a seeded `fraction` of the examples for validation (at least one).
@@ -135,6 +148,8 @@ pub struct StepTimes {
 pub struct StepOutput {
     /// Token-weighted mean loss over the step's label tokens.
     pub loss: f64,
+    /// Fraction of the step's label tokens the model ranked first, before the update.
+    pub accuracy: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Input tokens processed (padding excluded).
@@ -159,7 +174,7 @@ pub fn optimizer_step(
 ) -> Result<StepOutput> {
     let label_total: usize = micro_batches.iter().map(|b| b.label_tokens).sum();
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let (mut loss_value, mut tokens) = (0f64, 0usize);
+    let (mut loss_value, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     let mut times = StepTimes::default();
     for (mi, batch) in micro_batches.iter().enumerate() {
         let t0 = Instant::now();
@@ -169,7 +184,8 @@ pub fn optimizer_step(
             dropout_seed: dropout_seed(seed, step, mi as u64),
         };
         let loss_sum = model.loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)?;
-        let loss = (loss_sum / label_total as f64)?;
+        correct += loss_sum.correct;
+        let loss = (loss_sum.sum / label_total as f64)?;
         loss_value += loss.to_scalar::<f32>()? as f64;
         let t1 = Instant::now();
         let store = loss.backward()?;
@@ -209,6 +225,7 @@ pub fn optimizer_step(
     times.optimizer = t2.elapsed().as_secs_f64();
     Ok(StepOutput {
         loss: loss_value,
+        accuracy: correct as f64 / label_total.max(1) as f64,
         grad_norm,
         tokens,
         times,
@@ -458,6 +475,7 @@ impl Trainer {
             total_steps: self.schedule.total_steps,
             epoch: self.schedule.epoch_at(done),
             train_loss: out.loss,
+            train_accuracy: Some(out.accuracy),
             learning_rate: lr,
             grad_norm: out.grad_norm,
             tokens: out.tokens,
@@ -484,7 +502,7 @@ impl Trainer {
 
     /// Evaluates on the validation data after step `done`; logged to `metrics.jsonl`.
     pub fn evaluate_at(&mut self, done: u64) -> Result<EvalMetrics> {
-        let eval_loss = evaluate(
+        let measured = evaluate(
             &self.base,
             &self.validation,
             self.spec.training.batch_size as usize,
@@ -492,7 +510,8 @@ impl Trainer {
         let e = EvalMetrics {
             step: done,
             epoch: self.schedule.epoch_at(done),
-            eval_loss,
+            eval_loss: measured.loss,
+            eval_accuracy: Some(measured.accuracy),
         };
         self.metrics.write(&MetricsRow::from(&e))?;
         Ok(e)

@@ -1,5 +1,5 @@
 //! Keeping a claim alive: a heartbeat renews the lease every few seconds and raises the job's
-//! stop flag when the job is cancelled, the lease is lost, or the server shuts down.
+//! stop flag when the job is cancelled or paused, the lease is lost, or the server shuts down.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,8 +46,8 @@ pub fn spawn_heartbeat(
                 }
             }
             match state.db.heartbeat(&lease, lease_secs(&state)).await {
-                Ok(true) => stop.store(true, Ordering::SeqCst),
-                Ok(false) => {}
+                Ok(Some(_)) => stop.store(true, Ordering::SeqCst),
+                Ok(None) => {}
                 Err(e @ db::Error::LeaseLost { .. }) => {
                     tracing::warn!(error = %e, "stopping the job");
                     stop.store(true, Ordering::SeqCst);

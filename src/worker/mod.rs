@@ -35,6 +35,7 @@ pub async fn run(state: AppState, device_name: String) {
     state.workers_up.fetch_add(1, Ordering::SeqCst);
     tracing::info!(worker = %worker_id, "worker up");
     while !state.shutdown.is_cancelled() {
+        settle_stopped_orphans(&state).await;
         let claim = match state
             .db
             .claim_next(&worker_id, lease::lease_secs(&state))
@@ -91,8 +92,8 @@ pub async fn run(state: AppState, device_name: String) {
     state.workers_up.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// Writes how a run ended — finished (succeeded, failed, cancelled) or back in the queue
-/// (interrupted by shutdown) — with its status event, fenced by the run's lease. An error means
+/// Writes how a run ended — finished (succeeded, failed, cancelled), paused, or back in the
+/// queue (interrupted by shutdown) — with its status event, fenced by the run's lease. An error means
 /// the job's record did not change: a lost lease (another attempt owns it) or the database.
 pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) -> db::Result<()> {
     let (status, error) = match outcome {
@@ -102,15 +103,25 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
             );
             return Ok(());
         }
-        Outcome::Interrupted => {
+        Outcome::Interrupted | Outcome::Paused => {
+            let (to, reason) = match outcome {
+                Outcome::Paused => (
+                    JobStatus::Paused,
+                    "paused on request; resuming continues from its last checkpoint",
+                ),
+                _ => (
+                    JobStatus::Queued,
+                    "server shutting down; resumes from its last checkpoint",
+                ),
+            };
             let event = JobEvent::Status(StatusChange {
-                reason: Some("server shutting down; resumes from its last checkpoint".into()),
-                ..StatusChange::to(JobStatus::Queued)
+                reason: Some(reason.into()),
+                ..StatusChange::to(to)
             });
             let data = event.data_json();
-            let id = state.db.requeue(lease, &data).await?;
+            let id = state.db.requeue(lease, to, &data).await?;
             state.announce(&lease.job, id, event.kind(), data);
-            tracing::info!("job requeued for shutdown");
+            tracing::info!(status = %to, "job taken off its worker");
             return Ok(());
         }
         Outcome::Succeeded { .. } => (JobStatus::Succeeded, None),
@@ -138,6 +149,36 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
     state.announce(&lease.job, id, event.kind(), data);
     tracing::info!(%status, "job finished");
     Ok(())
+}
+
+/// Jobs asked to pause or cancel whose worker died before it could: ended as asked (a claim
+/// never takes a job with a stop request on it).
+async fn settle_stopped_orphans(state: &AppState) {
+    let paused = JobEvent::Status(StatusChange {
+        reason: Some("its worker stopped answering while pausing; resuming continues from its last checkpoint".into()),
+        ..StatusChange::to(JobStatus::Paused)
+    });
+    let cancelled = JobEvent::Status(StatusChange {
+        reason: Some("its worker stopped answering while cancelling".into()),
+        ..StatusChange::to(JobStatus::Cancelled)
+    });
+    let (paused, cancelled) = (paused.data_json(), cancelled.data_json());
+    match state.db.settle_stopped_orphans(&paused, &cancelled).await {
+        Ok(settled) => {
+            for (id, event, status) in settled {
+                let data = if status == "paused" {
+                    &paused
+                } else {
+                    &cancelled
+                };
+                if let Some(job) = crate::job::JobId::parse(&id) {
+                    state.announce(&job, event, "status", data.clone());
+                }
+                tracing::warn!(job.id = %id, status, "settled a job whose worker died while stopping it");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "settling orphaned stop requests failed"),
+    }
 }
 
 fn hostname() -> String {

@@ -31,6 +31,8 @@ pub enum Outcome {
         message: String,
     },
     Cancelled,
+    /// Stopped on request after checkpointing: paused, off the workers until resumed.
+    Paused,
     /// Stopped because the server is shutting down: back to the queue, to resume from its last
     /// checkpoint.
     Interrupted,
@@ -193,8 +195,8 @@ async fn try_run(
     // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
     // database has it (the heartbeat would see it too, but only after its first interval).
     match state.db.heartbeat(lease, lease::lease_secs(state)).await {
-        Ok(true) => stop.store(true, Ordering::SeqCst),
-        Ok(false) => {}
+        Ok(Some(_)) => stop.store(true, Ordering::SeqCst),
+        Ok(None) => {}
         Err(db::Error::LeaseLost { .. }) => {
             heartbeat.abort();
             return Err(Outcome::LeaseLost);
@@ -254,6 +256,7 @@ async fn try_run(
             match state.db.heartbeat(lease, lease::lease_secs(state)).await {
                 // stopped because the lease was lost, not because anyone cancelled
                 Err(db::Error::LeaseLost { .. }) => Outcome::LeaseLost,
+                Ok(Some(db::StopRequest::Pause)) => Outcome::Paused,
                 _ => Outcome::Cancelled,
             }
         }

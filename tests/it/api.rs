@@ -97,7 +97,7 @@ async fn a_job_runs_end_to_end_and_its_adapter_downloads() {
         .unwrap();
     assert!(
         csv.starts_with(
-            "step,epoch,train_loss,eval_loss,learning_rate,grad_norm,tokens_per_second\n1,"
+            "step,epoch,train_loss,eval_loss,learning_rate,grad_norm,tokens_per_second,train_accuracy,eval_accuracy\n1,"
         ),
         "{csv}"
     );
@@ -703,5 +703,147 @@ async fn openapi_document_matches_the_router() {
         assert!(example.get(key.as_str().unwrap()).is_some());
     }
     assert!(qtune::spec::JobSpec::from_json(&example.to_string()).is_ok());
+    app.shutdown().await;
+}
+
+/// An `Idempotency-Key` makes a retried create answer with the job the first request made; the
+/// same key with another request is refused naming the header; each API key has its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_make_a_retried_create_return_the_first_job() {
+    let app = spawn_app_with(|c| {
+        c.workers = Some(0);
+        c.api_keys = vec!["alpha".into(), "beta".into()];
+    })
+    .await;
+    let body = app.job(json!({}));
+    let create = |key: &'static str, idem: &'static str, body: Value| {
+        let req = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(key)
+            .header("Idempotency-Key", idem)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s1, first) = create("alpha", "retry-1", body.clone()).await;
+    let (s2, again) = create("alpha", "retry-1", body.clone()).await;
+    assert_eq!((s1, s2), (201, 201));
+    assert_eq!(first["id"], again["id"]);
+    let mut other = body.clone();
+    other["seed"] = json!(7);
+    let (status, err) = create("alpha", "retry-1", other).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "Idempotency-Key");
+    // another API key's same header value is its own
+    let (status, theirs) = create("beta", "retry-1", body.clone()).await;
+    assert_eq!(status, 201);
+    assert_ne!(theirs["id"], first["id"]);
+    // a request refused leaves the key free for its corrected retry
+    let mut bad = body.clone();
+    bad["lora"]["r"] = json!(0);
+    let (status, _) = create("alpha", "retry-2", bad).await;
+    assert_eq!(status, 422);
+    let mut wrong_model = body.clone();
+    wrong_model["base_model"] = json!("/nonexistent/model.gguf");
+    let (status, _) = create("alpha", "retry-3", wrong_model).await;
+    assert_eq!(status, 422);
+    let (status, fixed) = create("alpha", "retry-3", body.clone()).await;
+    assert_eq!(status, 201, "{fixed}");
+    let list: Value = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .bearer_auth("alpha")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    app.shutdown().await;
+}
+
+/// A succeeded job's adapter exported through the API: `gguf-lora` (a GGUF file) and `merged`
+/// (a tar of the base folder with merged weights), stored and downloadable; a job that has not
+/// succeeded and an unknown format are refused naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_succeeded_jobs_adapter_exports_as_gguf_lora_and_merged() {
+    let app = spawn_app().await;
+    let id = app
+        .submit(&app.job(json!({"training": {"max_steps": 300}})))
+        .await;
+    // paused (at once, or at its next step), it has no adapter to export yet
+    app.post(&format!("/v1/jobs/{id}/pause"), &json!({})).await;
+    app.wait_status(&id, &["paused"], Duration::from_secs(60))
+        .await;
+    let (status, err) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "merged"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("not_ready"))
+    );
+    app.post(&format!("/v1/jobs/{id}/resume"), &json!({})).await;
+    app.wait_status(&id, &["succeeded"], Duration::from_secs(60))
+        .await;
+    let (status, err) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "onnx"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("format"))
+    );
+    for (format, magic) in [("gguf-lora", &b"GGUF"[..]), ("merged", &b"merged/"[..])] {
+        let (status, made) = app
+            .post(
+                &format!("/v1/jobs/{id}/exports"),
+                &json!({"format": format}),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        let bytes = app
+            .client
+            .get(app.url(made["url"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(bytes.len() as u64, made["bytes"].as_u64().unwrap());
+        assert!(bytes.starts_with(magic), "{format}");
+    }
+    // the merged archive holds the base's config and tokenizer beside the merged weights
+    let tar = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/exports/merged")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut archive = tar::Archive::new(&tar[..]);
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    for want in [
+        "merged/config.json",
+        "merged/tokenizer.json",
+        "merged/model.safetensors",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
     app.shutdown().await;
 }

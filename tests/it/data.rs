@@ -196,7 +196,7 @@ fn bad_datasets_are_refused_with_the_line_and_the_reason() {
         (
             "{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}]}\n".into(),
             serde_json::json!({}),
-            "line 1: messages[0]: unknown role (expected system, user or assistant)",
+            "line 1: messages[0]: unknown role (expected system, developer, user, assistant or tool)",
         ),
         (
             "{\"messages\": [{\"role\": \"user\"}]}\n".into(),
@@ -305,4 +305,94 @@ fn hub_cache_is_used_offline() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// OpenAI's chat training records: an assistant turn with `weight: 0` stays as context without
+/// loss, `developer` turns render as system turns, tool calls and tool answers go through the
+/// template, and `tools` are rendered by a template that takes them and refused (naming the
+/// line) by one that does not.
+#[test]
+fn openai_chat_records_honour_weights_tools_and_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tok = tokenizer(dir.path());
+    let record = serde_json::json!({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hmm.", "weight": 0},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny.", "weight": 1},
+    ]});
+    let path = write(dir.path(), "d.jsonl", &record.to_string());
+    let load = |tok: &TextTokenizer, path: &std::path::Path| {
+        data::load_jsonl(
+            &dataset_file(path),
+            DatasetFormat::Auto,
+            tok,
+            512,
+            false,
+            data::DEFAULT_MAX_RECORD_BYTES,
+        )
+    };
+    let (ex, _) = load(&tok, &path).unwrap();
+    let full = tok.inner.decode(&ex[0].ids, false).unwrap();
+    assert!(full.starts_with("<|im_start|>system\nBe brief."), "{full}");
+    assert!(
+        full.contains("Hmm.") && full.contains("<|im_start|>tool\nsunny"),
+        "{full}"
+    );
+    // the weight-0 answer carries no loss; the tool-calling turn and the last answer do
+    assert_eq!(
+        labelled_text(&tok, &ex[0]),
+        "<|im_end|>Sunny.<|im_end|>",
+        "{full}"
+    );
+
+    let mut with_tools = record.clone();
+    with_tools["tools"] =
+        serde_json::json!([{"type": "function", "function": {"name": "weather"}}]);
+    let lines = format!("{record}\n{with_tools}");
+    let path = write(dir.path(), "tools.jsonl", &lines);
+    let err = load(&tok, &path).unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("tools"), "{err}");
+    // a template that renders tools (and tool calls) takes the same file
+    tok.chat_template = Some(
+        "{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}\
+         {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\
+         {% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+            .into(),
+    );
+    let (ex, _) = load(&tok, &path).unwrap();
+    let full = tok.inner.decode(&ex[1].ids, false).unwrap();
+    assert!(full.contains("\"name\":\"weather\""), "{full}");
+    assert!(
+        labelled_text(&tok, &ex[1]).contains("\"arguments\""),
+        "the call is learned"
+    );
+
+    for (bad, says) in [
+        (
+            r#"{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}"#,
+            "only assistant messages have a weight",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}"#,
+            "must be 0 or 1",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}"#,
+            "weight 0",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": 3}"#,
+            "tools",
+        ),
+    ] {
+        let path = write(dir.path(), "bad.jsonl", bad);
+        let err = load(&tok, &path).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains(says), "{bad}: {err}");
+    }
 }

@@ -106,7 +106,8 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
         };
         let loss = model
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-            .unwrap();
+            .unwrap()
+            .sum;
         let store = loss.backward().unwrap();
         // every LoRA factor gets a gradient (lora_grads errs naming one that does not)
         let g: Vec<Tensor> = model.lora_grads(&store).unwrap();
@@ -154,7 +155,8 @@ fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, 
 fn loss_and_grads(model: &Llama, batch: &data::Batch, mode: ForwardMode) -> (f32, Vec<Vec<f32>>) {
     let loss = model
         .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-        .unwrap();
+        .unwrap()
+        .sum;
     let store = loss.backward().unwrap();
     let g = model
         .lora_grads(&store)
@@ -379,7 +381,8 @@ fn lora_gradients_match_finite_differences() {
                 &batch.targets,
                 ForwardMode::EVAL,
             )
-            .unwrap();
+            .unwrap()
+            .sum;
         l.to_scalar::<f64>().unwrap()
     };
     let mode = ForwardMode {
@@ -388,7 +391,8 @@ fn lora_gradients_match_finite_differences() {
     };
     let loss = model
         .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-        .unwrap();
+        .unwrap()
+        .sum;
     let grads = loss.backward().unwrap();
     let mut checked = 0;
     for (name, var) in model.lora_vars() {
@@ -497,20 +501,25 @@ fn custom_backward_ops_match_stock_autograd() {
     // frozen matmul + fused lm-head cross-entropy against stock matmul + candle's cross_entropy
     let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 8), &dev).unwrap()).unwrap();
     let wv = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
-    let targets = Tensor::from_vec(
-        (0..300u32).map(|i| i * 7 % 50).collect::<Vec<_>>(),
-        300,
-        &dev,
-    )
-    .unwrap();
+    let logits = h.as_tensor().matmul(&wv.t().unwrap()).unwrap();
+    // every third row's target is its argmax, the others mostly are not
+    let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+    let wanted: Vec<u32> = (0..300u32)
+        .map(|i| {
+            if i % 3 == 0 {
+                argmax[i as usize]
+            } else {
+                i * 7 % 50
+            }
+        })
+        .collect();
+    let hits = argmax.iter().zip(&wanted).filter(|(a, t)| a == t).count();
+    assert!((100..300).contains(&hits));
+    let targets = Tensor::from_vec(wanted, 300, &dev).unwrap();
     let fused = qtune::train::ops::lm_head_cross_entropy(h.as_tensor(), &wv, &targets).unwrap();
-    let stock = (candle_nn::loss::cross_entropy(
-        &h.as_tensor().matmul(&wv.t().unwrap()).unwrap(),
-        &targets,
-    )
-    .unwrap()
-        * 300.0)
-        .unwrap();
+    assert_eq!(fused.correct, hits, "token accuracy counts argmax hits");
+    let fused = fused.sum;
+    let stock = (candle_nn::loss::cross_entropy(&logits, &targets).unwrap() * 300.0).unwrap();
     let (lf, ls) = (
         fused.to_scalar::<f32>().unwrap(),
         stock.to_scalar::<f32>().unwrap(),
@@ -639,6 +648,7 @@ fn exported_adapter_reproduces_the_logits() {
         let store = trained
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
             .unwrap()
+            .sum
             .backward()
             .unwrap();
         let grads: Vec<Tensor> = trained.lora_grads(&store).unwrap();
@@ -847,4 +857,99 @@ fn bf16_rounding_matches_half() {
             assert_eq!(b.to_bits(), half::bf16::from_f32(*x).to_bits(), "{x:e}");
         }
     }
+}
+
+/// Decoding through the key/value cache picks the same tokens as recomputing the whole sequence
+/// for every token (greedy, with a trained adapter applied, on a sliding-window config too);
+/// sampling with a seed repeats itself, stop sequences cut the text, and the streamed pieces
+/// are the text.
+#[test]
+fn cached_decoding_matches_the_uncached_path_and_sampling_is_seeded() {
+    use qtune::train::generate::{self, Sampling};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data_path = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data_path,
+        serde_json::json!({"training": {"max_steps": 30, "learning_rate": 0.01}}),
+    );
+    let out = dir.path().join("out");
+    train::run(&spec, &run_options(&out), &mut Silent).unwrap();
+    let mut base = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &spec.lora,
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    checkpoint::load_adapter(&out.join("adapter"), &base.model).unwrap();
+    let prompt = base
+        .tokenizer
+        .render_chat(
+            &[qtune::train::tokenizer::Message::new("user", "say 2")],
+            true,
+        )
+        .unwrap();
+    let ids = base.tokenizer.encode(&prompt).unwrap();
+    let uncached = generate::greedy_uncached(&base, &ids, 24).unwrap();
+    let cached = generate::greedy(&base, &ids, 24).unwrap();
+    assert!(!cached.is_empty());
+    assert_eq!(cached, uncached);
+    // the adapter is applied on the cached path: the untrained base says something else
+    let untrained = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &spec.lora,
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_ne!(generate::greedy(&untrained, &ids, 24).unwrap(), cached);
+    // a window shorter than the sequence: the cached mask must drop the same keys
+    base.model.cfg.sliding_window = Some(5);
+    assert_eq!(
+        generate::greedy(&base, &ids, 12).unwrap(),
+        generate::greedy_uncached(&base, &ids, 12).unwrap()
+    );
+    base.model.cfg.sliding_window = None;
+
+    let sampled = |seed: u64| {
+        let s = Sampling {
+            max_tokens: 20,
+            temperature: 1.5,
+            top_p: 0.95,
+            top_k: 50,
+            seed,
+            ..Sampling::default()
+        };
+        let mut pieces = String::new();
+        let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |t| {
+            pieces.push_str(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(pieces, g.text, "the streamed pieces are the text");
+        g.tokens
+    };
+    assert_eq!(sampled(7), sampled(7), "a seed repeats its sample");
+    let draws: std::collections::HashSet<Vec<u32>> = (0..6).map(sampled).collect();
+    assert!(draws.len() > 1, "different seeds draw differently");
+    // a stop sequence ends the answer before its first appearance
+    let greedy_text = base.tokenizer.decode(&cached).unwrap();
+    let stop: String = greedy_text.chars().skip(3).take(2).collect();
+    let s = Sampling {
+        max_tokens: 24,
+        stop: vec![stop.clone()],
+        ..Sampling::default()
+    };
+    let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |_| true).unwrap();
+    let before = &greedy_text[..greedy_text.find(&stop).unwrap()];
+    assert_eq!(
+        (g.text.as_str(), g.finish),
+        (before, generate::Finish::Stop)
+    );
 }

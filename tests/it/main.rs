@@ -14,6 +14,7 @@ mod engine;
 mod hostile;
 mod logs;
 mod models;
+mod openai;
 mod quant;
 mod queue;
 mod quickstart;

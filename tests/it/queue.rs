@@ -22,6 +22,7 @@ fn step(n: u64) -> StepMetrics {
         total_steps: 10,
         epoch: n as f64 / 10.0,
         train_loss: 1.0 / n as f64,
+        train_accuracy: Some(0.5),
         learning_rate: 1e-3,
         grad_norm: 0.5,
         tokens: 100,
@@ -134,7 +135,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     let a: Lease = first.lease;
     assert_eq!((a.job.clone(), a.attempt), (id.clone(), 1));
     // while it holds the lease, its writes land; another worker finds nothing to claim
-    assert!(!db.heartbeat(&a, LEASE_SECS).await.unwrap());
+    assert_eq!(db.heartbeat(&a, LEASE_SECS).await.unwrap(), None);
     db.set_progress(&a, &step(1)).await.unwrap();
     db.insert_checkpoint(&a, 1, "[]").await.unwrap();
     assert!(db
@@ -167,7 +168,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     assert!(is_lease_lost(
         db.finish(&a, JobStatus::Succeeded, None, None, &done).await
     ));
-    assert!(is_lease_lost(db.requeue(&a, "{}").await));
+    assert!(is_lease_lost(db.requeue(&a, JobStatus::Queued, "{}").await));
 
     // B's writes land, and the job shows B's work only
     db.set_progress(&b, &step(2)).await.unwrap();
@@ -311,7 +312,9 @@ async fn a_job_that_keeps_losing_its_worker_fails_with_too_many_failovers() {
     // a graceful requeue is no failover
     let claim = db.claim_next("w4", LEASE_SECS).await.unwrap().unwrap();
     assert_eq!(claim.failovers, 3);
-    db.requeue(&claim.lease, "{}").await.unwrap();
+    db.requeue(&claim.lease, JobStatus::Queued, "{}")
+        .await
+        .unwrap();
     let claim = db.claim_next("w5", LEASE_SECS).await.unwrap().unwrap();
     assert_eq!(claim.failovers, 3);
     db.set_lease_expiry(&claim.lease, -1).await.unwrap();
@@ -329,4 +332,128 @@ async fn a_job_that_keeps_losing_its_worker_fails_with_too_many_failovers() {
     );
     app.state.shutdown.cancel();
     worker.await.unwrap();
+}
+
+/// A database made by an earlier qtune (migrations 1 to 4) upgrades in place: its jobs, events
+/// and checkpoints stay, and the rebuilt jobs table takes `paused`.
+#[tokio::test]
+async fn an_older_sqlite_database_upgrades_with_its_jobs() {
+    use sqlx::Executor;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+    sqlx::any::install_default_drivers();
+    {
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        pool.execute("PRAGMA foreign_keys = ON").await.unwrap();
+        let migrations = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
+        let mut old = sqlx::migrate::Migrator::new(std::path::Path::new(migrations))
+            .await
+            .unwrap();
+        old.migrations = old
+            .migrations
+            .iter()
+            .filter(|m| m.version <= 4)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        old.run(&pool).await.unwrap();
+        pool.execute(
+            "INSERT INTO jobs (id, owner, status, spec, created_at, step, attempt, failovers)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'k', 'succeeded', '{}',
+                     '2026-01-01T00:00:00.000000Z', 4, 1, 0);
+             INSERT INTO job_events (job_id, kind, data, created_at)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'status', '{\"status\":\"queued\"}',
+                     '2026-01-01T00:00:00.000000Z');
+             INSERT INTO checkpoints (job_id, step, created_at, files)
+             VALUES ('00000000-0000-4000-8000-000000000001', 2, '2026-01-01T00:00:01.000000Z', '[]');",
+        )
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let db = Db::connect(&url, 2).await.unwrap();
+    let allowed = db.allowed_statuses().await.unwrap();
+    assert!(allowed.contains(&"paused".to_string()), "{allowed:?}");
+    let id = JobId::parse("00000000-0000-4000-8000-000000000001").unwrap();
+    let job = db
+        .get_job(&id, Some("k"))
+        .await
+        .unwrap()
+        .expect("the job survived");
+    assert_eq!((job.status, job.step), (JobStatus::Succeeded, 4));
+    assert_eq!(db.events_after(id.as_str(), 0).await.unwrap().len(), 1);
+    assert_eq!(db.list_checkpoints(&id).await.unwrap().len(), 1);
+    // foreign keys still hold: deleting the job takes its events and checkpoints with it
+    assert!(matches!(
+        db.delete_job(&id, Some("k")).await.unwrap(),
+        db::DeleteOutcome::Deleted
+    ));
+    assert!(db.events_after(id.as_str(), 0).await.unwrap().is_empty());
+    assert!(db.list_checkpoints(&id).await.unwrap().is_empty());
+    // and a second start finds nothing to do
+    drop(db);
+    Db::connect(&url, 2).await.unwrap();
+}
+
+/// A worker that dies after being asked to pause or cancel leaves its job `running` with a stop
+/// request no claim will take; once its lease has expired the job is ended as asked.
+#[tokio::test]
+async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&crate::helpers::test_database(dir.path()), 4)
+        .await
+        .unwrap();
+    let (pausing, cancelling) = (JobId::new(), JobId::new());
+    for id in [&pausing, &cancelling] {
+        db.insert_job(id, None, SPEC).await.unwrap();
+        let claim = db.claim_next("w", LEASE_SECS).await.unwrap().unwrap();
+        assert_eq!(&claim.lease.job, id);
+    }
+    assert!(matches!(
+        db.request_pause(&pausing, None).await.unwrap(),
+        db::PauseOutcome::Requested
+    ));
+    assert!(matches!(
+        db.request_cancel(&cancelling, None).await.unwrap(),
+        db::CancelOutcome::Requested
+    ));
+    // leases still live: nothing to settle, and no claim takes them
+    assert!(db
+        .settle_stopped_orphans("{}", "{}")
+        .await
+        .unwrap()
+        .is_empty());
+    for (id, attempt) in [(&pausing, 1), (&cancelling, 1)] {
+        let lease = Lease {
+            job: id.clone(),
+            attempt,
+        };
+        db.set_lease_expiry(&lease, -1).await.unwrap();
+    }
+    assert!(db.claim_next("w2", LEASE_SECS).await.unwrap().is_none());
+    let mut settled = db
+        .settle_stopped_orphans(r#"{"status":"paused"}"#, r#"{"status":"cancelled"}"#)
+        .await
+        .unwrap();
+    settled.sort_by_key(|s| s.2);
+    assert_eq!(settled.len(), 2);
+    let status = |id: &JobId| {
+        let db = db.clone();
+        let id = id.clone();
+        async move { db.get_job(&id, None).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status(&pausing).await, JobStatus::Paused);
+    assert_eq!(status(&cancelling).await, JobStatus::Cancelled);
+    // the paused one resumes like any other
+    let (outcome, _) = db.resume(&pausing, None, "{}").await.unwrap();
+    assert!(matches!(outcome, db::ResumeOutcome::Resumed));
+    assert_eq!(
+        db.claim_next("w2", LEASE_SECS)
+            .await
+            .unwrap()
+            .unwrap()
+            .lease
+            .job,
+        pausing
+    );
 }

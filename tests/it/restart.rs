@@ -187,3 +187,86 @@ fn sigterm_checkpoints_the_running_job_and_a_restart_finishes_it() {
     assert_eq!(log.matches("event: metrics").count(), 3000);
     server.kill();
 }
+
+/// `qtune pause` stops a running job at a checkpoint and frees its worker; the job stays paused
+/// across a restart of the server (no worker takes it); `qtune resume` queues it again and it
+/// finishes from that checkpoint, its loss curve (with token accuracy) one run of steps 1..=N.
+#[test]
+fn a_paused_job_stays_paused_across_a_restart_and_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 8);
+    let data_dir = dir.path().join("data");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+    let cli = |verb: &str, id: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qtune"))
+            .args([verb, id, "--server", &base])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qtune {verb}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    let server = ServeProcess::start(&data_dir, dir.path(), port, None);
+    let steps = 600;
+    let id = server.submit(&json!({
+        "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+        "lora": {"r": 4, "dropout": 0.0},
+        "training": {"max_steps": steps, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
+    }));
+    server.wait_job(&id, Duration::from_secs(60), |j| {
+        j["progress"]["step"].as_i64().unwrap_or(0) >= 3
+    });
+    let said = cli("pause", &id);
+    assert!(said.contains("pause"), "{said}");
+    let paused = server.wait_job(&id, Duration::from_secs(60), |j| j["status"] != "running");
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let stopped_at = paused["progress"]["step"].as_i64().unwrap();
+    assert!(stopped_at > 0 && stopped_at < steps, "{paused}");
+    let checkpoints: Value = client
+        .get(format!("{base}/v1/jobs/{id}/checkpoints"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(checkpoints["data"][0]["step"], stopped_at, "{checkpoints}");
+    server.kill();
+
+    let server = ServeProcess::start(&data_dir, dir.path(), port, None);
+    std::thread::sleep(Duration::from_millis(1500));
+    let still = server.job(&id);
+    assert_eq!(
+        still["status"], "paused",
+        "a restart leaves it paused: {still}"
+    );
+    assert_eq!(still["attempt"], 1, "{still}");
+    cli("resume", &id);
+    let done = server.wait_job(&id, Duration::from_secs(120), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    });
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    let csv = client
+        .get(format!("{base}/v1/jobs/{id}/metrics?format=csv"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (step, accuracy) = (col("step"), col("train_accuracy"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let seen: Vec<i64> = rows.iter().map(|r| r[step].parse().unwrap()).collect();
+    assert_eq!(seen, (1..=steps).collect::<Vec<i64>>());
+    for r in &rows {
+        let a: f64 = r[accuracy].parse().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{r:?}");
+    }
+    // a job this small is memorised: the last steps predict most label tokens
+    let last: f64 = rows.last().unwrap()[accuracy].parse().unwrap();
+    assert!(last > 0.5, "token accuracy at the end: {last}");
+    server.kill();
+}

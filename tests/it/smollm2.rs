@@ -49,13 +49,7 @@ fn tokenizer_matches_the_models_own_ids() {
     // the GGUF's own chat template, with SmolLM2's default system prompt
     let rendered = base
         .tokenizer
-        .render_chat(
-            &[train::tokenizer::Message {
-                role: "user".into(),
-                content: "Hi".into(),
-            }],
-            true,
-        )
+        .render_chat(&[train::tokenizer::Message::new("user", "Hi")], true)
         .unwrap();
     assert!(rendered.starts_with("<|im_start|>system\n"), "{rendered}");
     assert!(
@@ -79,6 +73,21 @@ fn answers_the_capital_of_france() {
     assert!(base.model.cfg.tie_word_embeddings);
     let answer = generate::chat(&base, "What is the capital of France?", 16).unwrap();
     assert!(answer.contains("Paris"), "{answer:?}");
+    // the cached decode picks exactly the tokens that recomputing everything picks
+    let prompt = base
+        .tokenizer
+        .render_chat(
+            &[train::tokenizer::Message::new(
+                "user",
+                "Name three colours.",
+            )],
+            true,
+        )
+        .unwrap();
+    let ids = base.tokenizer.encode(&prompt).unwrap();
+    let cached = generate::greedy(&base, &ids, 12).unwrap();
+    assert_eq!(cached.len(), 12);
+    assert_eq!(cached, generate::greedy_uncached(&base, &ids, 12).unwrap());
 }
 
 #[test]
@@ -114,7 +123,9 @@ fn lora_lowers_held_out_loss() {
         data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
-    let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();
+    let before = train::trainer::evaluate(&base, &val_examples, 4)
+        .unwrap()
+        .loss;
     drop(base);
     let out = dir.path().join("out");
     let opts = crate::helpers::run_options(&out);
@@ -133,7 +144,9 @@ fn lora_lowers_held_out_loss() {
     let reloaded =
         model::load_base(&spec.base_model, None, &spec.lora, None, 1, &Device::Cpu).unwrap();
     train::checkpoint::load_adapter(&outcome.adapter_dir, &reloaded.model).unwrap();
-    let again = train::trainer::evaluate(&reloaded, &val_examples, 4).unwrap();
+    let again = train::trainer::evaluate(&reloaded, &val_examples, 4)
+        .unwrap()
+        .loss;
     assert!((again - after).abs() < 1e-4, "{again} vs {after}");
 }
 
@@ -174,7 +187,9 @@ fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
         data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
-    let before = train::trainer::evaluate(&base, &val_examples, 4).unwrap();
+    let before = train::trainer::evaluate(&base, &val_examples, 4)
+        .unwrap()
+        .loss;
     drop(base);
     let outcome = train::run(
         &spec,

@@ -5,6 +5,7 @@
 //! `qtune bench-api` (`api.rs`) loads the HTTP API.
 
 pub mod api;
+pub mod generate;
 pub mod random_model;
 
 use std::time::Instant;

@@ -204,6 +204,49 @@ impl Llama {
         })
     }
 
+    /// The same model with fresh LoRA factors as `lora` asks (B = 0, so the output is the
+    /// base's until an adapter is loaded into them), or none when `lora` is `None`. The base
+    /// weights are shared, not copied: many adapters can sit over one base in memory.
+    pub fn with_lora(&self, lora: Option<&LoraSpec>, seed: u64) -> Result<Llama> {
+        let targets = lora.map(|l| l.target_modules.names()).unwrap_or_default();
+        let mut blocks = self.blocks.clone();
+        for (layer, block) in blocks.iter_mut().enumerate() {
+            for proj in Proj::ALL {
+                let (out_dim, in_dim) = self.cfg.linear_shape(proj);
+                let attach = lora.filter(|_| targets.iter().any(|t| t == proj.name()));
+                block.linear_mut(proj).lora = match attach {
+                    Some(spec) => Some(init_lora(
+                        spec,
+                        out_dim,
+                        in_dim,
+                        mix_seed(&[seed, layer as u64, proj as u64]),
+                        &self.device,
+                        self.embed.dtype(),
+                    )?),
+                    None => None,
+                };
+            }
+        }
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            blocks,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            device: self.device.clone(),
+            gradient_checkpointing: false,
+            layer_grads: Default::default(),
+        })
+    }
+
+    /// Bytes of the LoRA factors (what an adapter view adds to its base).
+    pub fn lora_bytes(&self) -> usize {
+        self.lora_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
+    }
+
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
@@ -337,16 +380,16 @@ impl Llama {
         Ok(ops::frozen_matmul(&h, self.lm_head_weight())?)
     }
 
-    /// Summed cross-entropy over the label positions: `positions` index the flattened `(b·t)`
-    /// hidden states, `targets` are the next tokens there. Only label rows reach the vocabulary
-    /// projection.
+    /// Summed cross-entropy over the label positions (and how many the model ranks first):
+    /// `positions` index the flattened `(b·t)` hidden states, `targets` are the next tokens
+    /// there. Only label rows reach the vocabulary projection.
     pub fn loss_sum(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         targets: &Tensor,
         mode: ForwardMode,
-    ) -> Result<Tensor> {
+    ) -> Result<ops::LossSum> {
         let h = self.hidden_states(ids, mode)?;
         let h = h
             .reshape(((), self.cfg.hidden_size))?
@@ -358,11 +401,76 @@ impl Llama {
         )?)
     }
 
+    /// An empty key/value cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.blocks.len())
+                // (b, t, kv_heads, d): positions along dim 1, grown 256 at a time
+                .map(|_| candle_nn::kv_cache::KvCache::new(1, 256))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `ids` (the positions after those `cache` holds) through the model, appends their
+    /// keys and values to the cache, and returns the float32 logits `(vocab,)` of the last one:
+    /// a prompt's prefill, then one token at a time. LoRA branches apply, without dropout.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (n, offset) = (ids.len(), cache.len);
+        if n == 0 {
+            return Err(crate::train::Error::Data(
+                "nothing to run: no tokens".into(),
+            ));
+        }
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let dtype = self.embed.dtype();
+        let (cos, sin) = self.rope_tables_from(offset, n, dtype)?;
+        let total = offset + n;
+        let mask = self.attention_mask_rows(offset, n, total, dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((1, n, cfg.hidden_size))?;
+        let mode = ForwardMode::EVAL;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
+            let h = ops::rms_norm(&x, &block.attn_norm, cfg.rms_norm_eps)?;
+            let q = proj(Proj::Q, &h)?.reshape((1, n, nh, hd))?;
+            let k = proj(Proj::K, &h)?.reshape((1, n, nkv, hd))?;
+            let v = proj(Proj::V, &h)?.reshape((1, n, nkv, hd))?;
+            let q = ops::rope_thd(&q, &cos, &sin)?;
+            let k = ops::rope_thd(&k, &cos, &sin)?;
+            let (k, v) = cache.layers[layer].append(&k.contiguous()?, &v.contiguous()?)?;
+            let o = ops::attention(&q, &k, &v, &mask, scale)?.reshape((1, n, nh * hd))?;
+            x = (x + proj(Proj::O, &o)?)?;
+            let h = ops::rms_norm(&x, &block.mlp_norm, cfg.rms_norm_eps)?;
+            let mlp = ops::silu_mul(&proj(Proj::Gate, &h)?, &proj(Proj::Up, &h)?)?;
+            x = (&x + proj(Proj::Down, &mlp)?)?;
+        }
+        cache.len = total;
+        let last = x.narrow(1, n - 1, 1)?;
+        let last = ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps)?;
+        let logits = ops::frozen_matmul(&last, self.lm_head_weight())?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
     fn rope_tables(&self, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        self.rope_tables_from(0, t, dtype)
+    }
+
+    /// cos and sin `(t, head_dim / 2)` of positions `start .. start + t`.
+    fn rope_tables_from(&self, start: usize, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         let inv = self.cfg.rope_inv_freq();
         let half = inv.len();
         let mut freqs = Vec::with_capacity(t * half);
-        for pos in 0..t {
+        for pos in start..start + t {
             freqs.extend(inv.iter().map(|f| pos as f32 * f));
         }
         let freqs = Tensor::from_vec(freqs, (t, half), &self.device)?;
@@ -370,10 +478,22 @@ impl Llama {
     }
 
     fn attention_mask(&self, t: usize, dtype: DType) -> Result<Tensor> {
+        self.attention_mask_rows(0, t, t, dtype)
+    }
+
+    /// The additive causal (and sliding-window) mask `(rows, total)` of the query positions
+    /// `first .. first + rows` over key positions `0 .. total`.
+    fn attention_mask_rows(
+        &self,
+        first: usize,
+        rows: usize,
+        total: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let mask: Vec<f32> = (0..t * t)
+        let mask: Vec<f32> = (0..rows * total)
             .map(|i| {
-                let (row, col) = (i / t, i % t);
+                let (row, col) = (first + i / total, i % total);
                 if col > row || row - col >= window {
                     f32::NEG_INFINITY
                 } else {
@@ -381,7 +501,24 @@ impl Llama {
                 }
             })
             .collect();
-        Ok(Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(dtype)?)
+        Ok(Tensor::from_vec(mask, (rows, total), &self.device)?.to_dtype(dtype)?)
+    }
+}
+
+/// The keys and values of every position a decode has run, per layer.
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -102,7 +102,7 @@ fn looks_like_repo_id(s: &str) -> bool {
 }
 
 /// The safetensors files of a folder: one `model.safetensors`, or the shards its index lists.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
@@ -191,52 +191,8 @@ pub fn load_gguf(
         )
     })?;
     let md = &content.metadata;
-    let arch_name = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok().cloned())
-        .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?;
-    let arch = Arch::parse(&arch_name)?;
-    let num = |key: &str| -> Result<usize> {
-        md.get(&format!("{arch_name}.{key}"))
-            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-            .map(|v| v as usize)
-            .ok_or_else(|| Error::Model(format!("GGUF metadata has no {arch_name}.{key}")))
-    };
-    let float = |key: &str| -> Option<f64> {
-        md.get(&format!("{arch_name}.{key}"))
-            .and_then(|v| v.to_f32().ok().map(f64::from))
-    };
-    let hidden_size = num("embedding_length")?;
-    let heads = num("attention.head_count")?;
-    let kv_heads = num("attention.head_count_kv").unwrap_or(heads);
-    let has_output = content.tensor_infos.contains_key("output.weight");
-    let vocab_size = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .map(|t| t.shape.dims()[0])
-        .ok_or_else(|| Error::Model("GGUF has no token_embd.weight".into()))?;
-    let cfg = ModelConfig {
-        arch,
-        vocab_size,
-        hidden_size,
-        intermediate_size: num("feed_forward_length")?,
-        num_hidden_layers: num("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: kv_heads,
-        head_dim: num("attention.key_length").unwrap_or(hidden_size / heads),
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").ok_or_else(|| {
-            Error::Model(format!(
-                "GGUF metadata has no {arch_name}.attention.layer_norm_rms_epsilon"
-            ))
-        })?,
-        // llama.cpp's own default when the key is absent.
-        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
-        rope_scaling: None,
-        tie_word_embeddings: !has_output,
-        attention_bias: arch == Arch::Qwen2,
-        sliding_window: None,
-        max_position_embeddings: num("context_length").unwrap_or(4096),
-    };
+    let cfg = gguf_model_config(&content)?;
+    let (arch, heads, kv_heads) = (cfg.arch, cfg.num_attention_heads, cfg.num_key_value_heads);
     cfg.check()?;
     // A GGUF file has no q/k row order of Hugging Face's: llama.cpp permutes llama-arch q/k rows
     // for its interleaved RoPE. The source undoes it (on dense tensors, or by moving whole rows
@@ -362,8 +318,79 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
+/// The model shape a GGUF file's metadata and tensor list describe.
+fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?;
+    let arch = Arch::parse(&arch_name)?;
+    let num = |key: &str| -> Result<usize> {
+        md.get(&format!("{arch_name}.{key}"))
+            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Model(format!("GGUF metadata has no {arch_name}.{key}")))
+    };
+    let float = |key: &str| -> Option<f64> {
+        md.get(&format!("{arch_name}.{key}"))
+            .and_then(|v| v.to_f32().ok().map(f64::from))
+    };
+    let hidden_size = num("embedding_length")?;
+    let heads = num("attention.head_count")?;
+    let kv_heads = num("attention.head_count_kv").unwrap_or(heads);
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| Error::Model("GGUF has no token_embd.weight".into()))?;
+    let cfg = ModelConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: num("feed_forward_length")?,
+        num_hidden_layers: num("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: num("attention.key_length").unwrap_or(hidden_size / heads),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").ok_or_else(|| {
+            Error::Model(format!(
+                "GGUF metadata has no {arch_name}.attention.layer_norm_rms_epsilon"
+            ))
+        })?,
+        // llama.cpp's own default when the key is absent.
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        tie_word_embeddings: !has_output,
+        attention_bias: arch == Arch::Qwen2,
+        sliding_window: None,
+        max_position_embeddings: num("context_length").unwrap_or(4096),
+    };
+    Ok(cfg)
+}
+
+/// The shape of `base_model` (a `.gguf` file or a local folder with `config.json`) without
+/// loading its weights.
+pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
+    if base_model.extension().is_some_and(|e| e == "gguf") {
+        let mut file = std::fs::File::open(base_model).map_err(|e| Error::io(base_model, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            Error::caused(
+                Area::Model,
+                format!("{}: not a readable GGUF file", base_model.display()),
+                e,
+            )
+        })?;
+        return gguf_model_config(&content);
+    }
+    let path = base_model.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    ModelConfig::from_hf_json(&text)
+}
+
 /// Hugging Face tensor name → GGUF name.
-fn gguf_tensor_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_tensor_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),

@@ -76,6 +76,18 @@ impl Block {
         }
     }
 
+    pub fn linear_mut(&mut self, proj: Proj) -> &mut Linear {
+        match proj {
+            Proj::Q => &mut self.q_proj,
+            Proj::K => &mut self.k_proj,
+            Proj::V => &mut self.v_proj,
+            Proj::O => &mut self.o_proj,
+            Proj::Gate => &mut self.gate_proj,
+            Proj::Up => &mut self.up_proj,
+            Proj::Down => &mut self.down_proj,
+        }
+    }
+
     /// The seven projections with their linears, in [`Proj::ALL`] order.
     pub fn linears(&self) -> impl Iterator<Item = (Proj, &Linear)> {
         Proj::ALL.into_iter().map(move |p| (p, self.linear(p)))

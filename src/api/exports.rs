@@ -1,0 +1,149 @@
+//! `POST /v1/jobs/{id}/exports`: a succeeded job's adapter in the form a serving stack loads —
+//! `merged` (the base's Hugging Face folder with the adapter folded in, as a tar) or `gguf-lora`
+//! (llama.cpp's LoRA file) — made by the engine's exporters and stored with the job's other
+//! artifacts; `GET /v1/jobs/{id}/exports/{format}` downloads it.
+
+use std::path::PathBuf;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+
+use super::{files, jobs, ApiError, Owner};
+use crate::artifacts::Key;
+use crate::job::JobStatus;
+use crate::spec::JobSpec;
+use crate::state::AppState;
+
+/// The stored file of each format.
+fn file_of(format: &str) -> Result<&'static str, ApiError> {
+    match format {
+        "merged" => Ok("merged.tar"),
+        "gguf-lora" => Ok("adapter.gguf"),
+        other => Err(ApiError::invalid(
+            "format",
+            format!("unknown export format {other:?} (merged or gguf-lora)"),
+        )),
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    body: Json<Value>,
+) -> Result<Response, ApiError> {
+    let format = body
+        .get("format")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("format", "missing: merged or gguf-lora"))?
+        .to_string();
+    let file = file_of(&format)?;
+    let row = jobs::load(&state, &id, &owner).await?;
+    if row.status != JobStatus::Succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_ready",
+            format!(
+                "job {id} is {}; exports exist once it has succeeded",
+                row.status
+            ),
+        ));
+    }
+    files::gone_by_retention(&row)?;
+    let job = jobs::parse_id(&id)?;
+    let spec: JobSpec = serde_json::from_str(&row.spec).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "invalid_spec",
+            e.to_string(),
+        )
+    })?;
+    // the operator's lists may have changed since the job ran
+    crate::model_access::check_base_model(&state.config, &spec.base_model)
+        .map_err(|m| ApiError::invalid("base_model", m))?;
+    let base = PathBuf::from(&spec.base_model);
+    if !(base.is_dir() || spec.base_model.ends_with(".gguf")) {
+        return Err(ApiError::invalid(
+            "format",
+            format!(
+                "{:?} is a Hub id; exports are made from a base stored on this server (a folder \
+                 or .gguf under --allow-model-dirs)",
+                spec.base_model
+            ),
+        ));
+    }
+    let adapter = state.artifacts.init_adapter_dir(&job, None).await?;
+    let key = Key::export(&job, file).expect("a known export file");
+    let dest = state.artifacts.local_path(&key);
+    let made = tokio::task::spawn_blocking({
+        let (format, dest) = (format.clone(), dest.clone());
+        move || -> Result<(), String> {
+            std::fs::create_dir_all(dest.parent().expect("a job folder"))
+                .map_err(|e| e.to_string())?;
+            match format.as_str() {
+                "gguf-lora" => {
+                    let cfg = crate::train::model::base_config(&base).map_err(|e| e.to_string())?;
+                    crate::train::export::gguf_lora(&adapter, &cfg, &dest)
+                        .map_err(|e| e.to_string())?;
+                }
+                _ => {
+                    let folder = dest.with_extension("folder");
+                    let _ = std::fs::remove_dir_all(&folder);
+                    crate::train::export::merged(&base, &adapter, &folder)
+                        .map_err(|e| e.to_string())?;
+                    crate::artifacts::write_tar_as(&folder, "merged", &dest)
+                        .map_err(|e| e.to_string())?;
+                    let _ = std::fs::remove_dir_all(&folder);
+                }
+            }
+            Ok(())
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "export_failed",
+            e.to_string(),
+        )
+    })?;
+    made.map_err(|why| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "export_failed", why).param("format")
+    })?;
+    state.artifacts.save(&key).await?;
+    let digest = state.artifacts.digest(&key).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "object": "export",
+            "job_id": id,
+            "format": format,
+            "file": file,
+            "bytes": digest.bytes,
+            "sha256": digest.sha256,
+            "url": format!("/v1/jobs/{id}/exports/{format}"),
+        })),
+    )
+        .into_response())
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path((id, format)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let file = file_of(&format)?;
+    let row = jobs::load(&state, &id, &owner).await?;
+    files::gone_by_retention(&row)?;
+    let job = jobs::parse_id(&id)?;
+    let key = Key::export(&job, file).expect("a known export file");
+    if state.artifacts.size(&key).await?.is_none() {
+        return Err(ApiError::not_found("export", &format!("{id}/{format}")));
+    }
+    let digest = state.artifacts.digest(&key).await.ok();
+    files::serve(&state, &key, digest, false, &headers).await
+}

@@ -1,0 +1,178 @@
+//! The OpenAI-compatible API driven by the official `openai` Python SDK (tests/openai/
+//! sdk_flow.py), against this server over real HTTP: files, jobs with hyperparameters and the
+//! `qtune` extra, paged events, checkpoints, results files, pause and resume, cancel, metadata
+//! filters, idempotency keys and errors as the SDK's own exception classes. scripts/test.sh
+//! installs the pinned SDK into a venv and names its Python in QTUNE_TEST_OPENAI_PYTHON.
+
+use std::time::Duration;
+
+use crate::helpers::app::spawn_app_with;
+
+fn sdk_python() -> String {
+    std::env::var("QTUNE_TEST_OPENAI_PYTHON").expect(
+        "QTUNE_TEST_OPENAI_PYTHON names a Python with the pinned openai SDK: run the tests \
+         through scripts/test.sh, which installs it",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_sdk_fine_tunes_through_qtune() {
+    let python = sdk_python();
+    let app = spawn_app_with(|c| c.api_keys = vec!["key-a".into(), "key-b".into()]).await;
+    let work = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai/sdk_flow.py");
+    let run = tokio::process::Command::new(&python)
+        .arg(script)
+        .env("OPENAI_BASE_URL", app.url("/v1"))
+        .env("QTUNE_KEY_A", "key-a")
+        .env("QTUNE_KEY_B", "key-b")
+        .env("QTUNE_MODEL", app.model.to_str().unwrap())
+        .env("QTUNE_WORK", work.path())
+        .env_remove("OPENAI_API_KEY")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("the SDK flow finishes within 10 minutes")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "the openai SDK flow failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("flow passed"), "{stdout}");
+    println!("{stdout}");
+    app.shutdown().await;
+}
+
+/// Adapters sit over one loaded base, least recently used first out of the memory budget; a
+/// stream over plain HTTP is OpenAI's chunks ending with `data: [DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adapters_share_one_base_within_their_budget() {
+    use serde_json::{json, Value};
+    // room for one small adapter only
+    let app = crate::helpers::app::spawn_app_with(|c| c.adapter_cache_mib = 0).await;
+    let mut jobs = Vec::new();
+    for seed in [1, 2] {
+        let id = app
+            .submit(&app.job(json!({"training": {"max_steps": 3}, "seed": seed})))
+            .await;
+        app.wait_status(&id, &["succeeded"], Duration::from_secs(60))
+            .await;
+        jobs.push(id);
+    }
+    let ask = |model: &str, stream: bool| {
+        json!({"model": model, "messages": [{"role": "user", "content": "say 3"}],
+               "max_tokens": 6, "temperature": 0, "stream": stream})
+    };
+    let mut answers = Vec::new();
+    for id in jobs.iter().chain(jobs.iter()) {
+        let (status, reply) = app.post("/v1/chat/completions", &ask(id, false)).await;
+        assert_eq!(status, 200, "{reply}");
+        answers.push(reply["choices"][0]["message"]["content"].clone());
+        let (loaded, bytes) = app.state.models.adapters_loaded();
+        assert_eq!(loaded, 1, "the budget keeps one adapter");
+        assert!(bytes > 0);
+    }
+    // reloading an adapter that was dropped gives the same greedy answer
+    assert_eq!(answers[0], answers[2]);
+    assert_eq!(answers[1], answers[3]);
+    let body = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(&ask(&jobs[0], true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(Value::String(text), answers[0]);
+    app.shutdown().await;
+}
+
+/// Hostile input to the compatible routes: a multipart upload whose purpose comes after its
+/// file and is refused leaves nothing stored; an oversized prompt is refused before it is
+/// tokenized; unknown parameters and malformed lists are 400s naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_to_the_compatible_routes_are_refused_cleanly() {
+    use serde_json::{json, Value};
+    let app = crate::helpers::app::spawn_app_with(|c| c.workers = Some(0)).await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"{\"text\": \"hi\"}\n".to_vec()).file_name("a.jsonl"),
+        )
+        .text("purpose", "batch");
+    let r = app
+        .client
+        .post(app.url("/v1/files"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "purpose", "{err}");
+    let (_, files) = app.get("/v1/files").await;
+    assert_eq!(files["data"], json!([]), "nothing stored: {files}");
+    let stored = std::fs::read_dir(app.data_dir.join("files"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0, "no file left in the store");
+
+    let huge = "x".repeat(400 * 1024);
+    let (status, err) = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": app.model, "messages": [{"role": "user", "content": huge}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("messages")),
+        "{err}"
+    );
+    let (status, err) = app
+        .post(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": app.model, "training_file": "file-x", "learning_rate": 1}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("learning_rate")),
+        "{err}"
+    );
+    let (status, err) = app.get("/v1/fine_tuning/jobs?limit=0").await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("limit")),
+        "{err}"
+    );
+    let (status, err) = app.get("/v1/fine_tuning/jobs?sort=asc").await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("sort")),
+        "{err}"
+    );
+    app.shutdown().await;
+}
