@@ -1,7 +1,8 @@
 //! `POST /v1/jobs/{id}/exports`: a succeeded job's adapter in the form a serving stack loads —
-//! `merged` (the base's Hugging Face folder with the adapter folded in, as a tar) or `gguf-lora`
-//! (llama.cpp's LoRA file) — made by the engine's exporters and stored with the job's other
-//! artifacts; `GET /v1/jobs/{id}/exports/{format}` downloads it.
+//! `merged` (a Hugging Face folder with the adapter folded in, as a tar), `gguf-f32`,
+//! `gguf-f16`, `gguf-q8_0`, `gguf-q4_k` (that merged model as one llama.cpp GGUF file) or
+//! `gguf-lora` (llama.cpp's LoRA file) — made by the engine's exporters and stored with the
+//! job's other artifacts; `GET /v1/jobs/{id}/exports/{format}` downloads it.
 
 use std::path::PathBuf;
 
@@ -16,17 +17,41 @@ use crate::artifacts::Key;
 use crate::job::JobStatus;
 use crate::spec::JobSpec;
 use crate::state::AppState;
+use crate::train::export::GgufType;
 
-/// The stored file of each format.
-fn file_of(format: &str) -> Result<&'static str, ApiError> {
-    match format {
-        "merged" => Ok("merged.tar"),
-        "gguf-lora" => Ok("adapter.gguf"),
-        other => Err(ApiError::invalid(
+/// What each format is made as.
+enum Export {
+    Merged,
+    GgufLora,
+    Gguf(GgufType),
+}
+
+const FORMATS: &str = "merged, gguf-f32, gguf-f16, gguf-q8_0, gguf-q4_k or gguf-lora";
+
+/// A format's export and its stored file.
+fn parse_format(format: &str) -> Result<(Export, String), ApiError> {
+    let unknown = || {
+        ApiError::invalid(
             "format",
-            format!("unknown export format {other:?} (merged or gguf-lora)"),
-        )),
-    }
+            format!("unknown export format {format:?} ({FORMATS})"),
+        )
+    };
+    let export = match format {
+        "merged" => Export::Merged,
+        "gguf-lora" => Export::GgufLora,
+        _ => Export::Gguf(
+            format
+                .strip_prefix("gguf-")
+                .and_then(GgufType::parse)
+                .ok_or_else(unknown)?,
+        ),
+    };
+    let file = match &export {
+        Export::Merged => "merged.tar".to_string(),
+        Export::GgufLora => "adapter.gguf".to_string(),
+        Export::Gguf(ty) => format!("model-{}.gguf", ty.name()),
+    };
+    Ok((export, file))
 }
 
 pub async fn create(
@@ -38,9 +63,9 @@ pub async fn create(
     let format = body
         .get("format")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("format", "missing: merged or gguf-lora"))?
+        .ok_or_else(|| ApiError::invalid("format", format!("missing: {FORMATS}")))?
         .to_string();
-    let file = file_of(&format)?;
+    let (export, file) = parse_format(&format)?;
     let row = jobs::load(&state, &id, &owner).await?;
     if row.status != JobStatus::Succeeded {
         return Err(ApiError::new(
@@ -76,20 +101,24 @@ pub async fn create(
         ));
     }
     let adapter = state.artifacts.init_adapter_dir(&job, None).await?;
-    let key = Key::export(&job, file).expect("a known export file");
+    let key = Key::export(&job, &file).expect("a known export file");
     let dest = state.artifacts.local_path(&key);
     let made = tokio::task::spawn_blocking({
-        let (format, dest) = (format.clone(), dest.clone());
+        let dest = dest.clone();
         move || -> Result<(), String> {
             std::fs::create_dir_all(dest.parent().expect("a job folder"))
                 .map_err(|e| e.to_string())?;
-            match format.as_str() {
-                "gguf-lora" => {
+            match export {
+                Export::GgufLora => {
                     let cfg = crate::train::model::base_config(&base).map_err(|e| e.to_string())?;
                     crate::train::export::gguf_lora(&adapter, &cfg, &dest)
                         .map_err(|e| e.to_string())?;
                 }
-                _ => {
+                Export::Gguf(ty) => {
+                    crate::train::export::gguf_model(&base, &adapter, ty, &dest)
+                        .map_err(|e| e.to_string())?;
+                }
+                Export::Merged => {
                     let folder = dest.with_extension("folder");
                     let _ = std::fs::remove_dir_all(&folder);
                     crate::train::export::merged(&base, &adapter, &folder)
@@ -136,11 +165,11 @@ pub async fn download(
     Path((id, format)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let file = file_of(&format)?;
+    let (_, file) = parse_format(&format)?;
     let row = jobs::load(&state, &id, &owner).await?;
     files::gone_by_retention(&row)?;
     let job = jobs::parse_id(&id)?;
-    let key = Key::export(&job, file).expect("a known export file");
+    let key = Key::export(&job, &file).expect("a known export file");
     if state.artifacts.size(&key).await?.is_none() {
         return Err(ApiError::not_found("export", &format!("{id}/{format}")));
     }

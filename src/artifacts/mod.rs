@@ -108,11 +108,15 @@ impl Key {
         Key(format!("jobs/{job}/output/{}", checkpoint::ADAPTER_DIR))
     }
 
-    /// An export of a job's adapter (`merged.tar`, `adapter.gguf`): `None` for other names.
+    /// An export of a job's adapter (`merged.tar`, `adapter.gguf`, `model-{type}.gguf`): `None`
+    /// for other names.
     pub fn export(job: &JobId, file: &str) -> Option<Key> {
-        ["merged.tar", "adapter.gguf"]
-            .contains(&file)
-            .then(|| Key(format!("jobs/{job}/exports/{file}")))
+        let known = ["merged.tar", "adapter.gguf"].contains(&file)
+            || file
+                .strip_prefix("model-")
+                .and_then(|f| f.strip_suffix(".gguf"))
+                .is_some_and(|t| crate::train::export::GgufType::parse(t).is_some());
+        known.then(|| Key(format!("jobs/{job}/exports/{file}")))
     }
 
     /// The engine's output folder of a job.

@@ -104,12 +104,11 @@ pub enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
-    /// Export an adapter for serving: `merged` writes the base folder with the adapter folded
-    /// into its weights (W + scale·B·A), loadable as the base is; `gguf-lora` writes the adapter
-    /// as a llama.cpp LoRA file.
+    /// Export an adapter for serving: `merged` writes a Hugging Face folder with the adapter
+    /// folded into the weights (W + scale·B·A); `gguf` writes that merged model as one llama.cpp
+    /// GGUF file; `gguf-lora` writes the adapter alone as a llama.cpp LoRA file.
     Export {
-        /// The base model: its Hugging Face folder (config.json + safetensors; `gguf-lora` also
-        /// takes the `.gguf` file, of which it reads the shape).
+        /// The base model: its Hugging Face folder (config.json + safetensors) or `.gguf` file.
         #[arg(long)]
         model: PathBuf,
         /// The PEFT adapter folder (a job's download, or `adapter/` of `qtune train`).
@@ -117,6 +116,9 @@ pub enum Command {
         adapter: PathBuf,
         #[arg(long, value_enum)]
         format: ExportFormat,
+        /// `gguf` only: the type of the 2-D weights (norms stay f32).
+        #[arg(long = "type", default_value = "f16", value_parser = ["f32", "f16", "q8_0", "q4_k"])]
+        gguf_type: String,
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -194,6 +196,8 @@ pub enum Command {
 pub enum ExportFormat {
     /// A Hugging Face folder with the adapter merged into the weights.
     Merged,
+    /// The merged model as a llama.cpp GGUF file (`llama-cli -m`, Ollama's `FROM`).
+    Gguf,
     /// The adapter as a llama.cpp LoRA GGUF file (`llama-server --lora`, Ollama's `ADAPTER`).
     GgufLora,
 }
@@ -309,6 +313,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             adapter,
             format: ExportFormat::GgufLora,
             output,
+            ..
         } => {
             let cfg = train::model::base_config(&model)?;
             let n = train::export::gguf_lora(&adapter, &cfg, &output)?;
@@ -319,8 +324,27 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Export {
             model,
             adapter,
+            format: ExportFormat::Gguf,
+            gguf_type,
+            output,
+        } => {
+            let ty = train::export::GgufType::parse(&gguf_type).expect("clap checked the name");
+            let report = train::export::gguf_model(&model, &adapter, ty, &output)?;
+            eprintln!(
+                "merged the adapter into {} weights and wrote {} ({})",
+                report.merged,
+                output.display(),
+                report.files.join(", ")
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Export {
+            model,
+            adapter,
             format: ExportFormat::Merged,
             output,
+            ..
         } => {
             let report = train::export::merged(&model, &adapter, &output)?;
             eprintln!(

@@ -470,13 +470,32 @@ async fn thirty_concurrent_jobs_each_run_exactly_once() {
     let mut sorted_ids = ids.clone();
     sorted_ids.sort();
     assert_eq!(sorted_seen, sorted_ids);
-    let created: Vec<String> = succeeded["data"]
+    // Newest first. Concurrent submissions are listed in the order the database numbered
+    // them, which may differ by microseconds from the order of their clocks; submissions one
+    // after another are listed, and stamped, in order.
+    let latest_concurrent = succeeded["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|j| j["created_at"].as_str().unwrap().to_string())
+        .max()
+        .unwrap();
+    let first = app.submit(&body).await;
+    let second = app.submit(&body).await;
+    let (_, page) = app.get("/v1/jobs?limit=3").await;
+    let listed: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
         .collect();
-    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    assert_eq!(
+        &listed[..2],
+        &[second.as_str(), first.as_str()],
+        "newest first"
+    );
+    let stamp = |i: usize| page["data"][i]["created_at"].as_str().unwrap().to_string();
+    assert!(stamp(0) >= stamp(1) && stamp(1) >= latest_concurrent);
     app.shutdown().await;
 }
 
@@ -766,11 +785,11 @@ async fn idempotency_keys_make_a_retried_create_return_the_first_job() {
     app.shutdown().await;
 }
 
-/// A succeeded job's adapter exported through the API: `gguf-lora` (a GGUF file) and `merged`
+/// A succeeded job's adapter exported through the API: `gguf-lora` and `gguf-q8_0` (GGUF files) and `merged`
 /// (a tar of the base folder with merged weights), stored and downloadable; a job that has not
 /// succeeded and an unknown format are refused naming why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_succeeded_jobs_adapter_exports_as_gguf_lora_and_merged() {
+async fn a_succeeded_jobs_adapter_exports_as_gguf_lora_gguf_and_merged() {
     let app = spawn_app().await;
     let id = app
         .submit(&app.job(json!({"training": {"max_steps": 300}})))
@@ -802,7 +821,13 @@ async fn a_succeeded_jobs_adapter_exports_as_gguf_lora_and_merged() {
         (status, err["error"]["param"].as_str()),
         (422, Some("format"))
     );
-    for (format, magic) in [("gguf-lora", &b"GGUF"[..]), ("merged", &b"merged/"[..])] {
+    let (status, _) = app.get(&format!("/v1/jobs/{id}/exports/gguf-q3_k")).await;
+    assert_eq!(status, 422);
+    for (format, magic) in [
+        ("gguf-lora", &b"GGUF"[..]),
+        ("gguf-q8_0", &b"GGUF"[..]),
+        ("merged", &b"merged/"[..]),
+    ] {
         let (status, made) = app
             .post(
                 &format!("/v1/jobs/{id}/exports"),

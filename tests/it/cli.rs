@@ -272,7 +272,159 @@ fn a_merged_export_gives_the_logits_of_base_plus_adapter() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("Hugging Face folder"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("m.gguf: not a readable GGUF file"),
+        "{stderr}"
+    );
+}
+
+/// `qtune export --format gguf` writes the merged model as llama.cpp's GGUF: from a folder base
+/// with the metadata llama.cpp's converter writes (shape keys, byte-level BPE tokenizer, chat
+/// template). Read back by qtune's GGUF loader (which undoes llama.cpp's q/k row order), the F32
+/// file gives the logits of base + adapter (max abs diff ≤ 1e-4) and the same token ids; F16,
+/// Q8_0 and Q4_K files carry their types, with llama.cpp's fallback where a row length is not a
+/// multiple of Q4_K's 256-value blocks (Q5_0), and stay close to it.
+#[test]
+fn a_gguf_export_is_the_merged_model_in_llama_cpps_format() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::{Device, Tensor};
+    use qtune::train::{self, checkpoint, model};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data,
+        serde_json::json!({"lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0},
+                           "training": {"max_steps": 6, "learning_rate": 0.01}}),
+    );
+    let out = dir.path().join("out");
+    train::run(&spec, &run_options(&out), &mut train::Silent).unwrap();
+    let export = |ty: &str| {
+        let file = dir.path().join(format!("merged-{ty}.gguf"));
+        let run = qtune()
+            .args(["export", "--format", "gguf", "--type", ty, "--model"])
+            .arg(&model_dir)
+            .arg("--adapter")
+            .arg(out.join("adapter"))
+            .arg("--output")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{run:?}");
+        file
+    };
+    let load = |path: &std::path::Path| {
+        model::load_base(
+            path.to_str().unwrap(),
+            None,
+            &spec.lora,
+            None,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let with_adapter = load(&model_dir);
+    checkpoint::load_adapter(&out.join("adapter"), &with_adapter.model).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 40, 77, 3, 12, 60]], &Device::Cpu).unwrap();
+    let expected = with_adapter.model.logits(&ids).unwrap();
+
+    let f32_file = export("f32");
+    let from_gguf = load(&f32_file);
+    let diff = max_abs_diff(&expected, &from_gguf.model.logits(&ids).unwrap());
+    assert!(diff <= 1e-4, "gguf f32 vs base + adapter: {diff}");
+    let text = "<|im_start|>user\nsay 3 — naïve?<|im_end|>\n";
+    assert_eq!(
+        from_gguf.tokenizer.encode(text).unwrap(),
+        with_adapter.tokenizer.encode(text).unwrap()
+    );
+    assert_eq!(
+        from_gguf.tokenizer.chat_template,
+        with_adapter.tokenizer.chat_template
+    );
+    assert_eq!(from_gguf.tokenizer.eos_id, with_adapter.tokenizer.eos_id);
+
+    let cfg = model::base_config(&model_dir).unwrap();
+    let read = |path: &std::path::Path| {
+        let mut f = std::fs::File::open(path).unwrap();
+        gguf_file::Content::read(&mut f).unwrap()
+    };
+    let content = read(&f32_file);
+    let md = |k: &str| {
+        content
+            .metadata
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
+    assert_eq!(md("general.architecture").to_string().unwrap(), "llama");
+    assert_eq!(
+        md("llama.block_count").to_u32().unwrap(),
+        cfg.num_hidden_layers as u32
+    );
+    assert_eq!(
+        md("llama.embedding_length").to_u32().unwrap(),
+        cfg.hidden_size as u32
+    );
+    assert_eq!(
+        md("llama.rope.dimension_count").to_u32().unwrap(),
+        cfg.head_dim as u32
+    );
+    assert_eq!(md("tokenizer.ggml.model").to_string().unwrap(), "gpt2");
+    assert_eq!(md("tokenizer.ggml.pre").to_string().unwrap(), "gpt2");
+    assert_eq!(
+        md("tokenizer.ggml.tokens").to_vec().unwrap().len(),
+        cfg.vocab_size
+    );
+    assert_eq!(md("general.file_type").to_u32().unwrap(), 0);
+    assert_eq!(
+        content.tensor_infos.len(),
+        2 + 9 * cfg.num_hidden_layers + usize::from(!cfg.tie_word_embeddings)
+    );
+
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let mut previous = 0.0;
+    for (ty, file_type, weight_type) in [
+        ("f16", 1, GgmlDType::F16),
+        ("q8_0", 7, GgmlDType::Q8_0),
+        // hidden 32: no row is a multiple of 256, so llama.cpp's quantizer falls back to Q5_0
+        ("q4_k", 14, GgmlDType::Q5_0),
+    ] {
+        let file = export(ty);
+        let content = read(&file);
+        assert_eq!(
+            content.metadata["general.file_type"].to_u32().unwrap(),
+            file_type
+        );
+        assert_eq!(
+            content.tensor_infos["blk.0.attn_q.weight"].ggml_dtype, weight_type,
+            "{ty}"
+        );
+        assert_eq!(
+            content.tensor_infos["blk.0.ffn_down.weight"].ggml_dtype, weight_type,
+            "{ty}"
+        );
+        assert_eq!(
+            content.tensor_infos["blk.0.attn_norm.weight"].ggml_dtype,
+            GgmlDType::F32,
+            "{ty}"
+        );
+        // fewer bits, larger error; all of it small beside the logits themselves
+        let diff = max_abs_diff(&expected, &load(&file).model.logits(&ids).unwrap()) / scale;
+        eprintln!("gguf {ty}: max abs logit diff {diff:.5} of the largest logit");
+        assert!(
+            diff > previous && diff < 0.1,
+            "gguf {ty} vs base + adapter: {diff}"
+        );
+        previous = diff;
+    }
 }
 
 /// `qtune export --format gguf-lora` writes what llama.cpp's `convert_lora_to_gguf.py` writes

@@ -262,3 +262,125 @@ fn native_gguf_weights_compute_what_the_dequantized_ones_do() {
             .contains("Paris")
     );
 }
+
+/// Greedy decoding through candle-transformers' own model code: `step(ids, position)` gives
+/// the logits of the last position.
+fn candle_greedy(
+    prompt: &[u32],
+    n: usize,
+    mut step: impl FnMut(&candle_core::Tensor, usize) -> candle_core::Tensor,
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut position = 0;
+    for _ in 0..n {
+        let x = candle_core::Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = step(&x, position).squeeze(0).unwrap();
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        position += input.len();
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+/// The merged exports of a SmolLM2 adapter load in candle-transformers' own model code — the
+/// `gguf` export (F16) in `quantized_llama`, the `merged` folder (from the `.gguf` base) in
+/// `llama` — and answer the quickstart question with the tokens `qtune generate --adapter`
+/// picks for base + adapter. The adapter's B factors are drawn (seeded), not zero as PEFT
+/// starts them, so the merge changes every adapted weight.
+#[test]
+fn candle_transformers_answers_from_the_merged_exports_as_qtune_does_with_the_adapter() {
+    use candle_transformers::models::{llama, quantized_llama};
+    use qtune::train::export;
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = qtune::spec::JobSpec::from_json(
+        &serde_json::json!({
+            "base_model": smollm2().to_str().unwrap(),
+            "dataset": {"url": "unused.jsonl"},
+            "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let base = model::load_base(&spec.base_model, None, &spec.lora, None, 3, &Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let normal = rand_distr::Normal::new(0.0f32, 0.01).unwrap();
+    for (name, var) in base.model.lora_vars() {
+        if name.ends_with("lora_B") {
+            let dims = var.as_tensor().dims().to_vec();
+            let values: Vec<f32> = (0..dims.iter().product::<usize>())
+                .map(|_| normal.sample(&mut rng))
+                .collect();
+            var.set(&candle_core::Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let adapter = dir.path().join("adapter");
+    train::checkpoint::save_adapter(&adapter, &base.model, &spec, "smollm2").unwrap();
+    let question = "What is the capital of Peru?";
+    let prompt = base
+        .tokenizer
+        .render_chat(&[train::tokenizer::Message::new("user", question)], true)
+        .unwrap();
+    let ids = base.tokenizer.encode(&prompt).unwrap();
+    let expected = generate::greedy(&base, &ids, 16).unwrap();
+    let answer = base.tokenizer.decode(&expected).unwrap();
+    eprintln!("base + adapter answers {answer:?}");
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_qtune"))
+        .args(["generate", "--max-new-tokens", "16", "--model"])
+        .arg(smollm2())
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--prompt", question])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    assert_eq!(String::from_utf8_lossy(&cli.stdout).trim(), answer.trim());
+    drop(base);
+
+    let gguf = dir.path().join("merged-f16.gguf");
+    let report = export::gguf_model(&smollm2(), &adapter, export::GgufType::F16, &gguf).unwrap();
+    assert_eq!(report.merged, 7 * 30, "{report:?}");
+    let mut file = std::fs::File::open(&gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut weights =
+        quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let from_gguf = candle_greedy(&ids, expected.len(), |x, pos| {
+        weights.forward(x, pos).unwrap()
+    });
+    assert_eq!(from_gguf, expected, "quantized_llama on the gguf export");
+
+    let folder = dir.path().join("merged");
+    export::merged(&smollm2(), &adapter, &folder).unwrap();
+    let config: llama::LlamaConfig =
+        serde_json::from_slice(&std::fs::read(folder.join("config.json")).unwrap()).unwrap();
+    let config = config.into_config(false);
+    // SAFETY: the test's own file, not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[folder.join("model.safetensors")],
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let llama = llama::Llama::load(vb, &config).unwrap();
+    let mut cache =
+        llama::Cache::new(true, candle_core::DType::F32, &config, &Device::Cpu).unwrap();
+    let from_folder = candle_greedy(&ids, expected.len(), |x, pos| {
+        llama.forward(x, pos, &mut cache).unwrap()
+    });
+    assert_eq!(from_folder, expected, "llama on the merged folder");
+    // the folder's tokenizer and template, written from the GGUF's metadata, encode the same ids
+    let tok = train::tokenizer::TextTokenizer::from_hf_dir(&folder).unwrap();
+    let again = tok
+        .render_chat(&[train::tokenizer::Message::new("user", question)], true)
+        .unwrap();
+    assert_eq!(tok.encode(&again).unwrap(), ids);
+}

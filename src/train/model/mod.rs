@@ -308,6 +308,18 @@ fn unpermuted_row_order(out: usize, heads: usize) -> Vec<usize> {
     order
 }
 
+/// `(heads·hd, in)` rows from Hugging Face's rotate-half order to llama.cpp's pair-interleaved
+/// order: its converter's `LlamaModel.permute` (rows as `(heads, 2, head_dim / 2)`, the two inner
+/// axes swapped).
+pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, 2, half, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
 /// `(heads·hd, in)` rows from llama.cpp's pair-interleaved order back to rotate-half order.
 pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
@@ -370,10 +382,15 @@ fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// Whether a base model path names a GGUF file (as `load_base` decides: by its extension).
+pub(crate) fn is_gguf_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf")
+}
+
 /// The shape of `base_model` (a `.gguf` file or a local folder with `config.json`) without
 /// loading its weights.
 pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
-    if base_model.extension().is_some_and(|e| e == "gguf") {
+    if is_gguf_path(base_model) {
         let mut file = std::fs::File::open(base_model).map_err(|e| Error::io(base_model, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
             Error::caused(
@@ -389,30 +406,122 @@ pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&text)
 }
 
+/// Hugging Face module names of a decoder layer and llama.cpp's names for them
+/// (`gguf-py/gguf/tensor_mapping.py`: `blk.{N}.attn_q` …).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+];
+
+/// Tensors outside the layers, Hugging Face name and GGUF name.
+const MODEL_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
 /// Hugging Face tensor name → GGUF name.
 pub(crate) fn gguf_tensor_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+    if let Some((_, gguf)) = MODEL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(gguf.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let gguf = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
+    let (_, gguf) = LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
     Some(format!("blk.{layer}.{gguf}.{kind}"))
+}
+
+/// GGUF tensor name → Hugging Face name (the inverse of [`gguf_tensor_name`]).
+pub(crate) fn hf_tensor_name(gguf: &str) -> Option<String> {
+    if let Some((hf, _)) = MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(hf.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, kind) = tail.rsplit_once('.')?;
+    let (hf, _) = LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// A `.gguf` base read for export: its shape, tokenizer and metadata, and every tensor
+/// dense in float32 under its Hugging Face name, q/k rows in Hugging Face order.
+pub(crate) struct GgufBase {
+    pub cfg: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub metadata: HashMap<String, gguf_file::Value>,
+    /// GGUF names in file order.
+    pub tensor_names: Vec<String>,
+    content: gguf_file::Content,
+    file: std::fs::File,
+}
+
+impl GgufBase {
+    pub fn open(path: &Path) -> Result<GgufBase> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            Error::caused(
+                Area::Model,
+                format!("{}: not a readable GGUF file", path.display()),
+                e,
+            )
+        })?;
+        let cfg = gguf_model_config(&content)?;
+        cfg.check()?;
+        let tokenizer = TextTokenizer::from_gguf(&content.metadata)?;
+        let mut infos: Vec<(&String, u64)> = content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n, i.offset))
+            .collect();
+        infos.sort_by_key(|(_, offset)| *offset);
+        let tensor_names = infos.into_iter().map(|(n, _)| n.clone()).collect();
+        Ok(GgufBase {
+            cfg,
+            tokenizer,
+            metadata: content.metadata.clone(),
+            tensor_names,
+            content,
+            file,
+        })
+    }
+
+    /// Whether llama.cpp stores this model's q/k rows permuted (its `llama` architecture).
+    pub fn permuted(&self) -> bool {
+        self.cfg.arch != Arch::Qwen2
+    }
+
+    /// The tensor `gguf_name` dense, with its Hugging Face name.
+    pub fn dense(&mut self, gguf_name: &str) -> Result<(String, Tensor)> {
+        let hf = hf_tensor_name(gguf_name).ok_or_else(|| {
+            Error::Model(format!("GGUF tensor {gguf_name} has no Hugging Face name"))
+        })?;
+        let (heads, kv_heads) = if self.permuted() {
+            (self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
+        } else {
+            (0, 0)
+        };
+        let mut source = GgufSource {
+            content: &self.content,
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| Error::Model(e.to_string()))?,
+            heads,
+            kv_heads,
+        };
+        let t = source
+            .take(&hf)?
+            .ok_or_else(|| Error::Model(format!("GGUF tensor {gguf_name} vanished")))?;
+        Ok((hf, t))
+    }
 }
 
 /// Models by Hub repo id, through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1`).
