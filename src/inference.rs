@@ -172,16 +172,10 @@ impl Models {
     }
 }
 
-/// A base as a job names it, in float32 on the CPU, without LoRA factors.
+/// A base as a job names it, without LoRA factors, loaded for decoding
+/// ([`model::load_for_decoding`]: a `.gguf` base stays quantized).
 fn load_plain_base(name: &str) -> Result<BaseModel> {
-    let loaded = model::load_base(
-        name,
-        None,
-        &LoraSpec::default(),
-        None,
-        0,
-        &candle_core::Device::Cpu,
-    )?;
+    let loaded = model::load_for_decoding(name, &LoraSpec::default())?;
     Ok(BaseModel {
         model: loaded.model.with_lora(None, 0)?,
         tokenizer: loaded.tokenizer,

@@ -132,7 +132,7 @@ pub enum ComputeDtype {
 }
 
 /// `{"bits": 4, "type": "nf4", "double_quant": true, "compute_dtype": "f32"}` and its variants.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizationSpec {
     /// 4 or 8; implied by the type when absent.

@@ -386,8 +386,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 None => crate::spec::LoraSpec::default(),
                 Some(dir) => train::checkpoint::read_lora_spec(dir)?,
             };
-            let base =
-                train::model::load_base(&model, None, &lora, None, 0, &candle_core::Device::Cpu)?;
+            let base = train::model::load_for_decoding(&model, &lora)?;
             if let Some(dir) = &adapter {
                 train::checkpoint::load_adapter(dir, &base.model)?;
             }

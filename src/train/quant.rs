@@ -724,6 +724,15 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> 
     if x.track_op() {
         return Ok(x.apply_op1(QuantizedMatmul { weight: w.clone() })?);
     }
+    if let QuantizedWeight::Ggml(q) = w.as_ref() {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        if rows == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One row is a decode step: a matrix-vector product on the stored blocks (the
+            // activation quantized to the type's dot-product partner, as llama.cpp decodes),
+            // reading a quarter to an eighth of the bytes a float32 weight would take.
+            return Ok(x.apply_op1_no_bwd(q.as_ref())?);
+        }
+    }
     let dense = w.dequantize(x.device(), x.dtype())?;
     Ok(ops::frozen_matmul(&x, &dense)?)
 }

