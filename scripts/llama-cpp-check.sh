@@ -10,7 +10,8 @@
 # 3. asks the quickstart question of qtune generate --adapter, of llama-server on the `gguf`
 #    export (f16, chat template from the file) and of llama-server on the base with the
 #    `gguf-lora` export (--lora), greedily, and fails unless all three answer the same;
-# 4. runs llama-bench (-p 32 -n 64, 2 threads) and qtune bench-generate alternately, twice each.
+# 4. runs llama-bench (-p 32 -n 64, 2 threads) and qtune bench-generate alternately, three times
+#    each (quote medians: single runs on a shared machine vary by a quarter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-test-models.sh >/dev/null
@@ -92,7 +93,7 @@ fi
 echo "all three answer the same"
 
 echo "== decode side by side, alternating (llama-bench tg64 after pp32; qtune bench-generate 32 prompt tokens, 64 decoded)"
-for round in 1 2; do
+for round in 1 2 3; do
     "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 32 -n 64 -o md 2>/dev/null | grep -E "pp32|tg64" | sed "s/^/llama-bench (round $round): /"
-    "$QTUNE" bench-generate --model "$MODEL" --streams 1 --adapters 1 2>/dev/null | grep "1 stream" | sed "s/^/qtune (round $round):/"
+    "$QTUNE" bench-generate --model "$MODEL" --streams 2 --adapters 1 2>/dev/null | grep "1 stream:" | sed "s/^/qtune (round $round):/"
 done

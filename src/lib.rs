@@ -64,9 +64,16 @@ pub fn release_freed_memory() {
 ///   they sleep: oneDNN's multiplies run on the same cores, and a worker spinning after every
 ///   elementwise op took a core from each of them (10 layers: 810 → 930 tokens/s). An explicit
 ///   `CANDLE_BARRIER_POOL_SPIN_LIMIT` is left as it is.
+/// - candle's matmul asks for its thread count on every call, and without `RAYON_NUM_THREADS`
+///   works it out from `/proc/cpuinfo` each time (measured: an eighth of a SmolLM2 decode step
+///   spent in the kernel printing cpuinfo). It is set once to the count candle works out.
 pub fn tune_process() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
