@@ -72,11 +72,11 @@ fn tensor_type(target: GgufType, dims: &[usize]) -> GgmlDType {
     }
     let cols = dims[dims.len() - 1];
     let mut ty = target.ggml();
-    if cols % ty.block_size() != 0 {
+    if !cols.is_multiple_of(ty.block_size()) {
         if ty == GgmlDType::Q4K {
             ty = GgmlDType::Q5_0;
         }
-        if cols % ty.block_size() != 0 {
+        if !cols.is_multiple_of(ty.block_size()) {
             ty = GgmlDType::F16;
         }
     }

@@ -212,7 +212,7 @@ pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel>
         }
     }
     let head = loaded.model.lm_head_weight();
-    if head.dim(1)? % GgmlDType::Q8_0.block_size() == 0 {
+    if head.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size()) {
         loaded.model.decode_head = Some(std::sync::Arc::new(QTensor::quantize(
             &head.to_dtype(DType::F32)?,
             GgmlDType::Q8_0,
