@@ -11,6 +11,7 @@ mod dashboard;
 mod data;
 mod docker;
 mod engine;
+mod families;
 mod hostile;
 mod logs;
 mod models;

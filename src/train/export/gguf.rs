@@ -86,7 +86,7 @@ fn tensor_type(target: GgufType, dims: &[usize]) -> GgmlDType {
 /// A merged tensor in llama.cpp's row order: q's and k's rows permuted for the `llama`
 /// architecture (`LlamaModel.permute`).
 fn llama_cpp_rows(cfg: &ModelConfig, hf_name: &str, t: Tensor) -> Result<Tensor> {
-    if cfg.arch == Arch::Qwen2 {
+    if !cfg.arch.llama_cpp_permutes_qk() {
         return Ok(t);
     }
     let heads = if hf_name.ends_with("q_proj.weight") {
@@ -104,6 +104,7 @@ fn arch_name(arch: Arch) -> &'static str {
     match arch {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
     }
 }
 

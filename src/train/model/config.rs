@@ -60,6 +60,8 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, with an RMSNorm on each head of q and of k.
+    Qwen3,
 }
 
 impl Arch {
@@ -68,8 +70,9 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "mistral" => Ok(Arch::Mistral),
             "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
             other => Err(Error::Model(format!(
-                "unsupported architecture {other:?} (supported: llama, mistral, qwen2)"
+                "unsupported architecture {other:?} (supported: llama, mistral, qwen2, qwen3)"
             ))),
         }
     }
@@ -79,7 +82,20 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether each head of q and k is RMS-normalised before RoPE (`self_attn.q_norm`,
+    /// `self_attn.k_norm`).
+    pub fn has_qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
+
+    /// Whether llama.cpp stores q's and k's rows permuted for its interleaved RoPE (its `llama`
+    /// architecture); the qwen families use the rotate-half ("neox") RoPE and keep them as they are.
+    pub fn llama_cpp_permutes_qk(self) -> bool {
+        matches!(self, Arch::Llama | Arch::Mistral)
     }
 }
 
@@ -244,7 +260,7 @@ impl ModelConfig {
     /// models of tests and benchmarks).
     pub fn to_hf_json(&self) -> Value {
         serde_json::json!({
-            "architectures": [match self.arch { Arch::Llama => "LlamaForCausalLM", Arch::Mistral => "MistralForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+            "architectures": [match self.arch { Arch::Llama => "LlamaForCausalLM", Arch::Mistral => "MistralForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM", Arch::Qwen3 => "Qwen3ForCausalLM" }],
             "model_type": self.arch.as_str(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,

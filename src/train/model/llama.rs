@@ -127,6 +127,20 @@ impl Llama {
                 dtype,
                 device,
             )?;
+            let qk_norm = if cfg.arch.has_qk_norm() {
+                let mut norm = |which: &str| {
+                    take_dense(
+                        weights,
+                        &format!("{p}.self_attn.{which}.weight"),
+                        &[cfg.head_dim],
+                        dtype,
+                        device,
+                    )
+                };
+                Some((norm("q_norm")?, norm("k_norm")?))
+            } else {
+                None
+            };
             let mut linear = |proj: Proj| -> Result<Linear> {
                 let (out_dim, in_dim) = cfg.linear_shape(proj);
                 let name = format!("{p}.{}.{}.weight", proj.group(), proj.name());
@@ -174,6 +188,7 @@ impl Llama {
             blocks.push(Block {
                 attn_norm,
                 mlp_norm,
+                qk_norm,
                 q_proj: linear(Proj::Q)?,
                 k_proj: linear(Proj::K)?,
                 v_proj: linear(Proj::V)?,
@@ -300,7 +315,8 @@ impl Llama {
             mode,
         };
         let checkpoint = self.gradient_checkpointing && mode.train;
-        if ops::fused_applies(&x) {
+        // the fused CPU layer has no per-head q/k norm: those families take the composite graph
+        if ops::fused_applies(&x) && !cfg.arch.has_qk_norm() {
             if mode.train {
                 // The first layer's backward must run although the embedding is frozen.
                 x = Var::from_tensor(&x)?.as_tensor().clone();
@@ -450,6 +466,7 @@ impl Llama {
             let q = proj(Proj::Q, &h)?.reshape((1, n, nh, hd))?;
             let k = proj(Proj::K, &h)?.reshape((1, n, nkv, hd))?;
             let v = proj(Proj::V, &h)?.reshape((1, n, nkv, hd))?;
+            let (q, k) = head_norms(block, q, k, cfg.rms_norm_eps)?;
             let q = ops::rope_thd(&q, &cos, &sin)?;
             let k = ops::rope_thd(&k, &cos, &sin)?;
             let (k, v) = cache.layers[layer].append(&k.contiguous()?, &v.contiguous()?)?;
@@ -612,6 +629,14 @@ fn init_lora(
     })
 }
 
+/// q and k `(b, t, heads, head_dim)` with each head RMS-normalised, where the family has it.
+fn head_norms(block: &Block, q: Tensor, k: Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    match &block.qk_norm {
+        Some((qn, kn)) => Ok((ops::rms_norm(&q, qn, eps)?, ops::rms_norm(&k, kn, eps)?)),
+        None => Ok((q, k)),
+    }
+}
+
 /// One decoder layer: attention then MLP, each with a pre-norm and a residual (the composite
 /// graph: the reference the fused layer is tested against, and the path of other devices).
 fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> Result<Tensor> {
@@ -623,6 +648,7 @@ fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> R
     let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?;
     let k = proj(Proj::K, &h)?.reshape((b, t, nkv, hd))?;
     let v = proj(Proj::V, &h)?.reshape((b, t, nkv, hd))?;
+    let (q, k) = head_norms(block, q, k, c.cfg.rms_norm_eps)?;
     let q = ops::rope_thd(&q, &c.cos, &c.sin)?;
     let k = ops::rope_thd(&k, &c.cos, &c.sin)?;
     let o = ops::attention(&q, &k, &v, &c.mask, c.scale)?.reshape((b, t, nh * hd))?;

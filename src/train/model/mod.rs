@@ -245,7 +245,7 @@ pub fn load_gguf(
     // A GGUF file has no q/k row order of Hugging Face's: llama.cpp permutes llama-arch q/k rows
     // for its interleaved RoPE. The source undoes it (on dense tensors, or by moving whole rows
     // of quantized bytes) so the weights, and adapters trained on them, are in HF order.
-    let permuted = arch != Arch::Qwen2;
+    let permuted = arch.llama_cpp_permutes_qk();
     let mut weights = GgufSource {
         content: &content,
         file,
@@ -456,7 +456,7 @@ pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
 
 /// Hugging Face module names of a decoder layer and llama.cpp's names for them
 /// (`gguf-py/gguf/tensor_mapping.py`: `blk.{N}.attn_q` …).
-const LAYER_NAMES: [(&str, &str); 9] = [
+const LAYER_NAMES: [(&str, &str); 11] = [
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
@@ -465,6 +465,8 @@ const LAYER_NAMES: [(&str, &str); 9] = [
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
     ("input_layernorm", "attn_norm"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
     ("post_attention_layernorm", "ffn_norm"),
 ];
 
@@ -543,7 +545,7 @@ impl GgufBase {
 
     /// Whether llama.cpp stores this model's q/k rows permuted (its `llama` architecture).
     pub fn permuted(&self) -> bool {
-        self.cfg.arch != Arch::Qwen2
+        self.cfg.arch.llama_cpp_permutes_qk()
     }
 
     /// The tensor `gguf_name` dense, with its Hugging Face name.

@@ -54,6 +54,8 @@ pub struct Linear {
 pub struct Block {
     pub attn_norm: Tensor,
     pub mlp_norm: Tensor,
+    /// Per-head RMSNorm weights `(head_dim,)` of q and k (qwen3), applied before RoPE.
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,

@@ -1,0 +1,138 @@
+"""Reference fixtures for each model family, made by transformers and PEFT themselves.
+
+For every family qtune trains, builds a tiny random checkpoint with transformers (config.json,
+model.safetensors, a byte-level tokenizer.json) and records, for one fixed batch: transformers'
+logits and loss, and with a PEFT LoRA on all seven linears whose A and B are drawn (not PEFT's
+zero B) the loss and every LoRA gradient. tests/it/families.rs compares qtune with these.
+
+Run by hand (not in CI), in a venv with the pinned packages (README: "Model families"):
+
+    python3 -m venv ~/.cache/qtune-reference/venv
+    ~/.cache/qtune-reference/venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
+        peft==0.21.2 safetensors==0.8.0 tokenizers==0.23.3 numpy==2.4.6 accelerate==1.15.0
+    ~/.cache/qtune-reference/venv/bin/python scripts/make-family-fixtures.py tests/fixtures/families
+"""
+
+import json
+import os
+import sys
+
+import torch
+import transformers
+import peft
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+VOCAB = 300
+SEQ = 16
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokenizer(path):
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIALS + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(path)
+
+
+def shape(**extra):
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        # larger than transformers' 0.02, so that logits and gradients are far from uniform
+        initializer_range=0.15,
+        dtype="float32",
+    )
+    base.update(extra)
+    return base
+
+
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**shape()),
+    # a window shorter than the batch's rows, so that the sliding window is exercised
+    "mistral": lambda: transformers.MistralConfig(**shape(sliding_window=6)),
+    # qwen2: q/k/v biases, tied embeddings as the small Qwen2.5 models have them
+    "qwen2": lambda: transformers.Qwen2Config(**shape(tie_word_embeddings=True)),
+    # qwen3: RMSNorm on each head of q and k, no biases, a head_dim not hidden / heads
+    "qwen3": lambda: transformers.Qwen3Config(**shape(head_dim=16)),
+}
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make(family, out):
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # norms away from 1 and biases away from 0, so that both are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    byte_tokenizer(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}, f)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(len(SPECIALS), VOCAB, (2, SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt without loss
+    labels[1, 9:11] = -100
+    with torch.no_grad():
+        out_base = model(input_ids=ids, labels=labels)
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS)
+    peft_model = peft.get_peft_model(model, lora)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.train()
+    out_lora = peft_model(input_ids=ids, labels=labels)
+    out_lora.loss.backward()
+    adapter_dir = os.path.join(out, "adapter")
+    peft_model.save_pretrained(adapter_dir)
+    grads = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            # PEFT's saved name: base_model.model.….lora_A.weight (the adapter name dropped)
+            grads["grad." + name.replace(".default", "")] = p.grad.detach().clone()
+    expected = {
+        "input_ids": ids.to(torch.int64),
+        "labels": labels.to(torch.int64),
+        "logits": out_base.logits.detach().contiguous(),
+        "loss": out_base.loss.detach().reshape(1),
+        "lora_loss": out_lora.loss.detach().reshape(1),
+        **grads,
+    }
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    print(f"{family}: loss {out_base.loss.item():.6f}, with LoRA {out_lora.loss.item():.6f}, {len(grads)} gradients")
+
+
+def main():
+    root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/families"
+    for family in FAMILIES:
+        make(family, os.path.join(root, family))
+    with open(os.path.join(root, "VERSIONS"), "w") as f:
+        f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\npeft {peft.__version__}\n")
+
+
+if __name__ == "__main__":
+    main()

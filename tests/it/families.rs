@@ -1,0 +1,125 @@
+//! Every model family against transformers and PEFT themselves: the fixtures in
+//! tests/fixtures/families/ were made by scripts/make-family-fixtures.py (versions in its
+//! VERSIONS file): a tiny random checkpoint per family, transformers' logits and loss on a fixed
+//! batch, and with a PEFT LoRA of fixed A and B on all seven linears, PEFT's loss and LoRA
+//! gradients. qtune loads the same folder and adapter and must give the same numbers: logits
+//! within 1e-4, losses and gradients within 1e-4 relative.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use qtune::spec::LoraSpec;
+use qtune::train::model::ForwardMode;
+use qtune::train::{self, checkpoint, data, model};
+
+fn fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/families/{family}"))
+}
+
+/// `max |a − b| / max |b|`.
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    crate::helpers::max_abs_diff(a, b) / scale.max(f32::MIN_POSITIVE)
+}
+
+fn check_family(family: &str) {
+    let dir = fixture(family);
+    let expected: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    let labels: Vec<Vec<i64>> = expected["labels"].to_vec2().unwrap();
+    let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    // transformers' labels: the token itself where it counts, -100 where it does not
+    let examples: Vec<data::Example> = rows
+        .iter()
+        .zip(&labels)
+        .map(|(ids, labels)| data::Example {
+            ids: ids.clone(),
+            labels: labels.iter().map(|&l| l != -100).collect(),
+        })
+        .collect();
+    let load = |lora: &LoraSpec| {
+        model::load_base(dir.to_str().unwrap(), None, lora, None, 0, &Device::Cpu).unwrap()
+    };
+
+    let base = load(&LoraSpec::default());
+    let logits = base.model.logits(&ids).unwrap();
+    let diff = crate::helpers::max_abs_diff(&logits, &expected["logits"]);
+    assert!(
+        diff <= 1e-4,
+        "{family}: logits differ from transformers' by {diff}"
+    );
+    let loss = train::trainer::evaluate(&base, &examples, examples.len())
+        .unwrap()
+        .loss;
+    let want = expected["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(
+        ((loss - want) / want).abs() <= 1e-4,
+        "{family}: loss {loss} vs transformers' {want}"
+    );
+
+    let adapter = dir.join("adapter");
+    let lora = checkpoint::read_lora_spec(&adapter).unwrap();
+    let adapted = load(&lora);
+    checkpoint::load_adapter(&adapter, &adapted.model).unwrap();
+    let refs: Vec<&data::Example> = examples.iter().collect();
+    let batch = data::make_batch(&refs, 0, &Device::Cpu).unwrap();
+    let mode = ForwardMode {
+        train: true,
+        dropout_seed: 0,
+    };
+    let sum = adapted
+        .model
+        .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+        .unwrap()
+        .sum;
+    let mean = (sum / batch.label_tokens as f64).unwrap();
+    let got = mean.to_scalar::<f32>().unwrap() as f64;
+    let want = expected["lora_loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(
+        ((got - want) / want).abs() <= 1e-4,
+        "{family}: LoRA loss {got} vs PEFT's {want}"
+    );
+    let store = mean.backward().unwrap();
+    let grads = adapted.model.lora_grads(&store).unwrap();
+    let names = adapted.model.lora_vars();
+    assert_eq!(names.len(), 2 * 7 * adapted.model.cfg.num_hidden_layers);
+    for ((name, _), grad) in names.iter().zip(&grads) {
+        let key = format!("grad.{}", checkpoint::peft_name(name));
+        let reference = expected
+            .get(&key)
+            .unwrap_or_else(|| panic!("{family}: the fixture has no {key}"));
+        let err = relative(grad, reference);
+        assert!(
+            err <= 1e-4,
+            "{family}: {name} gradient off PEFT's by {err} (relative)"
+        );
+    }
+}
+
+#[test]
+fn llama_matches_transformers_and_peft() {
+    check_family("llama");
+}
+
+#[test]
+fn mistral_matches_transformers_and_peft() {
+    check_family("mistral");
+}
+
+#[test]
+fn qwen2_matches_transformers_and_peft() {
+    check_family("qwen2");
+}
+
+#[test]
+fn qwen3_matches_transformers_and_peft() {
+    check_family("qwen3");
+}
