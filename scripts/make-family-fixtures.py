@@ -5,17 +5,24 @@ model.safetensors, a byte-level tokenizer.json) and records, for one fixed batch
 logits and loss, and with a PEFT LoRA on all seven linears whose A and B are drawn (not PEFT's
 zero B) the loss and every LoRA gradient. tests/it/families.rs compares qtune with these.
 
+With `--qtune PATH` (a built qtune binary) it then checks the other direction for each family: qtune
+trains an adapter on the fixture model, PEFT loads it (`PeftModel.from_pretrained`) and must give
+the loss `qtune eval` gives on the same data.
+
 Run by hand (not in CI), in a venv with the pinned packages (README: "Model families"):
 
     python3 -m venv ~/.cache/qtune-reference/venv
     ~/.cache/qtune-reference/venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
         peft==0.21.2 safetensors==0.8.0 tokenizers==0.23.3 numpy==2.4.6 accelerate==1.15.0
-    ~/.cache/qtune-reference/venv/bin/python scripts/make-family-fixtures.py tests/fixtures/families
+    ~/.cache/qtune-reference/venv/bin/python scripts/make-family-fixtures.py tests/fixtures/families \
+        --qtune target/release/qtune
 """
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 import transformers
@@ -126,10 +133,75 @@ def make(family, out):
     print(f"{family}: loss {out_base.loss.item():.6f}, with LoRA {out_lora.loss.item():.6f}, {len(grads)} gradients")
 
 
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A stitch in time saves nine.",
+    "Rome was not built in a day.",
+    "All that glitters is not gold.",
+    "Actions speak louder than words.",
+    "Where there is smoke there is fire.",
+]
+
+
+def check_adapter_loads_in_peft(qtune, folder):
+    """qtune trains an adapter on `folder`; PEFT's loss with it must equal `qtune eval`'s."""
+    folder = os.path.abspath(folder)
+    with tempfile.TemporaryDirectory() as work:
+        data = os.path.join(work, "data.jsonl")
+        with open(data, "w") as f:
+            f.write("\n".join(json.dumps({"text": t}) for t in TEXTS))
+        spec = {
+            "base_model": folder,
+            "dataset": {"url": data, "format": "text"},
+            "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear", "dropout": 0.0},
+            "training": {"max_steps": 4, "batch_size": 2, "learning_rate": 0.05, "max_seq_len": 64},
+            "seed": 0,
+        }
+        with open(os.path.join(work, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        out = os.path.join(work, "run")
+        subprocess.run([qtune, "train", os.path.join(work, "spec.json"), "--output", out],
+                       check=True, capture_output=True)
+        adapter = os.path.join(out, "adapter")
+        evaluated = subprocess.run(
+            [qtune, "eval", "--model", folder, "--adapter", adapter, "--data", data,
+             "--format", "text", "--max-seq-len", "64", "--json"],
+            check=True, capture_output=True, text=True)
+        qtune_loss = json.loads(evaluated.stdout)["loss"]
+
+        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        eos = tok.token_to_id("<|im_end|>")
+        base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = peft.PeftModel.from_pretrained(base, adapter)
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for text in TEXTS:
+                # the `text` format: the tokens, then EOS, every token after the first a label
+                ids = torch.tensor([tok.encode(text).ids + [eos]])
+                logits = model(input_ids=ids).logits[0, :-1]
+                total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+                count += ids.shape[1] - 1
+        peft_loss = total / count
+        rel = abs(qtune_loss - peft_loss) / peft_loss
+        status = "ok" if rel <= 1e-4 else "DIFFERS"
+        print(f"  qtune's adapter in PEFT: loss {peft_loss:.6f}, qtune eval {qtune_loss:.6f} ({status})")
+        if rel > 1e-4:
+            sys.exit(f"{folder}: PEFT's loss with qtune's adapter differs from qtune's")
+
+
 def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/families"
+    args = sys.argv[1:]
+    qtune = None
+    if "--qtune" in args:
+        at = args.index("--qtune")
+        qtune = args[at + 1]
+        del args[at:at + 2]
+    root = args[0] if args else "tests/fixtures/families"
     for family in FAMILIES:
         make(family, os.path.join(root, family))
+        if qtune:
+            check_adapter_loads_in_peft(qtune, os.path.join(root, family))
     with open(os.path.join(root, "VERSIONS"), "w") as f:
         f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}\npeft {peft.__version__}\n")
 

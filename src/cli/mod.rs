@@ -189,7 +189,59 @@ pub enum Command {
         stop: Vec<String>,
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f64,
+        /// Continue the prompt as raw text instead of rendering it as a user message through the
+        /// chat template (base models, which have none).
+        #[arg(long)]
+        no_chat_template: bool,
     },
+    /// The token-weighted mean loss and token accuracy of a model (optionally with an adapter)
+    /// on a dataset, labelled as training and validation label it: compare a fine-tune with its base.
+    Eval {
+        /// .gguf file, model folder or Hub repo id.
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter folder trained on this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A JSON Lines dataset file, in any format training reads.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: EvalFormat,
+        /// Longer examples are cut to this many tokens, as training cuts them.
+        #[arg(long, default_value_t = 2048)]
+        max_seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Print one JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The dataset formats, as `dataset.format` names them.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EvalFormat {
+    Auto,
+    Messages,
+    Alpaca,
+    Sharegpt,
+    PromptCompletion,
+    Text,
+}
+
+impl From<EvalFormat> for crate::spec::DatasetFormat {
+    fn from(f: EvalFormat) -> Self {
+        use crate::spec::DatasetFormat as D;
+        match f {
+            EvalFormat::Auto => D::Auto,
+            EvalFormat::Messages => D::Messages,
+            EvalFormat::Alpaca => D::Alpaca,
+            EvalFormat::Sharegpt => D::Sharegpt,
+            EvalFormat::PromptCompletion => D::PromptCompletion,
+            EvalFormat::Text => D::Text,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -367,6 +419,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             seed,
             stop,
             repetition_penalty,
+            no_chat_template,
         } => {
             let sampling = train::generate::Sampling {
                 max_tokens: max_new_tokens,
@@ -390,9 +443,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = &adapter {
                 train::checkpoint::load_adapter(dir, &base.model)?;
             }
-            let rendered = base
-                .tokenizer
-                .render_chat(&[train::tokenizer::Message::new("user", &prompt)], true)?;
+            let rendered = if no_chat_template {
+                prompt
+            } else {
+                base.tokenizer
+                    .render_chat(&[train::tokenizer::Message::new("user", &prompt)], true)?
+            };
             let ids = base.tokenizer.encode(&rendered)?;
             // the answer is printed as it is decoded
             let mut stdout = std::io::stdout();
@@ -407,6 +463,58 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             println!();
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            format,
+            max_seq_len,
+            batch_size,
+            json,
+        } => {
+            let lora = match &adapter {
+                None => crate::spec::LoraSpec::default(),
+                Some(dir) => train::checkpoint::read_lora_spec(dir)?,
+            };
+            let base =
+                train::model::load_base(&model, None, &lora, None, 0, &candle_core::Device::Cpu)?;
+            if let Some(dir) = &adapter {
+                train::checkpoint::load_adapter(dir, &base.model)?;
+            }
+            let file = train::DatasetFile {
+                path: data.clone(),
+                name: data.display().to_string(),
+            };
+            let (examples, _) = train::data::load_jsonl(
+                &file,
+                format.into(),
+                &base.tokenizer,
+                max_seq_len,
+                false,
+                train::data::DEFAULT_MAX_RECORD_BYTES,
+            )?;
+            let measured = train::trainer::evaluate(&base, &examples, batch_size)?;
+            let tokens: usize = examples.iter().map(|e| e.label_count()).sum();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "loss": measured.loss,
+                        "accuracy": measured.accuracy,
+                        "examples": examples.len(),
+                        "label_tokens": tokens,
+                    })
+                );
+            } else {
+                println!(
+                    "loss {:.4}  accuracy {:.4}  ({} examples, {tokens} label tokens)",
+                    measured.loss,
+                    measured.accuracy,
+                    examples.len()
+                );
+            }
             Ok(())
         }
     }

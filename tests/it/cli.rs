@@ -554,3 +554,82 @@ fn a_gguf_lora_export_has_llama_cpps_names_shapes_and_metadata() {
         }
     }
 }
+
+/// `qtune eval` measures a base and base + adapter on a dataset, labelled as training labels it:
+/// with the adapter it reproduces the run's own final validation loss on the same file, and the
+/// adapter that memorised the file scores better than the base. `qtune generate
+/// --no-chat-template` continues the raw prompt: exactly the library's greedy tokens for it.
+#[test]
+fn eval_reproduces_the_runs_validation_loss_and_generate_continues_raw_text() {
+    use qtune::train::{self, generate, model};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path());
+    let data = memorisable_chat(dir.path(), 8);
+    let spec = spec(
+        &model_dir,
+        &data,
+        serde_json::json!({"dataset": {"validation_url": data.to_str().unwrap()},
+                           "lora": {"r": 4, "target_modules": "all-linear", "dropout": 0.0},
+                           "training": {"max_steps": 8, "learning_rate": 0.01, "max_seq_len": 64}}),
+    );
+    let out = dir.path().join("out");
+    let outcome = train::run(&spec, &run_options(&out), &mut train::Silent).unwrap();
+    let eval = |adapter: bool| -> serde_json::Value {
+        let mut cmd = qtune();
+        cmd.args(["eval", "--json", "--max-seq-len", "64", "--model"])
+            .arg(&model_dir)
+            .arg("--data")
+            .arg(&data);
+        if adapter {
+            cmd.arg("--adapter").arg(out.join("adapter"));
+        }
+        let run = cmd.output().unwrap();
+        assert!(run.status.success(), "{run:?}");
+        serde_json::from_slice(&run.stdout).unwrap()
+    };
+    let tuned = eval(true);
+    let base = eval(false);
+    let run_eval = outcome.eval_loss.unwrap();
+    let loss = tuned["loss"].as_f64().unwrap();
+    assert!(
+        (loss - run_eval).abs() < 1e-5,
+        "qtune eval {loss} vs the run's {run_eval}"
+    );
+    assert!(
+        loss < base["loss"].as_f64().unwrap(),
+        "{tuned} vs base {base}"
+    );
+    assert_eq!(tuned["examples"], 8);
+    assert!(tuned["accuracy"].as_f64().unwrap() >= base["accuracy"].as_f64().unwrap());
+
+    let loaded = model::load_base(
+        model_dir.to_str().unwrap(),
+        None,
+        &Default::default(),
+        None,
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let prompt = "say 2";
+    let ids = loaded.tokenizer.encode(prompt).unwrap();
+    let expected = loaded
+        .tokenizer
+        .decode(&generate::greedy(&loaded, &ids, 6).unwrap())
+        .unwrap();
+    let run = qtune()
+        .args([
+            "generate",
+            "--no-chat-template",
+            "--max-new-tokens",
+            "6",
+            "--model",
+        ])
+        .arg(&model_dir)
+        .args(["--prompt", prompt])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let printed = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(printed.strip_suffix('\n').unwrap(), expected);
+}

@@ -1,4 +1,4 @@
-//! The Llama-family decoder (llama, mistral, qwen2) as a trainable candle graph.
+//! The Llama-family decoder (llama, mistral, qwen2, qwen3) as a trainable candle graph.
 //!
 //! Base weights are plain tensors (never `Var`s), so they cannot change; only the LoRA factors are
 //! `Var`s. Every op on the path from a LoRA factor to the loss has a backward (see `ops`).
