@@ -383,6 +383,56 @@ fn a_gguf_export_is_the_merged_model_in_llama_cpps_format() {
         2 + 9 * cfg.num_hidden_layers + usize::from(!cfg.tie_word_embeddings)
     );
 
+    // a GGUF base's tensors without a Hugging Face name (llama 3's rope_freqs) pass through as
+    // they are stored
+    let with_freqs = read(&f32_file);
+    let mut f = std::fs::File::open(&f32_file).unwrap();
+    let mut stored: Vec<(String, candle_core::quantized::QTensor)> = with_freqs
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                with_freqs.tensor(&mut f, n, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let freqs = Tensor::new(&[1.0f32, 2.0, 4.0, 8.0], &Device::Cpu).unwrap();
+    stored.push((
+        "rope_freqs.weight".into(),
+        candle_core::quantized::QTensor::quantize(&freqs, GgmlDType::F32).unwrap(),
+    ));
+    let metadata: Vec<(&str, &gguf_file::Value)> = with_freqs
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> =
+        stored.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let base_with_freqs = dir.path().join("with-freqs.gguf");
+    gguf_file::write(
+        &mut std::fs::File::create(&base_with_freqs).unwrap(),
+        &metadata,
+        &tensors,
+    )
+    .unwrap();
+    let again = dir.path().join("again.gguf");
+    train::export::gguf_model(
+        &base_with_freqs,
+        &out.join("adapter"),
+        train::export::GgufType::F32,
+        &again,
+    )
+    .unwrap();
+    let content = read(&again);
+    let mut f = std::fs::File::open(&again).unwrap();
+    let copied = content
+        .tensor(&mut f, "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    assert_eq!(copied.to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 4.0, 8.0]);
+
     let scale = expected
         .abs()
         .unwrap()

@@ -125,6 +125,10 @@ pub fn gguf_model(
     if model::is_gguf_path(base) {
         let mut gguf = GgufBase::open(base)?;
         for name in gguf.tensor_names.clone() {
+            if model::hf_tensor_name(&name).is_none() {
+                tensors.push((name.clone(), gguf.stored(&name)?));
+                continue;
+            }
             let (hf, w) = gguf.dense(&name)?;
             let w = llama_cpp_rows(&gguf.cfg, &hf, fold.apply(&hf, w)?)?;
             let q = QTensor::quantize(&w, tensor_type(ty, w.dims()))?;

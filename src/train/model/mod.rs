@@ -572,6 +572,14 @@ impl GgufBase {
             .ok_or_else(|| Error::Model(format!("GGUF tensor {gguf_name} vanished")))?;
         Ok((hf, t))
     }
+
+    /// The tensor `gguf_name` as the file stores it (for tensors without a Hugging Face name,
+    /// such as llama 3's `rope_freqs.weight`, which an export copies as they are).
+    pub fn stored(&mut self, gguf_name: &str) -> Result<QTensor> {
+        Ok(self
+            .content
+            .tensor(&mut self.file, gguf_name, &Device::Cpu)?)
+    }
 }
 
 /// Models by Hub repo id, through `hf-hub` and its cache (`HF_HOME`; `HF_HUB_OFFLINE=1`).
