@@ -230,14 +230,7 @@ pub fn load_gguf(
     dtype: DType,
     device: &Device,
 ) -> Result<BaseModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| {
-        Error::caused(
-            Area::Model,
-            format!("{}: not a readable GGUF file", path.display()),
-            e,
-        )
-    })?;
+    let (file, content) = open_gguf(path)?;
     let md = &content.metadata;
     let cfg = gguf_model_config(&content)?;
     let (arch, heads, kv_heads) = (cfg.arch, cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -430,6 +423,19 @@ fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// A GGUF file opened and its header (metadata and tensor list) read.
+fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        Error::caused(
+            Area::Model,
+            format!("{}: not a readable GGUF file", path.display()),
+            e,
+        )
+    })?;
+    Ok((file, content))
+}
+
 /// Whether a base model path names a GGUF file (as `load_base` decides: by its extension).
 pub(crate) fn is_gguf_path(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "gguf")
@@ -439,15 +445,7 @@ pub(crate) fn is_gguf_path(path: &Path) -> bool {
 /// loading its weights.
 pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
     if is_gguf_path(base_model) {
-        let mut file = std::fs::File::open(base_model).map_err(|e| Error::io(base_model, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            Error::caused(
-                Area::Model,
-                format!("{}: not a readable GGUF file", base_model.display()),
-                e,
-            )
-        })?;
-        return gguf_model_config(&content);
+        return gguf_model_config(&open_gguf(base_model)?.1);
     }
     let path = base_model.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -515,14 +513,7 @@ pub(crate) struct GgufBase {
 
 impl GgufBase {
     pub fn open(path: &Path) -> Result<GgufBase> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            Error::caused(
-                Area::Model,
-                format!("{}: not a readable GGUF file", path.display()),
-                e,
-            )
-        })?;
+        let (file, content) = open_gguf(path)?;
         let cfg = gguf_model_config(&content)?;
         cfg.check()?;
         let tokenizer = TextTokenizer::from_gguf(&content.metadata)?;
