@@ -73,9 +73,36 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(**shape(tie_word_embeddings=True)),
     # qwen3: RMSNorm on each head of q and k, no biases, a head_dim not hidden / heads
     "qwen3": lambda: transformers.Qwen3Config(**shape(head_dim=16)),
+    # gemma3: a sliding layer then a global one, each with its own RoPE base (the global one
+    # scaled), a window shorter than the rows, attention scaled by query_pre_attn_scalar, tied
+    "gemma3": lambda: transformers.Gemma3TextConfig(**gemma3_shape()),
+    # phi3: fused qkv_proj and gate_up_proj, and a sliding window
+    "phi3": lambda: transformers.Phi3Config(**shape(sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
+
+def gemma3_shape():
+    base = shape(
+        head_dim=16,
+        query_pre_attn_scalar=12,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+        },
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    del base["rope_theta"]
+    return base
+
+
+# The modules PEFT's target_modules name in each family.
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILY_LINEARS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 
 
 def make(family, out):
@@ -87,7 +114,9 @@ def make(family, out):
         # norms away from 1 and biases away from 0, so that both are exercised
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                # gemma's norms scale by (1 + weight): their weights sit around 0
+                centre = 0.0 if family == "gemma3" else 1.0
+                p.copy_(centre + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     model.eval()
@@ -104,7 +133,8 @@ def make(family, out):
     with torch.no_grad():
         out_base = model(input_ids=ids, labels=labels)
 
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                           target_modules=FAMILY_LINEARS.get(family, LINEARS))
     peft_model = peft.get_peft_model(model, lora)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -213,6 +213,21 @@ impl QuantizationSpec {
     }
 }
 
+/// Module names PEFT's `target_modules` may name in the families qtune trains: the seven
+/// projections of a layer, and Phi-3's fused `qkv_proj` and `gate_up_proj`. Which of them a model
+/// has is its family's business (`Arch::lora_targets`).
+pub const KNOWN_MODULES: [&str; 9] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+];
+
 /// The linear layers of a Llama-family block, by their Hugging Face names.
 pub const ALL_LINEAR: [&str; 7] = [
     "q_proj",
@@ -541,15 +556,18 @@ impl JobSpec {
             return Err(err("lora.target_modules", "must name at least one module"));
         }
         let mut ordered = Vec::new();
-        for known in ALL_LINEAR {
+        for known in KNOWN_MODULES {
             if names.iter().any(|n| n == known) {
                 ordered.push(known.to_string());
             }
         }
-        if let Some(bad) = names.iter().find(|n| !ALL_LINEAR.contains(&n.as_str())) {
+        if let Some(bad) = names.iter().find(|n| !KNOWN_MODULES.contains(&n.as_str())) {
             return Err(err(
                 "lora.target_modules",
-                format!("unknown module {bad:?} (known: {})", ALL_LINEAR.join(", ")),
+                format!(
+                    "unknown module {bad:?} (known: {})",
+                    KNOWN_MODULES.join(", ")
+                ),
             ));
         }
         lora.target_modules = TargetModules::List(ordered);

@@ -47,8 +47,13 @@ pub struct TrainerState {
     pub tokens_seen: u64,
 }
 
-/// The `adapter_config.json` PEFT expects.
-pub fn adapter_config(spec: &JobSpec, base_model_name: &str) -> serde_json::Value {
+/// The `adapter_config.json` PEFT expects; `target_modules` are the modules the model adapted,
+/// by the names of its family's checkpoints (Phi-3's `qkv_proj` where the spec said q_proj).
+pub fn adapter_config(
+    spec: &JobSpec,
+    base_model_name: &str,
+    target_modules: &[&str],
+) -> serde_json::Value {
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -57,7 +62,7 @@ pub fn adapter_config(spec: &JobSpec, base_model_name: &str) -> serde_json::Valu
         "r": spec.lora.r,
         "lora_alpha": spec.lora.alpha.unwrap_or(2.0 * spec.lora.r as f64),
         "lora_dropout": spec.lora.dropout,
-        "target_modules": spec.lora.target_modules.names(),
+        "target_modules": target_modules,
         "use_rslora": spec.lora.use_rslora,
         "use_dora": false,
         "bias": "none",
@@ -93,7 +98,7 @@ pub fn save_adapter(
     candle_core::safetensors::save(&tensors, dir.join(ADAPTER_WEIGHTS))?;
     write_json(
         &dir.join(ADAPTER_CONFIG),
-        &adapter_config(spec, base_model_name),
+        &adapter_config(spec, base_model_name, &model.adapted_modules()),
     )
 }
 

@@ -1,7 +1,7 @@
 //! Every model family against transformers and PEFT themselves: the fixtures in
 //! tests/fixtures/families/ were made by scripts/make-family-fixtures.py (versions in its
 //! VERSIONS file): a tiny random checkpoint per family, transformers' logits and loss on a fixed
-//! batch, and with a PEFT LoRA of fixed A and B on all seven linears, PEFT's loss and LoRA
+//! batch, and with a PEFT LoRA of fixed A and B on every linear, PEFT's loss and LoRA
 //! gradients. qtune loads the same folder and adapter and must give the same numbers: logits
 //! within 1e-4, losses and gradients within 1e-4 relative.
 
@@ -90,7 +90,16 @@ fn check_family(family: &str) {
     let store = mean.backward().unwrap();
     let grads = adapted.model.lora_grads(&store).unwrap();
     let names = adapted.model.lora_vars();
-    assert_eq!(names.len(), 2 * 7 * adapted.model.cfg.num_hidden_layers);
+    // every module PEFT adapted (all linears: seven, or Phi-3's four fused ones) has its pair
+    let modules = adapted.model.cfg.arch.lora_modules().len();
+    assert_eq!(
+        names.len(),
+        2 * modules * adapted.model.cfg.num_hidden_layers
+    );
+    assert_eq!(
+        names.len(),
+        expected.keys().filter(|k| k.starts_with("grad.")).count()
+    );
     for ((name, _), grad) in names.iter().zip(&grads) {
         let key = format!("grad.{}", checkpoint::peft_name(name));
         let reference = expected
@@ -122,4 +131,14 @@ fn qwen2_matches_transformers_and_peft() {
 #[test]
 fn qwen3_matches_transformers_and_peft() {
     check_family("qwen3");
+}
+
+#[test]
+fn gemma3_matches_transformers_and_peft() {
+    check_family("gemma3");
+}
+
+#[test]
+fn phi3_matches_transformers_and_peft() {
+    check_family("phi3");
 }

@@ -41,6 +41,8 @@ pub fn tiny_config() -> ModelConfig {
         attention_bias: false,
         sliding_window: None,
         max_position_embeddings: 2048,
+        query_pre_attn_scalar: None,
+        local_attention: None,
     }
 }
 

@@ -105,7 +105,24 @@ fn arch_name(arch: Arch) -> &'static str {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
+        Arch::Gemma3 => "gemma3",
+        Arch::Phi3 => "phi3",
     }
+}
+
+/// The families this writer knows llama.cpp's layout of. Gemma 3 (norms stored as 1 + w, its
+/// own tensor names) and Phi-3 (fused q/k/v and gate/up) are not written yet: refused, naming
+/// the export that does work for them.
+fn check_exportable(arch: Arch) -> Result<()> {
+    if matches!(arch, Arch::Gemma3 | Arch::Phi3) {
+        return Err(Error::Model(format!(
+            "GGUF export of {} models is not supported (supported: llama, mistral, qwen2, qwen3); \
+             export the merged model as safetensors (format merged) and convert it with \
+             llama.cpp's convert_hf_to_gguf.py",
+            arch.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// Folds the adapter in `adapter_dir` into the base `base` (a `.gguf` file or a Hugging Face
@@ -124,8 +141,9 @@ pub fn gguf_model(
     let mut metadata: Vec<(String, gguf_file::Value)>;
     if model::is_gguf_path(base) {
         let mut gguf = GgufBase::open(base)?;
+        check_exportable(gguf.cfg.arch)?;
         for name in gguf.tensor_names.clone() {
-            if model::hf_tensor_name(&name).is_none() {
+            if model::hf_tensor_name(gguf.cfg.arch, &name).is_none() {
                 tensors.push((name.clone(), gguf.stored(&name)?));
                 continue;
             }
@@ -140,6 +158,7 @@ pub fn gguf_model(
         let cfg_path = base.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let cfg = ModelConfig::from_hf_json(&text)?;
+        check_exportable(cfg.arch)?;
         metadata = folder_metadata(base, &cfg)?;
         let mut by_name: Vec<(usize, String, QTensor)> = Vec::new();
         for shard in &model::safetensors_files(base)? {
@@ -150,7 +169,7 @@ pub fn gguf_model(
                 if hf.ends_with("rotary_emb.inv_freq") {
                     continue;
                 }
-                let name = model::gguf_tensor_name(&hf).ok_or_else(|| {
+                let name = model::gguf_tensor_name(cfg.arch, &hf).ok_or_else(|| {
                     Error::Model(format!("{hf}: llama.cpp has no tensor for this weight"))
                 })?;
                 let w = fold.apply(&hf, w)?.to_dtype(DType::F32)?;
@@ -419,6 +438,7 @@ pub const GGUF_LORA_KEYS: [&str; 6] = [
 /// permutation its converter applies to the base weights, which on a LoRA pair reaches B only.
 /// Returns the tensors written.
 pub fn gguf_lora(adapter_dir: &Path, cfg: &ModelConfig, out_file: &Path) -> Result<usize> {
+    check_exportable(cfg.arch)?;
     let lora = read_lora_spec(adapter_dir)?;
     let alpha = lora.alpha.unwrap_or(2.0 * lora.r as f64);
     if lora.use_rslora {
@@ -443,7 +463,7 @@ pub fn gguf_lora(adapter_dir: &Path, cfg: &ModelConfig, out_file: &Path) -> Resu
             })
             .ok_or_else(|| Error::Checkpoint(format!("{name}: not a PEFT LoRA tensor name")))?;
         let weight = format!("{module}.weight");
-        let gguf = model::gguf_tensor_name(&weight).ok_or_else(|| {
+        let gguf = model::gguf_tensor_name(cfg.arch, &weight).ok_or_else(|| {
             Error::Checkpoint(format!("{name}: no llama.cpp tensor for {module}"))
         })?;
         let mut t = adapter[name].to_dtype(DType::F32)?;

@@ -1,4 +1,6 @@
-//! The Llama-family decoder (llama, mistral, qwen2, qwen3) as a trainable candle graph.
+//! The Llama-family decoder (llama, mistral, qwen2, qwen3, gemma3, phi3) as a trainable candle
+//! graph. The families differ in details the config and [`super::config::Arch`] name (norms,
+//! activation, local layers, fused checkpoint modules); the layer code is one.
 //!
 //! Base weights are plain tensors (never `Var`s), so they cannot change; only the LoRA factors are
 //! `Var`s. Every op on the path from a LoRA factor to the loss has a backward (see `ops`).
@@ -11,10 +13,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 
-use super::config::{ModelConfig, Proj};
+use super::config::{LoraModule, ModelConfig, Proj};
 use super::weights::{
-    lora_dropout, mix_seed, Block, ForwardMode, FrozenWeight, GradStash, LayerContext, Linear,
-    LoraAdapter,
+    lora_dropout, mix_seed, Block, ForwardMode, FrozenWeight, FusedRows, GradStash, LayerContext,
+    Linear, LoraAdapter,
 };
 use crate::spec::{LoraSpec, QuantType, QuantizationSpec};
 use crate::train::ops;
@@ -48,6 +50,7 @@ impl Linear {
                 .to_dtype(x32.dtype())?;
             x32 = x32.mul(&mask.reshape(x32.shape())?)?;
         }
+        let b = lora.b_rows(&b)?;
         let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
         let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + delta)?)
@@ -102,6 +105,20 @@ impl Llama {
             (dtype, dtype)
         };
         let h = cfg.hidden_size;
+        let mut fused_split;
+        let weights: &mut dyn WeightSource = if cfg.arch == super::Arch::Phi3 {
+            fused_split = FusedSplit::new(weights, &cfg);
+            &mut fused_split
+        } else {
+            weights
+        };
+        let adds_one = cfg.arch.norm_adds_one();
+        // Gemma's norms scale by (1 + w): the one is added here, once.
+        let norm = |weights: &mut dyn WeightSource, name: &str, dim: usize| -> Result<Tensor> {
+            let w = take_dense(weights, name, &[dim], dtype, device)?;
+            Ok(if adds_one { (w + 1.0)? } else { w })
+        };
+        let modules = cfg.arch.lora_targets(&lora.target_modules.names())?;
         let embed = take_dense(
             weights,
             "model.embed_tokens.weight",
@@ -109,35 +126,29 @@ impl Llama {
             dtype,
             device,
         )?;
-        let targets = lora.target_modules.names();
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for layer in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{layer}");
-            let attn_norm = take_dense(
-                weights,
-                &format!("{p}.input_layernorm.weight"),
-                &[h],
-                dtype,
-                device,
-            )?;
-            let mlp_norm = take_dense(
-                weights,
-                &format!("{p}.post_attention_layernorm.weight"),
-                &[h],
-                dtype,
-                device,
-            )?;
+            let attn_norm = norm(weights, &format!("{p}.input_layernorm.weight"), h)?;
+            let (mlp_norm, post_norms) = if cfg.arch.has_sandwich_norms() {
+                let pre_mlp = norm(weights, &format!("{p}.pre_feedforward_layernorm.weight"), h)?;
+                let post_attn = norm(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
+                let post_mlp = norm(
+                    weights,
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    h,
+                )?;
+                (pre_mlp, Some((post_attn, post_mlp)))
+            } else {
+                let pre_mlp = norm(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
+                (pre_mlp, None)
+            };
             let qk_norm = if cfg.arch.has_qk_norm() {
-                let mut norm = |which: &str| {
-                    take_dense(
-                        weights,
-                        &format!("{p}.self_attn.{which}.weight"),
-                        &[cfg.head_dim],
-                        dtype,
-                        device,
-                    )
-                };
-                Some((norm("q_norm")?, norm("k_norm")?))
+                let hd = cfg.head_dim;
+                Some((
+                    norm(weights, &format!("{p}.self_attn.q_norm.weight"), hd)?,
+                    norm(weights, &format!("{p}.self_attn.k_norm.weight"), hd)?,
+                ))
             } else {
                 None
             };
@@ -171,24 +182,17 @@ impl Llama {
                 } else {
                     None
                 };
-                let lora = if targets.iter().any(|t| t == proj.name()) {
-                    Some(init_lora(
-                        lora,
-                        out_dim,
-                        in_dim,
-                        mix_seed(&[seed, layer as u64, proj as u64]),
-                        device,
-                        dtype,
-                    )?)
-                } else {
-                    None
-                };
-                Ok(Linear { weight, bias, lora })
+                Ok(Linear {
+                    weight,
+                    bias,
+                    lora: None,
+                })
             };
-            blocks.push(Block {
+            let mut block = Block {
                 attn_norm,
                 mlp_norm,
                 qk_norm,
+                post_norms,
                 q_proj: linear(Proj::Q)?,
                 k_proj: linear(Proj::K)?,
                 v_proj: linear(Proj::V)?,
@@ -196,9 +200,11 @@ impl Llama {
                 gate_proj: linear(Proj::Gate)?,
                 up_proj: linear(Proj::Up)?,
                 down_proj: linear(Proj::Down)?,
-            });
+            };
+            attach_lora(&mut block, layer, &cfg, &modules, lora, seed, device, dtype)?;
+            blocks.push(block);
         }
-        let norm = take_dense(weights, "model.norm.weight", &[h], dtype, device)?;
+        let norm = norm(weights, "model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -227,23 +233,27 @@ impl Llama {
     /// base's until an adapter is loaded into them), or none when `lora` is `None`. The base
     /// weights are shared, not copied: many adapters can sit over one base in memory.
     pub fn with_lora(&self, lora: Option<&LoraSpec>, seed: u64) -> Result<Llama> {
-        let targets = lora.map(|l| l.target_modules.names()).unwrap_or_default();
+        let modules = match lora {
+            Some(l) => self.cfg.arch.lora_targets(&l.target_modules.names())?,
+            None => Vec::new(),
+        };
         let mut blocks = self.blocks.clone();
         for (layer, block) in blocks.iter_mut().enumerate() {
             for proj in Proj::ALL {
-                let (out_dim, in_dim) = self.cfg.linear_shape(proj);
-                let attach = lora.filter(|_| targets.iter().any(|t| t == proj.name()));
-                block.linear_mut(proj).lora = match attach {
-                    Some(spec) => Some(init_lora(
-                        spec,
-                        out_dim,
-                        in_dim,
-                        mix_seed(&[seed, layer as u64, proj as u64]),
-                        &self.device,
-                        self.embed.dtype(),
-                    )?),
-                    None => None,
-                };
+                block.linear_mut(proj).lora = None;
+            }
+            if let Some(spec) = lora {
+                let dtype = self.embed.dtype();
+                attach_lora(
+                    block,
+                    layer,
+                    &self.cfg,
+                    &modules,
+                    spec,
+                    seed,
+                    &self.device,
+                    dtype,
+                )?;
             }
         }
         Ok(Llama {
@@ -271,14 +281,29 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// The modules carrying LoRA factors, by their checkpoint names (PEFT's `target_modules`).
+    pub fn adapted_modules(&self) -> Vec<&'static str> {
+        let Some(block) = self.blocks.first() else {
+            return Vec::new();
+        };
+        self.cfg
+            .arch
+            .lora_modules()
+            .iter()
+            .filter(|m| block.linear(m.projs[0]).lora.is_some())
+            .map(|m| m.name)
+            .collect()
+    }
+
     /// Every trainable tensor with its PEFT name (without the `.weight` suffix's prefix), in a
     /// fixed order: `model.layers.{i}.self_attn.q_proj.lora_A`.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
-            for (proj, lin) in block.linears() {
-                if let Some(l) = &lin.lora {
-                    let base = format!("model.layers.{layer}.{}.{}", proj.group(), proj.name());
+            for module in self.cfg.arch.lora_modules() {
+                // a fused module's projections share one A and B: listed once, by its name
+                if let Some(l) = &block.linear(module.projs[0]).lora {
+                    let base = format!("model.layers.{layer}.{}.{}", module.group(), module.name);
                     out.push((format!("{base}.lora_A"), l.a.clone()));
                     out.push((format!("{base}.lora_B"), l.b.clone()));
                 }
@@ -298,25 +323,36 @@ impl Llama {
             cfg.head_dim,
         );
         let dtype = self.embed.dtype();
-        let (cos, sin) = self.rope_tables(t, dtype)?;
-        let mask = self.attention_mask(t, dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, cfg.hidden_size))?;
+        let (cos, sin) = self.rope_tables_from(&cfg.rope_inv_freq(), 0, t, dtype)?;
+        let mask = self.attention_mask_rows(0, t, t, cfg.sliding_window, dtype)?;
+        let local = match &cfg.local_attention {
+            Some(l) => {
+                let first_local = l.layers.iter().position(|&s| s).unwrap_or(0);
+                let inv = cfg.layer_rope_inv_freq(first_local);
+                let (cos, sin) = self.rope_tables_from(&inv, 0, t, dtype)?;
+                Some((
+                    cos,
+                    sin,
+                    self.attention_mask_rows(0, t, t, Some(l.window), dtype)?,
+                ))
+            }
+            None => None,
+        };
+        let mut x = self
+            .embed_tokens(&ids.flatten_all()?)?
+            .reshape((b, t, cfg.hidden_size))?;
         let context = LayerContext {
             cfg: cfg.clone(),
             cos,
             sin,
             mask,
-            scale,
+            local,
+            scale: cfg.attention_scale(),
             shape: (b, t, nh, nkv, hd),
             mode,
         };
         let checkpoint = self.gradient_checkpointing && mode.train;
-        // the fused CPU layer has no per-head q/k norm: those families take the composite graph
-        if ops::fused_applies(&x) && !cfg.arch.has_qk_norm() {
+        if ops::fused_applies(&x) && cfg.arch.fused_layer_applies() {
             if mode.train {
                 // The first layer's backward must run although the embedding is frozen.
                 x = Var::from_tensor(&x)?.as_tensor().clone();
@@ -450,31 +486,43 @@ impl Llama {
             cfg.head_dim,
         );
         let dtype = self.embed.dtype();
-        let (cos, sin) = self.rope_tables_from(offset, n, dtype)?;
         let total = offset + n;
-        let mask = self.attention_mask_rows(offset, n, total, dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let (cos, sin) = self.rope_tables_from(&cfg.rope_inv_freq(), offset, n, dtype)?;
+        let mask = self.attention_mask_rows(offset, n, total, cfg.sliding_window, dtype)?;
+        let local = match &cfg.local_attention {
+            Some(l) => {
+                let first_local = l.layers.iter().position(|&s| s).unwrap_or(0);
+                let inv = cfg.layer_rope_inv_freq(first_local);
+                let (cos, sin) = self.rope_tables_from(&inv, offset, n, dtype)?;
+                let mask = self.attention_mask_rows(offset, n, total, Some(l.window), dtype)?;
+                Some((cos, sin, mask))
+            }
+            None => None,
+        };
+        let scale = cfg.attention_scale();
         let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .reshape((1, n, cfg.hidden_size))?;
+        let mut x = self.embed_tokens(&ids)?.reshape((1, n, cfg.hidden_size))?;
         let mode = ForwardMode::EVAL;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
-            let h = ops::rms_norm(&x, &block.attn_norm, cfg.rms_norm_eps)?;
-            let q = proj(Proj::Q, &h)?.reshape((1, n, nh, hd))?;
-            let k = proj(Proj::K, &h)?.reshape((1, n, nkv, hd))?;
-            let v = proj(Proj::V, &h)?.reshape((1, n, nkv, hd))?;
-            let (q, k) = head_norms(block, q, k, cfg.rms_norm_eps)?;
-            let q = ops::rope_thd(&q, &cos, &sin)?;
-            let k = ops::rope_thd(&k, &cos, &sin)?;
-            let (k, v) = cache.layers[layer].append(&k.contiguous()?, &v.contiguous()?)?;
-            let o = ops::attention(&q, &k, &v, &mask, scale)?.reshape((1, n, nh * hd))?;
-            x = (x + proj(Proj::O, &o)?)?;
-            let h = ops::rms_norm(&x, &block.mlp_norm, cfg.rms_norm_eps)?;
-            let mlp = ops::silu_mul(&proj(Proj::Gate, &h)?, &proj(Proj::Up, &h)?)?;
-            x = (&x + proj(Proj::Down, &mlp)?)?;
+            let (cos, sin, mask) = match &local {
+                Some((cos, sin, mask)) if cfg.is_local_layer(layer) => (cos, sin, mask),
+                _ => (&cos, &sin, &mask),
+            };
+            let kv = &mut cache.layers[layer];
+            x = layer_forward(
+                block,
+                layer,
+                &x,
+                cfg,
+                mode,
+                (nh, nkv, hd),
+                cos,
+                sin,
+                |q, k, v| {
+                    let (k, v) = kv.append(&k.contiguous()?, &v.contiguous()?)?;
+                    Ok(ops::attention(&q, &k, &v, mask, scale)?)
+                },
+            )?;
         }
         cache.len = total;
         let last = x.narrow(1, n - 1, 1)?;
@@ -486,13 +534,26 @@ impl Llama {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
-    fn rope_tables(&self, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        self.rope_tables_from(0, t, dtype)
+    /// The embeddings of `ids` (scaled by √hidden where the family does, in the embeddings'
+    /// dtype as transformers rounds it).
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.index_select(ids, 0)?;
+        if !self.cfg.arch.scales_embeddings() {
+            return Ok(x);
+        }
+        let scale = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?;
+        Ok(x.broadcast_mul(&scale.to_dtype(x.dtype())?)?)
     }
 
-    /// cos and sin `(t, head_dim / 2)` of positions `start .. start + t`.
-    fn rope_tables_from(&self, start: usize, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let inv = self.cfg.rope_inv_freq();
+    /// cos and sin `(t, head_dim / 2)` of positions `start .. start + t` for inverse
+    /// frequencies `inv`.
+    fn rope_tables_from(
+        &self,
+        inv: &[f32],
+        start: usize,
+        t: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let half = inv.len();
         let mut freqs = Vec::with_capacity(t * half);
         for pos in start..start + t {
@@ -502,10 +563,6 @@ impl Llama {
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
-    fn attention_mask(&self, t: usize, dtype: DType) -> Result<Tensor> {
-        self.attention_mask_rows(0, t, t, dtype)
-    }
-
     /// The additive causal (and sliding-window) mask `(rows, total)` of the query positions
     /// `first .. first + rows` over key positions `0 .. total`.
     fn attention_mask_rows(
@@ -513,9 +570,10 @@ impl Llama {
         first: usize,
         rows: usize,
         total: usize,
+        window: Option<usize>,
         dtype: DType,
     ) -> Result<Tensor> {
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let window = window.unwrap_or(usize::MAX);
         let mask: Vec<f32> = (0..rows * total)
             .map(|i| {
                 let (row, col) = (first + i / total, i % total);
@@ -626,6 +684,7 @@ fn init_lora(
         b,
         scale: spec.scale(),
         dropout: spec.dropout,
+        fused: None,
     })
 }
 
@@ -637,23 +696,175 @@ fn head_norms(block: &Block, q: Tensor, k: Tensor, eps: f64) -> Result<(Tensor, 
     }
 }
 
-/// One decoder layer: attention then MLP, each with a pre-norm and a residual (the composite
-/// graph: the reference the fused layer is tested against, and the path of other devices).
+/// One decoder layer: attention then MLP, each with a pre-norm (Gemma: and a post-norm) and a
+/// residual (the composite graph: the reference the fused layer is tested against, and the
+/// path of other devices and families).
 fn block_forward(block: &Block, layer: usize, x: &Tensor, c: &LayerContext) -> Result<Tensor> {
-    let (b, t, nh, nkv, hd) = c.shape;
-    let mode = c.mode;
+    let (_, _, nh, nkv, hd) = c.shape;
+    let (cos, sin, mask) = c.tables(layer);
+    layer_forward(
+        block,
+        layer,
+        x,
+        &c.cfg,
+        c.mode,
+        (nh, nkv, hd),
+        cos,
+        sin,
+        |q, k, v| Ok(ops::attention(&q, &k, &v, mask, c.scale)?),
+    )
+}
+
+/// The layer's math around its attention, which `attend` computes from q, k and v
+/// `(b, t, heads, head_dim)` (normed and rotated): over this forward's positions, or appending
+/// them to a decode's cache first.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    block: &Block,
+    layer: usize,
+    x: &Tensor,
+    cfg: &ModelConfig,
+    mode: ForwardMode,
+    (nh, nkv, hd): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+    attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let eps = cfg.rms_norm_eps;
     let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
-    let h = ops::rms_norm(x, &block.attn_norm, c.cfg.rms_norm_eps)?;
+    let h = ops::rms_norm(x, &block.attn_norm, eps)?;
     // (b, t, heads, d): the projections' own layout; the attention op reads it as it is.
     let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?;
     let k = proj(Proj::K, &h)?.reshape((b, t, nkv, hd))?;
     let v = proj(Proj::V, &h)?.reshape((b, t, nkv, hd))?;
-    let (q, k) = head_norms(block, q, k, c.cfg.rms_norm_eps)?;
-    let q = ops::rope_thd(&q, &c.cos, &c.sin)?;
-    let k = ops::rope_thd(&k, &c.cos, &c.sin)?;
-    let o = ops::attention(&q, &k, &v, &c.mask, c.scale)?.reshape((b, t, nh * hd))?;
-    let x = (x + proj(Proj::O, &o)?)?;
-    let h = ops::rms_norm(&x, &block.mlp_norm, c.cfg.rms_norm_eps)?;
-    let mlp = ops::silu_mul(&proj(Proj::Gate, &h)?, &proj(Proj::Up, &h)?)?;
-    Ok((&x + proj(Proj::Down, &mlp)?)?)
+    let (q, k) = head_norms(block, q, k, eps)?;
+    let q = ops::rope_thd(&q, cos, sin)?;
+    let k = ops::rope_thd(&k, cos, sin)?;
+    let o = attend(q, k, v)?.reshape((b, t, nh * hd))?;
+    let mut attn = proj(Proj::O, &o)?;
+    if let Some((post_attn, _)) = &block.post_norms {
+        attn = ops::rms_norm(&attn, post_attn, eps)?;
+    }
+    let x = (x + attn)?;
+    let h = ops::rms_norm(&x, &block.mlp_norm, eps)?;
+    let (gate, up) = (proj(Proj::Gate, &h)?, proj(Proj::Up, &h)?);
+    let act = if cfg.arch.gelu_gate() {
+        // tanh-approximated GELU, transformers' gelu_pytorch_tanh
+        (gate.gelu()? * up)?
+    } else {
+        ops::silu_mul(&gate, &up)?
+    };
+    let mut mlp = proj(Proj::Down, &act)?;
+    if let Some((_, post_mlp)) = &block.post_norms {
+        mlp = ops::rms_norm(&mlp, post_mlp, eps)?;
+    }
+    Ok((&x + mlp)?)
+}
+
+/// Attaches fresh LoRA factors to the projections of `modules` in one layer (B = 0). A fused
+/// module's projections share one A and one B, each taking its rows of B.
+#[allow(clippy::too_many_arguments)]
+fn attach_lora(
+    block: &mut Block,
+    layer: usize,
+    cfg: &ModelConfig,
+    modules: &[LoraModule],
+    spec: &LoraSpec,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<()> {
+    for module in modules {
+        let first = module.projs[0];
+        let in_dim = cfg.linear_shape(first).1;
+        let out_dim: usize = module.projs.iter().map(|&p| cfg.linear_shape(p).0).sum();
+        let seed = mix_seed(&[seed, layer as u64, first as u64]);
+        let adapter = init_lora(spec, out_dim, in_dim, seed, device, dtype)?;
+        let mut start = 0;
+        for &proj in module.projs {
+            let len = cfg.linear_shape(proj).0;
+            let fused = (module.projs.len() > 1).then_some(FusedRows { start, len, first });
+            block.linear_mut(proj).lora = Some(LoraAdapter {
+                fused,
+                ..adapter.clone()
+            });
+            start += len;
+        }
+    }
+    Ok(())
+}
+
+/// Phi-3's checkpoints fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; the model
+/// keeps separate projections (one layer code for every family), split here by rows on load.
+struct FusedSplit<'a> {
+    inner: &'a mut dyn WeightSource,
+    /// The other parts of a fused tensor already read.
+    parts: std::collections::HashMap<String, Tensor>,
+    /// (fused module, its parts, their rows)
+    fusions: [(&'static str, Vec<(&'static str, usize)>); 2],
+}
+
+impl<'a> FusedSplit<'a> {
+    fn new(inner: &'a mut dyn WeightSource, cfg: &ModelConfig) -> FusedSplit<'a> {
+        let rows = |p: Proj| cfg.linear_shape(p).0;
+        FusedSplit {
+            inner,
+            parts: Default::default(),
+            fusions: [
+                (
+                    "self_attn.qkv_proj",
+                    vec![
+                        ("self_attn.q_proj", rows(Proj::Q)),
+                        ("self_attn.k_proj", rows(Proj::K)),
+                        ("self_attn.v_proj", rows(Proj::V)),
+                    ],
+                ),
+                (
+                    "mlp.gate_up_proj",
+                    vec![
+                        ("mlp.gate_proj", rows(Proj::Gate)),
+                        ("mlp.up_proj", rows(Proj::Up)),
+                    ],
+                ),
+            ],
+        }
+    }
+}
+
+impl WeightSource for FusedSplit<'_> {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if let Some(t) = self.parts.remove(name) {
+            return Ok(Some(t));
+        }
+        for (fused, parts) in &self.fusions {
+            let Some((part, _)) = parts.iter().find(|(p, _)| name.contains(&format!(".{p}.")))
+            else {
+                continue;
+            };
+            let fused_name = name.replacen(part, fused, 1);
+            let Some(whole) = self.inner.take(&fused_name)? else {
+                return Err(crate::train::Error::Model(format!(
+                    "weight {fused_name:?} is missing from the checkpoint"
+                )));
+            };
+            let expected: usize = parts.iter().map(|(_, r)| r).sum();
+            if whole.dim(0)? != expected {
+                return Err(crate::train::Error::Model(format!(
+                    "weight {fused_name:?} has {} rows, the config implies {expected}",
+                    whole.dim(0)?
+                )));
+            }
+            let mut start = 0;
+            for (p, rows) in parts {
+                self.parts.insert(
+                    name.replacen(part, p, 1),
+                    whole.narrow(0, start, *rows)?.contiguous()?,
+                );
+                start += rows;
+            }
+            return Ok(self.parts.remove(name));
+        }
+        self.inner.take(name)
+    }
 }

@@ -242,6 +242,7 @@ pub fn load_gguf(
     let mut weights = GgufSource {
         content: &content,
         file,
+        arch,
         heads: if permuted { heads } else { 0 },
         kv_heads: if permuted { kv_heads } else { 0 },
     };
@@ -262,6 +263,7 @@ pub fn load_gguf(
 struct GgufSource<'a> {
     content: &'a gguf_file::Content,
     file: std::fs::File,
+    arch: Arch,
     /// Head counts for un-permuting q/k rows (0: the file is not permuted).
     heads: usize,
     kv_heads: usize,
@@ -269,7 +271,7 @@ struct GgufSource<'a> {
 
 impl GgufSource<'_> {
     fn read(&mut self, hf_name: &str) -> Result<Option<QTensor>> {
-        let Some(gguf) = gguf_tensor_name(hf_name) else {
+        let Some(gguf) = gguf_tensor_name(self.arch, hf_name) else {
             return Ok(None);
         };
         if !self.content.tensor_infos.contains_key(&gguf) {
@@ -303,6 +305,9 @@ impl WeightSource for GgufSource<'_> {
         let t = q.dequantize(&Device::Cpu)?;
         Ok(Some(match self.permuted_heads(name) {
             Some(h) => unpermute_rows(&t, h)?,
+            // llama.cpp's converter stores Gemma's norms as 1 + w (its RMSNorm multiplies by the
+            // weight as it is); back to the checkpoint's w, as transformers reads them
+            None if self.arch.norm_adds_one() && name.ends_with("norm.weight") => (t - 1.0)?,
             None => t,
         }))
     }
@@ -379,6 +384,13 @@ fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| Error::Model("GGUF metadata has no general.architecture".into()))?;
     let arch = Arch::parse(&arch_name)?;
+    if arch == Arch::Phi3 {
+        return Err(Error::Model(
+            "Phi-3 GGUF files are not supported (llama.cpp fuses its q/k/v and gate/up \
+             differently); load Phi-3 from a Hugging Face folder"
+                .into(),
+        ));
+    }
     let num = |key: &str| -> Result<usize> {
         md.get(&format!("{arch_name}.{key}"))
             .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
@@ -398,15 +410,50 @@ fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
         .ok_or_else(|| Error::Model("GGUF has no token_embd.weight".into()))?;
+    let num_hidden_layers = num("block_count")?;
+    let head_dim = num("attention.key_length").unwrap_or(hidden_size / heads);
+    let rope_scaling = match md
+        .get(&format!("{arch_name}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok().cloned())
+        .as_deref()
+    {
+        None | Some("none") => None,
+        Some("linear") => Some(config::RopeScaling::Linear {
+            factor: float("rope.scaling.factor").unwrap_or(1.0),
+        }),
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "GGUF RoPE scaling {other:?} is not supported (supported: none, linear)"
+            )))
+        }
+    };
+    // Gemma 3's local layers, as llama.cpp sets them for the architecture: every sixth layer
+    // global, the others within `attention.sliding_window` with RoPE base 10,000; attention
+    // scaled by head_dim^-½, except the 27B model (62 layers), scaled by (hidden / heads)^-½.
+    let (query_pre_attn_scalar, local_attention) = if arch == Arch::Gemma3 {
+        let scalar = if num_hidden_layers == 62 {
+            hidden_size / heads
+        } else {
+            head_dim
+        };
+        let local = config::LocalAttention {
+            window: num("attention.sliding_window")?,
+            rope_theta: 10_000.0,
+            layers: config::gemma3_local_layers(num_hidden_layers, 6),
+        };
+        (Some(scalar as f64), Some(local))
+    } else {
+        (None, None)
+    };
     let cfg = ModelConfig {
         arch,
         vocab_size,
         hidden_size,
         intermediate_size: num("feed_forward_length")?,
-        num_hidden_layers: num("block_count")?,
+        num_hidden_layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
-        head_dim: num("attention.key_length").unwrap_or(hidden_size / heads),
+        head_dim,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").ok_or_else(|| {
             Error::Model(format!(
                 "GGUF metadata has no {arch_name}.attention.layer_norm_rms_epsilon"
@@ -414,10 +461,12 @@ fn gguf_model_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         })?,
         // llama.cpp's own default when the key is absent.
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
-        rope_scaling: None,
+        rope_scaling,
         tie_word_embeddings: !has_output,
         attention_bias: arch == Arch::Qwen2,
         sliding_window: None,
+        query_pre_attn_scalar,
+        local_attention,
         max_position_embeddings: num("context_length").unwrap_or(4096),
     };
     Ok(cfg)
@@ -468,6 +517,24 @@ const LAYER_NAMES: [(&str, &str); 11] = [
     ("post_attention_layernorm", "ffn_norm"),
 ];
 
+/// Gemma 3's four layer norms (`LLM_ARCH_GEMMA3` in llama.cpp): its `ffn_norm` is the norm
+/// before the MLP, and `post_attention_layernorm` a norm of the attention's output.
+const GEMMA3_NORM_NAMES: [(&str, &str); 3] = [
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
+
+/// A family's layer module names, Hugging Face's and GGUF's.
+fn layer_names(arch: Arch) -> Vec<(&'static str, &'static str)> {
+    let mut names = LAYER_NAMES.to_vec();
+    if arch.has_sandwich_norms() {
+        names.retain(|(hf, _)| *hf != "post_attention_layernorm");
+        names.extend(GEMMA3_NORM_NAMES);
+    }
+    names
+}
+
 /// Tensors outside the layers, Hugging Face name and GGUF name.
 const MODEL_NAMES: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "token_embd.weight"),
@@ -476,26 +543,26 @@ const MODEL_NAMES: [(&str, &str); 3] = [
 ];
 
 /// Hugging Face tensor name → GGUF name.
-pub(crate) fn gguf_tensor_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_tensor_name(arch: Arch, hf: &str) -> Option<String> {
     if let Some((_, gguf)) = MODEL_NAMES.iter().find(|(h, _)| *h == hf) {
         return Some(gguf.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let (_, gguf) = LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
+    let (_, gguf) = layer_names(arch).into_iter().find(|(h, _)| *h == module)?;
     Some(format!("blk.{layer}.{gguf}.{kind}"))
 }
 
 /// GGUF tensor name → Hugging Face name (the inverse of [`gguf_tensor_name`]).
-pub(crate) fn hf_tensor_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_tensor_name(arch: Arch, gguf: &str) -> Option<String> {
     if let Some((hf, _)) = MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
         return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let (module, kind) = tail.rsplit_once('.')?;
-    let (hf, _) = LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
+    let (hf, _) = layer_names(arch).into_iter().find(|(_, g)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
@@ -541,7 +608,7 @@ impl GgufBase {
 
     /// The tensor `gguf_name` dense, with its Hugging Face name.
     pub fn dense(&mut self, gguf_name: &str) -> Result<(String, Tensor)> {
-        let hf = hf_tensor_name(gguf_name).ok_or_else(|| {
+        let hf = hf_tensor_name(self.cfg.arch, gguf_name).ok_or_else(|| {
             Error::Model(format!("GGUF tensor {gguf_name} has no Hugging Face name"))
         })?;
         let (heads, kv_heads) = if self.permuted() {
@@ -550,6 +617,7 @@ impl GgufBase {
             (0, 0)
         };
         let mut source = GgufSource {
+            arch: self.cfg.arch,
             content: &self.content,
             file: self
                 .file

@@ -21,6 +21,30 @@ pub struct LoraAdapter {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
+    /// Set where the checkpoint fuses this projection with others into one module (Phi-3's
+    /// `qkv_proj`): A and B are that module's, shared with its other projections, and this
+    /// projection's output is `rows` of B.
+    pub fused: Option<FusedRows>,
+}
+
+/// A projection's share of a fused module's LoRA.
+#[derive(Clone, Copy, Debug)]
+pub struct FusedRows {
+    pub start: usize,
+    pub len: usize,
+    /// The module's first projection: the one whose dropout mask the whole module uses (PEFT
+    /// drops out the module's input once).
+    pub first: Proj,
+}
+
+impl LoraAdapter {
+    /// This projection's B: all of it, or its rows of a fused module's.
+    pub fn b_rows(&self, b: &Tensor) -> candle_core::Result<Tensor> {
+        match self.fused {
+            Some(f) => b.narrow(0, f.start, f.len),
+            None => Ok(b.clone()),
+        }
+    }
 }
 
 /// A frozen base weight: dense in the compute dtype, or quantized (QLoRA).
@@ -54,8 +78,10 @@ pub struct Linear {
 pub struct Block {
     pub attn_norm: Tensor,
     pub mlp_norm: Tensor,
-    /// Per-head RMSNorm weights `(head_dim,)` of q and k (qwen3), applied before RoPE.
+    /// Per-head RMSNorm weights `(head_dim,)` of q and k (qwen3, gemma3), applied before RoPE.
     pub qk_norm: Option<(Tensor, Tensor)>,
+    /// Gemma's norms of the attention's and of the MLP's output, before each residual add.
+    pub post_norms: Option<(Tensor, Tensor)>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
@@ -144,6 +170,7 @@ pub fn lora_dropout(
     layer: usize,
     proj: Proj,
 ) -> Option<Dropout> {
+    let proj = lora.fused.map_or(proj, |f| f.first);
     (mode.train && lora.dropout > 0.0).then(|| Dropout {
         p: lora.dropout,
         seed: mix_seed(&[mode.dropout_seed, (layer * 8 + proj as usize) as u64]),
@@ -160,8 +187,20 @@ pub struct LayerContext {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Tensor,
+    /// cos, sin and mask of Gemma 3's local layers.
+    pub local: Option<(Tensor, Tensor, Tensor)>,
     pub scale: f64,
     /// batch, time, heads, key/value heads, head dim
     pub shape: (usize, usize, usize, usize, usize),
     pub mode: ForwardMode,
+}
+
+impl LayerContext {
+    /// cos, sin and mask of `layer`.
+    pub fn tables(&self, layer: usize) -> (&Tensor, &Tensor, &Tensor) {
+        match &self.local {
+            Some((cos, sin, mask)) if self.cfg.is_local_layer(layer) => (cos, sin, mask),
+            _ => (&self.cos, &self.sin, &self.mask),
+        }
+    }
 }
