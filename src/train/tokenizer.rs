@@ -110,9 +110,17 @@ impl TextTokenizer {
                 .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata has no {k:?}")))
         };
         let model = get("tokenizer.ggml.model")?.to_string()?.clone();
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
+        if model == "llama" && arch == "gemma3" {
+            return gemma_from_gguf(md);
+        }
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model {model:?} is not supported (supported: gpt2 byte-level BPE)"
+                "GGUF tokenizer model {model:?} of a {arch:?} model is not supported (supported: \
+                 gpt2 byte-level BPE; llama SentencePiece for gemma3)"
             )));
         }
         let pre = md
@@ -269,4 +277,182 @@ impl TextTokenizer {
             .decode(ids, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
+}
+
+/// Gemma's SentencePiece BPE rebuilt from GGUF metadata, as transformers builds it from the same
+/// file (`integrations/gguf/gguf_tokenizer_mapping.py`, `gemma_tokenizer`, with `GemmaTokenizer`'s
+/// pipeline): spaces normalized to `▁`, no prefix space, byte fallback to `<0xNN>` tokens,
+/// control tokens special, user-defined ones (`\n`, `</div>`, …) matched whole, BOS prepended
+/// when `tokenizer.ggml.add_bos_token` (or absent) says so. The file has no merges: they are
+/// recovered from the vocabulary, every split of a token into two tokens, ranked by the merged
+/// token's position in the file (Gemma's scores do not follow its merge order).
+fn gemma_from_gguf(
+    md: &HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Result<TextTokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::processors::template::TemplateProcessing;
+
+    let strings = |key: &str| -> Result<Vec<String>> {
+        md.get(key)
+            .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata has no {key:?}")))?
+            .to_vec()?
+            .iter()
+            .map(|v| Ok(v.to_string()?.clone()))
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<candle_core::Result<_>>()?,
+        None => Vec::new(),
+    };
+    // Tokens of only whitespace with a space are stored with real spaces; the normalizer turns
+    // spaces into ▁, so they are looked up as ▁ runs.
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "▁".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(spelled.len());
+    for (id, t) in spelled.iter().enumerate() {
+        // a repeated spelling keeps its last id, as a Python dict built in order does
+        vocab.insert(t.clone(), id as u32);
+    }
+    let merges = merges_from_vocab(&spelled, &vocab);
+    let unk = md
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| v.to_u32().ok())
+        .and_then(|i| tokens.get(i as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .iter()
+                .map(|(t, &i)| (t.clone(), i))
+                .collect::<tokenizers::models::bpe::Vocab>(),
+            merges,
+        )
+        .unk_token(unk)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| Error::caused(Area::Tokenizer, "GGUF SentencePiece BPE", e))?;
+    let mut inner = Tokenizer::new(bpe);
+    let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    inner
+        .with_normalizer(Some(Replace::new(" ", "▁").map_err(tok_err)?))
+        .map_err(tok_err)?;
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("▁", " ").map_err(tok_err)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    // llama.cpp's token types: 3 control, 4 user-defined
+    let of_type = |ty: i32| {
+        tokens
+            .iter()
+            .zip(&types)
+            .filter(move |(_, &t)| t == ty)
+            .map(|(token, _)| token)
+    };
+    let control: Vec<AddedToken> = of_type(3)
+        .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    inner.add_special_tokens(control).map_err(tok_err)?;
+    let user: Vec<AddedToken> = of_type(4)
+        .filter(|t| vocab.contains_key(*t))
+        .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    inner.add_tokens(user).map_err(tok_err)?;
+
+    let id_of = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+    let token_of = |key: &str| id_of(key).and_then(|i| tokens.get(i as usize).cloned());
+    let bos_token = token_of("tokenizer.ggml.bos_token_id");
+    let add_bos = md
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    if let (true, Some(bos), Some(bos_id)) =
+        (add_bos, &bos_token, id_of("tokenizer.ggml.bos_token_id"))
+    {
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{bos}:0 $A:0"))
+            .and_then(|t| t.try_pair(format!("{bos}:0 $A:0 {bos}:1 $B:1")))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .special_tokens(vec![(bos.clone(), bos_id)])
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner.with_post_processor(Some(template));
+    }
+    Ok(TextTokenizer {
+        inner,
+        chat_template: md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned()),
+        bos_token,
+        eos_token: token_of("tokenizer.ggml.eos_token_id"),
+        eos_id: id_of("tokenizer.ggml.eos_token_id"),
+    })
+}
+
+/// BPE merges implied by a SentencePiece vocabulary (transformers' `generate_merges` with the
+/// file position as score): for each token in file order, every split into two vocabulary
+/// tokens, the splits of one token ordered by their parts' ids; then all of them ranked by the
+/// merged token's id, longer left parts first (a stable sort, so ties keep that order).
+fn merges_from_vocab(spelled: &[String], vocab: &HashMap<String, u32>) -> Vec<(String, String)> {
+    struct Merge {
+        left: String,
+        right: String,
+        /// The merged token's (last) id: lower ranks first.
+        rank: u32,
+        left_chars: usize,
+        right_chars: usize,
+    }
+    let mut seen = std::collections::HashSet::with_capacity(spelled.len());
+    let mut merges: Vec<Merge> = Vec::new();
+    for token in spelled {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let rank = vocab[token];
+        let bounds: Vec<usize> = token.char_indices().map(|(i, _)| i).skip(1).collect();
+        let mut local: Vec<(u32, u32, Merge)> = Vec::new();
+        for at in bounds {
+            let (l, r) = token.split_at(at);
+            if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                local.push((
+                    li,
+                    ri,
+                    Merge {
+                        left: l.to_string(),
+                        right: r.to_string(),
+                        rank,
+                        left_chars: l.chars().count(),
+                        right_chars: r.chars().count(),
+                    },
+                ));
+            }
+        }
+        local.sort_by_key(|(li, ri, _)| (*li, *ri));
+        merges.extend(local.into_iter().map(|(_, _, m)| m));
+    }
+    // transformers sorts by (score, len(left), len(right)) descending with score = −id
+    merges.sort_by(|a, b| {
+        a.rank
+            .cmp(&b.rank)
+            .then(b.left_chars.cmp(&a.left_chars))
+            .then(b.right_chars.cmp(&a.right_chars))
+    });
+    merges.into_iter().map(|m| (m.left, m.right)).collect()
 }

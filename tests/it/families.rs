@@ -56,6 +56,27 @@ fn check_family(family: &str) {
         diff <= 1e-4,
         "{family}: logits differ from transformers' by {diff}"
     );
+    // the cached decode (a prefill, then a token at a time, through local windows shorter than
+    // the row) gives the full forward's logits
+    let row = &rows[0];
+    let mut cache = base.model.new_cache();
+    let prefill = 9;
+    let mut last = base
+        .model
+        .forward_cached(&row[..prefill], &mut cache)
+        .unwrap();
+    for t in prefill..row.len() {
+        let want = logits.get(0).unwrap().get(t - 1).unwrap();
+        let diff = crate::helpers::max_abs_diff(&last, &want);
+        assert!(
+            diff <= 1e-4,
+            "{family}: cached decode at {t} differs by {diff}"
+        );
+        last = base
+            .model
+            .forward_cached(&row[t..t + 1], &mut cache)
+            .unwrap();
+    }
     let loss = train::trainer::evaluate(&base, &examples, examples.len())
         .unwrap()
         .loss;
@@ -67,7 +88,7 @@ fn check_family(family: &str) {
 
     let adapter = dir.join("adapter");
     let lora = checkpoint::read_lora_spec(&adapter).unwrap();
-    let adapted = load(&lora);
+    let mut adapted = load(&lora);
     checkpoint::load_adapter(&adapter, &adapted.model).unwrap();
     let refs: Vec<&data::Example> = examples.iter().collect();
     let batch = data::make_batch(&refs, 0, &Device::Cpu).unwrap();
@@ -75,41 +96,46 @@ fn check_family(family: &str) {
         train: true,
         dropout_seed: 0,
     };
-    let sum = adapted
-        .model
-        .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
-        .unwrap()
-        .sum;
-    let mean = (sum / batch.label_tokens as f64).unwrap();
-    let got = mean.to_scalar::<f32>().unwrap() as f64;
-    let want = expected["lora_loss"].to_vec1::<f32>().unwrap()[0] as f64;
-    assert!(
-        ((got - want) / want).abs() <= 1e-4,
-        "{family}: LoRA loss {got} vs PEFT's {want}"
-    );
-    let store = mean.backward().unwrap();
-    let grads = adapted.model.lora_grads(&store).unwrap();
-    let names = adapted.model.lora_vars();
-    // every module PEFT adapted (all linears: seven, or Phi-3's four fused ones) has its pair
-    let modules = adapted.model.cfg.arch.lora_modules().len();
-    assert_eq!(
-        names.len(),
-        2 * modules * adapted.model.cfg.num_hidden_layers
-    );
-    assert_eq!(
-        names.len(),
-        expected.keys().filter(|k| k.starts_with("grad.")).count()
-    );
-    for ((name, _), grad) in names.iter().zip(&grads) {
-        let key = format!("grad.{}", checkpoint::peft_name(name));
-        let reference = expected
-            .get(&key)
-            .unwrap_or_else(|| panic!("{family}: the fixture has no {key}"));
-        let err = relative(grad, reference);
+    // the same numbers whether each layer keeps its graph or is recomputed in backward
+    for checkpointing in [false, true] {
+        adapted.model.gradient_checkpointing = checkpointing;
+        let sum = adapted
+            .model
+            .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
+            .unwrap()
+            .sum;
+        let mean = (sum / batch.label_tokens as f64).unwrap();
+        let got = mean.to_scalar::<f32>().unwrap() as f64;
+        let want = expected["lora_loss"].to_vec1::<f32>().unwrap()[0] as f64;
         assert!(
-            err <= 1e-4,
-            "{family}: {name} gradient off PEFT's by {err} (relative)"
+            ((got - want) / want).abs() <= 1e-4,
+            "{family} (checkpointing {checkpointing}): LoRA loss {got} vs PEFT's {want}"
         );
+        let store = mean.backward().unwrap();
+        let grads = adapted.model.lora_grads(&store).unwrap();
+        let names = adapted.model.lora_vars();
+        // every module PEFT adapted (all linears: seven, or Phi-3's four fused ones) has its pair
+        let modules = adapted.model.cfg.arch.lora_modules().len();
+        assert_eq!(
+            names.len(),
+            2 * modules * adapted.model.cfg.num_hidden_layers
+        );
+        assert_eq!(
+            names.len(),
+            expected.keys().filter(|k| k.starts_with("grad.")).count()
+        );
+        for ((name, _), grad) in names.iter().zip(&grads) {
+            let key = format!("grad.{}", checkpoint::peft_name(name));
+            let reference = expected
+                .get(&key)
+                .unwrap_or_else(|| panic!("{family}: the fixture has no {key}"));
+            let err = relative(grad, reference);
+            assert!(
+                err <= 1e-4,
+                "{family} (checkpointing {checkpointing}): {name} gradient off PEFT's by {err} \
+                 (relative)"
+            );
+        }
     }
 }
 

@@ -12,6 +12,7 @@ mod data;
 mod docker;
 mod engine;
 mod families;
+mod gemma3;
 mod hostile;
 mod logs;
 mod models;
