@@ -199,6 +199,16 @@ fn the_readme_example_spec_is_valid() {
     let spec = qtune::spec::JobSpec::from_json(&text).unwrap();
     assert_eq!(spec.lora.r, 16);
     assert_eq!(spec.training.max_steps, Some(60));
+    let gemma = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/facts-gemma3.json"
+    ))
+    .unwrap();
+    let spec = qtune::spec::JobSpec::from_json(&gemma).unwrap();
+    assert!(spec.base_model.ends_with("gemma-3-270m-q4_k_m.gguf"));
+    assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(&spec.dataset.url)
+        .is_file());
 }
 
 /// `qtune export --format merged` folds the adapter into the base's weights: the merged folder,

@@ -96,6 +96,27 @@ fn check_family(family: &str) {
         train: true,
         dropout_seed: 0,
     };
+    // the adapter folded into the checkpoint's own weights (fused modules included) gives the
+    // logits of base + adapter
+    let merged = tempfile::tempdir().unwrap();
+    train::export::merged(&dir, &adapter, merged.path()).unwrap();
+    let plain = model::load_base(
+        merged.path().to_str().unwrap(),
+        None,
+        &LoraSpec::default(),
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let diff = crate::helpers::max_abs_diff(
+        &plain.model.logits(&ids).unwrap(),
+        &adapted.model.logits(&ids).unwrap(),
+    );
+    assert!(
+        diff <= 1e-4,
+        "{family}: merged export's logits differ by {diff}"
+    );
     // the same numbers whether each layer keeps its graph or is recomputed in backward
     for checkpointing in [false, true] {
         adapted.model.gradient_checkpointing = checkpointing;

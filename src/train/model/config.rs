@@ -814,4 +814,72 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("yarn"));
     }
+
+    #[test]
+    fn gemma3_config_round_trips_through_the_json_it_writes() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/families/gemma3/config.json"
+        ))
+        .unwrap();
+        let cfg = ModelConfig::from_hf_json(&text).unwrap();
+        assert_eq!(cfg.arch, Arch::Gemma3);
+        assert_eq!(cfg.query_pre_attn_scalar, Some(12.0));
+        assert_eq!(cfg.rope_theta, 1e6);
+        assert_eq!(cfg.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        let local = cfg.local_attention.clone().unwrap();
+        assert_eq!((local.window, local.rope_theta), (6, 10_000.0));
+        assert_eq!(local.layers, vec![true, false]);
+        assert!(cfg.tie_word_embeddings);
+        let again = ModelConfig::from_hf_json(&cfg.to_hf_json().to_string()).unwrap();
+        assert_eq!(again, cfg);
+        // without layer_types: every sixth layer global
+        assert_eq!(
+            gemma3_local_layers(7, 6),
+            vec![true, true, true, true, true, false, true]
+        );
+        let e = ModelConfig::from_hf_json(&text.replace(
+            "\"final_logit_softcapping\": null",
+            "\"final_logit_softcapping\": 30.0",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("final_logit_softcapping"), "{e}");
+        let e = ModelConfig::from_hf_json(r#"{"model_type":"gemma3"}"#).unwrap_err();
+        assert!(e.to_string().contains("gemma3_text"), "{e}");
+    }
+
+    #[test]
+    fn lora_targets_follow_the_familys_modules() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let phi3 = Arch::Phi3
+            .lora_targets(&names(&["q_proj", "k_proj", "v_proj", "o_proj"]))
+            .unwrap();
+        assert_eq!(
+            phi3.iter().map(|m| m.name).collect::<Vec<_>>(),
+            ["qkv_proj", "o_proj"]
+        );
+        let all = Arch::Phi3
+            .lora_targets(&names(&crate::spec::ALL_LINEAR))
+            .unwrap();
+        assert_eq!(all.len(), 4);
+        let e = Arch::Llama.lora_targets(&names(&["qkv_proj"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("\"qkv_proj\" is not a module of llama"),
+            "{e}"
+        );
+        let phi3_config = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/families/phi3/config.json"
+        ))
+        .unwrap();
+        let cfg = ModelConfig::from_hf_json(&phi3_config).unwrap();
+        assert_eq!((cfg.arch, cfg.sliding_window), (Arch::Phi3, Some(6)));
+        let e = ModelConfig::from_hf_json(&phi3_config.replace(
+            "\"partial_rotary_factor\": 1.0",
+            "\"partial_rotary_factor\": 0.5",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor"), "{e}");
+    }
 }
