@@ -370,6 +370,12 @@ pub struct TrainingSpec {
     /// for about one more forward pass (transformers' `gradient_checkpointing`).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Pack each micro-batch's examples into as few rows as hold them, attention and positions
+    /// kept within each example: the same loss and gradients as one example per row, without
+    /// most of the padding. On by default because it changes no number but the time; off,
+    /// micro-batches are grouped by length instead (examples of similar length train together).
+    #[serde(default = "yes")]
+    pub packing: bool,
     /// Evaluate every N optimizer steps (and always at the end) when a validation set exists.
     #[serde(default)]
     pub eval_every_steps: Option<i64>,
@@ -383,6 +389,9 @@ fn default_batch() -> i64 {
 }
 fn one() -> i64 {
     1
+}
+fn yes() -> bool {
+    true
 }
 /// The learning rate a job gets when it names none (OpenAI's `learning_rate_multiplier`
 /// scales this).

@@ -45,8 +45,10 @@ pub(crate) fn kernels(
     (batch, time, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
     scale: f64,
     window: usize,
+    example_starts: Option<std::sync::Arc<Vec<u32>>>,
 ) -> CausalAttention {
     CausalAttention {
+        example_starts,
         dims: Dims {
             batch,
             time,
@@ -63,6 +65,10 @@ pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     window: usize,
+    /// Packed rows: per position (b·t), the column its example starts at; a query attends to
+    /// its own example's keys only. Keys before that start get probability 0, which the
+    /// backward's products then carry as zeros.
+    example_starts: Option<std::sync::Arc<Vec<u32>>>,
 }
 
 /// End of the row band that holds row `i`: the columns a band multiplies.
@@ -71,9 +77,13 @@ fn band_end(i: usize, time: usize) -> usize {
 }
 
 impl CausalAttention {
-    /// The first key row `i` may attend to.
-    fn first_key(&self, i: usize) -> usize {
-        (i + 1).saturating_sub(self.window)
+    /// The first key row `i` of batch row `b` may attend to.
+    fn first_key(&self, b: usize, i: usize) -> usize {
+        let start = self
+            .example_starts
+            .as_ref()
+            .map_or(0, |s| s[b * self.dims.time + i] as usize);
+        (i + 1).saturating_sub(self.window).max(start)
     }
 
     /// `(probabilities (b, heads, t, t), output (b, t, heads, d))`.
@@ -110,7 +120,7 @@ impl CausalAttention {
                 for i in 0..t {
                     // SAFETY: row i of this item's probabilities.
                     let row = unsafe { probs_ptr.slice(item * t * t + i * t, t) };
-                    softmax_row(row, self.first_key(i), i + 1);
+                    softmax_row(row, self.first_key(b, i), i + 1);
                 }
                 for r0 in (0..t).step_by(BLOCK) {
                     let r1 = (r0 + BLOCK).min(t);

@@ -562,6 +562,11 @@ pub struct Batch {
     pub label_tokens: usize,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
+    /// Set when rows hold several examples ([`make_packed_batch`]): for each position of `ids`
+    /// (row-major), the column where its example starts in its row. Attention stays within an
+    /// example and RoPE positions count from its start, so each example computes what it would
+    /// alone in a row.
+    pub example_starts: Option<Vec<u32>>,
 }
 
 pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
@@ -594,5 +599,65 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
         targets: Tensor::from_vec(targets, label_tokens, device)?,
         label_tokens,
         tokens,
+        example_starts: None,
+    })
+}
+
+/// The examples packed into as few rows as hold them (first fit, longest first), each row as
+/// wide as the longest example: the padding a batch of mixed lengths would carry is mostly gone,
+/// and the row count, not the width, shrinks, so nothing grows. Labels are unchanged.
+pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let width = examples
+        .iter()
+        .map(|e| e.ids.len() - 1)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    // (used columns, examples in column order)
+    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let n = examples[i].ids.len() - 1;
+        match rows.iter_mut().find(|(used, _)| used + n <= width) {
+            Some((used, members)) => {
+                *used += n;
+                members.push(i);
+            }
+            None => rows.push((n, vec![i])),
+        }
+    }
+    let b = rows.len().max(1);
+    let mut ids = vec![pad_id; b * width];
+    let mut starts = vec![0u32; b * width];
+    let (mut positions, mut targets, mut tokens) = (Vec::new(), Vec::new(), 0);
+    for (row, (used, members)) in rows.iter().enumerate() {
+        let mut col = 0;
+        for &i in members {
+            let ex = examples[i];
+            let n = ex.ids.len() - 1;
+            let at = row * width + col;
+            ids[at..at + n].copy_from_slice(&ex.ids[..n]);
+            starts[at..at + n].fill(col as u32);
+            for p in 0..n {
+                if ex.labels[p + 1] {
+                    positions.push((at + p) as u32);
+                    targets.push(ex.ids[p + 1]);
+                }
+            }
+            col += n;
+            tokens += n;
+        }
+        // the padding after the last example is a run of its own
+        starts[row * width + used..(row + 1) * width].fill(*used as u32);
+    }
+    let label_tokens = targets.len();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, width), device)?,
+        positions: Tensor::from_vec(positions, label_tokens, device)?,
+        targets: Tensor::from_vec(targets, label_tokens, device)?,
+        label_tokens,
+        tokens,
+        example_starts: Some(starts),
     })
 }

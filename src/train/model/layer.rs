@@ -166,22 +166,24 @@ impl LayerOp {
     fn attention(&self) -> attention::CausalAttention {
         let c = &self.context;
         let window = c.cfg.sliding_window.unwrap_or(usize::MAX);
-        attention::kernels(c.shape, c.scale, window)
+        attention::kernels(c.shape, c.scale, window, c.example_starts.clone())
     }
 
     fn run_forward(&self, x: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let c = &self.context;
-        let (_, t, nh, nkv, _) = c.shape;
+        let (_, _, nh, nkv, _) = c.shape;
         let eps = c.cfg.rms_norm_eps;
         let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
         let (cos, sin) = self.rope_tables()?;
+        // one table row per position (t), or per position of every packed row (b·t)
+        let table_rows = cos.len() / (c.shape.4 / 2);
         let h1 = timing::scope(Part::Elementwise, || elementwise::rms_norm(x, &w1, eps));
         let (mut q, lq) = self.linear(Proj::Q, &h1)?;
         let (mut k, lk) = self.linear(Proj::K, &h1)?;
         let (v, lv) = self.linear(Proj::V, &h1)?;
         timing::scope(Part::Elementwise, || {
-            elementwise::rope(&mut q, nh, t, &cos, &sin, false);
-            elementwise::rope(&mut k, nkv, t, &cos, &sin, false);
+            elementwise::rope(&mut q, nh, table_rows, &cos, &sin, false);
+            elementwise::rope(&mut k, nkv, table_rows, &cos, &sin, false);
         });
         let (probs, attn) = timing::scope(Part::Attention, || self.attention().forward(&q, &k, &v));
         let (mut x1, lo) = self.linear(Proj::O, &attn)?;
@@ -220,10 +222,12 @@ impl LayerOp {
         grads: &mut Vec<(TensorId, Tensor)>,
     ) -> Result<Vec<f32>> {
         let c = &self.context;
-        let (_, t, nh, nkv, _) = c.shape;
+        let (_, _, nh, nkv, _) = c.shape;
         let eps = c.cfg.rms_norm_eps;
         let (w1, w2) = (host(&self.block.attn_norm)?, host(&self.block.mlp_norm)?);
         let (cos, sin) = self.rope_tables()?;
+        // one table row per position (t), or per position of every packed row (b·t)
+        let table_rows = cos.len() / (c.shape.4 / 2);
         let lora = |p: Proj| s.lora[p as usize].as_ref();
         // MLP: y = x1 + down(silu(gate(h2)) · up(h2)), h2 = rms(x1)
         let d_act = self.linear_backward(Proj::Down, &s.act, gy, lora(Proj::Down), grads)?;
@@ -247,8 +251,8 @@ impl LayerOp {
                 .backward(&s.q, &s.k, &s.v, &s.probs, &d_attn)
         });
         timing::scope(Part::Elementwise, || {
-            elementwise::rope(&mut dq, nh, t, &cos, &sin, true);
-            elementwise::rope(&mut dk, nkv, t, &cos, &sin, true);
+            elementwise::rope(&mut dq, nh, table_rows, &cos, &sin, true);
+            elementwise::rope(&mut dk, nkv, table_rows, &cos, &sin, true);
         });
         let mut d_h1 = self.linear_backward(Proj::Q, &s.h1, &dq, lora(Proj::Q), grads)?;
         let d_h1_k = self.linear_backward(Proj::K, &s.h1, &dk, lora(Proj::K), grads)?;

@@ -315,6 +315,17 @@ impl Llama {
     /// Final hidden states `(b, t, hidden)` for token ids `(b, t)`. Sequences are right-padded,
     /// so the causal mask alone keeps real tokens from seeing padding.
     pub fn hidden_states(&self, ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        self.hidden_states_in(ids, None, mode)
+    }
+
+    /// [`Llama::hidden_states`] of rows that may hold several examples: `example_starts` gives,
+    /// per position, the column its example starts at (see [`crate::train::data::Batch`]).
+    fn hidden_states_in(
+        &self,
+        ids: &Tensor,
+        example_starts: Option<&[u32]>,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         let (nh, nkv, hd) = (
@@ -323,18 +334,26 @@ impl Llama {
             cfg.head_dim,
         );
         let dtype = self.embed.dtype();
-        let (cos, sin) = self.rope_tables_from(&cfg.rope_inv_freq(), 0, t, dtype)?;
-        let mask = self.attention_mask_rows(0, t, t, cfg.sliding_window, dtype)?;
+        if example_starts.is_some_and(|s| s.len() != b * t) {
+            return Err(crate::train::Error::Data(
+                "packed batch: example starts do not cover the rows".into(),
+            ));
+        }
+        let tables = |inv: &[f32], window: Option<usize>| match example_starts {
+            None => {
+                let (cos, sin) = self.rope_tables_from(inv, 0, t, dtype)?;
+                Ok((cos, sin, self.attention_mask_rows(0, t, t, window, dtype)?))
+            }
+            Some(starts) => self.packed_tables(inv, starts, (b, t), window, dtype),
+        };
+        let (cos, sin, mask) = tables(&cfg.rope_inv_freq(), cfg.sliding_window)?;
         let local = match &cfg.local_attention {
             Some(l) => {
                 let first_local = l.layers.iter().position(|&s| s).unwrap_or(0);
-                let inv = cfg.layer_rope_inv_freq(first_local);
-                let (cos, sin) = self.rope_tables_from(&inv, 0, t, dtype)?;
-                Some((
-                    cos,
-                    sin,
-                    self.attention_mask_rows(0, t, t, Some(l.window), dtype)?,
-                ))
+                Some(tables(
+                    &cfg.layer_rope_inv_freq(first_local),
+                    Some(l.window),
+                )?)
             }
             None => None,
         };
@@ -350,6 +369,7 @@ impl Llama {
             scale: cfg.attention_scale(),
             shape: (b, t, nh, nkv, hd),
             mode,
+            example_starts: example_starts.map(|s| Arc::new(s.to_vec())),
         };
         let checkpoint = self.gradient_checkpointing && mode.train;
         if ops::fused_applies(&x) && cfg.arch.fused_layer_applies() {
@@ -458,6 +478,23 @@ impl Llama {
         )?)
     }
 
+    /// [`Llama::loss_sum`] of a batch as the data pipeline makes it, packed or not.
+    pub fn batch_loss(
+        &self,
+        batch: &crate::train::data::Batch,
+        mode: ForwardMode,
+    ) -> Result<ops::LossSum> {
+        let h = self.hidden_states_in(&batch.ids, batch.example_starts.as_deref(), mode)?;
+        let h = h
+            .reshape(((), self.cfg.hidden_size))?
+            .index_select(&batch.positions, 0)?;
+        Ok(ops::lm_head_cross_entropy(
+            &h,
+            self.lm_head_weight(),
+            &batch.targets,
+        )?)
+    }
+
     /// An empty key/value cache for [`Llama::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache {
@@ -561,6 +598,41 @@ impl Llama {
         }
         let freqs = Tensor::from_vec(freqs, (t, half), &self.device)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// cos and sin `(b, t, head_dim / 2)` and the additive mask `(b, 1, t, t)` of packed rows:
+    /// positions count from each example's start, and a query sees the keys of its own example
+    /// only (causally, within `window`).
+    fn packed_tables(
+        &self,
+        inv: &[f32],
+        starts: &[u32],
+        (b, t): (usize, usize),
+        window: Option<usize>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let half = inv.len();
+        let mut freqs = Vec::with_capacity(b * t * half);
+        for (i, &start) in starts.iter().enumerate() {
+            let pos = (i % t) as u32 - start;
+            freqs.extend(inv.iter().map(|f| pos as f32 * f));
+        }
+        let freqs = Tensor::from_vec(freqs, (b, t, half), &self.device)?;
+        let window = window.unwrap_or(usize::MAX);
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for row in 0..b {
+            for i in 0..t {
+                let start = starts[row * t + i] as usize;
+                let first = start.max((i + 1).saturating_sub(window));
+                mask[(row * t + i) * t + first..(row * t + i) * t + i + 1].fill(0.0);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(dtype)?;
+        Ok((
+            freqs.cos()?.to_dtype(dtype)?,
+            freqs.sin()?.to_dtype(dtype)?,
+            mask,
+        ))
     }
 
     /// The additive causal (and sliding-window) mask `(rows, total)` of the query positions

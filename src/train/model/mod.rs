@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Arch, ModelConfig, Proj};
@@ -129,14 +128,92 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-struct SafetensorsSource(MmapedSafetensors);
+/// The tensors of a checkpoint's safetensors files, each read from disk when it is taken (a
+/// positioned read of its bytes, nothing mapped): only the tensor being converted or quantized
+/// is in memory besides the model built so far, so a base quantized on load never holds the
+/// float32 file (a mapped file's pages count as the process's memory until it is unmapped).
+struct SafetensorsSource {
+    files: Vec<(PathBuf, std::fs::File)>,
+    /// name → (file index, byte offset of the tensor's data in the file, its header entry)
+    tensors: HashMap<String, (usize, u64, safetensors::tensor::TensorInfo)>,
+}
+
+impl SafetensorsSource {
+    fn open(paths: &[PathBuf]) -> Result<SafetensorsSource> {
+        use std::os::unix::fs::FileExt;
+        let mut source = SafetensorsSource {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for (index, path) in paths.iter().enumerate() {
+            let bad = |what: String| Error::Model(format!("{}: {what}", path.display()));
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            let mut len = [0u8; 8];
+            file.read_exact_at(&mut len, 0)
+                .map_err(|_| bad("not a safetensors file (no header length)".into()))?;
+            let header_len = u64::from_le_bytes(len);
+            // the format caps the header at 100 MB
+            if header_len > 100_000_000 || 8 + header_len > file_len {
+                return Err(bad(format!("header length {header_len} is not plausible")));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            file.read_exact_at(&mut header, 8)
+                .map_err(|e| Error::io(path, e))?;
+            let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+                .map_err(|e| bad(format!("safetensors header: {e}")))?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let (start, end) = info.data_offsets;
+                let elements: usize = info.shape.iter().product();
+                if end < start
+                    || data_start + end as u64 > file_len
+                    || elements * info.dtype.bitsize() != (end - start) * 8
+                {
+                    return Err(bad(format!(
+                        "tensor {name}: offsets {start}..{end} do not hold its shape {:?} in \
+                         the file's {file_len} bytes",
+                        info.shape
+                    )));
+                }
+                source
+                    .tensors
+                    .insert(name, (index, data_start + start as u64, info.clone()));
+            }
+            source.files.push((path.clone(), file));
+        }
+        Ok(source)
+    }
+}
 
 impl WeightSource for SafetensorsSource {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
-        if self.0.get(name).is_err() {
+        use safetensors::Dtype as St;
+        use std::os::unix::fs::FileExt;
+        let Some((index, offset, info)) = self.tensors.remove(name) else {
             return Ok(None);
-        }
-        Ok(Some(self.0.load(name, &Device::Cpu)?))
+        };
+        let dtype = match info.dtype {
+            St::F32 => DType::F32,
+            St::F16 => DType::F16,
+            St::BF16 => DType::BF16,
+            St::F64 => DType::F64,
+            other => {
+                return Err(Error::Model(format!(
+                    "tensor {name}: dtype {other:?} is not a float type"
+                )))
+            }
+        };
+        let (path, file) = &self.files[index];
+        let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+        file.read_exact_at(&mut bytes, offset)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Some(Tensor::from_raw_buffer(
+            &bytes,
+            dtype,
+            &info.shape,
+            &Device::Cpu,
+        )?))
     }
 }
 
@@ -160,10 +237,7 @@ pub fn load_hf_dir(
     let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = ModelConfig::from_hf_json(&cfg_text)?;
     let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only for the duration of the load; the weights
-    // are copied out into tensors before the map is dropped.
-    let st = unsafe { MmapedSafetensors::multi(&files)? };
-    let mut source = SafetensorsSource(st);
+    let mut source = SafetensorsSource::open(&files)?;
     let model = Llama::load(cfg, &mut source, lora, quantization, seed, dtype, device)?;
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
     Ok(BaseModel {

@@ -193,6 +193,9 @@ pub struct LayerContext {
     /// batch, time, heads, key/value heads, head dim
     pub shape: (usize, usize, usize, usize, usize),
     pub mode: ForwardMode,
+    /// Packed rows: per position, the column its example starts at (cos and sin are then
+    /// `(b, t, d/2)` and the mask `(b, 1, t, t)`).
+    pub example_starts: Option<Arc<Vec<u32>>>,
 }
 
 impl LayerContext {
