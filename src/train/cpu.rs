@@ -13,9 +13,10 @@ impl<T> Clone for SharedMut<T> {
 }
 impl<T> Copy for SharedMut<T> {}
 
-// SAFETY: the kernels only write through it to parts no other thread touches.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
+// SAFETY: the kernels only write through it to parts no other thread touches; the elements
+// themselves must be safe to hand to another thread.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     pub(crate) fn new(data: &mut [T]) -> Self {
@@ -65,14 +66,10 @@ pub(crate) fn par_blocks(n: usize, block: usize, f: impl Fn(usize, usize) + Sync
 pub(crate) struct Mat(pub(crate) *const f32, pub(crate) usize, pub(crate) usize);
 
 impl Mat {
-    /// The view starting at (`row`, `col`).
+    /// The view starting at (`row`, `col`). Moving the pointer is plain arithmetic (never
+    /// undefined, even past the buffer); reading or writing through it is `gemm`'s contract.
     pub(crate) fn at(self, row: usize, col: usize) -> Mat {
-        // SAFETY (callers): offsets stay inside the buffer the view covers.
-        Mat(
-            unsafe { self.0.add(row * self.1 + col * self.2) },
-            self.1,
-            self.2,
-        )
+        Mat(self.0.wrapping_add(row * self.1 + col * self.2), self.1, self.2)
     }
 
     /// The transposed view.

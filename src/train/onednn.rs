@@ -131,12 +131,9 @@ fn instance() -> Option<&'static Mutex<OneDnn>> {
             if std::env::var("QTUNE_ONEDNN").is_ok_and(|v| v == "0") {
                 return None;
             }
-            // oneDNN's OpenMP threads spin after each call by default, stealing the cores from
-            // the elementwise ops that candle runs in between (measured: 211 → 266 tokens/s
-            // with passive waiting). libgomp reads this when it loads, i.e. just below.
-            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-                std::env::set_var("OMP_WAIT_POLICY", "passive");
-            }
+            // OMP_WAIT_POLICY=passive, which libgomp reads as it loads just below, is set by
+            // `crate::tune_process` at start-up (setting the environment here, on a training
+            // thread, would race with other threads reading it).
             match OneDnn::load() {
                 Ok(d) => Some(Mutex::new(d)),
                 Err(e) => {

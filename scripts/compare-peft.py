@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""qtune beside PyTorch + PEFT, in one sitting on this machine: the LoRA step at SmolLM2-135M's
+shape, 4 x 256, 2 threads, the two tools' runs alternating, and the medians and ratios printed
+with the CPU model and its matrix flags. Figures from another machine or another sitting are not
+a comparison; these are.
+
+Configurations (each a pair of runs per round, qtune first on odd rounds and PEFT first on even):
+  f32      q,k,v,o, float32                  qtune bench            | peft_bench.py --config A
+  f32-all  all seven linears, float32        qtune bench --all-linear | peft_bench.py --config B
+  bf16     q,k,v,o, bf16 frozen weights      qtune bench --bf16     | peft_bf16_bench.py bf16weights
+
+Setup (once; about 3 GB): the reference scripts of ../shared/reference are copied to
+~/.cache/qtune-peft-reference, their venv is made by their setup_venv.sh, and their
+convert_smollm2.py turns the SmolLM2 GGUF into the Hugging Face folder PEFT loads.
+
+    cargo build --release
+    python3 scripts/compare-peft.py [--rounds 3] [--configs f32,bf16,f32-all] [--qtune target/release/qtune]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+REFERENCE_SRC = os.path.join(REPO, "..", "shared", "reference")
+REFERENCE = os.path.expanduser("~/.cache/qtune-peft-reference")
+
+
+def cpu():
+    model, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    matrix = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx512_vnni")))
+    return model, matrix
+
+
+def setup():
+    if not os.path.isdir(REFERENCE):
+        shutil.copytree(REFERENCE_SRC, REFERENCE)
+    py = os.path.join(REFERENCE, ".venv", "bin", "python")
+    fixtures_venv = os.path.expanduser("~/.cache/qtune-reference/venv")
+    if not os.path.exists(py) and os.path.isdir(fixtures_venv):
+        # the fixture scripts' venv has the same pins; setup_venv.sh adds what it lacks
+        os.symlink(fixtures_venv, os.path.join(REFERENCE, ".venv"))
+    subprocess.run(["bash", "setup_venv.sh"], cwd=REFERENCE, check=True)
+    if not os.path.exists(os.path.join(REFERENCE, "models", "smollm2-135m-instruct", "model.safetensors")):
+        subprocess.run([py, "convert_smollm2.py"], cwd=REFERENCE, check=True)
+    return py
+
+
+def run_json(cmd, cwd, marker=None):
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    if marker:
+        lines = [l[len(marker):] for l in lines if l.startswith(marker)]
+    else:
+        lines = [l for l in lines if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def qtune_run(qtune, flags):
+    r = run_json([qtune, "bench", "--json", *flags], REPO)
+    return r["tokens_per_second"], r["peak_rss_bytes"] / 2**20
+
+
+def peft_run(py, config):
+    if config in ("A", "B"):
+        r = run_json([py, "peft_bench.py", "--worker", "--config", config, "--batch", "4",
+                      "--seq", "256", "--warmup", "3", "--steps", "5"], REFERENCE, "RESULT ")
+    else:
+        r = run_json([py, "peft_bf16_bench.py", "bf16weights"], REFERENCE)
+    return r["tokens_per_s"], r["peak_rss_mib"]
+
+
+CONFIGS = {
+    "f32": ([], "A"),
+    "f32-all": (["--all-linear"], "B"),
+    "bf16": (["--bf16"], "bf16"),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default="f32,bf16,f32-all")
+    ap.add_argument("--qtune", default=os.path.join(REPO, "target", "release", "qtune"))
+    a = ap.parse_args()
+    py = setup()
+    # the ids peft_bench.py's workers read
+    subprocess.run([py, "-c", "import peft_bench; peft_bench.make_input_ids()"], cwd=REFERENCE, check=True)
+    model, matrix = cpu()
+    print(f"CPU: {model}; {os.cpu_count()} cores seen, 2 threads each; flags: {' '.join(matrix) or 'none'}")
+    rows = []
+    for name in a.configs.split(","):
+        flags, ref = CONFIGS[name]
+        q, p = [], []
+        for i in range(a.rounds):
+            order = [("qtune", lambda: qtune_run(a.qtune, flags)), ("peft", lambda: peft_run(py, ref))]
+            if i % 2:
+                order.reverse()
+            for tool, run in order:
+                tps, rss = run()
+                (q if tool == "qtune" else p).append((tps, rss))
+                print(f"  {name} round {i + 1}: {tool} {tps:.0f} tok/s, peak RSS {rss:.0f} MiB", flush=True)
+        qm = statistics.median(t for t, _ in q)
+        pm = statistics.median(t for t, _ in p)
+        qr = statistics.median(r for _, r in q)
+        pr = statistics.median(r for _, r in p)
+        rows.append((name, qm, pm, qr, pr, q, p))
+    print()
+    print(f"| 4 x 256, {model} | qtune tok/s (median) | PEFT tok/s (median) | ratio | peak RSS qtune / PEFT |")
+    print("|---|---|---|---|---|")
+    for name, qm, pm, qr, pr, q, p in rows:
+        print(f"| {name} | {qm:.0f} ({', '.join(f'{t:.0f}' for t, _ in q)}) | "
+              f"{pm:.0f} ({', '.join(f'{t:.0f}' for t, _ in p)}) | {qm / pm:.2f}x | "
+              f"{qr:.0f} / {pr:.0f} MiB ({qr / pr:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
