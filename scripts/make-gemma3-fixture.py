@@ -5,6 +5,8 @@ Writes tests/fixtures/gemma3-270m.json:
   control tokens, byte fallback) and the ids transformers' GGUF tokenizer gives each, with the
   BOS it adds (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`, which rebuilds Gemma's
   SentencePiece BPE from the file's tokens, as qtune does);
+- `greedy`: the prompt "The capital of France is" (with its BOS) and the 16 tokens transformers'
+  greedy `generate` continues it with;
 - `text_loss`: the base model's mean next-token loss on a fixed public-domain text, as qtune's
   `text` format labels it (BOS, the text's tokens, EOS; every token after the first a label),
   with the model loaded by `AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32)`.
@@ -36,6 +38,8 @@ TEXT = (
     "and the pursuit of Happiness. That to secure these rights, Governments are instituted among "
     "Men, deriving their just powers from the consent of the governed."
 )
+
+GREEDY_PROMPT = "The capital of France is"
 
 FIXED = [
     "",
@@ -120,7 +124,11 @@ def main():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
-    print(f"{len(cases)} strings tokenized; text: {len(ids)} tokens, loss {loss:.6f}")
+    prompt = tok(GREEDY_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        continued = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1]:]
+    print(f"{len(cases)} strings tokenized; text: {len(ids)} tokens, loss {loss:.6f}; "
+          f"greedy: {tok.decode(continued)!r}")
     with open(out, "w") as f:
         json.dump(
             {
@@ -129,6 +137,11 @@ def main():
                 "text": TEXT,
                 "text_ids": ids,
                 "text_loss": loss,
+                "greedy": {
+                    "prompt": GREEDY_PROMPT,
+                    "prompt_ids": prompt[0].tolist(),
+                    "continuation_ids": continued.tolist(),
+                },
                 "tokenization": cases,
             },
             f,

@@ -294,6 +294,7 @@ async fn completion(
     }
     let served = resolve(state, owner, &model).await?;
     let tok = served.tokenizer();
+    let raw = text.is_some();
     let prompt_text = match text {
         Some(t) => t,
         None => {
@@ -308,9 +309,14 @@ async fn completion(
                 .map_err(|e| ApiError::bad("messages", e.to_string()))?
         }
     };
-    let prompt = tok
-        .encode(&prompt_text)
-        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    // a completion's raw text gets the tokenizer's own special tokens (a BOS); a rendered
+    // chat template has written its own
+    let prompt = if raw {
+        tok.encode_prompt(&prompt_text)
+    } else {
+        tok.encode(&prompt_text)
+    }
+    .map_err(|e| ApiError::bad(if chat { "messages" } else { "prompt" }, e.to_string()))?;
     if prompt.len() > MAX_PROMPT_TOKENS {
         return Err(ApiError::bad(
             if chat { "messages" } else { "prompt" },

@@ -443,13 +443,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = &adapter {
                 train::checkpoint::load_adapter(dir, &base.model)?;
             }
-            let rendered = if no_chat_template {
-                prompt
+            let ids = if no_chat_template {
+                base.tokenizer.encode_prompt(&prompt)?
             } else {
-                base.tokenizer
-                    .render_chat(&[train::tokenizer::Message::new("user", &prompt)], true)?
+                let rendered = base
+                    .tokenizer
+                    .render_chat(&[train::tokenizer::Message::new("user", &prompt)], true)?;
+                base.tokenizer.encode(&rendered)?
             };
-            let ids = base.tokenizer.encode(&rendered)?;
             // the answer is printed as it is decoded
             let mut stdout = std::io::stdout();
             train::generate::generate(

@@ -69,7 +69,11 @@ impl Mat {
     /// The view starting at (`row`, `col`). Moving the pointer is plain arithmetic (never
     /// undefined, even past the buffer); reading or writing through it is `gemm`'s contract.
     pub(crate) fn at(self, row: usize, col: usize) -> Mat {
-        Mat(self.0.wrapping_add(row * self.1 + col * self.2), self.1, self.2)
+        Mat(
+            self.0.wrapping_add(row * self.1 + col * self.2),
+            self.1,
+            self.2,
+        )
     }
 
     /// The transposed view.

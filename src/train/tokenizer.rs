@@ -272,6 +272,13 @@ impl TextTokenizer {
         Ok(self.encode_with_offsets(text, false)?.0)
     }
 
+    /// A raw prompt's ids, with the special tokens the tokenizer adds to a text (Gemma's BOS),
+    /// as transformers' `tokenizer(prompt)` and llama.cpp's completion give them; a rendered
+    /// chat template writes its own and goes through [`TextTokenizer::encode`].
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, true)?.0)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)

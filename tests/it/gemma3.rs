@@ -190,3 +190,27 @@ fn lora_and_qlora_on_the_ggufs_own_tensors_lower_held_out_loss() {
     eprintln!("Gemma 3 270M QLoRA (its Q4_K_M tensors) held-out loss {before:.6} -> {after:.6}");
     assert!(after < 0.8 * before, "{before} -> {after}");
 }
+
+/// `qtune generate --no-chat-template`'s path: the base loaded for decoding (its GGUF tensors kept
+/// quantized, as llama.cpp decodes), the raw prompt with the BOS the tokenizer adds, greedy
+/// decoding through the KV cache with Gemma's local layers: the prompt's ids are transformers',
+/// and the first eight tokens are those transformers' greedy `generate` picks on the dequantized
+/// weights (after that a near-tie may go either way: decoding runs on requantized Q8_0 blocks).
+#[test]
+fn greedy_continuation_follows_transformers() {
+    let expected = &fixture()["greedy"];
+    let base = model::load_for_decoding(gemma3().to_str().unwrap(), &LoraSpec::default()).unwrap();
+    let prompt = base
+        .tokenizer
+        .encode_prompt(expected["prompt"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(prompt, ids(&expected["prompt_ids"]));
+    let got = train::generate::greedy(&base, &prompt, 8).unwrap();
+    let want = ids(&expected["continuation_ids"]);
+    eprintln!(
+        "Gemma 3 270M greedy: {:?} (transformers: {:?})",
+        base.tokenizer.decode(&got).unwrap(),
+        base.tokenizer.decode(&want).unwrap()
+    );
+    assert_eq!(got, want[..8]);
+}

@@ -165,10 +165,14 @@ impl SafetensorsSource {
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
-                let elements: usize = info.shape.iter().product();
+                // checked: a hostile header may name shapes whose product overflows
+                let bits = info
+                    .shape
+                    .iter()
+                    .try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
                 if end < start
-                    || data_start + end as u64 > file_len
-                    || elements * info.dtype.bitsize() != (end - start) * 8
+                    || data_start.saturating_add(end as u64) > file_len
+                    || bits != (end - start).checked_mul(8)
                 {
                     return Err(bad(format!(
                         "tensor {name}: offsets {start}..{end} do not hold its shape {:?} in \
