@@ -77,6 +77,30 @@ fn band_end(i: usize, time: usize) -> usize {
 }
 
 impl CausalAttention {
+    /// Checks the buffers against the dimensions before any kernel reads them through raw
+    /// pointers: with these lengths every strided view below stays inside its buffer, so no
+    /// call of a safe entry can read or write out of bounds.
+    fn check(&self, q: usize, k: usize, v: usize) {
+        let d = self.dims;
+        assert!(
+            d.kv_heads > 0 && d.heads.is_multiple_of(d.kv_heads),
+            "attention: {} heads over {} key/value heads",
+            d.heads,
+            d.kv_heads
+        );
+        let rows = d.batch * d.time;
+        assert_eq!(q, rows * d.q_row(), "attention: q has the wrong length");
+        assert_eq!(k, rows * d.kv_row(), "attention: k has the wrong length");
+        assert_eq!(v, rows * d.kv_row(), "attention: v has the wrong length");
+        if let Some(starts) = &self.example_starts {
+            assert_eq!(
+                starts.len(),
+                rows,
+                "attention: one example start per position"
+            );
+        }
+    }
+
     /// The first key row `i` of batch row `b` may attend to.
     fn first_key(&self, b: usize, i: usize) -> usize {
         let start = self
@@ -88,6 +112,7 @@ impl CausalAttention {
 
     /// `(probabilities (b, heads, t, t), output (b, t, heads, d))`.
     pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        self.check(q.len(), k.len(), v.len());
         let d = self.dims;
         let t = d.time;
         let mut probs = vec![0f32; d.batch * d.heads * t * t];
@@ -150,6 +175,14 @@ impl CausalAttention {
         probs: &[f32],
         go: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        self.check(q.len(), k.len(), v.len());
+        let (batch, heads, time) = (self.dims.batch, self.dims.heads, self.dims.time);
+        assert_eq!(
+            probs.len(),
+            batch * heads * time * time,
+            "attention: probabilities' length"
+        );
+        assert_eq!(go.len(), q.len(), "attention: output gradient's length");
         let d = self.dims;
         let t = d.time;
         let mut dq = vec![0f32; q.len()];
