@@ -213,21 +213,6 @@ impl QuantizationSpec {
     }
 }
 
-/// Module names PEFT's `target_modules` may name in the families qtune trains: the seven
-/// projections of a layer, and Phi-3's fused `qkv_proj` and `gate_up_proj`. Which of them a model
-/// has is its family's business (`Arch::lora_targets`).
-pub const KNOWN_MODULES: [&str; 9] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "qkv_proj",
-    "gate_up_proj",
-];
-
 /// The linear layers of a Llama-family block, by their Hugging Face names.
 pub const ALL_LINEAR: [&str; 7] = [
     "q_proj",
@@ -238,6 +223,10 @@ pub const ALL_LINEAR: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// Phi-3's fused modules, which `target_modules` may name besides [`ALL_LINEAR`]; which of them
+/// a model has is its family's business (`Arch::lora_targets`).
+pub const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -564,19 +553,17 @@ impl JobSpec {
         if names.is_empty() {
             return Err(err("lora.target_modules", "must name at least one module"));
         }
+        let known: Vec<&str> = ALL_LINEAR.iter().chain(&FUSED_MODULES).copied().collect();
         let mut ordered = Vec::new();
-        for known in KNOWN_MODULES {
-            if names.iter().any(|n| n == known) {
-                ordered.push(known.to_string());
+        for module in &known {
+            if names.iter().any(|n| n == module) {
+                ordered.push(module.to_string());
             }
         }
-        if let Some(bad) = names.iter().find(|n| !KNOWN_MODULES.contains(&n.as_str())) {
+        if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
             return Err(err(
                 "lora.target_modules",
-                format!(
-                    "unknown module {bad:?} (known: {})",
-                    KNOWN_MODULES.join(", ")
-                ),
+                format!("unknown module {bad:?} (known: {})", known.join(", ")),
             ));
         }
         lora.target_modules = TargetModules::List(ordered);

@@ -11,16 +11,7 @@ use qtune::spec::{DatasetFormat, JobSpec, LoraSpec};
 use qtune::train::{self, data, model, Silent};
 
 fn gemma3() -> PathBuf {
-    let dir = std::env::var("QTUNE_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/test-models"));
-    let path = dir.join("gemma-3-270m-q4_k_m.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-test-models.sh",
-        path.display()
-    );
-    path
+    crate::helpers::test_model("gemma-3-270m-q4_k_m.gguf")
 }
 
 fn fixture() -> serde_json::Value {

@@ -9,16 +9,7 @@ use qtune::spec::LoraSpec;
 use qtune::train::{self, data, generate, model, Silent};
 
 fn smollm2() -> PathBuf {
-    let dir = std::env::var("QTUNE_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/test-models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-test-models.sh",
-        path.display()
-    );
-    path
+    crate::helpers::test_model("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]

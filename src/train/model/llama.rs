@@ -467,15 +467,7 @@ impl Llama {
         targets: &Tensor,
         mode: ForwardMode,
     ) -> Result<ops::LossSum> {
-        let h = self.hidden_states(ids, mode)?;
-        let h = h
-            .reshape(((), self.cfg.hidden_size))?
-            .index_select(positions, 0)?;
-        Ok(ops::lm_head_cross_entropy(
-            &h,
-            self.lm_head_weight(),
-            targets,
-        )?)
+        self.loss_in(ids, None, positions, targets, mode)
     }
 
     /// [`Llama::loss_sum`] of a batch as the data pipeline makes it, packed or not.
@@ -484,14 +476,26 @@ impl Llama {
         batch: &crate::train::data::Batch,
         mode: ForwardMode,
     ) -> Result<ops::LossSum> {
-        let h = self.hidden_states_in(&batch.ids, batch.example_starts.as_deref(), mode)?;
+        let starts = batch.example_starts.as_deref();
+        self.loss_in(&batch.ids, starts, &batch.positions, &batch.targets, mode)
+    }
+
+    fn loss_in(
+        &self,
+        ids: &Tensor,
+        example_starts: Option<&[u32]>,
+        positions: &Tensor,
+        targets: &Tensor,
+        mode: ForwardMode,
+    ) -> Result<ops::LossSum> {
+        let h = self.hidden_states_in(ids, example_starts, mode)?;
         let h = h
             .reshape(((), self.cfg.hidden_size))?
-            .index_select(&batch.positions, 0)?;
+            .index_select(positions, 0)?;
         Ok(ops::lm_head_cross_entropy(
             &h,
             self.lm_head_weight(),
-            &batch.targets,
+            targets,
         )?)
     }
 

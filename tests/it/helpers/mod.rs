@@ -24,6 +24,21 @@ use qtune::cli::bench::random_model as synthetic;
 use qtune::spec::JobSpec;
 
 /// A tiny Llama folder (2 layers, hidden 32, byte tokenizer, ChatML template) in `dir/model`.
+/// A real pretrained model file that scripts/fetch-test-models.sh caches (in
+/// `$QTUNE_TEST_MODELS`, or `.cache/test-models`).
+pub fn test_model(file: &str) -> PathBuf {
+    let dir = std::env::var("QTUNE_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/test-models"));
+    let path = dir.join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        path.display()
+    );
+    path
+}
+
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let path = dir.join("model");
     synthetic::write_model_dir(&path, &synthetic::tiny_config(), 7).unwrap();
