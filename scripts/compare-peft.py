@@ -8,6 +8,12 @@ Configurations (each a pair of runs per round, qtune first on odd rounds and PEF
   f32      q,k,v,o, float32                  qtune bench            | peft_bench.py --config A
   f32-all  all seven linears, float32        qtune bench --all-linear | peft_bench.py --config B
   bf16     q,k,v,o, bf16 frozen weights      qtune bench --bf16     | peft_bf16_bench.py bf16weights
+  360m     SmolLM2-360M's shape, 1 x 512     qtune bench --shape 360m | scripts/peft-shape-bench.py
+  1.7b     SmolLM2-1.7B's shape, 1 x 512     qtune bench --shape 1.7b | scripts/peft-shape-bench.py
+  epoch    one real-data epoch: 900 chat examples from the standard library's docstrings
+           (scripts/make-docstring-chat.py), batch 8, max_seq_len 512, float32, q,k,v,o r 16:
+           `qtune train` (packing; timed from start to exit, loading included) | Trainer + PEFT
+           with dynamic padding and length grouping (peft_epoch.py; its training alone timed)
 
 Setup (once; about 3 GB): the reference scripts of ../shared/reference are copied to
 ~/.cache/qtune-peft-reference, their venv is made by their setup_venv.sh, and their
@@ -24,6 +30,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -74,8 +82,14 @@ def qtune_run(qtune, flags):
     return r["tokens_per_second"], r["peak_rss_bytes"] / 2**20
 
 
+# the larger shapes: one sequence of 512, fewer steps (a 1.7B step takes most of a minute here)
+SCALE_RUN = ["--batch", "1", "--seq", "512", "--warmup", "1", "--steps", "3"]
+
+
 def peft_run(py, config):
-    if config in ("A", "B"):
+    if config in ("360m", "1.7b"):
+        r = run_json([py, os.path.join(HERE, "peft-shape-bench.py"), "--shape", config, *SCALE_RUN], REPO)
+    elif config in ("A", "B"):
         r = run_json([py, "peft_bench.py", "--worker", "--config", config, "--batch", "4",
                       "--seq", "256", "--warmup", "3", "--steps", "5"], REFERENCE, "RESULT ")
     else:
@@ -87,7 +101,79 @@ CONFIGS = {
     "f32": ([], "A"),
     "f32-all": (["--all-linear"], "B"),
     "bf16": (["--bf16"], "bf16"),
+    "360m": (["--shape", "360m", *SCALE_RUN], "360m"),
+    "1.7b": (["--shape", "1.7b", *SCALE_RUN], "1.7b"),
 }
+
+EPOCH_ROWS = 900
+
+
+def epoch_data():
+    path = os.path.join(REFERENCE, "results", "docstring-chat.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    made = subprocess.run([sys.executable, os.path.join(HERE, "make-docstring-chat.py"), path,
+                           "--rows", str(EPOCH_ROWS)], capture_output=True, text=True, check=True)
+    print(f"epoch data: {made.stdout.strip()}")
+    return path
+
+
+def qtune_epoch(qtune, model_dir, data):
+    """Wall seconds of `qtune train` from start to exit, and its mean step loss."""
+    spec = {
+        "base_model": model_dir,
+        "dataset": {"url": data, "format": "messages"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-4, "lr_scheduler": "constant",
+                     "max_seq_len": 512, "packing": True},
+        "checkpoint_every_steps": 100000,
+        "seed": 0,
+    }
+    with tempfile.TemporaryDirectory() as out:
+        spec_path = os.path.join(out, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        t0 = time.perf_counter()
+        p = subprocess.run([qtune, "train", spec_path, "--output", os.path.join(out, "run")],
+                           cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            sys.exit(f"qtune train failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        rows = [json.loads(l) for l in open(os.path.join(out, "run", "metrics.jsonl")) if l.strip()]
+        losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+        return wall, statistics.mean(losses)
+
+
+def peft_epoch(py, model_dir, data):
+    r = run_json([py, "peft_epoch.py", model_dir, data, "--batch", "8", "--max-len", "512",
+                  "--group-by-length"], REFERENCE)
+    return r["train_seconds"], r["train_loss"], r["real_tokens"]
+
+
+def compare_epoch(py, qtune, rounds, model):
+    model_dir = os.path.join(REFERENCE, "models", "smollm2-135m-instruct")
+    data = epoch_data()
+    # the real (non-pad) tokens as peft_epoch.py counts them: the same chat template and
+    # tokenizer as qtune's, so one count serves both
+    q, p, real_tokens = [], [], None
+    for i in range(rounds):
+        order = [("qtune", lambda: qtune_epoch(qtune, model_dir, data)),
+                 ("peft", lambda: peft_epoch(py, model_dir, data))]
+        if i % 2:
+            order.reverse()
+        for tool, run in order:
+            secs, loss, *tokens = run()
+            real_tokens = tokens[0] if tokens else real_tokens
+            (q if tool == "qtune" else p).append(secs)
+            print(f"  epoch round {i + 1}: {tool} {secs:.0f} s, mean step loss {loss:.4f}", flush=True)
+    qs, ps = statistics.median(q), statistics.median(p)
+    print()
+    print(f"| one epoch, {EPOCH_ROWS} examples, batch 8, max 512, {model} | qtune (packing, load included) "
+          f"| Trainer + PEFT (dynamic padding, length grouping; training alone) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| wall seconds (median of {rounds}: {', '.join(f'{x:.0f}' for x in q)} / "
+          f"{', '.join(f'{x:.0f}' for x in p)}) | {qs:.0f} | {ps:.0f} | {ps / qs:.2f}x |")
+    print(f"| real tokens/s ({real_tokens} real tokens) | {real_tokens / qs:.0f} | {real_tokens / ps:.0f} | |")
 
 
 def main():
@@ -102,7 +188,11 @@ def main():
     model, matrix = cpu()
     print(f"CPU: {model}; {os.cpu_count()} cores seen, 2 threads each; flags: {' '.join(matrix) or 'none'}")
     rows = []
-    for name in a.configs.split(","):
+    names = a.configs.split(",")
+    if "epoch" in names:
+        compare_epoch(py, a.qtune, a.rounds, model)
+        names.remove("epoch")
+    for name in names:
         flags, ref = CONFIGS[name]
         q, p = [], []
         for i in range(a.rounds):
@@ -119,7 +209,7 @@ def main():
         pr = statistics.median(r for _, r in p)
         rows.append((name, qm, pm, qr, pr, q, p))
     print()
-    print(f"| 4 x 256, {model} | qtune tok/s (median) | PEFT tok/s (median) | ratio | peak RSS qtune / PEFT |")
+    print(f"| {model} (4 x 256; 360m, 1.7b: 1 x 512) | qtune tok/s (median) | PEFT tok/s (median) | ratio | peak RSS qtune / PEFT |")
     print("|---|---|---|---|---|")
     for name, qm, pm, qr, pr, q, p in rows:
         print(f"| {name} | {qm:.0f} ({', '.join(f'{t:.0f}' for t, _ in q)}) | "

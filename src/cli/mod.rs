@@ -138,7 +138,7 @@ pub enum Command {
         #[arg(long, default_value = "cpu", env = "QTUNE_DEVICE")]
         device: String,
     },
-    /// Measure a training step at SmolLM2-135M's shape (random weights): tokens/s, peak RSS.
+    /// Measure a training step at one of SmolLM2's shapes (random weights): tokens/s, peak RSS.
     Bench(bench::BenchOptions),
     /// Time generation: time to first token and decode tokens/s (1 and N streams, base and with
     /// an adapter), and the memory of one base with many adapters.

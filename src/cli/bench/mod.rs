@@ -1,5 +1,5 @@
-//! `qtune bench`: tokens/s and peak memory of a LoRA training step at SmolLM2-135M's shape
-//! (random weights), timing the trainer's own step ([`trainer::optimizer_step`]). Comparisons
+//! `qtune bench`: tokens/s and peak memory of a LoRA training step at one of SmolLM2's shapes
+//! (135M, 360M, 1.7B; random weights), timing the trainer's own step ([`trainer::optimizer_step`]). Comparisons
 //! with PyTorch + PEFT are made side by side on one machine, with the reference scripts run in
 //! the same sitting: figures from another machine are not a comparison, so none are printed here.
 //! `qtune bench-api` (`api.rs`) loads the HTTP API.
@@ -20,9 +20,41 @@ use crate::train::optim::Optimizer;
 use crate::train::timing::{self, Part};
 use crate::train::{data, trainer, Result};
 
-/// `qtune bench`: one training step configuration at SmolLM2-135M's shape (random weights).
+/// The model shapes `qtune bench` measures (SmolLM2's sizes; random weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchShape {
+    #[value(name = "135m")]
+    Smollm2_135m,
+    #[value(name = "360m")]
+    Smollm2_360m,
+    #[value(name = "1.7b")]
+    Smollm2_1_7b,
+}
+
+impl BenchShape {
+    pub fn config(self) -> ModelConfig {
+        match self {
+            BenchShape::Smollm2_135m => random_model::smollm2_135m_config(),
+            BenchShape::Smollm2_360m => random_model::smollm2_360m_config(),
+            BenchShape::Smollm2_1_7b => random_model::smollm2_1_7b_config(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BenchShape::Smollm2_135m => "SmolLM2-135M",
+            BenchShape::Smollm2_360m => "SmolLM2-360M",
+            BenchShape::Smollm2_1_7b => "SmolLM2-1.7B",
+        }
+    }
+}
+
+/// `qtune bench`: one training step configuration at one of SmolLM2's shapes (random weights).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// The model's shape: SmolLM2-135M, -360M or -1.7B.
+    #[arg(long, value_enum, default_value = "135m")]
+    pub shape: BenchShape,
     /// LoRA on all seven linears instead of q,k,v,o.
     #[arg(long)]
     pub all_linear: bool,
@@ -34,7 +66,7 @@ pub struct BenchOptions {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Fewer layers for a quick look (default: the model's 30).
+    /// Fewer layers for a quick look (default: all of the shape's layers).
     #[arg(long)]
     pub layers: Option<usize>,
     /// Quantize the frozen base (QLoRA): nf4, fp4 or int8.
@@ -125,7 +157,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         .bf16
         .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true))
         .flatten();
-    let mut cfg = random_model::smollm2_135m_config();
+    let mut cfg = opts.shape.config();
     if let Some(l) = opts.layers {
         cfg.num_hidden_layers = l;
     }
@@ -143,7 +175,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     };
     let names = lora.target_modules.names();
     println!(
-        "qtune bench: SmolLM2-135M shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        "qtune bench: {} shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        opts.shape.name(),
         cfg.num_hidden_layers,
         opts.quant
             .as_deref()
@@ -334,6 +367,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
+                "shape": opts.shape.name(),
                 "targets": if opts.all_linear { "all-linear" } else { "q,k,v,o" },
                 "batch": opts.batch,
                 "seq": opts.seq,

@@ -62,6 +62,31 @@ pub fn smollm2_135m_config() -> ModelConfig {
     }
 }
 
+/// SmolLM2-360M's shape (32 layers, hidden 960, 15 heads, 5 KV heads, intermediate 2560).
+pub fn smollm2_360m_config() -> ModelConfig {
+    ModelConfig {
+        hidden_size: 960,
+        intermediate_size: 2560,
+        num_hidden_layers: 32,
+        num_attention_heads: 15,
+        num_key_value_heads: 5,
+        ..smollm2_135m_config()
+    }
+}
+
+/// SmolLM2-1.7B's shape (24 layers, hidden 2048, 32 heads and 32 KV heads, intermediate 8192).
+pub fn smollm2_1_7b_config() -> ModelConfig {
+    ModelConfig {
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_hidden_layers: 24,
+        num_attention_heads: 32,
+        num_key_value_heads: 32,
+        rope_theta: 130_000.0,
+        ..smollm2_135m_config()
+    }
+}
+
 fn normal(shape: (usize, usize), std: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let dist = Normal::new(0.0f32, std).expect("valid std");
     let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| dist.sample(rng)).collect();
