@@ -10,8 +10,8 @@ Configurations (each a pair of runs per round, qtune first on odd rounds and PEF
   bf16     q,k,v,o, bf16 frozen weights      qtune bench --bf16     | peft_bf16_bench.py bf16weights
   360m     SmolLM2-360M's shape, 1 x 512     qtune bench --shape 360m | scripts/peft-shape-bench.py
   1.7b     SmolLM2-1.7B's shape, 1 x 512     qtune bench --shape 1.7b | scripts/peft-shape-bench.py
-  epoch    one real-data epoch: 900 chat examples from the standard library's docstrings
-           (scripts/make-docstring-chat.py), batch 8, max_seq_len 512, float32, q,k,v,o r 16:
+  epoch    one real-data epoch: 900 chat examples (--epoch-rows) from the standard library's
+           docstrings (scripts/make-docstring-chat.py), batch 8, max_seq_len 512, float32, q,k,v,o r 16:
            `qtune train` (packing; timed from start to exit, loading included) | Trainer + PEFT
            with dynamic padding and length grouping (peft_epoch.py; its training alone timed)
 
@@ -105,14 +105,11 @@ CONFIGS = {
     "1.7b": (["--shape", "1.7b", *SCALE_RUN], "1.7b"),
 }
 
-EPOCH_ROWS = 900
-
-
-def epoch_data():
-    path = os.path.join(REFERENCE, "results", "docstring-chat.jsonl")
+def epoch_data(rows):
+    path = os.path.join(REFERENCE, "results", f"docstring-chat-{rows}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     made = subprocess.run([sys.executable, os.path.join(HERE, "make-docstring-chat.py"), path,
-                           "--rows", str(EPOCH_ROWS)], capture_output=True, text=True, check=True)
+                           "--rows", str(rows)], capture_output=True, text=True, check=True)
     print(f"epoch data: {made.stdout.strip()}")
     return path
 
@@ -150,9 +147,9 @@ def peft_epoch(py, model_dir, data):
     return r["train_seconds"], r["train_loss"], r["real_tokens"]
 
 
-def compare_epoch(py, qtune, rounds, model):
+def compare_epoch(py, qtune, rounds, model, rows):
     model_dir = os.path.join(REFERENCE, "models", "smollm2-135m-instruct")
-    data = epoch_data()
+    data = epoch_data(rows)
     # the real (non-pad) tokens as peft_epoch.py counts them: the same chat template and
     # tokenizer as qtune's, so one count serves both
     q, p, real_tokens = [], [], None
@@ -168,7 +165,7 @@ def compare_epoch(py, qtune, rounds, model):
             print(f"  epoch round {i + 1}: {tool} {secs:.0f} s, mean step loss {loss:.4f}", flush=True)
     qs, ps = statistics.median(q), statistics.median(p)
     print()
-    print(f"| one epoch, {EPOCH_ROWS} examples, batch 8, max 512, {model} | qtune (packing, load included) "
+    print(f"| one epoch, {rows} examples, batch 8, max 512, {model} | qtune (packing, load included) "
           f"| Trainer + PEFT (dynamic padding, length grouping; training alone) | ratio |")
     print("|---|---|---|---|")
     print(f"| wall seconds (median of {rounds}: {', '.join(f'{x:.0f}' for x in q)} / "
@@ -181,6 +178,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default="f32,bf16,f32-all")
     ap.add_argument("--qtune", default=os.path.join(REPO, "target", "release", "qtune"))
+    # 900 examples: qtune about 5 minutes, Trainer + PEFT about 40 on 2 cores
+    ap.add_argument("--epoch-rows", type=int, default=900)
     a = ap.parse_args()
     py = setup()
     # the ids peft_bench.py's workers read
@@ -190,7 +189,7 @@ def main():
     rows = []
     names = a.configs.split(",")
     if "epoch" in names:
-        compare_epoch(py, a.qtune, a.rounds, model)
+        compare_epoch(py, a.qtune, a.rounds, model, a.epoch_rows)
         names.remove("epoch")
     for name in names:
         flags, ref = CONFIGS[name]

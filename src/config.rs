@@ -38,6 +38,11 @@ pub struct ServeConfig {
     /// fails with too_many_failovers.
     #[arg(long, env = "QTUNE_MAX_FAILOVERS", default_value_t = 3)]
     pub max_failovers: u32,
+    /// Memory each worker may plan a job for, in MiB (default: its device's: the host's
+    /// available memory on the CPU, the GPU's free memory on CUDA). A worker claims only jobs
+    /// whose estimated peak fits what it has free.
+    #[arg(long, env = "QTUNE_WORKER_MEMORY_MIB")]
+    pub worker_memory_mib: Option<u64>,
     /// One worker per device, comma-separated: cpu, cuda:0, cuda:1, ...
     #[arg(
         long,
@@ -144,6 +149,7 @@ impl ServeConfig {
             workers: None,
             lease_secs: 30,
             max_failovers: 3,
+            worker_memory_mib: None,
             devices: vec!["cpu".into()],
             api_keys: vec![],
             allow_file_dirs: vec![],

@@ -10,7 +10,8 @@
 //! - [`state`]: what handlers and workers share; [`events`]: job events and their bus.
 //! - [`http`]: serving the router (connection cap, header-read timeout, graceful shutdown).
 //! - [`api`]: HTTP handlers (thin: parse, one call into `db`, `queue` or `artifacts`, answer JSON).
-//! - [`queue`]: submitting (with its checks) and cancelling jobs.
+//! - [`queue`]: submitting (with its checks) and cancelling jobs; [`estimate`]: what a spec would
+//!   need and take on the pool's workers, before it is queued.
 //! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
 //! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
 //! - [`egress`]: which addresses dataset URLs may reach; [`model_access`]: which base models a job may name.
@@ -27,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod egress;
+pub mod estimate;
 pub mod events;
 pub mod http;
 pub mod inference;

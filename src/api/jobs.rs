@@ -101,6 +101,45 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(job_view(&row))).into_response())
 }
 
+/// `POST /v1/jobs/estimate`: a job spec's peak memory and time on the pool's workers, without
+/// queueing it.
+pub async fn estimate(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    super::require_json(&headers, "a job spec")?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+        .param("body"));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body is not UTF-8",
+        )
+    })?;
+    let spec = JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))?;
+    crate::model_access::check_base_model(&state.config, &spec.base_model)
+        .map_err(|m| ApiError::invalid("base_model", m))?;
+    match crate::estimate::estimate(&state, &spec).await {
+        Ok(estimate) => Ok(Json(estimate).into_response()),
+        Err(crate::estimate::EstimateError::Model(m)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "model_unavailable",
+            format!("base_model {:?}: {m}", spec.base_model),
+        )
+        .param("base_model")),
+        Err(crate::estimate::EstimateError::Db(e)) => Err(e.into()),
+    }
+}
+
 /// Submits `spec`, once per `Idempotency-Key`: a repeat of the request (same key, same body)
 /// answers with the job the first one made; the same key with another body is refused; a repeat
 /// that arrives while the first is still being queued gets a 409 to retry.

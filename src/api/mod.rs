@@ -36,6 +36,7 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/estimate", post(jobs::estimate))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/pause", post(jobs::pause))

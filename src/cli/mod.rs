@@ -340,7 +340,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 max_total_steps: None,
             };
             let outcome = train::run(&spec, &opts, &mut PrintReporter)?;
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            // the process's peak resident memory: what `POST /v1/jobs/estimate` predicts on the CPU
+            let mut summary = serde_json::to_value(&outcome)?;
+            summary["peak_rss_bytes"] = train::device::peak_rss_bytes().into();
+            println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
         Command::Bench(opts) => Ok(bench::run(&opts)?),

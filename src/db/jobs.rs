@@ -139,7 +139,7 @@ const JOB_COLUMNS: [&str; 22] = [
 ];
 
 /// The condition every fenced write adds: the job is still running under this attempt.
-const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
+pub(super) const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 
 impl Db {
     pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &str) -> Result<JobRow> {
@@ -413,7 +413,12 @@ impl Db {
     /// Claims a runnable job — queued, or running under a lease that expired (its worker died) —
     /// of the owner with the fewest jobs running, the oldest first: one tenant's long queue does
     /// not hold every worker. Atomic: two workers never get the same job.
-    pub async fn claim_next(&self, worker: &str, lease_secs: i64) -> Result<Option<Claim>> {
+    pub async fn claim_next(
+        &self,
+        worker: &str,
+        lease_secs: i64,
+        free_bytes: u64,
+    ) -> Result<Option<Claim>> {
         let now = now();
         // PostgreSQL: the picked row is locked for this claim and skipped by concurrent ones, so
         // racing workers each get a different job instead of waiting on one another
@@ -430,6 +435,10 @@ impl Db {
              WHERE seq = (SELECT q.seq FROM jobs q
                           WHERE (q.status = 'queued' OR (q.status = 'running' AND q.lease_expires_at < ?::timestamptz))
                             AND q.cancel_requested = 0
+                            -- a job whose estimated peak is known and larger than this
+                            -- worker's free memory is left for one with room
+                            AND NOT EXISTS (SELECT 1 FROM job_memory m
+                                            WHERE m.job_id = q.id AND m.peak_bytes > ?)
                             AND (SELECT COUNT(*) FROM jobs r
                                  WHERE r.status = 'running' AND r.owner IS NOT DISTINCT FROM q.owner
                                    AND r.seq != q.seq) < ?
@@ -446,6 +455,7 @@ impl Db {
         .bind(in_seconds(lease_secs))
         .bind(&now)
         .bind(&now)
+        .bind(i64::try_from(free_bytes).unwrap_or(i64::MAX))
         .bind(self.max_running_per_owner)
         .fetch_optional(&self.pool)
         .await?;

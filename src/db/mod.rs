@@ -7,7 +7,8 @@
 //! events, checkpoints, the finish — names the [`Lease`] it claimed and is refused once another
 //! attempt has taken the job. `events.rs` is the event log (the SSE history), `files.rs` the
 //! uploads, `idempotency.rs` the keys that make a repeated POST answer with its first object,
-//! `notify.rs` PostgreSQL's LISTEN/NOTIFY between processes.
+//! `notify.rs` PostgreSQL's LISTEN/NOTIFY between processes, `workers.rs` the pool's devices
+//! and the jobs' memory estimates.
 //!
 //! The SQL is written once, for both: `?` parameters, `?::timestamptz` for a time parameter, and
 //! times read through [`Db::time`]; [`Db::sql`] makes the backend's text. Times are RFC 3339 text
@@ -18,6 +19,7 @@ mod files;
 mod idempotency;
 mod jobs;
 pub mod notify;
+mod workers;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
@@ -29,6 +31,7 @@ pub use jobs::{
     CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome,
     StopRequest,
 };
+pub use workers::{WorkerRow, WORKER_SEEN_SECS};
 
 use crate::job::JobId;
 

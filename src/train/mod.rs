@@ -8,10 +8,12 @@
 //! Modules: `model` (loading, the decoder), `ops` (differentiable fast ops), `tokenizer`
 //! (tokenizer + chat template), `data` (JSONL → labelled examples → batches), `optim`
 //! (AdamW/SGD, schedule, clipping), `trainer` (the step, evaluation, checkpoint saving),
-//! `checkpoint` (PEFT adapter + resume state), `device` (device names).
+//! `checkpoint` (PEFT adapter + resume state), `device` (device names and memory), `cost` (a
+//! job's peak memory and work, estimated before it runs).
 
 pub mod attention;
 pub mod checkpoint;
+pub mod cost;
 mod cpu;
 pub mod data;
 pub mod device;

@@ -463,7 +463,7 @@ fn check(status: Status, what: &str) -> Result<(), String> {
 
 /// GFLOP/s of oneDNN's matmul on (m×k)·(k×n), the weight as stored (transposed), f32 or bf16
 /// inputs: the ceiling a training step's matmul share is measured against.
-pub fn matmul_gflops(m: usize, n: usize, k: usize, bf16: bool) -> Option<f64> {
+pub fn matmul_gflops(m: usize, n: usize, k: usize, bf16: bool, runs: usize) -> Option<f64> {
     if !(enabled() && available()) {
         return None;
     }
@@ -480,7 +480,7 @@ pub fn matmul_gflops(m: usize, n: usize, k: usize, bf16: bool) -> Option<f64> {
     // The fastest of many runs: a ceiling, and robust to a neighbour stealing a core for a while
     // (a median of 12 read anywhere from 390 to 500 GFLOP/s on this shared machine).
     let mut times = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..runs.max(1) {
         let t0 = std::time::Instant::now();
         let out = if bf16 {
             matmul_bf16(m, n, k, &a16, &b16, true)

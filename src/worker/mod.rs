@@ -1,8 +1,12 @@
 //! The worker pool: one worker per device claims queued jobs from the database under a lease
 //! (`lease.rs`), runs each (`runner.rs`: fetch with `fetch.rs`, the engine on a blocking
-//! thread, its events stored by `persist.rs`) and records how it ended. `retention.rs` removes
+//! thread, its events stored by `persist.rs`) and records how it ended. `capacity.rs` is the
+//! worker's device as the pool sees it (memory, rate) and the memory check a claimed job passes
+//! first: a job is claimed only by a worker whose free memory holds its estimated peak, and fails
+//! with the estimate when no device in the pool could ever hold it. `retention.rs` removes
 //! finished jobs' artifacts once they are older than the operator keeps them.
 
+mod capacity;
 mod fetch;
 mod lease;
 mod persist;
@@ -21,6 +25,7 @@ use crate::db::{self, Lease};
 use crate::events::{JobEvent, StatusChange};
 use crate::job::{JobErrorView, JobStatus};
 use crate::state::AppState;
+use capacity::WorkerDevice;
 
 /// Runs one worker until the server shuts down.
 pub async fn run(state: AppState, device_name: String) {
@@ -32,13 +37,26 @@ pub async fn run(state: AppState, device_name: String) {
             return;
         }
     };
+    let cap = state.config.worker_memory_mib.map(|mib| mib << 20);
+    let (id, name) = (worker_id.clone(), device_name.clone());
+    let device =
+        match tokio::task::spawn_blocking(move || WorkerDevice::new(id, name, device, cap)).await {
+            Ok(d) => std::sync::Arc::new(d),
+            Err(e) => {
+                tracing::error!(device = %device_name, error = %e, "worker not started");
+                return;
+            }
+        };
+    let reporting = tokio::spawn(capacity::keep_reporting(state.clone(), device.clone()));
     state.workers_up.fetch_add(1, Ordering::SeqCst);
     tracing::info!(worker = %worker_id, "worker up");
     while !state.shutdown.is_cancelled() {
         settle_stopped_orphans(&state).await;
+        // what this worker could give a job now: a job known to need more is left for others
+        let free = device.memory().map_or(u64::MAX, |m| m.free);
         let claim = match state
             .db
-            .claim_next(&worker_id, lease::lease_secs(&state))
+            .claim_next(&worker_id, lease::lease_secs(&state), free)
             .await
         {
             Ok(c) => c,
@@ -90,6 +108,7 @@ pub async fn run(state: AppState, device_name: String) {
         }
     }
     state.workers_up.fetch_sub(1, Ordering::SeqCst);
+    let _ = reporting.await;
 }
 
 /// Writes how a run ended — finished (succeeded, failed, cancelled), paused, or back in the
@@ -103,12 +122,13 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
             );
             return Ok(());
         }
-        Outcome::Interrupted | Outcome::Paused => {
+        Outcome::Interrupted | Outcome::Paused | Outcome::Waiting { .. } => {
             let (to, reason) = match outcome {
                 Outcome::Paused => (
                     JobStatus::Paused,
                     "paused on request; resuming continues from its last checkpoint",
                 ),
+                Outcome::Waiting { reason } => (JobStatus::Queued, reason.as_str()),
                 _ => (
                     JobStatus::Queued,
                     "server shutting down; resumes from its last checkpoint",

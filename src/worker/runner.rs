@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::capacity::WorkerDevice;
 use super::fetch::{self, FetchError};
 use super::lease;
 use super::persist::Persister;
@@ -38,6 +39,11 @@ pub enum Outcome {
     Interrupted,
     /// Another attempt holds the job now: nothing this one writes is kept.
     LeaseLost,
+    /// Back to the queue before it started: its estimated peak memory does not fit this worker
+    /// now, but another device in the pool is large enough.
+    Waiting {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -68,7 +74,7 @@ impl Reporter for ChannelReporter {
 
 /// Runs a claimed job to its end. Call within the job's tracing span: the engine's log lines
 /// inherit it.
-pub async fn run_one(state: &AppState, device: &candle_core::Device, claim: Claim) -> Outcome {
+pub async fn run_one(state: &AppState, device: &WorkerDevice, claim: Claim) -> Outcome {
     let stop = state.running.start(&claim.lease.job);
     let outcome = run(state, device, &claim, stop).await;
     state.running.finish(&claim.lease.job);
@@ -90,7 +96,7 @@ fn written<T>(result: db::Result<T>, what: &str) -> Result<(), Outcome> {
 
 async fn run(
     state: &AppState,
-    device: &candle_core::Device,
+    device: &WorkerDevice,
     claim: &Claim,
     stop: Arc<AtomicBool>,
 ) -> Outcome {
@@ -101,7 +107,7 @@ async fn run(
 
 async fn try_run(
     state: &AppState,
-    device: &candle_core::Device,
+    device: &WorkerDevice,
     claim: &Claim,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome, Outcome> {
@@ -122,6 +128,7 @@ async fn try_run(
     // checked at submission too; the operator's lists may have changed since
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| Outcome::failed("model_not_allowed", format!("base_model: {m}")))?;
+    super::capacity::check_fit(state, device, lease, &spec).await?;
 
     written(
         state.db.set_phase(lease, JobPhase::FetchingDataset).await,
@@ -205,7 +212,7 @@ async fn try_run(
     }
     let opts = train::RunOptions {
         output_dir: out,
-        device: device.clone(),
+        device: device.device.clone(),
         resume: true,
         init_adapter,
         datasets: Some(datasets),

@@ -413,14 +413,26 @@ async fn tenants_take_turns_at_the_queue() {
     }
     let b_job = JobId::new();
     db.insert_job(&b_job, Some("tenant-b"), spec).await.unwrap();
-    let first = db.claim_next("w1", LEASE_SECS).await.unwrap().unwrap();
+    let first = db
+        .claim_next("w1", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.lease.job, a_jobs[0], "the oldest job first");
-    let second = db.claim_next("w2", LEASE_SECS).await.unwrap().unwrap();
+    let second = db
+        .claim_next("w2", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         second.lease.job, b_job,
         "tenant b's only job before tenant a's second, though it came later"
     );
-    let third = db.claim_next("w3", LEASE_SECS).await.unwrap().unwrap();
+    let third = db
+        .claim_next("w3", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(third.lease.job, a_jobs[1]);
     app.shutdown().await;
 }
@@ -944,13 +956,24 @@ async fn one_key_cannot_hold_every_worker() {
     for _ in 0..3 {
         db.insert_job(&JobId::new(), Some("a"), spec).await.unwrap();
     }
-    assert!(db.claim_next("w1", LEASE_SECS).await.unwrap().is_some());
+    assert!(db
+        .claim_next("w1", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .is_some());
     assert!(
-        db.claim_next("w2", LEASE_SECS).await.unwrap().is_none(),
+        db.claim_next("w2", LEASE_SECS, u64::MAX)
+            .await
+            .unwrap()
+            .is_none(),
         "a's second job waits while its first runs"
     );
     db.insert_job(&JobId::new(), Some("b"), spec).await.unwrap();
-    let claim = db.claim_next("w2", LEASE_SECS).await.unwrap().unwrap();
+    let claim = db
+        .claim_next("w2", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     let row = db.get_job(&claim.lease.job, None).await.unwrap().unwrap();
     assert_eq!(row.owner.as_deref(), Some("b"));
     app.shutdown().await;

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api;
+mod capacity;
 mod chaos;
 mod cli;
 mod client;

@@ -53,11 +53,19 @@ async fn two_workers_race_for_one_job_and_exactly_one_wins() {
         let (ca, cb) = tokio::join!(
             tokio::spawn({
                 let a = a.clone();
-                async move { a.claim_next("worker-a", LEASE_SECS).await.unwrap() }
+                async move {
+                    a.claim_next("worker-a", LEASE_SECS, u64::MAX)
+                        .await
+                        .unwrap()
+                }
             }),
             tokio::spawn({
                 let b = b.clone();
-                async move { b.claim_next("worker-b", LEASE_SECS).await.unwrap() }
+                async move {
+                    b.claim_next("worker-b", LEASE_SECS, u64::MAX)
+                        .await
+                        .unwrap()
+                }
             }),
         );
         let winners: Vec<(&str, Lease)> = [("worker-a", ca.unwrap()), ("worker-b", cb.unwrap())]
@@ -94,7 +102,7 @@ async fn workers_draining_a_queue_claim_each_job_once() {
             let db = Db::connect(&url, 1).await.unwrap();
             let name = format!("worker-{n}");
             let mut won = Vec::new();
-            while let Some(claim) = db.claim_next(&name, LEASE_SECS).await.unwrap() {
+            while let Some(claim) = db.claim_next(&name, LEASE_SECS, u64::MAX).await.unwrap() {
                 db.finish(&claim.lease, JobStatus::Succeeded, None, None, "{}")
                     .await
                     .unwrap();
@@ -128,7 +136,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     db.insert_job(&id, None, SPEC).await.unwrap();
 
     let first = db
-        .claim_next("worker-a", LEASE_SECS)
+        .claim_next("worker-a", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -139,7 +147,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     db.set_progress(&a, &step(1)).await.unwrap();
     db.insert_checkpoint(&a, 1, "[]").await.unwrap();
     assert!(db
-        .claim_next("worker-b", LEASE_SECS)
+        .claim_next("worker-b", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .is_none());
@@ -147,7 +155,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     // worker A goes silent: its lease runs out and worker B takes the job over
     db.set_lease_expiry(&a, -5).await.unwrap();
     let second = db
-        .claim_next("worker-b", LEASE_SECS)
+        .claim_next("worker-b", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -212,7 +220,7 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
 
     let claim = state
         .db
-        .claim_next("test", LEASE_SECS)
+        .claim_next("test", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -239,7 +247,7 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
     // a requeue whose lease was taken over is refused, and the caller hears why
     let second = state
         .db
-        .claim_next("test", LEASE_SECS)
+        .claim_next("test", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -247,7 +255,7 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
     state.db.set_lease_expiry(&second.lease, -1).await.unwrap();
     let third = state
         .db
-        .claim_next("other", LEASE_SECS)
+        .claim_next("other", LEASE_SECS, u64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -303,19 +311,31 @@ async fn a_job_that_keeps_losing_its_worker_fails_with_too_many_failovers() {
     let db = &app.state.db;
     let mut failovers = Vec::new();
     for worker in ["w1", "w2", "w3"] {
-        let claim = db.claim_next(worker, LEASE_SECS).await.unwrap().unwrap();
+        let claim = db
+            .claim_next(worker, LEASE_SECS, u64::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         failovers.push(claim.failovers);
         // the worker dies: its lease runs out
         db.set_lease_expiry(&claim.lease, -1).await.unwrap();
     }
     assert_eq!(failovers, [0, 1, 2]);
     // a graceful requeue is no failover
-    let claim = db.claim_next("w4", LEASE_SECS).await.unwrap().unwrap();
+    let claim = db
+        .claim_next("w4", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(claim.failovers, 3);
     db.requeue(&claim.lease, JobStatus::Queued, "{}")
         .await
         .unwrap();
-    let claim = db.claim_next("w5", LEASE_SECS).await.unwrap().unwrap();
+    let claim = db
+        .claim_next("w5", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(claim.failovers, 3);
     db.set_lease_expiry(&claim.lease, -1).await.unwrap();
 
@@ -406,7 +426,11 @@ async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
     let (pausing, cancelling) = (JobId::new(), JobId::new());
     for id in [&pausing, &cancelling] {
         db.insert_job(id, None, SPEC).await.unwrap();
-        let claim = db.claim_next("w", LEASE_SECS).await.unwrap().unwrap();
+        let claim = db
+            .claim_next("w", LEASE_SECS, u64::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&claim.lease.job, id);
     }
     assert!(matches!(
@@ -430,7 +454,11 @@ async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
         };
         db.set_lease_expiry(&lease, -1).await.unwrap();
     }
-    assert!(db.claim_next("w2", LEASE_SECS).await.unwrap().is_none());
+    assert!(db
+        .claim_next("w2", LEASE_SECS, u64::MAX)
+        .await
+        .unwrap()
+        .is_none());
     let mut settled = db
         .settle_stopped_orphans(r#"{"status":"paused"}"#, r#"{"status":"cancelled"}"#)
         .await
@@ -448,7 +476,7 @@ async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
     let (outcome, _) = db.resume(&pausing, None, "{}").await.unwrap();
     assert!(matches!(outcome, db::ResumeOutcome::Resumed));
     assert_eq!(
-        db.claim_next("w2", LEASE_SECS)
+        db.claim_next("w2", LEASE_SECS, u64::MAX)
             .await
             .unwrap()
             .unwrap()
@@ -456,4 +484,62 @@ async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
             .job,
         pausing
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_skips_a_job_whose_estimated_peak_exceeds_the_workers_free_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&crate::helpers::test_database(dir.path()), 4)
+        .await
+        .unwrap();
+    let id = JobId::new();
+    db.insert_job(&id, None, SPEC).await.unwrap();
+    // unknown needs: any worker may claim it; its estimate is recorded and it goes back
+    let first = db
+        .claim_next("small", LEASE_SECS, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    db.set_job_memory(&first.lease, 5000).await.unwrap();
+    db.requeue(&first.lease, JobStatus::Queued, "{}")
+        .await
+        .unwrap();
+    // a late estimate of that attempt is refused
+    assert!(is_lease_lost(db.set_job_memory(&first.lease, 1).await));
+    assert!(db
+        .claim_next("small", LEASE_SECS, 4999)
+        .await
+        .unwrap()
+        .is_none());
+    let second = db
+        .claim_next("large", LEASE_SECS, 5000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.lease.job, second.lease.attempt), (id, 2));
+
+    // the pool as workers report it: one row each, rewritten, largest device first
+    db.report_worker("w-small", "cpu", 1 << 30, 1 << 29, Some(100.0))
+        .await
+        .unwrap();
+    db.report_worker("w-large", "cuda:0", 80 << 30, 70 << 30, None)
+        .await
+        .unwrap();
+    db.report_worker("w-small", "cpu", 2 << 30, 1 << 30, Some(120.0))
+        .await
+        .unwrap();
+    let pool = db.live_workers().await.unwrap();
+    let seen: Vec<(&str, i64, i64, Option<f64>)> = pool
+        .iter()
+        .map(|w| (w.id.as_str(), w.total_bytes, w.free_bytes, w.gflops))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("w-large", 80 << 30, 70 << 30, None),
+            ("w-small", 2 << 30, 1 << 30, Some(120.0))
+        ]
+    );
+    db.remove_worker("w-large").await.unwrap();
+    assert_eq!(db.live_workers().await.unwrap().len(), 1);
 }

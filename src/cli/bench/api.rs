@@ -266,7 +266,7 @@ async fn claim_race(url: &str, workers: usize, jobs: usize) -> anyhow::Result<()
                 // loop retries, and counted.
                 let locked = |e: &crate::db::Error| e.to_string().contains("database is locked");
                 loop {
-                    let claim = match db.claim_next(&format!("bench-{w}"), 60).await {
+                    let claim = match db.claim_next(&format!("bench-{w}"), 60, u64::MAX).await {
                         Ok(Some(claim)) => claim,
                         Ok(None) => break,
                         Err(e) if locked(&e) && refused < 1000 => {

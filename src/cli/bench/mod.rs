@@ -8,14 +8,12 @@ pub mod api;
 pub mod generate;
 pub mod random_model;
 
-use std::time::Instant;
-
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::spec::{LoraSpec, TargetModules, ALL_LINEAR};
-use crate::train::model::{Llama, ModelConfig, Proj};
+use crate::train::model::{Llama, ModelConfig};
 use crate::train::optim::Optimizer;
 use crate::train::timing::{self, Part};
 use crate::train::{data, trainer, Result};
@@ -84,63 +82,9 @@ pub struct BenchOptions {
     pub bf16: bool,
 }
 
-/// Peak resident set size of this process so far, in GiB (Linux `VmHWM`).
+/// Peak resident set size of this process so far, in GiB.
 pub fn peak_rss_gib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / (1024.0 * 1024.0))
-        .unwrap_or(f64::NAN)
-}
-
-/// Analytic matmul FLOPs per token of a LoRA training step (as in the PEFT reference script):
-/// frozen linears and lm_head 4·N (no weight gradients), attention 3 × forward, LoRA 6r(in+out).
-pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usize) -> f64 {
-    let n_lin: usize = Proj::ALL
-        .iter()
-        .map(|&p| {
-            let (o, i) = cfg.linear_shape(p);
-            o * i
-        })
-        .sum::<usize>()
-        * cfg.num_hidden_layers
-        + cfg.hidden_size * cfg.vocab_size;
-    let attn = 3 * cfg.num_hidden_layers * 2 * (2 * seq * cfg.num_attention_heads * cfg.head_dim);
-    let lora: usize = targets
-        .iter()
-        .filter_map(|m| Proj::from_name(m))
-        .map(|p| {
-            let (o, i) = cfg.linear_shape(p);
-            6 * r * (i + o)
-        })
-        .sum::<usize>()
-        * cfg.num_hidden_layers;
-    (4 * n_lin + attn + lora) as f64
-}
-
-/// GFLOP/s of the float32 matmul the frozen linears use (oneDNN when installed, else candle's
-/// gemm) on 1024×576 @ 576×1536, the model's MLP shape, fastest of many runs: the ceiling a
-/// step's share is taken of.
-fn matmul_ceiling(device: &Device) -> Result<f64> {
-    if device.is_cpu() {
-        if let Some(gflops) = crate::train::onednn::matmul_gflops(1024, 1536, 576, false) {
-            return Ok(gflops);
-        }
-    }
-    let a = Tensor::ones((1024, 576), candle_core::DType::F32, device)?;
-    let w = Tensor::ones((1536, 576), candle_core::DType::F32, device)?;
-    let mut fastest = f64::INFINITY;
-    for _ in 0..30 {
-        let t0 = Instant::now();
-        crate::train::ops::frozen_matmul(&a, &w)?;
-        fastest = fastest.min(t0.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * 1024.0 * 576.0 * 1536.0 / fastest / 1e9)
+    crate::train::device::peak_rss_bytes() as f64 / (1u64 << 30) as f64
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -152,10 +96,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let device = Device::Cpu;
     // Measured first, on an idle machine: right after the training steps candle's worker
     // threads are still spinning and the same multiply reads up to half as fast.
-    let ceiling = matmul_ceiling(&device)?;
+    let ceiling = crate::train::cost::measure_matmul_gflops(&device, 50)?;
     let bf16_ceiling = opts
         .bf16
-        .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true))
+        .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true, 50))
         .flatten();
     let mut cfg = opts.shape.config();
     if let Some(l) = opts.layers {
@@ -291,7 +235,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let step_s = median(&mut step);
     let tokens = (opts.batch * opts.seq) as f64;
     let tps = tokens / step_s;
-    let fpt = flops_per_token(&cfg, opts.seq, &names, 16);
+    let fpt = crate::train::cost::flops_per_token(&cfg, opts.seq, &names, 16);
     let peak = peak_rss_gib();
     println!(
         "\nmedian of {} steps after {} warm-up:",

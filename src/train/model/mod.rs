@@ -579,6 +579,43 @@ pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&text)
 }
 
+/// The shape of `base_model` as a job names it (a `.gguf` file, a local folder, or a Hub repo
+/// id, of which only `config.json` is fetched), and for a GGUF file the bytes its decoder
+/// layers' linear weights take: what [`crate::train::cost`] estimates from.
+pub fn base_shape(
+    base_model: &str,
+    revision: Option<&str>,
+) -> Result<(ModelConfig, crate::train::cost::StoredBase)> {
+    let path = Path::new(base_model);
+    if is_gguf_path(path) {
+        let (_, content) = open_gguf(path)?;
+        let cfg = gguf_model_config(&content)?;
+        let linear_bytes = content
+            .tensor_infos
+            .iter()
+            .filter(|(name, info)| name.starts_with("blk.") && info.shape.dims().len() == 2)
+            .map(|(_, info)| {
+                let dtype = info.ggml_dtype;
+                (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+            })
+            .sum();
+        let stored = crate::train::cost::StoredBase {
+            gguf_linear_bytes: Some(linear_bytes),
+        };
+        return Ok((cfg, stored));
+    }
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else if looks_like_repo_id(base_model) {
+        hub::fetch_config(base_model, revision)?
+    } else {
+        return Err(Error::Model(format!(
+            "base_model {base_model:?} is neither a .gguf file, a local model folder, nor a Hub repo id (owner/name)"
+        )));
+    };
+    Ok((base_config(&dir)?, Default::default()))
+}
+
 /// Hugging Face module names of a decoder layer and llama.cpp's names for them
 /// (`gguf-py/gguf/tensor_mapping.py`: `blk.{N}.attn_q` …).
 const LAYER_NAMES: [(&str, &str); 11] = [
@@ -726,14 +763,49 @@ mod hub {
 
     const FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 
+    /// The snapshot folder holding `config.json` of `repo_id` (from the cache, or that one file
+    /// downloaded).
+    pub fn fetch_config(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+        let revision = revision.unwrap_or("main").to_string();
+        let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
+        let cache = Cache::from_env();
+        let config = match cache.repo(repo.clone()).get("config.json") {
+            Some(cached) => cached,
+            None if offline() => {
+                return Err(Error::Model(format!(
+                    "HF_HUB_OFFLINE=1 and {repo_id} (revision {revision}) is not in the Hugging Face cache at {}",
+                    cache.path().display()
+                )))
+            }
+            None => hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .map_err(|e| Error::caused(Area::Model, "Hugging Face Hub client", e))?
+                .repo(repo)
+                .get("config.json")
+                .map_err(|e| {
+                    Error::Model(format!(
+                        "could not download config.json of {repo_id} (revision {revision}) from the Hub: {e}"
+                    ))
+                })?,
+        };
+        Ok(config
+            .parent()
+            .expect("a cached file lives in a snapshot folder")
+            .to_path_buf())
+    }
+
+    fn offline() -> bool {
+        std::env::var("HF_HUB_OFFLINE")
+            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+            .unwrap_or(false)
+    }
+
     pub fn fetch(repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
         let revision = revision.unwrap_or("main").to_string();
         let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
-            .unwrap_or(false);
         let cache = Cache::from_env();
-        let config = if offline {
+        let config = if offline() {
             let cached = cache.repo(repo.clone());
             let config = cached.get("config.json").ok_or_else(|| {
                 Error::Model(format!(

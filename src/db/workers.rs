@@ -1,0 +1,95 @@
+//! The `workers` table (each worker's device and memory, rewritten while it runs) and
+//! `job_memory` (a job's estimated peak, which claims compare with their free memory).
+
+use super::{in_seconds, now, Db, Lease, Result};
+
+/// A worker as it last reported itself.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    pub device: String,
+    pub total_bytes: i64,
+    pub free_bytes: i64,
+    pub gflops: Option<f64>,
+    pub seen_at: String,
+}
+
+/// Seconds after its last report that a worker still counts as part of the pool (workers
+/// report at least every [`crate::worker`]'s report interval, training or not).
+pub const WORKER_SEEN_SECS: i64 = 120;
+
+impl Db {
+    /// Records what `worker` has now (a new row or its row rewritten).
+    pub async fn report_worker(
+        &self,
+        worker: &str,
+        device: &str,
+        total_bytes: u64,
+        free_bytes: u64,
+        gflops: Option<f64>,
+    ) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO workers (id, device, total_bytes, free_bytes, gflops, seen_at)
+             VALUES (?, ?, ?, ?, ?, ?::timestamptz)
+             ON CONFLICT (id) DO UPDATE SET device = excluded.device,
+                 total_bytes = excluded.total_bytes, free_bytes = excluded.free_bytes,
+                 gflops = excluded.gflops, seen_at = excluded.seen_at",
+        ))
+        .bind(worker)
+        .bind(device)
+        .bind(clamp(total_bytes))
+        .bind(clamp(free_bytes))
+        .bind(gflops)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A worker leaving the pool (shutdown).
+    pub async fn remove_worker(&self, worker: &str) -> Result<()> {
+        sqlx::query(&self.sql("DELETE FROM workers WHERE id = ?"))
+            .bind(worker)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The workers that reported within [`WORKER_SEEN_SECS`], largest device first; older rows
+    /// are removed on the way.
+    pub async fn live_workers(&self) -> Result<Vec<WorkerRow>> {
+        let cutoff = in_seconds(-WORKER_SEEN_SECS);
+        sqlx::query(&self.sql("DELETE FROM workers WHERE seen_at < ?::timestamptz"))
+            .bind(&cutoff)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_as(&self.sql(&format!(
+            "SELECT id, device, total_bytes, free_bytes, gflops, {}
+             FROM workers ORDER BY total_bytes DESC, id",
+            self.time("seen_at")
+        )))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records a job's estimated peak memory, fenced by the lease of the worker that read it.
+    pub async fn set_job_memory(&self, lease: &Lease, peak_bytes: u64) -> Result<()> {
+        let done = sqlx::query(&self.sql(&format!(
+            "INSERT INTO job_memory (job_id, peak_bytes)
+             SELECT ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {})
+             ON CONFLICT (job_id) DO UPDATE SET peak_bytes = excluded.peak_bytes",
+            super::jobs::FENCE
+        )))
+        .bind(lease.job.as_str())
+        .bind(clamp(peak_bytes))
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        lease.check(done.rows_affected())
+    }
+}
+
+fn clamp(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
