@@ -6,6 +6,7 @@
 //! - [`spec`]: the job spec shared by the CLI, the service and the engine.
 //! - [`job`]: what a job is in every room's words: id, status, metrics, the API's views.
 //! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints); no HTTP, no SQL.
+//! - [`kernels`]: the CPU kernels the engine's fused paths call: slices in, vectors out.
 //! - [`app`], [`config`]: `qtune serve`, assembled: database, artifacts, workers, HTTP server.
 //! - [`state`]: what handlers and workers share; [`events`]: job events and their bus.
 //! - [`http`]: serving the router (connection cap, header-read timeout, graceful shutdown).
@@ -33,6 +34,7 @@ pub mod events;
 pub mod http;
 pub mod inference;
 pub mod job;
+pub mod kernels;
 pub mod model_access;
 pub mod queue;
 pub mod relay;

@@ -55,21 +55,25 @@ impl Db {
         Ok(())
     }
 
-    /// The workers that reported within [`WORKER_SEEN_SECS`], largest device first; older rows
-    /// are removed on the way.
+    /// The workers that reported within [`WORKER_SEEN_SECS`], largest device first.
     pub async fn live_workers(&self) -> Result<Vec<WorkerRow>> {
-        let cutoff = in_seconds(-WORKER_SEEN_SECS);
-        sqlx::query(&self.sql("DELETE FROM workers WHERE seen_at < ?::timestamptz"))
-            .bind(&cutoff)
-            .execute(&self.pool)
-            .await?;
         Ok(sqlx::query_as(&self.sql(&format!(
             "SELECT id, device, total_bytes, free_bytes, gflops, {}
-             FROM workers ORDER BY total_bytes DESC, id",
+             FROM workers WHERE seen_at >= ?::timestamptz ORDER BY total_bytes DESC, id",
             self.time("seen_at")
         )))
+        .bind(in_seconds(-WORKER_SEEN_SECS))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Removes the rows of workers that stopped reporting (killed without a shutdown).
+    pub async fn forget_silent_workers(&self) -> Result<()> {
+        sqlx::query(&self.sql("DELETE FROM workers WHERE seen_at < ?::timestamptz"))
+            .bind(in_seconds(-WORKER_SEEN_SECS))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records a job's estimated peak memory, fenced by the lease of the worker that read it.

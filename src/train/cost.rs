@@ -8,10 +8,10 @@
 //! longest a step can be): the frozen base as loaded, the LoRA factors with their gradients and
 //! AdamW's moments, what backward keeps of each layer, and the step's transient buffers (a chunk
 //! of logits, a dequantized weight), plus the process itself. The activation terms count the
-//! buffers the CPU's fused layer keeps (`model/layer.rs`: `Saved`); the composite graph (other
-//! devices, and families without the fused layer) is taken to keep twice as much. Checked
-//! against measured peaks on the CPU's fused path (`tests/it/capacity.rs`, within 25 %); the
-//! composite path's factor and the CUDA figure are the same arithmetic, not yet measured.
+//! buffers the CPU's fused layer keeps (`model/layer.rs`: `Saved`), and for the composite graph
+//! (other devices, and families without the fused layer) multiples of them measured on the CPU.
+//! Checked against measured peaks on the CPU, fused and composite (`tests/it/capacity.rs`,
+//! within 25 %); on CUDA it is the same arithmetic with a CUDA context, not yet measured there.
 
 use std::time::Instant;
 
@@ -68,47 +68,54 @@ pub struct StoredBase {
     pub gguf_linear_bytes: Option<u64>,
 }
 
-const F32: u64 = 4;
+const F32: f64 = 4.0;
 /// Rows of logits computed at once by the chunked loss (`ops::lm_head_cross_entropy`).
-const LOGIT_ROWS: u64 = 128;
+const LOGIT_ROWS: f64 = 128.0;
 /// The process without a model: code, oneDNN, tokenizer, dataset and allocator slack (`qtune
 /// train` on a two-layer model of hidden size 32 peaks at 25 MiB).
 const CPU_RUNTIME_BYTES: u64 = 32 << 20;
 /// A CUDA context and candle's kernels on the device.
 const CUDA_RUNTIME_BYTES: u64 = 600 << 20;
+/// What the composite graph keeps per layer, as multiples of the fused layer's row buffers and
+/// attention probabilities (see [`estimate_memory`]).
+const COMPOSITE_ROWS: f64 = 4.0;
+const COMPOSITE_SCORES: f64 = 5.0;
 
-/// The peak memory `spec` needs on `device` for a model of shape `cfg`.
+/// The peak memory `spec` needs on `device` for a model of shape `cfg`. Computed in f64 and
+/// converted with saturation: a config with absurd sizes gives an absurd figure, not an overflow.
 pub fn estimate_memory(
     cfg: &ModelConfig,
     spec: &JobSpec,
     stored: StoredBase,
     device: DeviceKind,
 ) -> MemoryEstimate {
+    let f = |n: usize| n as f64;
     let (h, i, v) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
+        f(cfg.hidden_size),
+        f(cfg.intermediate_size),
+        f(cfg.vocab_size),
     );
-    let layers = cfg.num_hidden_layers as u64;
+    let layers = f(cfg.num_hidden_layers);
     let (nh, nkv, hd) = (
-        cfg.num_attention_heads as u64,
-        cfg.num_key_value_heads as u64,
-        cfg.head_dim as u64,
+        f(cfg.num_attention_heads),
+        f(cfg.num_key_value_heads),
+        f(cfg.head_dim),
     );
+    let size = |p: Proj| {
+        let (o, i) = cfg.linear_shape(p);
+        (f(o), f(i))
+    };
 
     // the frozen base
-    let linear_params: u64 = Proj::ALL
+    let linear_params = Proj::ALL
         .iter()
-        .map(|&p| {
-            let (o, i) = cfg.linear_shape(p);
-            (o * i) as u64
-        })
-        .sum::<u64>()
+        .map(|&p| size(p).0 * size(p).1)
+        .sum::<f64>()
         * layers;
     let quant = spec.quantization.as_ref();
     let dense_bytes = match quant.and_then(|q| q.compute_dtype).or(spec.compute_dtype) {
         Some(ComputeDtype::Bf16 | ComputeDtype::F16) if quant.is_none() => 2.0,
-        _ => 4.0,
+        _ => F32,
     };
     let per_param = match quant.and_then(|q| q.kind) {
         None => dense_bytes,
@@ -123,84 +130,94 @@ pub fn estimate_memory(
         }
         Some(QuantType::Int8) => 1.0 + 4.0 / 64.0,
         Some(QuantType::Gguf) => match stored.gguf_linear_bytes {
-            Some(bytes) => bytes as f64 / linear_params.max(1) as f64,
+            Some(bytes) => bytes as f64 / linear_params.max(1.0),
             None => 0.5625, // Q4_0's 18 bytes per 32 weights
         },
     };
-    let norms = (2 * layers + 1) * h * F32;
+    let norms = (2.0 * layers + 1.0) * h * F32;
     let head = if cfg.tie_word_embeddings {
         0.0
     } else {
-        (v * h) as f64 * dense_bytes
+        v * h * dense_bytes
     };
-    let weights = (linear_params as f64 * per_param + head) as u64 + v * h * F32 + norms;
+    let weights = linear_params * per_param + head + v * h * F32 + norms;
 
     // LoRA: factor, gradient, two moments, and the gradient's copy in candle's store
     let lora = &spec.lora;
-    let r = lora.r as u64;
+    let r = lora.r.max(0) as f64;
     let targets = lora.target_modules.names();
     let adapted: Vec<Proj> = Proj::ALL
         .iter()
         .copied()
         .filter(|p| targets.iter().any(|t| t == p.name()))
         .collect();
-    let lora_params: u64 = adapted
+    let lora_params = adapted
         .iter()
-        .map(|&p| {
-            let (o, i) = cfg.linear_shape(p);
-            r * (o + i) as u64
-        })
-        .sum::<u64>()
+        .map(|&p| r * (size(p).0 + size(p).1))
+        .sum::<f64>()
         * layers;
-    let adapter = lora_params * F32 * 5;
+    let adapter = lora_params * F32 * 5.0;
 
     // activations: a micro-batch of rows max_seq_len long
-    let t = spec.training.max_seq_len.max(1) as u64;
-    let tokens = spec.training.batch_size.max(1) as u64 * t;
+    let t = spec.training.max_seq_len.max(1) as f64;
+    let tokens = spec.training.batch_size.max(1) as f64 * t;
     // Saved of the fused layer, per token: h1, x1, h2 and the layer's output; q and the
-    // attention output; k, v; gate, up, act; a row of t probabilities per head; x·A of each
-    // LoRA branch (dropout masks are regenerated from their seed, not kept)
-    let per_token = 4 * h + 2 * nh * hd + 2 * nkv * hd + 3 * i + nh * t + r * adapted.len() as u64;
-    let layer_kept = tokens * per_token * F32;
-    // the composite graph keeps each op's inputs: about twice the fused layer's buffers
+    // attention output; k, v; gate, up, act; x·A of each LoRA branch (dropout masks are
+    // regenerated from their seed, not kept); and a row of t probabilities per head
+    let rows = 4.0 * h + 2.0 * nh * hd + 2.0 * nkv * hd + 3.0 * i + r * adapted.len() as f64;
+    let scores = nh * t;
+    // the composite graph keeps every op's inputs: measured on the CPU (a Qwen3-shaped model,
+    // 6 layers, 1 x 1024 tokens at 256 and 512 long), about 4x the fused layer's row buffers
+    // and 5x its attention probabilities (scores, masked scores, probabilities, their grads)
     let composite = device == DeviceKind::Cuda || !cfg.arch.fused_layer_applies();
-    let layer_kept = if composite {
-        2 * layer_kept
+    let per_token = if composite {
+        COMPOSITE_ROWS * rows + COMPOSITE_SCORES * scores
     } else {
-        layer_kept
+        rows + scores
     };
+    let layer_kept = tokens * per_token * F32;
     let (activations, recomputed) = if spec.training.gradient_checkpointing {
         // each layer's input; in backward, one layer recomputed with all it keeps
         (layers * tokens * h * F32, layer_kept)
     } else {
-        (layers * layer_kept, 0)
+        (layers * layer_kept, 0.0)
     };
 
     // the loss holds a chunk of logits and its softmax; the hidden states' gradients pass
     // through a few buffers; a quantized base unpacks one weight (and its transpose) at a time
     let largest_linear = Proj::ALL
         .iter()
-        .map(|&p| {
-            let (o, i) = cfg.linear_shape(p);
-            (o * i) as u64
-        })
-        .max()
-        .unwrap_or(0);
-    let logits = LOGIT_ROWS * v * F32 * 2 + tokens * h * F32 * 4;
+        .map(|&p| size(p).0 * size(p).1)
+        .fold(0.0, f64::max);
+    let logits = LOGIT_ROWS * v * F32 * 2.0 + tokens * h * F32 * 4.0;
     let unpacked = if quant.is_some() {
-        2 * largest_linear * F32
+        2.0 * largest_linear * F32
     } else {
-        0
+        0.0
     };
     let workspace = recomputed + logits + unpacked;
     let runtime = match device {
         DeviceKind::Cpu => CPU_RUNTIME_BYTES,
         DeviceKind::Cuda => CUDA_RUNTIME_BYTES,
     };
-    let training = weights + adapter + activations + workspace + runtime;
     // tensors are read whole before they are converted: the embedding is the largest
     let largest_tensor = (v * h).max(largest_linear) * F32;
-    let loading = runtime + weights + largest_tensor;
+    // saturating conversions; the sums are of the converted parts, so they add up exactly
+    let bytes = |x: f64| x as u64;
+    let (weights, adapter, activations, workspace) = (
+        bytes(weights),
+        bytes(adapter),
+        bytes(activations),
+        bytes(workspace),
+    );
+    let training = weights
+        .saturating_add(adapter)
+        .saturating_add(activations)
+        .saturating_add(workspace)
+        .saturating_add(runtime);
+    let loading = runtime
+        .saturating_add(weights)
+        .saturating_add(bytes(largest_tensor));
     MemoryEstimate {
         weights_bytes: weights,
         adapter_bytes: adapter,
@@ -216,26 +233,25 @@ pub fn estimate_memory(
 /// Analytic matmul FLOPs per token of a LoRA training step (as in the PEFT reference script):
 /// frozen linears and lm_head 4·N (no weight gradients), attention 3 × forward, LoRA 6r(in+out).
 pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usize) -> f64 {
-    let n_lin: usize = Proj::ALL
-        .iter()
-        .map(|&p| {
-            let (o, i) = cfg.linear_shape(p);
-            o * i
-        })
-        .sum::<usize>()
-        * cfg.num_hidden_layers
-        + cfg.hidden_size * cfg.vocab_size;
-    let attn = 3 * cfg.num_hidden_layers * 2 * (2 * seq * cfg.num_attention_heads * cfg.head_dim);
-    let lora: usize = targets
+    let f = |n: usize| n as f64;
+    let size = |p: Proj| {
+        let (o, i) = cfg.linear_shape(p);
+        f(o) * f(i)
+    };
+    let layers = f(cfg.num_hidden_layers);
+    let n_lin = Proj::ALL.iter().map(|&p| size(p)).sum::<f64>() * layers
+        + f(cfg.hidden_size) * f(cfg.vocab_size);
+    let attn = 3.0 * layers * 2.0 * (2.0 * f(seq) * f(cfg.num_attention_heads) * f(cfg.head_dim));
+    let lora = targets
         .iter()
         .filter_map(|m| Proj::from_name(m))
         .map(|p| {
             let (o, i) = cfg.linear_shape(p);
-            6 * r * (i + o)
+            6.0 * f(r) * (f(i) + f(o))
         })
-        .sum::<usize>()
-        * cfg.num_hidden_layers;
-    (4 * n_lin + attn + lora) as f64
+        .sum::<f64>()
+        * layers;
+    4.0 * n_lin + attn + lora
 }
 
 /// GFLOP/s of the float32 matmul the frozen linears use (oneDNN when installed, else candle's
@@ -244,7 +260,7 @@ pub fn flops_per_token(cfg: &ModelConfig, seq: usize, targets: &[String], r: usi
 /// milliseconds at 30 runs; measure on an idle device (after training, candle's threads still spin).
 pub fn measure_matmul_gflops(device: &Device, runs: usize) -> candle_core::Result<f64> {
     if device.is_cpu() {
-        if let Some(gflops) = super::onednn::matmul_gflops(1024, 1536, 576, false, runs) {
+        if let Some(gflops) = crate::kernels::onednn::matmul_gflops(1024, 1536, 576, false, runs) {
             return Ok(gflops);
         }
     }

@@ -11,19 +11,14 @@
 //! `checkpoint` (PEFT adapter + resume state), `device` (device names and memory), `cost` (a
 //! job's peak memory and work, estimated before it runs).
 
-pub mod attention;
 pub mod checkpoint;
 pub mod cost;
-mod cpu;
 pub mod data;
 pub mod device;
-pub mod elementwise;
 pub mod error;
 pub mod export;
 pub mod generate;
-pub mod lora;
 pub mod model;
-pub mod onednn;
 pub mod ops;
 pub mod optim;
 pub mod quant;

@@ -77,8 +77,8 @@ fn mixed_bf16(
     w: &[half::bf16],
     w_transposed: bool,
 ) -> Result<Vec<f32>> {
-    let a16 = super::elementwise::to_bf16(a);
-    if let Some(out) = super::onednn::matmul_bf16(m, n, k, &a16, w, w_transposed) {
+    let a16 = crate::kernels::elementwise::to_bf16(a);
+    if let Some(out) = crate::kernels::onednn::matmul_bf16(m, n, k, &a16, w, w_transposed) {
         return Ok(out);
     }
     let a32 = CpuStorage::F32(a16.iter().map(|v| v.to_f32()).collect());
@@ -106,10 +106,8 @@ fn fast_frozen(x: &[f32], w: &CpuStorage, wl: &Layout, forward: bool) -> Result<
     if let Some(wb) = bf16_rows(w, wl, n * k) {
         return mixed_bf16((m, outer, inner), x, wb, forward).map(Some);
     }
-    Ok(
-        f32_rows(w, wl, n * k)
-            .and_then(|wf| super::onednn::matmul(m, outer, inner, x, wf, forward)),
-    )
+    Ok(f32_rows(w, wl, n * k)
+        .and_then(|wf| crate::kernels::onednn::matmul(m, outer, inner, x, wf, forward)))
 }
 
 /// [`fast_frozen`] on a storage `x` whose last dimension is `inner`; `None` when it does not apply.
@@ -371,7 +369,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let weight = weight.clone();
     attach_backward("rms-norm", x, y, move |x, _y, g| {
         if fused_applies(x) {
-            return super::elementwise::rms_norm_backward(x, g, &weight, eps);
+            return rms_norm_backward(x, g, &weight, eps);
         }
         // r = 1/rms;  dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x)
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -567,7 +565,7 @@ fn lm_head_cross_entropy_cpu(
                 _ => candle_core::bail!("cross-entropy: logits must be float32"),
             }
         };
-        let (chunk_loss, chunk_correct) = super::elementwise::softmax_cross_entropy_rows(
+        let (chunk_loss, chunk_correct) = crate::kernels::elementwise::softmax_cross_entropy_rows(
             &mut logits,
             vocab,
             &targets[start..start + n],
@@ -604,4 +602,58 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, kv, n_rep, t, d))?
         .reshape((b, kv * n_rep, t, d))
+}
+
+/// The float32 values of a contiguous CPU storage; `what` names the operand in the error.
+pub(crate) fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("{what} must be contiguous float32 on the CPU"),
+    }
+}
+
+/// The input gradient of `rms_norm(x) · weight` (weight frozen), float32 on the CPU:
+/// `r·(g⊙w) − x·r³·mean(g⊙w⊙x)` with `r = 1/rms(x)`, one pass per row.
+pub(crate) fn rms_norm_backward(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    timing::scope(Part::Elementwise, || {
+        rms_norm_backward_untimed(x, grad, weight, eps)
+    })
+}
+
+fn rms_norm_backward_untimed(
+    x: &Tensor,
+    grad: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (x, grad, weight) = (x.contiguous()?, grad.contiguous()?, weight.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(xs),
+        candle_core::Storage::Cpu(gs),
+        candle_core::Storage::Cpu(ws),
+    ) = (&*xs, &*gs, &*ws)
+    else {
+        candle_core::bail!("RMSNorm backward: the fused kernel runs on the CPU only")
+    };
+    let dx = crate::kernels::elementwise::rms_norm_grad(
+        f32_slice(xs, xl, "RMSNorm input")?,
+        f32_slice(gs, gl, "RMSNorm gradient")?,
+        f32_slice(ws, wl, "RMSNorm weight")?,
+        eps,
+    );
+    Tensor::from_vec(dx, x.shape(), x.device())
 }

@@ -558,6 +558,21 @@ impl QuantizedWeight {
 
     /// The dense (out, in) weight in `dtype`, on `device`.
     pub fn dequantize(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        self.unpack(device, dtype, device.is_cpu())
+    }
+
+    /// [`QuantizedWeight::dequantize`] through candle's tensor ops alone, on the device the weight
+    /// lives on: the path a GPU takes, which the tests compare with the CPU kernels on any device.
+    pub fn dequantize_with_tensor_ops(&self, dtype: DType) -> Result<Tensor> {
+        let device = match self {
+            QuantizedWeight::FourBit { packed, .. } => packed.device().clone(),
+            QuantizedWeight::Int8 { q, .. } => q.device().clone(),
+            QuantizedWeight::Ggml(q) => q.device(),
+        };
+        self.unpack(&device, dtype, false)
+    }
+
+    fn unpack(&self, device: &Device, dtype: DType, cpu_kernels: bool) -> Result<Tensor> {
         let (out, inp) = self.shape();
         let n = out * inp;
         let dense = match self {
@@ -566,14 +581,14 @@ impl QuantizedWeight {
                 packed,
                 scales,
                 ..
-            } if device.is_cpu() && packed.device().is_cpu() => {
+            } if cpu_kernels && packed.device().is_cpu() => {
                 let absmax = Self::absmax(scales)?
                     .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?;
                 let pairs = pairs.flatten_all()?.to_vec1::<f32>()?;
                 let packed = packed.to_vec1::<u8>()?;
                 Tensor::from_vec(
-                    unpack_four_bit(&packed, &pairs, &absmax, n),
+                    crate::kernels::unpack::four_bit(&packed, &pairs, &absmax, n, BLOCK_4BIT),
                     (out, inp),
                     device,
                 )?
@@ -630,34 +645,6 @@ impl QuantizedWeight {
             QuantizedWeight::Ggml(q) => format!("{:?}", q.dtype()),
         }
     }
-}
-
-/// The first `n` values of 4-bit codes on the CPU in one parallel pass: byte `j` holds elements
-/// `2j` (`pairs[2·byte]`) and `2j + 1` (`pairs[2·byte + 1]`), each times its block's absmax.
-/// (The tensor-op path is several full passes; per step this runs twice per quantized layer.)
-fn unpack_four_bit(packed: &[u8], pairs: &[f32], absmax: &[f32], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    let ptr = crate::train::cpu::SharedMut::new(&mut out);
-    // Whole 4-bit blocks per work item, so each item reads one absmax run.
-    let per_item = BLOCK_4BIT * 256;
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per_item), |items| {
-        for item in items {
-            let (start, end) = (item * per_item, ((item + 1) * per_item).min(n));
-            // SAFETY: this item alone writes out[start..end].
-            let dst = unsafe { ptr.slice(start, end - start) };
-            for (block, dst) in dst.chunks_mut(BLOCK_4BIT).enumerate() {
-                let first = start + block * BLOCK_4BIT;
-                let scale = absmax[first / BLOCK_4BIT];
-                for (pair, dst) in dst.chunks_mut(2).enumerate() {
-                    let byte = packed[first / 2 + pair] as usize;
-                    for (k, v) in dst.iter_mut().enumerate() {
-                        *v = pairs[2 * byte + k] * scale;
-                    }
-                }
-            }
-        }
-    });
-    out
 }
 
 /// `y = x · Wᵀ` for a frozen quantized `W`, as one graph node: the forward dequantizes into a

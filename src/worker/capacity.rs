@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use super::runner::Outcome;
 use crate::db::Lease;
 use crate::spec::JobSpec;
 use crate::state::AppState;
@@ -60,6 +59,9 @@ impl WorkerDevice {
     }
 
     pub async fn report(&self, state: &AppState) {
+        if let Err(e) = state.db.forget_silent_workers().await {
+            tracing::warn!(error = %e, "could not remove silent workers' rows");
+        }
         let Some(m) = self.memory() else { return };
         if let Err(e) = state
             .db
@@ -89,16 +91,27 @@ pub async fn keep_reporting(state: AppState, worker: std::sync::Arc<WorkerDevice
     }
 }
 
+/// Why a claimed job does not go on here.
+pub enum Misfit {
+    /// Another attempt holds the job.
+    LeaseLost,
+    /// This worker's free memory is short, but some device in the pool is large enough: back to
+    /// the queue, saying so.
+    Waiting(String),
+    /// No device in the pool could ever hold it: the job fails with this message.
+    NeverFits(String),
+}
+
 /// What a claimed job does next, by its estimated peak memory: go on; wait in the queue for a
-/// worker with room (this one's free memory is short, but some device in the pool is large
-/// enough); or fail, naming the estimate, when no device in the pool could ever hold it. A job
-/// whose model cannot be read goes on: the engine reports that error as it does for any job.
+/// worker with room; or fail, naming the estimate, when no device in the pool could ever hold
+/// it. A job whose model cannot be read goes on: the engine reports that error as it does for
+/// any job.
 pub async fn check_fit(
     state: &AppState,
     worker: &WorkerDevice,
     lease: &Lease,
     spec: &JobSpec,
-) -> Result<(), Outcome> {
+) -> Result<(), Misfit> {
     let (spec_owned, kind) = (spec.clone(), worker.kind());
     let estimated = tokio::task::spawn_blocking(move || {
         let spec = spec_owned.normalize()?;
@@ -120,7 +133,7 @@ pub async fn check_fit(
     };
     if let Err(e) = state.db.set_job_memory(lease, estimate.peak_bytes).await {
         return match e {
-            crate::db::Error::LeaseLost { .. } => Err(Outcome::LeaseLost),
+            crate::db::Error::LeaseLost { .. } => Err(Misfit::LeaseLost),
             e => {
                 tracing::warn!(error = %e, "could not record the job's memory estimate");
                 Ok(())
@@ -146,27 +159,22 @@ pub async fn check_fit(
         }
     };
     if estimate.peak_bytes > largest {
-        return Err(Outcome::failed(
-            "insufficient_memory",
-            format!(
-                "the job needs about {} at its peak ({}), more than any device in the pool has \
-                 (the largest: {}); lower training.batch_size or training.max_seq_len, turn on \
-                 training.gradient_checkpointing or quantize the base (quantization)",
-                gib(estimate.peak_bytes),
-                breakdown(&estimate),
-                gib(largest)
-            ),
-        ));
-    }
-    Err(Outcome::Waiting {
-        reason: format!(
-            "needs about {} at its peak; this worker ({}) has {} free: left in the queue for a \
-             worker with room",
+        return Err(Misfit::NeverFits(format!(
+            "the job needs about {} at its peak ({}), more than any device in the pool has \
+             (the largest: {}); lower training.batch_size or training.max_seq_len, turn on \
+             training.gradient_checkpointing or quantize the base (quantization)",
             gib(estimate.peak_bytes),
-            worker.name,
-            gib(mem.free)
-        ),
-    })
+            breakdown(&estimate),
+            gib(largest)
+        )));
+    }
+    Err(Misfit::Waiting(format!(
+        "needs about {} at its peak; this worker ({}) has {} free: left in the queue for a \
+         worker with room",
+        gib(estimate.peak_bytes),
+        worker.name,
+        gib(mem.free)
+    )))
 }
 
 pub fn gib(bytes: u64) -> String {

@@ -29,7 +29,11 @@ use capacity::WorkerDevice;
 
 /// Runs one worker until the server shuts down.
 pub async fn run(state: AppState, device_name: String) {
-    let worker_id = format!("{}:{}:{}", hostname(), std::process::id(), device_name);
+    // unique among this process's workers too (`--devices cpu,cpu`, or two services in one
+    // process): the number counts the workers this process started
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, Ordering::SeqCst);
+    let worker_id = format!("{}:{}:{n}:{device_name}", hostname(), std::process::id());
     let device = match crate::train::device::parse(&device_name) {
         Ok(d) => d,
         Err(e) => {

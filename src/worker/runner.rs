@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::capacity::WorkerDevice;
+use super::capacity::{Misfit, WorkerDevice};
 use super::fetch::{self, FetchError};
 use super::lease;
 use super::persist::Persister;
@@ -128,7 +128,13 @@ async fn try_run(
     // checked at submission too; the operator's lists may have changed since
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| Outcome::failed("model_not_allowed", format!("base_model: {m}")))?;
-    super::capacity::check_fit(state, device, lease, &spec).await?;
+    super::capacity::check_fit(state, device, lease, &spec)
+        .await
+        .map_err(|misfit| match misfit {
+            Misfit::LeaseLost => Outcome::LeaseLost,
+            Misfit::Waiting(reason) => Outcome::Waiting { reason },
+            Misfit::NeverFits(message) => Outcome::failed("insufficient_memory", message),
+        })?;
 
     written(
         state.db.set_phase(lease, JobPhase::FetchingDataset).await,

@@ -7,16 +7,19 @@ use std::process::Command;
 use std::time::Duration;
 
 use qtune::cli::bench::random_model as synthetic;
+use qtune::train::model::Arch;
 use serde_json::{json, Value};
 
 use crate::helpers::app::{merge, spawn_app_with};
 
-/// SmolLM2-135M's shape with 6 of its 30 layers (random weights, the byte tokenizer): big
-/// enough that the model and its activations, not the process, make the peak.
-fn small_smollm2(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("smollm2-6");
+/// SmolLM2-135M's shape with 6 of its 30 layers (random weights, the byte tokenizer), as `arch`
+/// (llama runs the CPU's fused layer, qwen3 the composite graph other devices run): big enough
+/// that the model and its activations, not the process, make the peak.
+fn small_smollm2(dir: &Path, arch: Arch) -> std::path::PathBuf {
+    let path = dir.join(format!("smollm2-6-{}", arch.as_str()));
     let cfg = qtune::train::model::ModelConfig {
         num_hidden_layers: 6,
+        arch,
         ..synthetic::smollm2_135m_config()
     };
     synthetic::write_model_dir(&path, &cfg, 3).unwrap();
@@ -81,20 +84,29 @@ async fn pool_of(app: &crate::helpers::app::TestApp, body: &Value, n: usize) -> 
 async fn the_estimate_is_within_a_quarter_of_the_measured_peak_on_the_cpu() {
     let app = spawn_app_with(|_| {}).await;
     let dir = app.dir.path();
-    let (model, data) = (small_smollm2(dir), long_texts(dir));
+    let (model, data) = (small_smollm2(dir, Arch::Llama), long_texts(dir));
+    let composite = small_smollm2(dir, Arch::Qwen3);
     let cases = [
-        ("float32", json!({})),
+        ("float32", &model, json!({})),
         (
             "nf4-checkpointing",
+            &model,
             json!({"quantization": {"type": "nf4"}, "training": {"gradient_checkpointing": true}}),
         ),
         (
             "all-linear-512",
+            &model,
             json!({"lora": {"target_modules": "all-linear"}, "training": {"batch_size": 2, "max_seq_len": 512}}),
         ),
+        ("composite-graph", &composite, json!({})),
+        (
+            "composite-graph-checkpointing",
+            &composite,
+            json!({"training": {"gradient_checkpointing": true}}),
+        ),
     ];
-    for (name, extra) in cases {
-        let spec = spec(&model, &data, extra);
+    for (name, base, extra) in cases {
+        let spec = spec(base, &data, extra);
         let (status, estimate) = app.post("/v1/jobs/estimate", &spec).await;
         assert_eq!(status, 200, "{estimate}");
         assert_eq!(estimate["object"], "fine_tuning.job.estimate");

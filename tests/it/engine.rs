@@ -139,14 +139,14 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
 /// Loss and every LoRA gradient of a training forward on `ids`, with oneDNN and the fused kernels
 /// switched as asked (both are thread-local switches).
 fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, Vec<Vec<f32>>) {
-    train::onednn::set_enabled(optimised);
+    qtune::kernels::onednn::set_enabled(optimised);
     train::ops::set_fused(optimised);
     let mode = ForwardMode {
         train: true,
         dropout_seed: 0,
     };
     let out = loss_and_grads(model, &batch_of(ids), mode);
-    train::onednn::set_enabled(true);
+    qtune::kernels::onednn::set_enabled(true);
     train::ops::set_fused(true);
     out
 }
@@ -202,7 +202,7 @@ fn assert_close(
 #[test]
 fn optimised_path_matches_the_plain_composite_path() {
     assert!(
-        train::onednn::available(),
+        qtune::kernels::onednn::available(),
         "oneDNN (libdnnl.so.2) is not installed: apt-get install libdnnl2 (scripts/test.sh does)"
     );
     let long: Vec<u32> = (0..150).map(|i| (i * 37 % 250 + 3) as u32).collect();
@@ -318,9 +318,9 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
     };
     // All LoRA gradients as one vector: their relative error as a whole.
     let grads_of = |m: &Llama, onednn: bool| {
-        train::onednn::set_enabled(onednn);
+        qtune::kernels::onednn::set_enabled(onednn);
         let (loss, g) = loss_and_grads(m, &batch, mode);
-        train::onednn::set_enabled(true);
+        qtune::kernels::onednn::set_enabled(true);
         (loss, g.concat())
     };
     let rel = relative_error;
@@ -825,11 +825,11 @@ fn fused_exp_matches_std() {
     let mut worst = 0f32;
     for i in -870_000..=880_000 {
         let x = i as f32 * 1e-4;
-        let (fast, exact) = (train::elementwise::exp(x), x.exp());
+        let (fast, exact) = (qtune::kernels::elementwise::exp(x), x.exp());
         worst = worst.max(((fast - exact) / exact).abs());
     }
     assert!(worst < 1e-6, "relative error {worst}");
-    let tiny = train::elementwise::exp(-200.0);
+    let tiny = qtune::kernels::elementwise::exp(-200.0);
     assert!((0.0..1e-37).contains(&tiny), "exp(-200) = {tiny}");
 }
 
@@ -849,7 +849,7 @@ fn bf16_rounding_matches_half() {
         f32::MIN_POSITIVE / 3.0,
     ]);
     values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)]); // ties
-    let ours = train::elementwise::to_bf16(&values);
+    let ours = qtune::kernels::elementwise::to_bf16(&values);
     for (x, b) in values.iter().zip(&ours) {
         if x.is_nan() {
             assert!(b.is_nan(), "{x} -> {b}");

@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod dashboard;
 mod data;
+mod device;
 mod docker;
 mod engine;
 mod families;

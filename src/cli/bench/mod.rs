@@ -77,9 +77,50 @@ pub struct BenchOptions {
     /// Recompute each layer in backward (training.gradient_checkpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// Frozen linear weights in bfloat16 (compute_dtype bf16).
+    /// Frozen linear weights in bfloat16 (compute_dtype bf16; with --quant on CUDA, the dtype the
+    /// base is dequantized to).
     #[arg(long)]
     pub bf16: bool,
+    /// `cpu` or `cuda:N` (a build with --features cuda). On CUDA the peak device memory is
+    /// sampled every 2 ms while the steps run.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The most device memory in use while it lived, sampled every 2 ms on a thread of its own (the
+/// driver keeps no peak): CUDA only.
+struct DeviceMemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl DeviceMemorySampler {
+    fn start(device: &Device) -> Option<DeviceMemorySampler> {
+        if device.is_cpu() {
+            return None;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, device) = (stop.clone(), device.clone());
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(m) = crate::train::device::memory(&device) {
+                    peak = peak.max(m.total - m.free);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        });
+        Some(DeviceMemorySampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn peak(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
 }
 
 /// Peak resident set size of this process so far, in GiB.
@@ -93,13 +134,19 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn run(opts: &BenchOptions) -> Result<()> {
-    let device = Device::Cpu;
+    let device = crate::train::device::parse(&opts.device)?;
+    if opts.bf16 && opts.quant.is_some() && device.is_cpu() {
+        return Err(crate::train::Error::Model(
+            "--bf16 with --quant needs a CUDA device (on the CPU a quantized base is dequantized \
+             to f32)"
+                .into(),
+        ));
+    }
     // Measured first, on an idle machine: right after the training steps candle's worker
     // threads are still spinning and the same multiply reads up to half as fast.
     let ceiling = crate::train::cost::measure_matmul_gflops(&device, 50)?;
-    let bf16_ceiling = opts
-        .bf16
-        .then(|| crate::train::onednn::matmul_gflops(1024, 1536, 576, true, 50))
+    let bf16_ceiling = (opts.bf16 && device.is_cpu())
+        .then(|| crate::kernels::onednn::matmul_gflops(1024, 1536, 576, true, 50))
         .flatten();
     let mut cfg = opts.shape.config();
     if let Some(l) = opts.layers {
@@ -119,7 +166,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     };
     let names = lora.target_modules.names();
     println!(
-        "qtune bench: {} shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        "qtune bench on {}: {} shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
+        opts.device,
         opts.shape.name(),
         cfg.num_hidden_layers,
         opts.quant
@@ -196,6 +244,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     // Per measured step: seconds of each timed part, the rest, and kernel CPU time.
     let mut parts: Vec<[f64; 6]> = vec![];
     let (mut other, mut kernel) = (vec![], vec![]);
+    let sampler = DeviceMemorySampler::start(&device);
     for i in 0..opts.warmup + opts.steps {
         timing::take();
         let kernel0 = timing::kernel_cpu_seconds();
@@ -232,6 +281,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             kernel.push(timing::kernel_cpu_seconds() - kernel0);
         }
     }
+    let peak_device = sampler.map(DeviceMemorySampler::peak);
     let step_s = median(&mut step);
     let tokens = (opts.batch * opts.seq) as f64;
     let tps = tokens / step_s;
@@ -261,7 +311,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             Part::FrozenMatmul => format!(
                 "{} ({})",
                 timing::label(*part),
-                crate::train::onednn::describe()
+                crate::kernels::onednn::describe()
             ),
             _ => timing::label(*part).to_string(),
         };
@@ -284,6 +334,12 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         "    kernel CPU time, all threads (page faults, allocation, thread wake-ups): {kernel_s:.2}s"
     );
     println!("  trainable parameters {trainable}");
+    if let Some(bytes) = peak_device {
+        println!(
+            "  peak device memory in use (sampled every 2 ms): {:.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     println!(
         "  {:<26} {:>10} {:>12} {:>22}",
         "", "tokens/s", "peak RSS", "share of f32 ceiling"
@@ -301,7 +357,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     println!(
         "  ({:.0} MFLOP/token; f32 matmul ceiling measured now with {}: {:.0} GFLOP/s on 1024x576x1536)",
         fpt / 1e6,
-        crate::train::onednn::describe(),
+        crate::kernels::onednn::describe(),
         ceiling
     );
     if let Some(g) = bf16_ceiling {
@@ -312,13 +368,15 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             "{}",
             serde_json::json!({
                 "shape": opts.shape.name(),
+                "device": opts.device,
+                "peak_device_bytes": peak_device,
                 "targets": if opts.all_linear { "all-linear" } else { "q,k,v,o" },
                 "batch": opts.batch,
                 "seq": opts.seq,
                 "quantization": opts.quant,
                 "gradient_checkpointing": opts.gradient_checkpointing,
                 "compute_dtype": if opts.bf16 { "bf16" } else { "f32" },
-                "matmul": crate::train::onednn::describe(),
+                "matmul": crate::kernels::onednn::describe(),
                 "tokens_per_second": tps,
                 "peak_rss_bytes": (peak * 1024.0 * 1024.0 * 1024.0) as u64,
                 "ceiling_gflops": ceiling,

@@ -122,6 +122,11 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
         }
         w.insert(format!("{p}.input_layernorm.weight"), ones.clone());
         w.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+        if cfg.arch.has_qk_norm() {
+            let per_head = Tensor::ones(cfg.head_dim, candle_core::DType::F32, &Device::Cpu)?;
+            w.insert(format!("{p}.self_attn.q_norm.weight"), per_head.clone());
+            w.insert(format!("{p}.self_attn.k_norm.weight"), per_head);
+        }
     }
     w.insert("model.norm.weight".into(), ones);
     if !cfg.tie_word_embeddings {

@@ -14,10 +14,11 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, T
 
 use super::config::Proj;
 use super::weights::{lora_dropout, Block, FrozenWeight, GradStash, LayerContext, Linear};
-use crate::train::cpu::f32_slice;
-use crate::train::lora::{self, Dropout, LoraDims, LoraSaved};
+use crate::kernels::lora::{self, Dropout, LoraDims, LoraSaved};
+use crate::kernels::{attention, elementwise};
+use crate::train::ops;
+use crate::train::ops::f32_slice;
 use crate::train::timing::{self, Part};
-use crate::train::{attention, elementwise, ops};
 
 type Result<T> = candle_core::Result<T>;
 

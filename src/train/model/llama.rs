@@ -45,9 +45,8 @@ impl Linear {
         let in_dim = a.dim(1)?;
         let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
         if let Some(d) = dropout {
-            let mask = d
-                .mask(x32.elem_count(), x.device())?
-                .to_dtype(x32.dtype())?;
+            let n = x32.elem_count();
+            let mask = Tensor::from_vec(d.mask_values(n), n, x.device())?.to_dtype(x32.dtype())?;
             x32 = x32.mul(&mask.reshape(x32.shape())?)?;
         }
         let b = lora.b_rows(&b)?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Tensor, TensorId, Var};
 
 use super::config::{ModelConfig, Proj};
-use crate::train::lora::Dropout;
+use crate::kernels::lora::Dropout;
 use crate::train::quant::QuantizedWeight;
 
 /// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.

@@ -10,8 +10,6 @@
 //! kept as one bit per element), only the `(tokens, r)` product `dropout(x)·Aᵀ` is; and the work
 //! goes to candle's worker threads in chunks of 64 rows that stay in cache through every step.
 
-use candle_core::{Device, Result, Tensor};
-
 use super::cpu::{gemm, Mat, SharedMut};
 
 /// Mask words (64 elements each) one worker draws at a time.
@@ -82,11 +80,11 @@ impl Dropout {
         }
     }
 
-    /// The mask of `n` elements as a tensor of 0 and 1/(1−p) (the composite path multiplies by it).
-    pub fn mask(&self, n: usize, device: &Device) -> Result<Tensor> {
+    /// The mask of `n` elements as values 0 and 1/(1−p) (the composite path multiplies by it).
+    pub fn mask_values(&self, n: usize) -> Vec<f32> {
         let mut mask = vec![1f32; n];
         self.draw(n).apply(&mut mask);
-        Tensor::from_vec(mask, n, device)
+        mask
     }
 }
 
@@ -190,7 +188,12 @@ pub fn forward_into(
     dropout: Option<Dropout>,
 ) -> LoraSaved {
     let m = x.len() / d.inputs;
+    // the multiplies below read and write through raw strided views sized from `d`: every
+    // buffer is checked against it here, so no call can reach outside them
+    assert_eq!(x.len(), m * d.inputs, "LoRA: input buffer size");
     assert_eq!(y.len(), m * d.outputs, "LoRA: output buffer size");
+    assert_eq!(a.len(), d.rank * d.inputs, "LoRA: A's size");
+    assert_eq!(b.len(), d.outputs * d.rank, "LoRA: B's size");
     let mask = dropout.map(|p| p.draw(x.len()));
     let mut xa = vec![0f32; m * d.rank];
     let (xa_ptr, y_ptr) = (SharedMut::new(&mut xa), SharedMut::new(y));
@@ -246,6 +249,19 @@ pub fn backward(
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
     let m = x.len() / d.inputs;
+    // as in forward_into: the raw views below are sized from `d`, so every buffer is checked
+    assert_eq!(x.len(), m * d.inputs, "LoRA backward: input buffer size");
+    assert_eq!(
+        g.len(),
+        m * d.outputs,
+        "LoRA backward: output gradient size"
+    );
+    assert_eq!(saved.xa.len(), m * d.rank, "LoRA backward: saved x·A size");
+    assert_eq!(a.len(), d.rank * d.inputs, "LoRA backward: A's size");
+    assert_eq!(b.len(), d.outputs * d.rank, "LoRA backward: B's size");
+    if let Some(dx) = &dx {
+        assert_eq!(dx.len(), m * d.inputs, "LoRA backward: input gradient size");
+    }
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
     let (da_len, db_len) = (d.rank * d.inputs, d.outputs * d.rank);

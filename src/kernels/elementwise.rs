@@ -6,11 +6,7 @@
 //! over candle's worker threads, and the loops are compiled twice, for AVX2 + FMA and for the
 //! baseline, with the choice made once at run time.
 
-use candle_core::{Result, Tensor};
-
-use super::cpu::{f32_slice, par_blocks, SharedMut};
-
-use super::timing::{self, Part};
+use super::cpu::{par_blocks, SharedMut};
 
 /// Elements (or rows × width) one worker handles at a time.
 const BLOCK: usize = 1 << 14;
@@ -336,39 +332,4 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
         let dst = unsafe { ptr.slice(s, e - s) };
         dst.iter_mut().zip(&src[s..e]).for_each(|(d, s)| *d += s);
     });
-}
-
-/// The input gradient of `rms_norm(x) · weight` (weight frozen), float32 on the CPU:
-/// `r·(g⊙w) − x·r³·mean(g⊙w⊙x)` with `r = 1/rms(x)`, one pass per row.
-pub fn rms_norm_backward(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    timing::scope(Part::Elementwise, || {
-        rms_norm_backward_untimed(x, grad, weight, eps)
-    })
-}
-
-fn rms_norm_backward_untimed(
-    x: &Tensor,
-    grad: &Tensor,
-    weight: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let (x, grad, weight) = (x.contiguous()?, grad.contiguous()?, weight.contiguous()?);
-    let (xs, xl) = x.storage_and_layout();
-    let (gs, gl) = grad.storage_and_layout();
-    let (ws, wl) = weight.storage_and_layout();
-    let (
-        candle_core::Storage::Cpu(xs),
-        candle_core::Storage::Cpu(gs),
-        candle_core::Storage::Cpu(ws),
-    ) = (&*xs, &*gs, &*ws)
-    else {
-        candle_core::bail!("RMSNorm backward: the fused kernel runs on the CPU only")
-    };
-    let dx = rms_norm_grad(
-        f32_slice(xs, xl, "RMSNorm input")?,
-        f32_slice(gs, gl, "RMSNorm gradient")?,
-        f32_slice(ws, wl, "RMSNorm weight")?,
-        eps,
-    );
-    Tensor::from_vec(dx, x.shape(), x.device())
 }

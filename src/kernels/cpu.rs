@@ -38,20 +38,6 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// The float32 values of a contiguous CPU storage; `what` names the operand in the error.
-pub(crate) fn f32_slice<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match s {
-        candle_core::CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("{what} must be contiguous float32 on the CPU"),
-    }
-}
-
 /// Runs `f(start, end)` over `0..n` in blocks of `block`, on candle's worker threads.
 pub(crate) fn par_blocks(n: usize, block: usize, f: impl Fn(usize, usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |chunks| {
