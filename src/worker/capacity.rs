@@ -23,20 +23,18 @@ pub struct WorkerDevice {
     pub device: Device,
     /// The operator's cap on what jobs here may plan for (`--worker-memory-mib`).
     cap_bytes: Option<u64>,
-    gflops: Option<f64>,
+    /// The measured float32 matmul rate, once [`keep_reporting`] has measured it.
+    gflops: std::sync::OnceLock<f64>,
 }
 
 impl WorkerDevice {
     pub fn new(id: String, name: String, device: Device, cap_bytes: Option<u64>) -> WorkerDevice {
-        // a short measurement (a few products of SmolLM2's MLP shape): the rate time estimates
-        // divide by; a failure only leaves the rate unknown
-        let gflops = cost::measure_matmul_gflops(&device, 5).ok();
         WorkerDevice {
             id,
             name,
             device,
             cap_bytes,
-            gflops,
+            gflops: std::sync::OnceLock::new(),
         }
     }
 
@@ -65,7 +63,13 @@ impl WorkerDevice {
         let Some(m) = self.memory() else { return };
         if let Err(e) = state
             .db
-            .report_worker(&self.id, &self.name, m.total, m.free, self.gflops)
+            .report_worker(
+                &self.id,
+                &self.name,
+                m.total,
+                m.free,
+                self.gflops.get().copied(),
+            )
             .await
         {
             tracing::warn!(error = %e, "could not report the worker's device");
@@ -77,8 +81,17 @@ impl WorkerDevice {
     }
 }
 
-/// Reports `worker` every [`REPORT_EVERY`] until the server shuts down, then removes its row.
+/// Measures `worker`'s matmul rate, then reports it every [`REPORT_EVERY`] until the server
+/// shuts down, and removes its row. (Measured here, beside the claim loop, so that a worker is
+/// up at once; a short measurement: a few products of SmolLM2's MLP shape. A failure leaves the
+/// rate unknown and time estimates empty.)
 pub async fn keep_reporting(state: AppState, worker: std::sync::Arc<WorkerDevice>) {
+    let measuring = worker.clone();
+    if let Ok(Ok(gflops)) =
+        tokio::task::spawn_blocking(move || cost::measure_matmul_gflops(&measuring.device, 5)).await
+    {
+        let _first = worker.gflops.set(gflops);
+    }
     loop {
         worker.report(&state).await;
         tokio::select! {

@@ -42,15 +42,12 @@ pub async fn run(state: AppState, device_name: String) {
         }
     };
     let cap = state.config.worker_memory_mib.map(|mib| mib << 20);
-    let (id, name) = (worker_id.clone(), device_name.clone());
-    let device =
-        match tokio::task::spawn_blocking(move || WorkerDevice::new(id, name, device, cap)).await {
-            Ok(d) => std::sync::Arc::new(d),
-            Err(e) => {
-                tracing::error!(device = %device_name, error = %e, "worker not started");
-                return;
-            }
-        };
+    let device = std::sync::Arc::new(WorkerDevice::new(
+        worker_id.clone(),
+        device_name.clone(),
+        device,
+        cap,
+    ));
     let reporting = tokio::spawn(capacity::keep_reporting(state.clone(), device.clone()));
     state.workers_up.fetch_add(1, Ordering::SeqCst);
     tracing::info!(worker = %worker_id, "worker up");
