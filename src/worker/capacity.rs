@@ -86,6 +86,8 @@ impl WorkerDevice {
 /// up at once; a short measurement: a few products of SmolLM2's MLP shape. A failure leaves the
 /// rate unknown and time estimates empty.)
 pub async fn keep_reporting(state: AppState, worker: std::sync::Arc<WorkerDevice>) {
+    // in the pool at once (its memory is what claims need); the rate follows
+    worker.report(&state).await;
     let measuring = worker.clone();
     if let Ok(Ok(gflops)) =
         tokio::task::spawn_blocking(move || cost::measure_matmul_gflops(&measuring.device, 5)).await

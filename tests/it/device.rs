@@ -287,14 +287,8 @@ async fn the_pool_trains_on_each_of_its_devices() {
     // both run at once, each on a worker of its own
     let start = std::time::Instant::now();
     loop {
-        let workers = app.state.db.live_workers().await.unwrap();
         let (_, list) = app.get("/v1/jobs?status=running").await;
         if list["data"].as_array().unwrap().len() == 2 {
-            let names: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
-            assert_eq!(workers.len(), n, "{workers:?}");
-            for d in &devices {
-                assert!(names.contains(&d.as_str()), "{names:?}");
-            }
             break;
         }
         assert!(
@@ -302,6 +296,19 @@ async fn the_pool_trains_on_each_of_its_devices() {
             "the two jobs never ran at once: {list}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // and the pool lists each device
+    let workers = loop {
+        let workers = app.state.db.live_workers().await.unwrap();
+        if workers.len() == n || start.elapsed() > std::time::Duration::from_secs(60) {
+            break workers;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(workers.len(), n, "{workers:?}");
+    let names: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
+    for d in &devices {
+        assert!(names.contains(&d.as_str()), "{names:?}");
     }
     for id in &ids {
         let job = app

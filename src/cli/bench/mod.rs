@@ -105,7 +105,7 @@ impl DeviceMemorySampler {
             let mut peak = 0u64;
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Ok(m) = crate::train::device::memory(&device) {
-                    peak = peak.max(m.total - m.free);
+                    peak = peak.max(m.total.saturating_sub(m.free));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
