@@ -178,7 +178,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default="f32,bf16,f32-all")
     ap.add_argument("--qtune", default=os.path.join(REPO, "target", "release", "qtune"))
-    # 900 examples: qtune about 5 minutes, Trainer + PEFT about 40 on 2 cores
+    # 900 examples: qtune about 6 minutes, Trainer + PEFT 10 to 12 on 2 cores
     ap.add_argument("--epoch-rows", type=int, default=900)
     a = ap.parse_args()
     py = setup()
