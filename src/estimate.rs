@@ -62,12 +62,9 @@ pub enum EstimateError {
     Db(#[from] crate::db::Error),
 }
 
-/// Estimates `spec` (validated, base model allowed) against the pool's live workers.
+/// Estimates `spec` (validated by `JobSpec::from_json`, base model allowed) against the pool's
+/// live workers.
 pub async fn estimate(state: &AppState, spec: &JobSpec) -> Result<JobEstimate, EstimateError> {
-    let spec = spec
-        .clone()
-        .normalize()
-        .map_err(|e| EstimateError::Model(e.to_string()))?;
     let (base, revision) = (spec.base_model.clone(), spec.revision.clone());
     let (cfg, stored) = tokio::task::spawn_blocking(move || {
         crate::train::model::base_shape(&base, revision.as_deref())
@@ -75,9 +72,9 @@ pub async fn estimate(state: &AppState, spec: &JobSpec) -> Result<JobEstimate, E
     .await
     .map_err(|e| EstimateError::Model(format!("reading the base model: {e}")))?
     .map_err(|e| EstimateError::Model(e.to_string()))?;
-    let memory = cost::estimate_memory(&cfg, &spec, stored, DeviceKind::Cpu);
-    let memory_cuda = cost::estimate_memory(&cfg, &spec, stored, DeviceKind::Cuda);
-    let seconds = |gflops: Option<f64>| gflops.map(|g| cost::seconds_per_step(&cfg, &spec, g));
+    let memory = cost::estimate_memory(&cfg, spec, stored, DeviceKind::Cpu);
+    let memory_cuda = cost::estimate_memory(&cfg, spec, stored, DeviceKind::Cuda);
+    let seconds = |gflops: Option<f64>| gflops.map(|g| cost::seconds_per_step(&cfg, spec, g));
     let workers: Vec<WorkerEstimate> = state
         .db
         .live_workers()

@@ -71,16 +71,11 @@ pub(super) async fn load(state: &AppState, id: &str, owner: &Owner) -> Result<Jo
         .ok_or_else(|| ApiError::not_found("job", id))
 }
 
-pub async fn create(
-    State(state): State<AppState>,
-    Extension(owner): Extension<Owner>,
-    headers: axum::http::HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body?;
-    super::require_json(&headers, "a job spec")?;
-    // Not JSON at all is a 400; JSON that is not a valid spec is a 422 naming the field.
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+/// A job spec from a request body: not JSON at all is a 400; JSON that is not a valid spec is a
+/// 422 naming the field.
+fn spec_from_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<JobSpec, ApiError> {
+    super::require_json(headers, "a job spec")?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -88,14 +83,24 @@ pub async fn create(
         )
         .param("body"));
     }
-    let text = std::str::from_utf8(&body).map_err(|_| {
+    let text = std::str::from_utf8(body).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             "the body is not UTF-8",
         )
     })?;
-    let spec = JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))?;
+    JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let spec = spec_from_body(&headers, &body)?;
     let idempotency = super::idempotency_key(&headers)?;
     let row = submit_once(&state, &owner, idempotency.as_deref(), &body, &spec).await?;
     Ok((StatusCode::CREATED, Json(job_view(&row))).into_response())
@@ -109,23 +114,7 @@ pub async fn estimate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    super::require_json(&headers, "a job spec")?;
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not JSON: {e}"),
-        )
-        .param("body"));
-    }
-    let text = std::str::from_utf8(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "the body is not UTF-8",
-        )
-    })?;
-    let spec = JobSpec::from_json(text).map_err(|e| ApiError::invalid(&e.param, e.to_string()))?;
+    let spec = spec_from_body(&headers, &body)?;
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| ApiError::invalid("base_model", m))?;
     match crate::estimate::estimate(&state, &spec).await {

@@ -41,6 +41,7 @@ fn options(out: &std::path::Path) -> train::RunOptions {
 
 #[test]
 fn lora_gradients_on_the_device_match_finite_differences() {
+    // (the engine's own finite-difference check: on the CPU, float64 runs the composite graph)
     let device = device();
     let _composite = CompositePath::on();
     let cfg = synthetic::tiny_config();
@@ -49,7 +50,11 @@ fn lora_gradients_on_the_device_match_finite_differences() {
         r: 2,
         alpha: Some(4.0),
         dropout: 0.0,
-        target_modules: qtune::spec::TargetModules::List(vec!["q_proj".into(), "down_proj".into()]),
+        target_modules: qtune::spec::TargetModules::List(vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "down_proj".into(),
+        ]),
         use_rslora: false,
     };
     // float64 on the device, so that central differences are exact to ~1e-9
@@ -111,7 +116,8 @@ fn lora_gradients_on_the_device_match_finite_differences() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 2 * 2 * 2 * 3);
+    // three targets, two layers, A and B, three entries each
+    assert_eq!(checked, 3 * 2 * 2 * 3);
 }
 
 type Quantize = fn(&Tensor) -> QuantizedWeight;
