@@ -1,6 +1,9 @@
 //! Plumbing shared by the CPU kernels (attention, LoRA, elementwise, 4-bit unpacking): output
-//! pointers handed to candle's worker threads, strided matrix views, and the `gemm` crate's
-//! single-threaded multiply on them (the kernels split work across threads themselves).
+//! pointers handed to candle's worker threads, strided matrix views, the `gemm` crate's
+//! single-threaded multiply on them (the kernels split work across threads themselves), and the
+//! batched bf16 multiply (oneDNN, or the same numbers through `gemm`).
+
+use super::onednn;
 
 /// A raw pointer handed to candle's worker threads, each of which writes a disjoint part.
 pub(crate) struct SharedMut<T>(*mut T);
@@ -104,4 +107,52 @@ pub(crate) unsafe fn gemm(
         false,
         gemm::Parallelism::None,
     )
+}
+
+/// `src · weights` with bf16 inputs accumulated in f32, batched over the leading dimensions,
+/// into a new dense buffer ([`onednn::batched_product_dims`] says which): through oneDNN when
+/// it is in use, else the same bf16 values widened to f32 through `gemm`, one batch item per
+/// worker at a time, so that a bf16 run computes the same numbers either way.
+pub(crate) fn matmul_batched_bf16(
+    src: (&[half::bf16], &onednn::View),
+    weights: (&[half::bf16], &onednn::View),
+) -> Vec<f32> {
+    if let Some(out) = onednn::matmul_batched_bf16(src, weights) {
+        return out;
+    }
+    let dims = onednn::batched_product_dims(src, weights);
+    let (s, w) = (src.1, weights.1);
+    let nd = dims.len();
+    let (m, n, k) = (dims[nd - 2], dims[nd - 1], s.dims[nd - 1]);
+    let widen = |x: &[half::bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    let (a, b) = (widen(src.0), widen(weights.0));
+    let items: usize = dims[..nd - 2].iter().product();
+    let mut out = vec![0f32; items * m * n];
+    let ptr = SharedMut::new(&mut out);
+    par_blocks(items, 1, |start, end| {
+        for item in start..end {
+            let (mut a_at, mut b_at, mut rest) = (s.offset, w.offset, item);
+            for i in (0..nd - 2).rev() {
+                let index = rest % dims[i];
+                rest /= dims[i];
+                a_at += index * s.strides[i];
+                if w.dims[i] != 1 {
+                    b_at += index * w.strides[i];
+                }
+            }
+            // SAFETY: the views were checked to lie inside their buffers (a and b have the
+            // buffers' lengths); item alone writes its m×n block of out.
+            unsafe {
+                gemm(
+                    (m, n, k),
+                    Mat(ptr.ptr().add(item * m * n), n, 1),
+                    false,
+                    Mat(a.as_ptr().add(a_at), s.strides[nd - 2], s.strides[nd - 1]),
+                    Mat(b.as_ptr().add(b_at), w.strides[nd - 2], w.strides[nd - 1]),
+                    1.0,
+                )
+            };
+        }
+    });
+    out
 }

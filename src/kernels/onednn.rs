@@ -20,8 +20,6 @@ const DNNL_SUCCESS: Status = 0;
 const DNNL_BF16: c_int = 2;
 const DNNL_F32: c_int = 3;
 const DNNL_CPU: c_int = 1;
-const TAG_AB: c_int = 3;
-const TAG_BA: c_int = 22;
 const ARG_SRC: c_int = 1;
 const ARG_DST: c_int = 17;
 const ARG_WEIGHTS: c_int = 33;
@@ -47,7 +45,7 @@ struct ExecArg {
     memory: Handle,
 }
 
-type MdInit = unsafe extern "C" fn(*mut c_void, c_int, *const i64, c_int, c_int) -> Status;
+type MdInit = unsafe extern "C" fn(*mut c_void, c_int, *const i64, c_int, *const i64) -> Status;
 type MatmulInit = unsafe extern "C" fn(
     *mut c_void,
     *const c_void,
@@ -96,8 +94,7 @@ struct OneDnn {
     api: Api,
     engine: Handle,
     stream: Handle,
-    /// By (m, n, k, b transposed, bf16 inputs).
-    primitives: HashMap<(usize, usize, usize, bool, bool), Primitive>,
+    primitives: HashMap<Problem, Primitive>,
     implementation: String,
 }
 
@@ -170,13 +167,12 @@ pub fn matmul(
     b_transposed: bool,
 ) -> Option<Vec<f32>> {
     assert!(a.len() >= m * k && b.len() >= n * k);
-    // SAFETY: the slices hold the m·k and n·k elements the descriptors state.
+    // SAFETY: the slices hold the m·k and n·k elements the problem states.
     unsafe {
-        matmul_raw(
-            (m, n, k),
+        matmul_into_new(
+            Problem::plain((m, n, k), b_transposed, false),
             a.as_ptr().cast(),
             b.as_ptr().cast(),
-            (b_transposed, false),
         )
     }
 }
@@ -194,36 +190,157 @@ pub fn matmul_bf16(
     assert!(a.len() >= m * k && b.len() >= n * k);
     // SAFETY: as above; bf16 is a transparent u16, what oneDNN's bf16 reads.
     unsafe {
-        matmul_raw(
-            (m, n, k),
+        matmul_into_new(
+            Problem::plain((m, n, k), b_transposed, true),
             a.as_ptr().cast(),
             b.as_ptr().cast(),
-            (b_transposed, true),
         )
     }
 }
 
-/// Runs one multiply into a fresh (m×n) f32 buffer.
+/// A strided view of a buffer: element `(i₀, i₁, …)` is at `offset + Σ iⱼ·strides[j]`. The last
+/// two dimensions are a matrix's rows and columns, any before them batch dimensions.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub offset: usize,
+    pub dims: Vec<usize>,
+    pub strides: Vec<usize>,
+}
+
+impl View {
+    /// One past the furthest element the view reaches (its offset when it is empty).
+    fn end(&self) -> usize {
+        if self.dims.contains(&0) {
+            return self.offset;
+        }
+        self.offset
+            + 1
+            + self
+                .dims
+                .iter()
+                .zip(&self.strides)
+                .map(|(d, s)| (d - 1) * s)
+                .sum::<usize>()
+    }
+}
+
+/// The dimensions of `src · weights` for two views (the last two dimensions of each a matrix,
+/// any before them batch dimensions, a weights batch dimension of size 1 shared by every src
+/// index along it): src's batch dimensions, then m × n.
+///
+/// Panics when the views do not describe one multiply or reach outside their buffers.
+pub fn batched_product_dims(
+    src: (&[half::bf16], &View),
+    weights: (&[half::bf16], &View),
+) -> Vec<usize> {
+    let (s, w) = (src.1, weights.1);
+    let nd = s.dims.len();
+    assert!(
+        (2..=12).contains(&nd)
+            && [&s.strides, &w.dims, &w.strides]
+                .iter()
+                .all(|v| v.len() == nd),
+        "batched matmul: both views need the same 2 to 12 dimensions and strides"
+    );
+    assert!(
+        w.dims[nd - 2] == s.dims[nd - 1]
+            && (0..nd - 2).all(|i| w.dims[i] == s.dims[i] || w.dims[i] == 1),
+        "batched matmul: {:?} · {:?}",
+        s.dims,
+        w.dims
+    );
+    assert!(
+        s.end() <= src.0.len() && w.end() <= weights.0.len(),
+        "batched matmul: a view reaches outside its buffer"
+    );
+    let mut dims = s.dims.clone();
+    dims[nd - 1] = w.dims[nd - 1];
+    dims
+}
+
+/// `src · weights` (see [`batched_product_dims`]), bf16 inputs accumulated in f32, into a new
+/// dense row-major buffer; `None` when oneDNN is not in use.
+pub fn matmul_batched_bf16(
+    src: (&[half::bf16], &View),
+    weights: (&[half::bf16], &View),
+) -> Option<Vec<f32>> {
+    let dims = batched_product_dims(src, weights);
+    let (s, w) = (src.1, weights.1);
+    let nd = dims.len();
+    let mut strides = vec![1usize; nd];
+    for i in (0..nd - 1).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    if dims.contains(&0) || s.dims[nd - 1] == 0 {
+        // oneDNN rejects empty problems: the product is zeros
+        return (enabled() && available()).then(|| vec![0f32; dims.iter().product()]);
+    }
+    let i64s = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let problem = Problem {
+        dims: [i64s(&s.dims), i64s(&w.dims), i64s(&dims)],
+        strides: [i64s(&s.strides), i64s(&w.strides), i64s(&strides)],
+        bf16: true,
+    };
+    // SAFETY: both views were checked to lie inside their buffers.
+    unsafe {
+        matmul_into_new(
+            problem,
+            src.0.as_ptr().add(s.offset).cast(),
+            weights.0.as_ptr().add(w.offset).cast(),
+        )
+    }
+}
+
+/// One multiply as oneDNN states it: dimensions and strides (in elements) of src, weights and
+/// dst, and whether the inputs are bf16 (the output is f32 either way).
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct Problem {
+    dims: [Vec<i64>; 3],
+    strides: [Vec<i64>; 3],
+    bf16: bool,
+}
+
+impl Problem {
+    /// Row-major `(m×k) · (k×n)`, the weights stored as `(n×k)` when transposed.
+    fn plain((m, n, k): (usize, usize, usize), b_transposed: bool, bf16: bool) -> Problem {
+        let (m, n, k) = (m as i64, n as i64, k as i64);
+        Problem {
+            dims: [vec![m, k], vec![k, n], vec![m, n]],
+            strides: [
+                vec![k, 1],
+                if b_transposed { vec![1, k] } else { vec![n, 1] },
+                vec![n, 1],
+            ],
+            bf16,
+        }
+    }
+
+    /// Elements of the (dense) output.
+    fn dst_len(&self) -> usize {
+        self.dims[2].iter().product::<i64>() as usize
+    }
+}
+
+/// Runs one multiply into a fresh f32 buffer, which `problem`'s output must fill (dense).
 ///
 /// # Safety
-/// `a` and `b` must point to m·k and n·k elements of the input dtype.
-unsafe fn matmul_raw(
-    shape: (usize, usize, usize),
+/// `a` and `b` must point to the elements `problem` states, of its input dtype.
+unsafe fn matmul_into_new(
+    problem: Problem,
     a: *const c_void,
     b: *const c_void,
-    flags: (bool, bool),
 ) -> Option<Vec<f32>> {
     if !enabled() {
         return None;
     }
     let mut d = instance()?.lock().ok()?;
-    let len = shape.0 * shape.1;
+    let len = problem.dst_len();
     let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
     // MaybeUninit needs no initialisation.
     out.set_len(len);
-    d.run(shape, a, b, flags, out.as_mut_ptr().cast()).ok()?;
+    d.run(&problem, [a, b, out.as_mut_ptr().cast()]).ok()?;
     let mut out = std::mem::ManuallyDrop::new(out);
-    // oneDNN wrote all m·n elements; MaybeUninit<f32> has f32's layout.
+    // oneDNN wrote every element of the dense output; MaybeUninit<f32> has f32's layout.
     Some(Vec::from_raw_parts(
         out.as_mut_ptr().cast(),
         out.len(),
@@ -244,7 +361,7 @@ impl OneDnn {
         let engine_create: EngineCreate = sym!(b"dnnl_engine_create\0");
         let stream_create: StreamCreate = sym!(b"dnnl_stream_create\0");
         let api = Api {
-            md_init: sym!(b"dnnl_memory_desc_init_by_tag\0"),
+            md_init: sym!(b"dnnl_memory_desc_init_by_strides\0"),
             matmul_init: sym!(b"dnnl_matmul_desc_init\0"),
             pd_create: sym!(b"dnnl_primitive_desc_create\0"),
             pd_query: sym!(b"dnnl_primitive_desc_query\0"),
@@ -289,11 +406,12 @@ impl OneDnn {
             // SAFETY: sizes as stated.
             unsafe {
                 self.run(
-                    (m, n, k),
-                    a.as_ptr().cast(),
-                    w.as_ptr().cast(),
-                    (transposed, false),
-                    out.as_mut_ptr(),
+                    &Problem::plain((m, n, k), transposed, false),
+                    [
+                        a.as_ptr().cast(),
+                        w.as_ptr().cast(),
+                        out.as_mut_ptr().cast(),
+                    ],
                 )?
             };
             for i in 0..m {
@@ -328,31 +446,29 @@ impl OneDnn {
         }
     }
 
-    unsafe fn run(
-        &mut self,
-        (m, n, k): (usize, usize, usize),
-        a: *const c_void,
-        b: *const c_void,
-        (b_transposed, bf16): (bool, bool),
-        out: *mut f32,
-    ) -> Result<(), String> {
+    /// # Safety
+    /// The pointers (src, weights, dst) must reach every element `problem` states.
+    unsafe fn run(&mut self, problem: &Problem, ptrs: [*const c_void; 3]) -> Result<(), String> {
         if self.primitives.len() > 512 {
             // shapes vary with batch padding; bound the cache instead of tracking use
             self.forget_primitives();
         }
-        let key = (m, n, k, b_transposed, bf16);
-        if !self.primitives.contains_key(&key) {
-            let p = self.create(m, n, k, b_transposed, bf16)?;
-            self.primitives.insert(key, p);
+        if !self.primitives.contains_key(problem) {
+            let p = self.create(problem)?;
+            self.primitives.insert(problem.clone(), p);
         }
         let api = &self.api;
-        let p = self.primitives.get_mut(&key).expect("inserted above");
+        let p = self.primitives.get_mut(problem).expect("inserted above");
         let mut mems = [std::ptr::null_mut(); 3];
-        let ptrs = [a as *mut c_void, b as *mut c_void, out as *mut c_void];
         let mut result = Ok(());
         for i in 0..3 {
             if let Err(e) = check(
-                (api.mem_create)(&mut mems[i], p.mds[i].ptr(), self.engine, ptrs[i]),
+                (api.mem_create)(
+                    &mut mems[i],
+                    p.mds[i].ptr(),
+                    self.engine,
+                    ptrs[i] as *mut c_void,
+                ),
                 "memory",
             ) {
                 result = Err(e);
@@ -385,28 +501,26 @@ impl OneDnn {
         result
     }
 
-    unsafe fn create(
-        &mut self,
-        m: usize,
-        n: usize,
-        k: usize,
-        b_transposed: bool,
-        bf16: bool,
-    ) -> Result<Primitive, String> {
+    unsafe fn create(&mut self, problem: &Problem) -> Result<Primitive, String> {
         let api = &self.api;
         let mut mds = [Opaque::<1024>::zeroed(), Opaque::zeroed(), Opaque::zeroed()];
-        let dims = [
-            [m as i64, k as i64],
-            [k as i64, n as i64],
-            [m as i64, n as i64],
-        ];
-        let tags = [TAG_AB, if b_transposed { TAG_BA } else { TAG_AB }, TAG_AB];
         // bf16 inputs accumulate and come out in f32
-        let input = if bf16 { DNNL_BF16 } else { DNNL_F32 };
+        let input = if problem.bf16 { DNNL_BF16 } else { DNNL_F32 };
         let dtypes = [input, input, DNNL_F32];
         for i in 0..3 {
+            // dnnl_dims_t is a fixed array of 12
+            let (mut dims, mut strides) = ([0i64; 12], [0i64; 12]);
+            let nd = problem.dims[i].len();
+            dims[..nd].copy_from_slice(&problem.dims[i]);
+            strides[..nd].copy_from_slice(&problem.strides[i]);
             check(
-                (api.md_init)(mds[i].ptr(), 2, dims[i].as_ptr(), dtypes[i], tags[i]),
+                (api.md_init)(
+                    mds[i].ptr(),
+                    nd as c_int,
+                    dims.as_ptr(),
+                    dtypes[i],
+                    strides.as_ptr(),
+                ),
                 "memory desc",
             )?;
         }
@@ -432,18 +546,25 @@ impl OneDnn {
             ),
             "primitive desc",
         )?;
+        let mut name: *const c_char = std::ptr::null();
+        let implementation = if (api.pd_query)(
+            pd,
+            QUERY_IMPL_INFO_STR,
+            0,
+            (&mut name as *mut *const c_char).cast(),
+        ) == DNNL_SUCCESS
+            && !name.is_null()
+        {
+            std::ffi::CStr::from_ptr(name).to_string_lossy().to_string()
+        } else {
+            String::new()
+        };
+        tracing::debug!(?problem, %implementation, "oneDNN matmul");
+        if std::env::var_os("QTUNE_ONEDNN_VERBOSE").is_some() {
+            eprintln!("{problem:?} -> {implementation}");
+        }
         if self.implementation.is_empty() {
-            let mut name: *const c_char = std::ptr::null();
-            if (api.pd_query)(
-                pd,
-                QUERY_IMPL_INFO_STR,
-                0,
-                (&mut name as *mut *const c_char).cast(),
-            ) == DNNL_SUCCESS
-                && !name.is_null()
-            {
-                self.implementation = std::ffi::CStr::from_ptr(name).to_string_lossy().to_string();
-            }
+            self.implementation = implementation;
         }
         let mut handle = std::ptr::null_mut();
         let created = check((api.prim_create)(&mut handle, pd), "primitive");

@@ -31,7 +31,8 @@ pub struct MemoryEstimate {
     /// What the forward pass keeps for backward, all layers, one full micro-batch.
     pub activations_bytes: u64,
     /// Transient buffers of a step: a chunk of logits and its softmax, the hidden states'
-    /// gradients, a dequantized weight (and, under checkpointing, one layer recomputed).
+    /// gradients, a dequantized weight, bf16 attention's score gradients (and, under
+    /// checkpointing, one layer recomputed).
     pub workspace_bytes: u64,
     /// The process itself (code, tokenizer, data) or a CUDA context.
     pub runtime_bytes: u64,
@@ -195,7 +196,14 @@ pub fn estimate_memory(
     } else {
         0.0
     };
-    let workspace = recomputed + logits + unpacked;
+    // bf16 attention on the CPU's fused layer holds a layer's score gradients in f32 and bf16
+    // at once during backward (`kernels::attention`)
+    let bf16_scores = if !composite && dense_bytes == 2.0 && device == DeviceKind::Cpu {
+        tokens * scores * (F32 + 2.0)
+    } else {
+        0.0
+    };
+    let workspace = recomputed + logits + unpacked + bf16_scores;
     let runtime = match device {
         DeviceKind::Cpu => CPU_RUNTIME_BYTES,
         DeviceKind::Cuda => CUDA_RUNTIME_BYTES,
