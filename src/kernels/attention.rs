@@ -108,6 +108,15 @@ impl CausalAttention {
                 rows,
                 "attention: one example start per position"
             );
+            // the bands skip keys before their first row's start: starts must not decrease
+            // along a row and never lie after their position
+            for row in starts.chunks_exact(d.time) {
+                assert!(
+                    row.iter().enumerate().all(|(i, &s)| s as usize <= i)
+                        && row.windows(2).all(|w| w[0] <= w[1]),
+                    "attention: example starts must be non-decreasing columns at or before each position"
+                );
+            }
         }
     }
 
@@ -118,6 +127,14 @@ impl CausalAttention {
             .as_ref()
             .map_or(0, |s| s[b * self.dims.time + i] as usize);
         (i + 1).saturating_sub(self.window).max(start)
+    }
+
+    /// One past the last query row of batch row `b` that attends to key `j`: a key is seen only
+    /// from within its own example (and window), and first keys never decrease along a row.
+    fn last_query_end(&self, b: usize, j: usize) -> usize {
+        (j..self.dims.time)
+            .find(|&i| self.first_key(b, i) > j)
+            .unwrap_or(self.dims.time)
     }
 
     /// `(probabilities (b, heads, t, t), output (b, t, heads, d))`.
@@ -141,16 +158,18 @@ impl CausalAttention {
                 // SAFETY: item (b, h) owns probs[item] and the h columns of out's batch b.
                 let p = Mat(unsafe { probs_ptr.ptr().add(item * t * t) }, t, 1);
                 let o = Mat(out_ptr.ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
+                // a band multiplies only the columns from its first row's first key: packed rows
+                // and sliding windows skip the blocks no row of the band can see
                 for r0 in (0..t).step_by(BLOCK) {
-                    let r1 = (r0 + BLOCK).min(t);
+                    let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
                     // SAFETY: all within the (t×t) and (t×d) views above.
                     unsafe {
                         gemm(
-                            (r1 - r0, r1, d.head_dim),
-                            p.at(r0, 0),
+                            (r1 - r0, r1 - c0, d.head_dim),
+                            p.at(r0, c0),
                             false,
                             qm.at(r0, 0),
-                            km.t(),
+                            km.at(c0, 0).t(),
                             self.scale,
                         )
                     };
@@ -161,15 +180,15 @@ impl CausalAttention {
                     softmax_row(row, self.first_key(b, i), i + 1);
                 }
                 for r0 in (0..t).step_by(BLOCK) {
-                    let r1 = (r0 + BLOCK).min(t);
+                    let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
                     // SAFETY: as above.
                     unsafe {
                         gemm(
-                            (r1 - r0, d.head_dim, r1),
+                            (r1 - r0, d.head_dim, r1 - c0),
                             o.at(r0, 0),
                             false,
-                            p.at(r0, 0),
-                            vm,
+                            p.at(r0, c0),
+                            vm.at(c0, 0),
                             1.0,
                         )
                     };
@@ -229,23 +248,27 @@ impl CausalAttention {
                     // SAFETY for every gemm below: views stay inside their buffers; this item
                     // alone writes dk, dv of (b, kv), dq of its heads, and its own ds.
                     for r0 in (0..t).step_by(BLOCK) {
-                        let r1 = (r0 + BLOCK).min(t);
+                        let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
                         // dP = dO · Vᵀ
                         unsafe {
                             gemm(
-                                (r1 - r0, r1, d.head_dim),
-                                dsm.at(r0, 0),
+                                (r1 - r0, r1 - c0, d.head_dim),
+                                dsm.at(r0, c0),
                                 false,
                                 gom.at(r0, 0),
-                                vm.t(),
+                                vm.at(c0, 0).t(),
                                 1.0,
                             )
                         };
                     }
                     for i in 0..t {
-                        let end = band_end(i, t);
-                        let p = &probs[p_off + i * t..p_off + i * t + end];
+                        let (c0, end) = (self.first_key(b, i - i % BLOCK), band_end(i, t));
+                        let p = &probs[p_off + i * t + c0..p_off + i * t + end];
                         let row = &mut ds[i * t..i * t + end];
+                        // columns before the band's first key hold another head's numbers:
+                        // the dK product below may read them, as zeros
+                        row[..c0].fill(0.0);
+                        let row = &mut row[c0..];
                         // dS = P ⊙ (dP − Σⱼ P·dP) · scale; masked entries have P = 0.
                         let dot: f32 = p.iter().zip(row.iter()).map(|(p, g)| p * g).sum();
                         for (g, p) in row.iter_mut().zip(p) {
@@ -253,22 +276,24 @@ impl CausalAttention {
                         }
                     }
                     for r0 in (0..t).step_by(BLOCK) {
-                        let r1 = (r0 + BLOCK).min(t);
+                        let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
                         // dQ = dS · K
                         unsafe {
                             gemm(
-                                (r1 - r0, d.head_dim, r1),
+                                (r1 - r0, d.head_dim, r1 - c0),
                                 dqm.at(r0, 0),
                                 false,
-                                dsm.at(r0, 0),
-                                km,
+                                dsm.at(r0, c0),
+                                km.at(c0, 0),
                                 1.0,
                             )
                         };
-                        // dK += dSᵀ · Q and dV += Pᵀ · dO over the rows at or below the band.
+                        // dK += dSᵀ · Q and dV += Pᵀ · dO over the rows at or below the band
+                        // that see any of its keys.
+                        let q_end = self.last_query_end(b, r1 - 1);
                         unsafe {
                             gemm(
-                                (r1 - r0, d.head_dim, t - r0),
+                                (r1 - r0, d.head_dim, q_end - r0),
                                 dkm.at(r0, 0),
                                 true,
                                 dsm.at(r0, r0).t(),
@@ -276,7 +301,7 @@ impl CausalAttention {
                                 1.0,
                             );
                             gemm(
-                                (r1 - r0, d.head_dim, t - r0),
+                                (r1 - r0, d.head_dim, q_end - r0),
                                 dvm.at(r0, 0),
                                 true,
                                 pm.at(r0, r0).t(),
@@ -539,10 +564,11 @@ mod tests {
         [out, dq, dk, dv]
     }
 
-    /// The bf16 products (whole score matrices, grouped heads summed along the inner
-    /// dimension) against the f32 kernel: within bf16's precision, for grouped heads, packed
-    /// rows, a sliding window and a length that is no multiple of the block; and the same
-    /// numbers with oneDNN and through the `gemm` fallback.
+    /// The f32 kernel on a packed row (whose bands skip the keys before their first row's
+    /// example) against each example alone; the bf16 products (whole score matrices, grouped
+    /// heads summed along the inner dimension) against the f32 kernel, within bf16's precision,
+    /// for grouped heads, packed rows, a sliding window and a length that is no multiple of the
+    /// block; and the same bf16 numbers with oneDNN and through the `gemm` fallback.
     #[test]
     fn bf16_products_track_the_f32_kernel() {
         let (batch, time, heads, kv_heads, head_dim) = (2, 150, 6, 2, 16);
@@ -571,6 +597,34 @@ mod tests {
             super::super::onednn::set_enabled(false);
             let fallback = run(&kernels(true), &q, &k, &v, &go);
             super::super::onednn::set_enabled(true);
+            if packed.is_some() {
+                // each example of row 0 alone gives what the packed row gives at its positions
+                for (start, len) in [(0, 40), (40, 70), (110, 40)] {
+                    let rows =
+                        |x: &[f32], width: usize| x[start * width..(start + len) * width].to_vec();
+                    let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+                    let alone = run(
+                        &super::kernels(
+                            (1, len, heads, kv_heads, head_dim),
+                            0.25,
+                            window,
+                            None,
+                            false,
+                        ),
+                        &rows(&q, qw),
+                        &rows(&k, kw),
+                        &rows(&v, kw),
+                        &rows(&go, qw),
+                    );
+                    for (i, width) in [qw, qw, kw, kw].into_iter().enumerate() {
+                        let err = relative_error(&rows(&f32_run[i], width), &alone[i]);
+                        assert!(
+                            err < 1e-5,
+                            "example at {start}, buffer {i}: packed vs alone {err}"
+                        );
+                    }
+                }
+            }
             for (i, name) in ["output", "dq", "dk", "dv"].iter().enumerate() {
                 let err = relative_error(&bf16_run[i], &f32_run[i]);
                 assert!(err < 2e-2, "{name} (window {window}): bf16 vs f32 {err}");
