@@ -6,15 +6,15 @@
 //! tensors per layer and keeps most of them for backward; candle's batched matmul also runs the
 //! heads one after another on one core. Here the kernel reads q, k, v in the layout the projections
 //! produce (`(b, t, heads, d)`, no copies), spreads `(batch, head)` pairs over candle's worker
-//! threads, multiplies only the blocks at or below the diagonal, and keeps only the attention
+//! threads, multiplies only the blocks at or below the diagonal (and, in packed rows or under a
+//! sliding window, only from the first key a band can see), and keeps only the attention
 //! probabilities for backward. Key/value heads are shared by reading them with strides, not copied.
 //!
 //! Inner products go through the `gemm` crate (candle's own CPU matmul) with strides, one thread
-//! per `(batch, head)` pair. With `bf16` products (a job's `compute_dtype: "bf16"`) the four
-//! products of each row band run instead as batched bf16 multiplies through oneDNN (AMX or
-//! AVX-512 BF16, accumulating in f32), over strided views of bf16 copies of q, k, v, the output
-//! gradient, the probabilities and their gradient, as PyTorch's CPU autocast runs them; softmax
-//! and its gradient stay f32.
+//! per `(batch, head)` pair. With `bf16` products (a job's `compute_dtype: "bf16"`) the six
+//! products run instead as batched bf16 multiplies through oneDNN (AMX or AVX-512 BF16,
+//! accumulating in f32) on head-major bf16 copies, as PyTorch's CPU autocast runs them; softmax
+//! and its gradient stay f32 (see `forward_bf16`).
 
 /// Rows per block: the score matrix is computed in horizontal bands of this many rows, each only
 /// as wide as the causal mask allows.

@@ -1,8 +1,12 @@
-//! The frozen-weight matrix multiplies on the CPU through oneDNN's matmul primitive, when the
-//! library is installed (Debian: `libdnnl2`, oneDNN 2.x). It is loaded at run time, so qtune
-//! builds and runs without it; without it (or when its self-check fails) every caller falls back
-//! to candle's own gemm. Measured here (2 cores): oneDNN f32 ≈ 460 GFLOP/s on the model's linear
-//! shapes against candle's ≈ 250.
+//! The frozen-weight matrix multiplies on the CPU, and bf16 attention's batched products, through
+//! oneDNN's matmul primitive, when the library is installed (Debian: `libdnnl2`, oneDNN 2.x). It
+//! is loaded at run time, so qtune builds and runs without it; without it (or when its
+//! self-check fails) every caller falls back to candle's own gemm. Measured here (2 cores):
+//! oneDNN f32 ≈ 460 GFLOP/s on the model's linear shapes against candle's ≈ 250.
+//!
+//! Every multiply is stated as dimensions and strides (`dnnl_memory_desc_init_by_strides`):
+//! plain and transposed matrices, and batches of them with a broadcast weights dimension. Which
+//! kernel oneDNN picks for each is logged at debug level (`brg:` kernels need dense matrices).
 //!
 //! Only oneDNN's v2 C API is spoken (`libdnnl.so.2`); its descriptors are treated as opaque
 //! buffers filled by the library, so no struct layout is copied here. `QTUNE_ONEDNN=0` turns it off.
@@ -209,18 +213,17 @@ pub struct View {
 
 impl View {
     /// One past the furthest element the view reaches (its offset when it is empty).
+    /// Saturating: a view too large to address reaches past any buffer.
     fn end(&self) -> usize {
         if self.dims.contains(&0) {
             return self.offset;
         }
-        self.offset
-            + 1
-            + self
-                .dims
-                .iter()
-                .zip(&self.strides)
-                .map(|(d, s)| (d - 1) * s)
-                .sum::<usize>()
+        self.dims
+            .iter()
+            .zip(&self.strides)
+            .fold(self.offset.saturating_add(1), |end, (d, s)| {
+                end.saturating_add((d - 1).saturating_mul(*s))
+            })
     }
 }
 
@@ -560,9 +563,6 @@ impl OneDnn {
             String::new()
         };
         tracing::debug!(?problem, %implementation, "oneDNN matmul");
-        if std::env::var_os("QTUNE_ONEDNN_VERBOSE").is_some() {
-            eprintln!("{problem:?} -> {implementation}");
-        }
         if self.implementation.is_empty() {
             self.implementation = implementation;
         }
