@@ -269,11 +269,8 @@ impl CausalAttention {
                         // the dK product below may read them, as zeros
                         row[..c0].fill(0.0);
                         let row = &mut row[c0..];
-                        // dS = P ⊙ (dP − Σⱼ P·dP) · scale; masked entries have P = 0.
-                        let dot: f32 = p.iter().zip(row.iter()).map(|(p, g)| p * g).sum();
-                        for (g, p) in row.iter_mut().zip(p) {
-                            *g = p * (*g - dot) * self.scale;
-                        }
+                        // masked entries have P = 0
+                        softmax_grad_row(row, p, self.scale);
                     }
                     for r0 in (0..t).step_by(BLOCK) {
                         let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
@@ -335,10 +332,7 @@ impl CausalAttention {
             heads_major_bf16(k, d, d.kv_heads),
         );
         // S = Q·Kᵀ
-        let mut probs = matmul_batched_bf16(
-            (&qh, &d.grouped(t, d.head_dim)),
-            (&kh, &d.shared(t, d.head_dim, true)),
-        );
+        let mut probs = d.times_shared(&qh, &kh, true);
         drop((qh, kh));
         let probs_ptr = SharedMut::new(&mut probs);
         candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
@@ -356,10 +350,7 @@ impl CausalAttention {
         let p16 = to_bf16(&probs);
         // O = P·V, head-major, then back to (b, t, heads, d)
         let vh = heads_major_bf16(v, d, d.kv_heads);
-        let out = matmul_batched_bf16(
-            (&p16, &d.grouped(t, t)),
-            (&vh, &d.shared(t, d.head_dim, false)),
-        );
+        let out = d.times_shared(&p16, &vh, false);
         (probs, heads_minor(&out, d, d.heads))
     }
 
@@ -379,10 +370,7 @@ impl CausalAttention {
             heads_major_bf16(v, d, d.kv_heads),
         );
         // dP = dO·Vᵀ
-        let mut ds = matmul_batched_bf16(
-            (&goh, &d.grouped(t, d.head_dim)),
-            (&vh, &d.shared(t, d.head_dim, true)),
-        );
+        let mut ds = d.times_shared(&goh, &vh, true);
         drop(vh);
         // dS = P ⊙ (dP − Σⱼ P·dP) · scale in f32, then in bf16 for the products
         let ds_ptr = SharedMut::new(&mut ds);
@@ -394,10 +382,7 @@ impl CausalAttention {
                     let (lo, p) = (self.first_key(b, i), &probs[start..start + t]);
                     // SAFETY: item (b, h) alone touches its t×t block of ds.
                     let row = unsafe { ds_ptr.slice(start, t) };
-                    let dot: f32 = p[lo..=i].iter().zip(&row[lo..=i]).map(|(p, g)| p * g).sum();
-                    for (g, p) in row[lo..=i].iter_mut().zip(&p[lo..=i]) {
-                        *g = p * (*g - dot) * self.scale;
-                    }
+                    softmax_grad_row(&mut row[lo..=i], &p[lo..=i], self.scale);
                     // masked: P is 0 there, dP is not
                     row[..lo].fill(0.0);
                     row[i + 1..].fill(0.0);
@@ -408,10 +393,7 @@ impl CausalAttention {
         drop(ds);
         // dQ = dS·K
         let kh = heads_major_bf16(k, d, d.kv_heads);
-        let dqh = matmul_batched_bf16(
-            (&ds16, &d.grouped(t, t)),
-            (&kh, &d.shared(t, d.head_dim, false)),
-        );
+        let dqh = d.times_shared(&ds16, &kh, false);
         drop(kh);
         // dK = dSᵀ·Q and dV = Pᵀ·dO, summed over each group's heads along the inner dimension:
         // a group's score matrices are adjacent, (group·t × t), so their transposes side by
@@ -439,6 +421,23 @@ impl CausalAttention {
 }
 
 impl Dims {
+    /// Each head's matrix of the head-major `per_head` times its key/value head's of `kv`
+    /// (`(b, kv, t, d)`), transposed or not: `(t × d)·(d × t)` scores (Q·Kᵀ, dO·Vᵀ) or
+    /// `(t × t)·(t × d)` rows (P·V, dS·K).
+    fn times_shared(
+        &self,
+        per_head: &[half::bf16],
+        kv: &[half::bf16],
+        transposed: bool,
+    ) -> Vec<f32> {
+        let (t, hd) = (self.time, self.head_dim);
+        let cols = if transposed { hd } else { t };
+        matmul_batched_bf16(
+            (per_head, &self.grouped(t, cols)),
+            (kv, &self.shared(t, hd, transposed)),
+        )
+    }
+
     /// A head-major `(b, heads, t, ·)` buffer of `rows × cols` matrices as `[b, kv, group,
     /// rows, cols]`.
     fn grouped(&self, rows: usize, cols: usize) -> View {
@@ -525,6 +524,14 @@ fn heads_minor(x: &[f32], d: Dims, heads: usize) -> Vec<f32> {
         }
     });
     out
+}
+
+/// The score gradient from the probability gradient, in place: `dS = P ⊙ (dP − Σⱼ P·dP) · scale`.
+fn softmax_grad_row(row: &mut [f32], p: &[f32], scale: f32) {
+    let dot: f32 = p.iter().zip(row.iter()).map(|(p, g)| p * g).sum();
+    for (g, p) in row.iter_mut().zip(p) {
+        *g = p * (*g - dot) * scale;
+    }
 }
 
 /// In-place softmax of `row[lo..hi]`; the rest of the row becomes 0.
