@@ -359,9 +359,9 @@ pub struct TrainingSpec {
     /// for about one more forward pass (transformers' `gradient_checkpointing`).
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    /// Pack each micro-batch's examples into as few rows as hold them, attention and positions
-    /// kept within each example: the same loss and gradients as one example per row, without
-    /// most of the padding. On by default because it changes no number but the time; off,
+    /// Pack each micro-batch's examples into shared rows (`data::make_packed_batch`), attention
+    /// and positions kept within each example: the same loss and gradients as one example per
+    /// row, without most of the padding. On by default because it changes no number but the time; off,
     /// micro-batches are grouped by length instead (examples of similar length train together).
     #[serde(default = "yes")]
     pub packing: bool,

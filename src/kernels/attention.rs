@@ -5,10 +5,12 @@
 //! scale, mask, softmax, matmul, transpose back) writes about ten `(b, h, t, t)` or `(b, t, h·d)`
 //! tensors per layer and keeps most of them for backward; candle's batched matmul also runs the
 //! heads one after another on one core. Here the kernel reads q, k, v in the layout the projections
-//! produce (`(b, t, heads, d)`, no copies), spreads `(batch, head)` pairs over candle's worker
-//! threads, multiplies only the blocks at or below the diagonal (and, in packed rows or under a
-//! sliding window, only from the first key a band can see), and keeps only the attention
-//! probabilities for backward. Key/value heads are shared by reading them with strides, not copied.
+//! produce (`(b, t, heads, d)`, no copies), spreads `(segment, head)` pairs over candle's worker
+//! threads (a segment is a row, or in packed rows one example: its cost and its probabilities
+//! grow with its own length squared, not the row's), multiplies only the blocks at or below the
+//! diagonal (under a sliding window, only from the first key a band can see), and keeps only the
+//! attention probabilities for backward. Key/value heads are shared by reading them with
+//! strides, not copied.
 //!
 //! Inner products go through the `gemm` crate (candle's own CPU matmul) with strides, one thread
 //! per `(batch, head)` pair. With `bf16` products (a job's `compute_dtype: "bf16"`) the six
@@ -43,6 +45,26 @@ impl Dims {
     fn kv_row(&self) -> usize {
         self.kv_heads * self.head_dim
     }
+
+    /// A `(b, t, heads, d)` buffer summed over each group of heads that shares a key/value
+    /// head: `(b, t, kv_heads, d)`.
+    fn sum_groups(&self, per_head: &[f32]) -> Vec<f32> {
+        let g = self.group();
+        if g == 1 {
+            return per_head.to_vec();
+        }
+        let group_len = g * self.head_dim;
+        let mut out = vec![0f32; per_head.len() / g];
+        for (o, heads) in out
+            .chunks_exact_mut(self.head_dim)
+            .zip(per_head.chunks_exact(group_len))
+        {
+            for head in heads.chunks_exact(self.head_dim) {
+                o.iter_mut().zip(head).for_each(|(o, x)| *o += x);
+            }
+        }
+        out
+    }
 }
 
 /// The attention kernels on plain buffers, for callers that keep their own activations (the
@@ -74,8 +96,9 @@ pub(crate) struct CausalAttention {
     scale: f32,
     window: usize,
     /// Packed rows: per position (b·t), the column its example starts at; a query attends to
-    /// its own example's keys only. Keys before that start get probability 0, which the
-    /// backward's products then carry as zeros.
+    /// its own example's keys only. The float32 kernels take each example as a segment of its
+    /// own; the bf16 products run on whole rows, where keys before the start get probability 0
+    /// and the backward's products carry them as zeros.
     example_starts: Option<std::sync::Arc<Vec<u32>>>,
     /// The products in bf16 through oneDNN (when it is in use).
     bf16: bool,
@@ -108,61 +131,105 @@ impl CausalAttention {
                 rows,
                 "attention: one example start per position"
             );
-            // the bands skip keys before their first row's start: starts must not decrease
-            // along a row and never lie after their position
+            // each example is a run of positions that all name the run's first column
             for row in starts.chunks_exact(d.time) {
                 assert!(
-                    row.iter().enumerate().all(|(i, &s)| s as usize <= i)
-                        && row.windows(2).all(|w| w[0] <= w[1]),
-                    "attention: example starts must be non-decreasing columns at or before each position"
+                    row.iter()
+                        .enumerate()
+                        .all(|(i, &s)| (i > 0 && s == row[i - 1]) || s as usize == i),
+                    "attention: example starts must be runs that each begin at their own column"
                 );
             }
         }
     }
 
-    /// The first key row `i` of batch row `b` may attend to.
+    /// The first key row `i` of batch row `b` may attend to (the bf16 path's whole rows).
     fn first_key(&self, b: usize, i: usize) -> usize {
         let start = self
             .example_starts
             .as_ref()
             .map_or(0, |s| s[b * self.dims.time + i] as usize);
-        (i + 1).saturating_sub(self.window).max(start)
+        self.window_start(i).max(start)
     }
 
-    /// One past the last query row of batch row `b` that attends to key `j`: a key is seen only
-    /// from within its own example (and window), and first keys never decrease along a row.
-    fn last_query_end(&self, b: usize, j: usize) -> usize {
-        (j..self.dims.time)
-            .find(|&i| self.first_key(b, i) > j)
-            .unwrap_or(self.dims.time)
+    /// The first key position `i` of a segment may attend to, counted within the segment.
+    fn window_start(&self, i: usize) -> usize {
+        (i + 1).saturating_sub(self.window)
     }
 
-    /// `(probabilities (b, heads, t, t), output (b, t, heads, d))`.
+    /// The independent runs of positions, longest first (so that the work items the threads
+    /// pick up in order finish together): each row whole, or in packed rows each example and
+    /// the padding after the last one.
+    fn segments(&self) -> Vec<Segment> {
+        let (t, mut segments) = (self.dims.time, Vec::new());
+        for b in 0..self.dims.batch {
+            let mut start = 0;
+            while start < t {
+                let end = match &self.example_starts {
+                    Some(s) => (start + 1..t)
+                        .find(|&i| s[b * t + i] as usize != start)
+                        .unwrap_or(t),
+                    None => t,
+                };
+                segments.push(Segment {
+                    row: b * t + start,
+                    len: end - start,
+                    probs_at: 0,
+                });
+                start = end;
+            }
+        }
+        segments.sort_by_key(|s| std::cmp::Reverse(s.len));
+        let mut at = 0;
+        for s in &mut segments {
+            s.probs_at = at;
+            at += self.dims.heads * s.len * s.len;
+        }
+        segments
+    }
+
+    /// Length of the probabilities [`CausalAttention::forward`] returns.
+    fn probs_len(&self) -> usize {
+        let d = self.dims;
+        if self.bf16 {
+            return d.batch * d.heads * d.time * d.time;
+        }
+        self.segments()
+            .iter()
+            .map(|s| d.heads * s.len * s.len)
+            .sum()
+    }
+
+    /// `(probabilities, output (b, t, heads, d))`: the probabilities of each segment's heads
+    /// (`len × len` each, in [`CausalAttention::segments`]' order), or with bf16 products of
+    /// each row's (`(b, heads, t, t)`).
     pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         self.check(q.len(), k.len(), v.len());
         if self.bf16 {
             return self.forward_bf16(q, k, v);
         }
         let d = self.dims;
-        let t = d.time;
-        let mut probs = vec![0f32; d.batch * d.heads * t * t];
-        let mut out = vec![0f32; d.batch * t * d.q_row()];
+        let segments = self.segments();
+        let mut probs = vec![0f32; self.probs_len()];
+        let mut out = vec![0f32; d.batch * d.time * d.q_row()];
         let (probs_ptr, out_ptr) = (SharedMut::new(&mut probs), SharedMut::new(&mut out));
-        candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
+        candle_core::utils::barrier_pool().execute_chunked(segments.len() * d.heads, |items| {
             for item in items {
-                let (b, h) = (item / d.heads, item % d.heads);
-                let kv = h / d.group();
-                let qm = Mat(q.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
-                let km = Mat(k.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                let vm = Mat(v.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                // SAFETY: item (b, h) owns probs[item] and the h columns of out's batch b.
-                let p = Mat(unsafe { probs_ptr.ptr().add(item * t * t) }, t, 1);
-                let o = Mat(out_ptr.ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
-                // a band multiplies only the columns from its first row's first key: packed rows
-                // and sliding windows skip the blocks no row of the band can see
-                for r0 in (0..t).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
-                    // SAFETY: all within the (t×t) and (t×d) views above.
+                let (seg, h) = (segments[item / d.heads], item % d.heads);
+                let (n, kv) = (seg.len, h / d.group());
+                let qm = Mat(q.as_ptr(), d.q_row(), 1).at(seg.row, h * d.head_dim);
+                let km = Mat(k.as_ptr(), d.kv_row(), 1).at(seg.row, kv * d.head_dim);
+                let vm = Mat(v.as_ptr(), d.kv_row(), 1).at(seg.row, kv * d.head_dim);
+                let p_at = seg.probs_at + h * n * n;
+                // SAFETY: item (segment, h) owns its n×n probabilities and the h columns of
+                // out's segment rows.
+                let p = Mat(unsafe { probs_ptr.ptr().add(p_at) }, n, 1);
+                let o = Mat(out_ptr.ptr(), d.q_row(), 1).at(seg.row, h * d.head_dim);
+                // a band multiplies only the columns from its first row's first key (under a
+                // sliding window, the blocks no row of the band can see are skipped)
+                for r0 in (0..n).step_by(BLOCK) {
+                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
+                    // SAFETY: all within the (n×n) and (n×d) views above.
                     unsafe {
                         gemm(
                             (r1 - r0, r1 - c0, d.head_dim),
@@ -174,13 +241,13 @@ impl CausalAttention {
                         )
                     };
                 }
-                for i in 0..t {
+                for i in 0..n {
                     // SAFETY: row i of this item's probabilities.
-                    let row = unsafe { probs_ptr.slice(item * t * t + i * t, t) };
-                    softmax_row(row, self.first_key(b, i), i + 1);
+                    let row = unsafe { probs_ptr.slice(p_at + i * n, n) };
+                    softmax_row(row, self.window_start(i), i + 1);
                 }
-                for r0 in (0..t).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
+                for r0 in (0..n).step_by(BLOCK) {
+                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
                     // SAFETY: as above.
                     unsafe {
                         gemm(
@@ -208,10 +275,9 @@ impl CausalAttention {
         go: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         self.check(q.len(), k.len(), v.len());
-        let (batch, heads, time) = (self.dims.batch, self.dims.heads, self.dims.time);
         assert_eq!(
             probs.len(),
-            batch * heads * time * time,
+            self.probs_len(),
             "attention: probabilities' length"
         );
         assert_eq!(go.len(), q.len(), "attention: output gradient's length");
@@ -219,99 +285,115 @@ impl CausalAttention {
             return self.backward_bf16(q, k, v, probs, go);
         }
         let d = self.dims;
-        let t = d.time;
+        let segments = self.segments();
+        let longest = segments.first().map_or(0, |s| s.len);
+        // one item per (segment, head), each head's key and value gradients in its own columns
+        // (laid out as q), summed over the group's heads afterwards: the threads share the
+        // work evenly even when one segment holds most of it
         let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
+        let mut dk_heads = vec![0f32; q.len()];
+        let mut dv_heads = vec![0f32; q.len()];
         let ptrs = (
             SharedMut::new(&mut dq),
-            SharedMut::new(&mut dk),
-            SharedMut::new(&mut dv),
+            SharedMut::new(&mut dk_heads),
+            SharedMut::new(&mut dv_heads),
         );
-        // One item per (batch, key/value head): the heads sharing it add into the same dk, dv.
-        candle_core::utils::barrier_pool().execute_chunked(d.batch * d.kv_heads, |items| {
+        candle_core::utils::barrier_pool().execute_chunked(segments.len() * d.heads, |items| {
             let (dq_ptr, dk_ptr, dv_ptr) = ptrs;
-            let mut ds = vec![0f32; t * t];
+            let mut ds = vec![0f32; longest * longest];
             for item in items {
-                let (b, kv) = (item / d.kv_heads, item % d.kv_heads);
-                let km = Mat(k.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                let vm = Mat(v.as_ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                let dkm = Mat(dk_ptr.ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                let dvm = Mat(dv_ptr.ptr(), d.kv_row(), 1).at(b * t, kv * d.head_dim);
-                let dsm = Mat(ds.as_mut_ptr(), t, 1);
-                for h in kv * d.group()..(kv + 1) * d.group() {
-                    let qm = Mat(q.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
-                    let gom = Mat(go.as_ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
-                    let dqm = Mat(dq_ptr.ptr(), d.q_row(), 1).at(b * t, h * d.head_dim);
-                    let p_off = (b * d.heads + h) * t * t;
-                    let pm = Mat(probs[p_off..].as_ptr(), t, 1);
-                    // SAFETY for every gemm below: views stay inside their buffers; this item
-                    // alone writes dk, dv of (b, kv), dq of its heads, and its own ds.
-                    for r0 in (0..t).step_by(BLOCK) {
-                        let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
-                        // dP = dO · Vᵀ
-                        unsafe {
-                            gemm(
-                                (r1 - r0, r1 - c0, d.head_dim),
-                                dsm.at(r0, c0),
-                                false,
-                                gom.at(r0, 0),
-                                vm.at(c0, 0).t(),
-                                1.0,
-                            )
-                        };
-                    }
-                    for i in 0..t {
-                        let (c0, end) = (self.first_key(b, i - i % BLOCK), band_end(i, t));
-                        let p = &probs[p_off + i * t + c0..p_off + i * t + end];
-                        let row = &mut ds[i * t..i * t + end];
-                        // columns before the band's first key hold another head's numbers:
-                        // the dK product below may read them, as zeros
-                        row[..c0].fill(0.0);
-                        let row = &mut row[c0..];
-                        // masked entries have P = 0
-                        softmax_grad_row(row, p, self.scale);
-                    }
-                    for r0 in (0..t).step_by(BLOCK) {
-                        let (r1, c0) = ((r0 + BLOCK).min(t), self.first_key(b, r0));
-                        // dQ = dS · K
-                        unsafe {
-                            gemm(
-                                (r1 - r0, d.head_dim, r1 - c0),
-                                dqm.at(r0, 0),
-                                false,
-                                dsm.at(r0, c0),
-                                km.at(c0, 0),
-                                1.0,
-                            )
-                        };
-                        // dK += dSᵀ · Q and dV += Pᵀ · dO over the rows at or below the band
-                        // that see any of its keys.
-                        let q_end = self.last_query_end(b, r1 - 1);
-                        unsafe {
-                            gemm(
-                                (r1 - r0, d.head_dim, q_end - r0),
-                                dkm.at(r0, 0),
-                                true,
-                                dsm.at(r0, r0).t(),
-                                qm.at(r0, 0),
-                                1.0,
-                            );
-                            gemm(
-                                (r1 - r0, d.head_dim, q_end - r0),
-                                dvm.at(r0, 0),
-                                true,
-                                pm.at(r0, r0).t(),
-                                gom.at(r0, 0),
-                                1.0,
-                            );
-                        }
+                let (seg, h) = (segments[item / d.heads], item % d.heads);
+                let (n, kv) = (seg.len, h / d.group());
+                let at = |m: *const f32, row_len: usize, col: usize| {
+                    Mat(m, row_len, 1).at(seg.row, col * d.head_dim)
+                };
+                let (km, vm) = (
+                    at(k.as_ptr(), d.kv_row(), kv),
+                    at(v.as_ptr(), d.kv_row(), kv),
+                );
+                let (qm, gom) = (at(q.as_ptr(), d.q_row(), h), at(go.as_ptr(), d.q_row(), h));
+                let dqm = at(dq_ptr.ptr(), d.q_row(), h);
+                let dkm = at(dk_ptr.ptr(), d.q_row(), h);
+                let dvm = at(dv_ptr.ptr(), d.q_row(), h);
+                let p_at = seg.probs_at + h * n * n;
+                let pm = Mat(probs[p_at..].as_ptr(), n, 1);
+                let dsm = Mat(ds.as_mut_ptr(), n, 1);
+                // SAFETY for every gemm below: views stay inside their buffers; this item alone
+                // writes the h columns of its segment's rows of dq, dk_heads, dv_heads, and its
+                // own ds.
+                for r0 in (0..n).step_by(BLOCK) {
+                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
+                    // dP = dO · Vᵀ
+                    unsafe {
+                        gemm(
+                            (r1 - r0, r1 - c0, d.head_dim),
+                            dsm.at(r0, c0),
+                            false,
+                            gom.at(r0, 0),
+                            vm.at(c0, 0).t(),
+                            1.0,
+                        )
+                    };
+                }
+                for i in 0..n {
+                    let (c0, end) = (self.window_start(i - i % BLOCK), band_end(i, n));
+                    let p = &probs[p_at + i * n + c0..p_at + i * n + end];
+                    let row = &mut ds[i * n..i * n + end];
+                    // columns before the band's first key hold an earlier item's numbers: the
+                    // dK product below may read them, as zeros
+                    row[..c0].fill(0.0);
+                    // masked entries have P = 0
+                    softmax_grad_row(&mut row[c0..], p, self.scale);
+                }
+                for r0 in (0..n).step_by(BLOCK) {
+                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
+                    // dQ = dS · K
+                    unsafe {
+                        gemm(
+                            (r1 - r0, d.head_dim, r1 - c0),
+                            dqm.at(r0, 0),
+                            false,
+                            dsm.at(r0, c0),
+                            km.at(c0, 0),
+                            1.0,
+                        )
+                    };
+                    // dK = dSᵀ · Q and dV = Pᵀ · dO over the rows at or below the band that see
+                    // any of its keys
+                    let q_end = (r1 - 1).saturating_add(self.window).min(n);
+                    unsafe {
+                        gemm(
+                            (r1 - r0, d.head_dim, q_end - r0),
+                            dkm.at(r0, 0),
+                            false,
+                            dsm.at(r0, r0).t(),
+                            qm.at(r0, 0),
+                            1.0,
+                        );
+                        gemm(
+                            (r1 - r0, d.head_dim, q_end - r0),
+                            dvm.at(r0, 0),
+                            false,
+                            pm.at(r0, r0).t(),
+                            gom.at(r0, 0),
+                            1.0,
+                        );
                     }
                 }
             }
         });
-        (dq, dk, dv)
+        (dq, d.sum_groups(&dk_heads), d.sum_groups(&dv_heads))
     }
+}
+
+/// A run of one row's positions that attend only among themselves.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Its first position, as a row of the `(b·t, ·)` buffers.
+    row: usize,
+    len: usize,
+    /// Where its heads' probabilities start.
+    probs_at: usize,
 }
 
 /// bf16 products. oneDNN's fast bf16 kernels (brgemm) take dense matrices only, so each product

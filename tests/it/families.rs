@@ -280,7 +280,8 @@ fn packed_batches_compute_what_one_example_per_row_does() {
         let refs: Vec<&data::Example> = examples.iter().collect();
         let padded = data::make_batch(&refs, 0, &Device::Cpu).unwrap();
         let packed = data::make_packed_batch(&refs, 0, &Device::Cpu).unwrap();
-        assert_eq!(packed.ids.dims(), &[4, 15]);
+        // lengths 15 11 8 6 4 3 2: 15 8 2 | 11 6 4 3 (25 wide), not four rows of 15
+        assert_eq!(packed.ids.dims(), &[2, 25]);
         assert_eq!(packed.label_tokens, padded.label_tokens);
         assert_eq!(packed.tokens, padded.tokens);
         let mode = ForwardMode {
