@@ -96,9 +96,7 @@ pub(crate) struct CausalAttention {
     scale: f32,
     window: usize,
     /// Packed rows: per position (b·t), the column its example starts at; a query attends to
-    /// its own example's keys only. The float32 kernels take each example as a segment of its
-    /// own; the bf16 products run on whole rows, where keys before the start get probability 0
-    /// and the backward's products carry them as zeros.
+    /// its own example's keys only, each example being a segment of its own.
     example_starts: Option<std::sync::Arc<Vec<u32>>>,
     /// The products in bf16 through oneDNN (when it is in use).
     bf16: bool,
@@ -143,15 +141,6 @@ impl CausalAttention {
         }
     }
 
-    /// The first key row `i` of batch row `b` may attend to (the bf16 path's whole rows).
-    fn first_key(&self, b: usize, i: usize) -> usize {
-        let start = self
-            .example_starts
-            .as_ref()
-            .map_or(0, |s| s[b * self.dims.time + i] as usize);
-        self.window_start(i).max(start)
-    }
-
     /// The first key position `i` of a segment may attend to, counted within the segment.
     fn window_start(&self, i: usize) -> usize {
         (i + 1).saturating_sub(self.window)
@@ -190,19 +179,25 @@ impl CausalAttention {
 
     /// Length of the probabilities [`CausalAttention::forward`] returns.
     fn probs_len(&self) -> usize {
-        let d = self.dims;
-        if self.bf16 {
-            return d.batch * d.heads * d.time * d.time;
-        }
-        self.segments()
-            .iter()
-            .map(|s| d.heads * s.len * s.len)
-            .sum()
+        let heads = self.dims.heads;
+        self.segments().iter().map(|s| heads * s.len * s.len).sum()
     }
 
-    /// `(probabilities, output (b, t, heads, d))`: the probabilities of each segment's heads
-    /// (`len × len` each, in [`CausalAttention::segments`]' order), or with bf16 products of
-    /// each row's (`(b, heads, t, t)`).
+    /// The kernels of a segment alone: one row as long as it, nothing packed.
+    fn alone(&self, len: usize) -> CausalAttention {
+        CausalAttention {
+            dims: Dims {
+                batch: 1,
+                time: len,
+                ..self.dims
+            },
+            example_starts: None,
+            ..*self
+        }
+    }
+
+    /// `(probabilities, output (b, t, heads, d))`: the probabilities of each segment's heads,
+    /// `len × len` each, in [`CausalAttention::segments`]' order (unpacked, `(b, heads, t, t)`).
     pub(crate) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         self.check(q.len(), k.len(), v.len());
         if self.bf16 {
@@ -397,16 +392,40 @@ struct Segment {
 }
 
 /// bf16 products. oneDNN's fast bf16 kernels (brgemm) take dense matrices only, so each product
-/// runs on whole `t × t` score matrices of head-major copies (`(b, heads, t, d)`), not on the
-/// causal bands the f32 path multiplies: about twice the arithmetic, at the bf16 kernels' rate.
+/// runs on whole `t × t` score matrices of head-major copies (`(b, heads, t, d)`; in packed rows
+/// one segment's at a time), not on the causal bands the f32 path multiplies: about twice the
+/// arithmetic, at the bf16 kernels' rate.
 /// Grouped heads share their key/value head by a broadcast batch dimension in the forward
 /// products, and are summed in the backward ones by multiplying along the group: the group's
 /// transposed score gradients side by side (`t × group·t`) times its queries stacked
 /// (`group·t × d`). Softmax and its gradient stay f32, rounded to bf16 afterwards in one
 /// vectorised pass.
 impl CausalAttention {
-    /// [`CausalAttention::forward`] with its products in bf16.
+    /// [`CausalAttention::forward`] with its products in bf16: the rows at once, or in packed
+    /// rows each segment on its own (its own length's products; they vary, and oneDNN keeps
+    /// the primitives it made).
     fn forward_bf16(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        if self.example_starts.is_none() {
+            return self.forward_bf16_rows(q, k, v);
+        }
+        let (qw, kw) = (self.dims.q_row(), self.dims.kv_row());
+        let mut probs = Vec::with_capacity(self.probs_len());
+        let mut out = vec![0f32; q.len()];
+        // in probs_at order: each segment's probabilities follow the previous one's
+        for seg in self.segments() {
+            let span = |width: usize| seg.row * width..(seg.row + seg.len) * width;
+            let (p, o) =
+                self.alone(seg.len)
+                    .forward_bf16_rows(&q[span(qw)], &k[span(kw)], &v[span(kw)]);
+            debug_assert_eq!(probs.len(), seg.probs_at);
+            probs.extend_from_slice(&p);
+            out[span(qw)].copy_from_slice(&o);
+        }
+        (probs, out)
+    }
+
+    /// [`CausalAttention::forward_bf16`] of whole rows.
+    fn forward_bf16_rows(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let d = self.dims;
         let t = d.time;
         let (qh, kh) = (
@@ -419,11 +438,10 @@ impl CausalAttention {
         let probs_ptr = SharedMut::new(&mut probs);
         candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
             for item in items {
-                let b = item / d.heads;
                 for i in 0..t {
                     // SAFETY: item (b, h) alone touches its t×t probabilities.
                     let row = unsafe { probs_ptr.slice(item * t * t + i * t, t) };
-                    let lo = self.first_key(b, i);
+                    let lo = self.window_start(i);
                     row[lo..=i].iter_mut().for_each(|s| *s *= self.scale);
                     softmax_row(row, lo, i + 1);
                 }
@@ -436,8 +454,42 @@ impl CausalAttention {
         (probs, heads_minor(&out, d, d.heads))
     }
 
-    /// [`CausalAttention::backward`] with its products in bf16.
+    /// [`CausalAttention::backward`] with its products in bf16, as the forward ran them.
     fn backward_bf16(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: &[f32],
+        go: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        if self.example_starts.is_none() {
+            return self.backward_bf16_rows(q, k, v, probs, go);
+        }
+        let (qw, kw, heads) = (self.dims.q_row(), self.dims.kv_row(), self.dims.heads);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        for seg in self.segments() {
+            let span = |width: usize| seg.row * width..(seg.row + seg.len) * width;
+            let (sq, sk, sv) = self.alone(seg.len).backward_bf16_rows(
+                &q[span(qw)],
+                &k[span(kw)],
+                &v[span(kw)],
+                &probs[seg.probs_at..seg.probs_at + heads * seg.len * seg.len],
+                &go[span(qw)],
+            );
+            dq[span(qw)].copy_from_slice(&sq);
+            dk[span(kw)].copy_from_slice(&sk);
+            dv[span(kw)].copy_from_slice(&sv);
+        }
+        (dq, dk, dv)
+    }
+
+    /// [`CausalAttention::backward_bf16`] of whole rows.
+    fn backward_bf16_rows(
         &self,
         q: &[f32],
         k: &[f32],
@@ -458,10 +510,9 @@ impl CausalAttention {
         let ds_ptr = SharedMut::new(&mut ds);
         candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
             for item in items {
-                let b = item / d.heads;
                 for i in 0..t {
                     let start = item * t * t + i * t;
-                    let (lo, p) = (self.first_key(b, i), &probs[start..start + t]);
+                    let (lo, p) = (self.window_start(i), &probs[start..start + t]);
                     // SAFETY: item (b, h) alone touches its t×t block of ds.
                     let row = unsafe { ds_ptr.slice(start, t) };
                     softmax_grad_row(&mut row[lo..=i], &p[lo..=i], self.scale);
