@@ -220,41 +220,15 @@ impl CausalAttention {
                 // out's segment rows.
                 let p = Mat(unsafe { probs_ptr.ptr().add(p_at) }, n, 1);
                 let o = Mat(out_ptr.ptr(), d.q_row(), 1).at(seg.row, h * d.head_dim);
-                // a band multiplies only the columns from its first row's first key (under a
-                // sliding window, the blocks no row of the band can see are skipped)
-                for r0 in (0..n).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
-                    // SAFETY: all within the (n×n) and (n×d) views above.
-                    unsafe {
-                        gemm(
-                            (r1 - r0, r1 - c0, d.head_dim),
-                            p.at(r0, c0),
-                            false,
-                            qm.at(r0, 0),
-                            km.at(c0, 0).t(),
-                            self.scale,
-                        )
-                    };
-                }
+                // SAFETY: all within the (n×n) and (n×d) views above.
+                unsafe { self.band_scores(n, p, qm, km, self.scale) };
                 for i in 0..n {
                     // SAFETY: row i of this item's probabilities.
                     let row = unsafe { probs_ptr.slice(p_at + i * n, n) };
                     softmax_row(row, self.window_start(i), i + 1);
                 }
-                for r0 in (0..n).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
-                    // SAFETY: as above.
-                    unsafe {
-                        gemm(
-                            (r1 - r0, d.head_dim, r1 - c0),
-                            o.at(r0, 0),
-                            false,
-                            p.at(r0, c0),
-                            vm.at(c0, 0),
-                            1.0,
-                        )
-                    };
-                }
+                // SAFETY: as above.
+                unsafe { self.band_rows(n, o, p, vm) };
             }
         });
         (probs, out)
@@ -316,20 +290,8 @@ impl CausalAttention {
                 // SAFETY for every gemm below: views stay inside their buffers; this item alone
                 // writes the h columns of its segment's rows of dq, dk_heads, dv_heads, and its
                 // own ds.
-                for r0 in (0..n).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
-                    // dP = dO · Vᵀ
-                    unsafe {
-                        gemm(
-                            (r1 - r0, r1 - c0, d.head_dim),
-                            dsm.at(r0, c0),
-                            false,
-                            gom.at(r0, 0),
-                            vm.at(c0, 0).t(),
-                            1.0,
-                        )
-                    };
-                }
+                // dP = dO · Vᵀ
+                unsafe { self.band_scores(n, dsm, gom, vm, 1.0) };
                 for i in 0..n {
                     let (c0, end) = (self.window_start(i - i % BLOCK), band_end(i, n));
                     let p = &probs[p_at + i * n + c0..p_at + i * n + end];
@@ -340,19 +302,10 @@ impl CausalAttention {
                     // masked entries have P = 0
                     softmax_grad_row(&mut row[c0..], p, self.scale);
                 }
+                // dQ = dS · K
+                unsafe { self.band_rows(n, dqm, dsm, km) };
                 for r0 in (0..n).step_by(BLOCK) {
-                    let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
-                    // dQ = dS · K
-                    unsafe {
-                        gemm(
-                            (r1 - r0, d.head_dim, r1 - c0),
-                            dqm.at(r0, 0),
-                            false,
-                            dsm.at(r0, c0),
-                            km.at(c0, 0),
-                            1.0,
-                        )
-                    };
+                    let r1 = (r0 + BLOCK).min(n);
                     // dK = dSᵀ · Q and dV = Pᵀ · dO over the rows at or below the band that see
                     // any of its keys
                     let q_end = (r1 - 1).saturating_add(self.window).min(n);
@@ -378,6 +331,53 @@ impl CausalAttention {
             }
         });
         (dq, d.sum_groups(&dk_heads), d.sum_groups(&dv_heads))
+    }
+}
+
+/// The float32 products on causal bands: a band of `BLOCK` rows multiplies only from its first
+/// row's first visible key to its last row (under a sliding window, the blocks no row of the band
+/// can see are skipped).
+impl CausalAttention {
+    /// `scores (n × n) = alpha · a · bᵀ` on the bands, `a`, `b` `(n × d)`: Q·Kᵀ, dO·Vᵀ.
+    ///
+    /// # Safety
+    /// Every view must be valid for its extent, and `scores` written by no other thread meanwhile.
+    unsafe fn band_scores(&self, n: usize, scores: Mat, a: Mat, b: Mat, alpha: f32) {
+        for r0 in (0..n).step_by(BLOCK) {
+            let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
+            let dims = (r1 - r0, r1 - c0, self.dims.head_dim);
+            unsafe {
+                gemm(
+                    dims,
+                    scores.at(r0, c0),
+                    false,
+                    a.at(r0, 0),
+                    b.at(c0, 0).t(),
+                    alpha,
+                )
+            };
+        }
+    }
+
+    /// `out (n × d) = scores · m` on the bands, `m` `(n × d)`: P·V, dS·K.
+    ///
+    /// # Safety
+    /// As [`CausalAttention::band_scores`], for `out`.
+    unsafe fn band_rows(&self, n: usize, out: Mat, scores: Mat, m: Mat) {
+        for r0 in (0..n).step_by(BLOCK) {
+            let (r1, c0) = ((r0 + BLOCK).min(n), self.window_start(r0));
+            let dims = (r1 - r0, self.dims.head_dim, r1 - c0);
+            unsafe {
+                gemm(
+                    dims,
+                    out.at(r0, 0),
+                    false,
+                    scores.at(r0, c0),
+                    m.at(c0, 0),
+                    1.0,
+                )
+            };
+        }
     }
 }
 
