@@ -3,16 +3,16 @@
 //!
 //! Each replaces a chain of candle ops that would each read and write a full activation buffer
 //! (RMSNorm's backward as composite ops is nine passes; here it is one pass per row). Work is split
-//! over candle's worker threads, and the loops are compiled twice, for AVX2 + FMA and for the
-//! baseline, with the choice made once at run time.
+//! over candle's worker threads, and the loops are compiled three times, for AVX-512, for AVX2 +
+//! FMA and for the baseline, with the choice made at run time.
 
 use super::cpu::{par_blocks, SharedMut};
 
 /// Elements (or rows × width) one worker handles at a time.
 const BLOCK: usize = 1 << 14;
 
-/// Compiles `$body` (a function of `$args`) for AVX2 + FMA and for the baseline, and calls the
-/// best one the CPU has.
+/// Compiles `$body` (a function of `$args`) for AVX-512 (F, VL), for AVX2 + FMA and for the
+/// baseline, and calls the best one the CPU has.
 macro_rules! multiversion {
     (fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         fn $name($($arg: $ty),*) {
@@ -20,9 +20,21 @@ macro_rules! multiversion {
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    generic($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
