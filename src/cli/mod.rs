@@ -343,6 +343,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             // the process's peak resident memory: what `POST /v1/jobs/estimate` predicts on the CPU
             let mut summary = serde_json::to_value(&outcome)?;
             summary["peak_rss_bytes"] = train::device::peak_rss_bytes().into();
+            // where the run's time went, by the kernels' own timers (steps and evaluations; one
+            // job in this process, so nothing else adds to them)
+            summary["seconds_by_part"] =
+                train::timing::seconds_by_part(&train::timing::take()).into();
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! Where a training step's time goes, for the benchmark's breakdown.
+//! Where a training step's time goes, for the benchmark's breakdown and `qtune train`'s summary.
 //!
 //! The engine's own kernels time themselves into a few counters (an atomic add per call; nothing
 //! reads them during training). Times are exclusive: a scope nested in another on the same thread
@@ -68,6 +68,28 @@ pub fn label(part: Part) -> &'static str {
         Part::Elementwise => "fused elementwise",
         Part::Loss => "loss softmax + cross-entropy",
     }
+}
+
+/// A part's name as a JSON key (`bench --json`'s `breakdown_seconds`, `qtune train`'s
+/// `seconds_by_part`).
+pub fn key(part: Part) -> &'static str {
+    match part {
+        Part::FrozenMatmul => "frozen_matmul",
+        Part::Dequantize => "dequantize",
+        Part::Attention => "attention",
+        Part::Lora => "lora",
+        Part::Elementwise => "elementwise",
+        Part::Loss => "loss",
+    }
+}
+
+/// Seconds per part (in [`PARTS`] order) as a JSON object keyed by [`key`].
+pub fn seconds_by_part(seconds: &[f64]) -> serde_json::Map<String, serde_json::Value> {
+    PARTS
+        .iter()
+        .zip(seconds)
+        .map(|(&p, &s)| (key(p).to_string(), s.into()))
+        .collect()
 }
 
 /// CPU seconds this process has spent in the kernel (page faults, thread wake-ups, allocation

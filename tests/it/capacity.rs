@@ -63,6 +63,9 @@ fn measured_peak(dir: &Path, name: &str, spec: &Value) -> u64 {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let summary: Value = serde_json::from_str(&stdout[stdout.rfind("\n{").map_or(0, |i| i + 1)..])
         .unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    // every configuration here multiplies by frozen weights through the timed kernels
+    let matmul_s = summary["seconds_by_part"]["frozen_matmul"].as_f64();
+    assert!(matmul_s.is_some_and(|s| s > 0.0), "{summary}");
     summary["peak_rss_bytes"].as_u64().unwrap()
 }
 

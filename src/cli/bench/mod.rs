@@ -364,6 +364,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         println!("  (bf16 matmul, same shape and library: {g:.0} GFLOP/s)");
     }
     if opts.json {
+        let mut breakdown = timing::seconds_by_part(&part_s);
+        breakdown.insert("optimizer".into(), opt_s.into());
+        breakdown.insert("other".into(), rest.into());
+        breakdown.insert("kernel_cpu".into(), kernel_s.into());
         println!(
             "{}",
             serde_json::json!({
@@ -385,17 +389,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 "forward_seconds": median(&mut fwd),
                 "backward_seconds": median(&mut bwd),
                 "optimizer_seconds": median(&mut opt),
-                "breakdown_seconds": {
-                    "frozen_matmul": part_s[Part::FrozenMatmul as usize],
-                    "dequantize": part_s[Part::Dequantize as usize],
-                    "attention": part_s[Part::Attention as usize],
-                    "lora": part_s[Part::Lora as usize],
-                    "elementwise": part_s[Part::Elementwise as usize],
-                    "loss": part_s[Part::Loss as usize],
-                    "optimizer": opt_s,
-                    "other": rest,
-                    "kernel_cpu": kernel_s,
-                },
+                "breakdown_seconds": breakdown,
             })
         );
     }
