@@ -23,8 +23,9 @@ def module_of(path: Path) -> tuple:
     return tuple(parts)
 
 
-# comments and string literals, whichever starts first (a `//` inside a string is not a comment)
-LEXEMES = re.compile(r'//[^\n]*|/\*[\s\S]*?\*/|\br(#*)"[\s\S]*?"\1|"(?:\\.|[^"\\])*"')
+# comments and string literals, whichever starts first (a `//` inside a string is not a comment);
+# an escape may be a backslash before a line break (a string continued on the next line)
+LEXEMES = re.compile(r'//[^\n]*|/\*[\s\S]*?\*/|\br(#*)"[\s\S]*?"\1|"(?:\\[\s\S]|[^"\\])*"')
 
 
 def strip_comments(text: str) -> str:
@@ -148,15 +149,65 @@ def main() -> int:
         if v not in index:
             visit(v)
     name = lambda m: "::".join(m) or "crate"
+    sccs = [("files", comp, edges) for comp in sccs]
+
+    # The same question a level up: within each folder module, its children (a file, or a
+    # folder taken whole with everything under it) must not import each other round a loop.
+    # Two files can each be clear of cycles while their folders tie together (train::cost uses
+    # a file of train::model, and another file of train::model uses train::cost).
+    parents = {m[:-1] for m in modules if m}
+    for parent in sorted(parents):
+        def child(m):
+            return m[: len(parent) + 1] if len(m) > len(parent) and m[: len(parent)] == parent else None
+        kids = {child(m) for m in modules} - {None}
+        tied = {k: set() for k in kids}
+        for a in modules:
+            ca = child(a)
+            for b in edges[a]:
+                cb = child(b)
+                if ca and cb and ca != cb:
+                    tied[ca].add(cb)
+        index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+        def visit2(v):
+            index[v] = low[v] = counter[0]
+            counter[0] += 1
+            stack.append(v)
+            on.add(v)
+            for w in tied[v]:
+                if w not in index:
+                    visit2(w)
+                    low[v] = min(low[v], low[w])
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(comp)
+
+        for v in sorted(kids):
+            if v not in index:
+                visit2(v)
+        sccs += [("modules", comp, tied) for comp in found]
     if not sccs:
         print(f"module graph: {len(modules)} modules, {sum(map(len, edges.values()))} imports, no cycles")
         return 0
-    for comp in sccs:
+    for level, comp, graph in sccs:
         members = set(comp)
-        print("import cycle among: " + ", ".join(sorted(name(c) for c in comp)))
+        print(f"import cycle among {level}: " + ", ".join(sorted(name(c) for c in comp)))
         for a in sorted(comp):
-            for b in sorted(edges[a] & members):
+            for b in sorted(graph[a] & members):
                 print(f"    {name(a)} -> {name(b)}")
+                if level == "modules":
+                    for f in sorted(m for m in modules if m[: len(a)] == a):
+                        for g in sorted(t for t in edges[f] if t[: len(b)] == b):
+                            print(f"        {name(f)} uses {name(g)}")
     return 1
 
 

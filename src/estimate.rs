@@ -120,7 +120,7 @@ pub async fn estimate(state: &AppState, spec: &JobSpec) -> Result<JobEstimate, E
         flops_per_token: cost::flops_per_token(
             &cfg,
             t.max_seq_len.max(1) as usize,
-            &spec.lora.target_modules.names(),
+            &spec.lora.target_modules,
             spec.lora.r as usize,
         ),
         memory,

@@ -139,6 +139,22 @@ impl JobPhase {
     }
 }
 
+impl FromStr for JobPhase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<JobPhase, String> {
+        [
+            JobPhase::FetchingDataset,
+            JobPhase::LoadingModel,
+            JobPhase::Tokenizing,
+            JobPhase::Training,
+            JobPhase::Saving,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| format!("unknown job phase {s:?}"))
+    }
+}
+
 /// What one optimizer step reports: the engine makes it, the service stores and streams it
 /// (SSE `metrics` events), the client and dashboard show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,10 +418,39 @@ pub struct FileView {
     pub filename: String,
     /// `fine-tune` (an upload) or `fine-tune-results` (a job's step metrics, made by qtune).
     pub purpose: String,
-    /// `uploaded`, `processed` (checked as a training file) or `error`.
-    pub status: String,
+    pub status: FileStatus,
     pub status_details: Option<String>,
     pub sha256: Option<String>,
+}
+
+/// An uploaded file's state: `uploaded`, `processed` (checked as a training file) or `error`
+/// (the check found a bad record; `status_details` says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    Uploaded,
+    Processed,
+    Error,
+}
+
+impl FileStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::Uploaded => "uploaded",
+            FileStatus::Processed => "processed",
+            FileStatus::Error => "error",
+        }
+    }
+}
+
+impl TryFrom<String> for FileStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<FileStatus, String> {
+        [FileStatus::Uploaded, FileStatus::Processed, FileStatus::Error]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown file status {s:?}"))
+    }
 }
 
 /// Unix seconds of an RFC 3339 time (as the database keeps them); 0 for text that is not one.
@@ -435,6 +480,29 @@ impl FromStr for CheckpointRef {
             .map(|st| st.parse::<u64>().map_err(|_| format!("bad step {st:?}")))
             .transpose()?;
         Ok(CheckpointRef { job, step })
+    }
+}
+
+impl fmt::Display for CheckpointRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.step {
+            Some(step) => write!(f, "{}:{step}", self.job),
+            None => write!(f, "{}", self.job),
+        }
+    }
+}
+
+/// In JSON (a job spec's `from_checkpoint`) a reference is its text.
+impl Serialize for CheckpointRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckpointRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<CheckpointRef, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -41,6 +41,7 @@ pub mod relay;
 pub mod spec;
 pub mod state;
 pub mod train;
+pub mod uploads;
 pub mod worker;
 
 /// Hands the memory freed by a finished job back to the system. [`tune_process`] has the

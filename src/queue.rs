@@ -4,7 +4,7 @@
 
 use crate::db::{self, CancelOutcome, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome};
 use crate::events::{JobEvent, StatusChange};
-use crate::job::{CheckpointRef, JobId, JobStatus};
+use crate::job::{JobId, JobStatus};
 use crate::spec::JobSpec;
 use crate::state::AppState;
 
@@ -73,16 +73,7 @@ pub async fn submit_as(
             retry_after: 60,
         });
     }
-    let stored = serde_json::to_string(spec).expect("a spec serializes");
-    let row = state
-        .db
-        .insert_job_with_metadata(
-            id,
-            owner,
-            &stored,
-            &spec.metadata.clone().unwrap_or_default(),
-        )
-        .await?;
+    let row = state.db.insert_job(id, owner, spec).await?;
     state
         .publish(id, &JobEvent::Status(StatusChange::to(JobStatus::Queued)))
         .await?;
@@ -128,10 +119,9 @@ async fn check_references(
             ));
         }
     }
-    let Some(text) = &spec.from_checkpoint else {
+    let Some(named) = &spec.from_checkpoint else {
         return Ok(());
     };
-    let named: CheckpointRef = text.parse().map_err(|e| invalid("from_checkpoint", e))?;
     let job = &named.job;
     let Some(row) = state.db.get_job(job, owner).await? else {
         return Err(invalid(

@@ -1,10 +1,19 @@
 //! The job spec: one validated type shared by the HTTP API, the CLI and the training engine.
 //!
-//! A spec is parsed from JSON (unknown fields are refused), then [`JobSpec::normalize`] fills the
-//! defaults that depend on other fields (alpha = 2·r, the target-module list) and checks every
-//! range, so what is stored and echoed back is exactly what will run.
+//! Parse, don't validate: a spec arrives as a [`RawJobSpec`] (the JSON as the caller wrote it,
+//! unknown fields refused, anything left out `None`), and [`JobSpec::parse`] is the one place
+//! that checks it and resolves every default (alpha = 2·r, the target-module list, the
+//! quantization's implied bits, the compute dtype, the checkpoint reference). What comes out is a
+//! [`JobSpec`] with nothing left to fill: it is what is stored, echoed back and run, and nothing
+//! downstream derives a default again.
+//!
+//! A `JobSpec` deserializes only from its own resolved form (every field present, as the database
+//! stores it); text from outside goes through [`JobSpec::from_json`] or [`JobSpec::parse`].
 
+use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
+
+use crate::job::{CheckpointRef, JobId};
 
 /// A spec error names the offending field (`param`, in dotted form) and says what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -21,47 +30,178 @@ fn err(param: &str, message: impl Into<String>) -> SpecError {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The spec as it arrives
+
+/// A job spec as the caller wrote it: the shape of the JSON, nothing checked or filled yet.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobSpec {
+    pub base_model: String,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub dataset: RawDataset,
+    #[serde(default)]
+    pub lora: Option<RawLora>,
+    #[serde(default)]
+    pub quantization: Option<RawQuantization>,
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtype>,
+    #[serde(default)]
+    pub training: RawTraining,
+    #[serde(default)]
+    pub checkpoint_every_steps: Option<u64>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub from_checkpoint: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    pub url: String,
+    #[serde(default)]
+    pub format: DatasetFormat,
+    #[serde(default)]
+    pub validation_url: Option<String>,
+    #[serde(default)]
+    pub validation_split: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    #[serde(default)]
+    pub r: Option<i64>,
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+}
+
+/// `{"bits": 4, "type": "nf4", "double_quant": true, "compute_dtype": "f32"}` and its variants.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuantization {
+    #[serde(default)]
+    pub bits: Option<i64>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<QuantType>,
+    #[serde(default)]
+    pub double_quant: Option<bool>,
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtype>,
+}
+
+/// A resolved shape as a request would write it (a job continuing another's adapter keeps its
+/// shape).
+impl From<&LoraSpec> for RawLora {
+    fn from(l: &LoraSpec) -> RawLora {
+        RawLora {
+            r: Some(l.r),
+            alpha: Some(l.alpha),
+            dropout: Some(l.dropout),
+            target_modules: Some(TargetModules::List(l.target_modules.clone())),
+            use_rslora: Some(l.use_rslora),
+        }
+    }
+}
+
+/// `target_modules` as written: `"all-linear"` (every linear layer of every block, as PEFT
+/// means it) or a list of module names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Keyword(String),
+    List(Vec<String>),
+}
+
+/// The training fields as written; each `None` takes its default in [`JobSpec::parse`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTraining {
+    #[serde(default)]
+    pub epochs: Option<i64>,
+    #[serde(default)]
+    pub max_steps: Option<i64>,
+    #[serde(default)]
+    pub batch_size: Option<i64>,
+    #[serde(default)]
+    pub gradient_accumulation_steps: Option<i64>,
+    #[serde(default)]
+    pub learning_rate: Option<f64>,
+    #[serde(default)]
+    pub lr_scheduler: Option<LrScheduler>,
+    #[serde(default)]
+    pub warmup_steps: Option<i64>,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    #[serde(default)]
+    pub optimizer: Option<OptimizerKind>,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub adam_beta1: Option<f64>,
+    #[serde(default)]
+    pub adam_beta2: Option<f64>,
+    #[serde(default)]
+    pub adam_epsilon: Option<f64>,
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub max_seq_len: Option<i64>,
+    #[serde(default)]
+    pub train_on_inputs: Option<bool>,
+    #[serde(default)]
+    pub gradient_checkpointing: Option<bool>,
+    #[serde(default)]
+    pub packing: Option<bool>,
+    #[serde(default)]
+    pub eval_every_steps: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated spec
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// Hub repo id (`HuggingFaceTB/SmolLM2-135M-Instruct`), a local model directory, or a `.gguf` file.
     pub base_model: String,
     /// Hub revision (branch, tag or commit); ignored for local models.
-    #[serde(default)]
     pub revision: Option<String>,
     pub dataset: DatasetSpec,
-    #[serde(default)]
     pub lora: LoraSpec,
-    /// Frozen-base quantization (QLoRA); `null` trains plain LoRA on a dense base.
-    #[serde(default)]
+    /// Frozen-base quantization (QLoRA); `None` trains plain LoRA on a dense base.
     pub quantization: Option<QuantizationSpec>,
     /// Dtype the frozen base weights are stored and multiplied in: f32, or bf16 (on the CPU the
     /// dense linear weights in bf16 with everything else in f32; on CUDA the whole base), f16 on
-    /// CUDA. LoRA weights and optimizer state stay f32. With `quantization`, this is its
+    /// CUDA. LoRA weights and optimizer state stay f32. With `quantization`, the same as its
     /// `compute_dtype`.
-    #[serde(default)]
-    pub compute_dtype: Option<ComputeDtype>,
-    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
     pub training: TrainingSpec,
     /// Write a checkpoint every N optimizer steps (the final adapter is always written).
-    #[serde(default)]
     pub checkpoint_every_steps: Option<u64>,
     /// Free text appended to the adapter's name.
-    #[serde(default)]
     pub suffix: Option<String>,
-    #[serde(default = "default_seed")]
     pub seed: u64,
-    /// `"<job id>:<step>"` or `"<job id>"`: start from an adapter an earlier job made.
-    #[serde(default)]
-    pub from_checkpoint: Option<String>,
+    /// Start from an adapter an earlier job made (`"<job id>:<step>"` or `"<job id>"` in JSON).
+    pub from_checkpoint: Option<CheckpointRef>,
     /// Up to 16 key/value pairs of the caller's own (keys ≤ 64, values ≤ 512 characters), as
     /// OpenAI's jobs carry them; job lists filter on them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<std::collections::BTreeMap<String, String>>,
-}
-
-fn default_seed() -> u64 {
-    42
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,13 +209,10 @@ fn default_seed() -> u64 {
 pub struct DatasetSpec {
     /// Local path, `file://` URL (or, through the service, http(s) / `file-<id>`), of a JSON Lines file.
     pub url: String,
-    #[serde(default)]
     pub format: DatasetFormat,
     /// A second JSONL file used for evaluation.
-    #[serde(default)]
     pub validation_url: Option<String>,
     /// Fraction of the training examples held out for evaluation (0 < f < 1).
-    #[serde(default)]
     pub validation_split: Option<f64>,
 }
 
@@ -123,94 +260,38 @@ pub enum QuantType {
     Gguf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+impl QuantType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+            QuantType::Int8 => "int8",
+            QuantType::Gguf => "gguf",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
+    #[default]
     F32,
     Bf16,
     F16,
 }
 
-/// `{"bits": 4, "type": "nf4", "double_quant": true, "compute_dtype": "f32"}` and its variants.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A frozen base's quantization, every implied field resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizationSpec {
-    /// 4 or 8; implied by the type when absent.
-    #[serde(default)]
+    /// 4 or 8; `None` for `gguf`, which keeps the file's own types.
     pub bits: Option<i64>,
-    /// nf4 (default for 4 bits), fp4, int8 (default for 8 bits), or gguf.
-    #[serde(default, rename = "type")]
-    pub kind: Option<QuantType>,
-    /// Quantize the 4-bit block constants again (default true for 4-bit types).
-    #[serde(default)]
-    pub double_quant: Option<bool>,
+    #[serde(rename = "type")]
+    pub kind: QuantType,
+    /// The 4-bit block constants quantized again (always false for 8 bits and gguf).
+    pub double_quant: bool,
     /// Dtype the frozen base is dequantized to and multiplied in (f32; bf16/f16 on CUDA).
-    #[serde(default)]
-    pub compute_dtype: Option<ComputeDtype>,
-}
-
-impl QuantizationSpec {
-    /// Fills the implied fields and refuses impossible combinations.
-    fn normalize(mut self, base_model: &str) -> Result<QuantizationSpec, SpecError> {
-        let kind = match (self.kind, self.bits) {
-            (Some(k), _) => k,
-            (None, Some(4)) => QuantType::Nf4,
-            (None, Some(8)) => QuantType::Int8,
-            (None, Some(b)) => {
-                return Err(err("quantization.bits", format!("must be 4 or 8, got {b}")))
-            }
-            (None, None) => QuantType::Nf4,
-        };
-        let bits = match kind {
-            QuantType::Nf4 | QuantType::Fp4 => 4,
-            QuantType::Int8 => 8,
-            QuantType::Gguf => {
-                if let Some(b) = self.bits {
-                    return Err(err(
-                        "quantization.bits",
-                        format!("type gguf keeps the file's own types; do not give bits (got {b})"),
-                    ));
-                }
-                if !base_model.ends_with(".gguf") {
-                    return Err(err(
-                        "quantization.type",
-                        "gguf keeps a .gguf base quantized; base_model is not a .gguf file",
-                    ));
-                }
-                0
-            }
-        };
-        if let Some(b) = self.bits {
-            if b != 4 && b != 8 {
-                return Err(err("quantization.bits", format!("must be 4 or 8, got {b}")));
-            }
-            if kind != QuantType::Gguf && b != bits {
-                let name = serde_json::to_value(kind).expect("serializes");
-                return Err(err(
-                    "quantization.type",
-                    format!(
-                        "{} is a {bits}-bit type, but bits is {b}",
-                        name.as_str().unwrap_or("?")
-                    ),
-                ));
-            }
-        }
-        let double_quant = match (bits, self.double_quant) {
-            (4, dq) => dq.unwrap_or(true),
-            (_, Some(true)) => {
-                return Err(err(
-                    "quantization.double_quant",
-                    "only 4-bit types have block constants to quantize again",
-                ))
-            }
-            _ => false,
-        };
-        self.kind = Some(kind);
-        self.bits = (bits > 0).then_some(bits);
-        self.double_quant = Some(double_quant);
-        self.compute_dtype = Some(self.compute_dtype.unwrap_or(ComputeDtype::F32));
-        Ok(self)
-    }
+    pub compute_dtype: ComputeDtype,
 }
 
 /// The linear layers of a Llama-family block, by their Hugging Face names.
@@ -228,71 +309,53 @@ pub const ALL_LINEAR: [&str; 7] = [
 /// a model has is its family's business (`Arch::lora_targets`).
 pub const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    /// `"all-linear"` (every linear layer of every block, as PEFT means it).
-    Keyword(String),
-    List(Vec<String>),
-}
-
-impl TargetModules {
-    /// The module names, once normalized.
-    pub fn names(&self) -> Vec<String> {
-        match self {
-            TargetModules::Keyword(_) => ALL_LINEAR.iter().map(|s| s.to_string()).collect(),
-            TargetModules::List(l) => l.clone(),
-        }
-    }
-}
-
+/// The LoRA adapter's shape and regularization, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSpec {
-    #[serde(default = "default_r")]
     pub r: i64,
-    /// Defaults to 2·r.
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    #[serde(default = "default_dropout")]
+    pub alpha: f64,
     pub dropout: f64,
-    #[serde(default = "default_targets")]
-    pub target_modules: TargetModules,
+    /// Module names in the canonical order of [`ALL_LINEAR`] then [`FUSED_MODULES`].
+    pub target_modules: Vec<String>,
     /// Scale by alpha/√r instead of alpha/r.
-    #[serde(default)]
     pub use_rslora: bool,
 }
 
-fn default_r() -> i64 {
-    8
-}
-fn default_dropout() -> f64 {
-    0.05
-}
-fn default_targets() -> TargetModules {
-    TargetModules::List(ALL_LINEAR[..4].iter().map(|s| s.to_string()).collect())
-}
+const DEFAULT_R: i64 = 8;
+const DEFAULT_DROPOUT: f64 = 0.05;
 
 impl Default for LoraSpec {
     fn default() -> Self {
         LoraSpec {
-            r: default_r(),
-            alpha: None,
-            dropout: default_dropout(),
-            target_modules: default_targets(),
+            r: DEFAULT_R,
+            alpha: 2.0 * DEFAULT_R as f64,
+            dropout: DEFAULT_DROPOUT,
+            target_modules: ALL_LINEAR[..4].iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
         }
     }
 }
 
 impl LoraSpec {
+    /// A LoRA shape from its parts, alpha defaulting to 2·r as in a job spec (an adapter's
+    /// `adapter_config.json`, a benchmark's shape).
+    pub fn new(r: i64, alpha: Option<f64>, target_modules: &[&str], use_rslora: bool) -> LoraSpec {
+        LoraSpec {
+            r,
+            alpha: alpha.unwrap_or(2.0 * r as f64),
+            dropout: 0.0,
+            target_modules: target_modules.iter().map(|s| s.to_string()).collect(),
+            use_rslora,
+        }
+    }
+
     /// The factor applied to B·A·x.
     pub fn scale(&self) -> f64 {
-        let alpha = self.alpha.unwrap_or(2.0 * self.r as f64);
         if self.use_rslora {
-            alpha / (self.r as f64).sqrt()
+            self.alpha / (self.r as f64).sqrt()
         } else {
-            alpha / self.r as f64
+            self.alpha / self.r as f64
         }
     }
 }
@@ -315,276 +378,402 @@ pub enum OptimizerKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingSpec {
-    #[serde(default = "default_epochs")]
     pub epochs: i64,
     /// Stop after this many optimizer steps (overrides epochs; data repeats if needed).
-    #[serde(default)]
     pub max_steps: Option<i64>,
-    #[serde(default = "default_batch")]
     pub batch_size: i64,
-    #[serde(default = "one")]
     pub gradient_accumulation_steps: i64,
-    #[serde(default = "default_lr")]
     pub learning_rate: f64,
-    #[serde(default = "default_scheduler")]
     pub lr_scheduler: LrScheduler,
-    #[serde(default)]
     pub warmup_steps: i64,
     /// Fraction of the total steps used for warmup when warmup_steps is 0.
-    #[serde(default)]
     pub warmup_ratio: f64,
-    #[serde(default = "default_optimizer")]
     pub optimizer: OptimizerKind,
-    #[serde(default)]
     pub weight_decay: f64,
-    #[serde(default = "default_beta1")]
     pub adam_beta1: f64,
-    #[serde(default = "default_beta2")]
     pub adam_beta2: f64,
-    #[serde(default = "default_eps")]
     pub adam_epsilon: f64,
     /// SGD momentum.
-    #[serde(default)]
     pub momentum: f64,
     /// Clip the global gradient norm to this value; 0 disables clipping.
-    #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
     /// Examples longer than this many tokens are truncated (and counted as truncated).
-    #[serde(default = "default_seq")]
     pub max_seq_len: i64,
     /// Put the loss on prompt tokens too.
-    #[serde(default)]
     pub train_on_inputs: bool,
     /// Recompute each decoder layer in backward instead of keeping its activations: less memory
     /// for about one more forward pass (transformers' `gradient_checkpointing`).
-    #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Pack each micro-batch's examples into shared rows (`data::make_packed_batch`), attention
     /// and positions kept within each example: the same loss and gradients as one example per
     /// row, without most of the padding. On by default because it changes no number but the time; off,
     /// micro-batches are grouped by length instead (examples of similar length train together).
-    #[serde(default = "yes")]
     pub packing: bool,
     /// Evaluate every N optimizer steps (and always at the end) when a validation set exists.
-    #[serde(default)]
     pub eval_every_steps: Option<i64>,
 }
 
-fn default_epochs() -> i64 {
-    3
-}
-fn default_batch() -> i64 {
-    4
-}
-fn one() -> i64 {
-    1
-}
-fn yes() -> bool {
-    true
-}
 /// The learning rate a job gets when it names none (OpenAI's `learning_rate_multiplier`
 /// scales this).
 pub const DEFAULT_LEARNING_RATE: f64 = 2e-4;
-
-fn default_lr() -> f64 {
-    DEFAULT_LEARNING_RATE
-}
-fn default_scheduler() -> LrScheduler {
-    LrScheduler::Linear
-}
-fn default_optimizer() -> OptimizerKind {
-    OptimizerKind::Adamw
-}
-fn default_beta1() -> f64 {
-    0.9
-}
-fn default_beta2() -> f64 {
-    0.999
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_seq() -> i64 {
-    1024
-}
+/// The seed a job gets when it names none.
+pub const DEFAULT_SEED: u64 = 42;
 
 impl Default for TrainingSpec {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("all training fields have defaults")
+        RawTraining::default()
+            .resolve()
+            .expect("the defaults are valid")
     }
 }
 
+/// Bounds that keep one spec from asking for absurd work or storage (a job's total work is
+/// also bounded by the operator's `--max-job-steps` and `--max-job-hours`).
+pub const MAX_STEPS: i64 = 1_000_000;
+pub const MAX_EPOCHS: i64 = 10_000;
+pub const MAX_BATCH_SIZE: i64 = 4096;
+pub const MAX_ACCUMULATION: i64 = 1024;
+pub const MAX_ALPHA: f64 = 1e6;
+const MAX_NAME_LEN: usize = 512;
+const MAX_URL_LEN: usize = 4096;
+const MAX_SUFFIX_LEN: usize = 64;
+const MAX_METADATA_PAIRS: usize = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Parsing: the one place a spec is checked and its defaults resolved
+
 impl JobSpec {
-    /// Parses JSON text into a normalized, validated spec.
+    /// Parses JSON text into a validated spec; errors name the field.
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
         let mut de = serde_json::Deserializer::from_str(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let raw: RawJobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            let msg = e.inner().to_string();
-            // serde reports unknown/missing fields at the enclosing object: name the field itself
-            // a missing field is reported at its enclosing object: name the field itself
-            let param = match (
-                msg.starts_with("missing field"),
-                field_from_serde_message(&msg),
-            ) {
-                (true, Some(field)) if path == "." => field,
-                (true, Some(field)) => format!("{path}.{field}"),
-                _ if path == "." => "body".to_string(),
-                _ => path,
-            };
-            err(&param, msg)
+            serde_error(&path, &e.inner().to_string())
         })?;
-        spec.normalize()
+        JobSpec::parse(raw)
     }
 
-    /// Fills dependent defaults and checks every field.
-    pub fn normalize(mut self) -> Result<JobSpec, SpecError> {
-        if self.base_model.trim().is_empty() {
-            return Err(err("base_model", "must not be empty"));
+    /// Checks every field of `raw` and resolves every default.
+    pub fn parse(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
+        check_texts(&raw)?;
+        check_metadata(raw.metadata.as_ref())?;
+        let dataset = raw.dataset.resolve()?;
+        let lora = raw.lora.unwrap_or_default().resolve()?;
+        let (quantization, compute_dtype) = match raw.quantization {
+            None => (None, raw.compute_dtype.unwrap_or_default()),
+            Some(q) => {
+                let q = q.resolve(raw.compute_dtype, &raw.base_model)?;
+                let dtype = q.compute_dtype;
+                (Some(q), dtype)
+            }
+        };
+        let training = raw.training.resolve()?;
+        if raw.checkpoint_every_steps == Some(0) {
+            return Err(err("checkpoint_every_steps", "must be >= 1"));
         }
-        if self.dataset.url.trim().is_empty() {
-            return Err(err("dataset.url", "must not be empty"));
+        let from_checkpoint = raw
+            .from_checkpoint
+            .map(|text| text.parse::<CheckpointRef>())
+            .transpose()
+            .map_err(|e| err("from_checkpoint", e))?;
+        Ok(JobSpec {
+            base_model: raw.base_model,
+            revision: raw.revision,
+            dataset,
+            lora,
+            quantization,
+            compute_dtype,
+            training,
+            checkpoint_every_steps: raw.checkpoint_every_steps,
+            suffix: raw.suffix,
+            seed: raw.seed.unwrap_or(DEFAULT_SEED),
+            from_checkpoint,
+            metadata: raw.metadata,
+        })
+    }
+
+    /// The job a `from_checkpoint` names, if any.
+    pub fn from_job(&self) -> Option<&JobId> {
+        self.from_checkpoint.as_ref().map(|r| &r.job)
+    }
+}
+
+/// A serde error as a [`SpecError`]: unknown and missing fields are named themselves (serde
+/// reports them at their enclosing object), anything else at its path.
+pub fn serde_error(path: &str, msg: &str) -> SpecError {
+    let param = match (
+        msg.starts_with("missing field"),
+        field_from_serde_message(msg),
+    ) {
+        (true, Some(field)) if path == "." => field,
+        (true, Some(field)) => format!("{path}.{field}"),
+        _ if path == "." => "body".to_string(),
+        _ => path.to_string(),
+    };
+    err(&param, msg)
+}
+
+/// Lengths and characters of the free-text fields, and the revision's shape.
+fn check_texts(raw: &RawJobSpec) -> Result<(), SpecError> {
+    if raw.base_model.trim().is_empty() {
+        return Err(err("base_model", "must not be empty"));
+    }
+    if raw.dataset.url.trim().is_empty() {
+        return Err(err("dataset.url", "must not be empty"));
+    }
+    if let Some(rev) = &raw.revision {
+        let plain = rev
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if rev.is_empty() || !plain || rev.contains("..") || rev.starts_with('/') {
+            return Err(err(
+                "revision",
+                "must be a branch, tag or commit: letters, digits, - _ . / (no ..)",
+            ));
         }
-        let texts = [
-            ("base_model", Some(&self.base_model), MAX_NAME_LEN),
-            ("revision", self.revision.as_ref(), MAX_NAME_LEN),
-            ("dataset.url", Some(&self.dataset.url), MAX_URL_LEN),
-            (
-                "dataset.validation_url",
-                self.dataset.validation_url.as_ref(),
-                MAX_URL_LEN,
-            ),
-            ("suffix", self.suffix.as_ref(), MAX_SUFFIX_LEN),
-            (
-                "from_checkpoint",
-                self.from_checkpoint.as_ref(),
-                MAX_NAME_LEN,
-            ),
-        ];
-        if let Some(rev) = &self.revision {
-            let plain = rev
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-            if rev.is_empty() || !plain || rev.contains("..") || rev.starts_with('/') {
-                return Err(err(
-                    "revision",
-                    "must be a branch, tag or commit: letters, digits, - _ . / (no ..)",
-                ));
+    }
+    let texts = [
+        ("base_model", Some(&raw.base_model), MAX_NAME_LEN),
+        ("revision", raw.revision.as_ref(), MAX_NAME_LEN),
+        ("dataset.url", Some(&raw.dataset.url), MAX_URL_LEN),
+        (
+            "dataset.validation_url",
+            raw.dataset.validation_url.as_ref(),
+            MAX_URL_LEN,
+        ),
+        ("suffix", raw.suffix.as_ref(), MAX_SUFFIX_LEN),
+        ("from_checkpoint", raw.from_checkpoint.as_ref(), MAX_NAME_LEN),
+    ];
+    for (field, text, max) in texts {
+        if let Some(text) = text {
+            if text.chars().count() > max {
+                return Err(err(field, format!("longer than {max} characters")));
+            }
+            if text.chars().any(char::is_control) {
+                return Err(err(field, "must not contain control characters"));
             }
         }
-        for (field, text, max) in texts {
-            if let Some(text) = text {
-                if text.chars().count() > max {
-                    return Err(err(field, format!("longer than {max} characters")));
-                }
-                if text.chars().any(char::is_control) {
-                    return Err(err(field, "must not contain control characters"));
-                }
-            }
+    }
+    Ok(())
+}
+
+fn check_metadata(pairs: Option<&BTreeMap<String, String>>) -> Result<(), SpecError> {
+    let Some(pairs) = pairs else { return Ok(()) };
+    if pairs.len() > MAX_METADATA_PAIRS {
+        return Err(err(
+            "metadata",
+            format!("at most {MAX_METADATA_PAIRS} pairs, got {}", pairs.len()),
+        ));
+    }
+    for (key, value) in pairs {
+        let param = format!("metadata.{key}");
+        if key.is_empty() || key.chars().count() > 64 {
+            return Err(err("metadata", "keys are 1 to 64 characters"));
         }
-        if let Some(pairs) = &self.metadata {
-            if pairs.len() > MAX_METADATA_PAIRS {
-                return Err(err(
-                    "metadata",
-                    format!("at most {MAX_METADATA_PAIRS} pairs, got {}", pairs.len()),
-                ));
-            }
-            for (key, value) in pairs {
-                let param = format!("metadata.{key}");
-                if key.is_empty() || key.chars().count() > 64 {
-                    return Err(err("metadata", "keys are 1 to 64 characters"));
-                }
-                if value.chars().count() > 512 {
-                    return Err(err(&param, "longer than 512 characters"));
-                }
-                if key.chars().chain(value.chars()).any(char::is_control) {
-                    return Err(err(&param, "must not contain control characters"));
-                }
-            }
+        if value.chars().count() > 512 {
+            return Err(err(&param, "longer than 512 characters"));
         }
-        if let Some(f) = self.dataset.validation_split {
+        if key.chars().chain(value.chars()).any(char::is_control) {
+            return Err(err(&param, "must not contain control characters"));
+        }
+    }
+    Ok(())
+}
+
+impl RawDataset {
+    fn resolve(self) -> Result<DatasetSpec, SpecError> {
+        if let Some(f) = self.validation_split {
             if !(f > 0.0 && f < 1.0) {
                 return Err(err(
                     "dataset.validation_split",
                     format!("must be between 0 and 1 (exclusive), got {f}"),
                 ));
             }
-            if self.dataset.validation_url.is_some() {
+            if self.validation_url.is_some() {
                 return Err(err(
                     "dataset.validation_split",
                     "give either validation_url or validation_split, not both",
                 ));
             }
         }
-        let lora = &mut self.lora;
-        if !(1..=1024).contains(&lora.r) {
+        Ok(DatasetSpec {
+            url: self.url,
+            format: self.format,
+            validation_url: self.validation_url,
+            validation_split: self.validation_split,
+        })
+    }
+}
+
+impl RawLora {
+    fn resolve(self) -> Result<LoraSpec, SpecError> {
+        let r = self.r.unwrap_or(DEFAULT_R);
+        if !(1..=1024).contains(&r) {
             return Err(err(
                 "lora.r",
-                format!("must be between 1 and 1024, got {}", lora.r),
+                format!("must be between 1 and 1024, got {r}"),
             ));
         }
-        let alpha = lora.alpha.unwrap_or(2.0 * lora.r as f64);
+        let alpha = self.alpha.unwrap_or(2.0 * r as f64);
         if !(alpha.is_finite() && alpha > 0.0 && alpha <= MAX_ALPHA) {
             return Err(err(
                 "lora.alpha",
                 format!("must be > 0 and at most {MAX_ALPHA}, got {alpha}"),
             ));
         }
-        lora.alpha = Some(alpha);
-        if !(0.0..1.0).contains(&lora.dropout) {
+        let dropout = self.dropout.unwrap_or(DEFAULT_DROPOUT);
+        if !(0.0..1.0).contains(&dropout) {
             return Err(err(
                 "lora.dropout",
-                format!("must be in [0, 1), got {}", lora.dropout),
+                format!("must be in [0, 1), got {dropout}"),
             ));
         }
-        let names = match &lora.target_modules {
-            TargetModules::Keyword(k) if k == "all-linear" => lora.target_modules.names(),
-            TargetModules::Keyword(k) => {
+        let names: Vec<String> = match self.target_modules {
+            None => LoraSpec::default().target_modules,
+            Some(TargetModules::Keyword(k)) if k == "all-linear" => {
+                ALL_LINEAR.iter().map(|s| s.to_string()).collect()
+            }
+            Some(TargetModules::Keyword(k)) => {
                 return Err(err(
                     "lora.target_modules",
                     format!("unknown keyword {k:?}: use \"all-linear\" or a list of module names"),
                 ))
             }
-            TargetModules::List(l) => l.clone(),
+            Some(TargetModules::List(l)) => l,
         };
         if names.is_empty() {
             return Err(err("lora.target_modules", "must name at least one module"));
         }
         let known: Vec<&str> = ALL_LINEAR.iter().chain(&FUSED_MODULES).copied().collect();
-        let mut ordered = Vec::new();
-        for module in &known {
-            if names.iter().any(|n| n == module) {
-                ordered.push(module.to_string());
-            }
-        }
         if let Some(bad) = names.iter().find(|n| !known.contains(&n.as_str())) {
             return Err(err(
                 "lora.target_modules",
                 format!("unknown module {bad:?} (known: {})", known.join(", ")),
             ));
         }
-        lora.target_modules = TargetModules::List(ordered);
+        let target_modules = known
+            .iter()
+            .filter(|module| names.iter().any(|n| n == *module))
+            .map(|m| m.to_string())
+            .collect();
+        Ok(LoraSpec {
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            use_rslora: self.use_rslora.unwrap_or(false),
+        })
+    }
+}
 
-        if let Some(mut q) = self.quantization.take() {
-            match (self.compute_dtype, q.compute_dtype) {
-                (Some(a), Some(b)) if a != b => {
-                    return Err(err(
-                        "compute_dtype",
-                        "differs from quantization.compute_dtype; give one of them",
-                    ))
-                }
-                (Some(a), None) => q.compute_dtype = Some(a),
-                _ => {}
+impl RawQuantization {
+    /// Fills the implied fields and refuses impossible combinations; `top_dtype` is the spec's
+    /// own `compute_dtype`, which must agree with the quantization's when both are given.
+    fn resolve(
+        self,
+        top_dtype: Option<ComputeDtype>,
+        base_model: &str,
+    ) -> Result<QuantizationSpec, SpecError> {
+        let compute_dtype = match (top_dtype, self.compute_dtype) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(err(
+                    "compute_dtype",
+                    "differs from quantization.compute_dtype; give one of them",
+                ))
             }
-            let q = q.normalize(&self.base_model)?;
-            self.compute_dtype = q.compute_dtype;
-            self.quantization = Some(q);
+            (a, b) => b.or(a).unwrap_or_default(),
+        };
+        let kind = match (self.kind, self.bits) {
+            (Some(k), _) => k,
+            (None, Some(8)) => QuantType::Int8,
+            (None, Some(4) | None) => QuantType::Nf4,
+            (None, Some(b)) => {
+                return Err(err("quantization.bits", format!("must be 4 or 8, got {b}")))
+            }
+        };
+        let bits = match kind {
+            QuantType::Nf4 | QuantType::Fp4 => Some(4),
+            QuantType::Int8 => Some(8),
+            QuantType::Gguf => {
+                if let Some(b) = self.bits {
+                    return Err(err(
+                        "quantization.bits",
+                        format!("type gguf keeps the file's own types; do not give bits (got {b})"),
+                    ));
+                }
+                if !base_model.ends_with(".gguf") {
+                    return Err(err(
+                        "quantization.type",
+                        "gguf keeps a .gguf base quantized; base_model is not a .gguf file",
+                    ));
+                }
+                None
+            }
+        };
+        if let (Some(asked), Some(bits)) = (self.bits, bits) {
+            if asked != 4 && asked != 8 {
+                return Err(err(
+                    "quantization.bits",
+                    format!("must be 4 or 8, got {asked}"),
+                ));
+            }
+            if asked != bits {
+                return Err(err(
+                    "quantization.type",
+                    format!("{} is a {bits}-bit type, but bits is {asked}", kind.as_str()),
+                ));
+            }
         }
-        self.compute_dtype = Some(self.compute_dtype.unwrap_or(ComputeDtype::F32));
-        let t = &self.training;
+        let double_quant = match (bits, self.double_quant) {
+            (Some(4), dq) => dq.unwrap_or(true),
+            (_, Some(true)) => {
+                return Err(err(
+                    "quantization.double_quant",
+                    "only 4-bit types have block constants to quantize again",
+                ))
+            }
+            _ => false,
+        };
+        Ok(QuantizationSpec {
+            bits,
+            kind,
+            double_quant,
+            compute_dtype,
+        })
+    }
+}
+
+impl RawTraining {
+    fn resolve(self) -> Result<TrainingSpec, SpecError> {
+        let t = TrainingSpec {
+            epochs: self.epochs.unwrap_or(3),
+            max_steps: self.max_steps,
+            batch_size: self.batch_size.unwrap_or(4),
+            gradient_accumulation_steps: self.gradient_accumulation_steps.unwrap_or(1),
+            learning_rate: self.learning_rate.unwrap_or(DEFAULT_LEARNING_RATE),
+            lr_scheduler: self.lr_scheduler.unwrap_or(LrScheduler::Linear),
+            warmup_steps: self.warmup_steps.unwrap_or(0),
+            warmup_ratio: self.warmup_ratio.unwrap_or(0.0),
+            optimizer: self.optimizer.unwrap_or(OptimizerKind::Adamw),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            adam_beta1: self.adam_beta1.unwrap_or(0.9),
+            adam_beta2: self.adam_beta2.unwrap_or(0.999),
+            adam_epsilon: self.adam_epsilon.unwrap_or(1e-8),
+            momentum: self.momentum.unwrap_or(0.0),
+            max_grad_norm: self.max_grad_norm.unwrap_or(1.0),
+            max_seq_len: self.max_seq_len.unwrap_or(1024),
+            train_on_inputs: self.train_on_inputs.unwrap_or(false),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            packing: self.packing.unwrap_or(true),
+            eval_every_steps: self.eval_every_steps,
+        };
+        t.check()?;
+        Ok(t)
+    }
+}
+
+impl TrainingSpec {
+    fn check(&self) -> Result<(), SpecError> {
         let positive = |name: &str, v: i64| {
             if v < 1 {
                 Err(err(
@@ -605,47 +794,50 @@ impl JobSpec {
             }
             Ok(())
         };
-        within("epochs", t.epochs, MAX_EPOCHS)?;
-        within("batch_size", t.batch_size, MAX_BATCH_SIZE)?;
+        within("epochs", self.epochs, MAX_EPOCHS)?;
+        within("batch_size", self.batch_size, MAX_BATCH_SIZE)?;
         within(
             "gradient_accumulation_steps",
-            t.gradient_accumulation_steps,
+            self.gradient_accumulation_steps,
             MAX_ACCUMULATION,
         )?;
-        if let Some(m) = t.max_steps {
+        if let Some(m) = self.max_steps {
             within("max_steps", m, MAX_STEPS)?;
         }
-        if let Some(e) = t.eval_every_steps {
+        if let Some(e) = self.eval_every_steps {
             positive("eval_every_steps", e)?;
         }
-        if t.max_seq_len < 2 || t.max_seq_len > 131_072 {
+        if self.max_seq_len < 2 || self.max_seq_len > 131_072 {
             return Err(err(
                 "training.max_seq_len",
-                format!("must be between 2 and 131072, got {}", t.max_seq_len),
+                format!("must be between 2 and 131072, got {}", self.max_seq_len),
             ));
         }
-        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(err(
                 "training.learning_rate",
-                format!("must be > 0, got {}", t.learning_rate),
+                format!("must be > 0, got {}", self.learning_rate),
             ));
         }
-        if !(0..=MAX_STEPS).contains(&t.warmup_steps) {
+        if !(0..=MAX_STEPS).contains(&self.warmup_steps) {
             return Err(err(
                 "training.warmup_steps",
                 format!("must be between 0 and {MAX_STEPS}"),
             ));
         }
-        if !(0.0..1.0).contains(&t.warmup_ratio) {
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(err(
                 "training.warmup_ratio",
-                format!("must be in [0, 1), got {}", t.warmup_ratio),
+                format!("must be in [0, 1), got {}", self.warmup_ratio),
             ));
         }
-        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(err("training.weight_decay", "must be >= 0"));
         }
-        for (name, b) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
+        for (name, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&b) {
                 return Err(err(
                     &format!("training.{name}"),
@@ -653,38 +845,21 @@ impl JobSpec {
                 ));
             }
         }
-        if t.adam_epsilon.is_nan() || t.adam_epsilon <= 0.0 {
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
             return Err(err("training.adam_epsilon", "must be > 0"));
         }
-        if !(0.0..1.0).contains(&t.momentum) {
+        if !(0.0..1.0).contains(&self.momentum) {
             return Err(err("training.momentum", "must be in [0, 1)"));
         }
-        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
             return Err(err(
                 "training.max_grad_norm",
                 "must be >= 0 (0 disables clipping)",
             ));
         }
-        if let Some(c) = self.checkpoint_every_steps {
-            if c < 1 {
-                return Err(err("checkpoint_every_steps", "must be >= 1"));
-            }
-        }
-        Ok(self)
+        Ok(())
     }
 }
-
-/// Bounds that keep one spec from asking for absurd work or storage (a job's total work is
-/// also bounded by the operator's `--max-job-steps` and `--max-job-hours`).
-pub const MAX_STEPS: i64 = 1_000_000;
-pub const MAX_EPOCHS: i64 = 10_000;
-pub const MAX_BATCH_SIZE: i64 = 4096;
-pub const MAX_ACCUMULATION: i64 = 1024;
-pub const MAX_ALPHA: f64 = 1e6;
-const MAX_NAME_LEN: usize = 512;
-const MAX_URL_LEN: usize = 4096;
-const MAX_SUFFIX_LEN: usize = 64;
-const MAX_METADATA_PAIRS: usize = 16;
 
 /// serde_json says `unknown field `foo`` or `missing field `bar``; pull the name out so the
 /// error can point at it.
@@ -705,15 +880,42 @@ mod tests {
     fn defaults_are_filled_and_echoed() {
         let spec = JobSpec::from_json(r#"{"base_model":"m","dataset":{"url":"d.jsonl"}}"#).unwrap();
         assert_eq!(spec.lora.r, 8);
-        assert_eq!(spec.lora.alpha, Some(16.0));
+        assert_eq!(spec.lora.alpha, 16.0);
         assert_eq!(
-            spec.lora.target_modules.names(),
+            spec.lora.target_modules,
             vec!["q_proj", "k_proj", "v_proj", "o_proj"]
         );
+        assert_eq!(spec.compute_dtype, ComputeDtype::F32);
+        assert_eq!(spec.seed, DEFAULT_SEED);
         assert_eq!(spec.training.batch_size, 4);
         let echoed = serde_json::to_value(&spec).unwrap();
         assert_eq!(echoed["lora"]["alpha"], 16.0);
         assert_eq!(echoed["training"]["lr_scheduler"], "linear");
+        // the stored form reads back as the same spec, without a second parse
+        let stored: JobSpec = serde_json::from_value(echoed).unwrap();
+        assert_eq!(stored, spec);
+        // and its JSON parses to itself as a request: resolving is idempotent
+        assert_eq!(JobSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap(), spec);
+    }
+
+    #[test]
+    fn from_checkpoint_is_parsed_once() {
+        let id = JobId::new();
+        let spec = JobSpec::from_json(&format!(
+            r#"{{"base_model":"m","dataset":{{"url":"d"}},"from_checkpoint":"{id}:20"}}"#
+        ))
+        .unwrap();
+        let named = spec.from_checkpoint.clone().unwrap();
+        assert_eq!((named.job, named.step), (id.clone(), Some(20)));
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap()["from_checkpoint"],
+            format!("{id}:20")
+        );
+        let e = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d"},"from_checkpoint":"../x"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "from_checkpoint");
     }
 
     #[test]
@@ -722,7 +924,7 @@ mod tests {
             r#"{"base_model":"m","dataset":{"url":"d"},"lora":{"target_modules":"all-linear","r":4}}"#,
         )
         .unwrap();
-        assert_eq!(spec.lora.target_modules.names().len(), 7);
+        assert_eq!(spec.lora.target_modules.len(), 7);
         assert_eq!(spec.lora.scale(), 2.0);
     }
 
@@ -736,21 +938,14 @@ mod tests {
         let q = parse(r#"{"bits":4}"#).unwrap().quantization.unwrap();
         assert_eq!(
             (q.kind, q.bits, q.double_quant, q.compute_dtype),
-            (
-                Some(QuantType::Nf4),
-                Some(4),
-                Some(true),
-                Some(ComputeDtype::F32)
-            )
+            (QuantType::Nf4, Some(4), true, ComputeDtype::F32)
         );
         let q = parse(r#"{"type":"fp4"}"#).unwrap().quantization.unwrap();
-        assert_eq!((q.bits, q.double_quant), (Some(4), Some(true)));
+        assert_eq!((q.bits, q.double_quant), (Some(4), true));
         let q = parse(r#"{"bits":8}"#).unwrap().quantization.unwrap();
-        assert_eq!(
-            (q.kind, q.double_quant),
-            (Some(QuantType::Int8), Some(false))
-        );
-        assert!(parse(r#"{"type":"gguf"}"#).is_ok());
+        assert_eq!((q.kind, q.double_quant), (QuantType::Int8, false));
+        let q = parse(r#"{"type":"gguf"}"#).unwrap().quantization.unwrap();
+        assert_eq!((q.kind, q.bits, q.double_quant), (QuantType::Gguf, None, false));
         assert!(parse("null").unwrap().quantization.is_none());
         for (q, param, words) in [
             (

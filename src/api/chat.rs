@@ -19,8 +19,7 @@ use serde_json::{json, Map, Value};
 use super::openai::{fine_tuned_model_name, parse_fine_tuned_model};
 use super::{ApiError, Owner};
 use crate::inference::Served;
-use crate::job::{JobId, JobStatus};
-use crate::spec::JobSpec;
+use crate::job::{CheckpointRef, JobId, JobStatus};
 use crate::state::AppState;
 use crate::train::generate::{self, Sampling};
 use crate::train::tokenizer::Message;
@@ -42,8 +41,9 @@ fn model_not_found(model: &str, why: impl std::fmt::Display) -> ApiError {
 
 /// The model a request names, loaded: a job's adapter over its base, or a base.
 async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Served>, ApiError> {
-    let named = parse_fine_tuned_model(model).or_else(|| JobId::parse(model).map(|j| (j, None)));
-    let Some((job, step)) = named else {
+    let named = parse_fine_tuned_model(model)
+        .or_else(|| JobId::parse(model).map(|job| CheckpointRef { job, step: None }));
+    let Some(CheckpointRef { job, step }) = named else {
         crate::model_access::check_base_model(&state.config, model)
             .map_err(|why| model_not_found(model, why))?;
         return state
@@ -66,7 +66,7 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
             ),
         ));
     }
-    let spec: JobSpec = serde_json::from_str(&row.spec).map_err(|e| model_not_found(model, e))?;
+    let spec = &row.spec;
     let key = match step {
         Some(n) => format!("{job}:{n}"),
         None => job.to_string(),
@@ -528,17 +528,15 @@ pub async fn models(
     let mut data = Vec::new();
     let mut bases: Vec<String> = Vec::new();
     for row in &rows {
-        let Ok(spec) = serde_json::from_str::<JobSpec>(&row.spec) else {
-            continue;
-        };
+        let spec = &row.spec;
         data.push(json!({
-            "id": fine_tuned_model_name(&spec, &row.id),
+            "id": fine_tuned_model_name(spec, &row.id),
             "object": "model",
             "created": row.finished_at.as_deref().map(crate::job::unix_seconds).unwrap_or(0),
             "owned_by": format!("org-{}", row.owner.as_deref().unwrap_or("qtune")),
         }));
         if !bases.contains(&spec.base_model) {
-            bases.push(spec.base_model);
+            bases.push(spec.base_model.clone());
         }
     }
     for base in bases {

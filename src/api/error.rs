@@ -98,6 +98,15 @@ impl From<crate::queue::QueueError> for ApiError {
     }
 }
 
+impl From<crate::uploads::UploadError> for ApiError {
+    fn from(e: crate::uploads::UploadError) -> ApiError {
+        match e {
+            crate::uploads::UploadError::Db(e) => e.into(),
+            crate::uploads::UploadError::Io(e) => e.into(),
+        }
+    }
+}
+
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> ApiError {
         tracing::error!(error = %e, "i/o error");

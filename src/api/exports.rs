@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 use super::{files, jobs, ApiError, Owner};
 use crate::artifacts::Key;
 use crate::job::JobStatus;
-use crate::spec::JobSpec;
 use crate::state::AppState;
 use crate::train::export::GgufType;
 
@@ -79,13 +78,7 @@ pub async fn create(
     }
     files::gone_by_retention(&row)?;
     let job = jobs::parse_id(&id)?;
-    let spec: JobSpec = serde_json::from_str(&row.spec).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "invalid_spec",
-            e.to_string(),
-        )
-    })?;
+    let spec = &row.spec;
     // the operator's lists may have changed since the job ran
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| ApiError::invalid("base_model", m))?;

@@ -189,7 +189,7 @@ pub async fn upload(
         sha256: digest.sha256,
         created_at: crate::db::now(),
         purpose,
-        status: "uploaded".into(),
+        status: crate::job::FileStatus::Uploaded,
         status_details: None,
     };
     state.db.insert_file(&row).await?;
@@ -414,11 +414,7 @@ pub async fn adapter(
     };
     // recorded when the job succeeded; jobs finished before digests were kept get one now
     let name = key.file_name();
-    let recorded: Vec<FileDigest> = row
-        .adapter_files
-        .as_deref()
-        .and_then(|f| serde_json::from_str(f).ok())
-        .unwrap_or_default();
+    let recorded: Vec<FileDigest> = row.adapter_files.clone().unwrap_or_default();
     match recorded.into_iter().find(|d| d.name == name) {
         Some(digest) => serve(&state, &key, Some(digest), true, &headers).await,
         None => {

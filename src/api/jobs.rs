@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
-use serde_json::value::RawValue;
 
 use super::{ApiError, Owner};
 use crate::db::JobRow;
@@ -20,20 +19,12 @@ use crate::state::AppState;
 
 /// The job as the API shows it.
 pub fn job_view(row: &JobRow) -> JobView {
-    let eta = match (row.total_steps, row.elapsed_seconds) {
-        (Some(total), Some(elapsed)) if row.step > 0 && row.status == JobStatus::Running => {
-            Some(elapsed / row.step as f64 * (total - row.step).max(0) as f64)
-        }
-        _ => None,
-    };
-    let spec = RawValue::from_string(row.spec.clone())
-        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
     JobView {
-        id: row.id.clone(),
+        id: row.id.to_string(),
         object: "fine_tuning.job".into(),
         status: row.status,
-        phase: row.phase.clone(),
-        spec,
+        phase: row.phase.map(|p| p.as_str().to_string()),
+        spec: serde_json::value::to_raw_value(&row.spec).expect("a spec serializes"),
         created_at: row.created_at.clone(),
         started_at: row.started_at.clone(),
         finished_at: row.finished_at.clone(),
@@ -43,7 +34,7 @@ pub fn job_view(row: &JobRow) -> JobView {
             epoch: row.epoch,
             tokens_seen: row.tokens_seen,
             elapsed_seconds: row.elapsed_seconds,
-            eta_seconds: eta,
+            eta_seconds: row.eta_seconds(),
         },
         train_loss: row.train_loss,
         eval_loss: row.eval_loss,
@@ -52,7 +43,7 @@ pub fn job_view(row: &JobRow) -> JobView {
             message: row.error_message.clone(),
         }),
         attempt: row.attempt,
-        cancel_requested: row.cancel_requested != 0,
+        cancel_requested: row.stop_requested.is_some(),
     }
 }
 
@@ -226,7 +217,7 @@ pub async fn list(
         object: "list".into(),
         data: rows.iter().map(job_view).collect(),
         has_more,
-        last_id: rows.last().map(|r| r.id.clone()),
+        last_id: rows.last().map(|r| r.id.to_string()),
     };
     Ok(Json(body).into_response())
 }
@@ -333,9 +324,9 @@ pub async fn metrics(
 
 /// A job's loss curve from its event log: one row per step and per evaluation. A resumed job
 /// repeats the steps after its last checkpoint: the later row of a step wins.
-pub(super) async fn curve(state: &AppState, job_id: &str) -> Result<Vec<MetricsRow>, ApiError> {
+pub(super) async fn curve(state: &AppState, job: &JobId) -> Result<Vec<MetricsRow>, ApiError> {
     let mut by_step: std::collections::BTreeMap<(u64, bool), MetricsRow> = Default::default();
-    for e in state.db.events_after(job_id, 0).await? {
+    for e in state.db.events_after(job.as_str(), 0).await? {
         let row = match JobEvent::parse(&e.kind, &e.data) {
             Ok(JobEvent::Metrics(m)) => MetricsRow::from(&m),
             Ok(JobEvent::Eval(ev)) => MetricsRow::from(&ev),

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::{Db, Result};
+use crate::job::FileStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct FileRow {
@@ -15,8 +16,8 @@ pub struct FileRow {
     pub created_at: String,
     /// What the file is for (OpenAI's `purpose`): `fine-tune` for datasets.
     pub purpose: String,
-    /// `uploaded`, `processed` (checked as a training file) or `error`.
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: FileStatus,
     /// Why the check failed, when `status` is `error`.
     pub status_details: Option<String>,
 }
@@ -53,7 +54,7 @@ impl Db {
         .bind(&row.sha256)
         .bind(&row.created_at)
         .bind(&row.purpose)
-        .bind(&row.status)
+        .bind(row.status.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -96,11 +97,11 @@ impl Db {
     pub async fn set_file_status(
         &self,
         id: &str,
-        status: &str,
+        status: FileStatus,
         details: Option<&str>,
     ) -> Result<()> {
         sqlx::query(&self.sql("UPDATE files SET status = ?, status_details = ? WHERE id = ?"))
-            .bind(status)
+            .bind(status.as_str())
             .bind(details)
             .bind(id)
             .execute(&self.pool)

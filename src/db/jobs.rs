@@ -2,20 +2,21 @@
 //! fenced writes of the worker holding the lease. Checkpoints are recorded here too, fenced the
 //! same way.
 
-use serde::Serialize;
-
 use super::{in_seconds, now, Backend, Db, Error, Lease, Result};
-use crate::job::{JobId, JobPhase, JobStatus, StepMetrics};
+use crate::job::{FileDigest, JobId, JobPhase, JobStatus, StepMetrics};
+use crate::spec::JobSpec;
 
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+/// A job as the database holds it, typed: the spec as the validated [`JobSpec`] it was stored
+/// from (read back here, the one place a stored spec is decoded), the stop request as what it
+/// asks.
+#[derive(Debug, Clone)]
 pub struct JobRow {
     pub seq: i64,
-    pub id: String,
+    pub id: JobId,
     pub owner: Option<String>,
-    #[sqlx(try_from = "String")]
     pub status: JobStatus,
-    pub phase: Option<String>,
-    pub spec: String,
+    pub phase: Option<JobPhase>,
+    pub spec: JobSpec,
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -28,12 +29,107 @@ pub struct JobRow {
     pub eval_loss: Option<f64>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
-    pub cancel_requested: i64,
+    /// A cancel or pause asked of the running job and not yet carried out.
+    pub stop_requested: Option<StopRequest>,
     pub attempt: i64,
-    /// The final adapter's files as recorded when the job succeeded (`[{name, bytes, sha256}]`).
-    pub adapter_files: Option<String>,
+    /// The final adapter's files as recorded when the job succeeded.
+    pub adapter_files: Option<Vec<FileDigest>>,
     /// When retention removed the job's artifacts.
     pub artifacts_removed_at: Option<String>,
+}
+
+impl JobRow {
+    /// Seconds left at the pace so far: a running job's elapsed time per step times the steps
+    /// to go. `None` before the first step, or when the job is not running.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        match (self.total_steps, self.elapsed_seconds) {
+            (Some(total), Some(elapsed)) if self.step > 0 && self.status == JobStatus::Running => {
+                Some(elapsed / self.step as f64 * (total - self.step).max(0) as f64)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The row as SQL returns it, before its text columns are decoded into [`JobRow`]'s types.
+#[derive(sqlx::FromRow)]
+struct JobRecord {
+    seq: i64,
+    id: String,
+    owner: Option<String>,
+    status: String,
+    phase: Option<String>,
+    spec: String,
+    created_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    step: i64,
+    total_steps: Option<i64>,
+    epoch: Option<f64>,
+    tokens_seen: i64,
+    elapsed_seconds: Option<f64>,
+    train_loss: Option<f64>,
+    eval_loss: Option<f64>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    cancel_requested: i64,
+    attempt: i64,
+    adapter_files: Option<String>,
+    artifacts_removed_at: Option<String>,
+}
+
+impl TryFrom<JobRecord> for JobRow {
+    type Error = Error;
+    fn try_from(r: JobRecord) -> Result<JobRow> {
+        let corrupt = |column: &str, why: String| Error::Corrupt {
+            job: r.id.clone(),
+            column: column.to_string(),
+            why,
+        };
+        let id = JobId::parse(&r.id).ok_or_else(|| corrupt("id", "not a UUID".into()))?;
+        let status = r.status.parse().map_err(|e: crate::job::UnknownStatus| corrupt("status", e.to_string()))?;
+        let phase = r
+            .phase
+            .as_deref()
+            .map(|p| p.parse::<JobPhase>())
+            .transpose()
+            .map_err(|e| corrupt("phase", e))?;
+        let spec = serde_json::from_str(&r.spec).map_err(|e| corrupt("spec", e.to_string()))?;
+        let adapter_files = r
+            .adapter_files
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| corrupt("adapter_files", e.to_string()))?;
+        Ok(JobRow {
+            seq: r.seq,
+            id,
+            owner: r.owner,
+            status,
+            phase,
+            spec,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            step: r.step,
+            total_steps: r.total_steps,
+            epoch: r.epoch,
+            tokens_seen: r.tokens_seen,
+            elapsed_seconds: r.elapsed_seconds,
+            train_loss: r.train_loss,
+            eval_loss: r.eval_loss,
+            error_code: r.error_code,
+            error_message: r.error_message,
+            stop_requested: StopRequest::from_column(r.cancel_requested),
+            attempt: r.attempt,
+            adapter_files,
+            artifacts_removed_at: r.artifacts_removed_at,
+        })
+    }
+}
+
+fn typed(records: Vec<JobRecord>) -> Result<Vec<JobRow>> {
+    records.into_iter().map(JobRow::try_from).collect()
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -107,7 +203,7 @@ pub enum DeleteOutcome {
 /// A claimed job.
 pub struct Claim {
     pub lease: Lease,
-    pub spec: String,
+    pub spec: JobSpec,
     /// Times the job has been taken over from a worker whose lease expired (this claim included
     /// when it is such a takeover).
     pub failovers: i64,
@@ -142,20 +238,10 @@ const JOB_COLUMNS: [&str; 22] = [
 pub(super) const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 
 impl Db {
-    pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &str) -> Result<JobRow> {
-        self.insert_job_with_metadata(id, owner, spec, &Default::default())
-            .await
-    }
-
     /// Inserts a queued job and its metadata pairs (the rows list filters read), in one
     /// transaction.
-    pub async fn insert_job_with_metadata(
-        &self,
-        id: &JobId,
-        owner: Option<&str>,
-        spec: &str,
-        metadata: &std::collections::BTreeMap<String, String>,
-    ) -> Result<JobRow> {
+    pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &JobSpec) -> Result<JobRow> {
+        let text = serde_json::to_string(spec).expect("a spec serializes");
         let mut tx = self.pool.begin().await?;
         // created_at is taken inside the insert, so that it does not run backwards against seq
         // (the list order) as a time taken before it could
@@ -163,17 +249,17 @@ impl Db {
             Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')",
             Backend::Postgres => "clock_timestamp()",
         };
-        let row = sqlx::query_as(&self.sql(&format!(
+        let row: JobRecord = sqlx::query_as(&self.sql(&format!(
             "INSERT INTO jobs (id, owner, status, spec, created_at)
              VALUES (?, ?, 'queued', ?, {created_at}) RETURNING {}",
             self.columns(&JOB_COLUMNS)
         )))
         .bind(id.as_str())
         .bind(owner)
-        .bind(spec)
+        .bind(&text)
         .fetch_one(&mut *tx)
         .await?;
-        for (key, value) in metadata {
+        for (key, value) in spec.metadata.iter().flatten() {
             sqlx::query(
                 &self.sql("INSERT INTO job_metadata (job_id, key, value) VALUES (?, ?, ?)"),
             )
@@ -184,12 +270,12 @@ impl Db {
             .await?;
         }
         tx.commit().await?;
-        Ok(row)
+        row.try_into()
     }
 
     /// A job, if it exists and `owner` may see it (`None` = no API keys in use).
     pub async fn get_job(&self, id: &JobId, owner: Option<&str>) -> Result<Option<JobRow>> {
-        Ok(sqlx::query_as(&self.sql(&format!(
+        let record: Option<JobRecord> = sqlx::query_as(&self.sql(&format!(
             "SELECT {} FROM jobs WHERE id = ? AND (? IS NULL OR owner = ?)",
             self.columns(&JOB_COLUMNS)
         )))
@@ -197,7 +283,8 @@ impl Db {
         .bind(owner)
         .bind(owner)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        record.map(JobRow::try_from).transpose()
     }
 
     /// Newest first; `after` is the `seq` of the last job of the previous page.
@@ -236,7 +323,7 @@ impl Db {
              ORDER BY seq DESC LIMIT ?",
             self.columns(&JOB_COLUMNS)
         ));
-        let mut query = sqlx::query_as(&sql)
+        let mut query = sqlx::query_as::<_, JobRecord>(&sql)
             .bind(owner)
             .bind(owner)
             .bind(status)
@@ -246,7 +333,7 @@ impl Db {
         for (key, value) in metadata {
             query = query.bind(key).bind(value);
         }
-        Ok(query.bind(limit).fetch_all(&self.pool).await?)
+        typed(query.bind(limit).fetch_all(&self.pool).await?)
     }
 
     /// One statement, so it is atomic without a read-then-write transaction (which WAL can
@@ -459,15 +546,21 @@ impl Db {
         .bind(self.max_running_per_owner)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|(id, spec, attempt, failovers)| {
-            Some(Claim {
-                lease: Lease {
-                    job: JobId::parse(&id)?,
-                    attempt,
-                },
-                spec,
-                failovers,
-            })
+        let Some((id, spec, attempt, failovers)) = row else {
+            return Ok(None);
+        };
+        let corrupt = |column: &str, why: String| Error::Corrupt {
+            job: id.clone(),
+            column: column.to_string(),
+            why,
+        };
+        Ok(Some(Claim {
+            lease: Lease {
+                job: JobId::parse(&id).ok_or_else(|| corrupt("id", "not a UUID".into()))?,
+                attempt,
+            },
+            spec: serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?,
+            failovers,
         }))
     }
 

@@ -47,6 +47,14 @@ pub enum Error {
     /// job over (its lease expired), or the job was finished or requeued.
     #[error("job {job}: attempt {attempt} no longer holds the job; the write was refused")]
     LeaseLost { job: String, attempt: i64 },
+    /// A stored value that does not read back as what was written (edited by hand, or by a
+    /// newer version).
+    #[error("job {job}: the stored {column} is unreadable: {why}")]
+    Corrupt {
+        job: String,
+        column: String,
+        why: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -60,7 +60,7 @@ pub fn adapter_config(
         "base_model_name_or_path": base_model_name,
         "revision": spec.revision,
         "r": spec.lora.r,
-        "lora_alpha": spec.lora.alpha.unwrap_or(2.0 * spec.lora.r as f64),
+        "lora_alpha": spec.lora.alpha,
         "lora_dropout": spec.lora.dropout,
         "target_modules": target_modules,
         "use_rslora": spec.lora.use_rslora,
@@ -135,15 +135,16 @@ pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
     let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone())
         .map_err(|e| bad(format!("target_modules: {e}")))?;
-    Ok(crate::spec::LoraSpec {
-        r: cfg["r"]
-            .as_i64()
-            .ok_or_else(|| bad("no integer \"r\"".into()))?,
-        alpha: cfg["lora_alpha"].as_f64(),
-        dropout: 0.0,
-        target_modules: crate::spec::TargetModules::List(targets),
-        use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
-    })
+    let r = cfg["r"]
+        .as_i64()
+        .ok_or_else(|| bad("no integer \"r\"".into()))?;
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    Ok(crate::spec::LoraSpec::new(
+        r,
+        cfg["lora_alpha"].as_f64(),
+        &targets,
+        cfg["use_rslora"].as_bool().unwrap_or(false),
+    ))
 }
 
 /// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its shape.

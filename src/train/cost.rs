@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::model::{ModelConfig, Proj};
+use super::model::{ModelConfig, Proj, StoredBase};
 use crate::spec::{ComputeDtype, JobSpec, QuantType};
 
 /// Peak memory of a training job, in bytes, by what holds it.
@@ -62,12 +62,6 @@ impl DeviceKind {
     }
 }
 
-/// What the stored base is, when it matters for its size: the linear weights' bytes in a GGUF
-/// file that a `{"type": "gguf"}` job keeps in their own types.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StoredBase {
-    pub gguf_linear_bytes: Option<u64>,
-}
 
 const F32: f64 = 4.0;
 /// Rows of logits computed at once by the chunked loss (`ops::lm_head_cross_entropy`).
@@ -114,16 +108,16 @@ pub fn estimate_memory(
         .sum::<f64>()
         * layers;
     let quant = spec.quantization.as_ref();
-    let dense_bytes = match quant.and_then(|q| q.compute_dtype).or(spec.compute_dtype) {
-        Some(ComputeDtype::Bf16 | ComputeDtype::F16) if quant.is_none() => 2.0,
+    let dense_bytes = match spec.compute_dtype {
+        ComputeDtype::Bf16 | ComputeDtype::F16 if quant.is_none() => 2.0,
         _ => F32,
     };
-    let per_param = match quant.and_then(|q| q.kind) {
+    let per_param = match quant.map(|q| q.kind) {
         None => dense_bytes,
         Some(QuantType::Nf4 | QuantType::Fp4) => {
             // 4-bit codes; one absmax per 64 weights, itself 8-bit with a float per 256 when
             // double-quantized
-            if quant.and_then(|q| q.double_quant).unwrap_or(true) {
+            if quant.is_some_and(|q| q.double_quant) {
                 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0)
             } else {
                 0.5 + 4.0 / 64.0
@@ -146,7 +140,7 @@ pub fn estimate_memory(
     // LoRA: factor, gradient, two moments, and the gradient's copy in candle's store
     let lora = &spec.lora;
     let r = lora.r.max(0) as f64;
-    let targets = lora.target_modules.names();
+    let targets = &lora.target_modules;
     let adapted: Vec<Proj> = Proj::ALL
         .iter()
         .copied()
@@ -295,7 +289,7 @@ pub fn seconds_per_step(cfg: &ModelConfig, spec: &JobSpec, gflops: f64) -> f64 {
     let tokens = spec.training.batch_size.max(1) as f64
         * spec.training.gradient_accumulation_steps.max(1) as f64
         * seq as f64;
-    let targets = spec.lora.target_modules.names();
-    let flops = flops_per_token(cfg, seq, &targets, spec.lora.r as usize) * tokens;
+    let targets = &spec.lora.target_modules;
+    let flops = flops_per_token(cfg, seq, targets, spec.lora.r as usize) * tokens;
     flops / (gflops * 1e9 * STEP_EFFICIENCY)
 }

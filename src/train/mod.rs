@@ -49,12 +49,11 @@ pub struct Outcome {
 
 /// Runs a whole fine-tuning job. See the module docs.
 pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Result<Outcome> {
-    let spec = spec.clone().normalize()?;
     let datasets = match &opts.datasets {
         Some(d) => d.clone(),
-        None => Datasets::from_spec(&spec)?,
+        None => Datasets::from_spec(spec)?,
     };
-    let mut trainer = Trainer::prepare(&spec, opts, &datasets, reporter)?;
+    let mut trainer = Trainer::prepare(spec, opts, &datasets, reporter)?;
     reporter.report(&Event::Phase(Phase::Training));
     let (mut last_loss, mut last_eval) = (None, None);
     for step in trainer.start_step..trainer.schedule.total_steps {

@@ -127,9 +127,8 @@ pub async fn check_fit(
     lease: &Lease,
     spec: &JobSpec,
 ) -> Result<(), Misfit> {
-    let (spec_owned, kind) = (spec.clone(), worker.kind());
+    let (spec, kind) = (spec.clone(), worker.kind());
     let estimated = tokio::task::spawn_blocking(move || {
-        let spec = spec_owned.normalize()?;
         let (cfg, stored) =
             crate::train::model::base_shape(&spec.base_model, spec.revision.as_deref())?;
         Ok::<_, crate::train::Error>(cost::estimate_memory(&cfg, &spec, stored, kind))

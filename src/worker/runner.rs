@@ -15,7 +15,7 @@ use super::persist::Persister;
 use crate::artifacts::Split;
 use crate::db::{self, Claim, Lease};
 use crate::events::{JobEvent, StatusChange};
-use crate::job::{CheckpointRef, FileDigest, JobPhase, JobStatus};
+use crate::job::{FileDigest, JobPhase, JobStatus};
 use crate::spec::JobSpec;
 use crate::state::AppState;
 use crate::train::{self, Datasets, Event, Reporter};
@@ -123,12 +123,11 @@ async fn try_run(
             .await,
         "the start",
     )?;
-    let spec: JobSpec = serde_json::from_str(&claim.spec)
-        .map_err(|e| Outcome::failed("invalid_spec", format!("the stored spec: {e}")))?;
+    let spec = &claim.spec;
     // checked at submission too; the operator's lists may have changed since
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| Outcome::failed("model_not_allowed", format!("base_model: {m}")))?;
-    super::capacity::check_fit(state, device, lease, &spec)
+    super::capacity::check_fit(state, device, lease, spec)
         .await
         .map_err(|misfit| match misfit {
             Misfit::LeaseLost => Outcome::LeaseLost,
@@ -149,15 +148,12 @@ async fn try_run(
             .await,
         "the phase",
     )?;
-    let datasets = fetch_datasets(state, lease, &spec)
+    let datasets = fetch_datasets(state, lease, spec)
         .await
         .map_err(|e| Outcome::failed("dataset_fetch_failed", e))?;
     let init_adapter = match &spec.from_checkpoint {
         None => None,
-        Some(text) => {
-            let named: CheckpointRef = text
-                .parse()
-                .map_err(|e| Outcome::failed("invalid_spec", format!("from_checkpoint: {e}")))?;
+        Some(named) => {
             let dir = state
                 .artifacts
                 .init_adapter_dir(&named.job, named.step)
@@ -165,7 +161,7 @@ async fn try_run(
                 .map_err(|e| {
                     Outcome::failed(
                         "io_error",
-                        format!("from_checkpoint: loading {text} from the artifact store: {e}"),
+                        format!("from_checkpoint: loading {named} from the artifact store: {e}"),
                     )
                 })?;
             Some(dir)
@@ -228,6 +224,7 @@ async fn try_run(
     // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
     let span = tracing::Span::current();
     let engine_stop = stop.clone();
+    let spec = spec.clone();
     let engine = tokio::task::spawn_blocking(move || {
         let _in_job = span.enter();
         let mut reporter = ChannelReporter {

@@ -1,9 +1,10 @@
 //! The job service end to end: the real server on an ephemeral port, a real SQLite file in a
 //! temporary data dir, the tiny model, real HTTP.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::helpers::app::{merge, spawn_app, spawn_app_with};
+use crate::helpers::eventually;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,15 +190,14 @@ async fn cancel_queued_and_running_jobs() {
         .submit(&app.job(json!({"training": {"max_steps": 100000}})))
         .await;
     let queued = app.submit(&app.job(json!({}))).await;
-    let start = Instant::now();
-    loop {
+    eventually(Duration::from_secs(60), "the long job ran two steps", || async {
         let (_, j) = app.get(&format!("/v1/jobs/{running}")).await;
-        if j["progress"]["step"].as_i64().unwrap_or(0) >= 2 {
-            break;
+        match j["progress"]["step"].as_i64().unwrap_or(0) >= 2 {
+            true => Ok(()),
+            false => Err(j.to_string()),
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let (status, j) = app
         .post(&format!("/v1/jobs/{queued}/cancel"), &json!({}))
         .await;
@@ -443,7 +443,9 @@ async fn thirty_concurrent_jobs_each_run_exactly_once() {
     // pagination walks all 30, newest first, without repeats
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
-    loop {
+    // 30 jobs in pages of 7 are 5 pages: a page count past that is a paging loop
+    for page_no in 0.. {
+        assert!(page_no < 5, "paging did not end: {seen:?}");
         let q = match &after {
             Some(a) => format!("/v1/jobs?limit=7&after={a}"),
             None => "/v1/jobs?limit=7".into(),

@@ -11,6 +11,7 @@ use qtune::train::model::Arch;
 use serde_json::{json, Value};
 
 use crate::helpers::app::{merge, spawn_app_with};
+use crate::helpers::eventually;
 
 /// SmolLM2-135M's shape with 6 of its 30 layers (random weights, the byte tokenizer), as `arch`
 /// (llama runs the CPU's fused layer, qwen3 the composite graph other devices run): big enough
@@ -71,16 +72,15 @@ fn measured_peak(dir: &Path, name: &str, spec: &Value) -> u64 {
 
 /// The estimate of `body` once `n` workers have reported (a worker reports as it starts).
 async fn pool_of(app: &crate::helpers::app::TestApp, body: &Value, n: usize) -> Value {
-    let start = std::time::Instant::now();
-    loop {
+    eventually(Duration::from_secs(30), "the pool's workers reported", || async {
         let (status, estimate) = app.post("/v1/jobs/estimate", body).await;
         assert_eq!(status, 200, "{estimate}");
-        if estimate["workers"].as_array().unwrap().len() == n {
-            return estimate;
+        match estimate["workers"].as_array().unwrap().len() == n {
+            true => Ok(estimate),
+            false => Err(estimate.to_string()),
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{estimate}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,21 +260,26 @@ async fn a_job_too_large_for_one_worker_waits_for_another_with_room() {
         .success());
     let id = app.submit(&body).await;
     // A claims it, finds it too large for itself, and puts it back for a worker with room
-    let waited = loop {
-        let (_, events) = app
-            .get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=50"))
-            .await;
-        let messages: Vec<String> = events["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["message"].as_str().unwrap_or("").to_string())
-            .collect();
-        if let Some(m) = messages.iter().find(|m| m.contains("worker with room")) {
-            break m.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let waited = eventually(
+        Duration::from_secs(120),
+        "worker A put the job back for a worker with room",
+        || async {
+            let (_, events) = app
+                .get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=50"))
+                .await;
+            let messages: Vec<String> = events["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["message"].as_str().unwrap_or("").to_string())
+                .collect();
+            match messages.iter().find(|m| m.contains("worker with room")) {
+                Some(m) => Ok(m.clone()),
+                None => Err(format!("{messages:?}")),
+            }
+        },
+    )
+    .await;
     assert!(
         waited.contains("GiB at its peak") && waited.contains("0.02 GiB free"),
         "{waited}"

@@ -46,17 +46,7 @@ fn lora_gradients_on_the_device_match_finite_differences() {
     let _composite = CompositePath::on();
     let cfg = synthetic::tiny_config();
     let mut weights = synthetic::random_weights(&cfg, 7).unwrap();
-    let lora = qtune::spec::LoraSpec {
-        r: 2,
-        alpha: Some(4.0),
-        dropout: 0.0,
-        target_modules: qtune::spec::TargetModules::List(vec![
-            "q_proj".into(),
-            "v_proj".into(),
-            "down_proj".into(),
-        ]),
-        use_rslora: false,
-    };
+    let lora = qtune::spec::LoraSpec::new(2, Some(4.0), &["q_proj", "v_proj", "down_proj"], false);
     // float64 on the device, so that central differences are exact to ~1e-9
     let model = Llama::load(cfg, &mut weights, &lora, None, 3, DType::F64, &device).unwrap();
     for (i, (name, var)) in model.lora_vars().into_iter().enumerate() {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use crate::helpers::*;
 use candle_core::{DType, Device, Tensor, Var};
 use qtune::cli::bench::random_model as synthetic;
-use qtune::spec::{LoraSpec, TargetModules};
+use qtune::spec::LoraSpec;
 use qtune::train::model::{self, ForwardMode, Llama};
 use qtune::train::{self, checkpoint, data, Event, Reporter, Silent};
 
@@ -20,13 +20,7 @@ fn tiny_llama_in(lora: &LoraSpec, seed: u64, dtype: DType) -> Llama {
 }
 
 fn lora(r: i64, targets: &[&str]) -> LoraSpec {
-    LoraSpec {
-        r,
-        alpha: Some(2.0 * r as f64),
-        dropout: 0.0,
-        target_modules: TargetModules::List(targets.iter().map(|s| s.to_string()).collect()),
-        use_rslora: false,
-    }
+    LoraSpec::new(r, None, targets, false)
 }
 
 const ALL: [&str; 7] = qtune::spec::ALL_LINEAR;

@@ -211,16 +211,23 @@ fn every_family_loads_and_trains_quantized() {
                 labels: vec![true; ids.len()],
             })
             .collect();
-        let lora: LoraSpec =
-            serde_json::from_value(serde_json::json!({"r": 4, "target_modules": "all-linear"}))
-                .unwrap();
+        let lora: LoraSpec = qtune::spec::JobSpec::from_json(
+            r#"{"base_model": "m", "dataset": {"url": "d"},
+                "lora": {"r": 4, "target_modules": "all-linear"}}"#,
+        )
+        .unwrap()
+        .lora;
         let dense =
             model::load_base(dir.to_str().unwrap(), None, &lora, None, 0, &Device::Cpu).unwrap();
         let want = train::trainer::evaluate(&dense, &examples, 2).unwrap().loss;
         // 4 bits per weight move the loss by about 1% on these tiny random models, 8 by 0.1%
         for (kind, tolerance) in [("nf4", 0.03), ("int8", 0.005)] {
-            let q: qtune::spec::QuantizationSpec =
-                serde_json::from_value(serde_json::json!({"type": kind})).unwrap();
+            let q: qtune::spec::QuantizationSpec = qtune::spec::JobSpec::from_json(&format!(
+                r#"{{"base_model": "m", "dataset": {{"url": "d"}}, "quantization": {{"type": "{kind}"}}}}"#
+            ))
+            .unwrap()
+            .quantization
+            .unwrap();
             let base = model::load_base(
                 dir.to_str().unwrap(),
                 None,

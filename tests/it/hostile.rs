@@ -320,7 +320,7 @@ async fn a_keyed_data_dir_does_not_start_without_keys() {
     let state = app.state();
     state
         .db
-        .insert_job(&JobId::new(), Some("owner-of-k1"), "{}")
+        .insert_job(&JobId::new(), Some("owner-of-k1"), &tiny_spec())
         .await
         .unwrap();
     drop(app);
@@ -404,7 +404,7 @@ async fn tenants_take_turns_at_the_queue() {
     use crate::helpers::LEASE_SECS;
     let app = spawn_app_with(|c| c.devices.clear()).await;
     let db = &app.state.db;
-    let spec = r#"{"base_model": "m", "dataset": {"url": "https://example.com/d.jsonl"}}"#;
+    let spec = &tiny_spec();
     let mut a_jobs = Vec::new();
     for _ in 0..3 {
         let id = JobId::new();
@@ -545,16 +545,13 @@ async fn downloads_are_served_under_their_recorded_digest_and_corruption_is_caug
         .await
         .unwrap()
         .unwrap();
-    let recorded: Vec<Value> = serde_json::from_str(row.adapter_files.as_deref().unwrap()).unwrap();
-    let tar_digest = recorded
-        .iter()
-        .find(|d| d["name"] == "adapter.tar")
-        .unwrap();
+    let recorded = row.adapter_files.unwrap();
+    let tar_digest = recorded.iter().find(|d| d.name == "adapter.tar").unwrap();
     let url = app.url(&format!("/v1/jobs/{id}/adapter"));
     let r = app.client.get(&url).send().await.unwrap();
     assert_eq!(
         r.headers()["etag"].to_str().unwrap(),
-        format!("\"{}\"", tar_digest["sha256"].as_str().unwrap())
+        format!("\"{}\"", tar_digest.sha256)
     );
     let whole = r.bytes().await.unwrap();
     // a range
@@ -952,7 +949,7 @@ async fn one_key_cannot_hold_every_worker() {
     })
     .await;
     let db = &app.state.db;
-    let spec = r#"{"base_model": "m", "dataset": {"url": "https://example.com/d.jsonl"}}"#;
+    let spec = &tiny_spec();
     for _ in 0..3 {
         db.insert_job(&JobId::new(), Some("a"), spec).await.unwrap();
     }
@@ -1090,4 +1087,12 @@ async fn checkpoint_references_are_canonical_and_errors_name_no_server_path() {
         assert!(!e.to_string().contains(&data_dir), "{e}");
     }
     app.shutdown().await;
+}
+
+/// A valid spec for jobs inserted straight into the database.
+fn tiny_spec() -> qtune::spec::JobSpec {
+    qtune::spec::JobSpec::from_json(
+        r#"{"base_model": "m", "dataset": {"url": "https://example.com/d.jsonl"}}"#,
+    )
+    .unwrap()
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::spec::{LoraSpec, TargetModules};
+use crate::spec::LoraSpec;
 
 use crate::train::model::{self, Llama};
 use crate::train::Result;
@@ -90,17 +90,12 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
     let prompt: Vec<u32> = (0..opts.prompt_tokens as u32)
         .map(|i| (200 + i * 37) % vocab.max(1))
         .collect();
-    let adapter_spec = LoraSpec {
-        r: 16,
-        alpha: Some(32.0),
-        dropout: 0.0,
-        target_modules: TargetModules::List(
-            ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
-        ),
-        use_rslora: false,
-    };
+    let adapter_spec = LoraSpec::new(
+        16,
+        Some(32.0),
+        &["q_proj", "k_proj", "v_proj", "o_proj"],
+        false,
+    );
     let with_adapter = Arc::new(base.with_lora(Some(&adapter_spec), 1)?);
     // warm-up: first-touch page faults and thread start-up are not decode speed
     one_stream(&base, &prompt, 4)?;

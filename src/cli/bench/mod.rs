@@ -12,7 +12,7 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::spec::{LoraSpec, TargetModules, ALL_LINEAR};
+use crate::spec::{LoraSpec, ALL_LINEAR};
 use crate::train::model::{Llama, ModelConfig};
 use crate::train::optim::Optimizer;
 use crate::train::timing::{self, Part};
@@ -153,18 +153,15 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         cfg.num_hidden_layers = l;
     }
     let targets = if opts.all_linear {
-        TargetModules::Keyword("all-linear".into())
+        &ALL_LINEAR[..]
     } else {
-        TargetModules::List(ALL_LINEAR[..4].iter().map(|s| s.to_string()).collect())
+        &ALL_LINEAR[..4]
     };
     let lora = LoraSpec {
-        r: 16,
-        alpha: Some(32.0),
         dropout: 0.05,
-        target_modules: targets,
-        use_rslora: false,
+        ..LoraSpec::new(16, Some(32.0), targets, false)
     };
-    let names = lora.target_modules.names();
+    let names = lora.target_modules.clone();
     println!(
         "qtune bench on {}: {} shape ({} layers), random weights, base {}, LoRA r 16 on {}, batch {} x seq {}, AdamW, {} threads",
         opts.device,

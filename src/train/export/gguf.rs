@@ -440,7 +440,7 @@ pub const GGUF_LORA_KEYS: [&str; 6] = [
 pub fn gguf_lora(adapter_dir: &Path, cfg: &ModelConfig, out_file: &Path) -> Result<usize> {
     check_exportable(cfg.arch)?;
     let lora = read_lora_spec(adapter_dir)?;
-    let alpha = lora.alpha.unwrap_or(2.0 * lora.r as f64);
+    let alpha = lora.alpha;
     if lora.use_rslora {
         return Err(Error::Checkpoint(
             "llama.cpp scales a LoRA by alpha / r; an rsLoRA adapter (alpha / √r) has no GGUF form"

@@ -117,7 +117,7 @@ impl Llama {
             let w = take_dense(weights, name, &[dim], dtype, device)?;
             Ok(if adds_one { (w + 1.0)? } else { w })
         };
-        let modules = cfg.arch.lora_targets(&lora.target_modules.names())?;
+        let modules = cfg.arch.lora_targets(&lora.target_modules)?;
         let embed = take_dense(
             weights,
             "model.embed_tokens.weight",
@@ -233,7 +233,7 @@ impl Llama {
     /// weights are shared, not copied: many adapters can sit over one base in memory.
     pub fn with_lora(&self, lora: Option<&LoraSpec>, seed: u64) -> Result<Llama> {
         let modules = match lora {
-            Some(l) => self.cfg.arch.lora_targets(&l.target_modules.names())?,
+            Some(l) => self.cfg.arch.lora_targets(&l.target_modules)?,
             None => Vec::new(),
         };
         let mut blocks = self.blocks.clone();
@@ -708,7 +708,7 @@ fn quantize_weight(
     q: &QuantizationSpec,
     device: &Device,
 ) -> Result<QuantizedWeight> {
-    let kind = q.kind.unwrap_or(QuantType::Nf4);
+    let kind = q.kind;
     if kind == QuantType::Gguf {
         let t = weights.take_quantized(name)?.ok_or_else(|| {
             crate::train::Error::Model(format!("weight {name:?} is not in the GGUF file"))
@@ -722,7 +722,7 @@ fn quantize_weight(
         return Ok(QuantizedWeight::Ggml(Arc::new(t)));
     }
     let dense = take_dense(weights, name, &[shape.0, shape.1], DType::F32, device)?;
-    let double_quant = q.double_quant.unwrap_or(true);
+    let double_quant = q.double_quant;
     Ok(match kind {
         QuantType::Nf4 => QuantizedWeight::four_bit(&dense, Kind4::Nf4, double_quant)?,
         QuantType::Fp4 => QuantizedWeight::four_bit(&dense, Kind4::Fp4, double_quant)?,

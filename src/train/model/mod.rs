@@ -39,7 +39,8 @@ pub fn load_base(
     seed: u64,
     device: &Device,
 ) -> Result<BaseModel> {
-    load_base_in(base_model, revision, lora, quantization, None, seed, device)
+    let dtype = quantization.map_or(ComputeDtype::F32, |q| q.compute_dtype);
+    load_base_in(base_model, revision, lora, quantization, dtype, seed, device)
 }
 
 /// [`load_base`] with the job's `compute_dtype` for the frozen base.
@@ -48,15 +49,11 @@ pub fn load_base_in(
     revision: Option<&str>,
     lora: &LoraSpec,
     quantization: Option<&QuantizationSpec>,
-    compute_dtype: Option<ComputeDtype>,
+    compute_dtype: ComputeDtype,
     seed: u64,
     device: &Device,
 ) -> Result<BaseModel> {
-    let wanted = quantization
-        .and_then(|q| q.compute_dtype)
-        .or(compute_dtype)
-        .unwrap_or(ComputeDtype::F32);
-    let dtype = match wanted {
+    let dtype = match compute_dtype {
         ComputeDtype::F32 => DType::F32,
         // On the CPU: dense linear weights in bf16, multiplied by oneDNN's bf16 kernels (see
         // Llama::load); a quantized base is dequantized to f32 there.
@@ -262,8 +259,10 @@ pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel>
         return load_base(base_model, None, lora, None, 0, &device);
     }
     let keep = QuantizationSpec {
-        kind: Some(crate::spec::QuantType::Gguf),
-        ..Default::default()
+        bits: None,
+        kind: crate::spec::QuantType::Gguf,
+        double_quant: false,
+        compute_dtype: ComputeDtype::F32,
     };
     let mut loaded = load_base(base_model, None, lora, Some(&keep), 0, &device)?;
     use crate::train::quant::QuantizedWeight;
@@ -579,13 +578,20 @@ pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&text)
 }
 
+/// What the stored base is, when it matters for its size: the linear weights' bytes in a GGUF
+/// file that a `{"type": "gguf"}` job keeps in their own types.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoredBase {
+    pub gguf_linear_bytes: Option<u64>,
+}
+
 /// The shape of `base_model` as a job names it (a `.gguf` file, a local folder, or a Hub repo
 /// id, of which only `config.json` is fetched), and for a GGUF file the bytes its decoder
 /// layers' linear weights take: what [`crate::train::cost`] estimates from.
 pub fn base_shape(
     base_model: &str,
     revision: Option<&str>,
-) -> Result<(ModelConfig, crate::train::cost::StoredBase)> {
+) -> Result<(ModelConfig, StoredBase)> {
     let path = Path::new(base_model);
     if is_gguf_path(path) {
         let (_, content) = open_gguf(path)?;
@@ -599,7 +605,7 @@ pub fn base_shape(
                 (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
             })
             .sum();
-        let stored = crate::train::cost::StoredBase {
+        let stored = StoredBase {
             gguf_linear_bytes: Some(linear_bytes),
         };
         return Ok((cfg, stored));

@@ -18,6 +18,26 @@ pub mod app;
 pub mod postgres;
 pub mod process;
 
+/// Polls `probe` until it answers `Ok`, and returns that; fails the test once `within` has
+/// passed, with `what` and the last `Err` the probe gave (the state it was waiting to change).
+/// Every wait in the tests has a deadline: a wait that cannot end can only hang, never fail.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match probe().await {
+            Ok(done) => return done,
+            Err(last) if start.elapsed() > within => {
+                panic!("{what}: not within {within:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 use qtune::cli::bench::random_model as synthetic;

@@ -1,0 +1,380 @@
+//! `POST /v1/fine_tuning/jobs` as the typed request OpenAI's API takes, and its translation into
+//! the native [`JobSpec`]: `model` is the base (or a previous job's `fine_tuned_model`, whose
+//! adapter the new job starts from and whose LoRA shape it keeps), `training_file` and
+//! `validation_file` the dataset, `hyperparameters` the epochs, batch size and learning rate
+//! (`learning_rate_multiplier` × [`DEFAULT_LEARNING_RATE`]), and the `qtune` object any other
+//! native field. Errors name the request's own field, not the native one it became.
+
+use std::collections::BTreeMap;
+
+use axum::http::StatusCode;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
+
+use crate::api::ApiError;
+use crate::job::CheckpointRef;
+use crate::spec::{
+    ComputeDtype, DatasetFormat, JobSpec, RawDataset, RawJobSpec, RawLora, RawQuantization,
+    RawTraining, DEFAULT_LEARNING_RATE,
+};
+
+/// The create request's body, as the `openai` SDK sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFineTuningJob {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub training_file: Option<String>,
+    #[serde(default)]
+    pub validation_file: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub hyperparameters: Option<Hyperparameters>,
+    #[serde(default)]
+    pub method: Option<Method>,
+    /// Accepted only empty: qtune reports to no third-party service.
+    #[serde(default)]
+    pub integrations: Option<Vec<IgnoredAny>>,
+    /// Native job spec fields beyond what OpenAI's request has (qtune's extension).
+    #[serde(default)]
+    pub qtune: Option<NativeFields>,
+}
+
+/// `n_epochs`, `batch_size`, `learning_rate_multiplier`: each `"auto"` or a number.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hyperparameters {
+    #[serde(default)]
+    pub n_epochs: Setting,
+    #[serde(default)]
+    pub batch_size: Setting,
+    #[serde(default)]
+    pub learning_rate_multiplier: Setting,
+}
+
+/// A hyperparameter's value: `None` for `"auto"` (or absent), the native default.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Setting(Option<f64>);
+
+impl<'de> Deserialize<'de> for Setting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Setting, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Null => Ok(Setting(None)),
+            serde_json::Value::String(s) if s == "auto" => Ok(Setting(None)),
+            serde_json::Value::Number(n) => Ok(Setting(n.as_f64())),
+            _ => Err(serde::de::Error::custom("must be \"auto\" or a number")),
+        }
+    }
+}
+
+/// `{"type": "supervised", "supervised": {"hyperparameters": …}}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Method {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub supervised: Option<Supervised>,
+    // read so that a DPO or RFT request is refused for its `method.type`, not as unknown fields
+    #[serde(default)]
+    #[allow(dead_code)]
+    dpo: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    reinforcement: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Supervised {
+    #[serde(default)]
+    pub hyperparameters: Option<Hyperparameters>,
+}
+
+/// The `qtune` object: native spec fields. Those the request itself sets (`model`, the files,
+/// `seed`, `suffix`, `metadata`) are refused here, so that each has one place.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeFields {
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub dataset: Option<NativeDataset>,
+    #[serde(default)]
+    pub lora: Option<RawLora>,
+    #[serde(default)]
+    pub quantization: Option<RawQuantization>,
+    #[serde(default)]
+    pub compute_dtype: Option<ComputeDtype>,
+    #[serde(default)]
+    pub training: RawTraining,
+    #[serde(default)]
+    pub checkpoint_every_steps: Option<u64>,
+    #[serde(default)]
+    base_model: Option<IgnoredAny>,
+    #[serde(default)]
+    seed: Option<IgnoredAny>,
+    #[serde(default)]
+    suffix: Option<IgnoredAny>,
+    #[serde(default)]
+    metadata: Option<IgnoredAny>,
+    #[serde(default)]
+    from_checkpoint: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeDataset {
+    #[serde(default)]
+    pub format: DatasetFormat,
+    #[serde(default)]
+    pub validation_split: Option<f64>,
+    #[serde(default)]
+    url: Option<IgnoredAny>,
+    #[serde(default)]
+    validation_url: Option<IgnoredAny>,
+}
+
+/// What a `ft:` model name continues from: the earlier job's spec and the adapter named.
+pub struct Continued {
+    pub spec: JobSpec,
+    pub from: CheckpointRef,
+}
+
+impl CreateFineTuningJob {
+    /// The request in a JSON body; errors name the field at its path.
+    pub fn from_json(body: &[u8]) -> Result<CreateFineTuningJob, ApiError> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let e = crate::spec::serde_error(&e.path().to_string(), &e.inner().to_string());
+            ApiError::bad(&e.param, e.message)
+        })
+    }
+
+    /// `model`, required.
+    pub fn model(&self) -> Result<&str, ApiError> {
+        self.model
+            .as_deref()
+            .filter(|m| !m.trim().is_empty())
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "model",
+                    "missing: the base model (or a fine_tuned_model) to train",
+                )
+            })
+    }
+
+    /// The native spec this request stands for; `continued` is what a `ft:` `model` names,
+    /// read by the caller from the database.
+    pub fn into_spec(self, continued: Option<Continued>) -> Result<JobSpec, ApiError> {
+        let model = self.model()?.to_string();
+        let training_file = self
+            .training_file
+            .clone()
+            .filter(|f| !f.trim().is_empty())
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "training_file",
+                    "missing: the id of an uploaded training file",
+                )
+            })?;
+        if self.integrations.as_ref().is_some_and(|i| !i.is_empty()) {
+            return Err(ApiError::bad(
+                "integrations",
+                "qtune reports to no third-party service; watch jobs through their events",
+            ));
+        }
+        let (hyper, hyper_param) = self.chosen_hyperparameters()?;
+        let native = self.qtune.unwrap_or_default();
+        native.refuse_request_fields()?;
+        let mut training = native.training;
+        let from_hyper = apply_hyperparameters(&hyper, &hyper_param, &mut training)?;
+        let dataset = native.dataset.unwrap_or_default();
+        let (base_model, lora, from_checkpoint) = match continued {
+            // the adapter continues with its own shape unless the request says otherwise
+            Some(c) => {
+                let lora = native.lora.unwrap_or_else(|| RawLora::from(&c.spec.lora));
+                (c.spec.base_model, Some(lora), Some(c.from.to_string()))
+            }
+            None => (model, native.lora, None),
+        };
+        let raw = RawJobSpec {
+            base_model,
+            revision: native.revision,
+            dataset: RawDataset {
+                url: training_file,
+                format: dataset.format,
+                validation_url: self.validation_file,
+                validation_split: dataset.validation_split,
+            },
+            lora,
+            quantization: native.quantization,
+            compute_dtype: native.compute_dtype,
+            training,
+            checkpoint_every_steps: native.checkpoint_every_steps,
+            suffix: self.suffix,
+            seed: self.seed,
+            from_checkpoint,
+            metadata: self.metadata,
+        };
+        JobSpec::parse(raw).map_err(|e| {
+            let param = from_hyper
+                .iter()
+                .find(|(native, _)| *native == e.param)
+                .map(|(_, asked)| asked.clone())
+                .unwrap_or_else(|| request_param(&e.param));
+            ApiError::bad(&param, e.message)
+        })
+    }
+
+    /// The hyperparameters given (top level, or under `method.supervised`), with the param
+    /// they were read from.
+    fn chosen_hyperparameters(&self) -> Result<(Hyperparameters, &'static str), ApiError> {
+        let mut under_method = None;
+        if let Some(m) = &self.method {
+            match m.kind.as_deref() {
+                None | Some("supervised") => {}
+                Some(t @ ("dpo" | "reinforcement")) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "unsupported_method",
+                        format!("qtune trains supervised fine-tuning only; method.type {t:?} is not supported yet"),
+                    )
+                    .param("method.type"))
+                }
+                Some(other) => {
+                    return Err(ApiError::bad(
+                        "method.type",
+                        format!("unknown method type {other:?} (supervised)"),
+                    ))
+                }
+            }
+            under_method = m.supervised.as_ref().and_then(|s| s.hyperparameters.as_ref());
+        }
+        match (&self.hyperparameters, under_method) {
+            (Some(_), Some(_)) => Err(ApiError::bad(
+                "hyperparameters",
+                "give hyperparameters either at the top level or under method.supervised, not both",
+            )),
+            (Some(h), None) => Ok((h.clone_settings(), "hyperparameters")),
+            (None, Some(h)) => Ok((h.clone_settings(), "method.supervised.hyperparameters")),
+            (None, None) => Ok((Hyperparameters::default(), "hyperparameters")),
+        }
+    }
+}
+
+impl Hyperparameters {
+    fn clone_settings(&self) -> Hyperparameters {
+        Hyperparameters {
+            n_epochs: self.n_epochs,
+            batch_size: self.batch_size,
+            learning_rate_multiplier: self.learning_rate_multiplier,
+        }
+    }
+}
+
+impl NativeFields {
+    fn refuse_request_fields(&self) -> Result<(), ApiError> {
+        let set_by_request = [
+            ("base_model", self.base_model.is_some(), "model"),
+            ("seed", self.seed.is_some(), "seed"),
+            ("suffix", self.suffix.is_some(), "suffix"),
+            ("metadata", self.metadata.is_some(), "metadata"),
+            (
+                "from_checkpoint",
+                self.from_checkpoint.is_some(),
+                "model (a fine_tuned_model)",
+            ),
+        ];
+        let dataset = self.dataset.as_ref();
+        let in_dataset = [
+            ("dataset.url", dataset.is_some_and(|d| d.url.is_some()), "training_file"),
+            (
+                "dataset.validation_url",
+                dataset.is_some_and(|d| d.validation_url.is_some()),
+                "validation_file",
+            ),
+        ];
+        for (field, given, instead) in set_by_request.into_iter().chain(in_dataset) {
+            if given {
+                return Err(ApiError::bad(
+                    &format!("qtune.{field}"),
+                    format!("set by the request's {instead}, not inside qtune"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets the native training fields the hyperparameters stand for; returns which native field
+/// came from which request param. A field also given under `qtune.training` is refused.
+fn apply_hyperparameters(
+    hyper: &Hyperparameters,
+    hyper_param: &str,
+    training: &mut RawTraining,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut from_hyper = Vec::new();
+    let settings = [
+        ("n_epochs", hyper.n_epochs, "epochs"),
+        ("batch_size", hyper.batch_size, "batch_size"),
+        (
+            "learning_rate_multiplier",
+            hyper.learning_rate_multiplier,
+            "learning_rate",
+        ),
+    ];
+    for (key, Setting(value), native) in settings {
+        let Some(v) = value else { continue };
+        let param = format!("{hyper_param}.{key}");
+        let taken = match native {
+            "epochs" => training.epochs.is_some(),
+            "batch_size" => training.batch_size.is_some(),
+            _ => training.learning_rate.is_some(),
+        };
+        if taken {
+            return Err(ApiError::bad(
+                &param,
+                format!("also set as qtune.training.{native}: give one"),
+            ));
+        }
+        if native == "learning_rate" {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ApiError::bad(&param, format!("must be > 0, got {v}")));
+            }
+            training.learning_rate = Some(v * DEFAULT_LEARNING_RATE);
+        } else {
+            if v.fract() != 0.0 || v < 1.0 {
+                return Err(ApiError::bad(
+                    &param,
+                    format!("must be a whole number ≥ 1, got {v}"),
+                ));
+            }
+            let whole = Some(v.min(i64::MAX as f64) as i64);
+            match native {
+                "epochs" => training.epochs = whole,
+                _ => training.batch_size = whole,
+            }
+        }
+        from_hyper.push((format!("training.{native}"), param));
+    }
+    Ok(from_hyper)
+}
+
+/// The request's field a native field came from, for errors: the spec's own checks and the
+/// queue's name native fields.
+pub fn request_param(native: &str) -> String {
+    match native {
+        "base_model" | "from_checkpoint" => "model".into(),
+        "dataset.url" => "training_file".into(),
+        "dataset.validation_url" => "validation_file".into(),
+        p if p == "seed" || p == "suffix" || p.starts_with("metadata") => p.to_string(),
+        p => format!("qtune.{p}"),
+    }
+}
