@@ -11,7 +11,7 @@ Writes tests/fixtures/gemma3-270m.json:
   `text` format labels it (BOS, the text's tokens, EOS; every token after the first a label),
   with the model loaded by `AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32)`.
 
-tests/it/gemma3.rs compares qtune with both. Run by hand in the venv of make-family-fixtures.py
+tests/it/full/gemma3.rs compares qtune with both. Run by hand in the venv of make-family-fixtures.py
 (plus `pip install gguf==0.19.0`), after scripts/fetch-test-models.sh:
 
     ~/.cache/qtune-reference/venv/bin/python scripts/make-gemma3-fixture.py \

@@ -158,19 +158,30 @@ impl Models {
         (r.adapters.len(), r.adapters.iter().map(|a| a.2).sum())
     }
 
-    /// Runs `work` (a generation) on a blocking thread once it is its turn.
-    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `work` (a generation) on a blocking thread once it is its turn. A panic inside it
+    /// (candle asserts on shapes) becomes this request's error, as a worker makes it a job's
+    /// failure, instead of a panic in the server.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, GenerationPanicked> {
         let _turn = self
             .turns
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        tokio::task::spawn_blocking(work)
-            .await
-            .expect("a generation does not panic")
+        tokio::task::spawn_blocking(work).await.map_err(|e| {
+            tracing::error!(error = %e, "a generation panicked");
+            GenerationPanicked(e.to_string())
+        })
     }
 }
+
+/// A generation that panicked, with what the panic said.
+#[derive(Debug, thiserror::Error)]
+#[error("the generation stopped on an internal error: {0}")]
+pub struct GenerationPanicked(String);
 
 /// A base as a job names it, without LoRA factors, loaded for decoding
 /// ([`model::load_for_decoding`]: a `.gguf` base stays quantized).

@@ -446,10 +446,14 @@ impl FileStatus {
 impl TryFrom<String> for FileStatus {
     type Error = String;
     fn try_from(s: String) -> Result<FileStatus, String> {
-        [FileStatus::Uploaded, FileStatus::Processed, FileStatus::Error]
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| format!("unknown file status {s:?}"))
+        [
+            FileStatus::Uploaded,
+            FileStatus::Processed,
+            FileStatus::Error,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| format!("unknown file status {s:?}"))
     }
 }
 

@@ -1,47 +1,52 @@
 //! qtune: a fine-tuning job service in one binary.
 //!
-//! Data flows one way: JSON spec → [`spec::JobSpec`] (validated, defaults filled) → the training
-//! engine [`train::run`] → checkpoints in PEFT format and a metrics log.
+//! Data flows one way: JSON → [`spec::JobSpec::from_json`] (the one parse: checked, every
+//! default resolved) → a row of the jobs table (`db`, typed) → a worker claims it under a lease
+//! → the engine [`train::run`] on a blocking thread, reporting through a sink → events into the
+//! database and out over SSE; checkpoints and adapters into the artifact store → downloads.
 //!
-//! - [`spec`]: the job spec shared by the CLI, the service and the engine.
-//! - [`job`]: what a job is in every room's words: id, status, metrics, the API's views.
-//! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints); no HTTP, no SQL.
+//! - [`spec`]: the job spec shared by the CLI, the service and the engine (raw → parsed).
+//! - [`job`]: what a job is in every room's words: id, status, phase, metrics, the API's views.
+//! - [`train`]: the engine (model, LoRA, data, optimizer, checkpoints, exports); no HTTP, no SQL.
 //! - [`kernels`]: the CPU kernels the engine's fused paths call: slices in, vectors out.
 //! - [`app`], [`config`]: `qtune serve`, assembled: database, artifacts, workers, HTTP server.
 //! - [`state`]: what handlers and workers share; [`events`]: job events and their bus.
-//! - [`http`]: serving the router (connection cap, header-read timeout, graceful shutdown).
-//! - [`api`]: HTTP handlers (thin: parse, one call into `db`, `queue` or `artifacts`, answer JSON).
-//! - [`queue`]: submitting (with its checks) and cancelling jobs; [`estimate`]: what a spec would
-//!   need and take on the pool's workers, before it is queued.
-//! - [`db`]: SQLite through sqlx; all SQL lives there; the jobs table is the queue.
-//! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live.
-//! - [`egress`]: which addresses dataset URLs may reach; [`model_access`]: which base models a job may name.
-//! - [`inference`]: models loaded for chat and completions (bases, adapters over them, turns).
+//! - `http`: serving the router (connection cap, header-read timeout, graceful shutdown).
+//! - [`api`]: HTTP handlers, a module per resource with its routes; each handler parses, calls
+//!   one service and answers (no SQL, no engine).
+//! - The services handlers call: `queue` (submitting with its checks, cancel / pause / resume,
+//!   delete), `uploads` (quotas, file status, the training-file check), `estimate` (what a spec
+//!   would need on the pool's workers), `inference` (models loaded for chat and completions).
+//! - [`db`]: SQLite or PostgreSQL through sqlx; all SQL lives there; the jobs table is the queue;
+//!   `relay`: PostgreSQL's LISTEN/NOTIFY carrying events between processes.
+//! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live (a directory or S3).
+//! - `egress`: which addresses dataset URLs may reach; `model_access`: which base models a job
+//!   may name.
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
-//! - [`client`]: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
+//! - `client`: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
 
 pub mod api;
 pub mod app;
 pub mod artifacts;
 pub mod cli;
-pub mod client;
+pub(crate) mod client;
 pub mod config;
 pub mod db;
-pub mod egress;
-pub mod estimate;
+pub(crate) mod egress;
+pub(crate) mod estimate;
 pub mod events;
-pub mod http;
-pub mod inference;
+pub(crate) mod http;
+pub(crate) mod inference;
 pub mod job;
 pub mod kernels;
-pub mod model_access;
-pub mod queue;
-pub mod relay;
+pub(crate) mod model_access;
+pub(crate) mod queue;
+pub(crate) mod relay;
 pub mod spec;
 pub mod state;
 pub mod train;
-pub mod uploads;
+pub(crate) mod uploads;
 pub mod worker;
 
 /// Hands the memory freed by a finished job back to the system. [`tune_process`] has the

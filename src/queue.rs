@@ -47,16 +47,8 @@ fn invalid(param: &'static str, message: impl Into<String>) -> QueueError {
     }
 }
 
-/// Checks what the spec points at, stores the job as queued, announces it and wakes a worker.
-pub async fn submit(
-    state: &AppState,
-    spec: &JobSpec,
-    owner: Option<&str>,
-) -> Result<JobRow, QueueError> {
-    submit_as(state, &JobId::new(), spec, owner).await
-}
-
-/// [`submit`] under an id chosen by the caller (bound to an idempotency key beforehand).
+/// Checks what the spec points at, stores the job as queued under `id` (chosen by the caller,
+/// bound to an idempotency key beforehand), announces it and wakes a worker.
 pub async fn submit_as(
     state: &AppState,
     id: &JobId,

@@ -1,17 +1,19 @@
 //! The job spec: one validated type shared by the HTTP API, the CLI and the training engine.
 //!
 //! Parse, don't validate: a spec arrives as a [`RawJobSpec`] (the JSON as the caller wrote it,
-//! unknown fields refused, anything left out `None`), and [`JobSpec::parse`] is the one place
-//! that checks it and resolves every default (alpha = 2·r, the target-module list, the
+//! unknown fields refused, anything left out `None`), and `JobSpec::try_from(raw)` is the one
+//! place that checks it and resolves every default (alpha = 2·r, the target-module list, the
 //! quantization's implied bits, the compute dtype, the checkpoint reference). What comes out is a
 //! [`JobSpec`] with nothing left to fill: it is what is stored, echoed back and run, and nothing
 //! downstream derives a default again.
 //!
-//! A `JobSpec` deserializes only from its own resolved form (every field present, as the database
-//! stores it); text from outside goes through [`JobSpec::from_json`] or [`JobSpec::parse`].
+//! Every way in goes through that conversion: [`JobSpec::from_json`] (the API and the CLI, with
+//! errors that name the field), the OpenAI request's translation, and deserializing a `JobSpec`
+//! (the database reading a stored one, which also fills the fields a spec stored by an earlier
+//! version lacks). A resolved spec parses to itself.
 
-use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::job::{CheckpointRef, JobId};
 
@@ -125,7 +127,7 @@ pub enum TargetModules {
     List(Vec<String>),
 }
 
-/// The training fields as written; each `None` takes its default in [`JobSpec::parse`].
+/// The training fields as written; each `None` takes its default when the spec is parsed.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTraining {
@@ -175,7 +177,7 @@ pub struct RawTraining {
 // The validated spec
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawJobSpec")]
 pub struct JobSpec {
     /// Hub repo id (`HuggingFaceTB/SmolLM2-135M-Instruct`), a local model directory, or a `.gguf` file.
     pub base_model: String,
@@ -200,12 +202,11 @@ pub struct JobSpec {
     pub from_checkpoint: Option<CheckpointRef>,
     /// Up to 16 key/value pairs of the caller's own (keys ≤ 64, values ≤ 512 characters), as
     /// OpenAI's jobs carry them; job lists filter on them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DatasetSpec {
     /// Local path, `file://` URL (or, through the service, http(s) / `file-<id>`), of a JSON Lines file.
     pub url: String,
@@ -281,8 +282,7 @@ pub enum ComputeDtype {
 }
 
 /// A frozen base's quantization, every implied field resolved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuantizationSpec {
     /// 4 or 8; `None` for `gguf`, which keeps the file's own types.
     pub bits: Option<i64>,
@@ -310,8 +310,7 @@ pub const ALL_LINEAR: [&str; 7] = [
 pub const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
 
 /// The LoRA adapter's shape and regularization, resolved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LoraSpec {
     pub r: i64,
     pub alpha: f64,
@@ -375,8 +374,7 @@ pub enum OptimizerKind {
     Sgd,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainingSpec {
     pub epochs: i64,
     /// Stop after this many optimizer steps (overrides epochs; data repeats if needed).
@@ -450,11 +448,20 @@ impl JobSpec {
             let path = e.path().to_string();
             serde_error(&path, &e.inner().to_string())
         })?;
-        JobSpec::parse(raw)
+        JobSpec::try_from(raw)
     }
 
+    /// The job a `from_checkpoint` names, if any.
+    pub fn from_job(&self) -> Option<&JobId> {
+        self.from_checkpoint.as_ref().map(|r| &r.job)
+    }
+}
+
+impl TryFrom<RawJobSpec> for JobSpec {
+    type Error = SpecError;
+
     /// Checks every field of `raw` and resolves every default.
-    pub fn parse(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
+    fn try_from(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         check_texts(&raw)?;
         check_metadata(raw.metadata.as_ref())?;
         let dataset = raw.dataset.resolve()?;
@@ -490,11 +497,6 @@ impl JobSpec {
             from_checkpoint,
             metadata: raw.metadata,
         })
-    }
-
-    /// The job a `from_checkpoint` names, if any.
-    pub fn from_job(&self) -> Option<&JobId> {
-        self.from_checkpoint.as_ref().map(|r| &r.job)
     }
 }
 
@@ -542,7 +544,11 @@ fn check_texts(raw: &RawJobSpec) -> Result<(), SpecError> {
             MAX_URL_LEN,
         ),
         ("suffix", raw.suffix.as_ref(), MAX_SUFFIX_LEN),
-        ("from_checkpoint", raw.from_checkpoint.as_ref(), MAX_NAME_LEN),
+        (
+            "from_checkpoint",
+            raw.from_checkpoint.as_ref(),
+            MAX_NAME_LEN,
+        ),
     ];
     for (field, text, max) in texts {
         if let Some(text) = text {
@@ -720,7 +726,10 @@ impl RawQuantization {
             if asked != bits {
                 return Err(err(
                     "quantization.type",
-                    format!("{} is a {bits}-bit type, but bits is {asked}", kind.as_str()),
+                    format!(
+                        "{} is a {bits}-bit type, but bits is {asked}",
+                        kind.as_str()
+                    ),
                 ));
             }
         }
@@ -895,7 +904,10 @@ mod tests {
         let stored: JobSpec = serde_json::from_value(echoed).unwrap();
         assert_eq!(stored, spec);
         // and its JSON parses to itself as a request: resolving is idempotent
-        assert_eq!(JobSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap(), spec);
+        assert_eq!(
+            JobSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap(),
+            spec
+        );
     }
 
     #[test]
@@ -945,7 +957,10 @@ mod tests {
         let q = parse(r#"{"bits":8}"#).unwrap().quantization.unwrap();
         assert_eq!((q.kind, q.double_quant), (QuantType::Int8, false));
         let q = parse(r#"{"type":"gguf"}"#).unwrap().quantization.unwrap();
-        assert_eq!((q.kind, q.bits, q.double_quant), (QuantType::Gguf, None, false));
+        assert_eq!(
+            (q.kind, q.bits, q.double_quant),
+            (QuantType::Gguf, None, false)
+        );
         assert!(parse("null").unwrap().quantization.is_none());
         for (q, param, words) in [
             (
@@ -994,6 +1009,148 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param, "quantization.type");
+    }
+
+    /// Each field's check, as a request names it (these ran through HTTP before: the HTTP test
+    /// keeps one of each kind to show the wiring).
+    #[test]
+    fn every_bad_field_is_named() {
+        let ok = serde_json::json!({"base_model": "m", "dataset": {"url": "d.jsonl"}});
+        let with = |extra: serde_json::Value| {
+            let mut v = ok.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                match (v.get_mut(k), x) {
+                    (Some(serde_json::Value::Object(o)), serde_json::Value::Object(add)) => {
+                        o.extend(add.clone())
+                    }
+                    _ => {
+                        v[k] = x.clone();
+                    }
+                }
+            }
+            v.to_string()
+        };
+        let cases = [
+            (serde_json::json!({"lora": {"r": 0}}), "lora.r"),
+            (serde_json::json!({"lora": {"r": -3}}), "lora.r"),
+            (serde_json::json!({"lora": {"alpha": -1.0}}), "lora.alpha"),
+            (
+                serde_json::json!({"lora": {"dropout": 1.5}}),
+                "lora.dropout",
+            ),
+            (
+                serde_json::json!({"lora": {"target_modules": ["attn"]}}),
+                "lora.target_modules",
+            ),
+            (
+                serde_json::json!({"lora": {"target_modules": "everything"}}),
+                "lora.target_modules",
+            ),
+            (
+                serde_json::json!({"lora": {"target_modules": []}}),
+                "lora.target_modules",
+            ),
+            (
+                serde_json::json!({"training": {"learning_rate": 0}}),
+                "training.learning_rate",
+            ),
+            (
+                serde_json::json!({"training": {"learning_rate": -0.1}}),
+                "training.learning_rate",
+            ),
+            (
+                serde_json::json!({"training": {"batch_size": 0}}),
+                "training.batch_size",
+            ),
+            (
+                serde_json::json!({"training": {"epochs": 0}}),
+                "training.epochs",
+            ),
+            (
+                serde_json::json!({"training": {"epochs": 10001}}),
+                "training.epochs",
+            ),
+            (
+                serde_json::json!({"training": {"max_seq_len": 1}}),
+                "training.max_seq_len",
+            ),
+            (
+                serde_json::json!({"training": {"warmup_ratio": 2}}),
+                "training.warmup_ratio",
+            ),
+            (
+                serde_json::json!({"training": {"lr_scheduler": "exotic"}}),
+                "training.lr_scheduler",
+            ),
+            (
+                serde_json::json!({"training": {"batch_size": "four"}}),
+                "training.batch_size",
+            ),
+            (
+                serde_json::json!({"training": {"adam_beta2": 1.0}}),
+                "training.adam_beta2",
+            ),
+            (
+                serde_json::json!({"training": {"max_grad_norm": -1}}),
+                "training.max_grad_norm",
+            ),
+            (
+                serde_json::json!({"training": {"eval_every_steps": 0}}),
+                "training.eval_every_steps",
+            ),
+            (serde_json::json!({"extra_field": 1}), "extra_field"),
+            (
+                serde_json::json!({"training": {"bogus": 1}}),
+                "training.bogus",
+            ),
+            (serde_json::json!({"base_model": ""}), "base_model"),
+            (serde_json::json!({"revision": "../x"}), "revision"),
+            (serde_json::json!({"suffix": "x".repeat(65)}), "suffix"),
+            (
+                serde_json::json!({"dataset": {"validation_split": 0}}),
+                "dataset.validation_split",
+            ),
+            (
+                serde_json::json!({"dataset": {"validation_split": 0.1, "validation_url": "v"}}),
+                "dataset.validation_split",
+            ),
+            (
+                serde_json::json!({"from_checkpoint": "not-a-job"}),
+                "from_checkpoint",
+            ),
+            (
+                serde_json::json!({"quantization": {"bits": 3}}),
+                "quantization.bits",
+            ),
+            (
+                serde_json::json!({"quantization": {"type": "nf4", "bits": 8}}),
+                "quantization.type",
+            ),
+            (
+                serde_json::json!({"quantization": {"type": "gguf"}}),
+                "quantization.type",
+            ),
+            (
+                serde_json::json!({"compute_dtype": "bf16", "quantization": {"compute_dtype": "f32"}}),
+                "compute_dtype",
+            ),
+            (
+                serde_json::json!({"checkpoint_every_steps": 0}),
+                "checkpoint_every_steps",
+            ),
+            (
+                serde_json::json!({"metadata": {"k": "v".repeat(513)}}),
+                "metadata.k",
+            ),
+        ];
+        for (extra, param) in cases {
+            let body = with(extra);
+            let e = JobSpec::from_json(&body).unwrap_err();
+            assert_eq!(e.param, param, "{body}: {e}");
+            assert!(!e.message.is_empty());
+        }
+        let e = JobSpec::from_json(r#"{"base_model": "m"}"#).unwrap_err();
+        assert_eq!(e.param, "dataset");
     }
 
     #[test]

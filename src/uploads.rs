@@ -1,13 +1,149 @@
-//! Uploaded files as a service: their status, and the check that makes a training file
-//! `processed` (every record read through the engine's own record checks) or `error` (naming the
-//! line of the first bad record). Handlers call this; it knows no HTTP.
+//! Uploaded files as a service: how much a key may still store, the record of a stored upload
+//! (once per `Idempotency-Key`), and the check that makes a training file `processed` (every
+//! record read through the engine's own record checks) or `error` (naming the line of the first
+//! bad record). Handlers call this; it knows no HTTP.
 
 use futures_util::StreamExt;
 
-use crate::artifacts::{ArtifactStore, Key};
-use crate::job::FileStatus;
+use crate::artifacts::{ArtifactStore, Key, PutError};
+use crate::db::{FileRow, KeyClaim};
+use crate::job::{FileDigest, FileStatus};
 use crate::spec::DatasetFormat;
 use crate::state::AppState;
+
+/// The one purpose an upload may have: a dataset for fine-tuning (`fine-tune-results` files are
+/// made by qtune from a job's metrics).
+pub const UPLOAD_PURPOSE: &str = "fine-tune";
+
+/// How many bytes an upload may bring: the operator's per-upload limit, and what is left of
+/// the key's storage quota.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadRoom {
+    upload_limit: u64,
+    /// What the key may still store (`u64::MAX` without a quota).
+    left: u64,
+    upload_mib: u64,
+    quota_mib: u64,
+}
+
+impl UploadRoom {
+    pub async fn for_owner(
+        state: &AppState,
+        owner: Option<&str>,
+    ) -> Result<UploadRoom, UploadError> {
+        let (upload_mib, quota_mib) = (
+            state.config.max_upload_mib,
+            state.config.max_stored_mib_per_key,
+        );
+        let left = match quota_mib {
+            0 => u64::MAX,
+            q => (q * 1024 * 1024).saturating_sub(state.db.stored_bytes(owner).await?),
+        };
+        Ok(UploadRoom {
+            upload_limit: upload_mib * 1024 * 1024,
+            left,
+            upload_mib,
+            quota_mib,
+        })
+    }
+
+    /// The most bytes the store may take for this upload.
+    pub fn limit(&self) -> u64 {
+        self.upload_limit.min(self.left)
+    }
+
+    /// Refuses, before reading it, a body whose announced length cannot fit: over the upload
+    /// limit is too large; over what the quota leaves is a quota.
+    pub fn check_announced(&self, announced: Option<u64>) -> Result<(), UploadError> {
+        if announced.is_some_and(|n| n > self.upload_limit) {
+            return Err(self.too_large());
+        }
+        if self.left == 0 || announced.is_some_and(|n| n > self.limit()) {
+            return Err(self.over_quota());
+        }
+        Ok(())
+    }
+
+    /// Why the store refused a body.
+    pub fn refused(&self, e: PutError) -> UploadError {
+        match e {
+            PutError::TooLarge { .. } if self.limit() < self.upload_limit => self.over_quota(),
+            PutError::TooLarge { .. } => self.too_large(),
+            PutError::Body(e) => UploadError::Body(e),
+            PutError::Io(e) => UploadError::Io(e),
+        }
+    }
+
+    fn too_large(&self) -> UploadError {
+        UploadError::TooLarge {
+            limit_mib: self.upload_mib,
+        }
+    }
+
+    fn over_quota(&self) -> UploadError {
+        UploadError::OverQuota {
+            quota_mib: self.quota_mib,
+        }
+    }
+}
+
+/// A body the store has taken, to be recorded as the caller's file.
+pub struct StoredUpload {
+    pub id: String,
+    pub key: Key,
+    pub digest: FileDigest,
+    pub filename: Option<String>,
+    pub purpose: String,
+}
+
+/// Records a stored upload as the owner's file; with an `Idempotency-Key` that a same upload
+/// used before, the stored copy is dropped and the first file answered. The second value says
+/// whether the file is new.
+pub async fn record(
+    state: &AppState,
+    owner: Option<&str>,
+    upload: StoredUpload,
+    idempotency_key: Option<&str>,
+) -> Result<(FileRow, bool), UploadError> {
+    if upload.digest.bytes == 0 {
+        state.artifacts.delete(&upload.key).await?;
+        return Err(UploadError::Empty);
+    }
+    if let Some(idem) = idempotency_key {
+        let request = format!("{}:{}", upload.purpose, upload.digest.sha256);
+        let scope = owner.unwrap_or("");
+        let claim = state
+            .db
+            .claim_idempotency_key(scope, "files", idem, &request, &upload.id)
+            .await?;
+        if claim != KeyClaim::Bound {
+            state.artifacts.delete(&upload.key).await?;
+        }
+        match claim {
+            KeyClaim::Bound => {}
+            KeyClaim::Reused => return Err(UploadError::KeyReused),
+            KeyClaim::Repeat { object_id } => {
+                let first = state.db.get_file(&object_id, owner).await?;
+                return first
+                    .map(|row| (row, false))
+                    .ok_or(UploadError::Missing(object_id));
+            }
+        }
+    }
+    let row = FileRow {
+        id: upload.id,
+        owner: owner.map(str::to_string),
+        filename: upload.filename,
+        bytes: upload.digest.bytes as i64,
+        sha256: upload.digest.sha256,
+        created_at: crate::db::now(),
+        purpose: upload.purpose,
+        status: FileStatus::Uploaded,
+        status_details: None,
+    };
+    state.db.insert_file(&row).await?;
+    Ok((row, true))
+}
 
 /// What checking a training file found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +155,20 @@ pub enum FileCheck {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
+    #[error("the upload is over the {limit_mib} MiB limit (--max-upload-mib)")]
+    TooLarge { limit_mib: u64 },
+    #[error("this key's uploads would pass its {quota_mib} MiB of storage; delete files it no longer needs (DELETE /v1/files/{{id}})")]
+    OverQuota { quota_mib: u64 },
+    #[error("the upload is empty")]
+    Empty,
+    #[error("{0}")]
+    Body(String),
+    /// The `Idempotency-Key` was used with a different upload.
+    #[error("this Idempotency-Key was used with a different request")]
+    KeyReused,
+    /// The file a repeated upload's key names is gone.
+    #[error("no file {0:?}")]
+    Missing(String),
     #[error(transparent)]
     Db(#[from] crate::db::Error),
     #[error(transparent)]
@@ -37,9 +187,7 @@ pub async fn check_training_file(
     match status {
         FileStatus::Processed => return Ok(FileCheck::Valid),
         FileStatus::Error => {
-            return Ok(FileCheck::Invalid(
-                details.unwrap_or("invalid").to_string(),
-            ))
+            return Ok(FileCheck::Invalid(details.unwrap_or("invalid").to_string()))
         }
         FileStatus::Uploaded => {}
     }
@@ -131,4 +279,3 @@ fn data_message(e: crate::train::Error) -> String {
         other => other.to_string(),
     }
 }
-

@@ -105,13 +105,11 @@ fn number(req: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> 
 
 /// The sampling a request asks for, OpenAI's defaults where it is silent (temperature 1).
 fn sampling(req: &Map<String, Value>) -> Result<Sampling, ApiError> {
-    if let Some(n) = number(req, "n")? {
-        if n != 1.0 {
-            return Err(ApiError::bad(
-                "n",
-                "qtune answers one choice per request (n = 1)",
-            ));
-        }
+    if number(req, "n")?.is_some_and(|n| n != 1.0) {
+        return Err(ApiError::bad(
+            "n",
+            "qtune answers one choice per request (n = 1)",
+        ));
     }
     if req.get("logprobs").and_then(Value::as_bool) == Some(true) {
         return Err(ApiError::bad(
@@ -119,51 +117,20 @@ fn sampling(req: &Map<String, Value>) -> Result<Sampling, ApiError> {
             "log probabilities are not returned",
         ));
     }
-    let max_tokens = match (
-        number(req, "max_completion_tokens")?,
-        number(req, "max_tokens")?,
-    ) {
-        (Some(n), _) | (None, Some(n)) => {
-            if !(n >= 1.0 && n.fract() == 0.0 && n as usize <= MAX_ANSWER_TOKENS) {
-                return Err(ApiError::bad(
-                    "max_tokens",
-                    format!("must be a whole number from 1 to {MAX_ANSWER_TOKENS}"),
-                ));
-            }
-            n as usize
-        }
-        (None, None) => DEFAULT_ANSWER_TOKENS,
-    };
-    let stop = match req.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::bad("stop", "must be a string or an array of strings"))?,
-        Some(_) => {
-            return Err(ApiError::bad(
-                "stop",
-                "must be a string or an array of strings",
-            ))
-        }
-    };
-    let seed = match number(req, "seed")? {
-        Some(s) if s >= 0.0 && s.fract() == 0.0 => s as u64,
-        Some(_) => return Err(ApiError::bad("seed", "must be a whole number ≥ 0")),
-        // no seed asked for: a fresh one, as OpenAI's answers differ call to call
-        None => rand::random(),
-    };
     let s = Sampling {
-        max_tokens,
+        max_tokens: max_tokens(req)?,
         temperature: number(req, "temperature")?.unwrap_or(1.0),
         top_p: number(req, "top_p")?.unwrap_or(1.0),
         top_k: number(req, "top_k")?
             .map(|k| k.max(0.0) as usize)
             .unwrap_or(0),
-        seed,
-        stop,
+        seed: match number(req, "seed")? {
+            Some(s) if s >= 0.0 && s.fract() == 0.0 => s as u64,
+            Some(_) => return Err(ApiError::bad("seed", "must be a whole number ≥ 0")),
+            // no seed asked for: a fresh one, as OpenAI's answers differ call to call
+            None => rand::random(),
+        },
+        stop: stop_strings(req)?,
         repetition_penalty: number(req, "repetition_penalty")?.unwrap_or(1.0),
         frequency_penalty: number(req, "frequency_penalty")?.unwrap_or(0.0),
         presence_penalty: number(req, "presence_penalty")?.unwrap_or(0.0),
@@ -171,6 +138,36 @@ fn sampling(req: &Map<String, Value>) -> Result<Sampling, ApiError> {
     s.check()
         .map_err(|(field, why)| ApiError::bad(field, why))?;
     Ok(s)
+}
+
+/// `max_completion_tokens` (or the older `max_tokens`).
+fn max_tokens(req: &Map<String, Value>) -> Result<usize, ApiError> {
+    let asked = number(req, "max_completion_tokens")?.or(number(req, "max_tokens")?);
+    match asked {
+        None => Ok(DEFAULT_ANSWER_TOKENS),
+        Some(n) if n >= 1.0 && n.fract() == 0.0 && n as usize <= MAX_ANSWER_TOKENS => {
+            Ok(n as usize)
+        }
+        Some(_) => Err(ApiError::bad(
+            "max_tokens",
+            format!("must be a whole number from 1 to {MAX_ANSWER_TOKENS}"),
+        )),
+    }
+}
+
+/// `stop`: a string or an array of strings.
+fn stop_strings(req: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::bad("stop", "must be a string or an array of strings");
+    match req.get("stop") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
 }
 
 /// A message's text: a string, or OpenAI's content parts of type `text`.
@@ -263,75 +260,9 @@ async fn completion(
         }
     };
     let sampling = sampling(req)?;
-    let text = if chat {
-        chat_messages(req)?;
-        None
-    } else {
-        match req.get("prompt") {
-            Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),
-            _ => {
-                return Err(ApiError::bad(
-                    "prompt",
-                    "missing: the text to continue (one string)",
-                ))
-            }
-        }
-    };
-    // no tokenizer reads more text than the longest prompt could hold (a token is rarely longer
-    // than 32 bytes): a huge body is refused before it costs any work
-    let text_bytes: usize = match &text {
-        Some(t) => t.len(),
-        None => req
-            .get("messages")
-            .map(|m| m.to_string().len())
-            .unwrap_or(0),
-    };
-    if text_bytes > MAX_PROMPT_TOKENS * 32 {
-        return Err(ApiError::bad(
-            if chat { "messages" } else { "prompt" },
-            format!("{text_bytes} bytes, more than a {MAX_PROMPT_TOKENS}-token prompt can hold"),
-        ));
-    }
+    let raw_prompt = check_prompt_size(req, chat)?;
     let served = resolve(state, owner, &model).await?;
-    let tok = served.tokenizer();
-    let raw = text.is_some();
-    let prompt_text = match text {
-        Some(t) => t,
-        None => {
-            let tools = req.get("tools").filter(|t| t.is_array());
-            if tools.is_some() && !tok.template_takes_tools() {
-                return Err(ApiError::bad(
-                    "tools",
-                    "this model's chat template does not render tools",
-                ));
-            }
-            tok.render_chat_with_tools(&chat_messages(req)?, tools, true)
-                .map_err(|e| ApiError::bad("messages", e.to_string()))?
-        }
-    };
-    // a completion's raw text gets the tokenizer's own special tokens (a BOS); a rendered
-    // chat template has written its own
-    let prompt = if raw {
-        tok.encode_prompt(&prompt_text)
-    } else {
-        tok.encode(&prompt_text)
-    }
-    .map_err(|e| ApiError::bad(if chat { "messages" } else { "prompt" }, e.to_string()))?;
-    if prompt.len() > MAX_PROMPT_TOKENS {
-        return Err(ApiError::bad(
-            if chat { "messages" } else { "prompt" },
-            format!(
-                "{} tokens, more than the {MAX_PROMPT_TOKENS} a request may send",
-                prompt.len()
-            ),
-        ));
-    }
-    if prompt.is_empty() {
-        return Err(ApiError::bad(
-            if chat { "messages" } else { "prompt" },
-            "renders to no tokens",
-        ));
-    }
+    let prompt = encode_prompt(&served, req, raw_prompt)?;
     Ok(Completion {
         served,
         prompt,
@@ -347,83 +278,185 @@ async fn completion(
     })
 }
 
+/// Checks the prompt's shape and size before any model is loaded: a chat's messages, or a
+/// completion's text (returned). No tokenizer reads more text than the longest prompt could
+/// hold (a token is rarely longer than 32 bytes): a huge body is refused before it costs work.
+fn check_prompt_size(req: &Map<String, Value>, chat: bool) -> Result<Option<String>, ApiError> {
+    let text = if chat {
+        chat_messages(req)?;
+        None
+    } else {
+        match req.get("prompt") {
+            Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),
+            _ => {
+                return Err(ApiError::bad(
+                    "prompt",
+                    "missing: the text to continue (one string)",
+                ))
+            }
+        }
+    };
+    let text_bytes: usize = match &text {
+        Some(t) => t.len(),
+        None => req
+            .get("messages")
+            .map(|m| m.to_string().len())
+            .unwrap_or(0),
+    };
+    if text_bytes > MAX_PROMPT_TOKENS * 32 {
+        return Err(ApiError::bad(
+            if chat { "messages" } else { "prompt" },
+            format!("{text_bytes} bytes, more than a {MAX_PROMPT_TOKENS}-token prompt can hold"),
+        ));
+    }
+    Ok(text)
+}
+
+/// The prompt's tokens: a completion's raw text with the tokenizer's own special tokens (a
+/// BOS), or the chat rendered with the model's template (which writes its own).
+fn encode_prompt(
+    served: &Served,
+    req: &Map<String, Value>,
+    raw_prompt: Option<String>,
+) -> Result<Vec<u32>, ApiError> {
+    let tok = served.tokenizer();
+    let param = if raw_prompt.is_some() {
+        "prompt"
+    } else {
+        "messages"
+    };
+    let prompt = match raw_prompt {
+        Some(text) => tok.encode_prompt(&text),
+        None => {
+            let tools = req.get("tools").filter(|t| t.is_array());
+            if tools.is_some() && !tok.template_takes_tools() {
+                return Err(ApiError::bad(
+                    "tools",
+                    "this model's chat template does not render tools",
+                ));
+            }
+            let rendered = tok
+                .render_chat_with_tools(&chat_messages(req)?, tools, true)
+                .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+            tok.encode(&rendered)
+        }
+    }
+    .map_err(|e| ApiError::bad(param, e.to_string()))?;
+    if prompt.len() > MAX_PROMPT_TOKENS {
+        return Err(ApiError::bad(
+            param,
+            format!(
+                "{} tokens, more than the {MAX_PROMPT_TOKENS} a request may send",
+                prompt.len()
+            ),
+        ));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::bad(param, "renders to no tokens"));
+    }
+    Ok(prompt)
+}
+
 fn usage(prompt: usize, answer: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer})
 }
 
+fn generation_failed(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation_failed",
+        e.to_string(),
+    )
+}
+
+/// The names an answer goes by: its id, its object types, its creation time.
+#[derive(Clone)]
+struct AnswerIds {
+    id: String,
+    model: String,
+    created: i64,
+    chat: bool,
+}
+
+impl AnswerIds {
+    fn new(c: &Completion) -> AnswerIds {
+        let prefix = if c.chat { "chatcmpl" } else { "cmpl" };
+        AnswerIds {
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            model: c.model.clone(),
+            created: time::OffsetDateTime::now_utc().unix_timestamp(),
+            chat: c.chat,
+        }
+    }
+
+    /// A streamed chunk of `choices` (and `usage`, on the last one when asked for).
+    fn chunk(&self, choices: Value, usage: Value) -> Value {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": choices, "usage": usage, "system_fingerprint": null})
+    }
+
+    /// A streamed choice: a piece of text, or (with `finish`) the end.
+    fn delta(&self, text: &str, finish: Option<&str>) -> Value {
+        match (self.chat, finish) {
+            (true, None) => {
+                json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null}])
+            }
+            (true, Some(f)) => {
+                json!([{"index": 0, "delta": {}, "finish_reason": f, "logprobs": null}])
+            }
+            (false, f) => json!([{"index": 0, "text": text, "finish_reason": f, "logprobs": null}]),
+        }
+    }
+}
+
 /// Runs a completion: the whole answer as one object, or its chunks as they are decoded.
 async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
-    let created = time::OffsetDateTime::now_utc().unix_timestamp();
-    let id = format!(
-        "{}-{}",
-        if c.chat { "chatcmpl" } else { "cmpl" },
-        uuid::Uuid::new_v4().simple()
-    );
-    let object = if c.chat {
-        "chat.completion"
-    } else {
-        "text_completion"
-    };
-    let chunk_object = if c.chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    if !c.stream {
-        let Completion {
-            served,
-            prompt,
-            sampling,
-            ..
-        } = c;
-        let result = state
-            .models
-            .run(move || {
-                generate::generate(
-                    served.model(),
-                    served.tokenizer(),
-                    &prompt,
-                    &sampling,
-                    &mut |_| true,
-                )
-            })
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "generation_failed",
-                    e.to_string(),
-                )
-            })?;
-        let choice = if object == "chat.completion" {
-            json!({"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": null},
-                   "finish_reason": result.finish.as_str(), "logprobs": null})
-        } else {
-            json!({"index": 0, "text": result.text, "finish_reason": result.finish.as_str(), "logprobs": null})
-        };
-        return Ok(Json(json!({
-            "id": id, "object": object, "created": created, "model": c.model,
-            "choices": [choice], "usage": usage(result.prompt_tokens, result.tokens.len()),
-            "system_fingerprint": null,
-        }))
-        .into_response());
+    let ids = AnswerIds::new(&c);
+    if c.stream {
+        return Ok(answer_stream(state, c, ids));
     }
+    let Completion {
+        served,
+        prompt,
+        sampling,
+        ..
+    } = c;
+    let result = state
+        .models
+        .run(move || {
+            let (model, tok) = (served.model(), served.tokenizer());
+            generate::generate(model, tok, &prompt, &sampling, &mut |_| true)
+        })
+        .await
+        .map_err(generation_failed)?
+        .map_err(generation_failed)?;
+    let (text, finish) = (result.text, result.finish.as_str());
+    let (object, choice) = if ids.chat {
+        let message = json!({"role": "assistant", "content": text, "refusal": null});
+        let choice =
+            json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null});
+        ("chat.completion", choice)
+    } else {
+        let choice = json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null});
+        ("text_completion", choice)
+    };
+    Ok(Json(json!({
+        "id": ids.id, "object": object, "created": ids.created, "model": ids.model,
+        "choices": [choice], "usage": usage(result.prompt_tokens, result.tokens.len()),
+        "system_fingerprint": null,
+    }))
+    .into_response())
+}
+
+/// The answer's chunks as Server-Sent Events while it is decoded, ending with `[DONE]`; a client
+/// that goes away stops the decode.
+fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
-    let chunk = {
-        let (id, model) = (id.clone(), c.model.clone());
-        move |choices: Value, usage: Value| {
-            json!({"id": id, "object": chunk_object, "created": created, "model": model,
-                   "choices": choices, "usage": usage, "system_fingerprint": null})
-        }
-    };
-    let chat = c.chat;
-    let piece = move |text: &str| {
-        if chat {
-            json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null}])
-        } else {
-            json!([{"index": 0, "text": text, "finish_reason": null, "logprobs": null}])
-        }
-    };
     let models = state.models.clone();
     let Completion {
         served,
@@ -433,47 +466,36 @@ async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
         ..
     } = c;
     tokio::spawn(async move {
-        if chat {
+        if ids.chat {
             let first = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]);
-            let _ = tx.send(chunk(first, Value::Null)).await;
+            // a send fails only when the client went away: nothing more to tell it
+            tx.send(ids.chunk(first, Value::Null)).await.ok();
         }
-        let sender = tx.clone();
-        let chunk_of = chunk.clone();
+        let (sender, of) = (tx.clone(), ids.clone());
         let result = models
             .run(move || {
-                generate::generate(
-                    served.model(),
-                    served.tokenizer(),
-                    &prompt,
-                    &sampling,
-                    &mut |text| {
-                        // a closed channel: the client went away, and the decode stops
-                        sender
-                            .blocking_send(chunk_of(piece(text), Value::Null))
-                            .is_ok()
-                    },
-                )
+                let (model, tok) = (served.model(), served.tokenizer());
+                generate::generate(model, tok, &prompt, &sampling, &mut |text| {
+                    let piece = of.chunk(of.delta(text, None), Value::Null);
+                    sender.blocking_send(piece).is_ok()
+                })
             })
-            .await;
-        match result {
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let last = match result {
             Ok(g) => {
-                let end = if chat {
-                    json!([{"index": 0, "delta": {}, "finish_reason": g.finish.as_str(), "logprobs": null}])
-                } else {
-                    json!([{"index": 0, "text": "", "finish_reason": g.finish.as_str(), "logprobs": null}])
-                };
-                let _ = tx.send(chunk(end, Value::Null)).await;
-                if include_usage {
-                    let _ = tx
-                        .send(chunk(json!([]), usage(g.prompt_tokens, g.tokens.len())))
-                        .await;
-                }
+                let end = ids.delta("", Some(g.finish.as_str()));
+                tx.send(ids.chunk(end, Value::Null)).await.ok();
+                let usage = usage(g.prompt_tokens, g.tokens.len());
+                include_usage.then(|| ids.chunk(json!([]), usage))
             }
-            Err(e) => {
-                let _ = tx
-                    .send(json!({"error": {"message": e.to_string(), "type": "server_error", "code": "generation_failed", "param": null}}))
-                    .await;
-            }
+            Err(e) => Some(
+                json!({"error": {"message": e, "type": "server_error", "code": "generation_failed", "param": null}}),
+            ),
+        };
+        if let Some(last) = last {
+            tx.send(last).await.ok();
         }
     });
     let events = futures_util::stream::unfold((rx, false), |(mut rx, done)| async move {
@@ -488,7 +510,7 @@ async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
             None => Some((Ok(Event::default().data("[DONE]")), (rx, true))),
         }
     });
-    Ok(Sse::new(events).into_response())
+    Sse::new(events).into_response()
 }
 
 /// `POST /v1/chat/completions`.
@@ -543,4 +565,12 @@ pub async fn models(
         data.push(json!({"id": base, "object": "model", "created": 0, "owned_by": "qtune"}));
     }
     Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub(super) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
 }

@@ -100,9 +100,19 @@ impl From<crate::queue::QueueError> for ApiError {
 
 impl From<crate::uploads::UploadError> for ApiError {
     fn from(e: crate::uploads::UploadError) -> ApiError {
+        use crate::uploads::UploadError;
+        let message = e.to_string();
         match e {
-            crate::uploads::UploadError::Db(e) => e.into(),
-            crate::uploads::UploadError::Io(e) => e.into(),
+            UploadError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message)
+            }
+            UploadError::OverQuota { .. } => ApiError::quota(message, 3600),
+            UploadError::Empty => ApiError::invalid("file", message),
+            UploadError::Body(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", message),
+            UploadError::KeyReused => super::idempotency_key_reused(),
+            UploadError::Missing(id) => ApiError::not_found("file", &id),
+            UploadError::Db(e) => e.into(),
+            UploadError::Io(e) => e.into(),
         }
     }
 }

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{files, jobs, ApiError, Owner};
 use crate::artifacts::Key;
+use crate::db::JobRow;
 use crate::job::JobStatus;
 use crate::state::AppState;
 use crate::train::export::GgufType;
@@ -66,18 +67,49 @@ pub async fn create(
         .to_string();
     let (export, file) = parse_format(&format)?;
     let row = jobs::load(&state, &id, &owner).await?;
+    let base = exportable_base(&state, &row)?;
+    let adapter = state.artifacts.init_adapter_dir(&row.id, None).await?;
+    let key = Key::export(&row.id, &file).expect("a known export file");
+    let dest = state.artifacts.local_path(&key);
+    tokio::task::spawn_blocking(move || write_export(export, &base, &adapter, &dest))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "export_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|why| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "export_failed", why).param("format")
+        })?;
+    state.artifacts.save(&key).await?;
+    let digest = state.artifacts.digest(&key).await?;
+    let made = json!({
+        "object": "export",
+        "job_id": id,
+        "format": format,
+        "file": file,
+        "bytes": digest.bytes,
+        "sha256": digest.sha256,
+        "url": format!("/v1/jobs/{id}/exports/{format}"),
+    });
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+/// The base a succeeded job's exports are made from: stored on this server and still allowed.
+fn exportable_base(state: &AppState, row: &JobRow) -> Result<PathBuf, ApiError> {
     if row.status != JobStatus::Succeeded {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_ready",
             format!(
-                "job {id} is {}; exports exist once it has succeeded",
-                row.status
+                "job {} is {}; exports exist once it has succeeded",
+                row.id, row.status
             ),
         ));
     }
-    files::gone_by_retention(&row)?;
-    let job = jobs::parse_id(&id)?;
+    files::gone_by_retention(row)?;
     let spec = &row.spec;
     // the operator's lists may have changed since the job ran
     crate::model_access::check_base_model(&state.config, &spec.base_model)
@@ -93,63 +125,39 @@ pub async fn create(
             ),
         ));
     }
-    let adapter = state.artifacts.init_adapter_dir(&job, None).await?;
-    let key = Key::export(&job, &file).expect("a known export file");
-    let dest = state.artifacts.local_path(&key);
-    let made = tokio::task::spawn_blocking({
-        let dest = dest.clone();
-        move || -> Result<(), String> {
-            std::fs::create_dir_all(dest.parent().expect("a job folder"))
-                .map_err(|e| e.to_string())?;
-            match export {
-                Export::GgufLora => {
-                    let cfg = crate::train::model::base_config(&base).map_err(|e| e.to_string())?;
-                    crate::train::export::gguf_lora(&adapter, &cfg, &dest)
-                        .map_err(|e| e.to_string())?;
-                }
-                Export::Gguf(ty) => {
-                    crate::train::export::gguf_model(&base, &adapter, ty, &dest)
-                        .map_err(|e| e.to_string())?;
-                }
-                Export::Merged => {
-                    let folder = dest.with_extension("folder");
-                    let _ = std::fs::remove_dir_all(&folder);
-                    crate::train::export::merged(&base, &adapter, &folder)
-                        .map_err(|e| e.to_string())?;
-                    crate::artifacts::write_tar_as(&folder, "merged", &dest)
-                        .map_err(|e| e.to_string())?;
-                    let _ = std::fs::remove_dir_all(&folder);
-                }
-            }
-            Ok(())
+    Ok(base)
+}
+
+/// Writes one export of `adapter` over `base` to `dest` (on a blocking thread: the engine's
+/// exports read and write whole models).
+fn write_export(
+    export: Export,
+    base: &std::path::Path,
+    adapter: &std::path::Path,
+    dest: &std::path::Path,
+) -> Result<(), String> {
+    let text = |e: crate::train::Error| e.to_string();
+    std::fs::create_dir_all(dest.parent().expect("a job folder")).map_err(|e| e.to_string())?;
+    match export {
+        Export::GgufLora => {
+            let cfg = crate::train::model::base_config(base).map_err(text)?;
+            crate::train::export::gguf_lora(adapter, &cfg, dest).map_err(text)?;
         }
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "export_failed",
-            e.to_string(),
-        )
-    })?;
-    made.map_err(|why| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "export_failed", why).param("format")
-    })?;
-    state.artifacts.save(&key).await?;
-    let digest = state.artifacts.digest(&key).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "object": "export",
-            "job_id": id,
-            "format": format,
-            "file": file,
-            "bytes": digest.bytes,
-            "sha256": digest.sha256,
-            "url": format!("/v1/jobs/{id}/exports/{format}"),
-        })),
-    )
-        .into_response())
+        Export::Gguf(ty) => {
+            crate::train::export::gguf_model(base, adapter, ty, dest).map_err(text)?;
+        }
+        Export::Merged => {
+            let folder = dest.with_extension("folder");
+            // a folder left by an export that died half-way is replaced whole
+            std::fs::remove_dir_all(&folder).ok();
+            crate::train::export::merged(base, adapter, &folder).map_err(text)?;
+            crate::artifacts::write_tar_as(&folder, "merged", dest).map_err(|e| e.to_string())?;
+            if let Err(e) = std::fs::remove_dir_all(&folder) {
+                tracing::warn!(folder = %folder.display(), error = %e, "could not remove the merged folder after packing it");
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn download(
@@ -168,4 +176,11 @@ pub async fn download(
     }
     let digest = state.artifacts.digest(&key).await.ok();
     files::serve(&state, &key, digest, false, &headers).await
+}
+
+pub(super) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/jobs/{id}/exports", post(create))
+        .route("/v1/jobs/{id}/exports/{format}", get(download))
 }

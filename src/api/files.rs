@@ -16,10 +16,7 @@ use crate::artifacts::{new_upload_id, Key, PutError};
 use crate::db::{FileRow, Order};
 use crate::job::{unix_seconds, CheckpointView, FileDigest, FileView, JobStatus};
 use crate::state::AppState;
-
-/// The one purpose an upload may have: a dataset for fine-tuning (`fine-tune-results` files are
-/// made by qtune from a job's metrics).
-const UPLOAD_PURPOSE: &str = "fine-tune";
+use crate::uploads::{self, StoredUpload, UploadError, UploadRoom, UPLOAD_PURPOSE};
 
 fn check_purpose(purpose: &str) -> Result<(), ApiError> {
     if purpose == UPLOAD_PURPOSE {
@@ -44,156 +41,104 @@ pub async fn upload(
     Query(q): Query<std::collections::HashMap<String, String>>,
     req: Request,
 ) -> Result<(StatusCode, Json<FileView>), ApiError> {
-    let upload_limit = state.config.max_upload_mib * 1024 * 1024;
-    // what this key may still store: an upload past it is refused as a quota, not as too large
-    let quota = state.config.max_stored_mib_per_key * 1024 * 1024;
-    let room = if quota == 0 {
-        u64::MAX
-    } else {
-        quota.saturating_sub(state.db.stored_bytes(owner.as_deref()).await?)
-    };
-    let over_quota = || {
-        ApiError::quota(
-            format!(
-                "this key's uploads would pass its {} MiB of storage; delete files it no longer needs (DELETE /v1/files/{{id}})",
-                state.config.max_stored_mib_per_key
-            ),
-            3600,
-        )
-    };
-    let limit = upload_limit.min(room);
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "the upload is over the {} MiB limit (--max-upload-mib)",
-                state.config.max_upload_mib
-            ),
-        )
-    };
+    let room = UploadRoom::for_owner(&state, owner.as_deref()).await?;
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > upload_limit) {
-        return Err(too_large());
-    }
-    if room == 0 || announced.is_some_and(|n| n > limit) {
-        drain_small_body(req.into_body(), announced).await;
-        return Err(over_quota());
+    if let Err(e) = room.check_announced(announced) {
+        if matches!(e, UploadError::OverQuota { .. }) {
+            drain_small_body(req.into_body(), announced).await;
+        }
+        return Err(e.into());
     }
     let idempotency_key = super::idempotency_key(req.headers())?;
-    let is_multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
     let id = new_upload_id();
     let key = Key::upload(&id).expect("a fresh upload id is valid");
     let mut purpose = q.get("purpose").cloned();
     if let Some(p) = &purpose {
         check_purpose(p)?;
     }
-    let stored = if is_multipart {
-        let mut form = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
-        let mut stored = None;
-        let read = async {
-            while let Some(field) = form.next_field().await? {
-                match field.name() {
-                    Some("purpose") => {
-                        let text = field.text().await?;
-                        check_purpose(text.trim())?;
-                        purpose = Some(text.trim().to_string());
-                    }
-                    Some("file") | None if stored.is_none() => {
-                        let name = field.file_name().map(str::to_string);
-                        let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
-                        stored =
-                            Some((state.artifacts.put_stream(&key, chunks, limit).await, name));
-                    }
-                    // other fields (OpenAI's expires_after[…]) are read past: retention is the
-                    // operator's
-                    _ => {
-                        let _ = field.bytes().await?;
-                    }
-                }
-            }
-            Ok::<(), ApiError>(())
-        }
-        .await;
-        if let Err(e) = read {
-            // a form refused after its file was stored leaves nothing behind
-            if matches!(stored, Some((Ok(_), _))) {
-                state.artifacts.delete(&key).await?;
-            }
-            return Err(e);
-        }
-        stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))?
+    let (stored, filename) = if is_multipart(req.headers()) {
+        store_form(&state, req, &key, room.limit(), &mut purpose).await?
     } else {
         let chunks = req
             .into_body()
             .into_data_stream()
             .map(|c| c.map_err(|e| e.to_string()))
             .boxed();
-        (
-            state.artifacts.put_stream(&key, chunks, limit).await,
-            q.get("filename").cloned(),
-        )
+        let stored = state.artifacts.put_stream(&key, chunks, room.limit()).await;
+        (stored, q.get("filename").cloned())
     };
-    let (digest, filename) = match stored {
-        (Ok(digest), name) => (digest, name),
-        (Err(PutError::TooLarge { .. }), _) if limit < upload_limit => return Err(over_quota()),
-        (Err(PutError::TooLarge { .. }), _) => return Err(too_large()),
-        (Err(PutError::Body(e)), _) => {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e))
-        }
-        (Err(PutError::Io(e)), _) => return Err(e.into()),
+    let upload = StoredUpload {
+        id,
+        key,
+        digest: stored.map_err(|e| room.refused(e))?,
+        filename,
+        purpose: purpose.unwrap_or_else(|| UPLOAD_PURPOSE.to_string()),
     };
-    if digest.bytes == 0 {
-        state.artifacts.delete(&key).await?;
-        return Err(ApiError::invalid("file", "the upload is empty"));
-    }
-    let purpose = purpose.unwrap_or_else(|| UPLOAD_PURPOSE.to_string());
-    if let Some(idem) = &idempotency_key {
-        let request = format!("{purpose}:{}", digest.sha256);
-        let scope = owner.as_deref().unwrap_or("");
-        match state
-            .db
-            .claim_idempotency_key(scope, "files", idem, &request, &id)
-            .await?
-        {
-            None => {}
-            Some(first) => {
-                state.artifacts.delete(&key).await?;
-                if first.request_sha256 != request {
-                    return Err(super::idempotency_key_reused());
+    let owner = owner.as_deref();
+    let (row, new) = uploads::record(&state, owner, upload, idempotency_key.as_deref()).await?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(file_view(row))))
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"))
+}
+
+/// A multipart form's `file` stored under `key` as it arrives, its `purpose` checked; the
+/// store's answer and the file's name. A form refused after its file was stored leaves nothing
+/// behind.
+async fn store_form(
+    state: &AppState,
+    req: Request,
+    key: &Key,
+    limit: u64,
+    purpose: &mut Option<String>,
+) -> Result<(Result<FileDigest, PutError>, Option<String>), ApiError> {
+    let mut form = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
+    let mut stored = None;
+    let read = async {
+        while let Some(field) = form.next_field().await? {
+            match field.name() {
+                Some("purpose") => {
+                    let text = field.text().await?;
+                    check_purpose(text.trim())?;
+                    *purpose = Some(text.trim().to_string());
                 }
-                let row = state
-                    .db
-                    .get_file(&first.object_id, owner.as_deref())
-                    .await?
-                    .ok_or_else(|| ApiError::not_found("file", &first.object_id))?;
-                return Ok((StatusCode::OK, Json(file_view(row))));
+                Some("file") | None if stored.is_none() => {
+                    let name = field.file_name().map(str::to_string);
+                    let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
+                    stored = Some((state.artifacts.put_stream(key, chunks, limit).await, name));
+                }
+                // other fields (OpenAI's expires_after[…]) are read past: retention is the
+                // operator's
+                _ => {
+                    field.bytes().await?;
+                }
             }
         }
+        Ok::<(), ApiError>(())
     }
-    let row = FileRow {
-        id,
-        owner: owner.0.clone(),
-        filename,
-        bytes: digest.bytes as i64,
-        sha256: digest.sha256,
-        created_at: crate::db::now(),
-        purpose,
-        status: crate::job::FileStatus::Uploaded,
-        status_details: None,
-    };
-    state.db.insert_file(&row).await?;
-    Ok((StatusCode::CREATED, Json(file_view(row))))
+    .await;
+    if let Err(e) = read {
+        if matches!(stored, Some((Ok(_), _))) {
+            state.artifacts.delete(key).await?;
+        }
+        return Err(e);
+    }
+    stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))
 }
 
 #[derive(Deserialize)]
@@ -524,15 +469,27 @@ pub(super) async fn serve(
     };
     let (body, range) = body;
     let mut resp = (status, body).into_response();
-    let h = resp.headers_mut();
+    download_headers(resp.headers_mut(), &name, length, bytes, range, etag);
+    Ok(resp)
+}
+
+/// A download's headers: its type, length, range (of `total` bytes), file name and ETag.
+fn download_headers(
+    h: &mut HeaderMap,
+    name: &str,
+    length: u64,
+    total: u64,
+    range: Option<(u64, u64)>,
+    etag: Option<String>,
+) {
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type(&name)),
+        HeaderValue::from_static(content_type(name)),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some((start, end)) = range {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{bytes}")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{total}")) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
@@ -542,7 +499,6 @@ pub(super) async fn serve(
     if let Some(tag) = etag.and_then(|t| HeaderValue::from_str(&t).ok()) {
         h.insert(header::ETAG, tag);
     }
-    Ok(resp)
 }
 
 /// 410 for a job whose artifacts retention has removed.
@@ -633,5 +589,28 @@ async fn drain_small_body(body: axum::body::Body, announced: Option<u64>) {
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+    // a client still sending after five seconds gets its answer anyway
+    tokio::time::timeout(std::time::Duration::from_secs(5), drain)
+        .await
+        .ok();
+}
+
+/// `/v1/files…` (uploads, at most `uploads` at a time) and a job's checkpoint and adapter files.
+pub(super) fn routes(uploads: std::sync::Arc<tokio::sync::Semaphore>) -> axum::Router<AppState> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/v1/jobs/{id}/checkpoints", get(checkpoints))
+        .route(
+            "/v1/jobs/{id}/checkpoints/{step}/{file}",
+            get(checkpoint_file),
+        )
+        .route("/v1/jobs/{id}/adapter", get(adapter))
+        .route(
+            "/v1/files",
+            axum::routing::post(upload).get(list).route_layer(
+                axum::middleware::from_fn_with_state(uploads, super::guard::bound_uploads),
+            ),
+        )
+        .route("/v1/files/{id}", get(retrieve).delete(delete))
+        .route("/v1/files/{id}/content", get(content))
 }

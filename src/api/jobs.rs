@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, Owner};
-use crate::db::JobRow;
+use crate::db::{JobRow, KeyClaim};
 use crate::events::JobEvent;
 use crate::job::{JobErrorView, JobId, JobList, JobStatus, JobView, MetricsRow, Progress};
 use crate::queue::Control;
@@ -135,27 +135,28 @@ pub(super) async fn submit_once(
     let scope = owner.as_deref().unwrap_or("");
     if let Some(key) = idempotency {
         let request = crate::artifacts::hex(&Sha256::digest(body));
-        if let Some(first) = state
+        let claim = state
             .db
             .claim_idempotency_key(scope, "jobs", key, &request, id.as_str())
-            .await?
-        {
-            if first.request_sha256 != request {
-                return Err(super::idempotency_key_reused());
+            .await?;
+        match claim {
+            KeyClaim::Bound => {}
+            KeyClaim::Reused => return Err(super::idempotency_key_reused()),
+            KeyClaim::Repeat { object_id } => {
+                let job = JobId::parse(&object_id)
+                    .ok_or_else(|| ApiError::not_found("job", &object_id))?;
+                return state
+                    .db
+                    .get_job(&job, owner.as_deref())
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::CONFLICT,
+                            "request_in_progress",
+                            "a request with this Idempotency-Key is still being processed",
+                        )
+                    });
             }
-            let job = JobId::parse(&first.object_id)
-                .ok_or_else(|| ApiError::not_found("job", &first.object_id))?;
-            return state
-                .db
-                .get_job(&job, owner.as_deref())
-                .await?
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::CONFLICT,
-                        "request_in_progress",
-                        "a request with this Idempotency-Key is still being processed",
-                    )
-                });
         }
     }
     match crate::queue::submit_as(state, &id, spec, owner.as_deref()).await {
@@ -335,4 +336,18 @@ pub(super) async fn curve(state: &AppState, job: &JobId) -> Result<Vec<MetricsRo
         by_step.insert((row.step, row.is_eval()), row);
     }
     Ok(by_step.into_values().collect())
+}
+
+/// `/v1/jobs…`: the native job API (its event stream, files and exports are routed by their
+/// modules).
+pub(super) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/jobs", post(create).get(list))
+        .route("/v1/jobs/estimate", post(estimate))
+        .route("/v1/jobs/{id}", get(self::get).delete(delete))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/pause", post(pause))
+        .route("/v1/jobs/{id}/resume", post(resume))
+        .route("/v1/jobs/{id}/metrics", get(metrics))
 }

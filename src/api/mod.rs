@@ -16,7 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
 
@@ -35,49 +35,12 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     ));
     let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
-        .route("/v1/jobs", post(jobs::create).get(jobs::list))
-        .route("/v1/jobs/estimate", post(jobs::estimate))
-        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/pause", post(jobs::pause))
-        .route("/v1/jobs/{id}/resume", post(jobs::resume))
-        .route("/v1/jobs/{id}/metrics", get(jobs::metrics))
-        .route("/v1/jobs/{id}/events", get(stream::events))
-        .route("/v1/jobs/{id}/checkpoints", get(files::checkpoints))
-        .route(
-            "/v1/jobs/{id}/checkpoints/{step}/{file}",
-            get(files::checkpoint_file),
-        )
-        .route("/v1/jobs/{id}/adapter", get(files::adapter))
-        .route("/v1/jobs/{id}/exports", post(exports::create))
-        .route("/v1/jobs/{id}/exports/{format}", get(exports::download))
-        .route(
-            "/v1/files",
-            post(files::upload)
-                .get(files::list)
-                .route_layer(middleware::from_fn_with_state(
-                    uploads,
-                    guard::bound_uploads,
-                )),
-        )
-        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
-        .route("/v1/files/{id}/content", get(files::content))
-        .route(
-            "/v1/fine_tuning/jobs",
-            post(openai::create).get(openai::list),
-        )
-        .route("/v1/fine_tuning/jobs/{id}", get(openai::retrieve))
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(chat::completions))
-        .route("/v1/models", get(chat::models))
-        .route("/v1/fine_tuning/jobs/{id}/cancel", post(openai::cancel))
-        .route("/v1/fine_tuning/jobs/{id}/pause", post(openai::pause))
-        .route("/v1/fine_tuning/jobs/{id}/resume", post(openai::resume))
-        .route("/v1/fine_tuning/jobs/{id}/events", get(openai::events))
-        .route(
-            "/v1/fine_tuning/jobs/{id}/checkpoints",
-            get(openai::checkpoints),
-        )
+        .merge(jobs::routes())
+        .merge(stream::routes())
+        .merge(exports::routes())
+        .merge(files::routes(uploads))
+        .merge(openai::routes())
+        .merge(chat::routes())
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), failures),
             auth::authenticate,

@@ -114,3 +114,7 @@ fn event_stream(
         }
     })
 }
+
+pub(super) fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/v1/jobs/{id}/events", axum::routing::get(events))
+}

@@ -9,14 +9,25 @@ const KEPT_SECS: i64 = 24 * 3600;
 
 /// What a key already stands for.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct IdempotentRequest {
-    pub request_sha256: String,
-    pub object_id: String,
+struct IdempotentRequest {
+    request_sha256: String,
+    object_id: String,
+}
+
+/// What claiming a key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyClaim {
+    /// The key is now bound to this request's object: go on and make it.
+    Bound,
+    /// The same request came before: answer with the object it made.
+    Repeat { object_id: String },
+    /// The key was used with a different request: refuse.
+    Reused,
 }
 
 impl Db {
-    /// Binds `key` to `object_id` unless it is bound already: `None` when this call bound it,
-    /// else what the first request bound it to.
+    /// Binds `key` to `object_id` unless it is bound already, and says which it was. The one
+    /// helper every idempotent POST goes through.
     pub async fn claim_idempotency_key(
         &self,
         scope: &str,
@@ -24,7 +35,7 @@ impl Db {
         key: &str,
         request_sha256: &str,
         object_id: &str,
-    ) -> Result<Option<IdempotentRequest>> {
+    ) -> Result<KeyClaim> {
         // a key is remembered for a day (as OpenAI's are); the caller's older ones go first
         sqlx::query(&self.sql(
             "DELETE FROM idempotency_keys WHERE scope = ? AND route = ? AND created_at < ?::timestamptz",
@@ -47,9 +58,9 @@ impl Db {
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 1 {
-            return Ok(None);
+            return Ok(KeyClaim::Bound);
         }
-        Ok(sqlx::query_as(&self.sql(
+        let first: Option<IdempotentRequest> = sqlx::query_as(&self.sql(
             "SELECT request_sha256, object_id FROM idempotency_keys
              WHERE scope = ? AND route = ? AND key = ?",
         ))
@@ -57,7 +68,16 @@ impl Db {
         .bind(route)
         .bind(key)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(match first {
+            // released between the insert and this read (its request failed): go on unbound,
+            // as a request without a key would
+            None => KeyClaim::Bound,
+            Some(first) if first.request_sha256 == request_sha256 => KeyClaim::Repeat {
+                object_id: first.object_id,
+            },
+            Some(_) => KeyClaim::Reused,
+        })
     }
 
     /// Frees a key whose request failed, so that a retry can succeed.

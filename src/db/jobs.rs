@@ -87,7 +87,10 @@ impl TryFrom<JobRecord> for JobRow {
             why,
         };
         let id = JobId::parse(&r.id).ok_or_else(|| corrupt("id", "not a UUID".into()))?;
-        let status = r.status.parse().map_err(|e: crate::job::UnknownStatus| corrupt("status", e.to_string()))?;
+        let status = r
+            .status
+            .parse()
+            .map_err(|e: crate::job::UnknownStatus| corrupt("status", e.to_string()))?;
         let phase = r
             .phase
             .as_deref()
@@ -128,8 +131,20 @@ impl TryFrom<JobRecord> for JobRow {
     }
 }
 
-fn typed(records: Vec<JobRecord>) -> Result<Vec<JobRow>> {
-    records.into_iter().map(JobRow::try_from).collect()
+/// A page of rows, typed. A row that no longer reads back (edited by hand, or stored by a newer
+/// version) is left out with an error line rather than failing the whole page: one bad row must
+/// not hide its owner's other jobs. Reading it alone (`get_job`) names the problem.
+fn typed(records: Vec<JobRecord>) -> Vec<JobRow> {
+    records
+        .into_iter()
+        .filter_map(|r| match JobRow::try_from(r) {
+            Ok(row) => Some(row),
+            Err(e) => {
+                tracing::error!(error = %e, "a stored job is unreadable; left out of the list");
+                None
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -240,7 +255,12 @@ pub(super) const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 impl Db {
     /// Inserts a queued job and its metadata pairs (the rows list filters read), in one
     /// transaction.
-    pub async fn insert_job(&self, id: &JobId, owner: Option<&str>, spec: &JobSpec) -> Result<JobRow> {
+    pub async fn insert_job(
+        &self,
+        id: &JobId,
+        owner: Option<&str>,
+        spec: &JobSpec,
+    ) -> Result<JobRow> {
         let text = serde_json::to_string(spec).expect("a spec serializes");
         let mut tx = self.pool.begin().await?;
         // created_at is taken inside the insert, so that it does not run backwards against seq
@@ -333,7 +353,7 @@ impl Db {
         for (key, value) in metadata {
             query = query.bind(key).bind(value);
         }
-        typed(query.bind(limit).fetch_all(&self.pool).await?)
+        Ok(typed(query.bind(limit).fetch_all(&self.pool).await?))
     }
 
     /// One statement, so it is atomic without a read-then-write transaction (which WAL can

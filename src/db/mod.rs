@@ -26,7 +26,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use events::{EventRow, TimedEventRow};
 pub use files::{FileRow, Order};
-pub use idempotency::IdempotentRequest;
+pub use idempotency::KeyClaim;
 pub use jobs::{
     CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome,
     StopRequest,

@@ -345,3 +345,48 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
         dst.iter_mut().zip(&src[s..e]).for_each(|(d, s)| *d += s);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectorising `exp` of the fused kernels against the standard library's.
+    #[test]
+    fn fused_exp_matches_std() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (fast, exact) = (exp(x), x.exp());
+            worst = worst.max(((fast - exact) / exact).abs());
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        let tiny = exp(-200.0);
+        assert!((0.0..1e-37).contains(&tiny), "exp(-200) = {tiny}");
+    }
+
+    /// The parallel float32 → bfloat16 rounding of the bf16 matmuls agrees with the `half` crate's,
+    /// bit for bit (round to nearest even, infinities, subnormals; NaN stays NaN).
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut values: Vec<f32> = (0..200_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE / 3.0,
+        ]);
+        values.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)]); // ties
+        let ours = to_bf16(&values);
+        for (x, b) in values.iter().zip(&ours) {
+            if x.is_nan() {
+                assert!(b.is_nan(), "{x} -> {b}");
+            } else {
+                assert_eq!(b.to_bits(), half::bf16::from_f32(*x).to_bits(), "{x:e}");
+            }
+        }
+    }
+}

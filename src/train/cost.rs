@@ -62,7 +62,6 @@ impl DeviceKind {
     }
 }
 
-
 const F32: f64 = 4.0;
 /// Rows of logits computed at once by the chunked loss (`ops::lm_head_cross_entropy`).
 const LOGIT_ROWS: f64 = 128.0;

@@ -657,3 +657,121 @@ fn rms_norm_backward_untimed(
     );
     Tensor::from_vec(dx, x.shape(), x.device())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Each custom op's backward against candle's autograd of the same function built from
+    /// stock ops (moved here from tests/it/engine.rs).
+    #[test]
+    fn custom_backward_ops_match_stock_autograd() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let grad_of = |f: &dyn Fn(&Tensor) -> Tensor| -> Tensor {
+            let y = f(x.as_tensor());
+            let l = (y * &probe).unwrap().sum_all().unwrap();
+            l.backward().unwrap().get(&x).unwrap().clone()
+        };
+        // rms_norm
+        let fast = grad_of(&|x| rms_norm(x, &w, 1e-5).unwrap());
+        let slow = grad_of(&|x| {
+            let r = (x.sqr().unwrap().mean_keepdim(3).unwrap() + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            x.broadcast_div(&r).unwrap().broadcast_mul(&w).unwrap()
+        });
+        assert!(max_abs_diff(&fast, &slow) < 1e-4, "rms_norm");
+        // rope
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let fast = grad_of(&|x| rope(x, &cos, &sin).unwrap());
+        let slow = grad_of(&|x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap());
+        assert!(max_abs_diff(&fast, &slow) < 1e-4, "rope");
+        // masked softmax
+        let mask = Tensor::from_vec(
+            (0..64)
+                .map(|i| {
+                    if i % 8 > i / 8 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect::<Vec<f32>>(),
+            (8, 8),
+            &dev,
+        )
+        .unwrap();
+        let probe8 = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let xs = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap()).unwrap();
+        let g = |fast: bool| {
+            let y = if fast {
+                masked_softmax(xs.as_tensor(), &mask, 0.5).unwrap()
+            } else {
+                candle_nn::ops::softmax(
+                    &(xs.as_tensor() * 0.5)
+                        .unwrap()
+                        .broadcast_add(&mask)
+                        .unwrap(),
+                    3,
+                )
+                .unwrap()
+            };
+            let l = (y.narrow(2, 0, 5).unwrap() * &probe8)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            l.backward().unwrap().get(&xs).unwrap().clone()
+        };
+        assert!(max_abs_diff(&g(true), &g(false)) < 1e-5, "masked softmax");
+        // frozen matmul + fused lm-head cross-entropy against stock matmul + candle's cross_entropy
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 8), &dev).unwrap()).unwrap();
+        let wv = Tensor::randn(0f32, 1.0, (50, 8), &dev).unwrap();
+        let logits = h.as_tensor().matmul(&wv.t().unwrap()).unwrap();
+        // every third row's target is its argmax, the others mostly are not
+        let argmax: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+        let wanted: Vec<u32> = (0..300u32)
+            .map(|i| {
+                if i % 3 == 0 {
+                    argmax[i as usize]
+                } else {
+                    i * 7 % 50
+                }
+            })
+            .collect();
+        let hits = argmax.iter().zip(&wanted).filter(|(a, t)| a == t).count();
+        assert!((100..300).contains(&hits));
+        let targets = Tensor::from_vec(wanted, 300, &dev).unwrap();
+        let fused = lm_head_cross_entropy(h.as_tensor(), &wv, &targets).unwrap();
+        assert_eq!(fused.correct, hits, "token accuracy counts argmax hits");
+        let fused = fused.sum;
+        let stock = (candle_nn::loss::cross_entropy(&logits, &targets).unwrap() * 300.0).unwrap();
+        let (lf, ls) = (
+            fused.to_scalar::<f32>().unwrap(),
+            stock.to_scalar::<f32>().unwrap(),
+        );
+        assert!((lf - ls).abs() / ls < 1e-5, "{lf} vs {ls}");
+        let gf = fused.backward().unwrap().get(&h).unwrap().clone();
+        let gs = stock.backward().unwrap().get(&h).unwrap().clone();
+        assert!(
+            max_abs_diff(&gf, &gs) < 1e-4,
+            "fused cross-entropy gradient"
+        );
+    }
+}

@@ -723,3 +723,6 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> 
     let dense = w.dequantize(x.device(), x.dtype())?;
     Ok(ops::frozen_matmul(&x, &dense)?)
 }
+
+#[cfg(test)]
+mod tests;

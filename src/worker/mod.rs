@@ -109,7 +109,9 @@ pub async fn run(state: AppState, device_name: String) {
         }
     }
     state.workers_up.fetch_sub(1, Ordering::SeqCst);
-    let _ = reporting.await;
+    if let Err(e) = reporting.await {
+        tracing::error!(error = %e, "the worker's reporting task ended abnormally");
+    }
 }
 
 /// Writes how a run ended — finished (succeeded, failed, cancelled), paused, or back in the

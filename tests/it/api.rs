@@ -190,13 +190,17 @@ async fn cancel_queued_and_running_jobs() {
         .submit(&app.job(json!({"training": {"max_steps": 100000}})))
         .await;
     let queued = app.submit(&app.job(json!({}))).await;
-    eventually(Duration::from_secs(60), "the long job ran two steps", || async {
-        let (_, j) = app.get(&format!("/v1/jobs/{running}")).await;
-        match j["progress"]["step"].as_i64().unwrap_or(0) >= 2 {
-            true => Ok(()),
-            false => Err(j.to_string()),
-        }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the long job ran two steps",
+        || async {
+            let (_, j) = app.get(&format!("/v1/jobs/{running}")).await;
+            match j["progress"]["step"].as_i64().unwrap_or(0) >= 2 {
+                true => Ok(()),
+                false => Err(j.to_string()),
+            }
+        },
+    )
     .await;
     let (status, j) = app
         .post(&format!("/v1/jobs/{queued}/cancel"), &json!({}))
@@ -245,69 +249,17 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
     };
     let mut without_dataset = ok.clone();
     without_dataset.as_object_mut().unwrap().remove("dataset");
+    // every field's own checks are the spec's unit tests (spec.rs); these are the ones that
+    // need the service (uploads, egress), and one of each kind to show the 422 wiring
     let cases: Vec<(Value, u16, &str)> = vec![
         (with(json!({"lora": {"r": 0}})), 422, "lora.r"),
-        (with(json!({"lora": {"r": -3}})), 422, "lora.r"),
-        (with(json!({"lora": {"alpha": -1.0}})), 422, "lora.alpha"),
-        (with(json!({"lora": {"dropout": 1.5}})), 422, "lora.dropout"),
-        (
-            with(json!({"lora": {"target_modules": ["attn"]}})),
-            422,
-            "lora.target_modules",
-        ),
-        (
-            with(json!({"lora": {"target_modules": "everything"}})),
-            422,
-            "lora.target_modules",
-        ),
-        (
-            with(json!({"training": {"learning_rate": 0}})),
-            422,
-            "training.learning_rate",
-        ),
-        (
-            with(json!({"training": {"learning_rate": -0.1}})),
-            422,
-            "training.learning_rate",
-        ),
-        (
-            with(json!({"training": {"batch_size": 0}})),
-            422,
-            "training.batch_size",
-        ),
-        (
-            with(json!({"training": {"epochs": 0}})),
-            422,
-            "training.epochs",
-        ),
-        (
-            with(json!({"training": {"max_seq_len": 1}})),
-            422,
-            "training.max_seq_len",
-        ),
-        (
-            with(json!({"training": {"warmup_ratio": 2}})),
-            422,
-            "training.warmup_ratio",
-        ),
-        (
-            with(json!({"training": {"lr_scheduler": "exotic"}})),
-            422,
-            "training.lr_scheduler",
-        ),
         (
             with(json!({"training": {"batch_size": "four"}})),
             422,
             "training.batch_size",
         ),
         (with(json!({"extra_field": 1})), 422, "extra_field"),
-        (
-            with(json!({"training": {"bogus": 1}})),
-            422,
-            "training.bogus",
-        ),
         (without_dataset, 422, "dataset"),
-        (with(json!({"base_model": ""})), 422, "base_model"),
         (
             with(json!({"dataset": {"url": "ftp://example/x"}})),
             422,
@@ -319,37 +271,11 @@ async fn bad_input_gets_a_json_error_naming_the_problem() {
             "dataset.url",
         ),
         (
-            with(json!({"dataset": {"validation_split": 0}})),
-            422,
-            "dataset.validation_split",
-        ),
-        (
-            with(json!({"from_checkpoint": "not-a-job"})),
+            with(json!({"from_checkpoint": "00000000-0000-0000-0000-000000000000"})),
             422,
             "from_checkpoint",
         ),
-        (
-            with(json!({"quantization": {"bits": 3}})),
-            422,
-            "quantization.bits",
-        ),
-        (
-            with(json!({"quantization": {"type": "nf4", "bits": 8}})),
-            422,
-            "quantization.type",
-        ),
-        (
-            with(json!({"quantization": {"type": "gguf"}})),
-            422,
-            "quantization.type",
-        ),
-        (
-            with(json!({"checkpoint_every_steps": 0})),
-            422,
-            "checkpoint_every_steps",
-        ),
     ];
-    assert!(cases.len() >= 20);
     for (i, (body, status, param)) in cases.into_iter().enumerate() {
         let (got, err) = app.post("/v1/jobs", &body).await;
         assert_eq!(got, status, "case {i}: {err}");
@@ -664,8 +590,23 @@ async fn openapi_document_matches_the_router() {
     assert_eq!(doc["openapi"], "3.1.0");
     let documented: std::collections::BTreeSet<String> =
         doc["paths"].as_object().unwrap().keys().cloned().collect();
-    // the routes the router declares, read from its source
-    let source = include_str!("../../src/api/mod.rs");
+    // the routes the router declares, read from its source: each resource module declares its
+    // own (`routes()`), api/mod.rs the rest
+    let mut source = String::new();
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/api"
+    ))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                source += &std::fs::read_to_string(&path).unwrap();
+            }
+        }
+    }
     let served: std::collections::BTreeSet<String> = source
         .split(".route(")
         .skip(1)

@@ -72,14 +72,18 @@ fn measured_peak(dir: &Path, name: &str, spec: &Value) -> u64 {
 
 /// The estimate of `body` once `n` workers have reported (a worker reports as it starts).
 async fn pool_of(app: &crate::helpers::app::TestApp, body: &Value, n: usize) -> Value {
-    eventually(Duration::from_secs(30), "the pool's workers reported", || async {
-        let (status, estimate) = app.post("/v1/jobs/estimate", body).await;
-        assert_eq!(status, 200, "{estimate}");
-        match estimate["workers"].as_array().unwrap().len() == n {
-            true => Ok(estimate),
-            false => Err(estimate.to_string()),
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the pool's workers reported",
+        || async {
+            let (status, estimate) = app.post("/v1/jobs/estimate", body).await;
+            assert_eq!(status, 200, "{estimate}");
+            match estimate["workers"].as_array().unwrap().len() == n {
+                true => Ok(estimate),
+                false => Err(estimate.to_string()),
+            }
+        },
+    )
     .await
 }
 

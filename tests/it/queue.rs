@@ -16,8 +16,10 @@ use qtune::worker::{record_outcome, Outcome};
 use crate::helpers::app::spawn_app_with;
 
 fn spec() -> JobSpec {
-    JobSpec::from_json(r#"{"base_model": "m", "dataset": {"url": "https://example.invalid/d.jsonl"}}"#)
-        .unwrap()
+    JobSpec::from_json(
+        r#"{"base_model": "m", "dataset": {"url": "https://example.invalid/d.jsonl"}}"#,
+    )
+    .unwrap()
 }
 
 fn step(n: u64) -> StepMetrics {
@@ -381,15 +383,22 @@ async fn an_older_sqlite_database_upgrades_with_its_jobs() {
             .collect::<Vec<_>>()
             .into();
         old.run(&pool).await.unwrap();
+        // a spec as the qtune of migration 4 stored it: resolved, without the fields added
+        // since (compute_dtype, packing, gradient_checkpointing, eval_every_steps, metadata)
+        const OLD_SPEC: &str = r#"{"base_model":"m","revision":null,"dataset":{"url":"d.jsonl","format":"auto","validation_url":null,"validation_split":null},"lora":{"r":8,"alpha":16.0,"dropout":0.05,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"use_rslora":false},"quantization":null,"training":{"epochs":3,"max_steps":null,"batch_size":4,"gradient_accumulation_steps":1,"learning_rate":0.0002,"lr_scheduler":"linear","warmup_steps":0,"warmup_ratio":0.0,"optimizer":"adamw","weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"momentum":0.0,"max_grad_norm":1.0,"max_seq_len":1024,"train_on_inputs":false},"checkpoint_every_steps":null,"suffix":null,"seed":42,"from_checkpoint":null}"#;
         pool.execute(
-            "INSERT INTO jobs (id, owner, status, spec, created_at, step, attempt, failovers)
-             VALUES ('00000000-0000-4000-8000-000000000001', 'k', 'succeeded', '{}',
+            &*"INSERT INTO jobs (id, owner, status, spec, created_at, step, attempt, failovers)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'k', 'succeeded', '{OLD_SPEC}',
                      '2026-01-01T00:00:00.000000Z', 4, 1, 0);
+             INSERT INTO jobs (id, owner, status, spec, created_at, step, attempt, failovers)
+             VALUES ('00000000-0000-4000-8000-000000000002', 'k', 'failed', '{}',
+                     '2026-01-01T00:00:02.000000Z', 0, 1, 0);
              INSERT INTO job_events (job_id, kind, data, created_at)
              VALUES ('00000000-0000-4000-8000-000000000001', 'status', '{\"status\":\"queued\"}',
                      '2026-01-01T00:00:00.000000Z');
              INSERT INTO checkpoints (job_id, step, created_at, files)
-             VALUES ('00000000-0000-4000-8000-000000000001', 2, '2026-01-01T00:00:01.000000Z', '[]');",
+             VALUES ('00000000-0000-4000-8000-000000000001', 2, '2026-01-01T00:00:01.000000Z', '[]');"
+                .replace("{OLD_SPEC}", OLD_SPEC),
         )
         .await
         .unwrap();
@@ -405,6 +414,19 @@ async fn an_older_sqlite_database_upgrades_with_its_jobs() {
         .unwrap()
         .expect("the job survived");
     assert_eq!((job.status, job.step), (JobStatus::Succeeded, 4));
+    // the fields it lacks read back as their defaults
+    assert!(job.spec.training.packing);
+    assert_eq!(job.spec.lora.target_modules.len(), 4);
+    // a row whose spec no longer reads (edited by hand) is an error when read alone, and is
+    // left out of a listing rather than hiding the owner's other jobs
+    let broken = JobId::parse("00000000-0000-4000-8000-000000000002").unwrap();
+    let e = db.get_job(&broken, Some("k")).await.unwrap_err();
+    assert!(e.to_string().contains("spec"), "{e}");
+    let listed = db.list_jobs(Some("k"), None, None, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+        vec![id.clone()]
+    );
     assert_eq!(db.events_after(id.as_str(), 0).await.unwrap().len(), 1);
     assert_eq!(db.list_checkpoints(&id).await.unwrap().len(), 1);
     // foreign keys still hold: deleting the job takes its events and checkpoints with it

@@ -38,7 +38,10 @@ fn as_openai(mut e: ApiError) -> ApiError {
     if e.status == StatusCode::UNPROCESSABLE_ENTITY {
         e.status = StatusCode::BAD_REQUEST;
     }
-    e.param = e.param.as_deref().map(request::request_param);
+    e.param = e.param.map(|p| match request::request_field(&p) {
+        Some(field) => field.to_string(),
+        None => p,
+    });
     e
 }
 
@@ -48,9 +51,8 @@ async fn continued(
     owner: &Owner,
     model: &str,
 ) -> Result<Option<Continued>, ApiError> {
-    let not_found = |why: String| {
-        ApiError::new(StatusCode::BAD_REQUEST, "model_not_found", why).param("model")
-    };
+    let not_found =
+        |why: String| ApiError::new(StatusCode::BAD_REQUEST, "model_not_found", why).param("model");
     let Some(from) = parse_fine_tuned_model(model) else {
         if model.starts_with("ft:") {
             return Err(not_found(format!(
@@ -82,14 +84,18 @@ async fn validate_files(state: &AppState, owner: &Owner, spec: &JobSpec) -> Resu
         let Some(id) = id.filter(|id| id.starts_with("file-")) else {
             continue;
         };
-        let row = state.db.get_file(id, owner.as_deref()).await?.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "file_not_found",
-                format!("no file {id:?}"),
-            )
-            .param(param)
-        })?;
+        let row = state
+            .db
+            .get_file(id, owner.as_deref())
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "file_not_found",
+                    format!("no file {id:?}"),
+                )
+                .param(param)
+            })?;
         let details = row.status_details.as_deref();
         let format = spec.dataset.format;
         let check =
@@ -327,4 +333,17 @@ pub async fn checkpoints(
         .map(|c| CheckpointObject::new(&row, c, &curve))
         .collect();
     Ok(Json(super::list_page(&data, has_more, |c| c.id.clone())))
+}
+
+/// `/v1/fine_tuning/jobs…` (the results files are served through `/v1/files`).
+pub(super) fn routes() -> axum::Router<AppState> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/fine_tuning/jobs", post(create).get(list))
+        .route("/v1/fine_tuning/jobs/{id}", get(retrieve))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(cancel))
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(pause))
+        .route("/v1/fine_tuning/jobs/{id}/resume", post(resume))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(checkpoints))
 }

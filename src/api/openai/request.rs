@@ -194,7 +194,7 @@ impl CreateFineTuningJob {
         let native = self.qtune.unwrap_or_default();
         native.refuse_request_fields()?;
         let mut training = native.training;
-        let from_hyper = apply_hyperparameters(&hyper, &hyper_param, &mut training)?;
+        let from_hyper = apply_hyperparameters(&hyper, hyper_param, &mut training)?;
         let dataset = native.dataset.unwrap_or_default();
         let (base_model, lora, from_checkpoint) = match continued {
             // the adapter continues with its own shape unless the request says otherwise
@@ -223,7 +223,7 @@ impl CreateFineTuningJob {
             from_checkpoint,
             metadata: self.metadata,
         };
-        JobSpec::parse(raw).map_err(|e| {
+        JobSpec::try_from(raw).map_err(|e| {
             let param = from_hyper
                 .iter()
                 .find(|(native, _)| *native == e.param)
@@ -255,7 +255,10 @@ impl CreateFineTuningJob {
                     ))
                 }
             }
-            under_method = m.supervised.as_ref().and_then(|s| s.hyperparameters.as_ref());
+            under_method = m
+                .supervised
+                .as_ref()
+                .and_then(|s| s.hyperparameters.as_ref());
         }
         match (&self.hyperparameters, under_method) {
             (Some(_), Some(_)) => Err(ApiError::bad(
@@ -294,7 +297,11 @@ impl NativeFields {
         ];
         let dataset = self.dataset.as_ref();
         let in_dataset = [
-            ("dataset.url", dataset.is_some_and(|d| d.url.is_some()), "training_file"),
+            (
+                "dataset.url",
+                dataset.is_some_and(|d| d.url.is_some()),
+                "training_file",
+            ),
             (
                 "dataset.validation_url",
                 dataset.is_some_and(|d| d.validation_url.is_some()),
@@ -367,14 +374,24 @@ fn apply_hyperparameters(
     Ok(from_hyper)
 }
 
-/// The request's field a native field came from, for errors: the spec's own checks and the
-/// queue's name native fields.
-pub fn request_param(native: &str) -> String {
+/// The request's own field that sets a native one, where the request has one.
+pub fn request_field(native: &str) -> Option<&'static str> {
     match native {
-        "base_model" | "from_checkpoint" => "model".into(),
-        "dataset.url" => "training_file".into(),
-        "dataset.validation_url" => "validation_file".into(),
-        p if p == "seed" || p == "suffix" || p.starts_with("metadata") => p.to_string(),
-        p => format!("qtune.{p}"),
+        "base_model" | "from_checkpoint" => Some("model"),
+        "dataset.url" => Some("training_file"),
+        "dataset.validation_url" => Some("validation_file"),
+        _ => None,
+    }
+}
+
+/// The request's param a spec error names: its own field where it has one (`seed`, `suffix`
+/// and `metadata` are the request's too), else the field inside `qtune`.
+fn request_param(native: &str) -> String {
+    match request_field(native) {
+        Some(field) => field.to_string(),
+        None if native == "seed" || native == "suffix" || native.starts_with("metadata") => {
+            native.to_string()
+        }
+        None => format!("qtune.{native}"),
     }
 }

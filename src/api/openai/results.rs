@@ -93,5 +93,7 @@ pub async fn list_results_files(
     for r in &rows {
         data.push(results_file(state, owner, &r.id).await?.0);
     }
-    Ok(Json(crate::api::list_page(&data, has_more, |f| f.id.clone())))
+    Ok(Json(crate::api::list_page(&data, has_more, |f| {
+        f.id.clone()
+    })))
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::db::{CheckpointRow, JobRow};
-use crate::events::JobEvent;
+use crate::events::{JobEvent, StatusChange};
 use crate::job::{unix_seconds, CheckpointRef, JobId, JobStatus, MetricsRow};
 use crate::spec::{JobSpec, DEFAULT_LEARNING_RATE};
 
@@ -193,26 +193,7 @@ fn describe(event: &JobEvent) -> (&'static str, String, &'static str, Value) {
                 JobStatus::Cancelled | JobStatus::Paused => "warn",
                 _ => "info",
             };
-            let mut message = match (s.status, s.phase) {
-                (JobStatus::Running, Some(phase)) => {
-                    format!("Job {}", phase.as_str().replace('_', " "))
-                }
-                (JobStatus::Running, None) => {
-                    format!("Job started (attempt {})", s.attempt.unwrap_or(1))
-                }
-                (JobStatus::Succeeded, _) => "The job has successfully completed".to_string(),
-                (status, _) => format!("Job {status}"),
-            };
-            if let Some(reason) = &s.reason {
-                message.push_str(&format!(": {reason}"));
-            }
-            if let Some(err) = &s.error {
-                message.push_str(&format!(
-                    ": {}",
-                    err.message.as_deref().unwrap_or(&err.code)
-                ));
-            }
-            (level, message, "message", Value::Null)
+            (level, status_message(s), "message", Value::Null)
         }
         JobEvent::Data(d) => (
             "info",
@@ -257,6 +238,31 @@ fn describe(event: &JobEvent) -> (&'static str, String, &'static str, Value) {
             Value::Null,
         ),
     }
+}
+
+/// A status change in OpenAI's words ("Job started", "The job has successfully completed"),
+/// with its reason or error.
+fn status_message(s: &StatusChange) -> String {
+    let mut message = match (s.status, s.phase) {
+        (JobStatus::Running, Some(phase)) => {
+            format!("Job {}", phase.as_str().replace('_', " "))
+        }
+        (JobStatus::Running, None) => {
+            format!("Job started (attempt {})", s.attempt.unwrap_or(1))
+        }
+        (JobStatus::Succeeded, _) => "The job has successfully completed".to_string(),
+        (status, _) => format!("Job {status}"),
+    };
+    if let Some(reason) = &s.reason {
+        message.push_str(&format!(": {reason}"));
+    }
+    if let Some(err) = &s.error {
+        message.push_str(&format!(
+            ": {}",
+            err.message.as_deref().unwrap_or(&err.code)
+        ));
+    }
+    message
 }
 
 #[derive(Debug, Serialize)]

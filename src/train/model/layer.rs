@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, TensorId};
 
-use super::config::Proj;
+use super::arch::Proj;
 use super::weights::{lora_dropout, Block, FrozenWeight, GradStash, LayerContext, Linear};
 use crate::kernels::lora::{self, Dropout, LoraDims, LoraSaved};
 use crate::kernels::{attention, elementwise};

@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Tensor, TensorId, Var};
 
-use super::config::{ModelConfig, Proj};
+use super::arch::Proj;
+use super::config::ModelConfig;
 use crate::kernels::lora::Dropout;
 use crate::train::quant::QuantizedWeight;
+use crate::train::{ops, quant, Result};
 
 /// A LoRA pair on one linear layer: `y += scale · B · A · dropout(x)`.
 #[derive(Clone)]
@@ -205,5 +207,44 @@ impl LayerContext {
             Some((cos, sin, mask)) if self.cfg.is_local_layer(layer) => (cos, sin, mask),
             _ => (&self.cos, &self.sin, &self.mask),
         }
+    }
+}
+
+impl Linear {
+    /// The composite-graph forward: `x · Wᵀ + bias + scale · B · A · dropout(x)`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        mode: ForwardMode,
+        layer: usize,
+        proj: Proj,
+    ) -> Result<Tensor> {
+        let mut y = match &self.weight {
+            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
+            FrozenWeight::Quantized(q) => quant::quantized_matmul(x, q)?,
+        };
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let Some(lora) = &self.lora else {
+            return Ok(y);
+        };
+        let (a, b) = if mode.train {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
+        };
+        let dropout = lora_dropout(mode, lora, layer, proj);
+        let in_dim = a.dim(1)?;
+        let mut x32 = x.to_dtype(a.dtype())?.reshape(((), in_dim))?;
+        if let Some(d) = dropout {
+            let n = x32.elem_count();
+            let mask = Tensor::from_vec(d.mask_values(n), n, x.device())?.to_dtype(x32.dtype())?;
+            x32 = x32.mul(&mask.reshape(x32.shape())?)?;
+        }
+        let b = lora.b_rows(&b)?;
+        let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
+        let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + delta)?)
     }
 }
