@@ -39,7 +39,7 @@ pub mod events;
 pub(crate) mod http;
 pub(crate) mod inference;
 pub mod job;
-pub mod kernels;
+pub(crate) mod kernels;
 pub(crate) mod model_access;
 pub(crate) mod queue;
 pub(crate) mod relay;

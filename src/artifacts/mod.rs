@@ -19,7 +19,7 @@
 //! reads it and [`ArtifactStore::save`]s it after the engine wrote it; for the local directory
 //! both are nothing, the local copy being the stored file.
 
-pub mod s3;
+pub(crate) mod s3;
 
 use std::path::{Path, PathBuf};
 

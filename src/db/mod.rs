@@ -18,7 +18,7 @@ mod events;
 mod files;
 mod idempotency;
 mod jobs;
-pub mod notify;
+pub(crate) mod notify;
 mod workers;
 
 use sqlx::any::AnyPoolOptions;

@@ -12,20 +12,20 @@
 //! job's peak memory and work, estimated before it runs).
 
 pub mod checkpoint;
-pub mod cost;
+pub(crate) mod cost;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
 pub mod generate;
 pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod quant;
+pub(crate) mod ops;
+pub(crate) mod optim;
+pub(crate) mod quant;
 pub mod report;
-pub mod timing;
+pub(crate) mod timing;
 pub mod tokenizer;
-pub mod trainer;
+pub(crate) mod trainer;
 
 use std::path::PathBuf;
 
@@ -34,7 +34,8 @@ use serde::Serialize;
 pub use data::{DataSummary, DatasetFile, Datasets};
 pub use error::{Error, Result};
 pub use report::{Event, Phase, Reporter, Silent};
-pub use trainer::RunOptions;
+pub use optim::Optimizer;
+pub use trainer::{evaluate, Evaluation, RunOptions};
 
 use crate::spec::JobSpec;
 use trainer::Trainer;
@@ -84,4 +85,22 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         eval_loss: last_eval,
         adapter_dir,
     })
+}
+
+/// Whether the engine takes its fused CPU paths (the fused decoder layer and ops) or candle's
+/// composite graph of stock ops: the same numbers either way, which the tests compare. On by
+/// default; process-wide.
+pub fn use_fused_paths(on: bool) {
+    ops::set_fused(on);
+}
+
+/// Whether the frozen multiplies go through oneDNN when the library is installed (else gemm):
+/// process-wide, for comparing the two; on by default.
+pub fn use_onednn(on: bool) {
+    crate::kernels::onednn::set_enabled(on);
+}
+
+/// Whether oneDNN's library was found on this machine.
+pub fn onednn_available() -> bool {
+    crate::kernels::onednn::available()
 }

@@ -380,7 +380,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Rotary position embedding in Hugging Face (rotate-half) layout on `(b, heads, t, head_dim)`.
-/// A rotation's backward is the rotation by the opposite angle.
+/// A rotation's backward is the rotation by the opposite angle. The decoder runs `rope_thd`
+/// (its own layout); this layout is kept for checking the op against candle's `rope_slow`.
+#[cfg(test)]
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let y = candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?;
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);

@@ -10,7 +10,7 @@ mod capacity;
 mod fetch;
 mod lease;
 mod persist;
-pub mod retention;
+pub(crate) mod retention;
 mod runner;
 
 use std::sync::atomic::Ordering;

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use qtune::cli::bench::random_model as synthetic;
 use qtune::train::model::{ForwardMode, Llama};
-use qtune::train::quant::{Kind4, QuantizedWeight};
+use qtune::train::model::{Kind4, QuantizedWeight};
 use qtune::train::{self, data, Silent};
 
 use crate::helpers::*;
@@ -21,14 +21,14 @@ struct CompositePath;
 
 impl CompositePath {
     fn on() -> CompositePath {
-        train::ops::set_fused(false);
+        train::use_fused_paths(false);
         CompositePath
     }
 }
 
 impl Drop for CompositePath {
     fn drop(&mut self) {
-        train::ops::set_fused(true);
+        train::use_fused_paths(true);
     }
 }
 

@@ -91,7 +91,7 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
         .collect();
     let vars: Vec<Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let spec = qtune::spec::TrainingSpec::default();
-    let mut opt = train::optim::Optimizer::new(&spec, vars.len());
+    let mut opt = train::Optimizer::new(&spec, vars.len());
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 2, 2, 2]]);
     for step in 0..5 {
         let mode = ForwardMode {
@@ -133,15 +133,15 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
 /// Loss and every LoRA gradient of a training forward on `ids`, with oneDNN and the fused kernels
 /// switched as asked (both are thread-local switches).
 fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, Vec<Vec<f32>>) {
-    qtune::kernels::onednn::set_enabled(optimised);
-    train::ops::set_fused(optimised);
+    qtune::train::use_onednn(optimised);
+    train::use_fused_paths(optimised);
     let mode = ForwardMode {
         train: true,
         dropout_seed: 0,
     };
     let out = loss_and_grads(model, &batch_of(ids), mode);
-    qtune::kernels::onednn::set_enabled(true);
-    train::ops::set_fused(true);
+    qtune::train::use_onednn(true);
+    train::use_fused_paths(true);
     out
 }
 
@@ -196,7 +196,7 @@ fn assert_close(
 #[test]
 fn optimised_path_matches_the_plain_composite_path() {
     assert!(
-        qtune::kernels::onednn::available(),
+        qtune::train::onednn_available(),
         "oneDNN (libdnnl.so.2) is not installed: apt-get install libdnnl2 (scripts/test.sh does)"
     );
     let long: Vec<u32> = (0..150).map(|i| (i * 37 % 250 + 3) as u32).collect();
@@ -255,12 +255,12 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
     // Both implementations: the fused CPU layer (which runs its forward again in backward) and
     // the composite one (a custom backward that rebuilds the layer's graph).
     for fused in [true, false] {
-        train::ops::set_fused(fused);
+        train::use_fused_paths(fused);
         model.gradient_checkpointing = false;
         let plain = loss_and_grads(&model, &batch, mode);
         model.gradient_checkpointing = true;
         let ckpt = loss_and_grads(&model, &batch, mode);
-        train::ops::set_fused(true);
+        train::use_fused_paths(true);
         assert_close(&format!("fused {fused}"), &ckpt, &plain, 1e-5);
     }
 
@@ -312,9 +312,9 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
     };
     // All LoRA gradients as one vector: their relative error as a whole.
     let grads_of = |m: &Llama, onednn: bool| {
-        qtune::kernels::onednn::set_enabled(onednn);
+        qtune::train::use_onednn(onednn);
         let (loss, g) = loss_and_grads(m, &batch, mode);
-        qtune::kernels::onednn::set_enabled(true);
+        qtune::train::use_onednn(true);
         (loss, g.concat())
     };
     let rel = relative_error;
@@ -466,7 +466,7 @@ fn exported_adapter_reproduces_the_logits() {
     // same logits
     let trained = tiny_llama(&lora(4, &ALL), 11);
     let vars: Vec<Var> = trained.lora_vars().into_iter().map(|(_, v)| v).collect();
-    let mut opt = train::optim::Optimizer::new(&qtune::spec::TrainingSpec::default(), vars.len());
+    let mut opt = train::Optimizer::new(&qtune::spec::TrainingSpec::default(), vars.len());
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2]]);
     for step in 0..3 {
         let mode = ForwardMode {

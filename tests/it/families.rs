@@ -77,7 +77,7 @@ fn check_family(family: &str) {
             .forward_cached(&row[t..t + 1], &mut cache)
             .unwrap();
     }
-    let loss = train::trainer::evaluate(&base, &examples, examples.len())
+    let loss = train::evaluate(&base, &examples, examples.len())
         .unwrap()
         .loss;
     let want = expected["loss"].to_vec1::<f32>().unwrap()[0] as f64;
@@ -219,7 +219,7 @@ fn every_family_loads_and_trains_quantized() {
         .lora;
         let dense =
             model::load_base(dir.to_str().unwrap(), None, &lora, None, 0, &Device::Cpu).unwrap();
-        let want = train::trainer::evaluate(&dense, &examples, 2).unwrap().loss;
+        let want = train::evaluate(&dense, &examples, 2).unwrap().loss;
         // 4 bits per weight move the loss by about 1% on these tiny random models, 8 by 0.1%
         for (kind, tolerance) in [("nf4", 0.03), ("int8", 0.005)] {
             let q: qtune::spec::QuantizationSpec = qtune::spec::JobSpec::from_json(&format!(
@@ -237,7 +237,7 @@ fn every_family_loads_and_trains_quantized() {
                 &Device::Cpu,
             )
             .unwrap();
-            let loss = train::trainer::evaluate(&base, &examples, 2).unwrap().loss;
+            let loss = train::evaluate(&base, &examples, 2).unwrap().loss;
             eprintln!("{family} {kind}: loss {loss:.4}, float model {want:.4}");
             assert!(
                 ((loss - want) / want).abs() < tolerance,
@@ -296,7 +296,7 @@ fn packed_batches_compute_what_one_example_per_row_does() {
             dropout_seed: 0,
         };
         for fused in [true, false] {
-            train::ops::set_fused(fused);
+            train::use_fused_paths(fused);
             for checkpointing in [false, true] {
                 adapted.model.gradient_checkpointing = checkpointing;
                 let run = |batch: &data::Batch| {
@@ -323,6 +323,6 @@ fn packed_batches_compute_what_one_example_per_row_does() {
                 }
             }
         }
-        train::ops::set_fused(true);
+        train::use_fused_paths(true);
     }
 }

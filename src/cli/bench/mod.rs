@@ -4,8 +4,8 @@
 //! the same sitting: figures from another machine are not a comparison, so none are printed here.
 //! `qtune bench-api` (`api.rs`) loads the HTTP API.
 
-pub mod api;
-pub mod generate;
+pub(crate) mod api;
+pub(crate) mod generate;
 pub mod random_model;
 
 use candle_core::Device;

@@ -34,4 +34,5 @@ pub use source::WeightSource;
 pub(crate) use source::{
     gguf_tensor_name, hf_tensor_name, is_gguf_path, safetensors_files, GgufBase,
 };
+pub use crate::train::quant::{Kind4, QuantizedWeight};
 pub use weights::{dropout_seed, mix_seed, Block, ForwardMode, FrozenWeight, Linear, LoraAdapter};

@@ -88,7 +88,7 @@ fn base_loss_on_a_public_domain_text_equals_transformers() {
     .unwrap();
     assert_eq!(examples.len(), 1);
     assert_eq!(examples[0].ids, ids(&expected["text_ids"]));
-    let loss = train::trainer::evaluate(&base, &examples, 1).unwrap().loss;
+    let loss = train::evaluate(&base, &examples, 1).unwrap().loss;
     let want = expected["text_loss"].as_f64().unwrap();
     eprintln!("Gemma 3 270M text loss: qtune {loss:.6}, transformers {want:.6}");
     assert!(
@@ -157,7 +157,7 @@ fn short_run(quantization: Option<serde_json::Value>, steps: u64) -> (f64, f64) 
             .all(|(_, l)| matches!(l.weight, model::FrozenWeight::Quantized(_)))
     });
     assert_eq!(stored, spec.quantization.is_some());
-    let before = train::trainer::evaluate(&base, &val_examples, 4)
+    let before = train::evaluate(&base, &val_examples, 4)
         .unwrap()
         .loss;
     drop(base);
