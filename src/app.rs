@@ -55,7 +55,7 @@ impl App {
 
     /// `qtune worker`: workers only, on the shared database and store; `/healthz` and `/readyz`
     /// on `health_listen` when given.
-    pub async fn build_worker(
+    pub(crate) async fn build_worker(
         config: ServeConfig,
         health_listen: Option<std::net::SocketAddr>,
     ) -> anyhow::Result<App> {
@@ -177,7 +177,7 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::warn!(error = %e, "cannot listen for Ctrl-C");

@@ -33,7 +33,7 @@ pub struct ServeConfig {
     /// Seconds a worker's claim on a job lasts without renewal (renewed every third of it); a
     /// job whose worker died is taken over by another worker once it expires.
     #[arg(long, env = "QTUNE_LEASE_SECS", default_value_t = 30)]
-    pub lease_secs: u64,
+    pub(crate) lease_secs: u64,
     /// Times a job may lose its worker (its lease expiring) and be taken over; one more and it
     /// fails with too_many_failovers.
     #[arg(long, env = "QTUNE_MAX_FAILOVERS", default_value_t = 3)]
@@ -69,7 +69,7 @@ pub struct ServeConfig {
     /// Hub repos a job's base_model may name (`owner/name` or `owner/*`); none listed: any
     /// well-formed repo id.
     #[arg(long, env = "QTUNE_ALLOW_HUB", value_delimiter = ',')]
-    pub allow_hub: Vec<String>,
+    pub(crate) allow_hub: Vec<String>,
     /// Largest request body (job specs, uploads), in MiB.
     #[arg(long, env = "QTUNE_MAX_UPLOAD_MIB", default_value_t = 256)]
     pub max_upload_mib: u64,
@@ -86,7 +86,7 @@ pub struct ServeConfig {
     /// Host names (with or without port) the API answers to; by default a loopback listener
     /// answers only to its own address and `localhost`, any other listener to any name.
     #[arg(long, env = "QTUNE_ALLOWED_HOSTS", value_delimiter = ',')]
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
     /// Start without API keys although the data dir holds jobs or files that keys own
     /// (every caller then sees everything).
     #[arg(long, env = "QTUNE_ALLOW_KEYLESS")]
@@ -122,15 +122,15 @@ pub struct ServeConfig {
     pub header_timeout_secs: u64,
     /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
-    pub max_record_kib: u64,
+    pub(crate) max_record_kib: u64,
     /// Chat and completion requests decoded at once (others wait their turn, first come first
     /// served); they share the CPU threads with training, so each one running slows a running
     /// job's steps while it lasts.
     #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 1)]
-    pub max_concurrent_generations: usize,
+    pub(crate) max_concurrent_generations: usize,
     /// Base models kept loaded for chat (the least recently used is dropped past it).
     #[arg(long, env = "QTUNE_MAX_LOADED_BASES", default_value_t = 2)]
-    pub max_loaded_bases: usize,
+    pub(crate) max_loaded_bases: usize,
     /// Memory for fine-tuned adapters kept attached to their loaded base, in MiB (least
     /// recently used dropped first).
     #[arg(long, env = "QTUNE_ADAPTER_CACHE_MIB", default_value_t = 512)]
@@ -178,7 +178,7 @@ impl ServeConfig {
     }
 
     /// The database URL: --database, or the SQLite file in the data dir.
-    pub fn database_url(&self) -> String {
+    pub(crate) fn database_url(&self) -> String {
         match &self.database {
             Some(url) if !url.trim().is_empty() => url.trim().to_string(),
             _ => format!("sqlite://{}", self.data_dir.join("qtune.db").display()),
@@ -186,7 +186,7 @@ impl ServeConfig {
     }
 
     /// The devices this process runs workers on.
-    pub fn worker_devices(&self) -> &[String] {
+    pub(crate) fn worker_devices(&self) -> &[String] {
         let n = self
             .workers
             .unwrap_or(self.devices.len())

@@ -100,7 +100,7 @@ impl JobEvent {
     }
 
     /// Whether the job has finished with this event (the stream ends after it).
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         matches!(self, JobEvent::Status(s) if s.status.is_terminal())
     }
 }
@@ -115,7 +115,7 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         self.kind == "status"
             && JobEvent::parse(&self.kind, &self.data).is_ok_and(|e| e.is_terminal())
     }

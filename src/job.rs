@@ -80,7 +80,7 @@ impl JobStatus {
     }
 
     /// Succeeded, failed or cancelled: nothing will change it again.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(
             self,
             JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
@@ -256,7 +256,7 @@ pub struct MetricsRow {
 impl MetricsRow {
     /// The CSV header, in field order (columns added later come last, so that readers of the
     /// older header keep their positions).
-    pub const COLUMNS: [&'static str; 9] = [
+    pub(crate) const COLUMNS: [&'static str; 9] = [
         "step",
         "epoch",
         "train_loss",
@@ -269,7 +269,7 @@ impl MetricsRow {
     ];
 
     /// The row as CSV fields, empty where there is no value.
-    pub fn csv_fields(&self) -> [String; 9] {
+    pub(crate) fn csv_fields(&self) -> [String; 9] {
         let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
         [
             self.step.to_string(),
@@ -285,7 +285,7 @@ impl MetricsRow {
     }
 
     /// Whether this row is an evaluation (it sorts after the step of the same number).
-    pub fn is_eval(&self) -> bool {
+    pub(crate) fn is_eval(&self) -> bool {
         self.train_loss.is_none()
     }
 }
@@ -324,7 +324,7 @@ impl From<&EvalMetrics> for MetricsRow {
 
 /// Adds `loss` beside `train_loss` (same value) to a serialized step: the name 0.1 published in
 /// SSE `metrics` events and `metrics.jsonl`, kept so that readers written for it keep working.
-pub fn with_legacy_loss(mut value: serde_json::Value) -> serde_json::Value {
+pub(crate) fn with_legacy_loss(mut value: serde_json::Value) -> serde_json::Value {
     if let Some(obj) = value.as_object_mut() {
         if let Some(loss) = obj.get("train_loss").cloned() {
             obj.insert("loss".into(), loss);
@@ -347,7 +347,7 @@ pub struct Progress {
     pub epoch: Option<f64>,
     pub tokens_seen: i64,
     pub elapsed_seconds: Option<f64>,
-    pub eta_seconds: Option<f64>,
+    pub(crate) eta_seconds: Option<f64>,
 }
 
 /// A job as `GET /v1/jobs/{id}` shows it and the client reads it.
@@ -368,7 +368,7 @@ pub struct JobView {
     pub eval_loss: Option<f64>,
     pub error: Option<JobErrorView>,
     pub attempt: i64,
-    pub cancel_requested: bool,
+    pub(crate) cancel_requested: bool,
 }
 
 impl JobView {
@@ -400,7 +400,7 @@ pub struct FileDigest {
 
 /// A checkpoint as `GET /v1/jobs/{id}/checkpoints` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointView {
+pub(crate) struct CheckpointView {
     pub step: u64,
     pub created_at: String,
     pub files: Vec<FileDigest>,
@@ -419,7 +419,7 @@ pub struct FileView {
     /// `fine-tune` (an upload) or `fine-tune-results` (a job's step metrics, made by qtune).
     pub purpose: String,
     pub status: FileStatus,
-    pub status_details: Option<String>,
+    pub(crate) status_details: Option<String>,
     pub sha256: Option<String>,
 }
 
@@ -458,7 +458,7 @@ impl TryFrom<String> for FileStatus {
 }
 
 /// Unix seconds of an RFC 3339 time (as the database keeps them); 0 for text that is not one.
-pub fn unix_seconds(rfc3339: &str) -> i64 {
+pub(crate) fn unix_seconds(rfc3339: &str) -> i64 {
     time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
         .unwrap_or(0)

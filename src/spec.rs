@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-use crate::job::{CheckpointRef, JobId};
+use crate::job::CheckpointRef;
 
 /// A spec error names the offending field (`param`, in dotted form) and says what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -38,70 +38,70 @@ fn err(param: &str, message: impl Into<String>) -> SpecError {
 /// A job spec as the caller wrote it: the shape of the JSON, nothing checked or filled yet.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawJobSpec {
-    pub base_model: String,
+pub(crate) struct RawJobSpec {
+    pub(crate) base_model: String,
     #[serde(default)]
-    pub revision: Option<String>,
-    pub dataset: RawDataset,
+    pub(crate) revision: Option<String>,
+    pub(crate) dataset: RawDataset,
     #[serde(default)]
-    pub lora: Option<RawLora>,
+    pub(crate) lora: Option<RawLora>,
     #[serde(default)]
-    pub quantization: Option<RawQuantization>,
+    pub(crate) quantization: Option<RawQuantization>,
     #[serde(default)]
-    pub compute_dtype: Option<ComputeDtype>,
+    pub(crate) compute_dtype: Option<ComputeDtype>,
     #[serde(default)]
-    pub training: RawTraining,
+    pub(crate) training: RawTraining,
     #[serde(default)]
-    pub checkpoint_every_steps: Option<u64>,
+    pub(crate) checkpoint_every_steps: Option<u64>,
     #[serde(default)]
-    pub suffix: Option<String>,
+    pub(crate) suffix: Option<String>,
     #[serde(default)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     #[serde(default)]
-    pub from_checkpoint: Option<String>,
+    pub(crate) from_checkpoint: Option<String>,
     #[serde(default)]
-    pub metadata: Option<BTreeMap<String, String>>,
+    pub(crate) metadata: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDataset {
-    pub url: String,
+pub(crate) struct RawDataset {
+    pub(crate) url: String,
     #[serde(default)]
-    pub format: DatasetFormat,
+    pub(crate) format: DatasetFormat,
     #[serde(default)]
-    pub validation_url: Option<String>,
+    pub(crate) validation_url: Option<String>,
     #[serde(default)]
-    pub validation_split: Option<f64>,
+    pub(crate) validation_split: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLora {
+pub(crate) struct RawLora {
     #[serde(default)]
-    pub r: Option<i64>,
+    pub(crate) r: Option<i64>,
     #[serde(default)]
-    pub alpha: Option<f64>,
+    pub(crate) alpha: Option<f64>,
     #[serde(default)]
-    pub dropout: Option<f64>,
+    pub(crate) dropout: Option<f64>,
     #[serde(default)]
-    pub target_modules: Option<TargetModules>,
+    pub(crate) target_modules: Option<TargetModules>,
     #[serde(default)]
-    pub use_rslora: Option<bool>,
+    pub(crate) use_rslora: Option<bool>,
 }
 
 /// `{"bits": 4, "type": "nf4", "double_quant": true, "compute_dtype": "f32"}` and its variants.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawQuantization {
+pub(crate) struct RawQuantization {
     #[serde(default)]
-    pub bits: Option<i64>,
+    pub(crate) bits: Option<i64>,
     #[serde(default, rename = "type")]
-    pub kind: Option<QuantType>,
+    pub(crate) kind: Option<QuantType>,
     #[serde(default)]
-    pub double_quant: Option<bool>,
+    pub(crate) double_quant: Option<bool>,
     #[serde(default)]
-    pub compute_dtype: Option<ComputeDtype>,
+    pub(crate) compute_dtype: Option<ComputeDtype>,
 }
 
 /// A resolved shape as a request would write it (a job continuing another's adapter keeps its
@@ -122,7 +122,7 @@ impl From<&LoraSpec> for RawLora {
 /// means it) or a list of module names.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
-pub enum TargetModules {
+pub(crate) enum TargetModules {
     Keyword(String),
     List(Vec<String>),
 }
@@ -130,47 +130,47 @@ pub enum TargetModules {
 /// The training fields as written; each `None` takes its default when the spec is parsed.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTraining {
+pub(crate) struct RawTraining {
     #[serde(default)]
-    pub epochs: Option<i64>,
+    pub(crate) epochs: Option<i64>,
     #[serde(default)]
-    pub max_steps: Option<i64>,
+    pub(crate) max_steps: Option<i64>,
     #[serde(default)]
-    pub batch_size: Option<i64>,
+    pub(crate) batch_size: Option<i64>,
     #[serde(default)]
-    pub gradient_accumulation_steps: Option<i64>,
+    pub(crate) gradient_accumulation_steps: Option<i64>,
     #[serde(default)]
-    pub learning_rate: Option<f64>,
+    pub(crate) learning_rate: Option<f64>,
     #[serde(default)]
-    pub lr_scheduler: Option<LrScheduler>,
+    pub(crate) lr_scheduler: Option<LrScheduler>,
     #[serde(default)]
-    pub warmup_steps: Option<i64>,
+    pub(crate) warmup_steps: Option<i64>,
     #[serde(default)]
-    pub warmup_ratio: Option<f64>,
+    pub(crate) warmup_ratio: Option<f64>,
     #[serde(default)]
-    pub optimizer: Option<OptimizerKind>,
+    pub(crate) optimizer: Option<OptimizerKind>,
     #[serde(default)]
-    pub weight_decay: Option<f64>,
+    pub(crate) weight_decay: Option<f64>,
     #[serde(default)]
-    pub adam_beta1: Option<f64>,
+    pub(crate) adam_beta1: Option<f64>,
     #[serde(default)]
-    pub adam_beta2: Option<f64>,
+    pub(crate) adam_beta2: Option<f64>,
     #[serde(default)]
-    pub adam_epsilon: Option<f64>,
+    pub(crate) adam_epsilon: Option<f64>,
     #[serde(default)]
-    pub momentum: Option<f64>,
+    pub(crate) momentum: Option<f64>,
     #[serde(default)]
-    pub max_grad_norm: Option<f64>,
+    pub(crate) max_grad_norm: Option<f64>,
     #[serde(default)]
-    pub max_seq_len: Option<i64>,
+    pub(crate) max_seq_len: Option<i64>,
     #[serde(default)]
-    pub train_on_inputs: Option<bool>,
+    pub(crate) train_on_inputs: Option<bool>,
     #[serde(default)]
-    pub gradient_checkpointing: Option<bool>,
+    pub(crate) gradient_checkpointing: Option<bool>,
     #[serde(default)]
-    pub packing: Option<bool>,
+    pub(crate) packing: Option<bool>,
     #[serde(default)]
-    pub eval_every_steps: Option<i64>,
+    pub(crate) eval_every_steps: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ pub const ALL_LINEAR: [&str; 7] = [
 
 /// Phi-3's fused modules, which `target_modules` may name besides [`ALL_LINEAR`]; which of them
 /// a model has is its family's business (`Arch::lora_targets`).
-pub const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
+pub(crate) const FUSED_MODULES: [&str; 2] = ["qkv_proj", "gate_up_proj"];
 
 /// The LoRA adapter's shape and regularization, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -413,9 +413,9 @@ pub struct TrainingSpec {
 
 /// The learning rate a job gets when it names none (OpenAI's `learning_rate_multiplier`
 /// scales this).
-pub const DEFAULT_LEARNING_RATE: f64 = 2e-4;
+pub(crate) const DEFAULT_LEARNING_RATE: f64 = 2e-4;
 /// The seed a job gets when it names none.
-pub const DEFAULT_SEED: u64 = 42;
+pub(crate) const DEFAULT_SEED: u64 = 42;
 
 impl Default for TrainingSpec {
     fn default() -> Self {
@@ -427,11 +427,11 @@ impl Default for TrainingSpec {
 
 /// Bounds that keep one spec from asking for absurd work or storage (a job's total work is
 /// also bounded by the operator's `--max-job-steps` and `--max-job-hours`).
-pub const MAX_STEPS: i64 = 1_000_000;
-pub const MAX_EPOCHS: i64 = 10_000;
-pub const MAX_BATCH_SIZE: i64 = 4096;
-pub const MAX_ACCUMULATION: i64 = 1024;
-pub const MAX_ALPHA: f64 = 1e6;
+pub(crate) const MAX_STEPS: i64 = 1_000_000;
+pub(crate) const MAX_EPOCHS: i64 = 10_000;
+pub(crate) const MAX_BATCH_SIZE: i64 = 4096;
+pub(crate) const MAX_ACCUMULATION: i64 = 1024;
+pub(crate) const MAX_ALPHA: f64 = 1e6;
 const MAX_NAME_LEN: usize = 512;
 const MAX_URL_LEN: usize = 4096;
 const MAX_SUFFIX_LEN: usize = 64;
@@ -449,11 +449,6 @@ impl JobSpec {
             serde_error(&path, &e.inner().to_string())
         })?;
         JobSpec::try_from(raw)
-    }
-
-    /// The job a `from_checkpoint` names, if any.
-    pub fn from_job(&self) -> Option<&JobId> {
-        self.from_checkpoint.as_ref().map(|r| &r.job)
     }
 }
 
@@ -502,7 +497,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
 
 /// A serde error as a [`SpecError`]: unknown and missing fields are named themselves (serde
 /// reports them at their enclosing object), anything else at its path.
-pub fn serde_error(path: &str, msg: &str) -> SpecError {
+pub(crate) fn serde_error(path: &str, msg: &str) -> SpecError {
     let param = match (
         msg.starts_with("missing field"),
         field_from_serde_message(msg),
@@ -884,6 +879,7 @@ fn field_from_serde_message(msg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobId;
 
     #[test]
     fn defaults_are_filled_and_echoed() {

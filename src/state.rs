@@ -24,10 +24,10 @@ pub struct AppState {
     pub egress: Arc<EgressPolicy>,
     pub events: EventBus,
     /// Wakes idle workers when a job is queued.
-    pub job_queued: Arc<Notify>,
+    pub(crate) job_queued: Arc<Notify>,
     /// Stop flags of the jobs running in this process.
     pub running: RunningJobs,
-    pub workers_up: Arc<AtomicUsize>,
+    pub(crate) workers_up: Arc<AtomicUsize>,
     /// Set when the server is shutting down: running jobs checkpoint and go back to the queue.
     pub shutdown: CancellationToken,
     /// Models loaded for chat and completions.
@@ -36,7 +36,7 @@ pub struct AppState {
 
 impl AppState {
     /// Records an event of the API's (no lease) and fans it out; returns its id.
-    pub async fn publish(&self, job: &JobId, event: &JobEvent) -> crate::db::Result<i64> {
+    pub(crate) async fn publish(&self, job: &JobId, event: &JobEvent) -> crate::db::Result<i64> {
         let data = event.data_json();
         let id = self
             .db
@@ -48,7 +48,11 @@ impl AppState {
 
     /// Records an event of the worker holding `lease` (refused once the lease is lost) and fans
     /// it out; returns its id.
-    pub async fn publish_fenced(&self, lease: &Lease, event: &JobEvent) -> crate::db::Result<i64> {
+    pub(crate) async fn publish_fenced(
+        &self,
+        lease: &Lease,
+        event: &JobEvent,
+    ) -> crate::db::Result<i64> {
         let data = event.data_json();
         let id = self
             .db
@@ -59,7 +63,7 @@ impl AppState {
     }
 
     /// Fans out an event already stored (under `id`).
-    pub fn announce(&self, job: &JobId, id: i64, kind: &str, data: String) {
+    pub(crate) fn announce(&self, job: &JobId, id: i64, kind: &str, data: String) {
         self.events.send(StoredEvent {
             job_id: job.to_string(),
             id,

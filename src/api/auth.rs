@@ -19,7 +19,7 @@ use crate::state::AppState;
 
 /// Who is calling: the fingerprint of their API key, or `None` when keys are off.
 #[derive(Clone)]
-pub struct Owner(pub Option<String>);
+pub(crate) struct Owner(pub Option<String>);
 
 impl Owner {
     pub fn as_deref(&self) -> Option<&str> {
@@ -28,7 +28,7 @@ impl Owner {
 }
 
 /// The fingerprint that stands for an API key in the database (the key itself is never stored).
-pub fn key_fingerprint(key: &str) -> String {
+pub(crate) fn key_fingerprint(key: &str) -> String {
     let digest = Sha256::digest(key.as_bytes());
     digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
@@ -46,7 +46,7 @@ fn key_matches(known: &[String], presented: &str) -> bool {
 
 /// Failed authentications per client address within the current minute.
 #[derive(Default)]
-pub struct FailedAuth(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+pub(crate) struct FailedAuth(Mutex<HashMap<IpAddr, (Instant, u32)>>);
 
 /// Failures from one address allowed per minute before it is answered 429.
 const FAILURES_PER_MINUTE: u32 = 20;

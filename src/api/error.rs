@@ -6,13 +6,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
     pub param: Option<String>,
     /// Seconds after which trying again may succeed (`Retry-After`).
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,13 +26,13 @@ impl ApiError {
         }
     }
 
-    pub fn retry_after(mut self, secs: u64) -> ApiError {
+    pub(crate) fn retry_after(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs);
         self
     }
 
     /// A per-key limit reached: 429, with when to try again.
-    pub fn quota(message: impl Into<String>, retry_after: u64) -> ApiError {
+    pub(crate) fn quota(message: impl Into<String>, retry_after: u64) -> ApiError {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
             .retry_after(retry_after)
     }
@@ -42,7 +42,7 @@ impl ApiError {
         self
     }
 
-    pub fn not_found(what: &str, id: &str) -> ApiError {
+    pub(crate) fn not_found(what: &str, id: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -21,7 +21,7 @@ use super::error::ApiError;
 /// The `Host` values this server answers to; `None`: any (a non-loopback listener with no list
 /// configured, behind a proxy that checks it).
 #[derive(Debug, Clone)]
-pub struct HostPolicy {
+pub(crate) struct HostPolicy {
     allowed: Option<Vec<String>>,
 }
 
@@ -72,7 +72,7 @@ fn forbidden(message: impl Into<String>) -> Response {
 }
 
 /// Refuses requests for other hosts and cross-origin writes.
-pub async fn browser_checks(
+pub(crate) async fn browser_checks(
     State(hosts): State<Arc<HostPolicy>>,
     req: Request,
     next: Next,
@@ -133,7 +133,7 @@ pub async fn browser_checks(
 
 /// At most `n` uploads are received at once (each holds a connection and a disk stream); the
 /// next is answered 429 at once.
-pub async fn bound_uploads(
+pub(crate) async fn bound_uploads(
     State(slots): State<Arc<tokio::sync::Semaphore>>,
     req: Request,
     next: Next,
@@ -154,7 +154,7 @@ pub async fn bound_uploads(
 }
 
 /// Gives every error the JSON shape and every response its security headers.
-pub async fn response_shape(req: Request, next: Next) -> Response {
+pub(crate) async fn response_shape(req: Request, next: Next) -> Response {
     let dashboard = matches!(req.uri().path(), "/" | "/assets/app.js" | "/assets/app.css");
     let method = req.method().clone();
     let mut resp = next.run(req).await;

@@ -20,9 +20,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::sync::Arc;
 
-pub use auth::{key_fingerprint, Owner};
-pub use error::ApiError;
-pub use guard::HostPolicy;
+pub(crate) use auth::Owner;
+pub(crate) use error::ApiError;
+pub(crate) use guard::HostPolicy;
 
 use crate::state::AppState;
 
@@ -62,7 +62,7 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
 }
 
 /// What a `qtune worker` serves on `--health-listen`: `/healthz` and `/readyz` alone.
-pub fn health_router(state: AppState) -> Router {
+pub(crate) fn health_router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -34,7 +34,8 @@ use crate::job::{FileDigest, JobId};
 use crate::train::checkpoint;
 
 /// The files of a checkpoint or adapter that leave the server (the resume state stays private).
-pub const DOWNLOADABLE: [&str; 2] = [checkpoint::ADAPTER_WEIGHTS, checkpoint::ADAPTER_CONFIG];
+pub(crate) const DOWNLOADABLE: [&str; 2] =
+    [checkpoint::ADAPTER_WEIGHTS, checkpoint::ADAPTER_CONFIG];
 
 /// Which dataset of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ impl Key {
     }
 
     /// A file of checkpoint `step`; `None` for files that are not downloadable.
-    pub fn checkpoint_file(job: &JobId, step: u64, name: &str) -> Option<Key> {
+    pub(crate) fn checkpoint_file(job: &JobId, step: u64, name: &str) -> Option<Key> {
         DOWNLOADABLE.contains(&name).then(|| {
             Key(format!(
                 "jobs/{job}/output/{}/{name}",
@@ -82,7 +83,7 @@ impl Key {
     }
 
     /// A file of the final adapter; `None` for files that are not downloadable.
-    pub fn adapter_file(job: &JobId, name: &str) -> Option<Key> {
+    pub(crate) fn adapter_file(job: &JobId, name: &str) -> Option<Key> {
         DOWNLOADABLE.contains(&name).then(|| {
             Key(format!(
                 "jobs/{job}/output/{}/{name}",
@@ -96,7 +97,7 @@ impl Key {
     }
 
     /// The folder of checkpoint `step` (every file in it: the resume state too).
-    pub fn checkpoint_dir(job: &JobId, step: u64) -> Key {
+    pub(crate) fn checkpoint_dir(job: &JobId, step: u64) -> Key {
         Key(format!(
             "jobs/{job}/output/{}",
             checkpoint::checkpoint_dir_name(step)
@@ -125,18 +126,18 @@ impl Key {
     }
 
     /// Everything of a job.
-    pub fn job_prefix(job: &JobId) -> Key {
+    pub(crate) fn job_prefix(job: &JobId) -> Key {
         Key(format!("jobs/{job}"))
     }
 }
 
 /// `file-` and 32 lowercase hex digits: the ids [`new_upload_id`] makes.
-pub fn is_upload_id(s: &str) -> bool {
+pub(crate) fn is_upload_id(s: &str) -> bool {
     s.strip_prefix("file-")
         .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-pub fn new_upload_id() -> String {
+pub(crate) fn new_upload_id() -> String {
     format!("file-{}", uuid::Uuid::new_v4().simple())
 }
 
@@ -153,7 +154,7 @@ pub enum PutError {
 }
 
 /// A stored file's bytes, streamed.
-pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 pub trait ArtifactStore: Send + Sync {
     /// Stores a stream under `key` atomically, hashing as it goes, never holding it whole;
@@ -244,7 +245,7 @@ pub trait ArtifactStore: Send + Sync {
 }
 
 /// Every artifact in one local directory (the data dir).
-pub struct LocalArtifacts {
+pub(crate) struct LocalArtifacts {
     root: PathBuf,
 }
 
@@ -401,7 +402,7 @@ impl ArtifactStore for LocalArtifacts {
 }
 
 /// Size and sha256 of a local file, read in 64 KiB pieces.
-pub async fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
+pub(crate) async fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
     let mut f = tokio::fs::File::open(path).await?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -421,7 +422,7 @@ pub async fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
     })
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -438,7 +439,7 @@ fn write_tar(dir: &Path, dest: &Path) -> std::io::Result<()> {
 }
 
 /// Writes folder `dir` into the tar archive `dest` (atomically) as the folder `name`.
-pub fn write_tar_as(dir: &Path, name: &str, dest: &Path) -> std::io::Result<()> {
+pub(crate) fn write_tar_as(dir: &Path, name: &str, dest: &Path) -> std::io::Result<()> {
     let tmp = dest.with_extension("tar.part");
     let mut builder = tar::Builder::new(std::fs::File::create(&tmp)?);
     builder.append_dir_all(name, dir)?;

@@ -14,7 +14,7 @@ pub struct EventRow {
 
 /// An event with the time it was recorded.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct TimedEventRow {
+pub(crate) struct TimedEventRow {
     pub id: i64,
     pub kind: String,
     pub data: String,
@@ -44,7 +44,7 @@ impl Db {
     }
 
     /// An event of the API's (queued, cancelled while queued): not fenced, no worker holds the job.
-    pub async fn insert_event(&self, job_id: &str, kind: &str, data: &str) -> Result<i64> {
+    pub(crate) async fn insert_event(&self, job_id: &str, kind: &str, data: &str) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
         let id = self.insert_event_in(&mut tx, job_id, kind, data).await?;
         tx.commit().await?;
@@ -95,7 +95,7 @@ impl Db {
     }
 
     /// A page of a job's events, newest first, older than event `before` when given.
-    pub async fn events_page(
+    pub(crate) async fn events_page(
         &self,
         job_id: &str,
         before: Option<i64>,

@@ -6,7 +6,7 @@ use super::{Db, Result};
 use crate::job::FileStatus;
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
-pub struct FileRow {
+pub(crate) struct FileRow {
     pub id: String,
     #[serde(skip)]
     pub owner: Option<String>,
@@ -19,7 +19,7 @@ pub struct FileRow {
     #[sqlx(try_from = "String")]
     pub status: FileStatus,
     /// Why the check failed, when `status` is `error`.
-    pub status_details: Option<String>,
+    pub(crate) status_details: Option<String>,
 }
 
 const FILE_COLUMNS: [&str; 9] = [
@@ -36,13 +36,13 @@ const FILE_COLUMNS: [&str; 9] = [
 
 /// The order of a list of files, by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
+pub(crate) enum Order {
     Newest,
     Oldest,
 }
 
 impl Db {
-    pub async fn insert_file(&self, row: &FileRow) -> Result<()> {
+    pub(crate) async fn insert_file(&self, row: &FileRow) -> Result<()> {
         sqlx::query(&self.sql(
             "INSERT INTO files (id, owner, filename, bytes, sha256, created_at, purpose, status)
              VALUES (?, ?, ?, ?, ?, ?::timestamptz, ?, ?)",
@@ -62,7 +62,7 @@ impl Db {
 
     /// The caller's uploads in `order`, after the file `after` (a page's last), of `purpose`
     /// when given; one more than `limit` tells whether more exist.
-    pub async fn list_files(
+    pub(crate) async fn list_files(
         &self,
         owner: Option<&str>,
         purpose: Option<&str>,
@@ -94,7 +94,7 @@ impl Db {
     }
 
     /// Records the outcome of checking a file as training data.
-    pub async fn set_file_status(
+    pub(crate) async fn set_file_status(
         &self,
         id: &str,
         status: FileStatus,
@@ -110,7 +110,7 @@ impl Db {
     }
 
     /// Removes an upload's record; whether there was one the caller may see.
-    pub async fn delete_file(&self, id: &str, owner: Option<&str>) -> Result<bool> {
+    pub(crate) async fn delete_file(&self, id: &str, owner: Option<&str>) -> Result<bool> {
         let done =
             sqlx::query(&self.sql("DELETE FROM files WHERE id = ? AND (? IS NULL OR owner = ?)"))
                 .bind(id)
@@ -122,7 +122,7 @@ impl Db {
     }
 
     /// Bytes of the owner's uploads.
-    pub async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
+    pub(crate) async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
         let (n,): (i64,) =
             // PostgreSQL's SUM of bigints is numeric: cast back
             sqlx::query_as(&self.sql(
@@ -136,7 +136,7 @@ impl Db {
     }
 
     /// Whether any job or file belongs to an API key.
-    pub async fn holds_owned_data(&self) -> Result<bool> {
+    pub(crate) async fn holds_owned_data(&self) -> Result<bool> {
         let (owned,): (i64,) = sqlx::query_as(
             "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE owner IS NOT NULL)
                  OR EXISTS (SELECT 1 FROM files WHERE owner IS NOT NULL) THEN 1 ELSE 0 END",
@@ -146,7 +146,7 @@ impl Db {
         Ok(owned != 0)
     }
 
-    pub async fn get_file(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRow>> {
+    pub(crate) async fn get_file(&self, id: &str, owner: Option<&str>) -> Result<Option<FileRow>> {
         Ok(sqlx::query_as(&self.sql(&format!(
             "SELECT {} FROM files WHERE id = ? AND (? IS NULL OR owner = ?)",
             self.columns(&FILE_COLUMNS)

@@ -16,7 +16,7 @@ struct IdempotentRequest {
 
 /// What claiming a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyClaim {
+pub(crate) enum KeyClaim {
     /// The key is now bound to this request's object: go on and make it.
     Bound,
     /// The same request came before: answer with the object it made.
@@ -28,7 +28,7 @@ pub enum KeyClaim {
 impl Db {
     /// Binds `key` to `object_id` unless it is bound already, and says which it was. The one
     /// helper every idempotent POST goes through.
-    pub async fn claim_idempotency_key(
+    pub(crate) async fn claim_idempotency_key(
         &self,
         scope: &str,
         route: &str,
@@ -81,7 +81,12 @@ impl Db {
     }
 
     /// Frees a key whose request failed, so that a retry can succeed.
-    pub async fn release_idempotency_key(&self, scope: &str, route: &str, key: &str) -> Result<()> {
+    pub(crate) async fn release_idempotency_key(
+        &self,
+        scope: &str,
+        route: &str,
+        key: &str,
+    ) -> Result<()> {
         sqlx::query(
             &self.sql("DELETE FROM idempotency_keys WHERE scope = ? AND route = ? AND key = ?"),
         )

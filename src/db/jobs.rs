@@ -27,21 +27,21 @@ pub struct JobRow {
     pub elapsed_seconds: Option<f64>,
     pub train_loss: Option<f64>,
     pub eval_loss: Option<f64>,
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
+    pub(crate) error_code: Option<String>,
+    pub(crate) error_message: Option<String>,
     /// A cancel or pause asked of the running job and not yet carried out.
-    pub stop_requested: Option<StopRequest>,
+    pub(crate) stop_requested: Option<StopRequest>,
     pub attempt: i64,
     /// The final adapter's files as recorded when the job succeeded.
     pub adapter_files: Option<Vec<FileDigest>>,
     /// When retention removed the job's artifacts.
-    pub artifacts_removed_at: Option<String>,
+    pub(crate) artifacts_removed_at: Option<String>,
 }
 
 impl JobRow {
     /// Seconds left at the pace so far: a running job's elapsed time per step times the steps
     /// to go. `None` before the first step, or when the job is not running.
-    pub fn eta_seconds(&self) -> Option<f64> {
+    pub(crate) fn eta_seconds(&self) -> Option<f64> {
         match (self.total_steps, self.elapsed_seconds) {
             (Some(total), Some(elapsed)) if self.step > 0 && self.status == JobStatus::Running => {
                 Some(elapsed / self.step as f64 * (total - self.step).max(0) as f64)
@@ -320,7 +320,7 @@ impl Db {
     }
 
     /// [`Db::list_jobs`] of the jobs that carry every one of the `metadata` pairs.
-    pub async fn list_jobs_tagged(
+    pub(crate) async fn list_jobs_tagged(
         &self,
         owner: Option<&str>,
         status: Option<JobStatus>,
@@ -461,7 +461,7 @@ impl Db {
     }
 
     /// How many of the owner's jobs are in `status`.
-    pub async fn count_jobs(&self, owner: Option<&str>, status: JobStatus) -> Result<i64> {
+    pub(crate) async fn count_jobs(&self, owner: Option<&str>, status: JobStatus) -> Result<i64> {
         let (n,): (i64,) = sqlx::query_as(
             &self
                 .sql("SELECT COUNT(*) FROM jobs WHERE owner IS NOT DISTINCT FROM ? AND status = ?"),
@@ -474,7 +474,7 @@ impl Db {
     }
 
     /// Finished jobs whose artifacts are still kept and that finished before `cutoff`.
-    pub async fn expired_jobs(&self, cutoff: &str) -> Result<Vec<String>> {
+    pub(crate) async fn expired_jobs(&self, cutoff: &str) -> Result<Vec<String>> {
         let rows: Vec<(String,)> = sqlx::query_as(&self.sql(
             "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
                  AND finished_at < ?::timestamptz AND artifacts_removed_at IS NULL",
@@ -486,7 +486,7 @@ impl Db {
     }
 
     /// Records that a job's artifacts were removed by retention (its record stays).
-    pub async fn mark_artifacts_removed(&self, id: &JobId) -> Result<()> {
+    pub(crate) async fn mark_artifacts_removed(&self, id: &JobId) -> Result<()> {
         sqlx::query(&self.sql(
             "UPDATE jobs SET artifacts_removed_at = ?::timestamptz, adapter_files = NULL WHERE id = ?",
         ))

@@ -24,14 +24,12 @@ mod workers;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-pub use events::{EventRow, TimedEventRow};
-pub use files::{FileRow, Order};
-pub use idempotency::KeyClaim;
-pub use jobs::{
-    CancelOutcome, CheckpointRow, Claim, DeleteOutcome, JobRow, PauseOutcome, ResumeOutcome,
-    StopRequest,
-};
-pub use workers::{WorkerRow, WORKER_SEEN_SECS};
+pub(crate) use events::EventRow;
+pub(crate) use files::{FileRow, Order};
+pub(crate) use idempotency::KeyClaim;
+pub(crate) use jobs::StopRequest;
+pub use jobs::{CancelOutcome, DeleteOutcome, PauseOutcome, ResumeOutcome};
+pub(crate) use jobs::{CheckpointRow, Claim, JobRow};
 
 use crate::job::JobId;
 
@@ -107,7 +105,7 @@ const TIME_FORMAT: &[time::format_description::FormatItem<'static>] = time::macr
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
 );
 
-pub fn format_time(t: time::OffsetDateTime) -> String {
+pub(crate) fn format_time(t: time::OffsetDateTime) -> String {
     t.format(TIME_FORMAT).expect("any UTC time formats")
 }
 
@@ -115,7 +113,7 @@ pub fn now() -> String {
     format_time(time::OffsetDateTime::now_utc())
 }
 
-pub fn in_seconds(secs: i64) -> String {
+pub(crate) fn in_seconds(secs: i64) -> String {
     format_time(time::OffsetDateTime::now_utc() + time::Duration::seconds(secs))
 }
 
@@ -202,12 +200,12 @@ impl Db {
     }
 
     /// Claims skip an owner with `n` jobs running (0: no limit).
-    pub fn limit_running_per_owner(mut self, n: u64) -> Db {
+    pub(crate) fn limit_running_per_owner(mut self, n: u64) -> Db {
         self.max_running_per_owner = if n == 0 { i64::MAX } else { n as i64 };
         self
     }
 
-    pub async fn ping(&self) -> Result<()> {
+    pub(crate) async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
@@ -311,7 +309,7 @@ fn translate(backend: Backend, text: &str) -> String {
 }
 
 /// A database URL fit for an error message: without its password.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));

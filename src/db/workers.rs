@@ -11,12 +11,12 @@ pub struct WorkerRow {
     pub total_bytes: i64,
     pub free_bytes: i64,
     pub gflops: Option<f64>,
-    pub seen_at: String,
+    pub(crate) seen_at: String,
 }
 
 /// Seconds after its last report that a worker still counts as part of the pool (workers
 /// report at least every [`crate::worker`]'s report interval, training or not).
-pub const WORKER_SEEN_SECS: i64 = 120;
+pub(crate) const WORKER_SEEN_SECS: i64 = 120;
 
 impl Db {
     /// Records what `worker` has now (a new row or its row rewritten).
@@ -68,7 +68,7 @@ impl Db {
     }
 
     /// Removes the rows of workers that stopped reporting (killed without a shutdown).
-    pub async fn forget_silent_workers(&self) -> Result<()> {
+    pub(crate) async fn forget_silent_workers(&self) -> Result<()> {
         sqlx::query(&self.sql("DELETE FROM workers WHERE seen_at < ?::timestamptz"))
             .bind(in_seconds(-WORKER_SEEN_SECS))
             .execute(&self.pool)

@@ -19,12 +19,12 @@ use super::optim::Optimizer;
 use crate::spec::JobSpec;
 use crate::train::error::{Area, Error, Result};
 
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub(crate) const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// A checkpoint's folder under a run's output folder is this and its step.
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
 /// The final adapter's folder under a run's output folder.
 pub const ADAPTER_DIR: &str = "adapter";
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub(crate) const ADAPTER_CONFIG: &str = "adapter_config.json";
 const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 const TRAINER_STATE: &str = "trainer_state.json";
 
@@ -34,7 +34,7 @@ pub fn peft_name(var_name: &str) -> String {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TrainerState {
+pub(crate) struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
     pub total_steps: u64,
@@ -104,7 +104,7 @@ pub fn save_adapter(
 
 /// Writes a full checkpoint (adapter + resume state) atomically: into a temporary folder that is
 /// renamed into place, so a crash never leaves a half-written checkpoint behind.
-pub fn save_checkpoint(
+pub(crate) fn save_checkpoint(
     dir: &Path,
     model: &Llama,
     optimizer: &Optimizer,
@@ -175,7 +175,7 @@ fn set_var(var: &Var, t: &Tensor, name: &str) -> Result<()> {
 }
 
 /// Restores model and optimizer from a checkpoint folder; returns its trainer state.
-pub fn load_checkpoint(
+pub(crate) fn load_checkpoint(
     dir: &Path,
     model: &Llama,
     optimizer: &mut Optimizer,
@@ -215,11 +215,11 @@ pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+pub(crate) fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(checkpoint_dir_name(step))
 }
 
 /// `checkpoint-{step}`: the folder name of a checkpoint under a run's output folder.
-pub fn checkpoint_dir_name(step: u64) -> String {
+pub(crate) fn checkpoint_dir_name(step: u64) -> String {
     format!("{CHECKPOINT_PREFIX}{step}")
 }

@@ -95,7 +95,7 @@ pub struct Datasets {
 
 impl Datasets {
     /// The spec's own `dataset.url` and `validation_url`, read as local files.
-    pub fn from_spec(spec: &JobSpec) -> Result<Datasets> {
+    pub(crate) fn from_spec(spec: &JobSpec) -> Result<Datasets> {
         Ok(Datasets {
             train: DatasetFile::local(&spec.dataset.url)?,
             validation: spec
@@ -114,7 +114,7 @@ pub struct DataSummary {
     pub train: DataReport,
     pub validation: Option<DataReport>,
     pub total_steps: u64,
-    pub trainable_parameters: usize,
+    pub(crate) trainable_parameters: usize,
 }
 
 /// The largest record (one JSONL line) a run reads unless told otherwise: 1 MiB, about 250k
@@ -126,7 +126,7 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// for a blank line, else the JSON object, after checking its size, its encoding and its JSON,
 /// and detecting the format from the first record when it is `Auto`. Errors name `shown` and
 /// the line, and never quote the data.
-pub fn parse_line(
+pub(crate) fn parse_line(
     raw: &mut Vec<u8>,
     shown: &str,
     line_no: usize,
@@ -172,7 +172,10 @@ pub fn parse_line(
 
 /// Checks a record's shape for `format` without a tokenizer (what can be told before a model is
 /// loaded: fields, types, roles, weights); rendering and tokenizing come at training.
-pub fn check_record(record: &serde_json::Map<String, Value>, format: DatasetFormat) -> Result<()> {
+pub(crate) fn check_record(
+    record: &serde_json::Map<String, Value>,
+    format: DatasetFormat,
+) -> Result<()> {
     match format {
         DatasetFormat::Messages | DatasetFormat::Sharegpt => {
             chat_messages(record, format)?;
@@ -566,7 +569,7 @@ pub struct Batch {
     /// (row-major), the column where its example starts in its row. Attention stays within an
     /// example and RoPE positions count from its start, so each example computes what it would
     /// alone in a row.
-    pub example_starts: Option<Vec<u32>>,
+    pub(crate) example_starts: Option<Vec<u32>>,
 }
 
 pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {

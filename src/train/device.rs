@@ -23,7 +23,7 @@ pub fn parse(name: &str) -> Result<Device> {
 /// A device's memory, in bytes: all of it, and what a new job could use now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceMemory {
-    pub total: u64,
+    pub(crate) total: u64,
     pub free: u64,
 }
 

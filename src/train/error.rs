@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 /// An error another library raised, kept as the source of ours.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything that can stop a training run. Messages name the file, line or field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,11 @@ impl Error {
     }
 
     /// A library's error while doing `context` in `area`.
-    pub fn caused(area: Area, context: impl Into<String>, source: impl Into<BoxError>) -> Error {
+    pub(crate) fn caused(
+        area: Area,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Error {
         Error::Caused {
             area,
             context: context.into(),

@@ -103,12 +103,12 @@ pub struct Generation {
     /// The answer's text, cut before a stop sequence.
     pub text: String,
     pub finish: Finish,
-    pub prompt_tokens: usize,
+    pub(crate) prompt_tokens: usize,
 }
 
 /// The tokens that end a turn: the tokenizer's EOS and the end-of-turn markers of the common
 /// chat templates when the vocabulary has them as single tokens.
-pub fn end_of_turn_ids(tok: &TextTokenizer) -> Vec<u32> {
+pub(crate) fn end_of_turn_ids(tok: &TextTokenizer) -> Vec<u32> {
     let mut ids: Vec<u32> = tok.eos_id.into_iter().collect();
     let named = tok.eos_token.iter().map(String::as_str);
     for marker in named.chain([

@@ -33,9 +33,10 @@ use serde::Serialize;
 
 pub use data::{DataSummary, DatasetFile, Datasets};
 pub use error::{Error, Result};
-pub use report::{Event, Phase, Reporter, Silent};
 pub use optim::Optimizer;
-pub use trainer::{evaluate, Evaluation, RunOptions};
+pub(crate) use report::Phase;
+pub use report::{Event, Reporter, Silent};
+pub use trainer::{evaluate, RunOptions};
 
 use crate::spec::JobSpec;
 use trainer::Trainer;
@@ -43,7 +44,7 @@ use trainer::Trainer;
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub steps: u64,
-    pub final_loss: Option<f64>,
+    pub(crate) final_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub adapter_dir: PathBuf,
 }

@@ -36,7 +36,7 @@ pub fn warmup_steps(t: &TrainingSpec, total_steps: u64) -> u64 {
 
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0 = no clipping).
 /// Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+pub(crate) fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter() {
         sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -60,7 +60,7 @@ pub struct Optimizer {
     weight_decay: f64,
     momentum: f64,
     /// Updates applied so far (Adam's bias correction).
-    pub updates: u64,
+    pub(crate) updates: u64,
     /// AdamW: exp_avg, exp_avg_sq. SGD: momentum buffer (first slot only).
     state: Vec<(Option<Tensor>, Option<Tensor>)>,
 }
@@ -128,7 +128,7 @@ impl Optimizer {
     }
 
     /// The state as named tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`, `{name}.momentum`).
-    pub fn state_tensors(&self, names: &[String]) -> HashMap<String, Tensor> {
+    pub(crate) fn state_tensors(&self, names: &[String]) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (name, (a, b)) in names.iter().zip(&self.state) {
             let first = if self.kind == OptimizerKind::Sgd {
@@ -146,7 +146,7 @@ impl Optimizer {
         out
     }
 
-    pub fn load_state(
+    pub(crate) fn load_state(
         &mut self,
         names: &[String],
         tensors: &mut HashMap<String, Tensor>,

@@ -18,13 +18,13 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::train::error::{Area, Error, Result};
 
 /// `[start, end)` byte offsets of a token in the text it came from.
-pub type ByteSpan = (usize, usize);
+pub(crate) type ByteSpan = (usize, usize);
 
 pub struct TextTokenizer {
     pub inner: Tokenizer,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
+    pub(crate) eos_token: Option<String>,
     /// The id appended after a trained answer when the format has no template of its own.
     pub eos_id: Option<u32>,
 }
@@ -210,14 +210,14 @@ impl TextTokenizer {
 
     /// Whether the chat template reads a `tools` list (transformers passes one to every
     /// template; those that never mention it would drop it silently).
-    pub fn template_takes_tools(&self) -> bool {
+    pub(crate) fn template_takes_tools(&self) -> bool {
         self.chat_template
             .as_deref()
             .is_some_and(|t| t.contains("tools"))
     }
 
     /// [`TextTokenizer::render_chat`] with the OpenAI `tools` list the template may render.
-    pub fn render_chat_with_tools(
+    pub(crate) fn render_chat_with_tools(
         &self,
         messages: &[Message],
         tools: Option<&Value>,

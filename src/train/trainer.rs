@@ -30,7 +30,7 @@ const LENGTH_GROUP_STEPS: usize = 50;
 /// take `batch_size × accumulation` of them in order; without packing, runs of 50 steps' worth
 /// are sorted by length first, so that a micro-batch pads little. Everything is a function of
 /// the step number, which is what makes resume exact.
-pub struct Schedule {
+pub(crate) struct Schedule {
     n_examples: usize,
     /// Example lengths, when steps are grouped by length.
     group_lengths: Option<Vec<usize>>,
@@ -144,7 +144,7 @@ fn split_validation(
 
 /// Seconds of each part of an optimizer step.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StepTimes {
+pub(crate) struct StepTimes {
     /// Forward and loss of every micro-batch.
     pub forward: f64,
     /// Backward of every micro-batch and the gradient accumulation.
@@ -155,7 +155,7 @@ pub struct StepTimes {
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy)]
-pub struct StepOutput {
+pub(crate) struct StepOutput {
     /// Token-weighted mean loss over the step's label tokens.
     pub loss: f64,
     /// Fraction of the step's label tokens the model ranked first, before the update.
@@ -172,7 +172,7 @@ pub struct StepOutput {
 /// tokens, so any split of the same examples into batch × accumulation gives the same gradient;
 /// micro-batch `i` draws its dropout masks from `dropout_seed(seed, step, i)`.
 #[allow(clippy::too_many_arguments)]
-pub fn optimizer_step(
+pub(crate) fn optimizer_step(
     model: &Llama,
     vars: &[Var],
     optimizer: &mut Optimizer,
@@ -261,17 +261,17 @@ pub struct RunOptions {
 }
 
 /// A run in progress: the model, its data and optimizer, and where it writes.
-pub struct Trainer {
+pub(crate) struct Trainer {
     spec: JobSpec,
     base: BaseModel,
     vars: Vec<Var>,
     optimizer: Optimizer,
-    pub schedule: Schedule,
+    pub(crate) schedule: Schedule,
     train: Vec<Example>,
     validation: Vec<Example>,
     out: PathBuf,
     /// The step a resumed run continues from (0 for a fresh one).
-    pub start_step: u64,
+    pub(crate) start_step: u64,
     /// Input tokens trained through the last step done.
     tokens_seen: u64,
     started: Instant,
@@ -334,7 +334,7 @@ impl Health {
 impl Trainer {
     /// Loads the base and the data, reports them, and restores the latest checkpoint when
     /// resuming.
-    pub fn prepare(
+    pub(crate) fn prepare(
         spec: &JobSpec,
         opts: &RunOptions,
         datasets: &Datasets,
@@ -455,7 +455,7 @@ impl Trainer {
 
     /// Optimizer step `step` (0-based) on the examples the schedule gives it; logged to
     /// `metrics.jsonl`.
-    pub fn train_step(&mut self, step: u64) -> Result<StepMetrics> {
+    pub(crate) fn train_step(&mut self, step: u64) -> Result<StepMetrics> {
         let t = &self.spec.training;
         let t0 = Instant::now();
         let pad = self.base.tokenizer.eos_id.unwrap_or(0);
@@ -504,7 +504,7 @@ impl Trainer {
 
     /// Whether an evaluation follows step `done` (1-based): every `eval_every_steps`, and at
     /// the end, when there is validation data.
-    pub fn eval_due(&self, done: u64) -> bool {
+    pub(crate) fn eval_due(&self, done: u64) -> bool {
         !self.validation.is_empty()
             && (self
                 .spec
@@ -515,7 +515,7 @@ impl Trainer {
     }
 
     /// Evaluates on the validation data after step `done`; logged to `metrics.jsonl`.
-    pub fn evaluate_at(&mut self, done: u64) -> Result<EvalMetrics> {
+    pub(crate) fn evaluate_at(&mut self, done: u64) -> Result<EvalMetrics> {
         let measured = evaluate(
             &self.base,
             &self.validation,
@@ -532,7 +532,7 @@ impl Trainer {
     }
 
     /// Whether step `done` ends with a checkpoint (the last step's is written by [`Trainer::finish`]).
-    pub fn checkpoint_due(&self, done: u64) -> bool {
+    pub(crate) fn checkpoint_due(&self, done: u64) -> bool {
         self.spec
             .checkpoint_every_steps
             .is_some_and(|c| done.is_multiple_of(c))
@@ -540,7 +540,7 @@ impl Trainer {
     }
 
     /// Writes checkpoint `step` (adapter + resume state) and reports it.
-    pub fn save_checkpoint(&self, step: u64, reporter: &mut dyn Reporter) -> Result<()> {
+    pub(crate) fn save_checkpoint(&self, step: u64, reporter: &mut dyn Reporter) -> Result<()> {
         let dir = checkpoint::checkpoint_dir(&self.out, step);
         let state = checkpoint::TrainerState {
             step,

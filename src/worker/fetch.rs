@@ -21,7 +21,7 @@ const ATTEMPTS: u32 = 3;
 const MAX_REDIRECTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error("{url}: uploaded file not found")]
     UploadMissing { url: String },
     #[error("{url}: local files are only read from the directories in --allow-file-dirs (QTUNE_ALLOW_FILE_DIRS); upload it with POST /v1/files instead")]
@@ -87,7 +87,7 @@ impl FetchError {
 
 /// Resolves `url` to a local file, downloading it into the job's artifacts if it is remote.
 /// The file keeps `url` as its name, so the engine's messages name what the user wrote.
-pub async fn fetch_dataset(
+pub(crate) async fn fetch_dataset(
     config: &ServeConfig,
     egress: &Arc<EgressPolicy>,
     artifacts: &dyn ArtifactStore,

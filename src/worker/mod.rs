@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-pub use fetch::FetchError;
-pub use runner::{run_one, Outcome};
+pub(crate) use runner::run_one;
+pub use runner::Outcome;
 
 use crate::db::{self, Lease};
 use crate::events::{JobEvent, StatusChange};

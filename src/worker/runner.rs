@@ -74,7 +74,7 @@ impl Reporter for ChannelReporter {
 
 /// Runs a claimed job to its end. Call within the job's tracing span: the engine's log lines
 /// inherit it.
-pub async fn run_one(state: &AppState, device: &WorkerDevice, claim: Claim) -> Outcome {
+pub(crate) async fn run_one(state: &AppState, device: &WorkerDevice, claim: Claim) -> Outcome {
     let stop = state.running.start(&claim.lease.job);
     let outcome = run(state, device, &claim, stop).await;
     state.running.finish(&claim.lease.job);

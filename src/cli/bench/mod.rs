@@ -55,7 +55,7 @@ pub struct BenchOptions {
     pub shape: BenchShape,
     /// LoRA on all seven linears instead of q,k,v,o.
     #[arg(long)]
-    pub all_linear: bool,
+    pub(crate) all_linear: bool,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -63,7 +63,7 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
-    pub warmup: usize,
+    pub(crate) warmup: usize,
     /// Fewer layers for a quick look (default: all of the shape's layers).
     #[arg(long)]
     pub layers: Option<usize>,
@@ -124,7 +124,7 @@ impl DeviceMemorySampler {
 }
 
 /// Peak resident set size of this process so far, in GiB.
-pub fn peak_rss_gib() -> f64 {
+pub(crate) fn peak_rss_gib() -> f64 {
     crate::train::device::peak_rss_bytes() as f64 / (1u64 << 30) as f64
 }
 

@@ -18,10 +18,10 @@ use crate::train::model::{Arch, ModelConfig, Proj, WeightSource};
 use crate::train::{Error, Result};
 
 /// Special tokens of the byte-level test tokenizer, ids 0, 1, 2; the 256 byte tokens follow.
-pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+pub(crate) const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// ChatML, as SmolLM2 and Qwen2 use it.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+pub(crate) const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// A tiny Llama shape that trains in milliseconds (vocabulary = the byte tokenizer's 259).
 pub fn tiny_config() -> ModelConfig {
@@ -63,7 +63,7 @@ pub fn smollm2_135m_config() -> ModelConfig {
 }
 
 /// SmolLM2-360M's shape (32 layers, hidden 960, 15 heads, 5 KV heads, intermediate 2560).
-pub fn smollm2_360m_config() -> ModelConfig {
+pub(crate) fn smollm2_360m_config() -> ModelConfig {
     ModelConfig {
         hidden_size: 960,
         intermediate_size: 2560,
@@ -75,7 +75,7 @@ pub fn smollm2_360m_config() -> ModelConfig {
 }
 
 /// SmolLM2-1.7B's shape (24 layers, hidden 2048, 32 heads and 32 KV heads, intermediate 8192).
-pub fn smollm2_1_7b_config() -> ModelConfig {
+pub(crate) fn smollm2_1_7b_config() -> ModelConfig {
     ModelConfig {
         hidden_size: 2048,
         intermediate_size: 8192,
@@ -139,7 +139,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Te
 }
 
 /// The byte-level tokenizer of the tiny models: 3 special tokens, then one token per byte.
-pub fn byte_tokenizer() -> Result<Tokenizer> {
+pub(crate) fn byte_tokenizer() -> Result<Tokenizer> {
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
     let vocab: tokenizers::models::bpe::Vocab = SPECIAL_TOKENS
@@ -198,7 +198,7 @@ pub fn write_model_dir(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
 /// Random weights made when the loader asks for each one, so that only one dense tensor exists
 /// at a time (what the benchmark needs to measure a quantized model's real peak memory). Same
 /// distributions as [`random_weights`], seeded per tensor name.
-pub struct RandomSource {
+pub(crate) struct RandomSource {
     pub cfg: ModelConfig,
     pub seed: u64,
 }

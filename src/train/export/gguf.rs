@@ -437,7 +437,7 @@ pub const GGUF_LORA_KEYS: [&str; 6] = [
 /// for the llama architecture the rows of q's and k's B in llama.cpp's RoPE order — the
 /// permutation its converter applies to the base weights, which on a LoRA pair reaches B only.
 /// Returns the tensors written.
-pub fn gguf_lora(adapter_dir: &Path, cfg: &ModelConfig, out_file: &Path) -> Result<usize> {
+pub(crate) fn gguf_lora(adapter_dir: &Path, cfg: &ModelConfig, out_file: &Path) -> Result<usize> {
     check_exportable(cfg.arch)?;
     let lora = read_lora_spec(adapter_dir)?;
     let alpha = lora.alpha;

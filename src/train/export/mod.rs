@@ -15,7 +15,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-pub use gguf::{gguf_lora, gguf_model, GgufType, GGUF_LORA_KEYS};
+pub(crate) use gguf::gguf_lora;
+pub use gguf::{gguf_model, GgufType, GGUF_LORA_KEYS};
 
 use super::checkpoint::{read_lora_spec, ADAPTER_WEIGHTS};
 use super::error::Area;
@@ -58,7 +59,7 @@ impl Fold {
 
     /// `w`, the base tensor `name` (Hugging Face name and row order), with its adapter folded
     /// in if it has one: computed in float32, returned in `w`'s dtype.
-    pub fn apply(&mut self, name: &str, w: Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&mut self, name: &str, w: Tensor) -> Result<Tensor> {
         let module = name.strip_suffix(".weight").unwrap_or(name);
         let a = self
             .factors

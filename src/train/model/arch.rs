@@ -36,12 +36,12 @@ impl Proj {
     }
 
     /// A projection by its module name; `None` for anything else.
-    pub fn from_name(name: &str) -> Option<Proj> {
+    pub(crate) fn from_name(name: &str) -> Option<Proj> {
         Proj::ALL.into_iter().find(|p| p.name() == name)
     }
 
     /// The submodule it sits in: `self_attn` or `mlp`.
-    pub fn group(self) -> &'static str {
+    pub(crate) fn group(self) -> &'static str {
         match self {
             Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
             Proj::Gate | Proj::Up | Proj::Down => "mlp",
@@ -49,7 +49,7 @@ impl Proj {
     }
 
     /// q, k or v: the projections that carry a bias where the config says `attention_bias`.
-    pub fn is_qkv(self) -> bool {
+    pub(crate) fn is_qkv(self) -> bool {
         matches!(self, Proj::Q | Proj::K | Proj::V)
     }
 }
@@ -75,12 +75,12 @@ pub enum Arch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraModule {
     pub name: &'static str,
-    pub projs: &'static [Proj],
+    pub(crate) projs: &'static [Proj],
 }
 
 impl LoraModule {
     /// The submodule it sits in: `self_attn` or `mlp`.
-    pub fn group(&self) -> &'static str {
+    pub(crate) fn group(&self) -> &'static str {
         self.projs[0].group()
     }
 }
@@ -164,7 +164,7 @@ impl Arch {
     }
 
     /// The `model_type` transformers writes in config.json.
-    pub fn hf_model_type(self) -> &'static str {
+    pub(crate) fn hf_model_type(self) -> &'static str {
         match self {
             Arch::Gemma3 => "gemma3_text",
             other => other.as_str(),
@@ -172,7 +172,7 @@ impl Arch {
     }
 
     /// The class transformers builds for it (config.json's `architectures`).
-    pub fn hf_class(self) -> &'static str {
+    pub(crate) fn hf_class(self) -> &'static str {
         match self {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
@@ -185,35 +185,35 @@ impl Arch {
 
     /// Whether each head of q and k is RMS-normalised before RoPE (`self_attn.q_norm`,
     /// `self_attn.k_norm`).
-    pub fn has_qk_norm(self) -> bool {
+    pub(crate) fn has_qk_norm(self) -> bool {
         matches!(self, Arch::Qwen3 | Arch::Gemma3)
     }
 
     /// Gemma's RMSNorms scale by `1 + w`; the checkpoint stores `w`.
-    pub fn norm_adds_one(self) -> bool {
+    pub(crate) fn norm_adds_one(self) -> bool {
         self == Arch::Gemma3
     }
 
     /// Gemma multiplies the embeddings by √hidden before the first layer.
-    pub fn scales_embeddings(self) -> bool {
+    pub(crate) fn scales_embeddings(self) -> bool {
         self == Arch::Gemma3
     }
 
     /// Gemma's "sandwich": a norm on the attention's and on the MLP's output before each
     /// residual add (`post_attention_layernorm`, `post_feedforward_layernorm`), the MLP's input
     /// norm then being `pre_feedforward_layernorm`.
-    pub fn has_sandwich_norms(self) -> bool {
+    pub(crate) fn has_sandwich_norms(self) -> bool {
         self == Arch::Gemma3
     }
 
     /// The MLP's gate activation: tanh-approximated GELU (GeGLU) for Gemma, SiLU (SwiGLU) else.
-    pub fn gelu_gate(self) -> bool {
+    pub(crate) fn gelu_gate(self) -> bool {
         self == Arch::Gemma3
     }
 
     /// Whether the fused CPU layer (`layer.rs`) computes this family: the plain pre-norm SwiGLU
     /// layer with one LoRA per projection. Others run the composite graph.
-    pub fn fused_layer_applies(self) -> bool {
+    pub(crate) fn fused_layer_applies(self) -> bool {
         matches!(self, Arch::Llama | Arch::Mistral | Arch::Qwen2)
     }
 
@@ -229,7 +229,7 @@ impl Arch {
     /// projections, naming one of them (q_proj, or the default q/k/v/o) adapts the fused module
     /// it is part of, so one spec works across families; a fused name on a family without it is
     /// an error that names it.
-    pub fn lora_targets(self, names: &[String]) -> Result<Vec<LoraModule>, Error> {
+    pub(crate) fn lora_targets(self, names: &[String]) -> Result<Vec<LoraModule>, Error> {
         let modules = self.lora_modules();
         if let Some(bad) = names.iter().find(|n| {
             !modules.iter().any(|m| m.name == n.as_str())
@@ -260,7 +260,7 @@ impl Arch {
 
     /// Whether llama.cpp stores q's and k's rows permuted for its interleaved RoPE (its `llama`
     /// architecture); the qwen families use the rotate-half ("neox") RoPE and keep them as they are.
-    pub fn llama_cpp_permutes_qk(self) -> bool {
+    pub(crate) fn llama_cpp_permutes_qk(self) -> bool {
         matches!(self, Arch::Llama | Arch::Mistral)
     }
 }

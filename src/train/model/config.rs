@@ -43,14 +43,14 @@ pub struct LocalAttention {
     /// A key is seen when `query position − key position < window`.
     pub window: usize,
     /// The local layers' RoPE base (unscaled).
-    pub rope_theta: f64,
+    pub(crate) rope_theta: f64,
     /// Per layer: local (true) or global.
     pub layers: Vec<bool>,
 }
 
 /// Gemma 3's layer kinds when a config lists none: every `pattern`-th layer global (as
 /// transformers' `sliding_window_pattern` and llama.cpp's `set_swa_pattern(6)`).
-pub fn gemma3_local_layers(num_layers: usize, pattern: usize) -> Vec<bool> {
+pub(crate) fn gemma3_local_layers(num_layers: usize, pattern: usize) -> Vec<bool> {
     (0..num_layers)
         .map(|i| !(i + 1).is_multiple_of(pattern))
         .collect()
@@ -58,7 +58,7 @@ pub fn gemma3_local_layers(num_layers: usize, pattern: usize) -> Vec<bool> {
 
 impl ModelConfig {
     /// The scale of the attention scores.
-    pub fn attention_scale(&self) -> f64 {
+    pub(crate) fn attention_scale(&self) -> f64 {
         1.0 / self
             .query_pre_attn_scalar
             .unwrap_or(self.head_dim as f64)
@@ -66,7 +66,7 @@ impl ModelConfig {
     }
 
     /// Whether `layer` attends within Gemma 3's local window.
-    pub fn is_local_layer(&self, layer: usize) -> bool {
+    pub(crate) fn is_local_layer(&self, layer: usize) -> bool {
         self.local_attention
             .as_ref()
             .is_some_and(|l| l.layers.get(layer).copied().unwrap_or(false))
@@ -104,7 +104,7 @@ impl ModelConfig {
     }
 
     /// (out, in) of a projection's weight.
-    pub fn linear_shape(&self, proj: Proj) -> (usize, usize) {
+    pub(crate) fn linear_shape(&self, proj: Proj) -> (usize, usize) {
         let (h, q, kv, ff) = (
             self.hidden_size,
             self.num_attention_heads * self.head_dim,
@@ -122,12 +122,12 @@ impl ModelConfig {
 
     /// Inverse RoPE frequencies, one per pair of head dimensions, with scaling applied, of the
     /// global layers.
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
+    pub(crate) fn rope_inv_freq(&self) -> Vec<f32> {
         rope::inv_freq(self.head_dim, self.rope_theta, self.rope_scaling.as_ref())
     }
 
     /// Those of `layer` (Gemma 3's local layers have their own base, unscaled).
-    pub fn layer_rope_inv_freq(&self, layer: usize) -> Vec<f32> {
+    pub(crate) fn layer_rope_inv_freq(&self, layer: usize) -> Vec<f32> {
         match &self.local_attention {
             Some(l) if self.is_local_layer(layer) => {
                 rope::inv_freq(self.head_dim, l.rope_theta, None)

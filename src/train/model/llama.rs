@@ -29,7 +29,7 @@ pub struct Llama {
     pub gradient_checkpointing: bool,
     /// The vocabulary projection kept quantized for decode steps (set by
     /// [`super::load_for_decoding`]): at one row per step it is the largest single read.
-    pub decode_head: Option<std::sync::Arc<QTensor>>,
+    pub(crate) decode_head: Option<std::sync::Arc<QTensor>>,
     /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
     /// variable id; [`Llama::lora_grads`] hands them to the optimizer step.
     pub(super) layer_grads: GradStash,
@@ -37,19 +37,19 @@ pub struct Llama {
 
 impl Llama {
     /// Bytes of the LoRA factors (what an adapter view adds to its base).
-    pub fn lora_bytes(&self) -> usize {
+    pub(crate) fn lora_bytes(&self) -> usize {
         self.lora_vars()
             .iter()
             .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
             .sum()
     }
 
-    pub fn lm_head_weight(&self) -> &Tensor {
+    pub(crate) fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// The modules carrying LoRA factors, by their checkpoint names (PEFT's `target_modules`).
-    pub fn adapted_modules(&self) -> Vec<&'static str> {
+    pub(crate) fn adapted_modules(&self) -> Vec<&'static str> {
         let Some(block) = self.blocks.first() else {
             return Vec::new();
         };
@@ -81,7 +81,7 @@ impl Llama {
 
     /// Final hidden states `(b, t, hidden)` for token ids `(b, t)`. Sequences are right-padded,
     /// so the causal mask alone keeps real tokens from seeing padding.
-    pub fn hidden_states(&self, ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    pub(crate) fn hidden_states(&self, ids: &Tensor, mode: ForwardMode) -> Result<Tensor> {
         self.hidden_states_in(ids, None, mode)
     }
 

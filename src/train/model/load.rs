@@ -45,7 +45,7 @@ pub fn load_base(
 }
 
 /// [`load_base`] with the job's `compute_dtype` for the frozen base.
-pub fn load_base_in(
+pub(crate) fn load_base_in(
     base_model: &str,
     revision: Option<&str>,
     lora: &LoraSpec,
@@ -99,7 +99,7 @@ fn looks_like_repo_id(s: &str) -> bool {
 }
 
 /// Loads a local Hugging Face model folder.
-pub fn load_hf_dir(
+pub(crate) fn load_hf_dir(
     dir: &Path,
     name: &str,
     lora: &LoraSpec,
@@ -173,7 +173,7 @@ pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel>
 }
 
 /// Loads a llama.cpp GGUF file, dequantized to float32, in Hugging Face tensor order.
-pub fn load_gguf(
+pub(crate) fn load_gguf(
     path: &Path,
     lora: &LoraSpec,
     quantization: Option<&QuantizationSpec>,
@@ -224,14 +224,17 @@ pub fn base_config(base_model: &Path) -> Result<ModelConfig> {
 /// What the stored base is, when it matters for its size: the linear weights' bytes in a GGUF
 /// file that a `{"type": "gguf"}` job keeps in their own types.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StoredBase {
-    pub gguf_linear_bytes: Option<u64>,
+pub(crate) struct StoredBase {
+    pub(crate) gguf_linear_bytes: Option<u64>,
 }
 
 /// The shape of `base_model` as a job names it (a `.gguf` file, a local folder, or a Hub repo
 /// id, of which only `config.json` is fetched), and for a GGUF file the bytes its decoder
 /// layers' linear weights take: what [`crate::train::cost`] estimates from.
-pub fn base_shape(base_model: &str, revision: Option<&str>) -> Result<(ModelConfig, StoredBase)> {
+pub(crate) fn base_shape(
+    base_model: &str,
+    revision: Option<&str>,
+) -> Result<(ModelConfig, StoredBase)> {
     let path = Path::new(base_model);
     if is_gguf_path(path) {
         let (_, content) = open_gguf(path)?;

@@ -21,18 +21,19 @@ mod rope;
 pub(crate) mod source;
 mod weights;
 
-pub use arch::{Arch, LoraModule, Proj};
-pub use config::{gemma3_local_layers, LocalAttention, ModelConfig};
-pub use llama::{KvCache, Llama};
-pub use load::{
-    base_config, base_shape, load_base, load_base_in, load_for_decoding, load_gguf, load_hf_dir,
-    BaseModel, StoredBase,
-};
-pub use rope::RopeScaling;
+pub use crate::train::quant::{Kind4, QuantizedWeight};
+pub use arch::Arch;
+pub(crate) use arch::Proj;
+pub use config::ModelConfig;
+pub use llama::Llama;
+pub use load::{base_config, load_base, load_for_decoding};
+pub(crate) use load::{base_shape, load_base_in};
+pub(crate) use load::{BaseModel, StoredBase};
+pub(crate) use rope::RopeScaling;
 pub use source::gguf::{permute_rows, unpermute_rows};
-pub use source::WeightSource;
+pub(crate) use source::WeightSource;
 pub(crate) use source::{
     gguf_tensor_name, hf_tensor_name, is_gguf_path, safetensors_files, GgufBase,
 };
-pub use crate::train::quant::{Kind4, QuantizedWeight};
-pub use weights::{dropout_seed, mix_seed, Block, ForwardMode, FrozenWeight, Linear, LoraAdapter};
+pub(crate) use weights::mix_seed;
+pub use weights::{dropout_seed, ForwardMode, FrozenWeight};

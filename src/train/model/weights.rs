@@ -41,7 +41,7 @@ pub struct FusedRows {
 
 impl LoraAdapter {
     /// This projection's B: all of it, or its rows of a fused module's.
-    pub fn b_rows(&self, b: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn b_rows(&self, b: &Tensor) -> candle_core::Result<Tensor> {
         match self.fused {
             Some(f) => b.narrow(0, f.start, f.len),
             None => Ok(b.clone()),
@@ -81,14 +81,14 @@ pub struct Block {
     pub attn_norm: Tensor,
     pub mlp_norm: Tensor,
     /// Per-head RMSNorm weights `(head_dim,)` of q and k (qwen3, gemma3), applied before RoPE.
-    pub qk_norm: Option<(Tensor, Tensor)>,
+    pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     /// Gemma's norms of the attention's and of the MLP's output, before each residual add.
-    pub post_norms: Option<(Tensor, Tensor)>,
+    pub(crate) post_norms: Option<(Tensor, Tensor)>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
-    pub gate_proj: Linear,
+    pub(crate) gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
 }
@@ -106,7 +106,7 @@ impl Block {
         }
     }
 
-    pub fn linear_mut(&mut self, proj: Proj) -> &mut Linear {
+    pub(crate) fn linear_mut(&mut self, proj: Proj) -> &mut Linear {
         match proj {
             Proj::Q => &mut self.q_proj,
             Proj::K => &mut self.k_proj,
@@ -142,7 +142,7 @@ impl ForwardMode {
 }
 
 /// Mixes numbers into a 64-bit seed (splitmix64 finaliser), for independent RNG streams.
-pub fn mix_seed(parts: &[u64]) -> u64 {
+pub(crate) fn mix_seed(parts: &[u64]) -> u64 {
     let mut h = 0x9e37_79b9_7f4a_7c15u64;
     for &p in parts {
         h ^= p
@@ -166,7 +166,7 @@ pub fn dropout_seed(seed: u64, step: u64, micro_batch: u64) -> u64 {
 
 /// The dropout on the LoRA input of `proj` in layer `layer` during a forward in `mode`, if any.
 /// Both forward paths draw it here, so their masks are the same.
-pub fn lora_dropout(
+pub(crate) fn lora_dropout(
     mode: ForwardMode,
     lora: &LoraAdapter,
     layer: usize,
@@ -180,14 +180,14 @@ pub fn lora_dropout(
 }
 
 /// LoRA gradients produced inside fused or recomputed layers, by variable id.
-pub type GradStash = Arc<Mutex<Vec<(TensorId, Tensor)>>>;
+pub(crate) type GradStash = Arc<Mutex<Vec<(TensorId, Tensor)>>>;
 
 /// What every layer of one forward shares: rotary tables, mask, shapes, mode.
 #[derive(Clone)]
-pub struct LayerContext {
+pub(crate) struct LayerContext {
     pub cfg: ModelConfig,
-    pub cos: Tensor,
-    pub sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
     pub mask: Tensor,
     /// cos, sin and mask of Gemma 3's local layers.
     pub local: Option<(Tensor, Tensor, Tensor)>,
@@ -197,12 +197,12 @@ pub struct LayerContext {
     pub mode: ForwardMode,
     /// Packed rows: per position, the column its example starts at (cos and sin are then
     /// `(b, t, d/2)` and the mask `(b, 1, t, t)`).
-    pub example_starts: Option<Arc<Vec<u32>>>,
+    pub(crate) example_starts: Option<Arc<Vec<u32>>>,
 }
 
 impl LayerContext {
     /// cos, sin and mask of `layer`.
-    pub fn tables(&self, layer: usize) -> (&Tensor, &Tensor, &Tensor) {
+    pub(crate) fn tables(&self, layer: usize) -> (&Tensor, &Tensor, &Tensor) {
         match &self.local {
             Some((cos, sin, mask)) if self.cfg.is_local_layer(layer) => (cos, sin, mask),
             _ => (&self.cos, &self.sin, &self.mask),

@@ -157,9 +157,7 @@ fn short_run(quantization: Option<serde_json::Value>, steps: u64) -> (f64, f64) 
             .all(|(_, l)| matches!(l.weight, model::FrozenWeight::Quantized(_)))
     });
     assert_eq!(stored, spec.quantization.is_some());
-    let before = train::evaluate(&base, &val_examples, 4)
-        .unwrap()
-        .loss;
+    let before = train::evaluate(&base, &val_examples, 4).unwrap().loss;
     drop(base);
     let out = dir.path().join("out");
     let outcome = train::run(&spec, &crate::helpers::run_options(&out), &mut Silent).unwrap();

@@ -114,9 +114,7 @@ fn lora_lowers_held_out_loss() {
         data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
-    let before = train::evaluate(&base, &val_examples, 4)
-        .unwrap()
-        .loss;
+    let before = train::evaluate(&base, &val_examples, 4).unwrap().loss;
     drop(base);
     let out = dir.path().join("out");
     let opts = crate::helpers::run_options(&out);
@@ -135,9 +133,7 @@ fn lora_lowers_held_out_loss() {
     let reloaded =
         model::load_base(&spec.base_model, None, &spec.lora, None, 1, &Device::Cpu).unwrap();
     train::checkpoint::load_adapter(&outcome.adapter_dir, &reloaded.model).unwrap();
-    let again = train::evaluate(&reloaded, &val_examples, 4)
-        .unwrap()
-        .loss;
+    let again = train::evaluate(&reloaded, &val_examples, 4).unwrap().loss;
     assert!((again - after).abs() < 1e-4, "{again} vs {after}");
 }
 
@@ -178,9 +174,7 @@ fn qlora_run(quantization: serde_json::Value) -> (f64, f64) {
         data::DEFAULT_MAX_RECORD_BYTES,
     )
     .unwrap();
-    let before = train::evaluate(&base, &val_examples, 4)
-        .unwrap()
-        .loss;
+    let before = train::evaluate(&base, &val_examples, 4).unwrap().loss;
     drop(base);
     let outcome = train::run(
         &spec,
