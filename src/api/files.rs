@@ -290,7 +290,7 @@ pub async fn checkpoints(
         .map(|r| CheckpointView {
             step: r.step as u64,
             created_at: r.created_at,
-            files: serde_json::from_str(&r.files).unwrap_or_default(),
+            files: r.files,
         })
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
@@ -311,8 +311,7 @@ pub async fn checkpoint_file(
     let Some(row) = rows.iter().find(|r| r.step as u64 == step) else {
         return Err(ApiError::not_found("checkpoint", &format!("{id}:{step}")));
     };
-    let files: Vec<FileDigest> = serde_json::from_str(&row.files).unwrap_or_default();
-    let recorded = files.into_iter().find(|f| f.name == file);
+    let recorded = row.files.iter().find(|f| f.name == file).cloned();
     let checked = recorded.is_some();
     serve(&state, &key, recorded, checked, &headers).await
 }

@@ -98,12 +98,12 @@ impl TryFrom<JobRecord> for JobRow {
             .transpose()
             .map_err(|e| corrupt("phase", e))?;
         let spec = serde_json::from_str(&r.spec).map_err(|e| corrupt("spec", e.to_string()))?;
-        let adapter_files = r
-            .adapter_files
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| corrupt("adapter_files", e.to_string()))?;
+        // digests recorded unreadably read as none: downloads then compute them afresh
+        let adapter_files = r.adapter_files.as_deref().and_then(|text| {
+            serde_json::from_str(text)
+                .map_err(|e| tracing::warn!(job = %r.id, error = %e, "the adapter's recorded files are unreadable"))
+                .ok()
+        });
         Ok(JobRow {
             seq: r.seq,
             id,
@@ -147,11 +147,13 @@ fn typed(records: Vec<JobRecord>) -> Vec<JobRow> {
         .collect()
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A recorded checkpoint and the digests of its files. Files recorded unreadably (hand-edited)
+/// read as none, so that the checkpoint is still listed and its downloads computed afresh.
+#[derive(Debug, Clone)]
 pub struct CheckpointRow {
     pub step: i64,
     pub created_at: String,
-    pub files: String,
+    pub files: Vec<FileDigest>,
 }
 
 /// What a cancel request did.
@@ -803,12 +805,23 @@ impl Db {
     }
 
     pub async fn list_checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRow>> {
-        Ok(sqlx::query_as(&self.sql(&format!(
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(&self.sql(&format!(
             "SELECT step, {}, files FROM checkpoints WHERE job_id = ? ORDER BY step",
             self.time("created_at")
         )))
         .bind(job.as_str())
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(step, created_at, files)| CheckpointRow {
+                step,
+                created_at,
+                files: serde_json::from_str(&files).unwrap_or_else(|e| {
+                    tracing::warn!(job = %job, step, error = %e, "a checkpoint's recorded files are unreadable");
+                    Vec::new()
+                }),
+            })
+            .collect())
     }
 }

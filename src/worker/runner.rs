@@ -112,6 +112,61 @@ async fn try_run(
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome, Outcome> {
     let lease = &claim.lease;
+    let opts = prepare(state, device, claim).await?;
+    // Engine events → database + stream, in order, on the async side.
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
+    let persister = spawn_persister(state, lease, stop.clone(), rx);
+    let over_time = Arc::new(AtomicBool::new(false));
+    let heartbeat = lease::spawn_heartbeat(
+        state.clone(),
+        lease.clone(),
+        stop.clone(),
+        over_time.clone(),
+    );
+    // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
+    // database has it (the heartbeat would see it too, but only after its first interval).
+    match state.db.heartbeat(lease, lease::lease_secs(state)).await {
+        Ok(Some(_)) => stop.store(true, Ordering::SeqCst),
+        Ok(None) => {}
+        Err(db::Error::LeaseLost { .. }) => {
+            heartbeat.abort();
+            return Err(Outcome::LeaseLost);
+        }
+        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+    }
+    // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
+    let span = tracing::Span::current();
+    let engine_stop = stop.clone();
+    let spec = claim.spec.clone();
+    let engine = tokio::task::spawn_blocking(move || {
+        let _in_job = span.enter();
+        let mut reporter = ChannelReporter {
+            tx,
+            stop: engine_stop,
+        };
+        train::run(&spec, &opts, &mut reporter)
+    });
+    let result = engine.await;
+    heartbeat.abort();
+    let lease_lost = persister.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the event writer panicked");
+        false
+    });
+    if lease_lost {
+        return Ok(Outcome::LeaseLost);
+    }
+    outcome_of(state, lease, result, &over_time).await
+}
+
+/// Everything before the engine starts: the start announced, the base model and the job's
+/// memory checked against this worker, the datasets fetched, the adapter it starts from and its
+/// output folder made ready. An `Err` is how the run ends without training.
+async fn prepare(
+    state: &AppState,
+    device: &WorkerDevice,
+    claim: &Claim,
+) -> Result<train::RunOptions, Outcome> {
+    let lease = &claim.lease;
     tracing::info!("job started");
     let started = StatusChange {
         attempt: Some(lease.attempt),
@@ -134,27 +189,17 @@ async fn try_run(
             Misfit::Waiting(reason) => Outcome::Waiting { reason },
             Misfit::NeverFits(message) => Outcome::failed("insufficient_memory", message),
         })?;
-
-    written(
-        state.db.set_phase(lease, JobPhase::FetchingDataset).await,
-        "the phase",
-    )?;
-    written(
-        state
-            .publish_fenced(
-                lease,
-                &JobEvent::Status(StatusChange::phase(JobPhase::FetchingDataset)),
-            )
-            .await,
-        "the phase",
-    )?;
+    let fetching = JobPhase::FetchingDataset;
+    written(state.db.set_phase(lease, fetching).await, "the phase")?;
+    let phase = JobEvent::Status(StatusChange::phase(fetching));
+    written(state.publish_fenced(lease, &phase).await, "the phase")?;
     let datasets = fetch_datasets(state, lease, spec)
         .await
         .map_err(|e| Outcome::failed("dataset_fetch_failed", e))?;
     let init_adapter = match &spec.from_checkpoint {
         None => None,
-        Some(named) => {
-            let dir = state
+        Some(named) => Some(
+            state
                 .artifacts
                 .init_adapter_dir(&named.job, named.step)
                 .await
@@ -163,56 +208,12 @@ async fn try_run(
                         "io_error",
                         format!("from_checkpoint: loading {named} from the artifact store: {e}"),
                     )
-                })?;
-            Some(dir)
-        }
+                })?,
+        ),
     };
     let out = state.artifacts.job_output_dir(&lease.job);
     align_checkpoints_with_record(state, lease, &out).await;
-
-    // Engine events → database + stream, in order, on the async side.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let persister = {
-        let mut persister = Persister::new(state.clone(), lease.clone());
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut lease_lost = false;
-            while let Some(event) = rx.recv().await {
-                if lease_lost {
-                    continue;
-                }
-                match persister.record(&event).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_lease_lost() => {
-                        tracing::warn!(error = %e, "stopping the job");
-                        stop.store(true, Ordering::SeqCst);
-                        lease_lost = true;
-                    }
-                    Err(e) => tracing::error!(error = %e, "could not store a job event"),
-                }
-            }
-            lease_lost
-        })
-    };
-    let over_time = Arc::new(AtomicBool::new(false));
-    let heartbeat = lease::spawn_heartbeat(
-        state.clone(),
-        lease.clone(),
-        stop.clone(),
-        over_time.clone(),
-    );
-    // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
-    // database has it (the heartbeat would see it too, but only after its first interval).
-    match state.db.heartbeat(lease, lease::lease_secs(state)).await {
-        Ok(Some(_)) => stop.store(true, Ordering::SeqCst),
-        Ok(None) => {}
-        Err(db::Error::LeaseLost { .. }) => {
-            heartbeat.abort();
-            return Err(Outcome::LeaseLost);
-        }
-        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-    }
-    let opts = train::RunOptions {
+    Ok(train::RunOptions {
         output_dir: out,
         device: device.device.clone(),
         resume: true,
@@ -220,28 +221,46 @@ async fn try_run(
         datasets: Some(datasets),
         max_record_bytes: (state.config.max_record_kib * 1024) as usize,
         max_total_steps: Some(state.config.max_job_steps),
-    };
-    // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
-    let span = tracing::Span::current();
-    let engine_stop = stop.clone();
-    let spec = spec.clone();
-    let engine = tokio::task::spawn_blocking(move || {
-        let _in_job = span.enter();
-        let mut reporter = ChannelReporter {
-            tx,
-            stop: engine_stop,
-        };
-        train::run(&spec, &opts, &mut reporter)
-    });
-    let result = engine.await;
-    heartbeat.abort();
-    let lease_lost = persister.await.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "the event writer panicked");
-        false
-    });
-    if lease_lost {
-        return Ok(Outcome::LeaseLost);
-    }
+    })
+}
+
+/// Stores the engine's events as they come, fenced by the lease; a lost lease raises `stop`
+/// (the engine stops at its next step) and the task answers `true`.
+fn spawn_persister(
+    state: &AppState,
+    lease: &Lease,
+    stop: Arc<AtomicBool>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> tokio::task::JoinHandle<bool> {
+    let mut persister = Persister::new(state.clone(), lease.clone());
+    tokio::spawn(async move {
+        let mut lease_lost = false;
+        while let Some(event) = rx.recv().await {
+            if lease_lost {
+                continue;
+            }
+            match persister.record(&event).await {
+                Ok(()) => {}
+                Err(e) if e.is_lease_lost() => {
+                    tracing::warn!(error = %e, "stopping the job");
+                    stop.store(true, Ordering::SeqCst);
+                    lease_lost = true;
+                }
+                Err(e) => tracing::error!(error = %e, "could not store a job event"),
+            }
+        }
+        lease_lost
+    })
+}
+
+/// How the engine's run ended, as the run's outcome: a success packs the adapter; a stop is a
+/// time limit, a shutdown, a lost lease, a pause or a cancel, as the database tells.
+async fn outcome_of(
+    state: &AppState,
+    lease: &Lease,
+    result: Result<train::Result<train::Outcome>, tokio::task::JoinError>,
+    over_time: &AtomicBool,
+) -> Result<Outcome, Outcome> {
     Ok(match result {
         Ok(Ok(_)) => {
             written(

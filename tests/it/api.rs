@@ -522,61 +522,15 @@ async fn dataset_url_failures_fail_the_job_with_the_url() {
 async fn api_keys_guard_v1_and_separate_owners() {
     let app = spawn_app_with(|c| c.api_keys = vec!["alpha".into(), "beta".into()]).await;
     let body = app.job(json!({"training": {"max_steps": 1}}));
-    let r = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let job: Value = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("alpha")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(app.post("/v1/jobs", &body).await.0, 401);
+    assert_eq!(app.post_as("wrong", "/v1/jobs", &body).await.0, 401);
+    let (status, job) = app.post_as("alpha", "/v1/jobs", &body).await;
+    assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap();
-    let mine = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth("alpha")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(mine.status(), 200);
-    let theirs = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth("beta")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(theirs.status(), 404);
-    let list: Value = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth("beta")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let path = format!("/v1/jobs/{id}");
+    assert_eq!(app.get_as("alpha", &path).await.0, 200);
+    assert_eq!(app.get_as("beta", &path).await.0, 404);
+    let (_, list) = app.get_as("beta", "/v1/jobs").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
     assert_eq!(app.get("/healthz").await.0, 200, "health needs no key");
     app.shutdown().await;

@@ -156,9 +156,15 @@ async fn the_estimate_is_within_a_quarter_of_the_measured_peak_on_the_cpu() {
     assert_eq!(workers[0]["device"], "cpu");
     assert_eq!(estimate["fits"], true);
     assert!(estimate["seconds_per_step"].as_f64().unwrap() > 0.0);
-    assert_eq!(
+    // two steps; compared within a part in 10¹²: serde_json's default float parsing may land one
+    // unit in the last place away from the number the server printed
+    let (total, per_step) = (
         estimate["total_seconds"].as_f64().unwrap(),
-        2.0 * estimate["seconds_per_step"].as_f64().unwrap()
+        estimate["seconds_per_step"].as_f64().unwrap(),
+    );
+    assert!(
+        (total - 2.0 * per_step).abs() <= 1e-12 * total,
+        "{estimate}"
     );
     app.shutdown().await;
 }

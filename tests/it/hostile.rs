@@ -778,32 +778,20 @@ async fn tenants_list_and_delete_their_own_files_and_jobs() {
     // a job on the upload
     let mut body = app.job(json!({"training": {"max_steps": 2}}));
     body["dataset"]["url"] = json!(file_id);
-    let job: Value = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("k-a")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, job) = app.post_as("k-a", "/v1/jobs", &body).await;
     let id = job["id"].as_str().unwrap().to_string();
-    let start = std::time::Instant::now();
-    loop {
-        let j: Value = send(reqwest::Method::GET, format!("/v1/jobs/{id}"), "k-a")
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["status"] == "succeeded" {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::helpers::eventually(
+        Duration::from_secs(60),
+        "the job on the upload succeeded",
+        || async {
+            let (_, j) = app.get_as("k-a", &format!("/v1/jobs/{id}")).await;
+            match j["status"] == "succeeded" {
+                true => Ok(()),
+                false => Err(j.to_string()),
+            }
+        },
+    )
+    .await;
     // another key can delete neither
     let r = send(reqwest::Method::DELETE, format!("/v1/jobs/{id}"), "k-b")
         .await

@@ -150,6 +150,14 @@ pub struct Continued {
 impl CreateFineTuningJob {
     /// The request in a JSON body; errors name the field at its path.
     pub fn from_json(body: &[u8]) -> Result<CreateFineTuningJob, ApiError> {
+        if let Err(e) = serde_json::from_slice::<IgnoredAny>(body) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not JSON: {e}"),
+            )
+            .param("body"));
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let e = crate::spec::serde_error(&e.path().to_string(), &e.inner().to_string());
@@ -393,5 +401,146 @@ fn request_param(native: &str) -> String {
             native.to_string()
         }
         None => format!("qtune.{native}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobId;
+
+    fn spec(body: serde_json::Value) -> Result<JobSpec, ApiError> {
+        CreateFineTuningJob::from_json(body.to_string().as_bytes())?.into_spec(None)
+    }
+
+    fn param(body: serde_json::Value) -> String {
+        spec(body).unwrap_err().param.unwrap_or_default()
+    }
+
+    #[test]
+    fn hyperparameters_become_native_training_fields() {
+        let s = spec(serde_json::json!({
+            "model": "m", "training_file": "file-1", "validation_file": "file-2",
+            "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 5},
+            "suffix": "s", "seed": 7, "metadata": {"k": "v"},
+            "qtune": {"lora": {"r": 4}, "training": {"max_seq_len": 64}},
+        }))
+        .unwrap();
+        assert_eq!(
+            (s.base_model.as_str(), s.dataset.url.as_str()),
+            ("m", "file-1")
+        );
+        assert_eq!(s.dataset.validation_url.as_deref(), Some("file-2"));
+        assert_eq!((s.training.epochs, s.training.batch_size), (2, 4));
+        assert!((s.training.learning_rate - 5.0 * DEFAULT_LEARNING_RATE).abs() < 1e-15);
+        assert_eq!(
+            (s.lora.r, s.lora.alpha, s.training.max_seq_len),
+            (4, 8.0, 64)
+        );
+        assert_eq!((s.seed, s.suffix.as_deref()), (7, Some("s")));
+        let under_method = spec(serde_json::json!({
+            "model": "m", "training_file": "f",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}},
+        }))
+        .unwrap();
+        assert_eq!(under_method.training.epochs, 5);
+    }
+
+    /// Fields added to a valid request, and the param its error must name.
+    const BAD: [(&str, &str); 19] = [
+        (r#"{"model": ""}"#, "model"),
+        (r#"{"training_file": ""}"#, "training_file"),
+        (r#"{"bogus": 1}"#, "bogus"),
+        (r#"{"seed": "x"}"#, "seed"),
+        (
+            r#"{"suffix": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+            "suffix",
+        ),
+        (
+            r#"{"hyperparameters": {"n_epochs": 0}}"#,
+            "hyperparameters.n_epochs",
+        ),
+        (
+            r#"{"hyperparameters": {"n_epochs": 1.5}}"#,
+            "hyperparameters.n_epochs",
+        ),
+        (
+            r#"{"hyperparameters": {"learning_rate_multiplier": -1}}"#,
+            "hyperparameters.learning_rate_multiplier",
+        ),
+        (
+            r#"{"hyperparameters": {"n_epochs": "many"}}"#,
+            "hyperparameters.n_epochs",
+        ),
+        (
+            r#"{"hyperparameters": {"beta": 1}}"#,
+            "hyperparameters.beta",
+        ),
+        (
+            r#"{"hyperparameters": {}, "method": {"supervised": {"hyperparameters": {}}}}"#,
+            "hyperparameters",
+        ),
+        (r#"{"method": {"type": "dpo"}}"#, "method.type"),
+        (r#"{"method": {"type": "grpo"}}"#, "method.type"),
+        (r#"{"integrations": [{"type": "wandb"}]}"#, "integrations"),
+        (r#"{"qtune": {"lora": {"r": 0}}}"#, "qtune.lora.r"),
+        (r#"{"qtune": {"base_model": "x"}}"#, "qtune.base_model"),
+        (
+            r#"{"qtune": {"dataset": {"url": "x"}}}"#,
+            "qtune.dataset.url",
+        ),
+        (
+            r#"{"qtune": {"training": {"bogus": 1}}}"#,
+            "qtune.training.bogus",
+        ),
+        (
+            r#"{"hyperparameters": {"n_epochs": 2}, "qtune": {"training": {"epochs": 3}}}"#,
+            "hyperparameters.n_epochs",
+        ),
+    ];
+
+    #[test]
+    fn errors_name_the_requests_own_field() {
+        for (extra, want) in BAD {
+            let mut body = serde_json::json!({"model": "m", "training_file": "f"});
+            let extra: serde_json::Value = serde_json::from_str(extra).unwrap();
+            for (k, x) in extra.as_object().unwrap() {
+                body[k] = x.clone();
+            }
+            assert_eq!(param(body), want, "{extra}");
+        }
+        let dpo = spec(
+            serde_json::json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}),
+        )
+        .unwrap_err();
+        assert_eq!(dpo.code, "unsupported_method");
+        let not_json = CreateFineTuningJob::from_json(b"{not json").unwrap_err();
+        assert_eq!(
+            (not_json.code, not_json.param.as_deref()),
+            ("invalid_json", Some("body"))
+        );
+    }
+
+    #[test]
+    fn a_fine_tuned_model_continues_with_its_own_shape() {
+        let earlier = JobSpec::from_json(
+            r#"{"base_model": "b", "dataset": {"url": "d"}, "lora": {"r": 32, "target_modules": "all-linear"}}"#,
+        )
+        .unwrap();
+        let from = CheckpointRef {
+            job: JobId::new(),
+            step: Some(20),
+        };
+        let req = CreateFineTuningJob::from_json(br#"{"model": "ft:b::x", "training_file": "f"}"#)
+            .unwrap();
+        let s = req
+            .into_spec(Some(Continued {
+                spec: earlier,
+                from: from.clone(),
+            }))
+            .unwrap();
+        assert_eq!((s.base_model.as_str(), s.lora.r), ("b", 32));
+        assert_eq!(s.lora.target_modules.len(), 7);
+        assert_eq!(s.from_checkpoint, Some(from));
     }
 }
