@@ -57,6 +57,39 @@ def expand_use(tree: str) -> list:
     return out
 
 
+def cycles(nodes, edges) -> list:
+    """The strongly connected components of more than one node (Tarjan's algorithm)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(comp)
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(nodes):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def main() -> int:
     # main.rs is the binary's root, a crate of its own that only calls into the library
     files = {module_of(p): p for p in SRC.rglob("*.rs") if p != SRC / "main.rs"}
@@ -119,37 +152,8 @@ def main() -> int:
             if target != m and target in modules and not (m and target == ()):
                 edges[m].add(target)
 
-    # strongly connected components (Tarjan)
-    index, low, stack, on, sccs, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in edges[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                sccs.append(comp)
-
-    sys.setrecursionlimit(10000)
-    for v in sorted(modules):
-        if v not in index:
-            visit(v)
     name = lambda m: "::".join(m) or "crate"
-    sccs = [("files", comp, edges) for comp in sccs]
+    sccs = [("files", comp, edges) for comp in cycles(modules, edges)]
 
     # The same question a level up: within each folder module, its children (a file, or a
     # folder taken whole with everything under it) must not import each other round a loop.
@@ -167,34 +171,7 @@ def main() -> int:
                 cb = child(b)
                 if ca and cb and ca != cb:
                     tied[ca].add(cb)
-        index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
-
-        def visit2(v):
-            index[v] = low[v] = counter[0]
-            counter[0] += 1
-            stack.append(v)
-            on.add(v)
-            for w in tied[v]:
-                if w not in index:
-                    visit2(w)
-                    low[v] = min(low[v], low[w])
-                elif w in on:
-                    low[v] = min(low[v], index[w])
-            if low[v] == index[v]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on.discard(w)
-                    comp.append(w)
-                    if w == v:
-                        break
-                if len(comp) > 1:
-                    found.append(comp)
-
-        for v in sorted(kids):
-            if v not in index:
-                visit2(v)
-        sccs += [("modules", comp, tied) for comp in found]
+        sccs += [("modules", comp, tied) for comp in cycles(kids, tied)]
     if not sccs:
         print(f"module graph: {len(modules)} modules, {sum(map(len, edges.values()))} imports, no cycles")
         return 0

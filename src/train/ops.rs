@@ -665,16 +665,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::train::testing::max_abs_diff;
 
     /// Each custom op's backward against candle's autograd of the same function built from
     /// stock ops (moved here from tests/it/engine.rs).

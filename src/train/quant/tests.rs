@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::train::quant::{self, Kind4, QuantizedWeight};
+use crate::train::testing::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var};
 
 fn fixture() -> std::collections::HashMap<String, Tensor> {
@@ -16,17 +17,6 @@ fn fixture() -> std::collections::HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
