@@ -37,8 +37,9 @@ def child_files(path: Path):
 
 
 def without_tests(text: str) -> str:
-    i = text.find("#[cfg(test)]")
-    return text if i < 0 else text[:i]
+    """The text before an inline test module (`#[cfg(test)] mod tests { … }`, at a file's end)."""
+    m = re.search(r"^#\[cfg\(test\)\]\s*\n\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+\w+\s*\{", text, re.M)
+    return text if m is None else text[: m.start()]
 
 
 def reexports(path: Path):

@@ -23,6 +23,8 @@ pub(crate) mod ops;
 pub(crate) mod optim;
 pub(crate) mod quant;
 pub mod report;
+#[cfg(test)]
+mod testing;
 pub(crate) mod timing;
 pub mod tokenizer;
 pub(crate) mod trainer;
@@ -104,22 +106,4 @@ pub fn use_onednn(on: bool) {
 /// Whether oneDNN's library was found on this machine.
 pub fn onednn_available() -> bool {
     crate::kernels::onednn::available()
-}
-
-/// What the engine's unit tests share.
-#[cfg(test)]
-pub(crate) mod testing {
-    use candle_core::Tensor;
-
-    /// The largest absolute difference between two tensors of one shape.
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 }
