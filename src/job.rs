@@ -128,6 +128,14 @@ pub enum JobPhase {
 }
 
 impl JobPhase {
+    pub const ALL: [JobPhase; 5] = [
+        JobPhase::FetchingDataset,
+        JobPhase::LoadingModel,
+        JobPhase::Tokenizing,
+        JobPhase::Training,
+        JobPhase::Saving,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobPhase::FetchingDataset => "fetching_dataset",
@@ -142,16 +150,10 @@ impl JobPhase {
 impl FromStr for JobPhase {
     type Err = String;
     fn from_str(s: &str) -> Result<JobPhase, String> {
-        [
-            JobPhase::FetchingDataset,
-            JobPhase::LoadingModel,
-            JobPhase::Tokenizing,
-            JobPhase::Training,
-            JobPhase::Saving,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
-        .ok_or_else(|| format!("unknown job phase {s:?}"))
+        JobPhase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown job phase {s:?}"))
     }
 }
 
@@ -357,8 +359,8 @@ pub struct JobView {
     pub object: String,
     pub status: JobStatus,
     pub phase: Option<String>,
-    /// The stored spec, defaults filled in, passed through as it is stored: listing 50 jobs then
-    /// costs no parse-and-reserialize of 50 specs.
+    /// The spec with every default resolved, as JSON: the client and the dashboard read fields
+    /// of it without this crate's `JobSpec` type.
     pub spec: Box<RawValue>,
     pub created_at: String,
     pub started_at: Option<String>,

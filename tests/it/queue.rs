@@ -383,8 +383,8 @@ async fn an_older_sqlite_database_upgrades_with_its_jobs() {
             .collect::<Vec<_>>()
             .into();
         old.run(&pool).await.unwrap();
-        // a spec as the qtune of migration 4 stored it: resolved, without the fields added
-        // since (compute_dtype, packing, gradient_checkpointing, eval_every_steps, metadata)
+        // a resolved spec as an earlier qtune stored it, without fields added later
+        // (compute_dtype, packing, gradient_checkpointing, eval_every_steps, metadata)
         const OLD_SPEC: &str = r#"{"base_model":"m","revision":null,"dataset":{"url":"d.jsonl","format":"auto","validation_url":null,"validation_split":null},"lora":{"r":8,"alpha":16.0,"dropout":0.05,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"use_rslora":false},"quantization":null,"training":{"epochs":3,"max_steps":null,"batch_size":4,"gradient_accumulation_steps":1,"learning_rate":0.0002,"lr_scheduler":"linear","warmup_steps":0,"warmup_ratio":0.0,"optimizer":"adamw","weight_decay":0.0,"adam_beta1":0.9,"adam_beta2":0.999,"adam_epsilon":1e-8,"momentum":0.0,"max_grad_norm":1.0,"max_seq_len":1024,"train_on_inputs":false},"checkpoint_every_steps":null,"suffix":null,"seed":42,"from_checkpoint":null}"#;
         pool.execute(
             &*"INSERT INTO jobs (id, owner, status, spec, created_at, step, attempt, failovers)

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::views::RESULTS_PREFIX;
 use crate::api::{jobs, ApiError, Owner};
-use crate::db::Order;
+use crate::db::{JobRow, Order};
 use crate::job::{unix_seconds, FileStatus, FileView, JobId, JobStatus};
 use crate::state::AppState;
 
@@ -32,6 +32,12 @@ pub async fn results_file(
         .await?
         .filter(|r| r.status == JobStatus::Succeeded)
         .ok_or_else(|| ApiError::not_found("file", &id))?;
+    results_file_of(state, &row).await
+}
+
+/// The results file of `row`, a succeeded job already read.
+async fn results_file_of(state: &AppState, row: &JobRow) -> Result<(FileView, String), ApiError> {
+    let id = format!("{RESULTS_PREFIX}{}", row.id);
     let curve = jobs::curve(state, &row.id).await?;
     let cell = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     let mut csv =
@@ -91,7 +97,7 @@ pub async fn list_results_files(
     rows.truncate(limit as usize);
     let mut data = Vec::with_capacity(rows.len());
     for r in &rows {
-        data.push(results_file(state, owner, &r.id).await?.0);
+        data.push(results_file_of(state, r).await?.0);
     }
     Ok(Json(crate::api::list_page(&data, has_more, |f| {
         f.id.clone()
