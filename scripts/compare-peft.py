@@ -15,7 +15,7 @@ Configurations (each a pair of runs per round, qtune first on odd rounds and PEF
            `qtune train` (packing; timed from start to exit, loading included) | Trainer + PEFT
            with dynamic padding and length grouping (peft_epoch.py; its training alone timed)
 
-Setup (once; about 3 GB): the reference scripts of ../shared/reference are copied to
+Setup (once; about 3 GB): the reference scripts of bench/reference are copied to
 ~/.cache/qtune-peft-reference, their venv is made by their setup_venv.sh, and their
 convert_smollm2.py turns the SmolLM2 GGUF into the Hugging Face folder PEFT loads.
 
@@ -35,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-REFERENCE_SRC = os.path.join(REPO, "..", "shared", "reference")
+REFERENCE_SRC = os.path.join(REPO, "bench", "reference")
 REFERENCE = os.path.expanduser("~/.cache/qtune-peft-reference")
 
 

@@ -2,7 +2,7 @@
 """PyTorch + transformers + PEFT at SmolLM2's larger shapes (random weights, like `qtune bench
 --shape`): one LoRA step's tokens/s and the process's peak RSS, float32, 2 threads, q,k,v,o,
 r 16, alpha 32, dropout 0.05, AdamW lr 2e-4, no gradient checkpointing, random token ids.
-Run with the reference venv's python (../shared/reference/setup_venv.sh); prints one JSON line.
+Run with the reference venv's python (bench/reference/setup_venv.sh); prints one JSON line.
 
     python peft-shape-bench.py --shape 360m|1.7b [--batch 1] [--seq 512] [--warmup 1] [--steps 3]
 """

@@ -3,6 +3,7 @@
 //! `download`) and `quickstart`, which is all of it in one go.
 
 pub mod bench;
+pub mod docs;
 mod local;
 mod quickstart;
 mod remote;
@@ -40,6 +41,10 @@ pub enum Command {
         #[arg(long, env = "QTUNE_HEALTH_LISTEN")]
         health_listen: Option<std::net::SocketAddr>,
     },
+    /// Print a documentation page generated from this binary (docs/src/configuration.md,
+    /// docs/src/api-reference.md).
+    #[command(hide = true)]
+    Docs { page: docs::Page },
     /// Start the service here, submit examples/quickstart.json, watch it train, save the adapter.
     Quickstart(quickstart::QuickstartArgs),
     /// Submit a job spec to a server; prints the job id. A local dataset path is uploaded first.
@@ -262,6 +267,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             health_listen,
         } => serve(config, Some(health_listen)),
         Command::Quickstart(args) => quickstart::run(args),
+        Command::Docs { page } => {
+            print!("{}", page.render());
+            Ok(())
+        }
         Command::Submit {
             spec,
             follow,

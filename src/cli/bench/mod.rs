@@ -349,7 +349,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         100.0 * fpt * tps / (ceiling * 1e9)
     );
     println!(
-        "  (PyTorch + PEFT: run ../shared/reference's scripts at this shape in the same sitting, alternating with this command)"
+        "  (PyTorch + PEFT: run bench/reference's scripts (scripts/compare-peft.py) at this shape in the same sitting, alternating with this command)"
     );
     println!(
         "  ({:.0} MFLOP/token; f32 matmul ceiling measured now with {}: {:.0} GFLOP/s on 1024x576x1536)",
