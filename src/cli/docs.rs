@@ -87,7 +87,10 @@ fn configuration() -> String {
     page.push_str("\n## The client commands\n\n");
     let submit = subcommand("submit");
     page.push_str(&rows(
-        submit.get_arguments().filter(|a| a.get_env().is_some()).collect(),
+        submit
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .collect(),
     ));
     page.push_str(OTHER_VARIABLES);
     for name in ["serve", "worker"] {
@@ -136,11 +139,22 @@ fn rows(args: Vec<&Arg>) -> String {
     out
 }
 
-/// Text fit for one Markdown table cell.
+/// Text fit for one Markdown table cell: one line, pipes escaped, and `<` outside code spans
+/// escaped (Markdown would read `<step>` as an HTML tag).
 fn cell(text: &str) -> String {
     text.replace('\n', " ")
         .replace('|', "\\|")
-        .replace('<', "&lt;")
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 0 {
+                part.replace('<', "&lt;")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("`")
 }
 
 const API_HEAD: &str = "\
@@ -317,7 +331,11 @@ fn type_of(schema: &Value) -> String {
     }
     for key in ["oneOf", "anyOf", "allOf"] {
         if let Some(parts) = schema[key].as_sequence() {
-            let parts: Vec<String> = parts.iter().map(type_of).filter(|t| !t.is_empty()).collect();
+            let parts: Vec<String> = parts
+                .iter()
+                .map(type_of)
+                .filter(|t| !t.is_empty())
+                .collect();
             return parts.join(if key == "allOf" { " and " } else { " or " });
         }
     }
@@ -351,9 +369,7 @@ fn scalar(v: &Value) -> String {
 }
 
 fn text(v: &Value) -> String {
-    v.as_str()
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    v.as_str().map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// A `$ref` within the document, followed; anything else as it is.

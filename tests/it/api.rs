@@ -597,9 +597,9 @@ async fn openapi_document_matches_the_router() {
             }
         }
     }
-    // the README's example job validates against the document's JobSpec schema (required
+    // the service guide's example job validates against the document's JobSpec schema (required
     // fields and known keys, checked by the server's own parser too)
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/src/service.md");
     let example = readme
         .split("```json\n")
         .nth(1)
@@ -612,7 +612,7 @@ async fn openapi_document_matches_the_router() {
     for key in example.as_object().unwrap().keys() {
         assert!(
             schema["properties"].get(key).is_some(),
-            "README field {key} is not in the OpenAPI JobSpec"
+            "the service guide's field {key} is not in the OpenAPI JobSpec"
         );
     }
     for key in schema["required"].as_array().unwrap() {

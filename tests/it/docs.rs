@@ -1,22 +1,50 @@
-//! The README stays true: every `qtune …` / `cargo run --release -- …` command in its shell
-//! blocks parses with the real command line, every file it names exists, and every route its curl
-//! lines call is in the OpenAPI document. (What the commands do is tested where they are built:
-//! quickstart.rs, client.rs, cli.rs, api.rs; the test command is what CI runs.)
+//! The README and the guides stay true: every `qtune …` / `cargo run --release -- …` command in
+//! their shell blocks parses with the real command line, every file they name exists, every route
+//! their curl lines call is in the OpenAPI document, and the pages generated from the binary
+//! (configuration, API reference) are what it generates now. (full/docs_examples.rs runs the
+//! README's and the getting-started guide's commands against a real server.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
 const README: &str = include_str!("../../README.md");
 
-/// Lines of the ```bash blocks, with `\` continuations joined and comments dropped.
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// README.md and every page of docs/src, with their paths.
+fn pages() -> Vec<(PathBuf, String)> {
+    let mut out = vec![(root().join("README.md"), README.to_string())];
+    let mut names: Vec<PathBuf> = std::fs::read_dir(root().join("docs/src"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    names.sort();
+    for p in names {
+        let text = std::fs::read_to_string(&p).unwrap();
+        out.push((p, text));
+    }
+    out
+}
+
 fn shell_lines() -> Vec<String> {
+    pages()
+        .iter()
+        .flat_map(|(_, text)| shell_lines_of(text))
+        .collect()
+}
+
+/// Lines of the ```bash blocks, with `\` continuations joined and comments dropped.
+fn shell_lines_of(text: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut in_block = false;
     let mut pending = String::new();
-    for line in README.lines() {
-        if line.starts_with("```") {
-            in_block = line.trim() == "```bash";
+    for line in text.lines() {
+        if let Some(info) = line.strip_prefix("```") {
+            in_block = !in_block && info.split([' ', ',']).next() == Some("bash");
             continue;
         }
         if !in_block {
@@ -99,7 +127,7 @@ fn qtune_commands(line: &str) -> Vec<Vec<String>> {
             // stop at a shell redirection or substitution
             let args: Vec<String> = w[s..]
                 .iter()
-                .take_while(|x| !x.starts_with('>') && !x.starts_with(')'))
+                .take_while(|x| !x.starts_with(['>', ')', '&']))
                 .cloned()
                 .collect();
             found.push(args);
@@ -109,62 +137,65 @@ fn qtune_commands(line: &str) -> Vec<Vec<String>> {
 }
 
 #[test]
-fn every_qtune_command_in_the_readme_parses() {
+fn every_qtune_command_in_the_docs_parses() {
     let mut checked = 0;
     for line in shell_lines() {
         for args in qtune_commands(&line) {
             let argv = std::iter::once("qtune".to_string()).chain(args.iter().cloned());
             if let Err(e) = qtune::cli::Cli::try_parse_from(argv) {
-                panic!("README line does not parse: {line}\n{e}");
+                panic!("this line of the docs does not parse: {line}\n{e}");
             }
             checked += 1;
         }
     }
     assert!(
-        checked >= 10,
-        "found only {checked} qtune commands in the README"
+        checked >= 20,
+        "found only {checked} qtune commands in the docs"
     );
 }
 
 #[test]
 fn the_two_commands_come_first_and_are_what_ci_runs() {
-    let lines = shell_lines();
+    let lines = shell_lines_of(README);
     assert_eq!(
         words(&lines[0]),
         ["cargo", "run", "--release", "--", "quickstart"]
     );
     assert_eq!(words(&lines[1]), ["./scripts/test.sh"]);
-    let ci =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/run")).unwrap();
+    let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
     assert!(ci.lines().any(|l| l.trim() == "./scripts/test.sh"));
 }
 
 #[test]
-fn files_the_readme_names_exist() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+fn files_the_docs_name_exist() {
     let mut checked = 0;
-    for token in README.split(|c: char| c.is_whitespace() || "`()[],".contains(c)) {
-        let t = token.trim_end_matches(['.', ':', ';']);
-        let looks_like_repo_file = [
-            "examples/",
-            "scripts/",
-            "docker/",
-            "tests/",
-            "migrations/",
-            "openapi/",
-        ]
-        .iter()
-        .any(|p| t.starts_with(p))
-            || (t.starts_with("docker-compose") && t.ends_with(".yml"));
-        if looks_like_repo_file && !t.contains('…') && !t.contains('*') && !t.contains('{') {
-            assert!(
-                root.join(t).exists(),
-                "README names {t}, which does not exist"
-            );
-            checked += 1;
+    for (page, text) in pages() {
+        for token in text.split(|c: char| c.is_whitespace() || "`()[],\"'".contains(c)) {
+            let t = token.trim_end_matches(['.', ':', ';']);
+            let looks_like_repo_file = [
+                "examples/",
+                "scripts/",
+                "docker/",
+                "tests/",
+                "migrations/",
+                "openapi/",
+                "bench/",
+                "web/",
+            ]
+            .iter()
+            .any(|p| t.starts_with(p))
+                || (t.starts_with("docker-compose") && t.ends_with(".yml"));
+            if looks_like_repo_file && !t.contains('…') && !t.contains('*') && !t.contains('{') {
+                assert!(
+                    root().join(t).exists(),
+                    "{} names {t}, which does not exist",
+                    page.display()
+                );
+                checked += 1;
+            }
         }
     }
-    assert!(checked >= 10, "{checked}");
+    assert!(checked >= 50, "{checked}");
 }
 
 #[test]
@@ -179,7 +210,11 @@ fn curl_routes_are_in_the_openapi_document() {
     let mut checked = 0;
     for line in shell_lines().iter().filter(|l| l.contains("curl ")) {
         for w in words(line) {
-            let Some(rest) = w.split_once("localhost:8080").map(|(_, r)| r) else {
+            let Some(rest) = w
+                .split_once("127.0.0.1:8080")
+                .or_else(|| w.split_once("localhost:8080"))
+                .map(|(_, r)| r)
+            else {
                 continue;
             };
             let path = rest.split('?').next().unwrap();
@@ -192,10 +227,49 @@ fn curl_routes_are_in_the_openapi_document() {
             });
             assert!(
                 known,
-                "README calls {path}, which is not in openapi/openapi.yaml"
+                "the docs call {path}, which is not in openapi/openapi.yaml"
             );
             checked += 1;
         }
     }
-    assert!(checked >= 5, "{checked}");
+    assert!(checked >= 20, "{checked}");
+}
+
+/// The pages generated from the binary are what it generates now (regenerate with
+/// `qtune docs PAGE > docs/src/PAGE.md`), and the configuration page holds `qtune serve --help`
+/// and `qtune worker --help` exactly as the built binary prints them.
+#[test]
+fn generated_pages_match_the_binary() {
+    use qtune::cli::docs::Page;
+    for (page, file) in [
+        (Page::Configuration, "configuration.md"),
+        (Page::ApiReference, "api-reference.md"),
+    ] {
+        let committed = std::fs::read_to_string(root().join("docs/src").join(file)).unwrap();
+        if committed != page.render() {
+            std::fs::write(std::env::temp_dir().join(file), page.render()).unwrap();
+        }
+        assert!(
+            committed == page.render(),
+            "docs/src/{file} is out of date: run `cargo run -- docs {} > docs/src/{file}`",
+            clap::ValueEnum::to_possible_value(&page)
+                .unwrap()
+                .get_name()
+        );
+    }
+    let page = std::fs::read_to_string(root().join("docs/src/configuration.md")).unwrap();
+    for command in ["serve", "worker"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qtune"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(help.contains("QTUNE_LISTEN"), "{help}");
+        let block = format!("## `qtune {command} --help`\n\n```text\n{help}```\n");
+        assert!(
+            page.contains(&block),
+            "docs/src/configuration.md does not hold `qtune {command} --help` as the binary prints it"
+        );
+    }
 }

@@ -6,6 +6,7 @@
 
 mod chaos;
 mod dashboard;
+mod docs_examples;
 mod gemma3;
 mod openai_sdk;
 mod quickstart;
