@@ -221,6 +221,47 @@ pub async fn retrieve(
     Ok(Json(file_view(row)))
 }
 
+#[derive(Deserialize)]
+pub struct CheckQuery {
+    format: Option<String>,
+}
+
+/// Reads an upload through training's own record checks, as creating an OpenAI-style job does,
+/// so a client (the dashboard) hears of a bad line before it names the file in a job. The
+/// result is the file's recorded status (`processed`, or `error` with the line in
+/// `status_details`); a file checked before answers from that record.
+pub async fn check(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+    query: Result<Query<CheckQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<FileView>, ApiError> {
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    let format = match q.format.as_deref() {
+        None => crate::spec::DatasetFormat::Auto,
+        Some(f) => serde_json::from_value(Value::String(f.into())).map_err(|_| {
+            ApiError::invalid(
+                "format",
+                format!("unknown dataset format {f:?} (auto, messages, alpaca, sharegpt, prompt_completion, text)"),
+            )
+        })?,
+    };
+    let row = state
+        .db
+        .get_file(&id, owner.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    let details = row.status_details.as_deref();
+    uploads::check_training_file(&state, &id, row.status, details, format).await?;
+    let row = state
+        .db
+        .get_file(&id, owner.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    Ok(Json(file_view(row)))
+}
+
 /// A file's bytes: an upload as stored (checked against its recorded sha256 as it streams), or
 /// a results file's CSV.
 pub async fn content(
@@ -612,4 +653,5 @@ pub(super) fn routes(uploads: std::sync::Arc<tokio::sync::Semaphore>) -> axum::R
         )
         .route("/v1/files/{id}", get(retrieve).delete(delete))
         .route("/v1/files/{id}/content", get(content))
+        .route("/v1/files/{id}/check", axum::routing::post(check))
 }

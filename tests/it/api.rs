@@ -769,3 +769,87 @@ async fn a_succeeded_jobs_adapter_exports_as_gguf_lora_gguf_and_merged() {
     }
     app.shutdown().await;
 }
+
+/// `POST /v1/files/{id}/check` reads an upload through training's record checks: a bad line is
+/// named and recorded as the file's status, a good file becomes `processed`; a wrong format
+/// name is a 422 naming `format`, another key's file a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_checked_line_by_line_on_request() {
+    let app = spawn_app_with(|c| {
+        c.workers = Some(0);
+        c.api_keys = vec!["k1".into(), "k2".into()];
+    })
+    .await;
+    let upload = |body: &'static str| {
+        app.client
+            .post(app.url("/v1/files?filename=d.jsonl"))
+            .bearer_auth("k1")
+            .body(body)
+            .send()
+    };
+    let good = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n";
+    let bad = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n{\"messages\": [{\"role\": \"user\"}]}\n";
+    let good: Value = upload(good).await.unwrap().json().await.unwrap();
+    let bad: Value = upload(bad).await.unwrap().json().await.unwrap();
+    assert_eq!(bad["status"], "uploaded", "not checked until asked");
+
+    let (status, file) = app
+        .post_as(
+            "k1",
+            &format!("/v1/files/{}/check", bad["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{file}");
+    assert_eq!(file["status"], "error");
+    let details = file["status_details"].as_str().unwrap();
+    assert!(
+        details.contains("line 2") && details.contains("content"),
+        "{details}"
+    );
+    let (_, again) = app
+        .get_as("k1", &format!("/v1/files/{}", bad["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(again["status_details"], file["status_details"], "recorded");
+
+    let (status, file) = app
+        .post_as(
+            "k1",
+            &format!(
+                "/v1/files/{}/check?format=messages",
+                good["id"].as_str().unwrap()
+            ),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, file["status"].as_str()),
+        (200, Some("processed")),
+        "{file}"
+    );
+
+    let (status, e) = app
+        .post_as(
+            "k1",
+            &format!(
+                "/v1/files/{}/check?format=csv",
+                good["id"].as_str().unwrap()
+            ),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("format")),
+        "{e}"
+    );
+    let (status, _) = app
+        .post_as(
+            "k2",
+            &format!("/v1/files/{}/check", good["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 404, "another key's file is not found");
+    app.shutdown().await;
+}
