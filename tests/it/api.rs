@@ -840,7 +840,7 @@ async fn an_upload_is_checked_line_by_line_on_request() {
         .await;
     assert_eq!(
         (status, e["error"]["param"].as_str()),
-        (400, Some("format")),
+        (422, Some("format")),
         "{e}"
     );
     let (status, _) = app
