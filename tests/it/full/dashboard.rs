@@ -1,7 +1,10 @@
 //! The dashboard in a real browser: Debian's headless Chromium driven through chromedriver (the
-//! W3C WebDriver protocol, spoken here over HTTP), against a real server with API keys on, running
-//! a real tiny job. scripts/test.sh installs `chromium` and `chromium-driver` when missing.
-//! Screenshots land in target/tmp/dashboard-e2e/.
+//! W3C WebDriver protocol, spoken here over HTTP), against a real server with API keys on: a
+//! tiny job (the list, the charts, the form's errors, pause and resume), and the real SmolLM2
+//! (upload and check, the estimate, a job started from the form, export, the playground
+//! streaming the fine-tuned model beside its base, two runs compared, a phone's width).
+//! scripts/test.sh installs `chromium` and `chromium-driver` when missing. Screenshots land in
+//! target/tmp/dashboard-e2e/ (the guides' pictures in docs/src/images/ are taken from there).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -145,9 +148,31 @@ impl Browser {
         );
     }
 
+    /// Gives a file input a file, as choosing it in the file dialog does.
+    fn choose_file(&self, css: &str, path: &Path) {
+        let e = self.find(css);
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": path.to_str().unwrap() })),
+        );
+    }
+
+    fn resize(&self, width: u32, height: u32) {
+        self.call(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        );
+    }
+
     fn wait_js(&self, what: &str, script: &str) -> Value {
+        self.wait_js_for(what, script, Duration::from_secs(60))
+    }
+
+    fn wait_js_for(&self, what: &str, script: &str, within: Duration) -> Value {
         let mut last = Value::Null;
-        wait_for(what, Duration::from_secs(60), || {
+        wait_for(what, within, || {
             last = self.js(script);
             !(last.is_null() || last == false || last == "")
         });
@@ -231,8 +256,13 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     browser.type_into("#api-key", KEY);
     browser.click("#key-form button");
     assert_eq!(
-        browser.js("return localStorage.getItem('qtune.apiKey')"),
+        browser.js("return sessionStorage.getItem('qtune.apiKey')"),
         KEY
+    );
+    assert_eq!(
+        browser.js("return localStorage.getItem('qtune.apiKey')"),
+        Value::Null,
+        "the key lives in this tab's session only"
     );
     browser.wait_js(
         "the job to be listed as succeeded",
@@ -396,4 +426,349 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     assert_eq!(ticks, "1 2 3 4 5 6");
     drop(browser);
     let _ = stop.send(());
+}
+
+/// Whether the page fits the window's width (nothing to scroll sideways).
+const FITS_WIDTH: &str =
+    "return document.documentElement.scrollWidth <= window.innerWidth + 1 || [document.documentElement.scrollWidth, window.innerWidth]";
+
+/// Round two, on the real SmolLM2-135M and a `qtune serve` process with API keys: a wrong key
+/// is named; a dropped file with a bad line is refused naming the line; the quickstart data is
+/// uploaded and checked; the form shows the estimate and starts a 10-step job whose chart fills
+/// live; the adapter exports; the playground streams the fine-tuned model and its base for one
+/// prompt; two jobs' curves share one chart; every page fits a phone's width; and the key never
+/// appears in a URL the page requested or in the server's log.
+#[test]
+fn dashboard_trains_exports_chats_and_compares_with_smollm2() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let models = root.join(".cache/test-models");
+    let model = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.is_file(),
+        "run scripts/fetch-test-models.sh first (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-e2e");
+    std::fs::create_dir_all(&shots).unwrap();
+    let log = dir.path().join("serve.log");
+    let port = free_port();
+    let server = crate::helpers::process::ServeProcess::spawn(
+        &["serve", "--listen", &format!("127.0.0.1:{port}")],
+        &dir.path().join("data"),
+        &models,
+        port,
+        &[("QTUNE_API_KEYS", KEY)],
+        Some(&log),
+    );
+    let base = server.base.clone();
+    let api = reqwest::blocking::Client::new();
+
+    let browser = Browser::start(&dir.path().join("chromium-profile"));
+    browser.goto(&format!("{base}/"));
+    let said = browser.wait_js(
+        "the header to ask for a key",
+        "return document.querySelector('#key-state.key-error')?.textContent",
+    );
+    assert!(
+        said.as_str().unwrap().contains("needs an API key"),
+        "{said}"
+    );
+    // a wrong key is named as wrong, in the header, with the field marked
+    browser.type_into("#api-key", "not-the-key");
+    browser.click("#key-form button");
+    let said = browser.wait_js(
+        "the wrong key to be refused",
+        "return document.querySelector('#key-state.key-error')?.textContent",
+    );
+    assert!(
+        said.as_str().unwrap().contains("refused this API key"),
+        "{said}"
+    );
+    assert_eq!(
+        browser.js("return document.querySelector('#api-key').getAttribute('aria-invalid')"),
+        "true"
+    );
+    browser.type_into("#api-key", KEY);
+    browser.click("#key-form button");
+    browser.wait_js(
+        "the list with the right key",
+        "const s = document.querySelector('#key-state'); return s && !s.classList.contains('key-error') && document.querySelector('main p.muted')?.textContent.includes('No jobs yet')",
+    );
+    browser.screenshot(&shots.join("smollm2-jobs-empty.png"));
+
+    // the form: a dropped file with a bad second line is refused naming the line
+    browser.goto(&format!("{base}/#/new"));
+    browser.wait_js("the form", "return document.querySelector('#drop')");
+    browser.type_into("#f-base_model", model.to_str().unwrap());
+    browser.js(r#"const good = JSON.stringify({messages: [{role: "user", content: "Hi"}, {role: "assistant", content: "Hello"}]});
+        const dt = new DataTransfer();
+        dt.items.add(new File([good + "\n" + '{"messages": [{"role": "user"}]}' + "\n"], "broken.jsonl"));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        return true"#);
+    let refused = browser.wait_js(
+        "the dropped file's bad line",
+        "const s = document.querySelector('#upload-state'); return s.getAttribute('role') === 'alert' && s.textContent",
+    );
+    let refused = refused.as_str().unwrap();
+    assert!(
+        refused.contains("line 2") && refused.contains("content"),
+        "{refused}"
+    );
+    assert_eq!(
+        browser.js("return document.querySelector('#f-dataset-url').value"),
+        ""
+    );
+    browser.screenshot(&shots.join("smollm2-upload-refused.png"));
+
+    // the quickstart data, chosen with the file input: uploaded, checked, its id filled in
+    browser.choose_file("#f-upload", &root.join("examples/quickstart.jsonl"));
+    let file_id = browser.wait_js(
+        "the quickstart data checked",
+        "const v = document.querySelector('#f-dataset-url').value; return v.startsWith('file-') && v",
+    );
+    let state = browser.js("return document.querySelector('#upload-state').textContent");
+    assert!(
+        state
+            .as_str()
+            .unwrap()
+            .contains("every line reads as training data"),
+        "{state}"
+    );
+    let file: Value = api
+        .get(format!("{base}/v1/files/{}", file_id.as_str().unwrap()))
+        .bearer_auth(KEY)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(file["status"], "processed", "{file}");
+    assert_eq!(
+        file["bytes"],
+        std::fs::metadata(root.join("examples/quickstart.jsonl"))
+            .unwrap()
+            .len()
+    );
+
+    // a 10-step job, the estimate shown before it is submitted, one field through the JSON box
+    browser.type_into("#f-training-max_steps", "10");
+    browser.type_into("#f-training-max_seq_len", "256");
+    browser.type_into("#f-training-learning_rate", "0.0003");
+    browser.type_into("#f-training-eval_every_steps", "5");
+    browser.type_into("#f-dataset-validation_split", "0.1");
+    browser.click("details.advanced summary");
+    browser.type_into(
+        "#f-advanced",
+        r#"{"suffix": "capitals", "training": {"lr_scheduler": "cosine"}}"#,
+    );
+    let fits = browser.wait_js_for(
+        "the estimate, with a worker that can hold the job",
+        "const m = document.querySelector('#estimate-memory'); const f = document.querySelector('#estimate-fits');
+         return m && m.textContent.includes('Peak memory') && f && f.dataset.fits === 'true' && f.dataset.fits",
+        Duration::from_secs(90),
+    );
+    assert_eq!(fits, "true");
+    let time = browser.js("return document.querySelector('#estimate-time')?.textContent");
+    assert!(
+        time.as_str().unwrap_or("").contains("for 10 steps"),
+        "{time}"
+    );
+    browser.screenshot(&shots.join("smollm2-new-job.png"));
+    browser.click("form.job button[type=submit]");
+    let hash = browser.wait_js(
+        "the new job's page",
+        "return location.hash.startsWith('#/jobs/') && location.hash",
+    );
+    let first = hash
+        .as_str()
+        .unwrap()
+        .trim_start_matches("#/jobs/")
+        .to_string();
+    let created: Value = api
+        .get(format!("{base}/v1/jobs/{first}"))
+        .bearer_auth(KEY)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(created["spec"]["suffix"], "capitals");
+    assert_eq!(created["spec"]["training"]["lr_scheduler"], "cosine");
+    assert_eq!(created["spec"]["training"]["max_steps"], 10);
+    assert_eq!(created["spec"]["dataset"]["url"], file_id);
+
+    // the chart fills while the job runs: seen part-way, then whole
+    let partway = browser.wait_js_for(
+        "the chart part-way through the run",
+        "const s = document.querySelector('svg.chart'); const n = s && Number(s.dataset.trainPoints);
+         return n >= 1 && n < 10 && document.querySelector('#job-status').dataset.status === 'running' && n",
+        Duration::from_secs(120),
+    );
+    browser.screenshot(&shots.join("smollm2-job-running.png"));
+    browser.wait_js_for(
+        "the job to succeed with every point drawn",
+        "const s = document.querySelector('svg.chart');
+         return document.querySelector('#job-status').dataset.status === 'succeeded'
+                && Number(s.dataset.trainPoints) === 10 && Number(s.dataset.evalPoints) >= 2",
+        Duration::from_secs(180),
+    );
+    assert!(partway.as_u64().unwrap() < 10);
+    let events = browser.js(
+        "return [...document.querySelectorAll('#events li')].map(li => li.textContent).join('\\n')",
+    );
+    let events = events.as_str().unwrap();
+    assert!(
+        events.contains("succeeded") && events.contains("eval loss"),
+        "{events}"
+    );
+    browser.screenshot(&shots.join("smollm2-job.png"));
+
+    // export the adapter as llama.cpp's LoRA GGUF from the job page
+    browser.js(
+        "const s = document.querySelector('#export-format'); s.value = 'gguf-lora'; return true",
+    );
+    browser.click("#export");
+    let ready = browser.wait_js_for(
+        "the export",
+        "return document.querySelector('#download-export') && document.querySelector('#export-state').textContent",
+        Duration::from_secs(120),
+    );
+    assert!(
+        ready.as_str().unwrap().contains("gguf-lora is ready"),
+        "{ready}"
+    );
+    let exported = api
+        .get(format!("{base}/v1/jobs/{first}/exports/gguf-lora"))
+        .bearer_auth(KEY)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(&exported[..4], b"GGUF");
+
+    // the playground: one prompt, both answers streamed
+    browser.click("#open-playground");
+    browser.wait_js(
+        "the playground with the job chosen",
+        &format!("return document.querySelector('#pg-job')?.value === '{first}'"),
+    );
+    browser.type_into("#pg-prompt", "What is the capital of Peru?");
+    browser.type_into("#pg-max-tokens", "24");
+    browser.click("#pg-send");
+    let answers = browser.wait_js_for(
+        "both answers streamed to the end",
+        "const a = ['fine-tuned', 'base'].map(k => document.querySelector('#answer-' + k));
+         return a.every(x => x && x.dataset.state === 'done')
+                && a.map(x => [x.textContent, Number(x.dataset.chunks || 0)])",
+        Duration::from_secs(120),
+    );
+    for (which, answer) in ["fine-tuned", "base"]
+        .iter()
+        .zip(answers.as_array().unwrap())
+    {
+        let text = answer[0].as_str().unwrap();
+        assert!(!text.trim().is_empty(), "{which} answered nothing");
+        assert!(
+            answer[1].as_u64().unwrap() > 1,
+            "{which} came in one piece, not streamed: {answer}"
+        );
+    }
+    let headings =
+        browser.js("return [...document.querySelectorAll('.answer h2')].map(h => h.textContent)");
+    assert!(
+        headings[1]
+            .as_str()
+            .unwrap()
+            .contains("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "{headings}"
+    );
+    browser.screenshot(&shots.join("smollm2-playground.png"));
+
+    // a second run with another learning rate, then both compared from the jobs list
+    let second: Value = api
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(KEY)
+        .json(&json!({
+            "base_model": model, "dataset": {"url": file_id, "validation_split": 0.1},
+            "training": {"max_steps": 6, "learning_rate": 0.001, "max_seq_len": 256, "eval_every_steps": 3},
+            "suffix": "faster",
+        }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let second = second["id"].as_str().unwrap().to_string();
+    browser.goto(&format!("{base}/#/"));
+    browser.wait_js_for(
+        "the second job to succeed in the list",
+        &format!("const r = document.querySelector('tr[data-job=\"{second}\"]'); return r && r.textContent.includes('succeeded')"),
+        Duration::from_secs(180),
+    );
+    for id in [&first, &second] {
+        browser.click(&format!("tr[data-job=\"{id}\"] input.pick"));
+    }
+    browser.screenshot(&shots.join("smollm2-jobs.png"));
+    browser.click("#compare-selected");
+    let counts = browser.wait_js(
+        "both curves on one chart",
+        &format!("const s = document.querySelector('#compare-chart');
+          return s && s.dataset.series === '2'
+                 && [Number(s.getAttribute('data-job-{}-points')), Number(s.getAttribute('data-job-{}-points'))]",
+            &first[..8], &second[..8]),
+    );
+    assert_eq!(counts, json!([10, 6]), "every step of each run");
+    // each drawn in its own colour (a stroke the page's CSP lets through)
+    let strokes = browser.js("return [...document.querySelectorAll('#compare-chart polyline.series')].map(p => getComputedStyle(p).stroke)");
+    let strokes: Vec<&str> = strokes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(strokes.len(), 2);
+    assert!(
+        strokes.iter().all(|s| s.starts_with("rgb(")) && strokes[0] != strokes[1],
+        "{strokes:?}"
+    );
+    browser.click("#cmp-eval");
+    let evals =
+        browser.js("return document.querySelectorAll('#compare-chart circle.series').length");
+    assert!(
+        evals.as_u64().unwrap() >= 4,
+        "eval points of both runs: {evals}"
+    );
+    browser.click("#cmp-eval");
+    browser.screenshot(&shots.join("smollm2-compare.png"));
+
+    // a phone's width: every page reflows, nothing scrolls sideways
+    browser.resize(390, 844);
+    for page in [
+        "#/",
+        "#/new",
+        &format!("#/jobs/{first}"),
+        &format!("#/playground?job={first}"),
+        &format!("#/compare?ids={first},{second}"),
+    ] {
+        browser.goto(&format!("{base}/{page}"));
+        browser.wait_js("the page", "return document.querySelector('main h1')");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(browser.js(FITS_WIDTH), true, "{page} is wider than a phone");
+    }
+    browser.screenshot(&shots.join("smollm2-phone-compare.png"));
+
+    // the key went in headers only: no URL the page requested holds it, nor the server's log
+    let urls = browser.js(
+        "return performance.getEntriesByType('resource').map(e => e.name).concat([location.href])",
+    );
+    let urls = urls.to_string();
+    assert!(urls.contains("/v1/jobs"), "{urls}");
+    assert!(!urls.contains(KEY), "{urls}");
+    drop(browser);
+    drop(server);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("authentication failed") && logged.contains("key_given=true"),
+        "the wrong key was logged as a refusal: {logged}"
+    );
+    for key in [KEY, "not-the-key"] {
+        assert!(!logged.contains(key), "{key} is in the server's log");
+    }
 }
