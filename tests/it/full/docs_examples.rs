@@ -59,7 +59,7 @@ fn script(page_name: &str, blocks: &[Block], port: u16) -> String {
         let code = b
             .code
             .lines()
-            .filter(|l| l.trim_start().split_whitespace().next() != Some(TEST_COMMAND))
+            .filter(|l| l.split_whitespace().next() != Some(TEST_COMMAND))
             .collect::<Vec<_>>()
             .join("\n")
             .replace("cargo build --release", "true")
@@ -120,8 +120,7 @@ fn run_page(rel: &str) -> (tempfile::TempDir, String) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let failed_in = stderr
         .lines()
-        .filter(|l| l.starts_with(">>> "))
-        .next_back()
+        .rfind(|l| l.starts_with(">>> "))
         .unwrap_or("before the first block");
     assert!(
         out.status.success() && failed_in == ">>> all blocks ran",
