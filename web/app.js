@@ -592,7 +592,9 @@ function estimateLines(e) {
     : e.fits === false ? "No worker has the memory for it: lower max_seq_len or batch_size, quantize the base, or turn on gradient checkpointing."
     : "No worker has reported in yet, so whether it fits is not known.";
   const time = typeof e.seconds_per_step === "number"
-    ? `About ${e.seconds_per_step.toFixed(2)} s a step` + (typeof e.total_seconds === "number" ? `, ${fmtDuration(e.total_seconds)} for ${e.total_steps} steps.` : ".")
+    // the estimate takes every row as max_seq_len tokens long: an upper bound for short examples
+    ? `Up to about ${e.seconds_per_step.toFixed(2)} s a step` + (typeof e.total_seconds === "number" ? `, ${fmtDuration(e.total_seconds)} for ${e.total_steps} steps` : "")
+      + " (rows of max_seq_len tokens; shorter examples take less)."
     : "";
   return [
     el("p", { id: "estimate-memory" }, el("strong", { text: `Peak memory ${fmtBytes(m.peak_bytes)}` }),
