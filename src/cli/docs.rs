@@ -43,7 +43,7 @@ fn subcommand(name: &str) -> Command {
 }
 
 /// The help exactly as `qtune NAME --help` prints it (no flag has a long help of its own).
-pub fn help_text(name: &str) -> String {
+fn help_text(name: &str) -> String {
     let mut sub = subcommand(name);
     sub.render_help().to_string()
 }
