@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 
 use crate::artifacts::{new_upload_id, Key, PutError};
 use crate::db::{FileRow, Order};
-use crate::job::{unix_seconds, CheckpointView, FileDigest, FileView, JobStatus};
+use crate::job::{unix_seconds, CheckpointView, FileDigest, FileStatus, FileView, JobStatus};
 use crate::state::AppState;
 use crate::uploads::{self, StoredUpload, UploadError, UploadRoom, UPLOAD_PURPOSE};
 
@@ -247,18 +247,21 @@ pub async fn check(
             )
         })?,
     };
-    let row = state
+    let mut row = state
         .db
         .get_file(&id, owner.as_deref())
         .await?
         .ok_or_else(|| ApiError::not_found("file", &id))?;
     let details = row.status_details.as_deref();
-    uploads::check_training_file(&state, &id, row.status, details, format).await?;
-    let row = state
-        .db
-        .get_file(&id, owner.as_deref())
-        .await?
-        .ok_or_else(|| ApiError::not_found("file", &id))?;
+    // the check records what it found; the row read above is brought up to it, not read again
+    match uploads::check_training_file(&state, &id, row.status, details, format).await? {
+        uploads::FileCheck::Valid => {
+            (row.status, row.status_details) = (FileStatus::Processed, None)
+        }
+        uploads::FileCheck::Invalid(why) => {
+            (row.status, row.status_details) = (FileStatus::Error, Some(why))
+        }
+    }
     Ok(Json(file_view(row)))
 }
 

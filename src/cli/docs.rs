@@ -192,7 +192,7 @@ fn api_reference(yaml: &str) -> String {
                 anchor(&title),
                 cell(&summary)
             );
-            sections.push_str(&operation(&doc, &title, op));
+            sections.push_str(&operation(&doc, &title, &item["parameters"], op));
         }
     }
     page.push_str(&sections);
@@ -205,7 +205,8 @@ fn api_reference(yaml: &str) -> String {
     page
 }
 
-fn operation(doc: &Value, title: &str, op: &Value) -> String {
+/// One operation: its summary, parameters (the path item's and its own), body and answers.
+fn operation(doc: &Value, title: &str, path_params: &Value, op: &Value) -> String {
     // in backticks: a heading that ends in `{id}` would be read as mdBook's heading attributes
     let mut out = format!("\n### `{title}`\n\n{}\n", cell(&text(&op["summary"])));
     if let Some(d) = op["description"].as_str() {
@@ -214,28 +215,13 @@ fn operation(doc: &Value, title: &str, op: &Value) -> String {
     if op["security"].as_sequence().is_some_and(|s| s.is_empty()) {
         out.push_str("\nNo API key needed.\n");
     }
-    let params: Vec<Value> = op["parameters"]
-        .as_sequence()
-        .map(|ps| ps.iter().map(|p| resolve(doc, p)).collect())
-        .unwrap_or_default();
-    if !params.is_empty() {
-        out.push_str("\n| parameter | in | type | what |\n|---|---|---|---|\n");
-        for p in &params {
-            let required = if p["required"].as_bool() == Some(true) {
-                " (required)"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "| `{}`{required} | {} | {} | {} |",
-                text(&p["name"]),
-                text(&p["in"]),
-                type_of(&p["schema"]),
-                cell(&text(&p["description"]))
-            );
-        }
-    }
+    let params: Vec<Value> = [path_params, &op["parameters"]]
+        .into_iter()
+        .filter_map(Value::as_sequence)
+        .flatten()
+        .map(|p| resolve(doc, p))
+        .collect();
+    out.push_str(&parameter_table(&params));
     if let Some(content) = op["requestBody"]["content"].as_mapping() {
         for (media, body) in content {
             let _ = write!(
@@ -246,28 +232,57 @@ fn operation(doc: &Value, title: &str, op: &Value) -> String {
             );
         }
     }
-    if let Some(responses) = op["responses"].as_mapping() {
-        out.push('\n');
-        for (code, response) in responses {
-            let code = code
-                .as_str()
-                .map(str::to_string)
-                .or_else(|| code.as_u64().map(|c| c.to_string()))
-                .unwrap_or_default();
-            let response = resolve(doc, response);
-            let schema = response["content"]
-                .as_mapping()
-                .and_then(|c| c.values().next())
-                .map(|m| type_of(&m["schema"]))
-                .filter(|t| !t.is_empty())
-                .map(|t| format!(": {t}"))
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "- **{code}** {}{schema}",
-                cell(&text(&response["description"]))
-            );
-        }
+    out.push_str(&response_list(doc, &op["responses"]));
+    out
+}
+
+fn parameter_table(params: &[Value]) -> String {
+    if params.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\n| parameter | in | type | what |\n|---|---|---|---|\n");
+    for p in params {
+        let required = if p["required"].as_bool() == Some(true) {
+            " (required)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "| `{}`{required} | {} | {} | {} |",
+            text(&p["name"]),
+            text(&p["in"]),
+            type_of(&p["schema"]),
+            cell(&text(&p["description"]))
+        );
+    }
+    out
+}
+
+fn response_list(doc: &Value, responses: &Value) -> String {
+    let Some(responses) = responses.as_mapping() else {
+        return String::new();
+    };
+    let mut out = String::from("\n");
+    for (code, response) in responses {
+        let code = code
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| code.as_u64().map(|c| c.to_string()))
+            .unwrap_or_default();
+        let response = resolve(doc, response);
+        let schema = response["content"]
+            .as_mapping()
+            .and_then(|c| c.values().next())
+            .map(|m| type_of(&m["schema"]))
+            .filter(|t| !t.is_empty())
+            .map(|t| format!(": {t}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "- **{code}** {}{schema}",
+            cell(&text(&response["description"]))
+        );
     }
     out
 }

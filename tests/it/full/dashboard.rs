@@ -626,7 +626,7 @@ fn dashboard_trains_exports_chats_and_compares_with_smollm2() {
     assert_eq!(created["spec"]["dataset"]["url"], file_id);
 
     // the chart fills while the job runs: seen part-way, then whole
-    let partway = browser.wait_js_for(
+    browser.wait_js_for(
         "the chart part-way through the run",
         "const s = document.querySelector('svg.chart'); const n = s && Number(s.dataset.trainPoints);
          return n >= 1 && n < 10 && document.querySelector('#job-status').dataset.status === 'running' && n",
@@ -640,7 +640,6 @@ fn dashboard_trains_exports_chats_and_compares_with_smollm2() {
                 && Number(s.dataset.trainPoints) === 10 && Number(s.dataset.evalPoints) >= 2",
         Duration::from_secs(180),
     );
-    assert!(partway.as_u64().unwrap() < 10);
     let events = browser.js(
         "return [...document.querySelectorAll('#events li')].map(li => li.textContent).join('\\n')",
     );
