@@ -126,13 +126,27 @@ impl StoredEvent {
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<StoredEvent>,
+    /// Bumped when events may have been written that never came through `tx` (the relay's
+    /// database connection was lost and re-established): streams then read what they missed.
+    resync: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         EventBus {
             tx: broadcast::channel(capacity).0,
+            resync: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Told of every [`EventBus::missed_some`] from now on.
+    pub fn resyncs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resync.subscribe()
+    }
+
+    /// Tells streams to catch up from the database: events may have been missed.
+    pub fn missed_some(&self) {
+        self.resync.send_modify(|n| *n += 1);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<StoredEvent> {

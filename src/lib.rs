@@ -43,6 +43,7 @@ pub(crate) mod kernels;
 pub(crate) mod model_access;
 pub(crate) mod queue;
 pub(crate) mod relay;
+pub(crate) mod retry;
 pub mod spec;
 pub mod state;
 pub mod train;

@@ -42,6 +42,12 @@ impl ApiError {
         self
     }
 
+    /// A part this server depends on (the database, the artifact store) cannot be reached
+    /// now: 503 with when to try again, so clients back off instead of hanging or giving up.
+    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(5)
+    }
+
     pub(crate) fn not_found(what: &str, id: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -64,6 +70,10 @@ impl ApiError {
 impl From<crate::db::Error> for ApiError {
     fn from(e: crate::db::Error) -> ApiError {
         // the cause goes to the log, not to the client
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::unavailable("the database is unreachable; try again shortly");
+        }
         tracing::error!(error = %e, "database error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -168,7 +168,8 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "database unreachable",
-        ));
+        )
+        .retry_after(5));
     }
     let expected = state.config.worker_devices().len();
     if workers < expected {

@@ -29,12 +29,17 @@ pub async fn events(
         .unwrap_or(0);
     // Subscribe before reading history, so nothing falls between the two.
     let live = state.events.subscribe();
+    let resyncs = state.events.resyncs();
     let history = state.db.events_after(&id, last_seen).await?;
-    let stream = event_stream(state, id, last_seen, history, live);
+    let stream = event_stream(state, id, last_seen, history, (live, resyncs));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-type Live = tokio::sync::broadcast::Receiver<StoredEvent>;
+/// The bus's events, and its word that some were missed (see [`crate::events::EventBus`]).
+type Live = (
+    tokio::sync::broadcast::Receiver<StoredEvent>,
+    tokio::sync::watch::Receiver<u64>,
+);
 
 /// Where a stream stands: history still to send, the live receiver, the last id sent.
 struct Cursor {
@@ -90,7 +95,11 @@ fn event_stream(
                 return Some((Ok(ev), s));
             }
             let next = tokio::select! {
-                r = s.live.recv() => r,
+                r = s.live.0.recv() => r,
+                changed = s.live.1.changed() => match changed {
+                    Ok(()) => Err(RecvError::Lagged(0)),
+                    Err(_) => Err(RecvError::Closed),
+                },
                 _ = s.state.shutdown.cancelled() => return None,
             };
             match next {
@@ -99,20 +108,31 @@ fn event_stream(
                     return Some((Ok(ev), s));
                 }
                 Ok(_) => continue,
-                // Fell behind the broadcast: catch up from the database.
-                Err(RecvError::Lagged(_)) => {
-                    let missed = s
-                        .state
-                        .db
-                        .events_after(&s.id, s.last)
-                        .await
-                        .unwrap_or_default();
-                    s.history = missed.into_iter();
-                }
+                // Fell behind the broadcast, or the relay missed notifications: catch up from
+                // the database, waiting for it through an outage (the client keeps its stream).
+                Err(RecvError::Lagged(_)) => s.history = catch_up(&s).await?.into_iter(),
                 Err(RecvError::Closed) => return None,
             }
         }
     })
+}
+
+/// The job's events after the last one sent, read again until the database answers; `None` on
+/// shutdown.
+async fn catch_up(s: &Cursor) -> Option<Vec<crate::db::EventRow>> {
+    let mut backoff = crate::retry::Backoff::new();
+    loop {
+        match s.state.db.events_after(&s.id, s.last).await {
+            Ok(rows) => return Some(rows),
+            Err(e) => {
+                tracing::warn!(job.id = %s.id, error = %e, "catching a stream up failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = s.state.shutdown.cancelled() => return None,
+        }
+    }
 }
 
 pub(super) fn routes() -> axum::Router<AppState> {

@@ -57,6 +57,40 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// The database could not be reached (refused, reset, timed out waiting for a connection,
+    /// shutting down or restarting): the statement may succeed when tried again, and a client
+    /// is told to come back (503) rather than that something is broken (500).
+    pub fn is_unavailable(&self) -> bool {
+        let Error::Sqlx(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE class 08 (connection exception), 57P01..57P03 (shutting down, crash
+            // recovery, starting up), 53300 (too many connections): PostgreSQL's appendix A
+            sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// How long a statement waits for a pooled connection on PostgreSQL before the database counts
+/// as unavailable: a request during an outage is answered (503) within seconds instead of
+/// hanging for sqlx's default of 30. SQLite, a local file, keeps the default: its waits are
+/// for other writers, not for a network.
+const PG_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long a starting process waits for an unreachable database before giving up: long enough
+/// for a PostgreSQL restart, so that a fleet started beside its database (compose) comes up.
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The fence of a worker's writes: the job and the attempt number its claim got. Every claim
 /// increments the attempt, so a worker whose job was taken over can no longer write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +164,32 @@ impl Db {
         } else {
             return Err(Error::Url(redact(url)));
         };
-        let pool = AnyPoolOptions::new()
-            .max_connections(pool_size.max(1))
+        let mut options = AnyPoolOptions::new().max_connections(pool_size.max(1));
+        if backend == Backend::Postgres {
+            options = options.acquire_timeout(PG_ACQUIRE_TIMEOUT);
+        }
+        let started = std::time::Instant::now();
+        let mut backoff = crate::retry::Backoff::new();
+        let pool = loop {
+            match Self::open(options.clone(), backend, &url).await {
+                Err(e) if e.is_unavailable() && started.elapsed() < CONNECT_PATIENCE => {
+                    tracing::warn!(error = %e, url = %redact(&url), "database unreachable; retrying");
+                    backoff.wait().await;
+                }
+                result => break result?,
+            }
+        };
+        Ok(Db {
+            pool,
+            backend,
+            url: url.into(),
+            max_running_per_owner: i64::MAX,
+        })
+    }
+
+    /// The pool, connected and migrated.
+    async fn open(options: AnyPoolOptions, backend: Backend, url: &str) -> Result<AnyPool> {
+        let pool = options
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -145,7 +203,7 @@ impl Db {
                     Ok(())
                 })
             })
-            .connect(&url)
+            .connect(url)
             .await?;
         match backend {
             Backend::Sqlite => {
@@ -154,12 +212,7 @@ impl Db {
             }
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(Db {
-            pool,
-            backend,
-            url: url.into(),
-            max_running_per_owner: i64::MAX,
-        })
+        Ok(pool)
     }
 
     pub fn backend(&self) -> Backend {

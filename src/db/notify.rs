@@ -36,11 +36,18 @@ impl Db {
 }
 
 impl Listener {
-    /// The next notification. The listener reconnects by itself when its connection drops;
-    /// notifications sent meanwhile are lost (streams then catch up from the database).
+    /// The next notification, or an error once the connection is lost: notifications sent
+    /// while it was down are gone, and the caller must know (to catch up) rather than have the
+    /// listener reconnect behind its back.
     pub async fn next(&mut self) -> Result<Notice> {
         loop {
-            let n = self.0.recv().await?;
+            let Some(n) = self.0.try_recv().await? else {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the listening connection was lost",
+                ))
+                .into());
+            };
             if let Some(notice) = parse(n.channel(), n.payload()) {
                 return Ok(notice);
             }

@@ -90,9 +90,7 @@ pub async fn run(state: AppState, device_name: String) {
                     } else {
                         run_one(&state, &device, claim).await
                     };
-                    if let Err(e) = record_outcome(&state, &lease, &outcome).await {
-                        tracing::error!(error = %e, ?outcome, "could not record how the job ended");
-                    }
+                    record_outcome_through_outages(&state, &lease, &outcome).await;
                     crate::release_freed_memory();
                 }
                 .instrument(span)
@@ -172,6 +170,27 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
     state.announce(&lease.job, id, event.kind(), data);
     tracing::info!(%status, "job finished");
     Ok(())
+}
+
+/// [`record_outcome`], tried again while the database is unreachable: a job that trained to
+/// its end is recorded as such when the database returns, not run again by another worker
+/// after its lease expired. Gives up at shutdown (the lease then expires and the job is taken
+/// over from its last checkpoint).
+async fn record_outcome_through_outages(state: &AppState, lease: &Lease, outcome: &Outcome) {
+    let mut backoff = crate::retry::Backoff::new();
+    loop {
+        match record_outcome(state, lease, outcome).await {
+            Ok(()) => return,
+            Err(e) if e.is_unavailable() && !state.shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "recording how the job ended failed; trying again");
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ?outcome, "could not record how the job ended");
+                return;
+            }
+        }
+    }
 }
 
 /// Jobs asked to pause or cancel whose worker died before it could: ended as asked (a claim

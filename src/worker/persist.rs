@@ -24,7 +24,21 @@ impl PersistError {
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, PersistError::Db(db::Error::LeaseLost { .. }))
     }
+
+    /// The database or the artifact store did not answer: the same write may succeed later.
+    fn is_transient(&self) -> bool {
+        match self {
+            PersistError::Db(e) => e.is_unavailable(),
+            // the checkpoint's upload (the store's own retries exhausted) or its digest
+            PersistError::Digest { source, .. } => source.kind() != std::io::ErrorKind::NotFound,
+        }
+    }
 }
+
+/// How long one event is tried again through an outage before it is given up (logged): an
+/// hour, longer than any outage a job should sit through. The lease decides meanwhile whether
+/// this worker still owns the job.
+const OUTAGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub struct Persister {
     state: AppState,
@@ -34,6 +48,27 @@ pub struct Persister {
 impl Persister {
     pub fn new(state: AppState, lease: Lease) -> Persister {
         Persister { state, lease }
+    }
+
+    /// [`Persister::record`], tried again with backoff and jitter while the failure is
+    /// transient, until it succeeds, the lease is lost, the server shuts down or
+    /// [`OUTAGE_PATIENCE`] runs out.
+    pub async fn record_through_outages(&mut self, event: &Event) -> Result<(), PersistError> {
+        let started = std::time::Instant::now();
+        let mut backoff = crate::retry::Backoff::new();
+        loop {
+            match self.record(event).await {
+                Err(e)
+                    if e.is_transient()
+                        && started.elapsed() < OUTAGE_PATIENCE
+                        && !self.state.shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(error = %e, "storing a job event failed; trying again");
+                    backoff.wait().await;
+                }
+                result => return result,
+            }
+        }
     }
 
     pub async fn record(&mut self, event: &Event) -> Result<(), PersistError> {

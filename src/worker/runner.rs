@@ -56,9 +56,12 @@ impl Outcome {
 }
 
 /// Engine events go through a channel to the async side, in order.
+/// The channel is unbounded: while the database is unreachable the engine keeps training and
+/// its events wait here, in order, for the persister to store them.
 struct ChannelReporter {
     tx: mpsc::UnboundedSender<Event>,
     stop: Arc<AtomicBool>,
+    lease: Arc<lease::LeaseHealth>,
 }
 
 impl Reporter for ChannelReporter {
@@ -66,9 +69,36 @@ impl Reporter for ChannelReporter {
         // the receiver lives until the engine returns; a closed channel means the job is being
         // torn down and its events no longer matter
         let _receiver_gone = self.tx.send(event.clone());
+        if matches!(event, Event::Checkpoint { .. }) {
+            self.hold_while_lease_in_doubt();
+        }
     }
     fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+}
+
+impl ChannelReporter {
+    /// At a checkpoint, with the lease's renewal overdue: waits (on the engine's own thread)
+    /// until a renewal gets through or the job must stop. Past its lease another worker may
+    /// take the job over from its last recorded checkpoint; training on would be work thrown
+    /// away, and this checkpoint is a safe place to wait.
+    fn hold_while_lease_in_doubt(&self) {
+        if !self.lease.in_doubt() {
+            return;
+        }
+        tracing::warn!(
+            "the lease could not be renewed; holding at this checkpoint until the database answers"
+        );
+        let started = std::time::Instant::now();
+        while self.lease.in_doubt() && !self.should_stop() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        tracing::info!(
+            held_s = started.elapsed().as_secs_f64(),
+            stopping = self.should_stop(),
+            "done holding at the checkpoint"
+        );
     }
 }
 
@@ -117,11 +147,13 @@ async fn try_run(
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let persister = spawn_persister(state, lease, stop.clone(), rx);
     let over_time = Arc::new(AtomicBool::new(false));
+    let health = lease::LeaseHealth::new(state);
     let heartbeat = lease::spawn_heartbeat(
         state.clone(),
         lease.clone(),
         stop.clone(),
         over_time.clone(),
+        health.clone(),
     );
     // A cancel that arrived between the claim and the stop flag's creation raised no flag; the
     // database has it (the heartbeat would see it too, but only after its first interval).
@@ -143,6 +175,7 @@ async fn try_run(
         let mut reporter = ChannelReporter {
             tx,
             stop: engine_stop,
+            lease: health,
         };
         train::run(&spec, &opts, &mut reporter)
     });
@@ -225,7 +258,9 @@ async fn prepare(
 }
 
 /// Stores the engine's events as they come, fenced by the lease; a lost lease raises `stop`
-/// (the engine stops at its next step) and the task answers `true`.
+/// (the engine stops at its next step) and the task answers `true`. An event that cannot be
+/// stored because the database or the artifact store is unreachable is tried again, with
+/// backoff, before the next one: the history keeps every step, in order, through an outage.
 fn spawn_persister(
     state: &AppState,
     lease: &Lease,
@@ -239,7 +274,7 @@ fn spawn_persister(
             if lease_lost {
                 continue;
             }
-            match persister.record(&event).await {
+            match persister.record_through_outages(&event).await {
                 Ok(()) => {}
                 Err(e) if e.is_lease_lost() => {
                     tracing::warn!(error = %e, "stopping the job");

@@ -9,6 +9,7 @@ mod dashboard;
 mod docs_examples;
 mod gemma3;
 mod openai_sdk;
+mod outages;
 mod quickstart;
 mod restart;
 mod scale;

@@ -15,17 +15,17 @@ use crate::helpers::app::parse_sse;
 use crate::helpers::postgres;
 use crate::helpers::process::{free_port, ServeProcess};
 
-struct Deployment {
-    db: String,
-    artifacts: String,
-    dir: tempfile::TempDir,
+pub(super) struct Deployment {
+    pub db: String,
+    pub artifacts: String,
+    pub dir: tempfile::TempDir,
     model: PathBuf,
     /// The training data, uploaded through replica A: its workers read it from the store.
     data: String,
-    api_a: ServeProcess,
-    api_b: ServeProcess,
+    pub api_a: ServeProcess,
+    pub api_b: ServeProcess,
     /// (process, pid) of each worker, in start order.
-    workers: Vec<Option<ServeProcess>>,
+    pub workers: Vec<Option<ServeProcess>>,
 }
 
 /// What every process of the deployment is told: the database and the store.
@@ -42,6 +42,14 @@ fn own_dir(root: &Path) -> PathBuf {
     root.join(format!("host-{}", uuid::Uuid::new_v4().simple()))
 }
 
+/// Where a process's log goes: `$QTUNE_TEST_LOGS/<role>-<port>.log` when that is set (to read
+/// what a failing run's processes said), else nowhere.
+fn log_of(role: &str, port: u16) -> Option<PathBuf> {
+    let dir = std::env::var_os("QTUNE_TEST_LOGS")?;
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(Path::new(&dir).join(format!("{role}-{port}.log")))
+}
+
 fn api(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -51,7 +59,7 @@ fn api(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
         root,
         port,
         &shared(db, artifacts),
-        None,
+        log_of("api", port).as_ref(),
     )
 }
 
@@ -64,17 +72,25 @@ fn worker(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
         root,
         port,
         &shared(db, artifacts),
-        None,
+        log_of("worker", port).as_ref(),
     )
 }
 
 impl Deployment {
     fn start(workers: usize) -> Deployment {
+        Deployment::start_on(
+            postgres::database(),
+            crate::helpers::s3_artifacts(),
+            workers,
+        )
+    }
+
+    /// Two API replicas and `workers` workers on the database at `db` and the store at
+    /// `artifacts`.
+    pub(super) fn start_on(db: String, artifacts: String, workers: usize) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let model = crate::helpers::tiny_model(dir.path());
         let data_file = crate::helpers::memorisable_chat(dir.path(), 8);
-        let db = postgres::database();
-        let artifacts = crate::helpers::s3_artifacts();
         let api_a = api(&db, &artifacts, dir.path());
         let api_b = api(&db, &artifacts, dir.path());
         let workers = (0..workers)
@@ -101,7 +117,7 @@ impl Deployment {
         }
     }
 
-    fn job(&self, max_steps: u64, checkpoint_every: u64) -> Value {
+    pub(super) fn job(&self, max_steps: u64, checkpoint_every: u64) -> Value {
         json!({
             "base_model": self.model, "dataset": {"url": self.data},
             "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every_steps": checkpoint_every,
@@ -110,7 +126,7 @@ impl Deployment {
     }
 
     /// The worker process running job `id` now (by the pid in the job's `worker` column).
-    fn worker_of(&self, id: &str) -> usize {
+    pub(super) fn worker_of(&self, id: &str) -> usize {
         let worker = postgres::query(
             &self.db,
             &format!("SELECT worker FROM jobs WHERE id = '{id}'"),
@@ -137,7 +153,7 @@ impl Deployment {
 }
 
 /// A finished job's whole event history, read through `api`'s SSE route.
-fn history(api: &ServeProcess, id: &str) -> Vec<(i64, String, Value)> {
+pub(super) fn history(api: &ServeProcess, id: &str) -> Vec<(i64, String, Value)> {
     let body = api
         .client
         .get(format!("{}/v1/jobs/{id}/events", api.base))
@@ -150,7 +166,7 @@ fn history(api: &ServeProcess, id: &str) -> Vec<(i64, String, Value)> {
 
 /// The steps of the metrics events of attempt `attempt`: after the status event that starts it
 /// (the one naming it; phase changes name none), up to the one that starts another attempt.
-fn steps_of_attempt(events: &[(i64, String, Value)], attempt: i64) -> Vec<u64> {
+pub(super) fn steps_of_attempt(events: &[(i64, String, Value)], attempt: i64) -> Vec<u64> {
     let starts = |data: &Value| data["status"] == "running" && data["attempt"].is_i64();
     let start = events
         .iter()

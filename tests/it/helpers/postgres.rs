@@ -2,19 +2,93 @@
 //! started once per test process on a free port in a temporary directory (`initdb` and `pg_ctl`
 //! run as the `postgres` user when the tests run as root: initdb refuses root), stopped by a
 //! watchdog when the test process ends, however it ends. Every caller gets a database of its own.
+//! A test that stops the server on purpose (an outage) starts one of its own ([`own_server`]).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-struct Server {
+pub struct Server {
     port: u16,
     bin: PathBuf,
+    data: PathBuf,
+    options: String,
+    log: PathBuf,
     /// Outlives this process on purpose: it stops the server once we are gone.
     _watchdog: std::process::Child,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
+
+/// A server of the caller's own, to stop and start (stopped with the test process, like the
+/// shared one). Durable, as in production: a commit it acknowledged survives its crash (the
+/// shared server trades that for speed, and would lose the last commits before a stop).
+pub fn own_server() -> Server {
+    start(true)
+}
+
+impl Server {
+    /// The URL of a new, empty database on this server.
+    pub fn database(&self) -> String {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "qtune",
+            ])
+            .args([
+                "-d",
+                "postgres",
+                "-q",
+                "-c",
+                &format!("CREATE DATABASE {name}"),
+            ])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("postgres://qtune@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// `pg_ctl stop -m immediate`: the server quits without a clean shutdown, as in a crash
+    /// (recovery replays its log at the next start); every connection is cut.
+    pub fn stop_immediately(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+
+    /// Starts the stopped server again on the same port, and waits until it accepts connections.
+    pub fn start_again(&self) {
+        self.pg_ctl(&[
+            "-o",
+            &self.options,
+            "-l",
+            self.log.to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = as_server_user(&self.bin, "pg_ctl")
+            .args(["-D", self.data.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
 
 /// Which database the service tests run on: `QTUNE_TEST_BACKEND=postgres` puts them on
 /// PostgreSQL (scripts/test.sh runs the API and queue tests a second time so); SQLite otherwise.
@@ -28,38 +102,12 @@ pub fn selected() -> bool {
 
 /// The URL of a new, empty database on the test server (started on first use).
 pub fn database() -> String {
-    let server = SERVER.get_or_init(start);
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let out = Command::new(server.bin.join("psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &server.port.to_string(),
-            "-U",
-            "qtune",
-        ])
-        .args([
-            "-d",
-            "postgres",
-            "-q",
-            "-c",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "CREATE DATABASE: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!("postgres://qtune@127.0.0.1:{}/{name}", server.port)
+    SERVER.get_or_init(|| start(false)).database()
 }
 
 /// One value from `sql` on the database at `url` (psql's unaligned output, trimmed).
 pub fn query(url: &str, sql: &str) -> String {
-    let server = SERVER.get().expect("the server was started by database()");
-    let out = Command::new(server.bin.join("psql"))
+    let out = Command::new(bin_dir().join("psql"))
         .args([url, "-tAq", "-c", sql])
         .output()
         .expect("psql runs");
@@ -102,7 +150,7 @@ fn as_server_user(bin: &std::path::Path, program: &str) -> Command {
     }
 }
 
-fn start() -> Server {
+fn start(durable: bool) -> Server {
     let bin = bin_dir();
     let dir = tempfile::Builder::new()
         .prefix("qtune-pg-")
@@ -128,23 +176,15 @@ fn start() -> Server {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = super::process::free_port();
-    // durability is not under test here: no fsync; many small pools at once
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+    // many small pools at once; durability only where it is under test
+    let mut options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400",
         dir.display()
     );
-    let out = as_server_user(&bin, "pg_ctl")
-        .args(["-D", data.to_str().unwrap(), "-o", &options])
-        .args(["-l", dir.join("log").to_str().unwrap(), "-w", "start"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_ctl start: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !durable {
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off";
+    }
+    let log = dir.join("log");
     // The watchdog: once this process is gone, stop the server and remove its directory.
     let stop = format!(
         "{} {} -D {} -m immediate stop",
@@ -168,9 +208,14 @@ fn start() -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("sh runs");
-    Server {
+    let server = Server {
         port,
         bin,
+        data,
+        options,
+        log,
         _watchdog: watchdog,
-    }
+    };
+    server.start_again();
+    server
 }

@@ -1,0 +1,197 @@
+//! Outages of the parts qtune stands on, made on purpose while jobs run on a scaled-out
+//! deployment (two API replicas, two workers, PostgreSQL, an S3 server): the database stopped
+//! as in a crash for longer than the lease, with a worker killed meanwhile. Every job must
+//! succeed exactly once with every step once in its history, live streams must carry on, and
+//! requests made during the outage must be answered (503, Retry-After) rather than hang.
+
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::scale::{history, Deployment};
+use crate::helpers::postgres;
+use crate::helpers::process::ServeProcess;
+
+/// Follows a job's SSE stream on its own thread; joined, it gives every event it read, in order.
+fn follow(api: &ServeProcess, id: &str) -> std::thread::JoinHandle<Vec<(i64, String, Value)>> {
+    let url = format!("{}/v1/jobs/{id}/events", api.base);
+    std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        let response = client.get(url).send().unwrap();
+        assert_eq!(response.status(), 200);
+        let mut text = String::new();
+        for line in BufReader::new(response).lines() {
+            text.push_str(&line.expect("the stream broke off"));
+            text.push('\n');
+        }
+        crate::helpers::app::parse_sse(&text)
+    })
+}
+
+/// A request during an outage: answered 503 with Retry-After, within seconds.
+fn answered_unavailable(api: &ServeProcess, method: reqwest::Method, path: &str) -> f64 {
+    let started = Instant::now();
+    let mut request = api
+        .client
+        .request(method.clone(), format!("{}{path}", api.base))
+        .timeout(Duration::from_secs(30));
+    if method == reqwest::Method::POST {
+        request = request.json(&serde_json::json!({}));
+    }
+    let response = request.send().unwrap();
+    let took = started.elapsed().as_secs_f64();
+    let status = response.status();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body = response.text().unwrap();
+    assert_eq!(status, 503, "{method} {path} during the outage: {body}");
+    assert!(retry_after.is_some(), "{method} {path}: no Retry-After");
+    assert!(took < 10.0, "{method} {path} took {took:.1} s");
+    took
+}
+
+/// Every job succeeded once, its loss curve has every step once, and its stored adapter is
+/// the one the database recorded.
+fn assert_each_ran_once(d: &Deployment, ids: &[String], steps: u64) {
+    for id in ids {
+        let job = d.api_b.wait_job(id, Duration::from_secs(300), |j| {
+            j["status"] != "queued" && j["status"] != "running"
+        });
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let events = history(&d.api_b, id);
+        let finals = events
+            .iter()
+            .filter(|(_, k, d)| k == "status" && d["status"] == "succeeded")
+            .count();
+        assert_eq!(finals, 1, "{id} succeeded exactly once");
+        let metrics: Value = d
+            .api_a
+            .client
+            .get(format!("{}/v1/jobs/{id}/metrics", d.api_a.base))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let curve: Vec<u64> = metrics["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["train_loss"].is_number())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(curve, (1..=steps).collect::<Vec<u64>>(), "{id}");
+        let bytes = d
+            .api_a
+            .client
+            .get(format!(
+                "{}/v1/jobs/{id}/adapter?file=adapter_model.safetensors",
+                d.api_a.base
+            ))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let recorded = postgres::query(
+            &d.db,
+            &format!("SELECT adapter_files FROM jobs WHERE id = '{id}'"),
+        );
+        assert!(recorded.contains(&sha), "{id}: {recorded} vs {sha}");
+    }
+}
+
+#[test]
+fn jobs_come_through_a_database_crash_longer_than_the_lease_with_a_worker_killed_meanwhile() {
+    const STEPS: u64 = 1200;
+    let server = postgres::own_server();
+    let mut d = Deployment::start_on(server.database(), crate::helpers::s3_artifacts(), 2);
+    let ids: Vec<String> = (0..4).map(|_| d.api_a.submit(&d.job(STEPS, 100))).collect();
+    // two running (one per worker), two queued
+    let running: Vec<String> = {
+        let started = Instant::now();
+        loop {
+            let now: Vec<String> = ids
+                .iter()
+                .filter(|id| d.api_a.job(id)["progress"]["step"].as_u64().unwrap_or(0) >= 15)
+                .cloned()
+                .collect();
+            if now.len() == 2 {
+                break now;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{now:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // followed live through the replica the jobs were not submitted to
+    let followers: Vec<_> = running.iter().map(|id| follow(&d.api_b, id)).collect();
+    let victim = d.worker_of(&running[0]);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let outage = Instant::now();
+    server.stop_immediately();
+    let mut waits = vec![
+        answered_unavailable(
+            &d.api_a,
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{}", ids[0]),
+        ),
+        answered_unavailable(&d.api_b, reqwest::Method::GET, "/v1/jobs"),
+        answered_unavailable(&d.api_b, reqwest::Method::GET, "/readyz"),
+    ];
+    let body = d.job(STEPS, 100);
+    let started = Instant::now();
+    let created = d
+        .api_a
+        .client
+        .post(format!("{}/v1/jobs", d.api_a.base))
+        .json(&body)
+        .send()
+        .unwrap();
+    waits.push(started.elapsed().as_secs_f64());
+    assert_eq!(created.status(), 503, "a submit during the outage");
+    assert!(created.headers().contains_key("retry-after"));
+    // a worker dies while the database is down: its job is taken over after it returns
+    d.workers[victim].take().unwrap().kill();
+    // longer than the 3-second lease, several times over
+    let down_for = Duration::from_secs(12);
+    std::thread::sleep(down_for.saturating_sub(outage.elapsed()));
+    server.start_again();
+    println!(
+        "PostgreSQL down {:.1} s; requests meanwhile answered 503 in {waits:.2?} s",
+        outage.elapsed().as_secs_f64()
+    );
+
+    assert_each_ran_once(&d, &ids, STEPS);
+    for (id, follower) in running.iter().zip(followers) {
+        let seen = follower.join().unwrap();
+        let last = seen.last().unwrap();
+        assert_eq!(
+            last.2["status"], "succeeded",
+            "{id}'s stream ends with its success"
+        );
+        let steps: Vec<u64> = seen
+            .iter()
+            .filter(|(_, k, _)| k == "metrics")
+            .map(|(_, _, d)| d["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps.last(), Some(&STEPS), "{id}: {steps:?}");
+        // ids only grow: nothing sent twice, nothing out of order
+        assert!(seen.windows(2).all(|w| w[1].0 > w[0].0), "{id}");
+    }
+    // the replicas and the surviving worker are ready again without anyone's help
+    for api in [&d.api_a, &d.api_b] {
+        let r = api
+            .client
+            .get(format!("{}/readyz", api.base))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
