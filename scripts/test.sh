@@ -36,6 +36,8 @@ S3_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));
 export AWS_ACCESS_KEY_ID=QTUNETESTACCESSKEY01 AWS_SECRET_ACCESS_KEY=qtune-test-secret-access-key-0001
 export AWS_REGION=us-east-1 AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true
 export QTUNE_TEST_S3=s3://qtune-test
+# the outage tests list the bucket's open multipart uploads with boto3 from this venv
+export QTUNE_TEST_S3_PYTHON="$S3_VENV/bin/python"
 "$S3_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$S3_LOG" 2>&1 &
 S3_PID=$!
 trap 'kill $S3_PID 2>/dev/null; wait $S3_PID 2>/dev/null; rm -f "$S3_LOG"' EXIT

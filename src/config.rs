@@ -135,6 +135,11 @@ pub struct ServeConfig {
     /// recently used dropped first).
     #[arg(long, env = "QTUNE_ADAPTER_CACHE_MIB", default_value_t = 512)]
     pub adapter_cache_mib: u64,
+    /// Free space the data dir's filesystem must keep, in MiB: below it the process reports
+    /// itself not ready, its workers claim no job and uploads are answered 507, until space
+    /// returns.
+    #[arg(long, env = "QTUNE_MIN_FREE_DISK_MIB", default_value_t = 256)]
+    pub min_free_disk_mib: u64,
 }
 
 impl ServeConfig {
@@ -174,6 +179,7 @@ impl ServeConfig {
             max_concurrent_generations: 1,
             max_loaded_bases: 2,
             adapter_cache_mib: 512,
+            min_free_disk_mib: 256,
         }
     }
 

@@ -33,6 +33,7 @@ pub mod cli;
 pub(crate) mod client;
 pub mod config;
 pub mod db;
+pub(crate) mod disk;
 pub(crate) mod egress;
 pub(crate) mod estimate;
 pub mod events;

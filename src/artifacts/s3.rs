@@ -6,7 +6,15 @@
 //! copies (what its engine reads and writes) under its own data dir.
 //!
 //! Writes go up as multipart uploads, which the store makes visible only once complete: a
-//! reader never sees half an object. Reads are streamed, ranges included.
+//! reader never sees half an object; one that fails is aborted, the abort tried again in the
+//! background until the store answers, so no orphaned parts are left behind. Reads are
+//! streamed, ranges included.
+//!
+//! Outages: object_store retries each request (its defaults: 10 tries within 3 minutes, a
+//! 30-second request timeout); above it, a whole file's upload or download is started over,
+//! with backoff and jitter, for up to [`STORE_PATIENCE`], so a store that is down for minutes
+//! or slow (seconds per request) delays a job instead of failing it. A client's upload streams
+//! its request body and cannot be started over: it fails, and the client is told.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,9 +22,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{
+    GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, UploadPart,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -31,9 +42,119 @@ pub struct S3Artifacts {
     local: PathBuf,
 }
 
-/// Parts of a multipart upload held in memory at once, each of object_store's default size
-/// (5 MiB, the S3 minimum): bounds an upload's memory.
+/// Parts of a multipart upload held in memory at once: bounds an upload's memory.
 const PARTS_IN_FLIGHT: usize = 2;
+
+/// A part's size: S3's minimum for every part but the last.
+const PART_BYTES: usize = 5 << 20;
+
+/// How long a whole file's upload or download is started over through an outage.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// How long a failed upload's abort is tried again (in the background) before its parts are
+/// left to the bucket's lifecycle rules.
+const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// One multipart upload: parts sent as the data comes, completed at the end, or aborted.
+struct Upload {
+    inner: Box<dyn MultipartUpload>,
+    object: ObjectPath,
+    pending: Vec<u8>,
+    in_flight: FuturesUnordered<UploadPart>,
+    parts: usize,
+}
+
+impl Upload {
+    async fn start(store: &dyn ObjectStore, object: ObjectPath) -> std::io::Result<Upload> {
+        let inner = store.put_multipart(&object).await.map_err(io)?;
+        Ok(Upload {
+            inner,
+            object,
+            pending: Vec::new(),
+            in_flight: FuturesUnordered::new(),
+            parts: 0,
+        })
+    }
+
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.pending.extend_from_slice(data);
+        while self.pending.len() >= PART_BYTES {
+            let rest = self.pending.split_off(PART_BYTES);
+            let part = std::mem::replace(&mut self.pending, rest);
+            self.send(part).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, part: Vec<u8>) -> std::io::Result<()> {
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            if let Some(done) = self.in_flight.next().await {
+                done.map_err(io)?;
+            }
+        }
+        self.in_flight.push(self.inner.put_part(part.into()));
+        self.parts += 1;
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> std::io::Result<()> {
+        // the last part may be short; an empty object is one empty part
+        if !self.pending.is_empty() || self.parts == 0 {
+            let last = std::mem::take(&mut self.pending);
+            self.send(last).await?;
+        }
+        while let Some(done) = self.in_flight.next().await {
+            done.map_err(io)?;
+        }
+        self.inner.complete().await.map(|_| ()).map_err(io)
+    }
+
+    /// Aborts in the background, tried again until the store answers: the parts sent so far
+    /// would otherwise stay in the bucket, unseen and billed.
+    fn abort(mut self) {
+        self.in_flight = FuturesUnordered::new(); // parts still in flight are cancelled
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut backoff = crate::retry::Backoff::new();
+            loop {
+                match self.inner.abort().await {
+                    Ok(()) => return,
+                    Err(e) if started.elapsed() < ABORT_PATIENCE => {
+                        tracing::warn!(object = %self.object, error = %e, "aborting a failed upload failed; trying again");
+                        backoff.wait().await;
+                    }
+                    Err(e) => {
+                        tracing::error!(object = %self.object, error = %e, "gave up aborting a failed upload; its parts stay in the bucket");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Runs `op` until it succeeds, fails for good (a missing object), or [`STORE_PATIENCE`] has
+/// passed, waiting with backoff between tries.
+async fn patiently<T, F, Fut>(what: &str, mut op: F) -> std::io::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut backoff = crate::retry::Backoff::new();
+    loop {
+        match op().await {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::NotFound
+                    && started.elapsed() < STORE_PATIENCE =>
+            {
+                tracing::warn!(error = %e, "{what} failed; trying again");
+                backoff.wait().await;
+            }
+            result => return result,
+        }
+    }
+}
 
 impl S3Artifacts {
     /// `s3://bucket[/prefix]`, configured from the environment; local copies under `local`.
@@ -75,15 +196,17 @@ impl S3Artifacts {
         }
     }
 
-    /// Uploads a local file, streamed in parts.
+    /// Uploads a local file, streamed in parts; started over through an outage.
     async fn upload_file(&self, path: &Path, key: &Key) -> std::io::Result<()> {
+        patiently(&format!("uploading {}", key.as_str()), || {
+            self.upload_file_once(path, key)
+        })
+        .await
+    }
+
+    async fn upload_file_once(&self, path: &Path, key: &Key) -> std::io::Result<()> {
         let mut file = tokio::fs::File::open(path).await?;
-        let upload = self
-            .store
-            .put_multipart(&self.object(key))
-            .await
-            .map_err(io)?;
-        let mut writer = WriteMultipart::new(upload);
+        let mut upload = Upload::start(self.store.as_ref(), self.object(key)).await?;
         let mut buf = vec![0u8; 1 << 20];
         let sent = async {
             loop {
@@ -91,26 +214,27 @@ impl S3Artifacts {
                 if n == 0 {
                     break;
                 }
-                writer
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(io)?;
-                writer.write(&buf[..n]);
+                upload.write(&buf[..n]).await?;
             }
-            std::io::Result::Ok(())
+            upload.finish().await
         }
         .await;
-        match sent {
-            Ok(()) => writer.finish().await.map(|_| ()).map_err(io),
-            Err(e) => {
-                writer.abort().await.ok();
-                Err(e)
-            }
+        if sent.is_err() {
+            upload.abort();
         }
+        sent
     }
 
-    /// Downloads an object into a local file, atomically (a temporary file, then a rename).
+    /// Downloads an object into a local file, atomically (a temporary file, then a rename);
+    /// started over through an outage.
     async fn download(&self, key: &Key, dest: &Path) -> std::io::Result<bool> {
+        patiently(&format!("downloading {}", key.as_str()), || {
+            self.download_once(key, dest)
+        })
+        .await
+    }
+
+    async fn download_once(&self, key: &Key, dest: &Path) -> std::io::Result<bool> {
         let got = match self.store.get(&self.object(key)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
@@ -171,12 +295,7 @@ impl ArtifactStore for S3Artifacts {
         limit: u64,
     ) -> BoxFuture<'a, Result<FileDigest, PutError>> {
         Box::pin(async move {
-            let upload = self
-                .store
-                .put_multipart(&self.object(key))
-                .await
-                .map_err(io)?;
-            let mut writer = WriteMultipart::new(upload);
+            let mut upload = Upload::start(self.store.as_ref(), self.object(key)).await?;
             let mut hasher = Sha256::new();
             let mut total = 0u64;
             let sent = async {
@@ -187,27 +306,21 @@ impl ArtifactStore for S3Artifacts {
                         return Err(PutError::TooLarge { limit });
                     }
                     hasher.update(&chunk);
-                    writer
-                        .wait_for_capacity(PARTS_IN_FLIGHT)
-                        .await
-                        .map_err(io)?;
-                    writer.put(chunk);
+                    upload.write(&chunk).await?;
                 }
+                upload.finish().await?;
                 Ok(())
             }
             .await;
             match sent {
-                Ok(()) => {
-                    writer.finish().await.map_err(io)?;
-                    Ok(FileDigest {
-                        name: key.file_name().to_string(),
-                        bytes: total,
-                        sha256: hex(&hasher.finalize()),
-                    })
-                }
+                Ok(()) => Ok(FileDigest {
+                    name: key.file_name().to_string(),
+                    bytes: total,
+                    sha256: hex(&hasher.finalize()),
+                }),
                 Err(e) => {
                     // nothing of a refused or broken upload is kept
-                    writer.abort().await.ok();
+                    upload.abort();
                     Err(e)
                 }
             }
@@ -298,9 +411,9 @@ impl ArtifactStore for S3Artifacts {
         Box::pin(async move {
             let local = self.local_path(key);
             // stored files never change once written: a complete local copy is current
-            if let (Ok(meta), Some(size)) =
-                (tokio::fs::metadata(&local).await, self.size(key).await?)
-            {
+            let what = format!("reading {}", key.as_str());
+            let stored = patiently(&what, || self.size(key)).await?;
+            if let (Ok(meta), Some(size)) = (tokio::fs::metadata(&local).await, stored) {
                 if meta.len() == size {
                     return Ok(true);
                 }
@@ -315,7 +428,7 @@ impl ArtifactStore for S3Artifacts {
 
     fn load_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<bool>> {
         Box::pin(async move {
-            let keys = self.list(key).await?;
+            let keys = patiently(&format!("listing {}", key.as_str()), || self.list(key)).await?;
             for k in &keys {
                 self.load(k).await?;
             }

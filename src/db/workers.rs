@@ -28,21 +28,26 @@ impl Db {
         free_bytes: u64,
         gflops: Option<f64>,
     ) -> Result<()> {
-        sqlx::query(&self.sql(
+        // NULL written as such, not bound: sqlx's Any driver binds a missing f64 as a float4
+        // NULL, and PostgreSQL's cached statement then refuses the 8-byte value of a later
+        // report ("incorrect binary data format in bind parameter 5")
+        let gflops_value = if gflops.is_some() { "?" } else { "NULL" };
+        let sql = self.sql(&format!(
             "INSERT INTO workers (id, device, total_bytes, free_bytes, gflops, seen_at)
-             VALUES (?, ?, ?, ?, ?, ?::timestamptz)
+             VALUES (?, ?, ?, ?, {gflops_value}, ?::timestamptz)
              ON CONFLICT (id) DO UPDATE SET device = excluded.device,
                  total_bytes = excluded.total_bytes, free_bytes = excluded.free_bytes,
-                 gflops = excluded.gflops, seen_at = excluded.seen_at",
-        ))
-        .bind(worker)
-        .bind(device)
-        .bind(clamp(total_bytes))
-        .bind(clamp(free_bytes))
-        .bind(gflops)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
+                 gflops = excluded.gflops, seen_at = excluded.seen_at"
+        ));
+        let mut query = sqlx::query(&sql)
+            .bind(worker)
+            .bind(device)
+            .bind(clamp(total_bytes))
+            .bind(clamp(free_bytes));
+        if let Some(g) = gflops {
+            query = query.bind(g);
+        }
+        query.bind(now()).execute(&self.pool).await?;
         Ok(())
     }
 

@@ -89,17 +89,21 @@ pub fn save_adapter(
     spec: &JobSpec,
     base_model_name: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e).or_disk_full(dir))?;
     let tensors: HashMap<String, Tensor> = model
         .lora_vars()
         .into_iter()
         .map(|(name, var)| (peft_name(&name), var.as_detached_tensor()))
         .collect();
-    candle_core::safetensors::save(&tensors, dir.join(ADAPTER_WEIGHTS))?;
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    candle_core::safetensors::save(&tensors, &weights)
+        .map_err(|e| Error::from(e).or_disk_full(&weights))?;
+    let config = dir.join(ADAPTER_CONFIG);
     write_json(
-        &dir.join(ADAPTER_CONFIG),
+        &config,
         &adapter_config(spec, base_model_name, &model.adapted_modules()),
     )
+    .map_err(|e| e.or_disk_full(&config))
 }
 
 /// Writes a full checkpoint (adapter + resume state) atomically: into a temporary folder that is
@@ -114,13 +118,20 @@ pub(crate) fn save_checkpoint(
     let tmp = dir.with_extension("tmp");
     // a leftover of an interrupted save, usually absent
     std::fs::remove_dir_all(&tmp).ok();
-    save_adapter(&tmp, model, &state.spec, base_model_name)?;
-    let names: Vec<String> = model.lora_vars().into_iter().map(|(n, _)| n).collect();
-    let opt = optimizer.state_tensors(&names);
-    if !opt.is_empty() {
-        candle_core::safetensors::save(&opt, tmp.join(OPTIMIZER_STATE))?;
+    let written = (|| {
+        save_adapter(&tmp, model, &state.spec, base_model_name)?;
+        let names: Vec<String> = model.lora_vars().into_iter().map(|(n, _)| n).collect();
+        let opt = optimizer.state_tensors(&names);
+        if !opt.is_empty() {
+            candle_core::safetensors::save(&opt, tmp.join(OPTIMIZER_STATE))?;
+        }
+        write_json(&tmp.join(TRAINER_STATE), state)
+    })();
+    if let Err(e) = written {
+        // nothing half-written stays behind (on a full disk, it is the room others need)
+        std::fs::remove_dir_all(&tmp).ok();
+        return Err(e.or_disk_full(&tmp));
     }
-    write_json(&tmp.join(TRAINER_STATE), state)?;
     // the same step written again (a resumed attempt): replaced whole; usually absent
     std::fs::remove_dir_all(dir).ok();
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))

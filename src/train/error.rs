@@ -27,6 +27,9 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A write ran out of disk: the path it was writing and what its filesystem had left.
+    #[error("no space left on the device writing {}: {} free on that filesystem", path.display(), crate::disk::human(*free_bytes))]
+    DiskFull { path: PathBuf, free_bytes: u64 },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -67,6 +70,21 @@ impl Error {
         }
     }
 
+    /// This error as [`Error::DiskFull`] at `path` when a full disk caused it, else itself.
+    pub(crate) fn or_disk_full(self, path: &std::path::Path) -> Error {
+        if matches!(self, Error::DiskFull { .. }) || !crate::disk::is_full(&self) {
+            return self;
+        }
+        let free_bytes = path
+            .ancestors()
+            .find_map(|p| crate::disk::free_bytes(p).ok())
+            .unwrap_or(0);
+        Error::DiskFull {
+            path: path.to_path_buf(),
+            free_bytes,
+        }
+    }
+
     /// A library's error while doing `context` in `area`.
     pub(crate) fn caused(
         area: Area,
@@ -100,6 +118,7 @@ impl Error {
                 ..
             } => "checkpoint_error",
             Error::Device(_) => "device_error",
+            Error::DiskFull { .. } => "disk_full",
             Error::Io { .. } => "io_error",
             Error::Candle(_) => "internal_error",
             Error::Diverged { .. } => "diverged",

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::scale::{history, Deployment};
+use super::scale::{history, Deployment, Parts};
+use crate::helpers::faults::{Fault, FaultProxy};
 use crate::helpers::postgres;
 use crate::helpers::process::ServeProcess;
 
@@ -111,7 +112,12 @@ fn assert_each_ran_once(d: &Deployment, ids: &[String], steps: u64) {
 fn jobs_come_through_a_database_crash_longer_than_the_lease_with_a_worker_killed_meanwhile() {
     const STEPS: u64 = 1200;
     let server = postgres::own_server();
-    let mut d = Deployment::start_on(server.database(), crate::helpers::s3_artifacts(), 2);
+    let parts = Parts {
+        db: server.database(),
+        artifacts: crate::helpers::s3_artifacts(),
+        store_endpoint: None,
+    };
+    let mut d = Deployment::start_on(parts, 2);
     let ids: Vec<String> = (0..4).map(|_| d.api_a.submit(&d.job(STEPS, 100))).collect();
     // two running (one per worker), two queued
     let running: Vec<String> = {
@@ -194,4 +200,141 @@ fn jobs_come_through_a_database_crash_longer_than_the_lease_with_a_worker_killed
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+}
+
+/// Multipart uploads under `prefix` (of `s3://bucket/prefix`) that were started and neither
+/// completed nor aborted: parts left behind.
+fn open_multipart_uploads(artifacts: &str) -> Vec<String> {
+    let (bucket, prefix) = artifacts
+        .trim_start_matches("s3://")
+        .split_once('/')
+        .unwrap();
+    let python = std::env::var("QTUNE_TEST_S3_PYTHON")
+        .expect("QTUNE_TEST_S3_PYTHON: the S3 server's venv python (scripts/test.sh sets it)");
+    let out = std::process::Command::new(python)
+        .args(["-c", "import boto3, os, sys; r = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL']).list_multipart_uploads(Bucket=sys.argv[1], Prefix=sys.argv[2]); print('\\n'.join(u['Key'] for u in r.get('Uploads', [])))"])
+        .args([bucket, prefix])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn moto_address() -> std::net::SocketAddr {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("scripts/test.sh starts an S3 server");
+    endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap_or_else(|e| panic!("AWS_ENDPOINT_URL {endpoint}: {e}"))
+}
+
+#[test]
+fn jobs_come_through_a_slow_then_frozen_then_stopped_store_and_a_broken_download_is_an_error() {
+    const STEPS: u64 = 600;
+    let proxy = FaultProxy::start(moto_address());
+    let parts = Parts {
+        db: postgres::database(),
+        artifacts: crate::helpers::s3_artifacts(),
+        store_endpoint: Some(proxy.url()),
+    };
+    let d = Deployment::start_on(parts.clone(), 2);
+
+    // a download that loses the store mid-body ends in an error, not in a short file
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();
+    let file: Value = d
+        .api_a
+        .client
+        .post(format!("{}/v1/files?filename=big.jsonl", d.api_a.base))
+        .body(big.clone())
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let file_id = file["id"].as_str().unwrap_or_else(|| panic!("{file}"));
+    let mut download = d
+        .api_b
+        .client
+        .get(format!("{}/v1/files/{file_id}/content", d.api_b.base))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .unwrap();
+    assert_eq!(download.status(), 200);
+    let mut first = vec![0u8; 1 << 20];
+    std::io::Read::read_exact(&mut download, &mut first).unwrap();
+    proxy.set(Fault::Refuse);
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut download, &mut rest);
+    assert!(
+        ended.is_err(),
+        "the download ended cleanly after {} of {} bytes",
+        first.len() + rest.len(),
+        big.len()
+    );
+    proxy.set(Fault::None);
+
+    let ids: Vec<String> = (0..4).map(|_| d.api_a.submit(&d.job(STEPS, 100))).collect();
+    d.api_a.wait_job(&ids[0], Duration::from_secs(120), |j| {
+        j["progress"]["step"].as_u64().unwrap_or(0) >= 20
+    });
+    // slow (every request waits two seconds), then frozen, then gone, each past a minute
+    // (but the slow spell)
+    for (fault, spell) in [
+        (Fault::Delay(Duration::from_secs(2)), 20),
+        (Fault::Freeze, 65),
+        (Fault::Refuse, 65),
+    ] {
+        proxy.set(fault);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(spell) {
+            // the service answers meanwhile: what needs no store is served
+            let r = d
+                .api_b
+                .client
+                .get(format!("{}/v1/jobs/{}", d.api_b.base, ids[0]))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 200, "{fault:?}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let states: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                let j = d.api_a.job(id);
+                serde_json::json!([j["status"], j["progress"]["step"]])
+            })
+            .collect();
+        println!("after {spell} s of {fault:?}: {states:?}");
+    }
+    proxy.set(Fault::None);
+
+    assert_each_ran_once(&d, &ids, STEPS);
+    // every aborted upload's parts are gone (the aborts are tried again until the store answers)
+    let started = Instant::now();
+    loop {
+        let open = open_multipart_uploads(&parts.artifacts);
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "multipart uploads left open: {open:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // the workers still take work
+    let next = d.api_a.submit(&d.job(10, 5));
+    let done = d.api_a.wait_job(&next, Duration::from_secs(60), |j| {
+        j["status"] == "succeeded"
+    });
+    assert_eq!(done["attempt"], 1);
 }

@@ -28,13 +28,29 @@ pub(super) struct Deployment {
     pub workers: Vec<Option<ServeProcess>>,
 }
 
-/// What every process of the deployment is told: the database and the store.
-fn shared<'a>(db: &'a str, artifacts: &'a str) -> [(&'a str, &'a str); 3] {
-    [
-        ("QTUNE_DATABASE", db),
-        ("QTUNE_ARTIFACTS", artifacts),
-        ("QTUNE_DB_POOL_SIZE", "4"),
-    ]
+/// Where the deployment's processes find the database and the store.
+#[derive(Clone)]
+pub(super) struct Parts {
+    pub db: String,
+    pub artifacts: String,
+    /// The S3 server's address as the processes are told it (a fault proxy's, when the test
+    /// breaks it); the test's own environment's otherwise.
+    pub store_endpoint: Option<String>,
+}
+
+impl Parts {
+    /// What every process of the deployment is told.
+    fn env(&self) -> Vec<(&str, &str)> {
+        let mut env = vec![
+            ("QTUNE_DATABASE", self.db.as_str()),
+            ("QTUNE_ARTIFACTS", self.artifacts.as_str()),
+            ("QTUNE_DB_POOL_SIZE", "4"),
+        ];
+        if let Some(endpoint) = &self.store_endpoint {
+            env.push(("AWS_ENDPOINT_URL", endpoint));
+        }
+        env
+    }
 }
 
 /// A data dir of its own for each process.
@@ -50,7 +66,7 @@ fn log_of(role: &str, port: u16) -> Option<PathBuf> {
     Some(Path::new(&dir).join(format!("{role}-{port}.log")))
 }
 
-fn api(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
+fn api(parts: &Parts, root: &Path) -> ServeProcess {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     ServeProcess::spawn(
@@ -58,12 +74,12 @@ fn api(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
         &own_dir(root),
         root,
         port,
-        &shared(db, artifacts),
+        &parts.env(),
         log_of("api", port).as_ref(),
     )
 }
 
-fn worker(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
+pub(super) fn worker(parts: &Parts, root: &Path) -> ServeProcess {
     let port = free_port();
     let health = format!("127.0.0.1:{port}");
     ServeProcess::spawn(
@@ -71,30 +87,31 @@ fn worker(db: &str, artifacts: &str, root: &Path) -> ServeProcess {
         &own_dir(root),
         root,
         port,
-        &shared(db, artifacts),
+        &parts.env(),
         log_of("worker", port).as_ref(),
     )
 }
 
 impl Deployment {
     fn start(workers: usize) -> Deployment {
-        Deployment::start_on(
-            postgres::database(),
-            crate::helpers::s3_artifacts(),
-            workers,
-        )
+        let parts = Parts {
+            db: postgres::database(),
+            artifacts: crate::helpers::s3_artifacts(),
+            store_endpoint: None,
+        };
+        Deployment::start_on(parts, workers)
     }
 
-    /// Two API replicas and `workers` workers on the database at `db` and the store at
-    /// `artifacts`.
-    pub(super) fn start_on(db: String, artifacts: String, workers: usize) -> Deployment {
+    /// Two API replicas and `workers` workers on `parts`.
+    pub(super) fn start_on(parts: Parts, workers: usize) -> Deployment {
+        let (db, artifacts) = (parts.db.clone(), parts.artifacts.clone());
         let dir = tempfile::tempdir().unwrap();
         let model = crate::helpers::tiny_model(dir.path());
         let data_file = crate::helpers::memorisable_chat(dir.path(), 8);
-        let api_a = api(&db, &artifacts, dir.path());
-        let api_b = api(&db, &artifacts, dir.path());
+        let api_a = api(&parts, dir.path());
+        let api_b = api(&parts, dir.path());
         let workers = (0..workers)
-            .map(|_| Some(worker(&db, &artifacts, dir.path())))
+            .map(|_| Some(worker(&parts, dir.path())))
             .collect();
         let uploaded: Value = api_a
             .client

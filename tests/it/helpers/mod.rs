@@ -15,6 +15,7 @@ pub fn test_database(dir: &std::path::Path) -> String {
 }
 
 pub mod app;
+pub mod faults;
 pub mod postgres;
 pub mod process;
 
