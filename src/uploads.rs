@@ -31,6 +31,9 @@ impl UploadRoom {
         state: &AppState,
         owner: Option<&str>,
     ) -> Result<UploadRoom, UploadError> {
+        if let Some(free_bytes) = crate::disk::short_of_space(&state.config) {
+            return Err(UploadError::DiskFull { free_bytes });
+        }
         let (upload_mib, quota_mib) = (
             state.config.max_upload_mib,
             state.config.max_stored_mib_per_key,
@@ -70,6 +73,7 @@ impl UploadRoom {
             PutError::TooLarge { .. } if self.limit() < self.upload_limit => self.over_quota(),
             PutError::TooLarge { .. } => self.too_large(),
             PutError::Body(e) => UploadError::Body(e),
+            PutError::Io(e) if crate::disk::is_full(&e) => UploadError::DiskFull { free_bytes: 0 },
             PutError::Io(e) => UploadError::Io(e),
         }
     }
@@ -161,6 +165,9 @@ pub enum UploadError {
     OverQuota { quota_mib: u64 },
     #[error("the upload is empty")]
     Empty,
+    /// The disk the server keeps files on is (nearly) full: nothing of the upload was kept.
+    #[error("this server is short of disk space ({} free); the upload was not kept: try again later", crate::disk::human(*free_bytes))]
+    DiskFull { free_bytes: u64 },
     #[error("{0}")]
     Body(String),
     /// The `Idempotency-Key` was used with a different upload.

@@ -118,6 +118,12 @@ impl From<crate::uploads::UploadError> for ApiError {
             }
             UploadError::OverQuota { .. } => ApiError::quota(message, 3600),
             UploadError::Empty => ApiError::invalid("file", message),
+            UploadError::DiskFull { .. } => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                message,
+            )
+            .retry_after(60),
             UploadError::Body(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", message),
             UploadError::KeyReused => super::idempotency_key_reused(),
             UploadError::Missing(id) => ApiError::not_found("file", &id),

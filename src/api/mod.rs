@@ -171,6 +171,18 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
         )
         .retry_after(5));
     }
+    if let Some(free) = crate::disk::short_of_space(&state.config) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!(
+                "the data dir's disk has {} free, under --min-free-disk-mib {}",
+                crate::disk::human(free),
+                state.config.min_free_disk_mib
+            ),
+        )
+        .retry_after(60));
+    }
     let expected = state.config.worker_devices().len();
     if workers < expected {
         return Err(ApiError::new(

@@ -72,9 +72,11 @@ impl Error {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
             // SQLSTATE class 08 (connection exception), 57P01..57P03 (shutting down, crash
-            // recovery, starting up), 53300 (too many connections): PostgreSQL's appendix A
+            // recovery, starting up), 53300 (too many connections), 53100 (disk full):
+            // PostgreSQL's appendix A; SQLite's 13 (SQLITE_FULL), its disk full
             sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300")
+                c.starts_with("08")
+                    || matches!(&*c, "57P01" | "57P02" | "57P03" | "53300" | "53100" | "13")
             }),
             _ => false,
         }

@@ -63,11 +63,17 @@ impl Area {
 }
 
 impl Error {
+    /// An I/O error at `path`; [`Error::DiskFull`] when the disk was full.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
+        let path = path.into();
+        if crate::disk::is_full(&source) {
+            return Error::Io {
+                path: path.clone(),
+                source,
+            }
+            .or_disk_full(&path);
         }
+        Error::Io { path, source }
     }
 
     /// This error as [`Error::DiskFull`] at `path` when a full disk caused it, else itself.

@@ -582,6 +582,9 @@ impl Trainer {
 struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
+    /// Rows dropped because the disk was full: the file is a local copy (the job's metrics go
+    /// to the reporter too), not worth failing a job for.
+    dropped: u64,
 }
 
 impl MetricsLog {
@@ -602,12 +605,22 @@ impl MetricsLog {
         Ok(MetricsLog {
             file,
             path: path.to_path_buf(),
+            dropped: 0,
         })
     }
 
     fn write(&mut self, row: &MetricsRow) -> Result<()> {
         let value = with_legacy_loss(serde_json::to_value(row).expect("a row serializes"));
-        writeln!(self.file, "{value}").map_err(|e| Error::io(&self.path, e))
+        match writeln!(self.file, "{value}") {
+            Err(e) if crate::disk::is_full(&e) => {
+                if self.dropped == 0 {
+                    tracing::warn!(path = %self.path.display(), "the disk is full; metrics rows are left out of this file until it has room");
+                }
+                self.dropped += 1;
+                Ok(())
+            }
+            written => written.map_err(|e| Error::io(&self.path, e)),
+        }
     }
 }
 

@@ -53,6 +53,18 @@ pub async fn run(state: AppState, device_name: String) {
     tracing::info!(worker = %worker_id, "worker up");
     while !state.shutdown.is_cancelled() {
         settle_stopped_orphans(&state).await;
+        if let Some(free) = crate::disk::short_of_space(&state.config) {
+            // a job claimed now would fail at its first write; others' workers take it
+            tracing::warn!(
+                free_bytes = free,
+                "the data dir's disk is short of space; claiming no job"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = state.shutdown.cancelled() => {}
+            }
+            continue;
+        }
         // what this worker could give a job now: a job known to need more is left for others
         let free = device.memory().map_or(u64::MAX, |m| m.free);
         let claim = match state

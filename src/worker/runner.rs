@@ -188,7 +188,43 @@ async fn try_run(
     if lease_lost {
         return Ok(Outcome::LeaseLost);
     }
-    outcome_of(state, lease, result, &over_time).await
+    let outcome = outcome_of(state, lease, result, &over_time).await;
+    if let Ok(Outcome::Failed {
+        code: "disk_full", ..
+    })
+    | Err(Outcome::Failed {
+        code: "disk_full", ..
+    }) = &outcome
+    {
+        remove_partial_outputs(state, lease).await;
+    }
+    outcome
+}
+
+/// After a job filled the disk: what it wrote that nothing refers to (checkpoints never
+/// recorded, a half-written adapter) goes, so that the room is there for the node's other jobs.
+async fn remove_partial_outputs(state: &AppState, lease: &Lease) {
+    let out = state.artifacts.job_output_dir(&lease.job);
+    align_checkpoints_with_record(state, lease, &out).await;
+    let adapter = state
+        .artifacts
+        .local_path(&crate::artifacts::Key::adapter_dir(&lease.job));
+    let tar = state
+        .artifacts
+        .local_path(&crate::artifacts::Key::adapter_tar(&lease.job));
+    for leftover in [adapter, tar] {
+        let removed = if leftover.is_dir() {
+            tokio::fs::remove_dir_all(&leftover).await
+        } else {
+            tokio::fs::remove_file(&leftover).await
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(error = %e, path = %leftover.display(), "could not remove a partial output")
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Everything before the engine starts: the start announced, the base model and the job's
@@ -304,6 +340,18 @@ async fn outcome_of(
             )?;
             match state.artifacts.pack_adapter(&lease.job).await {
                 Ok(adapter) => Outcome::Succeeded { adapter },
+                Err(e) if crate::disk::is_full(&e) => {
+                    let dir = state.artifacts.job_output_dir(&lease.job);
+                    let free = crate::disk::free_bytes(&dir).unwrap_or(0);
+                    Outcome::failed(
+                        "disk_full",
+                        format!(
+                            "packing the adapter in {}: no space left on the device ({} free)",
+                            dir.display(),
+                            crate::disk::human(free)
+                        ),
+                    )
+                }
                 Err(e) => Outcome::failed("io_error", format!("packing the adapter: {e}")),
             }
         }

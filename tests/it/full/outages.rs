@@ -338,3 +338,141 @@ fn jobs_come_through_a_slow_then_frozen_then_stopped_store_and_a_broken_download
     });
     assert_eq!(done["attempt"], 1);
 }
+
+/// A size-limited tmpfs mounted for the test (needs root, as CI runs), unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a {mib} MiB tmpfs as a worker's disk and needs root (CI runs as \
+             root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { path }
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.flush();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_job_that_filled_it_and_the_node_recovers_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = crate::helpers::memorisable_chat(dir.path(), 8);
+    let disk = SmallDisk::mount(dir.path().join("disk"), 24);
+    let port = crate::helpers::process::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let db = format!("sqlite://{}", dir.path().join("qtune.db").display());
+    let server = ServeProcess::spawn(
+        &["serve", "--devices", "cpu,cpu", "--listen", &listen],
+        &disk.path.join("data"),
+        dir.path(),
+        port,
+        &[("QTUNE_DATABASE", &db), ("QTUNE_MIN_FREE_DISK_MIB", "2")],
+        None,
+    );
+    let job = |steps: u64, every: u64| {
+        serde_json::json!({
+            "base_model": model, "dataset": {"url": format!("file://{}", data.display())},
+            "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every_steps": every,
+            "training": {"max_steps": steps, "batch_size": 2, "learning_rate": 0.01, "max_seq_len": 64},
+        })
+    };
+    // one job checkpoints often; the other writes nothing until its end
+    let filling = server.submit(&job(100_000, 20));
+    let quiet = server.submit(&job(4000, 100_000));
+    for id in [&filling, &quiet] {
+        server.wait_job(id, Duration::from_secs(60), |j| {
+            j["progress"]["step"].as_u64().unwrap_or(0) >= 40
+        });
+    }
+    let filler = disk.fill();
+
+    let failed = server.wait_job(&filling, Duration::from_secs(60), |j| {
+        j["status"] != "running"
+    });
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "disk_full", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("checkpoint-") && message.contains("free"),
+        "names the path and the space left: {message}"
+    );
+    // nothing half-written left behind
+    let output = disk.path.join("data/jobs").join(&filling).join("output");
+    let leftovers: Vec<String> = std::fs::read_dir(&output)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // the node says it is short of space: not ready, uploads refused with 507
+    let ready = server
+        .client
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().unwrap().contains("disk"));
+    let upload = server
+        .client
+        .post(format!("{}/v1/files?filename=more.jsonl", server.base))
+        .body(std::fs::read(&data).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(upload.status(), 507);
+    assert!(upload.headers().contains_key("retry-after"));
+    // the other job trains on meanwhile
+    assert_eq!(server.job(&quiet)["status"], "running");
+
+    std::fs::remove_file(&filler).unwrap();
+    let started = Instant::now();
+    while server
+        .client
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not ready again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let done = server.wait_job(&quiet, Duration::from_secs(300), |j| {
+        j["status"] != "running"
+    });
+    assert_eq!(done["status"], "succeeded", "{done}");
+    drop(server);
+}
