@@ -111,6 +111,7 @@ impl App {
             header_read_timeout: std::time::Duration::from_secs(
                 state.config.header_timeout_secs.max(1),
             ),
+            idle_timeout: std::time::Duration::from_secs(state.config.idle_timeout_secs.max(1)),
         };
         match self.listener {
             Some(listener) => {

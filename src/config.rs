@@ -120,6 +120,11 @@ pub struct ServeConfig {
     /// Seconds a client has to send a request's headers before its connection is closed.
     #[arg(long, env = "QTUNE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
+    /// Seconds a connection may sit with nothing moving on it while no request is being
+    /// handled (a keep-alive connection, a response its client stopped reading) before it is
+    /// closed.
+    #[arg(long, env = "QTUNE_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
     /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
     pub(crate) max_record_kib: u64,
@@ -174,6 +179,7 @@ impl ServeConfig {
             max_concurrent_uploads: 8,
             max_connections: 1024,
             header_timeout_secs: 10,
+            idle_timeout_secs: 60,
             max_job_steps: 1_000_000,
             max_job_hours: 72.0,
             max_concurrent_generations: 1,

@@ -57,15 +57,18 @@ pub async fn submit_as(
 ) -> Result<JobRow, QueueError> {
     check_references(state, spec, owner).await?;
     let cap = state.config.max_queued_per_key;
-    if cap > 0 && state.db.count_jobs(owner, JobStatus::Queued).await? >= cap as i64 {
+    let Some(row) = state
+        .db
+        .insert_job(id, owner, spec, (cap > 0).then_some(cap))
+        .await?
+    else {
         return Err(QueueError::Quota {
             message: format!(
-                "this key already has {cap} jobs queued, the most it may; submit more once some have started"
+                "this key already has {cap} jobs waiting (queued or paused), the most it may; submit more once some have started"
             ),
             retry_after: 60,
         });
-    }
-    let row = state.db.insert_job(id, owner, spec).await?;
+    };
     state
         .publish(id, &JobEvent::Status(StatusChange::to(JobStatus::Queued)))
         .await?;

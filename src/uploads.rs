@@ -145,7 +145,17 @@ pub async fn record(
         status: FileStatus::Uploaded,
         status_details: None,
     };
-    state.db.insert_file(&row).await?;
+    let quota = match state.config.max_stored_mib_per_key {
+        0 => None,
+        mib => Some(mib << 20),
+    };
+    if !state.db.insert_file(&row, quota).await? {
+        // another upload of the same key took the room while this one streamed
+        state.artifacts.delete(&upload.key).await?;
+        return Err(UploadError::OverQuota {
+            quota_mib: state.config.max_stored_mib_per_key,
+        });
+    }
     Ok((row, true))
 }
 

@@ -1,7 +1,9 @@
 //! API keys: who is calling. With keys configured every `/v1` route needs
 //! `Authorization: Bearer <key>`, and the key's fingerprint is the owner of what it creates.
 //! Keys are compared in constant time; failed attempts are logged and, past a few a minute from
-//! one address, answered 429 without looking at the key.
+//! one address with one key prefix (or with no key), answered 429. A valid key is never refused
+//! for failures: many tenants behind one proxy share an address, and one of them trying wrong
+//! keys must not lock the others out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -44,33 +46,50 @@ fn key_matches(known: &[String], presented: &str) -> bool {
     })
 }
 
-/// Failed authentications per client address within the current minute.
+/// Failed authentications within the current minute, per client address and the first
+/// characters of the key it presented (what tells one tenant's mistakes from another's), and
+/// per address in all.
 #[derive(Default)]
-pub(crate) struct FailedAuth(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+pub(crate) struct FailedAuth(Mutex<HashMap<(IpAddr, String), (Instant, u32)>>);
 
-/// Failures from one address allowed per minute before it is answered 429.
+/// Failures from one address with one key prefix allowed per minute before it is answered 429.
 const FAILURES_PER_MINUTE: u32 = 20;
+/// Failures from one address in all (any prefixes) allowed per minute.
+const ADDRESS_FAILURES_PER_MINUTE: u32 = 300;
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// What stands for a presented key in the count: its first 8 characters (API keys are random
+/// beyond any fixed prefix, so these tell tenants apart without keeping the key).
+fn prefix(presented: Option<&str>) -> String {
+    presented.map_or_else(String::new, |k| k.chars().take(8).collect())
+}
+
 impl FailedAuth {
-    /// Seconds until `ip` may try again, if it is over its allowance.
-    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+    /// Seconds until a wrong key from `ip` with `presented`'s prefix may be tried again, if
+    /// it is over its allowance.
+    fn blocked(&self, ip: IpAddr, presented: Option<&str>) -> Option<u64> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (start, count) = map.get(&ip)?;
-        let left = WINDOW.checked_sub(start.elapsed())?;
-        (*count >= FAILURES_PER_MINUTE).then(|| left.as_secs().max(1))
+        let over = |key: &(IpAddr, String), limit: u32| {
+            let (start, count) = map.get(key)?;
+            let left = WINDOW.checked_sub(start.elapsed())?;
+            (*count >= limit).then(|| left.as_secs().max(1))
+        };
+        over(&(ip, prefix(presented)), FAILURES_PER_MINUTE)
+            .or_else(|| over(&(ip, "*".into()), ADDRESS_FAILURES_PER_MINUTE))
     }
 
-    fn record(&self, ip: IpAddr) {
+    fn record(&self, ip: IpAddr, presented: Option<&str>) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 100_000 {
             map.retain(|_, (start, _)| start.elapsed() < WINDOW);
         }
-        let entry = map.entry(ip).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= WINDOW {
-            *entry = (Instant::now(), 0);
+        for key in [(ip, prefix(presented)), (ip, "*".to_string())] {
+            let entry = map.entry(key).or_insert((Instant::now(), 0));
+            if entry.0.elapsed() >= WINDOW {
+                *entry = (Instant::now(), 0);
+            }
+            entry.1 += 1;
         }
-        entry.1 += 1;
     }
 }
 
@@ -93,41 +112,41 @@ pub async fn authenticate(
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        if let Some(wait) = peer.and_then(|ip| failures.blocked(ip)) {
-            let mut resp = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failed_authentications",
-                "too many requests with a wrong API key from this address; try again later",
-            )
-            .into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(wait));
-            return resp;
-        }
-        match bearer(&req) {
-            Some(k) if key_matches(&state.config.api_keys, k) => Some(key_fingerprint(k)),
-            presented => {
-                if let Some(ip) = peer {
-                    failures.record(ip);
-                }
-                tracing::warn!(
-                    peer = ?peer,
-                    path = %req.uri().path(),
-                    key_given = presented.is_some(),
-                    "authentication failed"
-                );
+        let presented = bearer(&req);
+        if let Some(k) = presented.filter(|k| key_matches(&state.config.api_keys, k)) {
+            Some(key_fingerprint(k))
+        } else {
+            if let Some(wait) = peer.and_then(|ip| failures.blocked(ip, presented)) {
                 let mut resp = ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid API key is required: Authorization: Bearer <key>",
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_failed_authentications",
+                    "too many requests with a wrong API key from this address; try again later",
                 )
                 .into_response();
-                resp.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"qtune\""),
-                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(wait));
                 return resp;
             }
+            if let Some(ip) = peer {
+                failures.record(ip, presented);
+            }
+            tracing::warn!(
+                peer = ?peer,
+                path = %req.uri().path(),
+                key_given = presented.is_some(),
+                "authentication failed"
+            );
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"qtune\""),
+            );
+            return resp;
         }
     };
     req.extensions_mut().insert(Owner(owner));

@@ -567,10 +567,18 @@ pub async fn models(
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// The largest chat or completion request: long conversations, far more than any context
+/// window here holds, and still bounded.
+pub(super) const BODY_LIMIT: usize = 8 << 20;
+
 pub(super) fn routes() -> axum::Router<AppState> {
     use axum::routing::{get, post};
+    let limit = axum::extract::DefaultBodyLimit::max(BODY_LIMIT);
     axum::Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).route_layer(limit),
+        )
+        .route("/v1/completions", post(completions).route_layer(limit))
         .route("/v1/models", get(models))
 }

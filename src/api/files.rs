@@ -63,11 +63,12 @@ pub async fn upload(
     let (stored, filename) = if is_multipart(req.headers()) {
         store_form(&state, req, &key, room.limit(), &mut purpose).await?
     } else {
-        let chunks = req
-            .into_body()
-            .into_data_stream()
-            .map(|c| c.map_err(|e| e.to_string()))
-            .boxed();
+        let chunks = paced(
+            req.into_body()
+                .into_data_stream()
+                .map(|c| c.map_err(|e| e.to_string())),
+        )
+        .boxed();
         let stored = state.artifacts.put_stream(&key, chunks, room.limit()).await;
         (stored, q.get("filename").cloned())
     };
@@ -113,19 +114,19 @@ async fn store_form(
         while let Some(field) = form.next_field().await? {
             match field.name() {
                 Some("purpose") => {
-                    let text = field.text().await?;
+                    let text = small_field(field).await?;
                     check_purpose(text.trim())?;
                     *purpose = Some(text.trim().to_string());
                 }
                 Some("file") | None if stored.is_none() => {
                     let name = field.file_name().map(str::to_string);
-                    let chunks = field.map(|c| c.map_err(|e| e.body_text())).boxed();
+                    let chunks = paced(field.map(|c| c.map_err(|e| e.body_text()))).boxed();
                     stored = Some((state.artifacts.put_stream(key, chunks, limit).await, name));
                 }
                 // other fields (OpenAI's expires_after[…]) are read past: retention is the
                 // operator's
                 _ => {
-                    field.bytes().await?;
+                    small_field(field).await?;
                 }
             }
         }
@@ -139,6 +140,79 @@ async fn store_form(
         return Err(e);
     }
     stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))
+}
+
+/// An upload body that sends nothing for this long is cut off.
+const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// The slowest an upload body may arrive, on average once [`BODY_STALL`] has passed: a client
+/// trickling a few bytes a second would hold its upload slot for days.
+const MIN_BODY_BYTES_PER_SEC: u64 = 16 << 10;
+
+/// `body`, cut off with an error when it stalls or arrives slower than the minimum rate.
+fn paced<'a>(
+    body: impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send + Unpin + 'a,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send + 'a {
+    let start = std::time::Instant::now();
+    futures_util::stream::unfold(
+        (body, 0u64, false),
+        move |(mut body, total, ended)| async move {
+            if ended {
+                return None;
+            }
+            match tokio::time::timeout(BODY_STALL, body.next()).await {
+                Err(_) => Some((
+                    Err(format!(
+                        "the upload sent nothing for {} seconds and was cut off",
+                        BODY_STALL.as_secs()
+                    )),
+                    (body, total, true),
+                )),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some((Err(e), (body, total, true))),
+                Ok(Some(Ok(chunk))) => {
+                    let total = total + chunk.len() as u64;
+                    let elapsed = start.elapsed();
+                    if elapsed > BODY_STALL && total < MIN_BODY_BYTES_PER_SEC * elapsed.as_secs() {
+                        return Some((
+                        Err(format!(
+                            "the upload arrived at {} bytes a second, under the {} KiB a second an upload must keep up; it was cut off",
+                            total / elapsed.as_secs().max(1),
+                            MIN_BODY_BYTES_PER_SEC >> 10
+                        )),
+                        (body, total, true),
+                    ));
+                    }
+                    Some((Ok(chunk), (body, total, false)))
+                }
+            }
+        },
+    )
+}
+
+/// The most a form field other than the file may hold.
+const SMALL_FIELD_BYTES: usize = 64 << 10;
+
+/// A form field other than the file, read a chunk at a time up to [`SMALL_FIELD_BYTES`]: only
+/// the file is meant to be large, and it is streamed to the store.
+async fn small_field(mut field: axum::extract::multipart::Field<'_>) -> Result<String, ApiError> {
+    let name = field.name().unwrap_or("(unnamed)").to_string();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await? {
+        if bytes.len() + chunk.len() > SMALL_FIELD_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "form field {name:?} is over {} KiB; only the file field may be large",
+                    SMALL_FIELD_BYTES >> 10
+                ),
+            )
+            .param(name));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| ApiError::bad(&name, format!("form field {name:?} is not UTF-8 text")))
 }
 
 #[derive(Deserialize)]
@@ -639,7 +713,10 @@ async fn drain_small_body(body: axum::body::Body, announced: Option<u64>) {
 }
 
 /// `/v1/files…` (uploads, at most `uploads` at a time) and a job's checkpoint and adapter files.
-pub(super) fn routes(uploads: std::sync::Arc<tokio::sync::Semaphore>) -> axum::Router<AppState> {
+pub(super) fn routes(
+    uploads: std::sync::Arc<super::guard::UploadSlots>,
+    upload_limit: usize,
+) -> axum::Router<AppState> {
     use axum::routing::get;
     axum::Router::new()
         .route("/v1/jobs/{id}/checkpoints", get(checkpoints))
@@ -650,9 +727,14 @@ pub(super) fn routes(uploads: std::sync::Arc<tokio::sync::Semaphore>) -> axum::R
         .route("/v1/jobs/{id}/adapter", get(adapter))
         .route(
             "/v1/files",
-            axum::routing::post(upload).get(list).route_layer(
-                axum::middleware::from_fn_with_state(uploads, super::guard::bound_uploads),
-            ),
+            axum::routing::post(upload)
+                .get(list)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    uploads,
+                    super::guard::bound_uploads,
+                ))
+                // a multipart form is read through the extractor, which takes its limit from here
+                .route_layer(axum::extract::DefaultBodyLimit::max(upload_limit)),
         )
         .route("/v1/files/{id}", get(retrieve).delete(delete))
         .route("/v1/files/{id}/content", get(content))

@@ -131,25 +131,92 @@ pub(crate) async fn browser_checks(
     next.run(req).await
 }
 
-/// At most `n` uploads are received at once (each holds a connection and a disk stream); the
-/// next is answered 429 at once.
+/// Uploads being received: at most `all` at once (each holds a connection and a store
+/// stream), and at most `per_key` of them for one API key, so that one tenant trickling
+/// uploads cannot take every slot.
+pub(crate) struct UploadSlots {
+    all: Arc<tokio::sync::Semaphore>,
+    per_key: usize,
+    by_key: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl UploadSlots {
+    pub(crate) fn new(all: usize) -> Arc<UploadSlots> {
+        let all = all.max(1);
+        Arc::new(UploadSlots {
+            all: Arc::new(tokio::sync::Semaphore::new(all)),
+            per_key: all.div_ceil(4),
+            by_key: Default::default(),
+        })
+    }
+
+    fn take_key(self: &Arc<Self>, key: &str) -> Option<KeySlot> {
+        let mut by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_key.entry(key.to_string()).or_insert(0);
+        if *n >= self.per_key {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot {
+            slots: self.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+/// One key's upload in progress; its slot comes back when dropped.
+struct KeySlot {
+    slots: Arc<UploadSlots>,
+    key: String,
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        let mut by_key = self.slots.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_key.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                by_key.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Admits an upload into [`UploadSlots`], or answers 429 at once.
 pub(crate) async fn bound_uploads(
-    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    State(slots): State<Arc<UploadSlots>>,
     req: Request,
     next: Next,
 ) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    match slots.try_acquire_owned() {
+    let busy = |message: &str| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_uploads", message)
+            .retry_after(1)
+            .into_response()
+    };
+    let owner = req
+        .extensions()
+        .get::<super::Owner>()
+        .and_then(|o| o.as_deref().map(str::to_string));
+    let _key_slot = match owner {
+        Some(key) => match slots.take_key(&key) {
+            Some(slot) => Some(slot),
+            None => {
+                return busy(&format!(
+                    "this API key is sending {} uploads at once, as many as one key may; try again when one ends",
+                    slots.per_key
+                ))
+            }
+        },
+        None => None,
+    };
+    match slots.all.clone().try_acquire_owned() {
         Ok(_slot) => next.run(req).await,
-        Err(_) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_uploads",
-            "the server is receiving as many uploads as it takes at once; try again shortly",
-        )
-        .retry_after(1)
-        .into_response(),
+        Err(_) => {
+            busy("the server is receiving as many uploads as it takes at once; try again shortly")
+        }
     }
 }
 

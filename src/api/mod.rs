@@ -26,19 +26,22 @@ pub(crate) use guard::HostPolicy;
 
 use crate::state::AppState;
 
+/// The largest JSON body a route takes (a job spec, a request of the OpenAI routes): a
+/// request of this kind is a few kilobytes, and a parsed JSON document takes many times its
+/// size in memory. Chat takes [`chat::BODY_LIMIT`]; uploads stream up to --max-upload-mib.
+pub(crate) const JSON_BODY_LIMIT: usize = 1 << 20;
+
 /// The HTTP API of `state`, served on `bound` (the `Host` values it answers to follow from it).
 pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     let hosts = Arc::new(HostPolicy::new(&state.config.allowed_hosts, bound));
     let failures = Arc::new(auth::FailedAuth::default());
-    let uploads = Arc::new(tokio::sync::Semaphore::new(
-        state.config.max_concurrent_uploads.max(1),
-    ));
-    let limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
+    let uploads = guard::UploadSlots::new(state.config.max_concurrent_uploads);
+    let upload_limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .merge(jobs::routes())
         .merge(stream::routes())
         .merge(exports::routes())
-        .merge(files::routes(uploads))
+        .merge(files::routes(uploads, upload_limit))
         .merge(openai::routes())
         .merge(chat::routes())
         .route_layer(middleware::from_fn_with_state(
@@ -54,7 +57,7 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(v1)
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(hosts, guard::browser_checks))
         .layer(middleware::from_fn(guard::response_shape))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -42,10 +42,17 @@ pub(crate) enum Order {
 }
 
 impl Db {
-    pub(crate) async fn insert_file(&self, row: &FileRow) -> Result<()> {
-        sqlx::query(&self.sql(
+    /// Records an upload, unless its owner's stored bytes would then pass `quota` bytes
+    /// (`None`: no quota): `false` when refused. The sum is read and the row written under one
+    /// lock (PostgreSQL: an advisory lock on the owner; SQLite: the write lock a write
+    /// statement takes before it reads), so concurrent uploads cannot all pass the quota.
+    pub(crate) async fn insert_file(&self, row: &FileRow, quota: Option<u64>) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        self.lock_owner(&mut tx, row.owner.as_deref()).await?;
+        let done = sqlx::query(&self.sql(
             "INSERT INTO files (id, owner, filename, bytes, sha256, created_at, purpose, status)
-             VALUES (?, ?, ?, ?, ?, ?::timestamptz, ?, ?)",
+             SELECT ?, ?, ?, ?, ?, ?::timestamptz, ?, ?
+             WHERE ? < 0 OR (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS NOT DISTINCT FROM ?) + ? <= ?",
         ))
         .bind(&row.id)
         .bind(&row.owner)
@@ -55,9 +62,14 @@ impl Db {
         .bind(&row.created_at)
         .bind(&row.purpose)
         .bind(row.status.as_str())
-        .execute(&self.pool)
+        .bind(quota.map_or(-1, |q| q.min(i64::MAX as u64) as i64))
+        .bind(&row.owner)
+        .bind(row.bytes)
+        .bind(quota.map_or(-1, |q| q.min(i64::MAX as u64) as i64))
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// The caller's uploads in `order`, after the file `after` (a page's last), of `purpose`

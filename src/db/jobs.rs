@@ -257,30 +257,46 @@ pub(super) const FENCE: &str = "id = ? AND attempt = ? AND status = 'running'";
 impl Db {
     /// Inserts a queued job and its metadata pairs (the rows list filters read), in one
     /// transaction.
+    /// Stores a queued job, unless `owner` already has `max_waiting` jobs waiting (queued or
+    /// paused; `None`: no limit): `None` then. The count and the insert happen under one lock
+    /// ([`Db::lock_owner`]), so concurrent submits cannot all pass the limit.
     pub async fn insert_job(
         &self,
         id: &JobId,
         owner: Option<&str>,
         spec: &JobSpec,
-    ) -> Result<JobRow> {
+        max_waiting: Option<u64>,
+    ) -> Result<Option<JobRow>> {
         let text = serde_json::to_string(spec).expect("a spec serializes");
         let mut tx = self.pool.begin().await?;
+        self.lock_owner(&mut tx, owner).await?;
         // created_at is taken inside the insert, so that it does not run backwards against seq
         // (the list order) as a time taken before it could
         let created_at = match self.backend {
             Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')",
             Backend::Postgres => "clock_timestamp()",
         };
-        let row: JobRecord = sqlx::query_as(&self.sql(&format!(
+        let cap = max_waiting.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+        let row: Option<JobRecord> = sqlx::query_as(&self.sql(&format!(
             "INSERT INTO jobs (id, owner, status, spec, created_at)
-             VALUES (?, ?, 'queued', ?, {created_at}) RETURNING {}",
+             SELECT ?, ?, 'queued', ?, {created_at}
+             WHERE ? < 0 OR (SELECT COUNT(*) FROM jobs WHERE owner IS NOT DISTINCT FROM ?
+                             AND status IN ('queued', 'paused')) < ?
+             RETURNING {}",
             self.columns(&JOB_COLUMNS)
         )))
         .bind(id.as_str())
         .bind(owner)
         .bind(&text)
-        .fetch_one(&mut *tx)
+        .bind(cap)
+        .bind(owner)
+        .bind(cap)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
         for (key, value) in spec.metadata.iter().flatten() {
             sqlx::query(
                 &self.sql("INSERT INTO job_metadata (job_id, key, value) VALUES (?, ?, ?)"),
@@ -292,7 +308,7 @@ impl Db {
             .await?;
         }
         tx.commit().await?;
-        row.try_into()
+        row.try_into().map(Some)
     }
 
     /// A job, if it exists and `owner` may see it (`None` = no API keys in use).
@@ -460,19 +476,6 @@ impl Db {
             Some(row) => (ResumeOutcome::NotPaused(row.status), None),
             None => (ResumeOutcome::NotFound, None),
         })
-    }
-
-    /// How many of the owner's jobs are in `status`.
-    pub(crate) async fn count_jobs(&self, owner: Option<&str>, status: JobStatus) -> Result<i64> {
-        let (n,): (i64,) = sqlx::query_as(
-            &self
-                .sql("SELECT COUNT(*) FROM jobs WHERE owner IS NOT DISTINCT FROM ? AND status = ?"),
-        )
-        .bind(owner)
-        .bind(status.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n)
     }
 
     /// Finished jobs whose artifacts are still kept and that finished before `cutoff`.

@@ -260,6 +260,23 @@ impl Db {
         self
     }
 
+    /// On PostgreSQL, holds a transaction-scoped lock on `owner`'s quotas until `tx` ends, so
+    /// that a quota's count and the write it allows happen as one (concurrent requests of one
+    /// key queue here). SQLite needs none: its write statements hold the one write lock.
+    pub(crate) async fn lock_owner(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked")
+                .bind(owner.unwrap_or(""))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

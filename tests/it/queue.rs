@@ -54,7 +54,7 @@ async fn two_workers_race_for_one_job_and_exactly_one_wins() {
     let mut wins = HashMap::from([("worker-a", 0), ("worker-b", 0)]);
     for _ in 0..30 {
         let id = JobId::new();
-        a.insert_job(&id, None, &spec()).await.unwrap();
+        a.insert_job(&id, None, &spec(), None).await.unwrap();
         // both ask at the same moment, each on its own runtime thread
         let (ca, cb) = tokio::join!(
             tokio::spawn({
@@ -98,7 +98,9 @@ async fn workers_draining_a_queue_claim_each_job_once() {
     let a = Db::connect(&url, 4).await.unwrap();
     const JOBS: usize = 120;
     for _ in 0..JOBS {
-        a.insert_job(&JobId::new(), None, &spec()).await.unwrap();
+        a.insert_job(&JobId::new(), None, &spec(), None)
+            .await
+            .unwrap();
     }
     // eight workers, each connecting on its own (as separate processes would) while the others
     // already claim, each finishing what it claims
@@ -139,7 +141,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
         .await
         .unwrap();
     let id = JobId::new();
-    db.insert_job(&id, None, &spec()).await.unwrap();
+    db.insert_job(&id, None, &spec(), None).await.unwrap();
 
     let first = db
         .claim_next("worker-a", LEASE_SECS, u64::MAX)
@@ -221,7 +223,7 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
     let app = spawn_app_with(|c| c.devices.clear()).await;
     let state = &app.state;
     let id = JobId::new();
-    state.db.insert_job(&id, None, &spec()).await.unwrap();
+    state.db.insert_job(&id, None, &spec(), None).await.unwrap();
     let mut live = state.events.subscribe();
 
     let claim = state
@@ -451,7 +453,7 @@ async fn a_stop_request_outlives_the_worker_it_was_sent_to() {
         .unwrap();
     let (pausing, cancelling) = (JobId::new(), JobId::new());
     for id in [&pausing, &cancelling] {
-        db.insert_job(id, None, &spec()).await.unwrap();
+        db.insert_job(id, None, &spec(), None).await.unwrap();
         let claim = db
             .claim_next("w", LEASE_SECS, u64::MAX)
             .await
@@ -519,7 +521,7 @@ async fn a_claim_skips_a_job_whose_estimated_peak_exceeds_the_workers_free_memor
         .await
         .unwrap();
     let id = JobId::new();
-    db.insert_job(&id, None, &spec()).await.unwrap();
+    db.insert_job(&id, None, &spec(), None).await.unwrap();
     // unknown needs: any worker may claim it; its estimate is recorded and it goes back
     let first = db
         .claim_next("small", LEASE_SECS, 1000)

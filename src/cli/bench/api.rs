@@ -135,7 +135,7 @@ pub fn run(opts: &ApiBenchOptions) -> anyhow::Result<()> {
             let id = crate::job::JobId::new();
             let spec = serde_json::json!({"base_model": format!("model-{i}"), "dataset": {"url": "https://example.invalid/d.jsonl"}});
             let spec = crate::spec::JobSpec::from_json(&spec.to_string())?;
-            state.db.insert_job(&id, None, &spec).await?;
+            state.db.insert_job(&id, None, &spec, None).await?;
             state.db.request_cancel(&id, None).await?;
             ids.push(id.to_string());
         }
@@ -250,7 +250,7 @@ async fn claim_race(url: &str, workers: usize, jobs: usize) -> anyhow::Result<()
     let db = crate::db::Db::connect(url, 2).await.context("connect")?;
     let spec = crate::spec::JobSpec::from_json(r#"{"base_model": "m", "dataset": {"url": "d"}}"#)?;
     for _ in 0..jobs {
-        db.insert_job(&crate::job::JobId::new(), None, &spec)
+        db.insert_job(&crate::job::JobId::new(), None, &spec, None)
             .await
             .context("insert")?;
     }

@@ -1,6 +1,8 @@
 //! Hostile tenants, huge inputs and a bad day on the host, each through the real server: every
 //! hostile request gets its clear 4xx (or its job fails saying why) and the server stays healthy.
 
+mod tenants;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -320,7 +322,7 @@ async fn a_keyed_data_dir_does_not_start_without_keys() {
     let state = app.state();
     state
         .db
-        .insert_job(&JobId::new(), Some("owner-of-k1"), &tiny_spec())
+        .insert_job(&JobId::new(), Some("owner-of-k1"), &tiny_spec(), None)
         .await
         .unwrap();
     drop(app);
@@ -359,8 +361,9 @@ async fn absurd_jobs_are_refused_and_the_operators_limits_hold() {
             "training.epochs",
         ),
         (json!({"lora": {"alpha": 1e308}}), "lora.alpha"),
-        (json!({"suffix": "s".repeat(1 << 20)}), "suffix"),
-        (json!({"base_model": "m".repeat(1 << 20)}), "base_model"),
+        // long, and under the 1 MiB a JSON body may hold (past it: 413 before parsing)
+        (json!({"suffix": "s".repeat(1 << 16)}), "suffix"),
+        (json!({"base_model": "m".repeat(1 << 16)}), "base_model"),
     ] {
         let (status, e) = app.post("/v1/jobs", &app.job(extra.clone())).await;
         assert_eq!(status, 422, "{extra}: {e}");
@@ -408,11 +411,15 @@ async fn tenants_take_turns_at_the_queue() {
     let mut a_jobs = Vec::new();
     for _ in 0..3 {
         let id = JobId::new();
-        db.insert_job(&id, Some("tenant-a"), spec).await.unwrap();
+        db.insert_job(&id, Some("tenant-a"), spec, None)
+            .await
+            .unwrap();
         a_jobs.push(id);
     }
     let b_job = JobId::new();
-    db.insert_job(&b_job, Some("tenant-b"), spec).await.unwrap();
+    db.insert_job(&b_job, Some("tenant-b"), spec, None)
+        .await
+        .unwrap();
     let first = db
         .claim_next("w1", LEASE_SECS, u64::MAX)
         .await
@@ -830,7 +837,7 @@ async fn tenants_list_and_delete_their_own_files_and_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_headers_are_cut_off_and_connections_are_capped() {
+async fn slow_headers_are_cut_off_and_idle_connections_make_room_at_the_cap() {
     let app = spawn_app_with(|c| {
         c.max_connections = 20;
         c.header_timeout_secs = 1;
@@ -847,9 +854,10 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
         slow.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // at the cap: one more connection is closed at once, unanswered
+    // at the cap: one more connection gets in, in place of the idlest slow one, and is answered
     let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut extra, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut extra, request.as_bytes())
         .await
         .ok();
     let mut buf = [0u8; 64];
@@ -858,9 +866,13 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
         tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
     )
     .await
-    .expect("closed, not held")
+    .expect("answered, not held")
     .unwrap_or(0);
-    assert_eq!(n, 0, "refused without an answer");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     // the slow ones are cut off after the header timeout
     for s in &mut slow {
         let n = tokio::time::timeout(
@@ -939,7 +951,9 @@ async fn one_key_cannot_hold_every_worker() {
     let db = &app.state.db;
     let spec = &tiny_spec();
     for _ in 0..3 {
-        db.insert_job(&JobId::new(), Some("a"), spec).await.unwrap();
+        db.insert_job(&JobId::new(), Some("a"), spec, None)
+            .await
+            .unwrap();
     }
     assert!(db
         .claim_next("w1", LEASE_SECS, u64::MAX)
@@ -953,7 +967,9 @@ async fn one_key_cannot_hold_every_worker() {
             .is_none(),
         "a's second job waits while its first runs"
     );
-    db.insert_job(&JobId::new(), Some("b"), spec).await.unwrap();
+    db.insert_job(&JobId::new(), Some("b"), spec, None)
+        .await
+        .unwrap();
     let claim = db
         .claim_next("w2", LEASE_SECS, u64::MAX)
         .await
