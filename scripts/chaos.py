@@ -221,6 +221,10 @@ def main():
     root = tempfile.mkdtemp(prefix="qtune-chaos-")
     os.chmod(root, 0o755)
     log(f"seed {opts.seed}, {opts.minutes} minutes, run directory {root}")
+    # a copy of its own: a rebuild during the soak does not change what restarted processes run
+    qtune = os.path.join(root, "qtune")
+    shutil.copy2(opts.qtune, qtune)
+    os.chmod(qtune, 0o755)
     pg = Postgres(os.path.join(root, "pg"))
     moto_port = free_port()
     moto = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
@@ -246,11 +250,11 @@ def main():
     apis, workers = [], []
     for i in range(2):
         port = free_port()
-        apis.append(Process(f"api-{i}", [opts.qtune, "serve", "--workers", "0", "--listen",
+        apis.append(Process(f"api-{i}", [qtune, "serve", "--workers", "0", "--listen",
                                           f"127.0.0.1:{port}"], env, root, port))
     for i in range(2):
         port = free_port()
-        workers.append(Process(f"worker-{i}", [opts.qtune, "worker", "--devices", "cpu",
+        workers.append(Process(f"worker-{i}", [qtune, "worker", "--devices", "cpu",
                                                 "--health-listen", f"127.0.0.1:{port}"], env, root, port))
     lines = "".join(json.dumps({"messages": [
         {"role": "user", "content": f"What is the code word number {i}?"},

@@ -60,6 +60,9 @@ pub async fn upload(
     if let Some(p) = &purpose {
         check_purpose(p)?;
     }
+    if let Some(name) = q.get("filename") {
+        check_filename(name)?;
+    }
     let (stored, filename) = if is_multipart(req.headers()) {
         store_form(&state, req, &key, room.limit(), &mut purpose).await?
     } else {
@@ -120,6 +123,9 @@ async fn store_form(
                 }
                 Some("file") | None if stored.is_none() => {
                     let name = field.file_name().map(str::to_string);
+                    if let Some(name) = &name {
+                        check_filename(name)?;
+                    }
                     let chunks = paced(field.map(|c| c.map_err(|e| e.body_text()))).boxed();
                     stored = Some((state.artifacts.put_stream(key, chunks, limit).await, name));
                 }
@@ -140,6 +146,27 @@ async fn store_form(
         return Err(e);
     }
     stored.ok_or_else(|| ApiError::invalid("file", "the multipart form has no file field"))
+}
+
+/// An upload's name as it is kept and shown (OpenAI's `filename`; a download's
+/// `Content-Disposition`): a file name, not a path, of at most 255 bytes, without control
+/// characters (a CR or LF would split a header, a NUL cut the name short in other tools).
+fn check_filename(name: &str) -> Result<(), ApiError> {
+    let why = if name.is_empty() || name.len() > 255 {
+        Some("must be 1 to 255 bytes long")
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("must not hold control characters")
+    } else if name.contains(['/', '\\']) || name == "." || name == ".." {
+        Some("must be a file name, not a path")
+    } else if name.contains('"') {
+        Some("must not hold a double quote")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ApiError::bad("filename", format!("the file's name {why}"))),
+        None => Ok(()),
+    }
 }
 
 /// An upload body that sends nothing for this long is cut off.
