@@ -128,21 +128,52 @@ pub(crate) async fn fetch_dataset(
         return Ok(named(dest));
     }
     let local = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-    let canonical = local.canonicalize().map_err(|source| FetchError::Local {
-        url: url.to_string(),
-        source,
-    })?;
-    let allowed = config
+    let allowed_dirs: Vec<PathBuf> = config
         .allow_file_dirs
         .iter()
         .filter_map(|d| d.canonicalize().ok())
-        .any(|d| canonical.starts_with(d));
+        .collect();
+    let canonical = match local.canonicalize() {
+        Ok(c) => c,
+        // a missing path outside the allowed dirs gets the answer an existing one gets: what
+        // exists elsewhere on the server is not for a tenant to learn
+        Err(_) if !allowed_dirs.iter().any(|d| lexically_under(&local, d)) => {
+            return Err(FetchError::NotAllowed {
+                url: url.to_string(),
+            })
+        }
+        Err(source) => {
+            return Err(FetchError::Local {
+                url: url.to_string(),
+                source,
+            })
+        }
+    };
+    let allowed = allowed_dirs.iter().any(|d| canonical.starts_with(d));
     if !allowed {
         return Err(FetchError::NotAllowed {
             url: url.to_string(),
         });
     }
     Ok(named(canonical))
+}
+
+/// Whether `path`, its `.` and `..` resolved as text (no file system), lies under `dir`.
+fn lexically_under(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    use std::path::Component;
+    let mut parts: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if matches!(parts.last(), Some(Component::Normal(_))) {
+                    parts.pop();
+                }
+            }
+            other => parts.push(other),
+        }
+    }
+    parts.iter().collect::<PathBuf>().starts_with(dir)
 }
 
 async fn download(

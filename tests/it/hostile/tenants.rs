@@ -329,3 +329,29 @@ async fn upload_names_are_file_names_not_paths_or_headers() {
     assert_eq!(file["filename"], "train set (v2).jsonl");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataset_paths_do_not_tell_what_exists_outside_the_allowed_dirs() {
+    let app = spawn_app_with(|_| {}).await;
+    let mut messages = Vec::new();
+    for path in [
+        "file:///etc/hostname",
+        "file:///etc/no-such-file-here",
+        "file:///nope/../etc/passwd",
+    ] {
+        let mut spec = app.job(json!({}));
+        spec["dataset"]["url"] = json!(path);
+        let (status, job) = app.post("/v1/jobs", &spec).await;
+        assert_eq!(status, 201, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        let done = app
+            .wait_status(&id, &["failed", "succeeded"], Duration::from_secs(60))
+            .await;
+        assert_eq!(done["status"], "failed", "{done}");
+        let message = done["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("--allow-file-dirs"), "{path}: {message}");
+        messages.push(message.replace(path, "URL"));
+    }
+    assert!(messages.windows(2).all(|w| w[0] == w[1]), "{messages:?}");
+    app.shutdown().await;
+}
