@@ -200,6 +200,9 @@ pub trait ArtifactStore: Send + Sync {
     /// Stores every file of the local folder `key`.
     fn save_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
 
+    /// Removes every file stored under folder `key`, and its local copy.
+    fn delete_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>>;
+
     /// The local folder the engine writes a job's checkpoints and adapter into.
     fn job_output_dir(&self, job: &JobId) -> PathBuf {
         self.local_path(&Key::output_dir(job))
@@ -398,6 +401,15 @@ impl ArtifactStore for LocalArtifacts {
 
     fn save_dir<'a>(&'a self, _key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn delete_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            match tokio::fs::remove_dir_all(self.path(key)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
     }
 }
 

@@ -436,6 +436,21 @@ impl ArtifactStore for S3Artifacts {
         })
     }
 
+    fn delete_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            for file in self.list(key).await? {
+                match self.store.delete(&self.object(&file)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            match tokio::fs::remove_dir_all(self.local_path(key)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+    }
+
     fn save_dir<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             let mut entries = tokio::fs::read_dir(self.local_path(key)).await?;

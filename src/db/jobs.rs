@@ -807,6 +807,22 @@ impl Db {
         lease.check(done.rows_affected())
     }
 
+    /// Forgets checkpoint `step` of the job `lease` holds (pruned): no takeover resumes from it
+    /// and no one downloads it once this returns.
+    pub(crate) async fn delete_checkpoint(&self, lease: &Lease, step: i64) -> Result<()> {
+        sqlx::query(&self.sql(&format!(
+            "DELETE FROM checkpoints WHERE job_id = ? AND step = ?
+             AND EXISTS (SELECT 1 FROM jobs WHERE {FENCE})"
+        )))
+        .bind(lease.job.as_str())
+        .bind(step)
+        .bind(lease.job.as_str())
+        .bind(lease.attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn list_checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRow>> {
         let rows: Vec<(i64, String, String)> = sqlx::query_as(&self.sql(&format!(
             "SELECT step, {}, files FROM checkpoints WHERE job_id = ? ORDER BY step",

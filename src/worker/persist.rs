@@ -132,10 +132,37 @@ impl Persister {
                         &JobEvent::Checkpoint(CheckpointWritten { step: *step, files }),
                     )
                     .await?;
+                prune_checkpoints(state, lease).await?;
             }
         }
         Ok(())
     }
+}
+
+/// Checkpoints a job keeps: its last three (as OpenAI's fine-tuning keeps), so that a job
+/// checkpointing every step cannot fill the store; the last one is what a takeover or a resume
+/// needs.
+pub(crate) const KEEP_CHECKPOINTS: usize = 3;
+
+/// Forgets, then removes, the job's checkpoints older than the last [`KEEP_CHECKPOINTS`]. The
+/// record goes first: a takeover never resumes from a checkpoint whose files are being removed.
+async fn prune_checkpoints(state: &AppState, lease: &Lease) -> Result<(), PersistError> {
+    let steps: Vec<i64> = state
+        .db
+        .list_checkpoints(&lease.job)
+        .await?
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    let old = steps.len().saturating_sub(KEEP_CHECKPOINTS);
+    for &step in &steps[..old] {
+        state.db.delete_checkpoint(lease, step).await?;
+        let key = Key::checkpoint_dir(&lease.job, step as u64);
+        if let Err(e) = state.artifacts.delete_dir(&key).await {
+            tracing::warn!(step, error = %e, "could not remove a pruned checkpoint's files");
+        }
+    }
+    Ok(())
 }
 
 fn job_phase(phase: train::Phase) -> JobPhase {

@@ -355,3 +355,41 @@ async fn dataset_paths_do_not_tell_what_exists_outside_the_allowed_dirs() {
     assert!(messages.windows(2).all(|w| w[0] == w[1]), "{messages:?}");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_keeps_its_last_three_checkpoints() {
+    let app = spawn_app_with(|_| {}).await;
+    let id = app
+        .submit(&app.job(json!({"checkpoint_every_steps": 2, "training": {"max_steps": 20}})))
+        .await;
+    let done = app
+        .wait_status(&id, &["failed", "succeeded"], Duration::from_secs(120))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, checkpoints) = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    let mut steps: Vec<u64> = checkpoints["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec![16, 18, 20], "{checkpoints}");
+    // a pruned checkpoint's files are gone too, not just its record
+    let (status, _) = app
+        .get(&format!("/v1/jobs/{id}/checkpoints/2/adapter_config.json"))
+        .await;
+    assert_eq!(status, 404);
+    if app.state.config.artifacts.is_none() {
+        let output = app.data_dir.join("jobs").join(&id).join("output");
+        let mut dirs: Vec<String> = std::fs::read_dir(&output)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        dirs.sort();
+        assert_eq!(dirs.len(), 3, "{dirs:?}");
+    }
+    app.shutdown().await;
+}
