@@ -202,13 +202,25 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 /// The OpenAPI document (openapi/openapi.yaml, embedded at build time) as JSON.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi/openapi.yaml");
 
+/// Parsed once: the YAML document is large, and parsing it per request would let anyone with
+/// the URL keep the CPU busy.
 async fn openapi() -> Response {
-    match serde_yaml::from_str::<serde_json::Value>(OPENAPI_YAML) {
-        Ok(v) => Json(v).into_response(),
+    static JSON: std::sync::OnceLock<Result<bytes::Bytes, String>> = std::sync::OnceLock::new();
+    let json = JSON.get_or_init(|| {
+        serde_yaml::from_str::<serde_json::Value>(OPENAPI_YAML)
+            .map(|v| bytes::Bytes::from(v.to_string()))
+            .map_err(|e| e.to_string())
+    });
+    match json {
+        Ok(body) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.clone(),
+        )
+            .into_response(),
         Err(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
-            e.to_string(),
+            e.clone(),
         )
         .into_response(),
     }
