@@ -269,6 +269,7 @@ def main():
     outage_answers = []  # seconds each request made during a fault took to be answered
     deadline = time.time() + opts.minutes * 60
     next_fault = time.time() + rng.uniform(20, 60)
+    round_left = []
     answered_503 = 0
 
     def api():
@@ -321,8 +322,12 @@ def main():
         if waiting() < 4:
             submit()
         if time.time() >= next_fault:
-            kind = rng.choice(["pg_crash", "s3_freeze", "s3_down", "s3_slow", "worker_kill",
-                               "worker_stop", "api_kill"])
+            # every kind once per round, in a seeded order: a run of any length meets them all
+            if not round_left:
+                round_left = ["pg_crash", "s3_freeze", "s3_down", "s3_slow", "worker_kill",
+                              "worker_stop", "api_kill"]
+                rng.shuffle(round_left)
+            kind = round_left.pop()
             spell = rng.uniform(5, 70)
             faults[kind] = faults.get(kind, 0) + 1
             log(f"fault: {kind} for {spell:.0f} s")
