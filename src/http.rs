@@ -158,12 +158,50 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 /// The open connections, by number: what [`serve`] closes to make room.
 #[derive(Default)]
-struct Open(std::sync::Mutex<std::collections::HashMap<u64, (Arc<Activity>, CancellationToken)>>);
+struct Open {
+    by_id: std::sync::Mutex<std::collections::HashMap<u64, (Arc<Activity>, CancellationToken)>>,
+    next_id: AtomicU64,
+}
 
 impl Open {
+    /// A new connection's watch state and the token that closes it; its number, to remove it.
+    fn register(&self) -> (u64, Arc<Activity>, CancellationToken) {
+        let (activity, close) = (Activity::new(), CancellationToken::new());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, (activity.clone(), close.clone()));
+        (id, activity, close)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (Arc<Activity>, CancellationToken)>>
+    {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new connection: a free one, or the idlest connection's once it is closed;
+    /// `None` when every connection is handling a request.
+    async fn admit(&self, slots: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        if !self.evict_idlest() {
+            return None;
+        }
+        // the evicted connection's task gives its slot back as it ends
+        tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// Closes the connection idle longest, if any is idle; whether one was.
     fn evict_idlest(&self) -> bool {
-        let open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let open = self.lock();
         let idlest = open
             .values()
             .filter_map(|(a, close)| Some((a.idle_for()?, close)))
@@ -178,6 +216,33 @@ impl Open {
     }
 }
 
+/// `router` as one connection's service: each request counted in `activity` while it is
+/// handled, and told the peer's address.
+fn counted_service(
+    router: Router,
+    activity: Arc<Activity>,
+    peer: std::net::SocketAddr,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: Request<Incoming>| {
+        let (router, activity) = (router.clone(), activity.clone());
+        async move {
+            activity.requests.fetch_add(1, Ordering::SeqCst);
+            activity.in_flight.fetch_add(1, Ordering::SeqCst);
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let response = router.oneshot(req).await.into_response();
+            activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            activity.touch();
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    })
+}
+
 /// Serves `router` until `stop` is cancelled, then waits for open requests to finish.
 pub async fn serve(
     listener: TcpListener,
@@ -187,7 +252,6 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let open = Arc::new(Open::default());
-    let mut next_id = 0u64;
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -208,49 +272,12 @@ pub async fn serve(
             },
             _ = stop.cancelled() => break,
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) if open.evict_idlest() => {
-                // the evicted connection's task gives its slot back as it ends
-                match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(slot)) => slot,
-                    _ => {
-                        drop(stream);
-                        continue;
-                    }
-                }
-            }
-            Err(_) => {
-                tracing::warn!(%peer, limit = limits.max_connections, "connection refused: every connection is handling a request");
-                drop(stream);
-                continue;
-            }
+        let Some(slot) = open.admit(&slots).await else {
+            tracing::warn!(%peer, limit = limits.max_connections, "connection refused: every connection is handling a request");
+            continue;
         };
-        let activity = Activity::new();
-        let close = CancellationToken::new();
-        let id = next_id;
-        next_id += 1;
-        open.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (activity.clone(), close.clone()));
-        let watched = activity.clone();
-        let router = router.clone();
-        let service = tower::service_fn(move |req: Request<Incoming>| {
-            let (router, activity) = (router.clone(), watched.clone());
-            async move {
-                activity.requests.fetch_add(1, Ordering::SeqCst);
-                activity.in_flight.fetch_add(1, Ordering::SeqCst);
-                let mut req = req.map(Body::new);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let response = router.oneshot(req).await.into_response();
-                activity.in_flight.fetch_sub(1, Ordering::SeqCst);
-                activity.touch();
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
+        let (id, activity, close) = open.register();
+        let service = counted_service(router.clone(), activity.clone(), peer);
         let io = TokioIo::new(Watched {
             inner: stream,
             activity: activity.clone(),
@@ -273,7 +300,7 @@ pub async fn serve(
                     tracing::debug!(%peer, "closing the idlest connection to make room");
                 }
             }
-            open.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            open.remove(id);
             drop(slot);
         });
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::scale::{history, Deployment, Parts};
+use super::scale::{history, loss_curve_steps, Deployment, Parts};
 use crate::helpers::faults::{Fault, FaultProxy};
 use crate::helpers::postgres;
 use crate::helpers::process::ServeProcess;
@@ -68,21 +68,7 @@ fn assert_each_ran_once(d: &Deployment, ids: &[String], steps: u64) {
             .filter(|(_, k, d)| k == "status" && d["status"] == "succeeded")
             .count();
         assert_eq!(finals, 1, "{id} succeeded exactly once");
-        let metrics: Value = d
-            .api_a
-            .client
-            .get(format!("{}/v1/jobs/{id}/metrics", d.api_a.base))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        let curve: Vec<u64> = metrics["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["train_loss"].is_number())
-            .map(|r| r["step"].as_u64().unwrap())
-            .collect();
+        let curve = loss_curve_steps(&d.api_a, id);
         assert_eq!(curve, (1..=steps).collect::<Vec<u64>>(), "{id}");
         let bytes = d
             .api_a

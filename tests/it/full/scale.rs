@@ -181,6 +181,24 @@ pub(super) fn history(api: &ServeProcess, id: &str) -> Vec<(i64, String, Value)>
     parse_sse(&body)
 }
 
+/// The steps of a job's loss curve (its metrics rows with a training loss), in order.
+pub(super) fn loss_curve_steps(api: &ServeProcess, id: &str) -> Vec<u64> {
+    let metrics: Value = api
+        .client
+        .get(format!("{}/v1/jobs/{id}/metrics", api.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["train_loss"].is_number())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect()
+}
+
 /// The steps of the metrics events of attempt `attempt`: after the status event that starts it
 /// (the one naming it; phase changes name none), up to the one that starts another attempt.
 pub(super) fn steps_of_attempt(events: &[(i64, String, Value)], attempt: i64) -> Vec<u64> {
@@ -275,21 +293,7 @@ fn two_workers_run_each_job_once_and_take_over_a_killed_workers_job_from_its_che
     assert_eq!(*resumed.last().unwrap(), 300);
     assert!(resumed.windows(2).all(|w| w[1] == w[0] + 1), "{resumed:?}");
     // the loss curve: every step once, no gap
-    let metrics: Value = d
-        .api_b
-        .client
-        .get(format!("{}/v1/jobs/{victim}/metrics", d.api_b.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let curve: Vec<u64> = metrics["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["train_loss"].is_number())
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
+    let curve = loss_curve_steps(&d.api_b, &victim);
     assert_eq!(curve, (1..=300).collect::<Vec<u64>>());
 
     // its adapter through the other replica: the digest recorded when it succeeded
