@@ -66,8 +66,8 @@ pub struct ServeConfig {
     /// Directories under which a job's base_model may be a local .gguf file or model folder.
     #[arg(long, env = "QTUNE_ALLOW_MODEL_DIRS", value_delimiter = ',')]
     pub allow_model_dirs: Vec<PathBuf>,
-    /// Hub repos a job's base_model may name (`owner/name` or `owner/*`); none listed: any
-    /// well-formed repo id.
+    /// Hub repos a job's base_model may name (`owner/name`, `owner/*`, or `*` for any); none
+    /// listed: no Hub repo (local models only).
     #[arg(long, env = "QTUNE_ALLOW_HUB", value_delimiter = ',')]
     pub(crate) allow_hub: Vec<String>,
     /// Largest request body (job specs, uploads), in MiB.
@@ -104,7 +104,8 @@ pub struct ServeConfig {
     /// Jobs of one API key that may run at once, over all workers (0: no limit).
     #[arg(long, env = "QTUNE_MAX_RUNNING_PER_KEY", default_value_t = 0)]
     pub max_running_per_key: u64,
-    /// Uploaded bytes one API key may keep stored, in MiB; more are answered 429 (0: no limit).
+    /// Bytes one API key may keep stored, in MiB: its uploads, its jobs' checkpoints and
+    /// exports. Uploads, exports and new jobs past it are answered 429 (0: no limit).
     #[arg(long, env = "QTUNE_MAX_STORED_MIB_PER_KEY", default_value_t = 10240)]
     pub max_stored_mib_per_key: u64,
     /// Days a finished job's artifacts (checkpoints, adapter, fetched datasets) are kept; its
@@ -114,6 +115,10 @@ pub struct ServeConfig {
     /// Uploads received at once; more are answered 429.
     #[arg(long, env = "QTUNE_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
     pub max_concurrent_uploads: usize,
+    /// Exports made at once by this process (each reads and writes a whole model); one per API
+    /// key. More are answered 429.
+    #[arg(long, env = "QTUNE_MAX_CONCURRENT_EXPORTS", default_value_t = 2)]
+    pub max_concurrent_exports: usize,
     /// Most connections open at once; more are closed as they arrive.
     #[arg(long, env = "QTUNE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -177,6 +182,7 @@ impl ServeConfig {
             max_stored_mib_per_key: 10240,
             retention_days: 0.0,
             max_concurrent_uploads: 8,
+            max_concurrent_exports: 2,
             max_connections: 1024,
             header_timeout_secs: 10,
             idle_timeout_secs: 60,

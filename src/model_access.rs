@@ -1,8 +1,9 @@
 //! Which base models a job may name. A local path is read by the server with the server's
 //! rights, so only paths under the operator's `--allow-model-dirs` are accepted; a Hub repo id
-//! must be well formed (`owner/name`, no `..`, no percent-escapes) and, when the operator lists
-//! `--allow-hub` entries, one of them (`owner/name` or `owner/*`). Whatever is refused gets the
-//! same answer, so a caller cannot tell a missing path from a forbidden one.
+//! must be well formed (`owner/name`, no `..`, no percent-escapes) and one of the operator's
+//! `--allow-hub` entries (`owner/name`, `owner/*`, or `*` for any): none are allowed unless
+//! listed. Whatever is refused gets the same answer, so a caller cannot tell a missing path
+//! from a forbidden one.
 
 use std::path::{Path, PathBuf};
 
@@ -39,29 +40,22 @@ pub fn check_base_model(config: &ServeConfig, base_model: &str) -> Result<(), &'
     if !is_repo_id(base_model) {
         return Err(NOT_ALLOWED);
     }
-    let listed = config
-        .allow_hub
-        .iter()
-        .map(|e| e.trim())
-        .filter(|e| !e.is_empty());
-    let mut any = false;
-    for entry in listed {
-        any = true;
-        let matches = match entry.strip_suffix("/*") {
-            Some(owner) => base_model
-                .split('/')
-                .next()
-                .is_some_and(|o| o.eq_ignore_ascii_case(owner)),
-            None => entry.eq_ignore_ascii_case(base_model),
-        };
-        if matches {
-            return Ok(());
-        }
-    }
-    if any {
-        Err(NOT_ALLOWED)
-    } else {
+    // closed unless the operator lists repos: a Hub download is the server's bandwidth, disk
+    // and memory, spent on whatever repo a tenant names
+    let allowed = config.allow_hub.iter().map(|e| e.trim()).any(|entry| {
+        entry == "*"
+            || match entry.strip_suffix("/*") {
+                Some(owner) => base_model
+                    .split('/')
+                    .next()
+                    .is_some_and(|o| o.eq_ignore_ascii_case(owner)),
+                None => entry.eq_ignore_ascii_case(base_model),
+            }
+    });
+    if allowed {
         Ok(())
+    } else {
+        Err(NOT_ALLOWED)
     }
 }
 
@@ -117,9 +111,17 @@ mod tests {
             Err(NOT_ALLOWED)
         );
         assert_eq!(check_base_model(&config, "/etc"), Err(NOT_ALLOWED));
+        // the Hub: closed unless listed
+        assert_eq!(
+            check_base_model(&config, "google/gemma-3-270m"),
+            Err(NOT_ALLOWED)
+        );
         config.allow_hub = vec!["google/*".into()];
         assert_eq!(check_base_model(&config, "google/gemma-3-270m"), Ok(()));
         assert_eq!(check_base_model(&config, "evil/model"), Err(NOT_ALLOWED));
+        config.allow_hub = vec!["*".into()];
+        assert_eq!(check_base_model(&config, "evil/model"), Ok(()));
+        assert_eq!(check_base_model(&config, "evil/.."), Err(NOT_ALLOWED));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -56,6 +56,16 @@ pub async fn submit_as(
     owner: Option<&str>,
 ) -> Result<JobRow, QueueError> {
     check_references(state, spec, owner).await?;
+    let stored_cap = state.config.max_stored_mib_per_key;
+    // a job's checkpoints count in its owner's stored bytes: a key at its quota starts no more
+    if stored_cap > 0 && state.db.stored_bytes(owner).await? >= stored_cap * 1024 * 1024 {
+        return Err(QueueError::Quota {
+            message: format!(
+                "this key stores its {stored_cap} MiB (uploads, checkpoints, exports); delete files or jobs it no longer needs (a job's checkpoints and exports go with it) before submitting more"
+            ),
+            retry_after: 3600,
+        });
+    }
     let cap = state.config.max_queued_per_key;
     let Some(row) = state
         .db

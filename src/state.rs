@@ -62,6 +62,45 @@ impl AppState {
         Ok(id)
     }
 
+    /// The local folder of job `job`'s stored adapter (its final adapter, or its checkpoint at
+    /// `step`), loaded from the store and checked against the digests recorded when it was
+    /// written. The error's words are for the caller's client: they name the job and the file,
+    /// never a path on this server (the full error goes to the log).
+    pub(crate) async fn stored_adapter(
+        &self,
+        job: &crate::db::JobRow,
+        step: Option<u64>,
+    ) -> Result<std::path::PathBuf, StoredAdapterError> {
+        let recorded = match step {
+            Some(n) => {
+                let rows = self.db.list_checkpoints(&job.id).await?;
+                let Some(row) = rows.into_iter().find(|c| c.step as u64 == n) else {
+                    return Err(StoredAdapterError::NoCheckpoint {
+                        job: job.id.to_string(),
+                        step: n,
+                    });
+                };
+                row.files
+            }
+            None => job.adapter_files.clone().unwrap_or_default(),
+        };
+        let what = match step {
+            Some(n) => format!("checkpoint {n} of job {}", job.id),
+            None => format!("adapter of job {}", job.id),
+        };
+        self.artifacts
+            .init_adapter_dir(&job.id, step, &recorded)
+            .await
+            .map_err(|e| {
+                tracing::error!(job = %job.id, ?step, error = %e, "a stored adapter cannot be used");
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    StoredAdapterError::Damaged { what, why: e.to_string() }
+                } else {
+                    StoredAdapterError::Unreadable { what }
+                }
+            })
+    }
+
     /// Fans out an event already stored (under `id`).
     pub(crate) fn announce(&self, job: &JobId, id: i64, kind: &str, data: String) {
         self.events.send(StoredEvent {
@@ -71,6 +110,19 @@ impl AppState {
             data,
         });
     }
+}
+
+/// Why a stored adapter is not used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoredAdapterError {
+    #[error("job {job} has no checkpoint at step {step}")]
+    NoCheckpoint { job: String, step: u64 },
+    #[error("the {what} is damaged ({why}); it is not used")]
+    Damaged { what: String, why: String },
+    #[error("the {what} could not be read from the artifact store")]
+    Unreadable { what: String },
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
 }
 
 /// The stop flags of the jobs this process runs, by job id: the API raises one on cancel, the

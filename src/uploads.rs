@@ -171,7 +171,7 @@ pub enum FileCheck {
 pub enum UploadError {
     #[error("the upload is over the {limit_mib} MiB limit (--max-upload-mib)")]
     TooLarge { limit_mib: u64 },
-    #[error("this key's uploads would pass its {quota_mib} MiB of storage; delete files it no longer needs (DELETE /v1/files/{{id}})")]
+    #[error("this upload would pass this key's {quota_mib} MiB of storage (uploads, checkpoints, exports); delete files or jobs it no longer needs (DELETE /v1/files/{{id}}, DELETE /v1/jobs/{{id}})")]
     OverQuota { quota_mib: u64 },
     #[error("the upload is empty")]
     Empty,

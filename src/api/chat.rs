@@ -74,25 +74,27 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
     if let Some(loaded) = state.models.loaded_adapter(&key) {
         return Ok(loaded);
     }
-    if let Some(n) = step {
-        let recorded = state.db.list_checkpoints(&job).await?;
-        if !recorded.iter().any(|c| c.step as u64 == n) {
-            return Err(model_not_found(
-                model,
-                format!("job {job} has no checkpoint at step {n}"),
-            ));
-        }
-    }
     let dir = state
-        .artifacts
-        .init_adapter_dir(&job, step)
+        .stored_adapter(&row, step)
         .await
-        .map_err(|e| model_not_found(model, e))?;
+        .map_err(|e| match e {
+            crate::state::StoredAdapterError::NoCheckpoint { .. } => model_not_found(model, e),
+            e => ApiError::stored_adapter(e).param("model"),
+        })?;
     state
         .models
         .load_adapter(&key, &spec.base_model, &dir)
         .await
-        .map_err(|e| model_not_found(model, e))
+        .map_err(|e| {
+            // the engine's words name files on this server: they go to the log only
+            tracing::error!(model, error = %e, "loading a fine-tuned model failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "model_load_failed",
+                format!("the model {model:?} could not be loaded (the server's log says why)"),
+            )
+            .param("model")
+        })
 }
 
 fn number(req: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {

@@ -48,6 +48,23 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(5)
     }
 
+    /// A stored adapter that cannot be used, answered without any path of this server.
+    pub(crate) fn stored_adapter(e: crate::state::StoredAdapterError) -> ApiError {
+        use crate::state::StoredAdapterError as E;
+        match e {
+            E::NoCheckpoint { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            E::Damaged { .. } => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "artifact_corrupt",
+                e.to_string(),
+            ),
+            E::Unreadable { .. } => ApiError::unavailable(e.to_string()),
+            E::Db(e) => e.into(),
+        }
+    }
+
     pub(crate) fn not_found(what: &str, id: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,

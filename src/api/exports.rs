@@ -5,16 +5,20 @@
 //! job's other artifacts; `GET /v1/jobs/{id}/exports/{format}` downloads it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::guard::Slots;
 use super::{files, jobs, ApiError, Owner};
 use crate::artifacts::Key;
-use crate::db::JobRow;
+use crate::db::{ExportRow, JobRow, RecordedExport};
+use crate::job::FileDigest;
 use crate::job::JobStatus;
 use crate::state::AppState;
 use crate::train::export::GgufType;
@@ -54,37 +58,105 @@ fn parse_format(format: &str) -> Result<(Export, String), ApiError> {
     Ok((export, file))
 }
 
+/// `POST /v1/jobs/{id}/exports` with `{"format": …}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    format: String,
+}
+
+/// Makes an export: the adapter checked against its recorded digests, the export written into
+/// a folder of its own (so that neither a crash half-way nor a concurrent export of the same
+/// format touches the file a download is reading), stored, and recorded with its digest only
+/// then; the export it replaces is removed after. Bounded per key ([`Slots::exports`]) and
+/// counted in the key's stored bytes.
 pub async fn create(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
+    Extension(slots): Extension<Arc<Slots>>,
     Path(id): Path<String>,
-    body: Json<Value>,
+    body: Result<Json<ExportRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let format = body
-        .get("format")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("format", format!("missing: {FORMATS}")))?
-        .to_string();
+    let Json(ExportRequest { format }) = body
+        .map_err(|e| ApiError::new(e.status(), "invalid_request", e.body_text()).param("format"))?;
     let (export, file) = parse_format(&format)?;
     let row = jobs::load(&state, &id, &owner).await?;
     let base = exportable_base(&state, &row)?;
-    let adapter = state.artifacts.init_adapter_dir(&row.id, None).await?;
-    let key = Key::export(&row.id, &file).expect("a known export file");
-    let dest = state.artifacts.local_path(&key);
-    tokio::task::spawn_blocking(move || write_export(export, &base, &adapter, &dest))
+    let quota = match state.config.max_stored_mib_per_key {
+        0 => None,
+        mib => Some(mib * 1024 * 1024),
+    };
+    if let Some(q) = quota {
+        if state.db.stored_bytes(owner.as_deref()).await? >= q {
+            return Err(over_quota(&state));
+        }
+    }
+    let _slot = slots.take(owner.as_deref())?;
+    let adapter = state
+        .stored_adapter(&row, None)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "export_failed",
-                e.to_string(),
-            )
-        })?
-        .map_err(|why| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "export_failed", why).param("format")
-        })?;
-    state.artifacts.save(&key).await?;
-    let digest = state.artifacts.digest(&key).await?;
+        .map_err(ApiError::stored_adapter)?;
+    let export_id = crate::artifacts::new_export_id();
+    let key = Key::export(&row.id, &export_id, &file).expect("a known export file");
+    let folder = Key::export_dir(&row.id, &export_id).expect("a new export id");
+    let dest = state.artifacts.local_path(&key);
+    let made = tokio::task::spawn_blocking({
+        let dest = dest.clone();
+        move || write_export(export, &base, &adapter, &dest)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let discard = || async {
+        if let Err(e) = state.artifacts.delete_dir(&folder).await {
+            tracing::warn!(key = folder.as_str(), error = %e, "could not remove an unrecorded export");
+        }
+    };
+    if let Err(why) = made {
+        discard().await;
+        tracing::warn!(job = %row.id, format, error = %why, "an export failed");
+        return Err(export_failed(&why, &[(&dest, &file)]));
+    }
+    let stored = async {
+        let digest = crate::artifacts::digest_file(&dest).await?;
+        state.artifacts.save(&key).await?;
+        Ok::<_, std::io::Error>(digest)
+    }
+    .await;
+    let digest = match stored {
+        Ok(d) => d,
+        Err(e) => {
+            discard().await;
+            return Err(e.into());
+        }
+    };
+    let record = ExportRow {
+        format: format.clone(),
+        export_id,
+        bytes: digest.bytes as i64,
+        sha256: digest.sha256.clone(),
+    };
+    let recorded = state
+        .db
+        .record_export(&row.id, owner.as_deref(), &record, quota)
+        .await;
+    match recorded {
+        Ok(RecordedExport::Recorded { replaced }) => {
+            if let Some(old) = replaced.and_then(|old| Key::export_dir(&row.id, &old)) {
+                if let Err(e) = state.artifacts.delete_dir(&old).await {
+                    tracing::warn!(key = old.as_str(), error = %e, "could not remove a replaced export");
+                }
+            }
+        }
+        Ok(RecordedExport::OverQuota) => {
+            discard().await;
+            return Err(over_quota(&state));
+        }
+        Err(e) => {
+            discard().await;
+            return Err(e.into());
+        }
+    }
     let made = json!({
         "object": "export",
         "job_id": id,
@@ -95,6 +167,31 @@ pub async fn create(
         "url": format!("/v1/jobs/{id}/exports/{format}"),
     });
     Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+fn over_quota(state: &AppState) -> ApiError {
+    ApiError::quota(
+        format!(
+            "this key stores its {} MiB (uploads, checkpoints, exports); delete files or jobs it \
+             no longer needs (a job's checkpoints and exports go with it)",
+            state.config.max_stored_mib_per_key
+        ),
+        3600,
+    )
+}
+
+/// An export the engine could not make: its reason, with the server's paths replaced by what
+/// they are to the client.
+fn export_failed(why: &str, paths: &[(&std::path::Path, &str)]) -> ApiError {
+    let mut message = why.to_string();
+    for (path, name) in paths {
+        message = message.replace(&path.display().to_string(), name);
+    }
+    if message.contains('/') && message.contains(std::path::MAIN_SEPARATOR) {
+        // a path this function was not told of: say nothing of it
+        message = "the export could not be written (the server's log says why)".to_string();
+    }
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "export_failed", message).param("format")
 }
 
 /// The base a succeeded job's exports are made from: stored on this server and still allowed.
@@ -148,8 +245,6 @@ fn write_export(
         }
         Export::Merged => {
             let folder = dest.with_extension("folder");
-            // a folder left by an export that died half-way is replaced whole
-            std::fs::remove_dir_all(&folder).ok();
             crate::train::export::merged(base, adapter, &folder).map_err(text)?;
             crate::artifacts::write_tar_as(&folder, "merged", dest).map_err(|e| e.to_string())?;
             if let Err(e) = std::fs::remove_dir_all(&folder) {
@@ -160,6 +255,8 @@ fn write_export(
     Ok(())
 }
 
+/// The newest recorded export of a format, served under its recorded digest (a file that no
+/// longer matches is never sent whole).
 pub async fn download(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -169,18 +266,23 @@ pub async fn download(
     let (_, file) = parse_format(&format)?;
     let row = jobs::load(&state, &id, &owner).await?;
     files::gone_by_retention(&row)?;
-    let job = jobs::parse_id(&id)?;
-    let key = Key::export(&job, &file).expect("a known export file");
-    if state.artifacts.size(&key).await?.is_none() {
+    let Some(export) = state.db.get_export(&row.id, &format).await? else {
         return Err(ApiError::not_found("export", &format!("{id}/{format}")));
-    }
-    let digest = state.artifacts.digest(&key).await.ok();
-    files::serve(&state, &key, digest, false, &headers).await
+    };
+    let key = Key::export(&row.id, &export.export_id, &file)
+        .ok_or_else(|| ApiError::not_found("export", &format!("{id}/{format}")))?;
+    let digest = FileDigest {
+        name: file,
+        bytes: export.bytes as u64,
+        sha256: export.sha256,
+    };
+    files::serve(&state, &key, Some(digest), true, &headers).await
 }
 
-pub(super) fn routes() -> axum::Router<AppState> {
+pub(super) fn routes(slots: Arc<Slots>) -> axum::Router<AppState> {
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/v1/jobs/{id}/exports", post(create))
         .route("/v1/jobs/{id}/exports/{format}", get(download))
+        .layer(Extension(slots))
 }

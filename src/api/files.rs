@@ -741,7 +741,7 @@ async fn drain_small_body(body: axum::body::Body, announced: Option<u64>) {
 
 /// `/v1/files…` (uploads, at most `uploads` at a time) and a job's checkpoint and adapter files.
 pub(super) fn routes(
-    uploads: std::sync::Arc<super::guard::UploadSlots>,
+    uploads: std::sync::Arc<super::guard::Slots>,
     upload_limit: usize,
 ) -> axum::Router<AppState> {
     use axum::routing::get;

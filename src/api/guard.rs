@@ -131,22 +131,70 @@ pub(crate) async fn browser_checks(
     next.run(req).await
 }
 
-/// Uploads being received: at most `all` at once (each holds a connection and a store
-/// stream), and at most `per_key` of them for one API key, so that one tenant trickling
-/// uploads cannot take every slot.
-pub(crate) struct UploadSlots {
+/// Requests that hold a server's resources for long (uploads being received, exports being
+/// made): at most `all` at once, and at most `per_key` of them for one API key, so that one
+/// tenant cannot take every slot. A request that finds none free is answered 429 at once.
+pub(crate) struct Slots {
+    /// What the slots are for, in the answer: `uploads`, `exports`.
+    what: &'static str,
+    code: &'static str,
     all: Arc<tokio::sync::Semaphore>,
     per_key: usize,
     by_key: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
-impl UploadSlots {
-    pub(crate) fn new(all: usize) -> Arc<UploadSlots> {
+/// A slot held; it comes back when dropped.
+pub(crate) struct Slot {
+    _key: Option<KeySlot>,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new(what: &'static str, code: &'static str, all: usize, per_key: usize) -> Arc<Slots> {
         let all = all.max(1);
-        Arc::new(UploadSlots {
+        Arc::new(Slots {
+            what,
+            code,
             all: Arc::new(tokio::sync::Semaphore::new(all)),
-            per_key: all.div_ceil(4),
+            per_key: per_key.clamp(1, all),
             by_key: Default::default(),
+        })
+    }
+
+    /// Uploads: a quarter of the server's slots per key.
+    pub(crate) fn uploads(all: usize) -> Arc<Slots> {
+        Slots::new("uploads", "too_many_uploads", all, all.max(1).div_ceil(4))
+    }
+
+    /// Exports read and write whole models (CPU, memory, disk for minutes): one per key.
+    pub(crate) fn exports(all: usize) -> Arc<Slots> {
+        Slots::new("exports", "too_many_exports", all, 1)
+    }
+
+    /// A slot for `owner` (`None`: a server without keys), or the 429 that says which bound
+    /// is reached.
+    pub(crate) fn take(self: &Arc<Self>, owner: Option<&str>) -> Result<Slot, ApiError> {
+        let busy = |message: String| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, self.code, message).retry_after(1)
+        };
+        let key = match owner {
+            Some(key) => Some(self.take_key(key).ok_or_else(|| {
+                busy(format!(
+                    "this API key has {} {} in progress, as many as one key may; try again when one ends",
+                    self.per_key, self.what
+                ))
+            })?),
+            None => None,
+        };
+        let all = self.all.clone().try_acquire_owned().map_err(|_| {
+            busy(format!(
+                "the server has as many {} in progress as it takes at once; try again shortly",
+                self.what
+            ))
+        })?;
+        Ok(Slot {
+            _key: key,
+            _all: all,
         })
     }
 
@@ -164,9 +212,9 @@ impl UploadSlots {
     }
 }
 
-/// One key's upload in progress; its slot comes back when dropped.
+/// One key's slot; it comes back when dropped.
 struct KeySlot {
-    slots: Arc<UploadSlots>,
+    slots: Arc<Slots>,
     key: String,
 }
 
@@ -182,41 +230,22 @@ impl Drop for KeySlot {
     }
 }
 
-/// Admits an upload into [`UploadSlots`], or answers 429 at once.
+/// Admits an upload (a POST on the upload routes) into its [`Slots`], or answers 429 at once.
 pub(crate) async fn bound_uploads(
-    State(slots): State<Arc<UploadSlots>>,
+    State(slots): State<Arc<Slots>>,
     req: Request,
     next: Next,
 ) -> Response {
     if req.method() != Method::POST {
         return next.run(req).await;
     }
-    let busy = |message: &str| {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_uploads", message)
-            .retry_after(1)
-            .into_response()
-    };
     let owner = req
         .extensions()
         .get::<super::Owner>()
         .and_then(|o| o.as_deref().map(str::to_string));
-    let _key_slot = match owner {
-        Some(key) => match slots.take_key(&key) {
-            Some(slot) => Some(slot),
-            None => {
-                return busy(&format!(
-                    "this API key is sending {} uploads at once, as many as one key may; try again when one ends",
-                    slots.per_key
-                ))
-            }
-        },
-        None => None,
-    };
-    match slots.all.clone().try_acquire_owned() {
+    match slots.take(owner.as_deref()) {
         Ok(_slot) => next.run(req).await,
-        Err(_) => {
-            busy("the server is receiving as many uploads as it takes at once; try again shortly")
-        }
+        Err(busy) => busy.into_response(),
     }
 }
 

@@ -35,12 +35,13 @@ pub(crate) const JSON_BODY_LIMIT: usize = 1 << 20;
 pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
     let hosts = Arc::new(HostPolicy::new(&state.config.allowed_hosts, bound));
     let failures = Arc::new(auth::FailedAuth::default());
-    let uploads = guard::UploadSlots::new(state.config.max_concurrent_uploads);
+    let uploads = guard::Slots::uploads(state.config.max_concurrent_uploads);
+    let exports = guard::Slots::exports(state.config.max_concurrent_exports);
     let upload_limit = (state.config.max_upload_mib * 1024 * 1024) as usize;
     let v1 = Router::new()
         .merge(jobs::routes())
         .merge(stream::routes())
-        .merge(exports::routes())
+        .merge(exports::routes(exports))
         .merge(files::routes(uploads, upload_limit))
         .merge(openai::routes())
         .merge(chat::routes())

@@ -83,7 +83,7 @@ impl Key {
     }
 
     /// A file of the final adapter; `None` for files that are not downloadable.
-    pub(crate) fn adapter_file(job: &JobId, name: &str) -> Option<Key> {
+    pub fn adapter_file(job: &JobId, name: &str) -> Option<Key> {
         DOWNLOADABLE.contains(&name).then(|| {
             Key(format!(
                 "jobs/{job}/output/{}/{name}",
@@ -109,15 +109,21 @@ impl Key {
         Key(format!("jobs/{job}/output/{}", checkpoint::ADAPTER_DIR))
     }
 
-    /// An export of a job's adapter (`merged.tar`, `adapter.gguf`, `model-{type}.gguf`): `None`
-    /// for other names.
-    pub fn export(job: &JobId, file: &str) -> Option<Key> {
+    /// An export of a job's adapter (`merged.tar`, `adapter.gguf`, `model-{type}.gguf`) in the
+    /// folder of export `export_id`: `None` for other names or ids.
+    pub fn export(job: &JobId, export_id: &str, file: &str) -> Option<Key> {
         let known = ["merged.tar", "adapter.gguf"].contains(&file)
             || file
                 .strip_prefix("model-")
                 .and_then(|f| f.strip_suffix(".gguf"))
                 .is_some_and(|t| crate::train::export::GgufType::parse(t).is_some());
-        known.then(|| Key(format!("jobs/{job}/exports/{file}")))
+        (known && is_export_id(export_id))
+            .then(|| Key(format!("jobs/{job}/exports/{export_id}/{file}")))
+    }
+
+    /// The folder of export `export_id` of a job.
+    pub(crate) fn export_dir(job: &JobId, export_id: &str) -> Option<Key> {
+        is_export_id(export_id).then(|| Key(format!("jobs/{job}/exports/{export_id}")))
     }
 
     /// The engine's output folder of a job.
@@ -135,6 +141,17 @@ impl Key {
 pub(crate) fn is_upload_id(s: &str) -> bool {
     s.strip_prefix("file-")
         .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// 16 lowercase hex digits: the ids [`new_export_id`] makes.
+fn is_export_id(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub(crate) fn new_export_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
 }
 
 pub(crate) fn new_upload_id() -> String {
@@ -208,12 +225,15 @@ pub trait ArtifactStore: Send + Sync {
         self.local_path(&Key::output_dir(job))
     }
 
-    /// The local folder of the adapter a `from_checkpoint` reference names (the job's final
-    /// adapter, or its checkpoint at `step`), loaded from the store.
+    /// The local folder of a stored adapter (a job's final adapter, or its checkpoint at
+    /// `step`), loaded from the store and checked against the digests `recorded` when it was
+    /// written: a file that no longer matches is an `InvalidData` error naming it, and the
+    /// adapter is not used (by chat, `from_checkpoint` or an export).
     fn init_adapter_dir<'a>(
         &'a self,
         job: &'a JobId,
         step: Option<u64>,
+        recorded: &'a [FileDigest],
     ) -> BoxFuture<'a, std::io::Result<PathBuf>> {
         Box::pin(async move {
             let key = match step {
@@ -221,7 +241,23 @@ pub trait ArtifactStore: Send + Sync {
                 None => Key::adapter_dir(job),
             };
             self.load_dir(&key).await?;
-            Ok(self.local_path(&key))
+            let dir = self.local_path(&key);
+            for want in recorded
+                .iter()
+                .filter(|d| DOWNLOADABLE.contains(&d.name.as_str()))
+            {
+                let got = digest_file(&dir.join(&want.name)).await?;
+                if got.bytes != want.bytes || got.sha256 != want.sha256 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} no longer matches the sha256 recorded when it was written",
+                            want.name
+                        ),
+                    ));
+                }
+            }
+            Ok(dir)
         })
     }
 
@@ -250,32 +286,45 @@ pub trait ArtifactStore: Send + Sync {
 /// Every artifact in one local directory (the data dir).
 pub(crate) struct LocalArtifacts {
     root: PathBuf,
+    /// When [`LocalArtifacts::sweep_interrupted`] last ran.
+    swept: std::sync::Mutex<std::time::Instant>,
 }
 
+/// A temporary upload file untouched this long was cut off by a crash: a live upload writes at
+/// least every 30 seconds (slower ones are cut off by the API's minimum body rate), and other
+/// processes may share the directory, so the margin is wide.
+const INTERRUPTED_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl LocalArtifacts {
-    /// Opens (creating) the directory, and removes the temporary files of writes that a crash
-    /// interrupted (they were never renamed into place, so nothing refers to them). Other
-    /// processes may share the directory: only a temporary file untouched for an hour counts as
-    /// interrupted.
+    /// Opens (creating) the directory, and removes the temporary files of uploads that a crash
+    /// interrupted (they were never renamed into place, so nothing refers to them).
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalArtifacts> {
         let root = root.into();
         std::fs::create_dir_all(root.join("files"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
-        let stale = |entry: &std::fs::DirEntry| {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(3600))
-        };
-        for entry in std::fs::read_dir(root.join("files"))?.flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".part") && stale(&entry) {
-                tracing::info!(path = %entry.path().display(), "removing an interrupted upload");
-                std::fs::remove_file(entry.path())?;
+        sweep_interrupted(&root.join("files"))?;
+        Ok(LocalArtifacts {
+            root,
+            swept: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// [`sweep_interrupted`] again, at most every 10 seconds: run as uploads begin, so that the
+    /// leftovers of a process killed mid-upload go without waiting for a restart.
+    fn sweep_interrupted_if_due(&self) {
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if swept.elapsed() < std::time::Duration::from_secs(10) {
+                return;
             }
+            *swept = std::time::Instant::now();
         }
-        Ok(LocalArtifacts { root })
+        let dir = self.root.join("files");
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = sweep_interrupted(&dir) {
+                tracing::warn!(error = %e, "sweeping interrupted uploads failed");
+            }
+        });
     }
 
     fn path(&self, key: &Key) -> PathBuf {
@@ -291,6 +340,7 @@ impl ArtifactStore for LocalArtifacts {
         limit: u64,
     ) -> BoxFuture<'a, Result<FileDigest, PutError>> {
         Box::pin(async move {
+            self.sweep_interrupted_if_due();
             let path = self.path(key);
             if let Some(dir) = path.parent() {
                 tokio::fs::create_dir_all(dir).await?;
@@ -411,6 +461,41 @@ impl ArtifactStore for LocalArtifacts {
             }
         })
     }
+}
+
+/// Removes the `.part` files in `dir` untouched for [`INTERRUPTED_AFTER`]; returns how many.
+fn sweep_interrupted(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > INTERRUPTED_AFTER);
+        if entry.file_name().to_string_lossy().ends_with(".part") && stale {
+            tracing::info!(path = %entry.path().display(), "removing an interrupted upload");
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                // another process sharing the directory swept it first
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The bytes of the files in a local folder (one level: a checkpoint's or adapter's folder).
+pub(crate) fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let meta = entry?.metadata()?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
 }
 
 /// Size and sha256 of a local file, read in 64 KiB pieces.

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::exports::{quota_param, with_stored_bytes};
 use super::{Db, Result};
 use crate::job::FileStatus;
 
@@ -42,18 +43,19 @@ pub(crate) enum Order {
 }
 
 impl Db {
-    /// Records an upload, unless its owner's stored bytes would then pass `quota` bytes
+    /// Records an upload, unless its owner's stored bytes (uploads, checkpoints, exports) would
+    /// then pass `quota` bytes
     /// (`None`: no quota): `false` when refused. The sum is read and the row written under one
     /// lock (PostgreSQL: an advisory lock on the owner; SQLite: the write lock a write
     /// statement takes before it reads), so concurrent uploads cannot all pass the quota.
     pub(crate) async fn insert_file(&self, row: &FileRow, quota: Option<u64>) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         self.lock_owner(&mut tx, row.owner.as_deref()).await?;
-        let done = sqlx::query(&self.sql(
+        let done = sqlx::query(&self.sql(&with_stored_bytes(
             "INSERT INTO files (id, owner, filename, bytes, sha256, created_at, purpose, status)
              SELECT ?, ?, ?, ?, ?, ?::timestamptz, ?, ?
-             WHERE ? < 0 OR (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS NOT DISTINCT FROM ?) + ? <= ?",
-        ))
+             WHERE ? < 0 OR {stored} + ? <= ?",
+        )))
         .bind(&row.id)
         .bind(&row.owner)
         .bind(&row.filename)
@@ -62,10 +64,12 @@ impl Db {
         .bind(&row.created_at)
         .bind(&row.purpose)
         .bind(row.status.as_str())
-        .bind(quota.map_or(-1, |q| q.min(i64::MAX as u64) as i64))
+        .bind(quota_param(quota))
+        .bind(&row.owner)
+        .bind(&row.owner)
         .bind(&row.owner)
         .bind(row.bytes)
-        .bind(quota.map_or(-1, |q| q.min(i64::MAX as u64) as i64))
+        .bind(quota_param(quota))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -131,20 +135,6 @@ impl Db {
                 .execute(&self.pool)
                 .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// Bytes of the owner's uploads.
-    pub(crate) async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
-        let (n,): (i64,) =
-            // PostgreSQL's SUM of bigints is numeric: cast back
-            sqlx::query_as(&self.sql(
-                "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files
-                 WHERE owner IS NOT DISTINCT FROM ?",
-            ))
-                .bind(owner)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(n.max(0) as u64)
     }
 
     /// Whether any job or file belongs to an API key.

@@ -790,16 +790,24 @@ impl Db {
 
     /// Records a checkpoint the lease's worker wrote (a later write of the same step replaces
     /// it: a resumed attempt may write it again).
-    pub async fn insert_checkpoint(&self, lease: &Lease, step: i64, files: &str) -> Result<()> {
+    pub async fn insert_checkpoint(
+        &self,
+        lease: &Lease,
+        step: i64,
+        files: &str,
+        bytes: u64,
+    ) -> Result<()> {
         let done = sqlx::query(&self.sql(&format!(
-            "INSERT INTO checkpoints (job_id, step, created_at, files)
-             SELECT ?, ?, ?::timestamptz, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})
-             ON CONFLICT (job_id, step) DO UPDATE SET files = excluded.files, created_at = excluded.created_at"
+            "INSERT INTO checkpoints (job_id, step, created_at, files, bytes)
+             SELECT ?, ?, ?::timestamptz, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})
+             ON CONFLICT (job_id, step) DO UPDATE SET files = excluded.files,
+                 created_at = excluded.created_at, bytes = excluded.bytes"
         )))
         .bind(lease.job.as_str())
         .bind(step)
         .bind(now())
         .bind(files)
+        .bind(bytes.min(i64::MAX as u64) as i64)
         .bind(lease.job.as_str())
         .bind(lease.attempt)
         .execute(&self.pool)

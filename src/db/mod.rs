@@ -15,6 +15,7 @@
 //! in SQLite (a fixed format, so that text order is time order) and `timestamptz` in PostgreSQL.
 
 mod events;
+mod exports;
 mod files;
 mod idempotency;
 mod jobs;
@@ -25,6 +26,8 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
 pub(crate) use events::EventRow;
+pub use exports::ExportRow;
+pub(crate) use exports::RecordedExport;
 pub(crate) use files::{FileRow, Order};
 pub(crate) use idempotency::KeyClaim;
 pub(crate) use jobs::StopRequest;

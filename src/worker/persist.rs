@@ -122,9 +122,15 @@ impl Persister {
                     files.push(digest);
                 }
                 let listed = serde_json::to_string(&files).expect("digests serialize");
+                // every file, the resume state too: what the owner's quota counts
+                let bytes =
+                    crate::artifacts::dir_bytes(path).map_err(|source| PersistError::Digest {
+                        path: path.clone(),
+                        source,
+                    })?;
                 state
                     .db
-                    .insert_checkpoint(lease, *step as i64, &listed)
+                    .insert_checkpoint(lease, *step as i64, &listed, bytes)
                     .await?;
                 state
                     .publish_fenced(

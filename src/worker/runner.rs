@@ -267,18 +267,24 @@ async fn prepare(
         .map_err(|e| Outcome::failed("dataset_fetch_failed", e))?;
     let init_adapter = match &spec.from_checkpoint {
         None => None,
-        Some(named) => Some(
-            state
-                .artifacts
-                .init_adapter_dir(&named.job, named.step)
+        Some(named) => {
+            let failed = |e: &dyn std::fmt::Display| {
+                Outcome::failed("io_error", format!("from_checkpoint {named}: {e}"))
+            };
+            // the job it names was checked at submission to be the same owner's
+            let source = state
+                .db
+                .get_job(&named.job, None)
                 .await
-                .map_err(|e| {
-                    Outcome::failed(
-                        "io_error",
-                        format!("from_checkpoint: loading {named} from the artifact store: {e}"),
-                    )
-                })?,
-        ),
+                .map_err(|e| failed(&e))?
+                .ok_or_else(|| failed(&"the job no longer exists"))?;
+            Some(
+                state
+                    .stored_adapter(&source, named.step)
+                    .await
+                    .map_err(|e| failed(&e))?,
+            )
+        }
     };
     let out = state.artifacts.job_output_dir(&lease.job);
     align_checkpoints_with_record(state, lease, &out).await;

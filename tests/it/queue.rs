@@ -153,7 +153,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     // while it holds the lease, its writes land; another worker finds nothing to claim
     assert_eq!(db.heartbeat(&a, LEASE_SECS).await.unwrap(), None);
     db.set_progress(&a, &step(1)).await.unwrap();
-    db.insert_checkpoint(&a, 1, "[]").await.unwrap();
+    db.insert_checkpoint(&a, 1, "[]", 0).await.unwrap();
     assert!(db
         .claim_next("worker-b", LEASE_SECS, u64::MAX)
         .await
@@ -179,7 +179,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     assert!(is_lease_lost(
         db.insert_event_fenced(&a, "metrics", "{}").await
     ));
-    assert!(is_lease_lost(db.insert_checkpoint(&a, 7, "[]").await));
+    assert!(is_lease_lost(db.insert_checkpoint(&a, 7, "[]", 0).await));
     let done = JobEvent::Status(StatusChange::to(JobStatus::Succeeded)).data_json();
     assert!(is_lease_lost(
         db.finish(&a, JobStatus::Succeeded, None, None, &done).await
@@ -189,7 +189,7 @@ async fn an_expired_lease_is_taken_over_and_the_first_workers_late_writes_are_re
     // B's writes land, and the job shows B's work only
     db.set_progress(&b, &step(2)).await.unwrap();
     db.insert_event_fenced(&b, "metrics", "{}").await.unwrap();
-    db.insert_checkpoint(&b, 2, "[]").await.unwrap();
+    db.insert_checkpoint(&b, 2, "[]", 0).await.unwrap();
     let row = db.get_job(&id, None).await.unwrap().unwrap();
     assert_eq!(
         (row.status, row.step, row.tokens_seen),

@@ -713,6 +713,8 @@ async fn base_models_only_from_allowed_folders_and_well_formed_repo_ids() {
         "../secrets".to_string(),
         "owner/..".to_string(),
         "owner/name%2F..".to_string(),
+        // well formed, but the Hub is closed unless the operator lists repos (--allow-hub)
+        "HuggingFaceTB/SmolLM2-135M-Instruct".to_string(),
     ] {
         let (status, e) = app
             .post("/v1/jobs", &app.job(json!({"base_model": base})))

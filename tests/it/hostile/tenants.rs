@@ -393,3 +393,415 @@ async fn a_job_keeps_its_last_three_checkpoints() {
     }
     app.shutdown().await;
 }
+
+const MIB: usize = 1 << 20;
+
+/// The largest upload the server takes now (found by trying, each kept one deleted again): what
+/// is left of the caller's stored-bytes quota, seen from outside.
+async fn room_left(app: &crate::helpers::app::TestApp) -> usize {
+    let (mut fits, mut refused) = (0usize, MIB + 1);
+    while refused - fits > 1 {
+        let n = (fits + refused) / 2;
+        let r = app
+            .client
+            .post(app.url("/v1/files?filename=probe.jsonl"))
+            .body(vec![b'x'; n])
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            201 => {
+                let id = r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let gone = app
+                    .client
+                    .delete(app.url(&format!("/v1/files/{id}")))
+                    .send()
+                    .await;
+                assert_eq!(gone.unwrap().status(), 200);
+                fits = n;
+            }
+            429 => refused = n,
+            other => panic!("an upload of {n} bytes answered {other}"),
+        }
+    }
+    fits
+}
+
+/// A job's checkpoints (every file, the optimizer state too) and its exports count in its
+/// owner's stored bytes (uploads alone did): each takes its size from what the key may still
+/// upload; at the quota, new jobs and exports are refused; deleting the job gives it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_and_exports_count_in_the_stored_bytes_quota() {
+    let app = spawn_app_with(|c| c.max_stored_mib_per_key = 1).await;
+    assert_eq!(room_left(&app).await, MIB);
+    let id = app
+        .submit(&app.job(json!({"checkpoint_every_steps": 1, "training": {"max_steps": 3}})))
+        .await;
+    let done = app
+        .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, listed) = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    let listed_bytes: usize = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["files"].as_array().unwrap().clone())
+        .map(|f| f["bytes"].as_u64().unwrap() as usize)
+        .sum();
+    assert!(listed_bytes > 0, "{listed}");
+    let after_job = room_left(&app).await;
+    // the downloadable files and the resume state beside them
+    assert!(
+        MIB - after_job > listed_bytes,
+        "checkpoints take {} bytes of the quota; their adapters alone are {listed_bytes}",
+        MIB - after_job
+    );
+    let (status, export) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "gguf-lora"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{export}");
+    let exported = export["bytes"].as_u64().unwrap() as usize;
+    assert_eq!(
+        after_job - room_left(&app).await,
+        exported,
+        "the export counts"
+    );
+    // a re-export replaces the first: counted once
+    let (status, _) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "gguf-lora"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(after_job - room_left(&app).await, exported);
+    // at the quota: no new job, no export
+    let r = app
+        .client
+        .post(app.url("/v1/files?filename=fill.jsonl"))
+        .body(vec![b'x'; after_job - exported])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "exactly the room left");
+    let (status, e) = app.post("/v1/jobs", &app.job(json!({}))).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{e}"
+    );
+    let (status, e) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "gguf-f32"}),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{e}"
+    );
+    // deleting the job gives its checkpoints' and exports' room back
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(room_left(&app).await, MIB - (after_job - exported));
+    app.shutdown().await;
+}
+
+/// Overwrites a stored file (in the store, and in the local working copy a remote store keeps).
+async fn damage(app: &crate::helpers::app::TestApp, key: &qtune::artifacts::Key, bytes: Vec<u8>) {
+    let stream = futures_util::stream::iter([Ok::<_, String>(bytes::Bytes::from(bytes.clone()))]);
+    app.state
+        .artifacts
+        .put_stream(key, Box::pin(stream), u64::MAX)
+        .await
+        .unwrap();
+    let local = app.state.artifacts.local_path(key);
+    if local.exists() {
+        std::fs::write(local, bytes).unwrap();
+    }
+}
+
+async fn wait_as(app: &crate::helpers::app::TestApp, key: &str, id: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let (_, job) = app.get_as(key, &format!("/v1/jobs/{id}")).await;
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
+            return job;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Exports are served only once recorded, under their recorded sha256 (a damaged one never
+/// arrives whole, a truncated one is refused); a key makes one at a time, and concurrent
+/// exports of one format do not write over each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_recorded_verified_and_one_per_key_at_a_time() {
+    let app = spawn_app_with(|c| {
+        c.api_keys = vec![KEY_A.into(), KEY_B.into()];
+        c.max_concurrent_exports = 2;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for key in [KEY_A, KEY_B] {
+        let (status, job) = app
+            .post_as(
+                key,
+                "/v1/jobs",
+                &app.job(json!({"training": {"max_steps": 2}})),
+            )
+            .await;
+        assert_eq!(status, 201, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    for (key, id) in [KEY_A, KEY_B].iter().zip(&ids) {
+        let done = wait_as(&app, key, id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    let (a, b) = (&ids[0], &ids[1]);
+    let export = |key: &'static str, id: String| {
+        let req = app
+            .client
+            .post(app.url(&format!("/v1/jobs/{id}/exports")))
+            .bearer_auth(key)
+            .json(&json!({"format": "merged"}));
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // one key's concurrent exports: one at a time, the rest told to come back; the other key
+    // is not held up by them
+    let mut attempts: Vec<_> = (0..6).map(|_| export(KEY_A, a.clone())).collect();
+    attempts.push(export(KEY_B, b.clone()));
+    let answers = futures_util::future::join_all(attempts).await;
+    let (b_status, b_made) = answers.last().unwrap().clone();
+    assert_eq!(b_status, 201, "{b_made}");
+    let a_answers = &answers[..6];
+    let made: Vec<&Value> = a_answers
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, v)| v)
+        .collect();
+    assert!(!made.is_empty(), "{a_answers:?}");
+    for (status, v) in a_answers.iter().filter(|(s, _)| *s != 201) {
+        assert_eq!(
+            (*status, v["error"]["code"].as_str()),
+            (429, Some("too_many_exports")),
+            "{v}"
+        );
+    }
+    assert!(
+        a_answers.iter().any(|(s, _)| *s == 429),
+        "six at once, one at a time: {a_answers:?}"
+    );
+    // the download is whole and is the newest export, under its recorded sha256
+    let url = app.url(&format!("/v1/jobs/{a}/exports/merged"));
+    let r = app
+        .client
+        .get(&url)
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let body = r.bytes().await.unwrap();
+    let sha = {
+        use sha2::Digest;
+        qtune_hex(&sha2::Sha256::digest(&body))
+    };
+    assert_eq!(sha, etag);
+    assert!(
+        made.iter().any(|m| m["sha256"] == etag.as_str()),
+        "{made:?}"
+    );
+    // only one export's files are kept per format
+    let job = qtune::job::JobId::parse(a).unwrap();
+    let row = app
+        .state
+        .db
+        .get_export(&job, "merged")
+        .await
+        .unwrap()
+        .unwrap();
+    if app.state.config.artifacts.is_none() {
+        let kept: Vec<_> = std::fs::read_dir(app.data_dir.join("jobs").join(a).join("exports"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept, vec![row.export_id.clone()]);
+    }
+    // a flipped byte in the store: the download does not arrive whole
+    let key = qtune::artifacts::Key::export(&job, &row.export_id, "merged.tar").unwrap();
+    let mut bytes = body.to_vec();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    damage(&app, &key, bytes.clone()).await;
+    let downloaded = match app.client.get(&url).bearer_auth(KEY_A).send().await {
+        Ok(r) => r.bytes().await.ok(),
+        Err(_) => None,
+    };
+    assert!(
+        downloaded.is_none(),
+        "a damaged export must not download cleanly"
+    );
+    // a truncated one (what a crash half-way through writing in place left) is refused
+    damage(&app, &key, bytes[..1000].to_vec()).await;
+    let (status, e) = app
+        .get_as(KEY_A, &format!("/v1/jobs/{a}/exports/merged"))
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (500, Some("artifact_corrupt")),
+        "{e}"
+    );
+    // not exported: nothing to serve
+    let (status, _) = app
+        .get_as(KEY_A, &format!("/v1/jobs/{a}/exports/gguf-lora"))
+        .await;
+    assert_eq!(status, 404);
+    app.shutdown().await;
+}
+
+fn qtune_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An adapter whose stored file no longer matches its recorded digest is used by nothing:
+/// chat, exports and a job continuing from it all refuse it, naming the file and not the
+/// server's paths; an intact checkpoint of the same job still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_adapter_is_not_used_and_errors_name_no_server_path() {
+    let app = spawn_app_with(|_| {}).await;
+    let id = app
+        .submit(&app.job(json!({"checkpoint_every_steps": 1, "training": {"max_steps": 2}})))
+        .await;
+    let done = app
+        .wait_status(&id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let job = qtune::job::JobId::parse(&id).unwrap();
+    let key = qtune::artifacts::Key::adapter_file(&job, "adapter_model.safetensors").unwrap();
+    let local = app.state.artifacts.local_path(&key);
+    let mut bytes = std::fs::read(&local).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    damage(&app, &key, bytes).await;
+    let server_paths = [
+        app.data_dir.display().to_string(),
+        app.dir.path().display().to_string(),
+    ];
+    let names_no_path = |message: &str| {
+        assert!(
+            server_paths.iter().all(|p| !message.contains(p.as_str())),
+            "a server path in {message:?}"
+        );
+    };
+    let (status, e) = app
+        .post(
+            &format!("/v1/jobs/{id}/exports"),
+            &json!({"format": "gguf-lora"}),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (500, Some("artifact_corrupt")),
+        "{e}"
+    );
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("adapter_model.safetensors"), "{message}");
+    names_no_path(message);
+    let ask = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "say 1"}], "max_tokens": 4, "temperature": 0});
+    let (status, e) = app.post("/v1/chat/completions", &ask(&id)).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (500, Some("artifact_corrupt")),
+        "{e}"
+    );
+    names_no_path(e["error"]["message"].as_str().unwrap());
+    // a job continuing from it fails saying why; from the intact checkpoint 1 it trains
+    let from_damaged = app
+        .submit(&app.job(json!({"from_checkpoint": id, "training": {"max_steps": 1}})))
+        .await;
+    let failed = app
+        .wait_status(
+            &from_damaged,
+            &["succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("damaged"), "{failed}");
+    names_no_path(message);
+    let from_intact = app
+        .submit(
+            &app.job(json!({"from_checkpoint": format!("{id}:1"), "training": {"max_steps": 1}})),
+        )
+        .await;
+    let ok = app
+        .wait_status(
+            &from_intact,
+            &["succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    app.shutdown().await;
+}
+
+/// The leftovers of an upload cut off by a crash go while the server runs (as uploads begin),
+/// not only at the next start; a live upload's file stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_uploads_are_swept_while_the_server_runs() {
+    // the data dir's store (an S3 store streams uploads to the store: no local part files)
+    let app = spawn_app_with(|c| c.artifacts = None).await;
+    let files = app.data_dir.join("files");
+    let stale = files.join("file-0123456789abcdef0123456789abcdef.part");
+    let live = files.join("file-fedcba9876543210fedcba9876543210.part");
+    std::fs::write(&stale, b"half an upload").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    std::fs::write(&live, b"an upload in progress").unwrap();
+    // sweeps run at most every 10 seconds, as uploads begin
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let r = app
+        .client
+        .post(app.url("/v1/files?filename=d.jsonl"))
+        .body("{}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let start = Instant::now();
+    while stale.exists() && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!stale.exists());
+    assert!(live.exists());
+    app.shutdown().await;
+}
