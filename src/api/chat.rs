@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::openai::{fine_tuned_model_name, parse_fine_tuned_model};
 use super::{ApiError, Owner};
@@ -97,142 +97,231 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
         })
 }
 
-fn number(req: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
-    match req.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(ApiError::bad(key, "must be a number")),
-    }
+/// A chat or completion request as OpenAI's SDK sends it, parsed straight into its fields: an
+/// unknown field is skipped without building anything of it, and the free-form parts (`tools`,
+/// a message's `tool_calls`) stay JSON text until a template renders them, so a body costs its
+/// own size in memory, not many times it as a tree of values would.
+#[derive(serde::Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<String>,
+    n: Option<f64>,
+    logprobs: Option<bool>,
+    max_completion_tokens: Option<f64>,
+    max_tokens: Option<f64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<f64>,
+    seed: Option<f64>,
+    stop: Option<Stop>,
+    repetition_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    tools: Option<Box<serde_json::value::RawValue>>,
 }
 
-/// The sampling a request asks for, OpenAI's defaults where it is silent (temperature 1).
-fn sampling(req: &Map<String, Value>) -> Result<Sampling, ApiError> {
-    if number(req, "n")?.is_some_and(|n| n != 1.0) {
-        return Err(ApiError::bad(
-            "n",
-            "qtune answers one choice per request (n = 1)",
-        ));
-    }
-    if req.get("logprobs").and_then(Value::as_bool) == Some(true) {
-        return Err(ApiError::bad(
-            "logprobs",
-            "log probabilities are not returned",
-        ));
-    }
-    let s = Sampling {
-        max_tokens: max_tokens(req)?,
-        temperature: number(req, "temperature")?.unwrap_or(1.0),
-        top_p: number(req, "top_p")?.unwrap_or(1.0),
-        top_k: number(req, "top_k")?
-            .map(|k| k.max(0.0) as usize)
-            .unwrap_or(0),
-        seed: match number(req, "seed")? {
-            Some(s) if s >= 0.0 && s.fract() == 0.0 => s as u64,
-            Some(_) => return Err(ApiError::bad("seed", "must be a whole number ≥ 0")),
-            // no seed asked for: a fresh one, as OpenAI's answers differ call to call
-            None => rand::random(),
-        },
-        stop: stop_strings(req)?,
-        repetition_penalty: number(req, "repetition_penalty")?.unwrap_or(1.0),
-        frequency_penalty: number(req, "frequency_penalty")?.unwrap_or(0.0),
-        presence_penalty: number(req, "presence_penalty")?.unwrap_or(0.0),
-    };
-    s.check()
-        .map_err(|(field, why)| ApiError::bad(field, why))?;
-    Ok(s)
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
 }
 
-/// `max_completion_tokens` (or the older `max_tokens`).
-fn max_tokens(req: &Map<String, Value>) -> Result<usize, ApiError> {
-    let asked = number(req, "max_completion_tokens")?.or(number(req, "max_tokens")?);
-    match asked {
-        None => Ok(DEFAULT_ANSWER_TOKENS),
-        Some(n) if n >= 1.0 && n.fract() == 0.0 && n as usize <= MAX_ANSWER_TOKENS => {
-            Ok(n as usize)
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatMessage {
+    role: Option<String>,
+    content: Option<Content>,
+    tool_calls: Option<Box<serde_json::value::RawValue>>,
+    tool_call_id: Option<String>,
+}
+
+/// A message's text: a string, or OpenAI's content parts.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(serde::Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl CompletionRequest {
+    /// The body, or an error naming the field that does not parse.
+    fn parse(headers: &HeaderMap, body: &[u8], what: &str) -> Result<CompletionRequest, ApiError> {
+        super::require_json(headers, what)?;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed: Result<CompletionRequest, _> = serde_path_to_error::deserialize(&mut de);
+        let req = parsed.map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("the body is not JSON: {inner}"),
+                )
+                .param("body")
+            } else if path == "." {
+                ApiError::bad("body", format!("expected a JSON object: {inner}"))
+            } else {
+                ApiError::bad(&path, inner.to_string())
+            }
+        })?;
+        de.end()
+            .map_err(|e| ApiError::bad("body", format!("more after the JSON object: {e}")))?;
+        Ok(req)
+    }
+
+    /// The sampling it asks for, OpenAI's defaults where it is silent (temperature 1).
+    fn sampling(&self) -> Result<Sampling, ApiError> {
+        if self.n.is_some_and(|n| n != 1.0) {
+            return Err(ApiError::bad(
+                "n",
+                "qtune answers one choice per request (n = 1)",
+            ));
         }
-        Some(_) => Err(ApiError::bad(
-            "max_tokens",
-            format!("must be a whole number from 1 to {MAX_ANSWER_TOKENS}"),
-        )),
+        if self.logprobs == Some(true) {
+            return Err(ApiError::bad(
+                "logprobs",
+                "log probabilities are not returned",
+            ));
+        }
+        let s = Sampling {
+            max_tokens: self.max_tokens()?,
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.map(|k| k.max(0.0) as usize).unwrap_or(0),
+            seed: match self.seed {
+                Some(s) if s >= 0.0 && s.fract() == 0.0 => s as u64,
+                Some(_) => return Err(ApiError::bad("seed", "must be a whole number ≥ 0")),
+                // no seed asked for: a fresh one, as OpenAI's answers differ call to call
+                None => rand::random(),
+            },
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(list)) => list.clone(),
+            },
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+        };
+        s.check()
+            .map_err(|(field, why)| ApiError::bad(field, why))?;
+        Ok(s)
     }
-}
 
-/// `stop`: a string or an array of strings.
-fn stop_strings(req: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || ApiError::bad("stop", "must be a string or an array of strings");
-    match req.get("stop") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
+    /// `max_completion_tokens` (or the older `max_tokens`).
+    fn max_tokens(&self) -> Result<usize, ApiError> {
+        match self.max_completion_tokens.or(self.max_tokens) {
+            None => Ok(DEFAULT_ANSWER_TOKENS),
+            Some(n) if n >= 1.0 && n.fract() == 0.0 && n as usize <= MAX_ANSWER_TOKENS => {
+                Ok(n as usize)
+            }
+            Some(_) => Err(ApiError::bad(
+                "max_tokens",
+                format!("must be a whole number from 1 to {MAX_ANSWER_TOKENS}"),
+            )),
+        }
+    }
+
+    /// The chat's messages as the template renders them.
+    fn chat_messages(&self) -> Result<Vec<Message>, ApiError> {
+        let Some(list) = &self.messages else {
+            return Err(ApiError::bad(
+                "messages",
+                "missing: an array of {role, content}",
+            ));
+        };
+        if list.is_empty() {
+            return Err(ApiError::bad("messages", "must not be empty"));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let param = format!("messages[{i}]");
+                let role = match m.role.as_deref() {
+                    Some("system" | "developer") => "system",
+                    Some(r @ ("user" | "assistant" | "tool")) => r,
+                    _ => {
+                        return Err(ApiError::bad(
+                            &format!("{param}.role"),
+                            "must be system, developer, user, assistant or tool",
+                        ))
+                    }
+                };
+                let mut message = Message::new(
+                    role,
+                    content_text(m.content.as_ref(), &format!("{param}.content"))?,
+                );
+                message.tool_calls = match &m.tool_calls {
+                    None => None,
+                    Some(raw) => Some(serde_json::from_str::<Value>(raw.get()).map_err(|e| {
+                        ApiError::bad(&format!("{param}.tool_calls"), e.to_string())
+                    })?)
+                    .filter(Value::is_array),
+                };
+                message.tool_call_id = m.tool_call_id.clone();
+                Ok(message)
+            })
+            .collect()
+    }
+
+    /// The bytes of text the prompt is made of (a completion's prompt; a chat's contents,
+    /// calls and tools).
+    fn text_bytes(&self) -> usize {
+        let content = |c: &Content| match c {
+            Content::Text(t) => t.len(),
+            Content::Parts(parts) => parts
+                .iter()
+                .map(|p| p.text.as_ref().map_or(0, String::len))
+                .sum(),
+        };
+        let messages: usize = self
+            .messages
             .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(bad),
-        Some(_) => Err(bad()),
+            .flatten()
+            .map(|m| {
+                m.content.as_ref().map_or(0, content)
+                    + m.tool_calls.as_ref().map_or(0, |t| t.get().len())
+            })
+            .sum();
+        messages
+            + self.prompt.as_ref().map_or(0, String::len)
+            + self.tools.as_ref().map_or(0, |t| t.get().len())
     }
 }
 
 /// A message's text: a string, or OpenAI's content parts of type `text`.
-fn content_text(content: Option<&Value>, param: &str) -> Result<String, ApiError> {
+fn content_text(content: Option<&Content>, param: &str) -> Result<String, ApiError> {
     match content {
-        None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(parts)) => parts
+        None => Ok(String::new()),
+        Some(Content::Text(s)) => Ok(s.clone()),
+        Some(Content::Parts(parts)) => parts
             .iter()
-            .map(
-                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
-                    _ => Err(ApiError::bad(
-                        param,
-                        "only text content parts are understood",
-                    )),
-                },
-            )
+            .map(|p| match (p.kind.as_str(), &p.text) {
+                ("text", Some(t)) => Ok(t.as_str()),
+                _ => Err(ApiError::bad(
+                    param,
+                    "only text content parts are understood",
+                )),
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(|t| t.concat()),
-        Some(_) => Err(ApiError::bad(
-            param,
-            "must be a string or an array of text parts",
-        )),
     }
-}
-
-fn chat_messages(req: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
-    let Some(Value::Array(list)) = req.get("messages") else {
-        return Err(ApiError::bad(
-            "messages",
-            "missing: an array of {role, content}",
-        ));
-    };
-    if list.is_empty() {
-        return Err(ApiError::bad("messages", "must not be empty"));
-    }
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let param = format!("messages[{i}]");
-            let role = match m.get("role").and_then(Value::as_str) {
-                Some("system" | "developer") => "system",
-                Some(r @ ("user" | "assistant" | "tool")) => r,
-                _ => {
-                    return Err(ApiError::bad(
-                        &format!("{param}.role"),
-                        "must be system, developer, user, assistant or tool",
-                    ))
-                }
-            };
-            let mut message = Message::new(
-                role,
-                content_text(m.get("content"), &format!("{param}.content"))?,
-            );
-            message.tool_calls = m.get("tool_calls").filter(|v| v.is_array()).cloned();
-            message.tool_call_id = m
-                .get("tool_call_id")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            Ok(message)
-        })
-        .collect()
 }
 
 struct Completion {
@@ -249,11 +338,11 @@ struct Completion {
 async fn completion(
     state: &AppState,
     owner: &Owner,
-    req: &Map<String, Value>,
+    req: &CompletionRequest,
     chat: bool,
 ) -> Result<Completion, ApiError> {
-    let model = match req.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+    let model = match &req.model {
+        Some(m) if !m.is_empty() => m.clone(),
         _ => {
             return Err(ApiError::bad(
                 "model",
@@ -261,7 +350,7 @@ async fn completion(
             ))
         }
     };
-    let sampling = sampling(req)?;
+    let sampling = req.sampling()?;
     let raw_prompt = check_prompt_size(req, chat)?;
     let served = resolve(state, owner, &model).await?;
     let prompt = encode_prompt(&served, req, raw_prompt)?;
@@ -270,11 +359,11 @@ async fn completion(
         prompt,
         sampling,
         model,
-        stream: req.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        stream: req.stream.unwrap_or(false),
         include_usage: req
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
             .unwrap_or(false),
         chat,
     })
@@ -283,13 +372,13 @@ async fn completion(
 /// Checks the prompt's shape and size before any model is loaded: a chat's messages, or a
 /// completion's text (returned). No tokenizer reads more text than the longest prompt could
 /// hold (a token is rarely longer than 32 bytes): a huge body is refused before it costs work.
-fn check_prompt_size(req: &Map<String, Value>, chat: bool) -> Result<Option<String>, ApiError> {
+fn check_prompt_size(req: &CompletionRequest, chat: bool) -> Result<Option<String>, ApiError> {
     let text = if chat {
-        chat_messages(req)?;
+        req.chat_messages()?;
         None
     } else {
-        match req.get("prompt") {
-            Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),
+        match &req.prompt {
+            Some(p) if !p.is_empty() => Some(p.clone()),
             _ => {
                 return Err(ApiError::bad(
                     "prompt",
@@ -298,13 +387,7 @@ fn check_prompt_size(req: &Map<String, Value>, chat: bool) -> Result<Option<Stri
             }
         }
     };
-    let text_bytes: usize = match &text {
-        Some(t) => t.len(),
-        None => req
-            .get("messages")
-            .map(|m| m.to_string().len())
-            .unwrap_or(0),
-    };
+    let text_bytes = req.text_bytes();
     if text_bytes > MAX_PROMPT_TOKENS * 32 {
         return Err(ApiError::bad(
             if chat { "messages" } else { "prompt" },
@@ -318,7 +401,7 @@ fn check_prompt_size(req: &Map<String, Value>, chat: bool) -> Result<Option<Stri
 /// BOS), or the chat rendered with the model's template (which writes its own).
 fn encode_prompt(
     served: &Served,
-    req: &Map<String, Value>,
+    req: &CompletionRequest,
     raw_prompt: Option<String>,
 ) -> Result<Vec<u32>, ApiError> {
     let tok = served.tokenizer();
@@ -330,7 +413,14 @@ fn encode_prompt(
     let prompt = match raw_prompt {
         Some(text) => tok.encode_prompt(&text),
         None => {
-            let tools = req.get("tools").filter(|t| t.is_array());
+            let tools: Option<Value> = match &req.tools {
+                None => None,
+                Some(raw) => Some(
+                    serde_json::from_str(raw.get())
+                        .map_err(|e| ApiError::bad("tools", e.to_string()))?,
+                ),
+            };
+            let tools = tools.as_ref().filter(|t| t.is_array());
             if tools.is_some() && !tok.template_takes_tools() {
                 return Err(ApiError::bad(
                     "tools",
@@ -338,7 +428,7 @@ fn encode_prompt(
                 ));
             }
             let rendered = tok
-                .render_chat_with_tools(&chat_messages(req)?, tools, true)
+                .render_chat_with_tools(&req.chat_messages()?, tools, true)
                 .map_err(|e| ApiError::bad("messages", e.to_string()))?;
             tok.encode(&rendered)
         }
@@ -522,7 +612,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = super::json_object(&headers, &body?, "a chat request")?;
+    let req = CompletionRequest::parse(&headers, &body?, "a chat request")?;
     let c = completion(&state, &owner, &req, true).await?;
     answer(&state, c).await
 }
@@ -534,7 +624,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = super::json_object(&headers, &body?, "a completion request")?;
+    let req = CompletionRequest::parse(&headers, &body?, "a completion request")?;
     let c = completion(&state, &owner, &req, false).await?;
     answer(&state, c).await
 }

@@ -114,25 +114,6 @@ pub(crate) fn require_json(headers: &axum::http::HeaderMap, what: &str) -> Resul
     .param("content-type"))
 }
 
-/// A JSON object body (checked as [`require_json`] does); anything else is a 400 naming `body`.
-pub(crate) fn json_object(
-    headers: &axum::http::HeaderMap,
-    body: &[u8],
-    what: &str,
-) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    require_json(headers, what)?;
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad("body", "expected a JSON object")),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not JSON: {e}"),
-        )
-        .param("body")),
-    }
-}
-
 /// The `Idempotency-Key` a POST carries, if any: at most 255 visible ASCII characters.
 pub(crate) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {

@@ -79,6 +79,52 @@ fn one_huge_record_fails_its_job_by_line_and_the_server_stays_small() {
     server.kill();
 }
 
+/// Chat bodies are parsed straight into the request's fields: eight concurrent 7 MiB bodies
+/// whose bulk is a field the server does not read (millions of tiny JSON values, a tree of
+/// them many times the body's size) cost the server about their own size, and each is answered.
+#[test]
+fn chat_bodies_cost_their_size_not_a_tree_of_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let server = ServeProcess::start(&dir.path().join("data"), dir.path(), free_port(), None);
+    let before = peak_rss_mib(server.child.id());
+    let junk = vec!["0"; 3_500_000].join(",");
+    let body = format!(
+        r#"{{"model": {:?}, "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 1, "metadata_of_mine": [{junk}]}}"#,
+        model.to_str().unwrap()
+    );
+    assert!(body.len() > 6 << 20);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let sent: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    server
+                        .client
+                        .post(format!("{}/v1/chat/completions", server.base))
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        sent.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let peak = peak_rss_mib(server.child.id());
+    println!("peak RSS: {before:.0} MiB before, {peak:.0} MiB after eight 7 MiB chat bodies");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // the bodies themselves (8 x 7 MiB, perhaps twice while read) and a model: a tree of
+    // 3.5 million values per body would be over 100 MiB each
+    assert!(
+        peak - before < 300.0,
+        "peak RSS grew by {:.0} MiB",
+        peak - before
+    );
+    server.kill();
+}
+
 /// Current resident memory of a process, in MiB (Linux `VmRSS`).
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
