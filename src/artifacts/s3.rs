@@ -206,6 +206,16 @@ impl S3Artifacts {
 
     async fn upload_file_once(&self, path: &Path, key: &Key) -> std::io::Result<()> {
         let mut file = tokio::fs::File::open(path).await?;
+        if file.metadata().await?.len() <= PART_BYTES as u64 {
+            // one PUT: no multipart state in the bucket for a process killed mid-upload to leave
+            let mut whole = Vec::new();
+            file.read_to_end(&mut whole).await?;
+            self.store
+                .put(&self.object(key), whole.into())
+                .await
+                .map_err(io)?;
+            return Ok(());
+        }
         let mut upload = Upload::start(self.store.as_ref(), self.object(key)).await?;
         let mut buf = vec![0u8; 1 << 20];
         let sent = async {
