@@ -92,71 +92,14 @@ pub async fn create(
         }
     }
     let _slot = slots.take(owner.as_deref())?;
-    let adapter = state
-        .stored_adapter(&row, None)
-        .await
-        .map_err(ApiError::stored_adapter)?;
-    let export_id = crate::artifacts::new_export_id();
-    let key = Key::export(&row.id, &export_id, &file).expect("a known export file");
-    let folder = Key::export_dir(&row.id, &export_id).expect("a new export id");
-    let dest = state.artifacts.local_path(&key);
-    let made = tokio::task::spawn_blocking({
-        let dest = dest.clone();
-        move || write_export(export, &base, &adapter, &dest)
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
-    let discard = || async {
-        if let Err(e) = state.artifacts.delete_dir(&folder).await {
-            tracing::warn!(key = folder.as_str(), error = %e, "could not remove an unrecorded export");
-        }
-    };
-    if let Err(why) = made {
-        discard().await;
-        tracing::warn!(job = %row.id, format, error = %why, "an export failed");
-        return Err(export_failed(&why, &[(&dest, &file)]));
-    }
-    let stored = async {
-        let digest = crate::artifacts::digest_file(&dest).await?;
-        state.artifacts.save(&key).await?;
-        Ok::<_, std::io::Error>(digest)
-    }
-    .await;
-    let digest = match stored {
-        Ok(d) => d,
-        Err(e) => {
-            discard().await;
-            return Err(e.into());
-        }
-    };
+    let (export_id, digest) = write_and_store(&state, &row, export, base, &file).await?;
     let record = ExportRow {
         format: format.clone(),
         export_id,
         bytes: digest.bytes as i64,
         sha256: digest.sha256.clone(),
     };
-    let recorded = state
-        .db
-        .record_export(&row.id, owner.as_deref(), &record, quota)
-        .await;
-    match recorded {
-        Ok(RecordedExport::Recorded { replaced }) => {
-            if let Some(old) = replaced.and_then(|old| Key::export_dir(&row.id, &old)) {
-                if let Err(e) = state.artifacts.delete_dir(&old).await {
-                    tracing::warn!(key = old.as_str(), error = %e, "could not remove a replaced export");
-                }
-            }
-        }
-        Ok(RecordedExport::OverQuota) => {
-            discard().await;
-            return Err(over_quota(&state));
-        }
-        Err(e) => {
-            discard().await;
-            return Err(e.into());
-        }
-    }
+    record_as_newest(&state, &row, &owner, &record, quota).await?;
     let made = json!({
         "object": "export",
         "job_id": id,
@@ -167,6 +110,88 @@ pub async fn create(
         "url": format!("/v1/jobs/{id}/exports/{format}"),
     });
     Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+/// Writes an export of the job's adapter (checked against its recorded digests first) into a
+/// new folder of its own and stores it; returns the export's id and digest. Nothing of it is
+/// left when this fails.
+async fn write_and_store(
+    state: &AppState,
+    row: &JobRow,
+    export: Export,
+    base: PathBuf,
+    file: &str,
+) -> Result<(String, FileDigest), ApiError> {
+    let adapter = state
+        .stored_adapter(row, None)
+        .await
+        .map_err(ApiError::stored_adapter)?;
+    let export_id = crate::artifacts::new_export_id();
+    let key = Key::export(&row.id, &export_id, file).expect("a known export file");
+    let dest = state.artifacts.local_path(&key);
+    let stored = async {
+        let target = dest.clone();
+        tokio::task::spawn_blocking(move || write_export(export, &base, &adapter, &target))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|why| {
+                tracing::warn!(job = %row.id, file, error = %why, "an export failed");
+                export_failed(&why, &[(&dest, file)])
+            })?;
+        let digest = crate::artifacts::digest_file(&dest).await?;
+        state.artifacts.save(&key).await?;
+        Ok::<_, ApiError>(digest)
+    }
+    .await;
+    match stored {
+        Ok(digest) => Ok((export_id, digest)),
+        Err(e) => {
+            discard(state, &row.id, &export_id).await;
+            Err(e)
+        }
+    }
+}
+
+/// Records `export` as the newest of its format and removes the export it replaces; refused
+/// (and the new export removed) when it would take the key past its stored-bytes quota.
+async fn record_as_newest(
+    state: &AppState,
+    row: &JobRow,
+    owner: &Owner,
+    export: &ExportRow,
+    quota: Option<u64>,
+) -> Result<(), ApiError> {
+    let recorded = state
+        .db
+        .record_export(&row.id, owner.as_deref(), export, quota)
+        .await;
+    match recorded {
+        Ok(RecordedExport::Recorded { replaced }) => {
+            if let Some(old) = replaced {
+                discard(state, &row.id, &old).await;
+            }
+            Ok(())
+        }
+        Ok(RecordedExport::OverQuota) => {
+            discard(state, &row.id, &export.export_id).await;
+            Err(over_quota(state))
+        }
+        Err(e) => {
+            discard(state, &row.id, &export.export_id).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Removes the files of an export no record points at (any more).
+async fn discard(state: &AppState, job: &crate::job::JobId, export_id: &str) {
+    let Some(folder) = Key::export_dir(job, export_id) else {
+        return;
+    };
+    if let Err(e) = state.artifacts.delete_dir(&folder).await {
+        tracing::warn!(key = folder.as_str(), error = %e, "could not remove an unrecorded export");
+    }
 }
 
 fn over_quota(state: &AppState) -> ApiError {
