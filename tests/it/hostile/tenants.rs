@@ -198,6 +198,21 @@ async fn quotas_hold_under_concurrent_requests() {
         statuses.iter().all(|s| *s == 201 || *s == 429),
         "{statuses:?}"
     );
+    // pausing the waiting jobs does not make room: paused jobs wait too
+    let (_, listed) = app.get_as(KEY_A, "/v1/jobs").await;
+    for job in listed["data"].as_array().unwrap() {
+        let id = job["id"].as_str().unwrap();
+        let (status, paused) = app
+            .post_as(KEY_A, &format!("/v1/jobs/{id}/pause"), &json!({}))
+            .await;
+        assert_eq!(status, 200, "{paused}");
+    }
+    let (status, e) = app.post_as(KEY_A, "/v1/jobs", &app.job(json!({}))).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (429, Some("quota_exceeded")),
+        "{e}"
+    );
     // eight concurrent uploads of 300 KiB against 1 MiB: at most three are kept
     let uploads = (0..8).map(|_| {
         app.client
