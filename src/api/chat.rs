@@ -351,9 +351,9 @@ async fn completion(
         }
     };
     let sampling = req.sampling()?;
-    let raw_prompt = check_prompt_size(req, chat)?;
+    let prompt = check_prompt_size(req, chat)?;
     let served = resolve(state, owner, &model).await?;
-    let prompt = encode_prompt(&served, req, raw_prompt)?;
+    let prompt = encode_prompt(&served, req, prompt)?;
     Ok(Completion {
         served,
         prompt,
@@ -369,16 +369,23 @@ async fn completion(
     })
 }
 
-/// Checks the prompt's shape and size before any model is loaded: a chat's messages, or a
-/// completion's text (returned). No tokenizer reads more text than the longest prompt could
-/// hold (a token is rarely longer than 32 bytes): a huge body is refused before it costs work.
-fn check_prompt_size(req: &CompletionRequest, chat: bool) -> Result<Option<String>, ApiError> {
-    let text = if chat {
-        req.chat_messages()?;
-        None
+/// What a request asks the model to continue.
+enum Prompt {
+    /// A completion's text, as it is.
+    Text(String),
+    /// A chat's messages, for the model's template.
+    Chat(Vec<Message>),
+}
+
+/// Checks the prompt's shape and size before any model is loaded, and returns it. No tokenizer
+/// reads more text than the longest prompt could hold (a token is rarely longer than 32 bytes):
+/// a huge body is refused before it costs work.
+fn check_prompt_size(req: &CompletionRequest, chat: bool) -> Result<Prompt, ApiError> {
+    let prompt = if chat {
+        Prompt::Chat(req.chat_messages()?)
     } else {
         match &req.prompt {
-            Some(p) if !p.is_empty() => Some(p.clone()),
+            Some(p) if !p.is_empty() => Prompt::Text(p.clone()),
             _ => {
                 return Err(ApiError::bad(
                     "prompt",
@@ -394,7 +401,7 @@ fn check_prompt_size(req: &CompletionRequest, chat: bool) -> Result<Option<Strin
             format!("{text_bytes} bytes, more than a {MAX_PROMPT_TOKENS}-token prompt can hold"),
         ));
     }
-    Ok(text)
+    Ok(prompt)
 }
 
 /// The prompt's tokens: a completion's raw text with the tokenizer's own special tokens (a
@@ -402,17 +409,16 @@ fn check_prompt_size(req: &CompletionRequest, chat: bool) -> Result<Option<Strin
 fn encode_prompt(
     served: &Served,
     req: &CompletionRequest,
-    raw_prompt: Option<String>,
+    prompt: Prompt,
 ) -> Result<Vec<u32>, ApiError> {
     let tok = served.tokenizer();
-    let param = if raw_prompt.is_some() {
-        "prompt"
-    } else {
-        "messages"
+    let param = match prompt {
+        Prompt::Text(_) => "prompt",
+        Prompt::Chat(_) => "messages",
     };
-    let prompt = match raw_prompt {
-        Some(text) => tok.encode_prompt(&text),
-        None => {
+    let prompt = match prompt {
+        Prompt::Text(text) => tok.encode_prompt(&text),
+        Prompt::Chat(messages) => {
             let tools: Option<Value> = match &req.tools {
                 None => None,
                 Some(raw) => Some(
@@ -428,7 +434,7 @@ fn encode_prompt(
                 ));
             }
             let rendered = tok
-                .render_chat_with_tools(&req.chat_messages()?, tools, true)
+                .render_chat_with_tools(&messages, tools, true)
                 .map_err(|e| ApiError::bad("messages", e.to_string()))?;
             tok.encode(&rendered)
         }

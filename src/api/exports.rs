@@ -212,7 +212,7 @@ fn export_failed(why: &str, paths: &[(&std::path::Path, &str)]) -> ApiError {
     for (path, name) in paths {
         message = message.replace(&path.display().to_string(), name);
     }
-    if message.contains('/') && message.contains(std::path::MAIN_SEPARATOR) {
+    if message.contains(std::path::MAIN_SEPARATOR) {
         // a path this function was not told of: say nothing of it
         message = "the export could not be written (the server's log says why)".to_string();
     }
