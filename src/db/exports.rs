@@ -64,8 +64,7 @@ impl Db {
         export: &ExportRow,
         quota: Option<u64>,
     ) -> Result<RecordedExport> {
-        let mut tx = self.pool.begin().await?;
-        self.lock_owner(&mut tx, owner).await?;
+        let mut tx = self.begin_owner_write(owner).await?;
         let previous: Option<(String, i64)> = sqlx::query_as(
             &self.sql("SELECT export_id, bytes FROM exports WHERE job_id = ? AND format = ?"),
         )
@@ -119,5 +118,56 @@ impl Db {
         .bind(format)
         .fetch_optional(&self.pool)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::JobSpec;
+
+    /// Exports of different owners recorded at once all land: on SQLite each record reads the
+    /// owner's sum before it writes, and a transaction that read first could not take the write
+    /// lock after another had written (it failed at once with "database is locked").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_on_sqlite_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let db = Db::connect(&url, 8).await.unwrap();
+        let spec = JobSpec::from_json(r#"{"base_model":"m","dataset":{"url":"d.jsonl"}}"#).unwrap();
+        let mut jobs = Vec::new();
+        for n in 0..8 {
+            let id = JobId::new();
+            let owner = format!("key-{n}");
+            db.insert_job(&id, Some(&owner), &spec, None).await.unwrap();
+            jobs.push((id, owner));
+        }
+        let mut tasks = Vec::new();
+        for (id, owner) in jobs.clone() {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..10 {
+                    let export = ExportRow {
+                        format: "merged".into(),
+                        export_id: format!("{round:016x}"),
+                        bytes: 100,
+                        sha256: "0".repeat(64),
+                    };
+                    let recorded = db.record_export(&id, Some(&owner), &export, Some(1 << 20));
+                    match recorded.await {
+                        Ok(RecordedExport::Recorded { .. }) => {}
+                        Ok(RecordedExport::OverQuota) => panic!("over a quota of 1 MiB"),
+                        Err(e) => panic!("round {round} of {owner}: {e}"),
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for (id, _) in &jobs {
+            let row = db.get_export(id, "merged").await.unwrap().unwrap();
+            assert_eq!(row.export_id, format!("{:016x}", 9));
+        }
     }
 }

@@ -44,13 +44,11 @@ pub(crate) enum Order {
 
 impl Db {
     /// Records an upload, unless its owner's stored bytes (uploads, checkpoints, exports) would
-    /// then pass `quota` bytes
-    /// (`None`: no quota): `false` when refused. The sum is read and the row written under one
-    /// lock (PostgreSQL: an advisory lock on the owner; SQLite: the write lock a write
-    /// statement takes before it reads), so concurrent uploads cannot all pass the quota.
+    /// then pass `quota` bytes (`None`: no quota): `false` when refused. The sum is read and the
+    /// row written under the owner's lock ([`Db::begin_owner_write`]), so concurrent uploads
+    /// cannot all pass the quota.
     pub(crate) async fn insert_file(&self, row: &FileRow, quota: Option<u64>) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        self.lock_owner(&mut tx, row.owner.as_deref()).await?;
+        let mut tx = self.begin_owner_write(row.owner.as_deref()).await?;
         let done = sqlx::query(&self.sql(&with_stored_bytes(
             "INSERT INTO files (id, owner, filename, bytes, sha256, created_at, purpose, status)
              SELECT ?, ?, ?, ?, ?, ?::timestamptz, ?, ?

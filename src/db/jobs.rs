@@ -259,7 +259,7 @@ impl Db {
     /// transaction.
     /// Stores a queued job, unless `owner` already has `max_waiting` jobs waiting (queued or
     /// paused; `None`: no limit): `None` then. The count and the insert happen under one lock
-    /// ([`Db::lock_owner`]), so concurrent submits cannot all pass the limit.
+    /// ([`Db::begin_owner_write`]), so concurrent submits cannot all pass the limit.
     pub async fn insert_job(
         &self,
         id: &JobId,
@@ -268,8 +268,7 @@ impl Db {
         max_waiting: Option<u64>,
     ) -> Result<Option<JobRow>> {
         let text = serde_json::to_string(spec).expect("a spec serializes");
-        let mut tx = self.pool.begin().await?;
-        self.lock_owner(&mut tx, owner).await?;
+        let mut tx = self.begin_owner_write(owner).await?;
         // created_at is taken inside the insert, so that it does not run backwards against seq
         // (the list order) as a time taken before it could
         let created_at = match self.backend {

@@ -263,21 +263,27 @@ impl Db {
         self
     }
 
-    /// On PostgreSQL, holds a transaction-scoped lock on `owner`'s quotas until `tx` ends, so
-    /// that a quota's count and the write it allows happen as one (concurrent requests of one
-    /// key queue here). SQLite needs none: its write statements hold the one write lock.
-    pub(crate) async fn lock_owner(
+    /// A transaction that holds `owner`'s quota lock until it ends, so that a quota's count and
+    /// the write it allows happen as one (concurrent requests of one key queue here).
+    /// PostgreSQL: a transaction-scoped advisory lock on the owner. SQLite: `BEGIN IMMEDIATE`,
+    /// the one write lock taken before the first read — a deferred transaction that read first
+    /// could not take it later once another connection had written (SQLITE_BUSY at once, not
+    /// after the busy timeout).
+    pub(crate) async fn begin_owner_write(
         &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         owner: Option<&str>,
-    ) -> Result<()> {
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked")
-                .bind(owner.unwrap_or(""))
-                .execute(&mut **tx)
-                .await?;
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS locked")
+                    .bind(owner.unwrap_or(""))
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
         }
-        Ok(())
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
