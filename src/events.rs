@@ -177,11 +177,27 @@ mod tests {
             tokens_seen: 300,
             tokens_per_second: 50.0,
             elapsed_seconds: 2.0,
+            rewards: None,
         };
-        let e = JobEvent::Metrics(m);
+        let e = JobEvent::Metrics(m.clone());
         let data: serde_json::Value = serde_json::from_str(&e.data_json()).unwrap();
         assert_eq!(data["train_loss"], 1.25);
         assert_eq!(data["loss"], 1.25);
+        assert!(data.get("rewards/chosen").is_none());
+        assert_eq!(JobEvent::parse("metrics", &e.data_json()).unwrap(), e);
+        // a preference step carries TRL's reward names, and reads back with them
+        let rewards = crate::job::RewardMetrics {
+            chosen: 0.25,
+            rejected: -0.5,
+            margins: 0.75,
+            accuracies: 1.0,
+        };
+        let e = JobEvent::Metrics(StepMetrics {
+            rewards: Some(rewards),
+            ..m
+        });
+        let data: serde_json::Value = serde_json::from_str(&e.data_json()).unwrap();
+        assert_eq!(data["rewards/margins"], 0.75);
         assert_eq!(JobEvent::parse("metrics", &e.data_json()).unwrap(), e);
         // an event stored by 0.1, with `loss` only, still reads
         let old = r#"{"step":3,"total_steps":10,"epoch":0.5,"loss":1.25,"learning_rate":0.001,"grad_norm":0.5,"tokens":100,"tokens_seen":300,"tokens_per_second":50.0,"elapsed_seconds":2.0}"#;

@@ -182,6 +182,26 @@ pub struct StepMetrics {
     pub tokens_seen: u64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
+    /// A preference step's rewards (TRL's names, `rewards/chosen` …); absent for supervised
+    /// steps.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<RewardMetrics>,
+}
+
+/// The preference metrics of a step or an evaluation, under TRL's names: the mean implicit
+/// rewards of the chosen and rejected answers (DPO: β·(log π − log π_ref) of the answer; ORPO:
+/// β·its mean token log-probability), their mean margin, and the fraction of pairs whose chosen
+/// answer has the higher reward.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct RewardMetrics {
+    #[serde(rename = "rewards/chosen")]
+    pub chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    pub rejected: f64,
+    #[serde(rename = "rewards/margins")]
+    pub margins: f64,
+    #[serde(rename = "rewards/accuracies")]
+    pub accuracies: f64,
 }
 
 /// A stored step as it may come back: with `train_loss`, or with only the `loss` of 0.1.
@@ -201,6 +221,8 @@ struct StoredStep {
     tokens_seen: u64,
     tokens_per_second: f64,
     elapsed_seconds: f64,
+    #[serde(flatten, default)]
+    rewards: Option<RewardMetrics>,
 }
 
 impl TryFrom<StoredStep> for StepMetrics {
@@ -221,6 +243,7 @@ impl TryFrom<StoredStep> for StepMetrics {
             tokens_seen: s.tokens_seen,
             tokens_per_second: s.tokens_per_second,
             elapsed_seconds: s.elapsed_seconds,
+            rewards: s.rewards,
         })
     }
 }
@@ -235,6 +258,9 @@ pub struct EvalMetrics {
     /// Fraction of those tokens whose most likely prediction is the label (absent before 0.3).
     #[serde(default)]
     pub eval_accuracy: Option<f64>,
+    /// A preference run's rewards on the validation pairs (its `eval_loss` is the method's loss).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<RewardMetrics>,
 }
 
 /// One row of a job's loss curve: a step (eval columns empty) or an evaluation (train columns
@@ -253,12 +279,28 @@ pub struct MetricsRow {
     pub train_accuracy: Option<f64>,
     #[serde(default)]
     pub eval_accuracy: Option<f64>,
+    #[serde(default, rename = "rewards/chosen")]
+    pub rewards_chosen: Option<f64>,
+    #[serde(default, rename = "rewards/rejected")]
+    pub rewards_rejected: Option<f64>,
+    #[serde(default, rename = "rewards/margins")]
+    pub rewards_margins: Option<f64>,
+    #[serde(default, rename = "rewards/accuracies")]
+    pub rewards_accuracies: Option<f64>,
+    #[serde(default, rename = "eval_rewards/chosen")]
+    pub eval_rewards_chosen: Option<f64>,
+    #[serde(default, rename = "eval_rewards/rejected")]
+    pub eval_rewards_rejected: Option<f64>,
+    #[serde(default, rename = "eval_rewards/margins")]
+    pub eval_rewards_margins: Option<f64>,
+    #[serde(default, rename = "eval_rewards/accuracies")]
+    pub eval_rewards_accuracies: Option<f64>,
 }
 
 impl MetricsRow {
     /// The CSV header, in field order (columns added later come last, so that readers of the
     /// older header keep their positions).
-    pub(crate) const COLUMNS: [&'static str; 9] = [
+    pub(crate) const COLUMNS: [&'static str; 17] = [
         "step",
         "epoch",
         "train_loss",
@@ -268,10 +310,18 @@ impl MetricsRow {
         "tokens_per_second",
         "train_accuracy",
         "eval_accuracy",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "eval_rewards/chosen",
+        "eval_rewards/rejected",
+        "eval_rewards/margins",
+        "eval_rewards/accuracies",
     ];
 
     /// The row as CSV fields, empty where there is no value.
-    pub(crate) fn csv_fields(&self) -> [String; 9] {
+    pub(crate) fn csv_fields(&self) -> [String; 17] {
         let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
         [
             self.step.to_string(),
@@ -283,7 +333,37 @@ impl MetricsRow {
             opt(self.tokens_per_second),
             opt(self.train_accuracy),
             opt(self.eval_accuracy),
+            opt(self.rewards_chosen),
+            opt(self.rewards_rejected),
+            opt(self.rewards_margins),
+            opt(self.rewards_accuracies),
+            opt(self.eval_rewards_chosen),
+            opt(self.eval_rewards_rejected),
+            opt(self.eval_rewards_margins),
+            opt(self.eval_rewards_accuracies),
         ]
+    }
+
+    fn empty(step: u64, epoch: f64) -> MetricsRow {
+        MetricsRow {
+            step,
+            epoch,
+            train_loss: None,
+            eval_loss: None,
+            learning_rate: None,
+            grad_norm: None,
+            tokens_per_second: None,
+            train_accuracy: None,
+            eval_accuracy: None,
+            rewards_chosen: None,
+            rewards_rejected: None,
+            rewards_margins: None,
+            rewards_accuracies: None,
+            eval_rewards_chosen: None,
+            eval_rewards_rejected: None,
+            eval_rewards_margins: None,
+            eval_rewards_accuracies: None,
+        }
     }
 
     /// Whether this row is an evaluation (it sorts after the step of the same number).
@@ -304,6 +384,11 @@ impl From<&StepMetrics> for MetricsRow {
             tokens_per_second: Some(m.tokens_per_second),
             train_accuracy: m.train_accuracy,
             eval_accuracy: None,
+            rewards_chosen: m.rewards.map(|r| r.chosen),
+            rewards_rejected: m.rewards.map(|r| r.rejected),
+            rewards_margins: m.rewards.map(|r| r.margins),
+            rewards_accuracies: m.rewards.map(|r| r.accuracies),
+            ..MetricsRow::empty(m.step, m.epoch)
         }
     }
 }
@@ -318,8 +403,12 @@ impl From<&EvalMetrics> for MetricsRow {
             learning_rate: None,
             grad_norm: None,
             tokens_per_second: None,
-            train_accuracy: None,
             eval_accuracy: e.eval_accuracy,
+            eval_rewards_chosen: e.rewards.map(|r| r.chosen),
+            eval_rewards_rejected: e.rewards.map(|r| r.rejected),
+            eval_rewards_margins: e.rewards.map(|r| r.margins),
+            eval_rewards_accuracies: e.rewards.map(|r| r.accuracies),
+            ..MetricsRow::empty(e.step, e.epoch)
         }
     }
 }

@@ -17,6 +17,10 @@ use std::collections::BTreeMap;
 
 use crate::job::CheckpointRef;
 
+mod method;
+pub(crate) use method::RawMethod;
+pub use method::{DpoLoss, DpoSpec, Method, OrpoSpec};
+
 /// A spec error names the offending field (`param`, in dotted form) and says what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{param}: {message}")]
@@ -43,6 +47,8 @@ pub(crate) struct RawJobSpec {
     #[serde(default)]
     pub(crate) revision: Option<String>,
     pub(crate) dataset: RawDataset,
+    #[serde(default)]
+    pub(crate) method: Option<RawMethod>,
     #[serde(default)]
     pub(crate) lora: Option<RawLora>,
     #[serde(default)]
@@ -184,6 +190,8 @@ pub struct JobSpec {
     /// Hub revision (branch, tag or commit); ignored for local models.
     pub revision: Option<String>,
     pub dataset: DatasetSpec,
+    /// What the job trains for: `sft` (the default), `dpo` or `orpo` on preference pairs.
+    pub method: Method,
     pub lora: LoraSpec,
     /// Frozen-base quantization (QLoRA); `None` trains plain LoRA on a dense base.
     pub quantization: Option<QuantizationSpec>,
@@ -233,6 +241,12 @@ pub enum DatasetFormat {
     PromptCompletion,
     /// `{"text"}`: loss on every token.
     Text,
+    /// OpenAI's preference records: `{"input": {"messages", "tools"?}, "preferred_output":
+    /// [message], "non_preferred_output": [message]}` (dpo, orpo).
+    Preference,
+    /// TRL's preference records: `{"prompt"?, "chosen", "rejected"}`, each a string or a list
+    /// of messages; without `prompt`, the turns chosen and rejected share are the prompt.
+    ChosenRejected,
 }
 
 impl DatasetFormat {
@@ -244,7 +258,17 @@ impl DatasetFormat {
             DatasetFormat::Sharegpt => "sharegpt",
             DatasetFormat::PromptCompletion => "prompt_completion",
             DatasetFormat::Text => "text",
+            DatasetFormat::Preference => "preference",
+            DatasetFormat::ChosenRejected => "chosen_rejected",
         }
+    }
+
+    /// Whether the records are chosen/rejected pairs.
+    pub fn is_preference(self) -> bool {
+        matches!(
+            self,
+            DatasetFormat::Preference | DatasetFormat::ChosenRejected
+        )
     }
 }
 
@@ -460,6 +484,12 @@ impl TryFrom<RawJobSpec> for JobSpec {
         check_texts(&raw)?;
         check_metadata(raw.metadata.as_ref())?;
         let dataset = raw.dataset.resolve()?;
+        let method = raw
+            .method
+            .map(RawMethod::resolve)
+            .transpose()?
+            .unwrap_or_default();
+        check_format_for_method(dataset.format, &method)?;
         let lora = raw.lora.unwrap_or_default().resolve()?;
         let (quantization, compute_dtype) = match raw.quantization {
             None => (None, raw.compute_dtype.unwrap_or_default()),
@@ -482,6 +512,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
             base_model: raw.base_model,
             revision: raw.revision,
             dataset,
+            method,
             lora,
             quantization,
             compute_dtype,
@@ -492,6 +523,29 @@ impl TryFrom<RawJobSpec> for JobSpec {
             from_checkpoint,
             metadata: raw.metadata,
         })
+    }
+}
+
+/// A dataset format given outright must hold what the method trains on: pairs for dpo and orpo,
+/// single answers for sft (`auto` is checked when the data is read).
+fn check_format_for_method(format: DatasetFormat, method: &Method) -> Result<(), SpecError> {
+    match (format.is_preference(), method.is_preference()) {
+        (true, false) => Err(err(
+            "dataset.format",
+            format!(
+                "{} holds preference pairs; train them with method dpo or orpo",
+                format.as_str()
+            ),
+        )),
+        (false, true) if format != DatasetFormat::Auto => Err(err(
+            "dataset.format",
+            format!(
+                "method {} trains on preference pairs (format preference or chosen_rejected), not {}",
+                method.name(),
+                format.as_str()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

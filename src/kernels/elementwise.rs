@@ -194,14 +194,14 @@ multiversion! {
     }
 }
 
-/// Summed cross-entropy of `(rows, vocab)` logits against `targets`, and how many rows have
-/// their target as the argmax; the logits become the gradient of that sum (`softmax − onehot`)
-/// in place. Rows in parallel.
+/// The cross-entropy of each row of `(rows, vocab)` logits against `targets`, and how many rows
+/// have their target as the argmax; the logits become the gradient of each row's loss
+/// (`softmax − onehot`) in place. Rows in parallel.
 pub fn softmax_cross_entropy_rows(
     logits: &mut [f32],
     vocab: usize,
     targets: &[u32],
-) -> (f64, usize) {
+) -> (Vec<f64>, usize) {
     let rows = targets.len();
     assert!(
         logits.len() >= rows * vocab,
@@ -225,7 +225,8 @@ pub fn softmax_cross_entropy_rows(
         };
         xent_rows_block(rows, vocab, &targets[s..e], losses, hits);
     });
-    (losses.iter().sum(), hits.iter().filter(|&&h| h).count())
+    let correct = hits.iter().filter(|&&h| h).count();
+    (losses, correct)
 }
 
 /// In-place softmax of one row.

@@ -49,7 +49,11 @@ const ALPACA_PROMPT_INPUT: &str = "Below is an instruction that describes a task
 
 fn detect(record: &serde_json::Map<String, Value>) -> Option<DatasetFormat> {
     let has = |k: &str| record.contains_key(k);
-    if has("messages") {
+    if has("preferred_output") || has("non_preferred_output") {
+        Some(DatasetFormat::Preference)
+    } else if has("chosen") && has("rejected") {
+        Some(DatasetFormat::ChosenRejected)
+    } else if has("messages") {
         Some(DatasetFormat::Messages)
     } else if has("conversations") {
         Some(DatasetFormat::Sharegpt)
@@ -161,7 +165,8 @@ pub(crate) fn parse_line(
         *format = detect(&record).ok_or_else(|| {
             at(format!(
                 "cannot detect the dataset format from the record's {} fields; expected \
-                 messages, conversations, instruction/output, prompt/completion or text (or set \
+                 messages, conversations, instruction/output, prompt/completion, text, \
+                 input/preferred_output/non_preferred_output or chosen/rejected (or set \
                  dataset.format)",
                 record.len()
             ))
@@ -187,6 +192,9 @@ pub(crate) fn check_record(
                 ))),
             }
         }
+        DatasetFormat::Preference | DatasetFormat::ChosenRejected => {
+            super::preference::check_record(record, format)
+        }
         _ => plain_segments(record, format).map(|_| ()),
     }
 }
@@ -202,6 +210,50 @@ pub fn load_jsonl(
     train_on_inputs: bool,
     max_record_bytes: usize,
 ) -> Result<(Vec<Example>, DataReport)> {
+    let mut examples = Vec::new();
+    let mut report = read_records(file, format, max_record_bytes, |record, format, report| {
+        if format.is_preference() {
+            return Err(Error::Data(format!(
+                "the records are preference pairs ({}); train them with method dpo or orpo",
+                format.as_str()
+            )));
+        }
+        let segments = segments(&record, format, tok)?;
+        let mut ex = tokenize(&segments, format, tok, train_on_inputs)?;
+        if ex.ids.len() > max_seq_len {
+            ex.ids.truncate(max_seq_len);
+            ex.labels.truncate(max_seq_len);
+            report.truncated += 1;
+        }
+        if ex.label_count() == 0 {
+            report.dropped_no_labels += 1;
+            return Ok(());
+        }
+        report.tokens += ex.ids.len();
+        report.label_tokens += ex.label_count();
+        examples.push(ex);
+        Ok(())
+    })?;
+    report.examples = examples.len();
+    if examples.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: none of its {} records has a label token left within max_seq_len={max_seq_len} \
+             ({} truncated); raise max_seq_len or shorten the examples",
+            file.name, report.records, report.truncated
+        )));
+    }
+    Ok((examples, report))
+}
+
+/// Reads a JSONL file one record at a time and hands each (with the format, detected from the
+/// first record when `Auto`) to `take`, which counts what it keeps in the report. An error of
+/// `take` is given the file's name and the line; so is a malformed line or an oversized record.
+pub(crate) fn read_records(
+    file: &DatasetFile,
+    format: DatasetFormat,
+    max_record_bytes: usize,
+    mut take: impl FnMut(serde_json::Map<String, Value>, DatasetFormat, &mut DataReport) -> Result<()>,
+) -> Result<DataReport> {
     use std::io::{BufRead, Read};
     let shown = file.name.clone();
     let opened = std::fs::File::open(&file.path).map_err(|e| Error::io(&shown, e))?;
@@ -211,7 +263,6 @@ pub fn load_jsonl(
         path: shown.clone(),
         ..Default::default()
     };
-    let mut examples = Vec::new();
     let mut raw = Vec::new();
     let mut line_no = 0usize;
     loop {
@@ -229,39 +280,17 @@ pub fn load_jsonl(
         else {
             continue;
         };
-        let at = |msg: String| Error::Data(format!("{shown} line {line_no}: {msg}"));
         report.records += 1;
-        let segments = segments(&record, format, tok).map_err(|e| match e {
-            Error::Data(m) => at(m),
-            other => at(other.to_string()),
+        take(record, format, &mut report).map_err(|e| match e {
+            Error::Data(m) => Error::Data(format!("{shown} line {line_no}: {m}")),
+            other => Error::Data(format!("{shown} line {line_no}: {other}")),
         })?;
-        let mut ex = tokenize(&segments, format, tok, train_on_inputs)?;
-        if ex.ids.len() > max_seq_len {
-            ex.ids.truncate(max_seq_len);
-            ex.labels.truncate(max_seq_len);
-            report.truncated += 1;
-        }
-        if ex.label_count() == 0 {
-            report.dropped_no_labels += 1;
-            continue;
-        }
-        report.tokens += ex.ids.len();
-        report.label_tokens += ex.label_count();
-        examples.push(ex);
     }
     report.format = format.as_str().to_string();
-    report.examples = examples.len();
     if report.records == 0 {
         return Err(Error::Data(format!("{shown} is empty: no records")));
     }
-    if examples.is_empty() {
-        return Err(Error::Data(format!(
-            "{shown}: none of its {} records has a label token left within max_seq_len={max_seq_len} \
-             ({} truncated); raise max_seq_len or shorten the examples",
-            report.records, report.truncated
-        )));
-    }
-    Ok((examples, report))
+    Ok(report)
 }
 
 /// A piece of an example's text and whether its tokens carry loss.
@@ -367,6 +396,10 @@ fn plain_segments(
         DatasetFormat::Messages | DatasetFormat::Sharegpt | DatasetFormat::Auto => {
             unreachable!("chat formats are rendered by segments; auto is resolved before")
         }
+        DatasetFormat::Preference | DatasetFormat::ChosenRejected => Err(Error::Data(format!(
+            "the records are preference pairs ({}); train them with method dpo or orpo",
+            format.as_str()
+        ))),
     }
 }
 
@@ -376,9 +409,9 @@ fn chat_messages(
     record: &serde_json::Map<String, Value>,
     format: DatasetFormat,
 ) -> Result<(Vec<Message>, Vec<bool>)> {
-    let (key, role_key, content_key) = match format {
-        DatasetFormat::Messages => ("messages", "role", "content"),
-        _ => ("conversations", "from", "value"),
+    let key = match format {
+        DatasetFormat::Messages => "messages",
+        _ => "conversations",
     };
     let list = match record.get(key) {
         Some(Value::Array(l)) => l,
@@ -398,73 +431,9 @@ fn chat_messages(
     let mut out = Vec::with_capacity(list.len());
     let mut trained = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let obj = m
-            .as_object()
-            .ok_or_else(|| Error::Data(format!("{key}[{i}] must be an object")))?;
-        let role = match obj.get(role_key) {
-            Some(Value::String(s)) => s.as_str(),
-            _ => {
-                return Err(Error::Data(format!(
-                    "{key}[{i}]: missing string field {role_key:?}"
-                )))
-            }
-        };
-        let role = match (format, role) {
-            (DatasetFormat::Sharegpt, "human" | "user") => "user",
-            (DatasetFormat::Sharegpt, "gpt" | "assistant" | "chatgpt") => "assistant",
-            (_, "system" | "user" | "assistant") => role,
-            // OpenAI's developer messages are what chat templates call system messages
-            (DatasetFormat::Messages, "developer") => "system",
-            (DatasetFormat::Messages, "tool") => "tool",
-            // not quoted: error messages never repeat the data
-            (_, _) => {
-                return Err(Error::Data(format!(
-                    "{key}[{i}]: unknown role (expected system, developer, user, assistant or tool)"
-                )))
-            }
-        };
-        let tool_calls = match obj.get("tool_calls") {
-            None | Some(Value::Null) => None,
-            Some(calls @ Value::Array(_)) if role == "assistant" => Some(calls.clone()),
-            Some(_) => {
-                return Err(Error::Data(format!(
-                    "{key}[{i}].tool_calls: only assistant messages carry tool calls, as an array"
-                )))
-            }
-        };
-        let content = match obj.get(content_key) {
-            Some(Value::String(s)) => s.clone(),
-            // an assistant turn that only calls tools has no text
-            None | Some(Value::Null) if tool_calls.is_some() => String::new(),
-            _ => {
-                return Err(Error::Data(format!(
-                    "{key}[{i}]: missing string field {content_key:?}"
-                )))
-            }
-        };
-        let weight = match obj.get("weight") {
-            None | Some(Value::Null) => 1,
-            Some(_) if role != "assistant" => {
-                return Err(Error::Data(format!(
-                    "{key}[{i}].weight: only assistant messages have a weight"
-                )));
-            }
-            Some(w) => match w.as_f64() {
-                Some(v) if v == 0.0 || v == 1.0 => v as u8,
-                _ => return Err(Error::Data(format!("{key}[{i}].weight: must be 0 or 1"))),
-            },
-        };
-        let tool_call_id = match obj.get("tool_call_id") {
-            Some(Value::String(s)) => Some(s.clone()),
-            _ => None,
-        };
-        trained.push(role == "assistant" && weight == 1);
-        out.push(Message {
-            role: role.to_string(),
-            content,
-            tool_calls,
-            tool_call_id,
-        });
+        let (message, weight) = parse_message(m, &format!("{key}[{i}]"), format)?;
+        trained.push(message.role == "assistant" && weight == 1);
+        out.push(message);
     }
     if !out.iter().any(|m| m.role == "assistant") {
         return Err(Error::Data(format!(
@@ -477,6 +446,82 @@ fn chat_messages(
         )));
     }
     Ok((out, trained))
+}
+
+/// One chat message of a record (`at` names it in errors, e.g. `messages[2]`), with its OpenAI
+/// `weight` (0 or 1; 1 when absent).
+pub(crate) fn parse_message(m: &Value, at: &str, format: DatasetFormat) -> Result<(Message, u8)> {
+    let (role_key, content_key) = match format {
+        DatasetFormat::Sharegpt => ("from", "value"),
+        _ => ("role", "content"),
+    };
+    let obj = m
+        .as_object()
+        .ok_or_else(|| Error::Data(format!("{at} must be an object")))?;
+    let role = match obj.get(role_key) {
+        Some(Value::String(s)) => s.as_str(),
+        _ => {
+            return Err(Error::Data(format!(
+                "{at}: missing string field {role_key:?}"
+            )))
+        }
+    };
+    let role = match (format, role) {
+        (DatasetFormat::Sharegpt, "human" | "user") => "user",
+        (DatasetFormat::Sharegpt, "gpt" | "assistant" | "chatgpt") => "assistant",
+        (_, "system" | "user" | "assistant") => role,
+        // OpenAI's developer messages are what chat templates call system messages
+        (f, "developer") if f != DatasetFormat::Sharegpt => "system",
+        (f, "tool") if f != DatasetFormat::Sharegpt => "tool",
+        // not quoted: error messages never repeat the data
+        (_, _) => {
+            return Err(Error::Data(format!(
+                "{at}: unknown role (expected system, developer, user, assistant or tool)"
+            )))
+        }
+    };
+    let tool_calls = match obj.get("tool_calls") {
+        None | Some(Value::Null) => None,
+        Some(calls @ Value::Array(_)) if role == "assistant" => Some(calls.clone()),
+        Some(_) => {
+            return Err(Error::Data(format!(
+                "{at}.tool_calls: only assistant messages carry tool calls, as an array"
+            )))
+        }
+    };
+    let content = match obj.get(content_key) {
+        Some(Value::String(s)) => s.clone(),
+        // an assistant turn that only calls tools has no text
+        None | Some(Value::Null) if tool_calls.is_some() => String::new(),
+        _ => {
+            return Err(Error::Data(format!(
+                "{at}: missing string field {content_key:?}"
+            )))
+        }
+    };
+    let weight = match obj.get("weight") {
+        None | Some(Value::Null) => 1,
+        Some(_) if role != "assistant" => {
+            return Err(Error::Data(format!(
+                "{at}.weight: only assistant messages have a weight"
+            )));
+        }
+        Some(w) => match w.as_f64() {
+            Some(v) if v == 0.0 || v == 1.0 => v as u8,
+            _ => return Err(Error::Data(format!("{at}.weight: must be 0 or 1"))),
+        },
+    };
+    let tool_call_id = match obj.get("tool_call_id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let message = Message {
+        role: role.to_string(),
+        content,
+        tool_calls,
+        tool_call_id,
+    };
+    Ok((message, weight))
 }
 
 /// Splits a rendered conversation into prompt text and assistant answers (each answer ending
@@ -565,6 +610,10 @@ pub struct Batch {
     pub label_tokens: usize,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
+    /// For each label position, in order: the example it belongs to (its index in the slice the
+    /// batch was made from) and the index of the predicted token in that example. What a loss
+    /// over whole sequences (DPO, ORPO) sums by.
+    pub(crate) label_rows: Vec<(u32, u32)>,
     /// Set when rows hold several examples ([`make_packed_batch`]): for each position of `ids`
     /// (row-major), the column where its example starts in its row. Attention stays within an
     /// example and RoPE positions count from its start, so each example computes what it would
@@ -583,6 +632,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
     let mut ids = vec![pad_id; b * t];
     let mut positions = Vec::new();
     let mut targets = Vec::new();
+    let mut label_rows = Vec::new();
     let mut tokens = 0;
     for (bi, ex) in examples.iter().enumerate() {
         let n = ex.ids.len() - 1;
@@ -592,6 +642,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
             if ex.labels[p + 1] {
                 positions.push((bi * t + p) as u32);
                 targets.push(ex.ids[p + 1]);
+                label_rows.push((bi as u32, (p + 1) as u32));
             }
         }
     }
@@ -602,6 +653,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
         targets: Tensor::from_vec(targets, label_tokens, device)?,
         label_tokens,
         tokens,
+        label_rows,
         example_starts: None,
     })
 }
@@ -621,6 +673,7 @@ pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) ->
     let mut ids = vec![pad_id; b * width];
     let mut starts = vec![0u32; b * width];
     let (mut positions, mut targets, mut tokens) = (Vec::new(), Vec::new(), 0);
+    let mut label_rows = Vec::new();
     for (row, (used, members)) in rows.iter().enumerate() {
         let mut col = 0;
         for &i in members {
@@ -633,6 +686,7 @@ pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) ->
                 if ex.labels[p + 1] {
                     positions.push((at + p) as u32);
                     targets.push(ex.ids[p + 1]);
+                    label_rows.push((i as u32, (p + 1) as u32));
                 }
             }
             col += n;
@@ -648,6 +702,7 @@ pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) ->
         targets: Tensor::from_vec(targets, label_tokens, device)?,
         label_tokens,
         tokens,
+        label_rows,
         example_starts: Some(starts),
     })
 }

@@ -21,6 +21,7 @@ pub mod generate;
 pub mod model;
 pub(crate) mod ops;
 pub(crate) mod optim;
+pub mod preference;
 pub(crate) mod quant;
 pub mod report;
 #[cfg(test)]

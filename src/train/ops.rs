@@ -462,7 +462,52 @@ pub fn lm_head_cross_entropy(
     targets: &Tensor,
 ) -> Result<LossSum> {
     timing::scope(Part::Loss, || {
-        lm_head_cross_entropy_untimed(hidden, weight, targets)
+        let rows = row_cross_entropy(hidden, weight, targets)?;
+        let sum = rows.sum;
+        let Some(grad_hidden) = rows.grad_hidden else {
+            return Ok(LossSum {
+                sum,
+                correct: rows.correct,
+            });
+        };
+        let sum = attach_backward("lm-head-xent", hidden, sum, move |_x, _y, g| {
+            grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?)
+        })?;
+        Ok(LossSum {
+            sum,
+            correct: rows.correct,
+        })
+    })
+}
+
+/// The cross-entropy of each row of `hidden · Wᵀ` against `targets` as a `(rows,)` tensor whose
+/// backward scales each row's gradient by its own upstream gradient: what a loss over whole
+/// sequences (DPO, ORPO) is built on. Same chunked computation as [`lm_head_cross_entropy`].
+pub fn lm_head_token_losses(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+) -> Result<TokenLosses> {
+    timing::scope(Part::Loss, || {
+        let rows = row_cross_entropy(hidden, weight, targets)?;
+        let Some(grad_hidden) = rows.grad_hidden else {
+            return Ok(TokenLosses {
+                losses: rows.losses,
+                correct: rows.correct,
+            });
+        };
+        let losses = attach_backward(
+            "lm-head-xent-rows",
+            hidden,
+            rows.losses,
+            move |_x, _y, g| {
+                grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?.unsqueeze(1)?)
+            },
+        )?;
+        Ok(TokenLosses {
+            losses,
+            correct: rows.correct,
+        })
     })
 }
 
@@ -473,23 +518,39 @@ pub struct LossSum {
     pub correct: usize,
 }
 
-fn lm_head_cross_entropy_untimed(
+/// Each label token's loss `(rows,)` (differentiable) and how many the model ranks first.
+pub struct TokenLosses {
+    pub losses: Tensor,
+    pub correct: usize,
+}
+
+/// What the chunked cross-entropy computed: each row's loss (not tracked), their sum (summed in
+/// f64 on the CPU), the argmax hits, and when `hidden` is tracked the gradient of each row's loss
+/// w.r.t. its hidden state.
+struct RowCrossEntropy {
+    losses: Tensor,
+    sum: Tensor,
+    correct: usize,
+    grad_hidden: Option<Tensor>,
+}
+
+fn row_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
-) -> Result<LossSum> {
+) -> Result<RowCrossEntropy> {
     let (rows, _h) = hidden.dims2()?;
     let want_grad = hidden.track_op();
     let hidden_d = hidden.detach();
     if fused_applies(hidden) && weight.device().is_cpu() {
-        return lm_head_cross_entropy_cpu(hidden, weight, targets);
+        return row_cross_entropy_cpu(hidden, weight, targets);
     }
     // The loss is accumulated in at least f32 (f64 stays f64 for gradient checks).
     let acc = match weight.dtype() {
         candle_core::DType::F64 => candle_core::DType::F64,
         _ => candle_core::DType::F32,
     };
-    let mut loss_sum = Tensor::zeros((), acc, hidden.device())?;
+    let mut loss_chunks = Vec::new();
     let mut correct = 0usize;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
@@ -509,7 +570,7 @@ fn lm_head_cross_entropy_untimed(
             .to_dtype(candle_core::DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()? as usize;
-        loss_sum = (loss_sum + (sum_exp.log()? - picked)?.sum_all()?)?;
+        loss_chunks.push((sum_exp.log()? - picked)?.squeeze(1)?);
         if want_grad {
             let softmax = exp.broadcast_div(&sum_exp)?;
             let minus_one = Tensor::full(-1f32, (n, 1), hidden.device())?.to_dtype(acc)?;
@@ -519,27 +580,31 @@ fn lm_head_cross_entropy_untimed(
         }
         start += n;
     }
-    if !want_grad {
-        return Ok(LossSum {
-            sum: loss_sum,
-            correct,
-        });
-    }
-    let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
-    let sum = attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
-        grad_hidden.broadcast_mul(&g.to_dtype(grad_hidden.dtype())?)
-    })?;
-    Ok(LossSum { sum, correct })
+    let losses = match loss_chunks.is_empty() {
+        true => Tensor::zeros(0, acc, hidden.device())?,
+        false => Tensor::cat(&loss_chunks, 0)?,
+    };
+    let sum = losses.sum_all()?;
+    let grad_hidden = match want_grad {
+        true => Some(Tensor::cat(&grad_chunks, 0)?),
+        false => None,
+    };
+    Ok(RowCrossEntropy {
+        losses,
+        sum,
+        correct,
+        grad_hidden,
+    })
 }
 
-/// [`lm_head_cross_entropy`] on the CPU in float32: each chunk's logits buffer becomes its own
+/// [`row_cross_entropy`] on the CPU in float32: each chunk's logits buffer becomes its own
 /// gradient (`softmax − onehot`) in place, one row at a time, so a chunk costs one
 /// `(rows, vocab)` buffer instead of six.
-fn lm_head_cross_entropy_cpu(
+fn row_cross_entropy_cpu(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
-) -> Result<LossSum> {
+) -> Result<RowCrossEntropy> {
     let (rows, _h) = hidden.dims2()?;
     let vocab = weight.dim(0)?;
     let want_grad = hidden.track_op();
@@ -549,7 +614,7 @@ fn lm_head_cross_entropy_cpu(
         candle_core::bail!("cross-entropy: target {t} is outside the vocabulary ({vocab})")
     }
     let weight = weight.contiguous()?;
-    let (mut loss_sum, mut correct) = (0f64, 0usize);
+    let (mut losses, mut correct) = (Vec::with_capacity(rows), 0usize);
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < rows {
@@ -567,12 +632,12 @@ fn lm_head_cross_entropy_cpu(
                 _ => candle_core::bail!("cross-entropy: logits must be float32"),
             }
         };
-        let (chunk_loss, chunk_correct) = crate::kernels::elementwise::softmax_cross_entropy_rows(
+        let (chunk_losses, chunk_correct) = crate::kernels::elementwise::softmax_cross_entropy_rows(
             &mut logits,
             vocab,
             &targets[start..start + n],
         );
-        loss_sum += chunk_loss;
+        losses.extend(chunk_losses);
         correct += chunk_correct;
         if want_grad {
             let d_logits = Tensor::from_vec(logits, (n, vocab), hidden.device())?;
@@ -580,18 +645,18 @@ fn lm_head_cross_entropy_cpu(
         }
         start += n;
     }
-    let loss_sum = Tensor::new(loss_sum as f32, hidden.device())?;
-    if !want_grad {
-        return Ok(LossSum {
-            sum: loss_sum,
-            correct,
-        });
-    }
-    let grad_hidden = Tensor::cat(&grad_chunks, 0)?;
-    let sum = attach_backward("lm-head-xent", hidden, loss_sum, move |_x, _y, g| {
-        grad_hidden.broadcast_mul(g)
-    })?;
-    Ok(LossSum { sum, correct })
+    let sum = Tensor::new(losses.iter().sum::<f64>() as f32, hidden.device())?;
+    let losses: Vec<f32> = losses.iter().map(|&l| l as f32).collect();
+    let grad_hidden = match want_grad {
+        true => Some(Tensor::cat(&grad_chunks, 0)?),
+        false => None,
+    };
+    Ok(RowCrossEntropy {
+        losses: Tensor::from_vec(losses, rows, hidden.device())?,
+        sum,
+        correct,
+        grad_hidden,
+    })
 }
 
 /// Grouped-query attention: repeat each key/value head `n_rep` times, `(b, kv, t, d)` →

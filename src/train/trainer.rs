@@ -18,6 +18,7 @@ use super::data::{self, Batch, DataReport, DataSummary, Example};
 use super::error::{Error, Result};
 use super::model::{dropout_seed, mix_seed, BaseModel, ForwardMode, Llama};
 use super::optim::{self, Optimizer};
+use super::preference::{self, Pair, ReferenceLogps};
 use super::report::{Event, Phase, Reporter};
 use crate::job::{with_legacy_loss, EvalMetrics, MetricsRow, StepMetrics};
 use crate::spec::JobSpec;
@@ -116,11 +117,7 @@ pub fn evaluate(base: &BaseModel, examples: &[Example], batch_size: usize) -> Re
 }
 
 /// Splits off a seeded `fraction` of the examples for validation (at least one).
-fn split_validation(
-    examples: Vec<Example>,
-    fraction: f64,
-    seed: u64,
-) -> Result<(Vec<Example>, Vec<Example>)> {
+fn split_validation<T>(examples: Vec<T>, fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     let n = examples.len();
     let n_val = ((n as f64 * fraction).round() as usize).max(1);
     if n_val >= n {
@@ -160,11 +157,15 @@ pub(crate) struct StepOutput {
     pub loss: f64,
     /// Fraction of the step's label tokens the model ranked first, before the update.
     pub accuracy: f64,
+    /// How many they were.
+    pub correct: usize,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Input tokens processed (padding excluded).
     pub tokens: usize,
     pub times: StepTimes,
+    /// A preference step's reward metrics.
+    pub rewards: Option<super::preference::RewardMetrics>,
 }
 
 /// One optimizer step over `micro_batches`: forward and loss, backward, gradient accumulation,
@@ -183,63 +184,113 @@ pub(crate) fn optimizer_step(
     max_grad_norm: f64,
 ) -> Result<StepOutput> {
     let label_total: usize = micro_batches.iter().map(|b| b.label_tokens).sum();
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let (mut loss_value, mut tokens, mut correct) = (0f64, 0usize, 0usize);
-    let mut times = StepTimes::default();
-    for (mi, batch) in micro_batches.iter().enumerate() {
-        let t0 = Instant::now();
-        tokens += batch.tokens;
-        let mode = ForwardMode {
-            train: true,
-            dropout_seed: dropout_seed(seed, step, mi as u64),
-        };
+    let update = Update {
+        seed,
+        step,
+        learning_rate,
+        max_grad_norm,
+    };
+    let mut out = update.run(model, vars, optimizer, micro_batches.len(), |mi, mode| {
+        let batch = &micro_batches[mi];
         let loss_sum = model.batch_loss(batch, mode)?;
-        correct += loss_sum.correct;
-        let loss = (loss_sum.sum / label_total as f64)?;
-        loss_value += loss.to_scalar::<f32>()? as f64;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        for (i, g) in model.lora_grads(&store)?.iter().enumerate() {
-            grads[i] = Some(match grads[i].take() {
-                None => g.clone(),
-                Some(acc) => (acc + g)?,
+        let objective = (loss_sum.sum / label_total as f64)?;
+        Ok(MicroStep {
+            loss: objective.to_scalar::<f32>()? as f64,
+            objective,
+            correct: loss_sum.correct,
+            tokens: batch.tokens,
+        })
+    })?;
+    out.accuracy = out.correct as f64 / label_total.max(1) as f64;
+    Ok(out)
+}
+
+/// What a micro-batch's forward gives the step: the tensor its backward starts from (weighted
+/// by the micro-batch's share of the step), that share of the step's loss, the label tokens the
+/// model ranked first, and the input tokens it read.
+pub(crate) struct MicroStep {
+    pub objective: Tensor,
+    pub loss: f64,
+    pub correct: usize,
+    pub tokens: usize,
+}
+
+/// The optimizer step's settings.
+pub(crate) struct Update {
+    pub seed: u64,
+    pub step: u64,
+    pub learning_rate: f64,
+    pub max_grad_norm: f64,
+}
+
+impl Update {
+    /// Runs `micro` micro-batches through `forward` (micro-batch `i` with its dropout masks),
+    /// a backward from each, accumulates the LoRA gradients, clips and updates.
+    pub(crate) fn run(
+        &self,
+        model: &Llama,
+        vars: &[Var],
+        optimizer: &mut Optimizer,
+        micro: usize,
+        mut forward: impl FnMut(usize, ForwardMode) -> Result<MicroStep>,
+    ) -> Result<StepOutput> {
+        let (step, learning_rate) = (self.step, self.learning_rate);
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut loss_value, mut tokens, mut correct) = (0f64, 0usize, 0usize);
+        let mut times = StepTimes::default();
+        for mi in 0..micro {
+            let t0 = Instant::now();
+            let mode = ForwardMode::train(dropout_seed(self.seed, step, mi as u64));
+            let m = forward(mi, mode)?;
+            tokens += m.tokens;
+            correct += m.correct;
+            loss_value += m.loss;
+            let t1 = Instant::now();
+            let store = m.objective.backward()?;
+            for (i, g) in model.lora_grads(&store)?.iter().enumerate() {
+                grads[i] = Some(match grads[i].take() {
+                    None => g.clone(),
+                    Some(acc) => (acc + g)?,
+                });
+            }
+            drop(store);
+            times.forward += (t1 - t0).as_secs_f64();
+            times.backward += t1.elapsed().as_secs_f64();
+        }
+        if !loss_value.is_finite() {
+            return Err(Error::Diverged {
+                step: step + 1,
+                reason: format!(
+                    "the loss is {loss_value}; lower training.learning_rate (now {learning_rate})"
+                ),
             });
         }
-        drop(store);
-        times.forward += (t1 - t0).as_secs_f64();
-        times.backward += t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .map(|g| g.expect("every var has a gradient after the first micro-batch"))
+            .collect();
+        let grad_norm = optim::clip_grad_norm(&mut grads, self.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::Diverged {
+                step: step + 1,
+                reason: format!(
+                    "the gradient norm is {grad_norm}; lower training.learning_rate (now {learning_rate})"
+                ),
+            });
+        }
+        optimizer.step(vars, &grads, learning_rate)?;
+        times.optimizer = t2.elapsed().as_secs_f64();
+        Ok(StepOutput {
+            loss: loss_value,
+            accuracy: 0.0,
+            correct,
+            grad_norm,
+            tokens,
+            times,
+            rewards: None,
+        })
     }
-    if !loss_value.is_finite() {
-        return Err(Error::Diverged {
-            step: step + 1,
-            reason: format!(
-                "the loss is {loss_value}; lower training.learning_rate (now {learning_rate})"
-            ),
-        });
-    }
-    let t2 = Instant::now();
-    let mut grads: Vec<Tensor> = grads
-        .into_iter()
-        .map(|g| g.expect("every var has a gradient after the first micro-batch"))
-        .collect();
-    let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
-    if !grad_norm.is_finite() {
-        return Err(Error::Diverged {
-            step: step + 1,
-            reason: format!(
-                "the gradient norm is {grad_norm}; lower training.learning_rate (now {learning_rate})"
-            ),
-        });
-    }
-    optimizer.step(vars, &grads, learning_rate)?;
-    times.optimizer = t2.elapsed().as_secs_f64();
-    Ok(StepOutput {
-        loss: loss_value,
-        accuracy: correct as f64 / label_total.max(1) as f64,
-        grad_norm,
-        tokens,
-        times,
-    })
 }
 
 /// What a run needs besides its spec.
@@ -267,8 +318,7 @@ pub(crate) struct Trainer {
     vars: Vec<Var>,
     optimizer: Optimizer,
     pub(crate) schedule: Schedule,
-    train: Vec<Example>,
-    validation: Vec<Example>,
+    data: TrainingData,
     out: PathBuf,
     /// The step a resumed run continues from (0 for a fresh one).
     pub(crate) start_step: u64,
@@ -277,6 +327,37 @@ pub(crate) struct Trainer {
     started: Instant,
     metrics: MetricsLog,
     health: Health,
+}
+
+/// What a run trains on: labelled examples (sft), or preference pairs with, for DPO, the
+/// reference's log-probabilities of every pair (computed once, before the first step, from the
+/// model as the run starts: the base, or the adapter it continues).
+enum TrainingData {
+    Examples {
+        train: Vec<Example>,
+        validation: Vec<Example>,
+    },
+    Pairs {
+        train: Vec<Pair>,
+        validation: Vec<Pair>,
+        /// Empty for ORPO, which needs no reference.
+        reference: Reference,
+    },
+}
+
+#[derive(Default)]
+struct Reference {
+    train: Vec<ReferenceLogps>,
+    validation: Vec<ReferenceLogps>,
+}
+
+impl TrainingData {
+    fn has_validation(&self) -> bool {
+        match self {
+            TrainingData::Examples { validation, .. } => !validation.is_empty(),
+            TrainingData::Pairs { validation, .. } => !validation.is_empty(),
+        }
+    }
 }
 
 /// Signs that a run has gone wrong although every number is finite: the loss far above where
@@ -361,43 +442,8 @@ impl Trainer {
         tracing::info!(model = %base.name, layers = base.model.blocks.len(), "base model loaded");
 
         reporter.report(&Event::Phase(Phase::Tokenizing));
-        let load = |file| {
-            data::load_jsonl(
-                file,
-                spec.dataset.format,
-                &base.tokenizer,
-                t.max_seq_len as usize,
-                t.train_on_inputs,
-                opts.max_record_bytes,
-            )
-        };
-        let (train, mut train_report) = load(&datasets.train)?;
-        let (train, validation, val_report) =
-            match (&datasets.validation, spec.dataset.validation_split) {
-                (Some(file), _) => {
-                    let (v, r) = load(file)?;
-                    (train, v, Some(r))
-                }
-                (None, Some(f)) => {
-                    let (tr, v) = split_validation(train, f, spec.seed)?;
-                    // the training report counts what is left for training
-                    train_report.examples = tr.len();
-                    train_report.tokens = tr.iter().map(|e| e.ids.len()).sum();
-                    train_report.label_tokens = tr.iter().map(|e| e.label_count()).sum();
-                    let r = DataReport {
-                        path: format!("{} (validation_split {f})", train_report.path),
-                        format: train_report.format.clone(),
-                        records: v.len(),
-                        examples: v.len(),
-                        tokens: v.iter().map(|e| e.ids.len()).sum(),
-                        label_tokens: v.iter().map(|e| e.label_count()).sum(),
-                        ..Default::default()
-                    };
-                    (tr, v, Some(r))
-                }
-                (None, None) => (train, Vec::new(), None),
-            };
-        let schedule = Schedule::new(spec, train.iter().map(|e| e.ids.len()).collect());
+        let (data, summary) = load_data(spec, opts, datasets, &base)?;
+        let schedule = Schedule::new(spec, data.lengths());
         if let Some(cap) = opts.max_total_steps.filter(|c| schedule.total_steps > *c) {
             return Err(Error::Data(format!(
                 "the job would run {} optimizer steps, over this server's limit of {cap}; lower \
@@ -407,17 +453,18 @@ impl Trainer {
         }
         let vars: Vec<Var> = base.model.lora_vars().into_iter().map(|(_, v)| v).collect();
         tracing::info!(
-            examples = train.len(),
-            validation = validation.len(),
+            examples = summary.0.examples,
+            validation = summary.1.as_ref().map_or(0, |v| v.examples),
             total_steps = schedule.total_steps,
             "data tokenized"
         );
         reporter.report(&Event::Data(DataSummary {
-            train: train_report,
-            validation: val_report,
+            train: summary.0,
+            validation: summary.1,
             total_steps: schedule.total_steps,
             trainable_parameters: vars.iter().map(|v| v.elem_count()).sum(),
         }));
+        let data = data.with_reference(spec, &base, opts.init_adapter.is_some())?;
 
         let mut optimizer = Optimizer::new(t, vars.len());
         let (mut start_step, mut tokens_seen) = (0, 0);
@@ -442,8 +489,7 @@ impl Trainer {
             vars,
             optimizer,
             schedule,
-            train,
-            validation,
+            data,
             out,
             start_step,
             tokens_seen,
@@ -458,30 +504,53 @@ impl Trainer {
     pub(crate) fn train_step(&mut self, step: u64) -> Result<StepMetrics> {
         let t = &self.spec.training;
         let t0 = Instant::now();
-        let pad = self.base.tokenizer.eos_id.unwrap_or(0);
         let picked = self.schedule.step_examples(step);
-        let batches = picked
-            .chunks(t.batch_size as usize)
-            .map(|micro| {
-                let refs: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
-                if t.packing {
-                    data::make_packed_batch(&refs, pad, &self.base.model.device)
-                } else {
-                    data::make_batch(&refs, pad, &self.base.model.device)
-                }
-            })
-            .collect::<Result<Vec<Batch>>>()?;
         let lr = optim::learning_rate(t, step, self.schedule.total_steps);
-        let out = optimizer_step(
-            &self.base.model,
-            &self.vars,
-            &mut self.optimizer,
-            &batches,
-            self.spec.seed,
-            step,
-            lr,
-            t.max_grad_norm,
-        )?;
+        let out = match &self.data {
+            TrainingData::Examples { train, .. } => {
+                let pad = self.base.tokenizer.eos_id.unwrap_or(0);
+                let batches = picked
+                    .chunks(t.batch_size as usize)
+                    .map(|micro| {
+                        let refs: Vec<&Example> = micro.iter().map(|&i| &train[i]).collect();
+                        if t.packing {
+                            data::make_packed_batch(&refs, pad, &self.base.model.device)
+                        } else {
+                            data::make_batch(&refs, pad, &self.base.model.device)
+                        }
+                    })
+                    .collect::<Result<Vec<Batch>>>()?;
+                optimizer_step(
+                    &self.base.model,
+                    &self.vars,
+                    &mut self.optimizer,
+                    &batches,
+                    self.spec.seed,
+                    step,
+                    lr,
+                    t.max_grad_norm,
+                )?
+            }
+            TrainingData::Pairs {
+                train, reference, ..
+            } => {
+                let update = Update {
+                    seed: self.spec.seed,
+                    step,
+                    learning_rate: lr,
+                    max_grad_norm: t.max_grad_norm,
+                };
+                preference_step(
+                    &self.base,
+                    &self.spec,
+                    &self.vars,
+                    &mut self.optimizer,
+                    (train, &reference.train),
+                    &picked,
+                    &update,
+                )?
+            }
+        };
         let done = step + 1;
         self.tokens_seen += out.tokens as u64;
         let m = StepMetrics {
@@ -489,13 +558,15 @@ impl Trainer {
             total_steps: self.schedule.total_steps,
             epoch: self.schedule.epoch_at(done),
             train_loss: out.loss,
-            train_accuracy: Some(out.accuracy),
+            // a preference step's tokens are chosen and rejected alike: no accuracy to speak of
+            train_accuracy: out.rewards.is_none().then_some(out.accuracy),
             learning_rate: lr,
             grad_norm: out.grad_norm,
             tokens: out.tokens,
             tokens_seen: self.tokens_seen,
             tokens_per_second: out.tokens as f64 / t0.elapsed().as_secs_f64(),
             elapsed_seconds: self.started.elapsed().as_secs_f64(),
+            rewards: out.rewards,
         };
         self.metrics.write(&MetricsRow::from(&m))?;
         self.health.check(&m)?;
@@ -505,7 +576,7 @@ impl Trainer {
     /// Whether an evaluation follows step `done` (1-based): every `eval_every_steps`, and at
     /// the end, when there is validation data.
     pub(crate) fn eval_due(&self, done: u64) -> bool {
-        !self.validation.is_empty()
+        self.data.has_validation()
             && (self
                 .spec
                 .training
@@ -516,16 +587,35 @@ impl Trainer {
 
     /// Evaluates on the validation data after step `done`; logged to `metrics.jsonl`.
     pub(crate) fn evaluate_at(&mut self, done: u64) -> Result<EvalMetrics> {
-        let measured = evaluate(
-            &self.base,
-            &self.validation,
-            self.spec.training.batch_size as usize,
-        )?;
+        let t = &self.spec.training;
+        let (eval_loss, eval_accuracy, rewards) = match &self.data {
+            TrainingData::Examples { validation, .. } => {
+                let measured = evaluate(&self.base, validation, t.batch_size as usize)?;
+                (measured.loss, Some(measured.accuracy), None)
+            }
+            TrainingData::Pairs {
+                validation,
+                reference,
+                ..
+            } => {
+                let (loss, rewards) = preference::evaluate_pairs(
+                    &self.base.model,
+                    &self.spec.method,
+                    validation,
+                    &reference.validation,
+                    t.batch_size as usize,
+                    t.packing,
+                    self.base.tokenizer.eos_id.unwrap_or(0),
+                )?;
+                (loss, None, Some(rewards))
+            }
+        };
         let e = EvalMetrics {
             step: done,
             epoch: self.schedule.epoch_at(done),
-            eval_loss: measured.loss,
-            eval_accuracy: Some(measured.accuracy),
+            eval_loss,
+            eval_accuracy,
+            rewards,
         };
         self.metrics.write(&MetricsRow::from(&e))?;
         Ok(e)
@@ -573,6 +663,209 @@ impl Trainer {
         checkpoint::save_adapter(&adapter_dir, &self.base.model, &self.spec, &self.base.name)?;
         tracing::info!(path = %adapter_dir.display(), "adapter saved");
         Ok(adapter_dir)
+    }
+}
+
+/// A preference optimizer step: the step's pairs in micro-batches of `batch_size`, each
+/// weighted by its share of the step's pairs (a step's loss is the mean over its pairs, as
+/// TRL's with equal micro-batches).
+fn preference_step(
+    base: &BaseModel,
+    spec: &JobSpec,
+    vars: &[Var],
+    optimizer: &mut Optimizer,
+    (pairs, reference): (&[Pair], &[ReferenceLogps]),
+    picked: &[usize],
+    update: &Update,
+) -> Result<StepOutput> {
+    let t = &spec.training;
+    let micro: Vec<&[usize]> = picked.chunks(t.batch_size as usize).collect();
+    let pad = base.tokenizer.eos_id.unwrap_or(0);
+    let mut rewards = preference::RewardSums::default();
+    let mut out = update.run(&base.model, vars, optimizer, micro.len(), |mi, mode| {
+        let idx = micro[mi];
+        let batch: Vec<&Pair> = idx.iter().map(|&i| &pairs[i]).collect();
+        let refs: Vec<ReferenceLogps> = match reference.is_empty() {
+            true => Vec::new(),
+            false => idx.iter().map(|&i| reference[i]).collect(),
+        };
+        let share = idx.len() as f64 / picked.len() as f64;
+        let m = preference::micro_step(
+            &base.model,
+            &spec.method,
+            &batch,
+            &refs,
+            share,
+            t.packing,
+            pad,
+            mode,
+        )?;
+        rewards.merge(m.rewards);
+        Ok(m.step)
+    })?;
+    out.rewards = Some(rewards.means());
+    Ok(out)
+}
+
+/// Reads and tokenizes the run's data as its method wants it (examples or pairs), holding out
+/// the validation share when asked; with what the data step reports for each set.
+fn load_data(
+    spec: &JobSpec,
+    opts: &RunOptions,
+    datasets: &Datasets,
+    base: &BaseModel,
+) -> Result<(TrainingData, (DataReport, Option<DataReport>))> {
+    let t = &spec.training;
+    let max_len = t.max_seq_len as usize;
+    if spec.method.is_preference() {
+        let load = |file| {
+            preference::load_pairs(
+                file,
+                spec.dataset.format,
+                &base.tokenizer,
+                max_len,
+                opts.max_record_bytes,
+            )
+        };
+        let (train, report) = load(&datasets.train)?;
+        let (train, validation, reports) = with_validation(
+            spec,
+            train,
+            report,
+            datasets.validation.as_ref().map(load).transpose()?,
+            |p: &Pair| {
+                (
+                    p.tokens(),
+                    p.chosen.label_count() + p.rejected.label_count(),
+                )
+            },
+        )?;
+        let data = TrainingData::Pairs {
+            train,
+            validation,
+            reference: Reference::default(),
+        };
+        return Ok((data, reports));
+    }
+    let load = |file| {
+        data::load_jsonl(
+            file,
+            spec.dataset.format,
+            &base.tokenizer,
+            max_len,
+            t.train_on_inputs,
+            opts.max_record_bytes,
+        )
+    };
+    let (train, report) = load(&datasets.train)?;
+    let (train, validation, reports) = with_validation(
+        spec,
+        train,
+        report,
+        datasets.validation.as_ref().map(load).transpose()?,
+        |e: &Example| (e.ids.len(), e.label_count()),
+    )?;
+    Ok((TrainingData::Examples { train, validation }, reports))
+}
+
+/// The training and validation sets: the validation file's when there is one, else a seeded
+/// `validation_split` of the training items (the training report then counts what is left).
+/// `size` gives an item's tokens and label tokens.
+#[allow(clippy::type_complexity)]
+fn with_validation<T>(
+    spec: &JobSpec,
+    train: Vec<T>,
+    mut train_report: DataReport,
+    validation_file: Option<(Vec<T>, DataReport)>,
+    size: impl Fn(&T) -> (usize, usize),
+) -> Result<(Vec<T>, Vec<T>, (DataReport, Option<DataReport>))> {
+    if let Some((v, r)) = validation_file {
+        return Ok((train, v, (train_report, Some(r))));
+    }
+    let Some(f) = spec.dataset.validation_split else {
+        return Ok((train, Vec::new(), (train_report, None)));
+    };
+    let (tr, v) = split_validation(train, f, spec.seed)?;
+    let count = |items: &[T]| {
+        items
+            .iter()
+            .map(&size)
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    };
+    (train_report.tokens, train_report.label_tokens) = count(&tr);
+    train_report.examples = tr.len();
+    let (tokens, label_tokens) = count(&v);
+    let r = DataReport {
+        path: format!("{} (validation_split {f})", train_report.path),
+        format: train_report.format.clone(),
+        records: v.len(),
+        examples: v.len(),
+        tokens,
+        label_tokens,
+        ..Default::default()
+    };
+    Ok((tr, v, (train_report, Some(r))))
+}
+
+impl TrainingData {
+    /// Each training item's tokens, which the schedule groups steps by.
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            TrainingData::Examples { train, .. } => train.iter().map(|e| e.ids.len()).collect(),
+            TrainingData::Pairs { train, .. } => train.iter().map(Pair::tokens).collect(),
+        }
+    }
+
+    /// A DPO run's data with the reference's log-probabilities of every pair: from the base
+    /// with the adapter switched off, or, for a run that continues an adapter, from the model
+    /// with that adapter as it starts (TRL's "ref" adapter). Computed before any step and
+    /// before a resumed run loads its checkpoint, so a resumed run's reference is the same.
+    fn with_reference(self, spec: &JobSpec, base: &BaseModel, continues: bool) -> Result<Self> {
+        let TrainingData::Pairs {
+            train, validation, ..
+        } = self
+        else {
+            return Ok(self);
+        };
+        if !matches!(spec.method, crate::spec::Method::Dpo(_)) {
+            let reference = Reference::default();
+            return Ok(TrainingData::Pairs {
+                train,
+                validation,
+                reference,
+            });
+        }
+        let mode = match continues {
+            true => ForwardMode::EVAL,
+            false => ForwardMode::BASE,
+        };
+        let t = &spec.training;
+        let pad = base.tokenizer.eos_id.unwrap_or(0);
+        let of = |pairs: &[Pair]| {
+            preference::reference_logps(
+                &base.model,
+                pairs,
+                t.batch_size as usize,
+                t.packing,
+                pad,
+                mode,
+            )
+        };
+        let started = Instant::now();
+        let reference = Reference {
+            train: of(&train)?,
+            validation: of(&validation)?,
+        };
+        tracing::info!(
+            pairs = train.len() + validation.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "reference log-probabilities computed"
+        );
+        Ok(TrainingData::Pairs {
+            train,
+            validation,
+            reference,
+        })
     }
 }
 

@@ -69,10 +69,7 @@ fn lora_gradients_on_the_device_match_finite_differences() {
     let refs: Vec<&data::Example> = examples.iter().collect();
     let batch = data::make_batch(&refs, 2, &device).unwrap();
     let loss_of = |mode| model.batch_loss(&batch, mode).unwrap().sum;
-    let loss = loss_of(ForwardMode {
-        train: true,
-        dropout_seed: 0,
-    });
+    let loss = loss_of(ForwardMode::train(0));
     let grads = loss.backward().unwrap();
     let mut checked = 0;
     for (name, var) in model.lora_vars() {

@@ -94,10 +94,7 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
     let mut opt = train::Optimizer::new(&spec, vars.len());
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 2, 2, 2]]);
     for step in 0..5 {
-        let mode = ForwardMode {
-            train: true,
-            dropout_seed: step,
-        };
+        let mode = ForwardMode::train(step);
         let loss = model
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
             .unwrap()
@@ -135,10 +132,7 @@ fn every_lora_tensor_gets_a_gradient_and_base_weights_never_change() {
 fn loss_and_lora_grads(model: &Llama, ids: &[&[u32]], optimised: bool) -> (f32, Vec<Vec<f32>>) {
     qtune::train::use_onednn(optimised);
     train::use_fused_paths(optimised);
-    let mode = ForwardMode {
-        train: true,
-        dropout_seed: 0,
-    };
+    let mode = ForwardMode::train(0);
     let out = loss_and_grads(model, &batch_of(ids), mode);
     qtune::train::use_onednn(true);
     train::use_fused_paths(true);
@@ -248,10 +242,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_curve() {
     let mut model = tiny_llama(&spec, 5);
     fill_b(&model, 3);
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2, 2]]);
-    let mode = ForwardMode {
-        train: true,
-        dropout_seed: 11,
-    };
+    let mode = ForwardMode::train(11);
     // Both implementations: the fused CPU layer (which runs its forward again in backward) and
     // the composite one (a custom backward that rebuilds the layer's graph).
     for fused in [true, false] {
@@ -306,10 +297,7 @@ fn bf16_base_on_the_cpu_tracks_the_f32_run() {
     fill_b(&model32, 3);
     fill_b(&model16, 3);
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2], &[1, 50, 60, 70, 2, 2]]);
-    let mode = ForwardMode {
-        train: true,
-        dropout_seed: 0,
-    };
+    let mode = ForwardMode::train(0);
     // All LoRA gradients as one vector: their relative error as a whole.
     let grads_of = |m: &Llama, onednn: bool| {
         qtune::train::use_onednn(onednn);
@@ -469,10 +457,7 @@ fn exported_adapter_reproduces_the_logits() {
     let mut opt = train::Optimizer::new(&qtune::spec::TrainingSpec::default(), vars.len());
     let batch = batch_of(&[&[1, 10, 20, 30, 40, 2]]);
     for step in 0..3 {
-        let mode = ForwardMode {
-            train: true,
-            dropout_seed: step,
-        };
+        let mode = ForwardMode::train(step);
         let store = trained
             .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
             .unwrap()

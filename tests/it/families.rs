@@ -92,10 +92,7 @@ fn check_family(family: &str) {
     checkpoint::load_adapter(&adapter, &adapted.model).unwrap();
     let refs: Vec<&data::Example> = examples.iter().collect();
     let batch = data::make_batch(&refs, 0, &Device::Cpu).unwrap();
-    let mode = ForwardMode {
-        train: true,
-        dropout_seed: 0,
-    };
+    let mode = ForwardMode::train(0);
     // the adapter folded into the checkpoint's own weights (fused modules included) gives the
     // logits of base + adapter
     let merged = tempfile::tempdir().unwrap();
@@ -245,10 +242,7 @@ fn every_family_loads_and_trains_quantized() {
             );
             let refs: Vec<&data::Example> = examples.iter().collect();
             let batch = data::make_batch(&refs, 0, &Device::Cpu).unwrap();
-            let mode = ForwardMode {
-                train: true,
-                dropout_seed: 0,
-            };
+            let mode = ForwardMode::train(0);
             let sum = base
                 .model
                 .loss_sum(&batch.ids, &batch.positions, &batch.targets, mode)
@@ -291,10 +285,7 @@ fn packed_batches_compute_what_one_example_per_row_does() {
         assert_eq!(packed.ids.dims(), &[2, 25]);
         assert_eq!(packed.label_tokens, padded.label_tokens);
         assert_eq!(packed.tokens, padded.tokens);
-        let mode = ForwardMode {
-            train: true,
-            dropout_seed: 0,
-        };
+        let mode = ForwardMode::train(0);
         for fused in [true, false] {
             train::use_fused_paths(fused);
             for checkpointing in [false, true] {

@@ -23,5 +23,6 @@ mod hostile;
 mod logs;
 mod models;
 mod openai;
+mod preference;
 mod quant;
 mod queue;

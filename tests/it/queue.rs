@@ -35,6 +35,7 @@ fn step(n: u64) -> StepMetrics {
         tokens_seen: 100 * n,
         tokens_per_second: 1000.0,
         elapsed_seconds: n as f64,
+        rewards: None,
     }
 }
 

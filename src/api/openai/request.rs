@@ -14,8 +14,8 @@ use serde::{Deserialize, Deserializer};
 use crate::api::ApiError;
 use crate::job::CheckpointRef;
 use crate::spec::{
-    ComputeDtype, DatasetFormat, JobSpec, RawDataset, RawJobSpec, RawLora, RawQuantization,
-    RawTraining, DEFAULT_LEARNING_RATE,
+    ComputeDtype, DatasetFormat, JobSpec, RawDataset, RawJobSpec, RawLora, RawMethod,
+    RawQuantization, RawTraining, DEFAULT_LEARNING_RATE,
 };
 
 /// The create request's body, as the `openai` SDK sends it.
@@ -73,7 +73,8 @@ impl<'de> Deserialize<'de> for Setting {
     }
 }
 
-/// `{"type": "supervised", "supervised": {"hyperparameters": …}}`.
+/// `{"type": "supervised", "supervised": {"hyperparameters": …}}` or `{"type": "dpo", "dpo":
+/// {"hyperparameters": {…, "beta"}}}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Method {
@@ -81,10 +82,9 @@ pub struct Method {
     pub kind: Option<String>,
     #[serde(default)]
     pub supervised: Option<Supervised>,
-    // read so that a DPO or RFT request is refused for its `method.type`, not as unknown fields
     #[serde(default)]
-    #[allow(dead_code)]
-    dpo: Option<IgnoredAny>,
+    pub dpo: Option<Dpo>,
+    // read so that an RFT request is refused for its `method.type`, not as an unknown field
     #[serde(default)]
     #[allow(dead_code)]
     reinforcement: Option<IgnoredAny>,
@@ -95,6 +95,27 @@ pub struct Method {
 pub struct Supervised {
     #[serde(default)]
     pub hyperparameters: Option<Hyperparameters>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dpo {
+    #[serde(default)]
+    pub hyperparameters: Option<DpoHyperparameters>,
+}
+
+/// OpenAI's DPO hyperparameters: the supervised three and `beta`, each `"auto"` or a number.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoHyperparameters {
+    #[serde(default)]
+    pub n_epochs: Setting,
+    #[serde(default)]
+    pub batch_size: Setting,
+    #[serde(default)]
+    pub learning_rate_multiplier: Setting,
+    #[serde(default)]
+    pub beta: Setting,
 }
 
 /// The `qtune` object: native spec fields. Those the request itself sets (`model`, the files,
@@ -198,7 +219,7 @@ impl CreateFineTuningJob {
                 "qtune reports to no third-party service; watch jobs through their events",
             ));
         }
-        let (hyper, hyper_param) = self.chosen_hyperparameters()?;
+        let (hyper, hyper_param, method) = self.chosen_hyperparameters()?;
         let native = self.qtune.unwrap_or_default();
         native.refuse_request_fields()?;
         let mut training = native.training;
@@ -221,6 +242,7 @@ impl CreateFineTuningJob {
                 validation_url: self.validation_file,
                 validation_split: dataset.validation_split,
             },
+            method,
             lora,
             quantization: native.quantization,
             compute_dtype: native.compute_dtype,
@@ -241,41 +263,73 @@ impl CreateFineTuningJob {
         })
     }
 
-    /// The hyperparameters given (top level, or under `method.supervised`), with the param
-    /// they were read from.
-    fn chosen_hyperparameters(&self) -> Result<(Hyperparameters, &'static str), ApiError> {
-        let mut under_method = None;
-        if let Some(m) = &self.method {
-            match m.kind.as_deref() {
-                None | Some("supervised") => {}
-                Some(t @ ("dpo" | "reinforcement")) => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "unsupported_method",
-                        format!("qtune trains supervised fine-tuning only; method.type {t:?} is not supported yet"),
-                    )
-                    .param("method.type"))
+    /// The hyperparameters given (top level, or under the method's own), with the param they
+    /// were read from, and the native method (`None`: supervised).
+    fn chosen_hyperparameters(
+        &self,
+    ) -> Result<(Hyperparameters, &'static str, Option<RawMethod>), ApiError> {
+        let (under_method, param, method) =
+            match &self.method {
+                None => (None, "hyperparameters", None),
+                Some(m) => {
+                    let kind = m.kind.as_deref().unwrap_or("supervised");
+                    let misplaced = match kind {
+                        "supervised" => m.dpo.as_ref().map(|_| "method.dpo"),
+                        _ => m.supervised.as_ref().map(|_| "method.supervised"),
+                    };
+                    if let Some(field) = misplaced {
+                        return Err(ApiError::bad(
+                            field,
+                            format!("does not go with method.type {kind:?}"),
+                        ));
+                    }
+                    match kind {
+                        "supervised" => (
+                            m.supervised
+                                .as_ref()
+                                .and_then(|s| s.hyperparameters.as_ref())
+                                .map(Hyperparameters::clone_settings),
+                            "method.supervised.hyperparameters",
+                            None,
+                        ),
+                        "dpo" => {
+                            let h = m.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
+                            let method = RawMethod {
+                                kind: "dpo".into(),
+                                beta: h.and_then(|h| h.beta.0),
+                                ..Default::default()
+                            };
+                            let common = h.map(|h| Hyperparameters {
+                                n_epochs: h.n_epochs,
+                                batch_size: h.batch_size,
+                                learning_rate_multiplier: h.learning_rate_multiplier,
+                            });
+                            (common, "method.dpo.hyperparameters", Some(method))
+                        }
+                        "reinforcement" => return Err(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "unsupported_method",
+                            "qtune trains supervised and dpo fine-tuning (and orpo through its \
+                             native API); reinforcement fine-tuning is not supported",
+                        )
+                        .param("method.type")),
+                        other => {
+                            return Err(ApiError::bad(
+                                "method.type",
+                                format!("unknown method type {other:?} (supervised or dpo)"),
+                            ))
+                        }
+                    }
                 }
-                Some(other) => {
-                    return Err(ApiError::bad(
-                        "method.type",
-                        format!("unknown method type {other:?} (supervised)"),
-                    ))
-                }
-            }
-            under_method = m
-                .supervised
-                .as_ref()
-                .and_then(|s| s.hyperparameters.as_ref());
-        }
+            };
         match (&self.hyperparameters, under_method) {
             (Some(_), Some(_)) => Err(ApiError::bad(
                 "hyperparameters",
-                "give hyperparameters either at the top level or under method.supervised, not both",
+                format!("give hyperparameters either at the top level or under {param}, not both"),
             )),
-            (Some(h), None) => Ok((h.clone_settings(), "hyperparameters")),
-            (None, Some(h)) => Ok((h.clone_settings(), "method.supervised.hyperparameters")),
-            (None, None) => Ok((Hyperparameters::default(), "hyperparameters")),
+            (Some(h), None) => Ok((h.clone_settings(), "hyperparameters", method)),
+            (None, Some(h)) => Ok((h, param, method)),
+            (None, None) => Ok((Hyperparameters::default(), "hyperparameters", method)),
         }
     }
 }
@@ -388,6 +442,7 @@ pub fn request_field(native: &str) -> Option<&'static str> {
         "base_model" | "from_checkpoint" => Some("model"),
         "dataset.url" => Some("training_file"),
         "dataset.validation_url" => Some("validation_file"),
+        "method.beta" => Some("method.dpo.hyperparameters.beta"),
         _ => None,
     }
 }
@@ -447,7 +502,7 @@ mod tests {
     }
 
     /// Fields added to a valid request, and the param its error must name.
-    const BAD: [(&str, &str); 19] = [
+    const BAD: [(&str, &str); 21] = [
         (r#"{"model": ""}"#, "model"),
         (r#"{"training_file": ""}"#, "training_file"),
         (r#"{"bogus": 1}"#, "bogus"),
@@ -480,8 +535,16 @@ mod tests {
             r#"{"hyperparameters": {}, "method": {"supervised": {"hyperparameters": {}}}}"#,
             "hyperparameters",
         ),
-        (r#"{"method": {"type": "dpo"}}"#, "method.type"),
+        (r#"{"method": {"type": "reinforcement"}}"#, "method.type"),
         (r#"{"method": {"type": "grpo"}}"#, "method.type"),
+        (
+            r#"{"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}"#,
+            "method.dpo.hyperparameters.beta",
+        ),
+        (
+            r#"{"method": {"type": "dpo", "supervised": {}}}"#,
+            "method.supervised",
+        ),
         (r#"{"integrations": [{"type": "wandb"}]}"#, "integrations"),
         (r#"{"qtune": {"lora": {"r": 0}}}"#, "qtune.lora.r"),
         (r#"{"qtune": {"base_model": "x"}}"#, "qtune.base_model"),
@@ -509,11 +572,11 @@ mod tests {
             }
             assert_eq!(param(body), want, "{extra}");
         }
-        let dpo = spec(
-            serde_json::json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}),
-        )
+        let rft = spec(serde_json::json!(
+            {"model": "m", "training_file": "f", "method": {"type": "reinforcement"}}
+        ))
         .unwrap_err();
-        assert_eq!(dpo.code, "unsupported_method");
+        assert_eq!(rft.code, "unsupported_method");
         let not_json = CreateFineTuningJob::from_json(b"{not json").unwrap_err();
         assert_eq!(
             (not_json.code, not_json.param.as_deref()),

@@ -76,16 +76,80 @@ pub struct Hyperparameters {
     pub learning_rate_multiplier: f64,
 }
 
+/// `{"type": "supervised", "supervised": {...}}` or `{"type": "dpo", "dpo": {...}}`, as OpenAI's
+/// job object has it; an ORPO job (native only) shows its own type and qtune's method.
 #[derive(Debug, Serialize)]
 pub struct Method {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub supervised: Supervised,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<Supervised>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<Dpo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orpo: Option<Orpo>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Supervised {
     pub hyperparameters: Hyperparameters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Dpo {
+    pub hyperparameters: DpoHyperparameters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DpoHyperparameters {
+    pub beta: f64,
+    #[serde(flatten)]
+    pub common: Hyperparameters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Orpo {
+    pub hyperparameters: DpoHyperparameters,
+}
+
+impl Method {
+    fn of(spec: &JobSpec) -> Method {
+        let hyper = hyperparameters(spec);
+        let none = Method {
+            kind: "supervised",
+            supervised: None,
+            dpo: None,
+            orpo: None,
+        };
+        match &spec.method {
+            crate::spec::Method::Sft => Method {
+                supervised: Some(Supervised {
+                    hyperparameters: hyper,
+                }),
+                ..none
+            },
+            crate::spec::Method::Dpo(d) => Method {
+                kind: "dpo",
+                dpo: Some(Dpo {
+                    hyperparameters: DpoHyperparameters {
+                        beta: d.beta,
+                        common: hyper,
+                    },
+                }),
+                ..none
+            },
+            crate::spec::Method::Orpo(o) => Method {
+                kind: "orpo",
+                orpo: Some(Orpo {
+                    hyperparameters: DpoHyperparameters {
+                        beta: o.beta,
+                        common: hyper,
+                    },
+                }),
+                ..none
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -132,13 +196,8 @@ impl From<&JobRow> for FineTuningJob {
                 param: None,
             }),
             estimated_finish: row.eta_seconds().map(|left| now + left.round() as i64),
-            hyperparameters: hyper.clone(),
-            method: Method {
-                kind: "supervised",
-                supervised: Supervised {
-                    hyperparameters: hyper,
-                },
-            },
+            hyperparameters: hyper,
+            method: Method::of(spec),
             seed: spec.seed,
             suffix: spec.suffix.clone(),
             metadata: spec.metadata.clone(),

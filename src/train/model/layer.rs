@@ -107,7 +107,7 @@ impl LayerOp {
                     .for_each(|row| row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b))
             });
         }
-        let Some(l) = &lin.lora else {
+        let Some(l) = lin.lora.as_ref().filter(|_| self.context.mode.adapter) else {
             return Ok((y, None));
         };
         let (a, b) = (host(l.a.as_tensor())?, host(l.b.as_tensor())?);

@@ -247,6 +247,25 @@ impl Llama {
         self.loss_in(&batch.ids, starts, &batch.positions, &batch.targets, mode)
     }
 
+    /// Each label token's cross-entropy `(label_tokens,)` of a batch, differentiable row by row:
+    /// what sequence-level losses (DPO, ORPO) are built from.
+    pub fn batch_token_losses(
+        &self,
+        batch: &crate::train::data::Batch,
+        mode: ForwardMode,
+    ) -> Result<ops::TokenLosses> {
+        let starts = batch.example_starts.as_deref();
+        let h = self.hidden_states_in(&batch.ids, starts, mode)?;
+        let h = h
+            .reshape(((), self.cfg.hidden_size))?
+            .index_select(&batch.positions, 0)?;
+        Ok(ops::lm_head_token_losses(
+            &h,
+            self.lm_head_weight(),
+            &batch.targets,
+        )?)
+    }
+
     fn loss_in(
         &self,
         ids: &Tensor,

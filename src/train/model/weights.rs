@@ -132,13 +132,32 @@ pub struct ForwardMode {
     /// Seeds the dropout masks of this forward; masks are a pure function of it, so a resumed
     /// run draws the same masks as an uninterrupted one.
     pub dropout_seed: u64,
+    /// Apply the LoRA branches; off, the frozen base alone runs (DPO's reference model, as TRL
+    /// gets it from a PEFT model with its adapter disabled).
+    pub adapter: bool,
 }
 
 impl ForwardMode {
     pub const EVAL: ForwardMode = ForwardMode {
         train: false,
         dropout_seed: 0,
+        adapter: true,
     };
+    /// The base model without its adapter, nothing tracked.
+    pub const BASE: ForwardMode = ForwardMode {
+        train: false,
+        dropout_seed: 0,
+        adapter: false,
+    };
+
+    /// A training forward of micro-batch masks seeded `dropout_seed`.
+    pub fn train(dropout_seed: u64) -> ForwardMode {
+        ForwardMode {
+            train: true,
+            dropout_seed,
+            adapter: true,
+        }
+    }
 }
 
 /// Mixes numbers into a 64-bit seed (splitmix64 finaliser), for independent RNG streams.
@@ -226,7 +245,7 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let Some(lora) = &self.lora else {
+        let Some(lora) = self.lora.as_ref().filter(|_| mode.adapter) else {
             return Ok(y);
         };
         let (a, b) = if mode.train {

@@ -1,0 +1,180 @@
+"""Reference fixtures for preference training (DPO, IPO, RPO, ORPO), made by TRL itself.
+
+On the tiny random Llama of tests/fixtures/families/llama, with a PEFT LoRA on all seven linears
+whose A and B are drawn (not PEFT's zero B, so that the policy differs from the reference), for
+one batch of four pairs of token ids (prompts and answers of different lengths): TRL's loss for
+each method, every LoRA gradient of that loss, TRL's logged reward metrics, and each pair's
+summed (DPO) or mean (ORPO) answer log-probabilities under the policy and the reference.
+tests/it/preference.rs compares qtune's engine with these.
+
+    DPOTrainer._compute_loss   sigmoid (beta 0.1), ipo (beta 0.1), sigmoid + sft (RPO, alpha 0.5)
+    ORPOTrainer.get_batch_loss_metrics   beta 0.1
+
+The reference is the base with the adapter switched off, as TRL does for a PEFT model with no
+ref_model. Run by hand (not in CI), in the reference venv (README of scripts: "Preference
+fixtures"):
+
+    python3 -m venv ~/.cache/qtune-reference/venv
+    ~/.cache/qtune-reference/venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
+        peft==0.21.2 trl==1.16.0 datasets safetensors==0.8.0 tokenizers==0.23.3 accelerate==1.15.0
+    ~/.cache/qtune-reference/venv/bin/python scripts/make-preference-fixtures.py tests/fixtures/preference
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import transformers
+import peft
+import trl
+from datasets import Dataset
+from safetensors.torch import save_file
+from trl import DPOConfig, DPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASE = os.path.join(HERE, "..", "tests", "fixtures", "families", "llama")
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 300
+FIRST_ID = 3  # after the tokenizer's special tokens
+
+# (prompt, chosen, rejected) lengths: answers of different lengths, prompts too
+SHAPES = [(5, 3, 4), (3, 5, 2), (6, 2, 2), (4, 4, 6)]
+
+
+def pairs():
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(FIRST_ID, VOCAB, (n,), generator=g).tolist()
+    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in SHAPES]
+
+
+def base_model():
+    return transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS)
+
+
+def draw_adapter(model):
+    """A and B drawn, after the trainer made its adapter (TRL takes an adapter handed to it
+    already made as one to continue, and its starting copy as the reference)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def answer_logps(model, batch):
+    """Each pair's summed and mean answer log-probabilities: [(chosen, rejected, n_c, n_r)]."""
+    out = []
+    with torch.no_grad():
+        for b in batch:
+            row = []
+            for key in ("chosen_ids", "rejected_ids"):
+                ids = torch.tensor([b["prompt_ids"] + b[key]])
+                logits = model(input_ids=ids).logits[0, :-1]
+                logp = torch.log_softmax(logits.double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+                row.append(logp[len(b["prompt_ids"]) - 1:].sum().item())
+            out.append({"chosen": row[0], "rejected": row[1],
+                        "chosen_tokens": len(b["chosen_ids"]), "rejected_tokens": len(b["rejected_ids"])})
+    return out
+
+
+def grads_of(model):
+    return {
+        # PEFT's saved name: base_model.model.….lora_A.weight (the adapter name dropped)
+        "grad." + name.replace(".default", ""): p.grad.detach().clone()
+        for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def dummy_dataset():
+    return Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+
+
+def tokenizer():
+    tok = transformers.AutoTokenizer.from_pretrained(BASE)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def dpo_case(name, batch, work, **config):
+    args = DPOConfig(output_dir=os.path.join(work, name), report_to=[], per_device_train_batch_size=len(batch),
+                     use_cpu=True, **config)
+    trainer = DPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tokenizer(),
+                         peft_config=peft.LoraConfig(**LORA))
+    model = trainer.model
+    assert "ref" not in model.peft_config, "the reference must be the base with the adapter off"
+    draw_adapter(model)
+    model.train()
+    inputs = trainer.data_collator(batch)
+    loss = trainer._compute_loss(model, inputs, False)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+    return model, loss.item(), metrics, grads_of(model)
+
+
+def orpo_case(batch, work, beta):
+    args = ORPOConfig(output_dir=os.path.join(work, "orpo"), report_to=[], beta=beta,
+                      per_device_train_batch_size=len(batch), use_cpu=True)
+    tok = tokenizer()
+    trainer = ORPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tok,
+                          peft_config=peft.LoraConfig(**LORA))
+    model = trainer.model
+    draw_adapter(model)
+    model.train()
+    rows = {}
+    for side in ("chosen", "rejected"):
+        seqs = [b["prompt_ids"] + b[f"{side}_ids"] for b in batch]
+        width = max(len(s) for s in seqs)
+        rows[f"{side}_input_ids"] = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        rows[f"{side}_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        rows[f"{side}_labels"] = torch.tensor([
+            [-100] * len(b["prompt_ids"]) + b[f"{side}_ids"] + [-100] * (width - len(s))
+            for b, s in zip(batch, seqs)
+        ])
+    loss, metrics = trainer.get_batch_loss_metrics(model, rows, train_eval="train")
+    loss.backward()
+    rewards = {k: v for k, v in metrics.items() if k.startswith("rewards/")}
+    return model, loss.item(), rewards, grads_of(model)
+
+
+def main(out):
+    os.makedirs(out, exist_ok=True)
+    batch = pairs()
+    expected = {"pairs": batch, "cases": {}}
+    tensors = {}
+    with tempfile.TemporaryDirectory() as work:
+        cases = {
+            "dpo_sigmoid": dict(beta=0.1, loss_type=["sigmoid"]),
+            "dpo_ipo": dict(beta=0.1, loss_type=["ipo"]),
+            "dpo_rpo": dict(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+        }
+        for name, config in cases.items():
+            model, loss, metrics, grads = dpo_case(name, batch, work, **config)
+            case = {"loss": loss, "metrics": metrics}
+            if name == "dpo_sigmoid":
+                expected["policy"] = answer_logps(model, batch)
+                with model.disable_adapter():
+                    expected["reference"] = answer_logps(model, batch)
+                model.save_pretrained(os.path.join(out, "adapter"), selected_adapters=["default"])
+                os.remove(os.path.join(out, "adapter", "README.md"))  # PEFT's model card
+            expected["cases"][name] = case
+            tensors.update({f"{name}.{k}": v for k, v in grads.items()})
+            print(f"{name}: loss {loss:.6f} {metrics}")
+        model, loss, metrics, grads = orpo_case(batch, work, beta=0.1)
+        expected["cases"]["orpo"] = {"loss": loss, "metrics": metrics}
+        tensors.update({f"orpo.{k}": v for k, v in grads.items()})
+        print(f"orpo: loss {loss:.6f} {metrics}")
+    expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__, "trl": trl.__version__}
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "expected.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "tests", "fixtures", "preference"))
