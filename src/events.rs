@@ -192,13 +192,16 @@ mod tests {
             margins: 0.75,
             accuracies: 1.0,
         };
-        let e = JobEvent::Metrics(StepMetrics {
+        let preferred = JobEvent::Metrics(StepMetrics {
             rewards: Some(rewards),
             ..m
         });
-        let data: serde_json::Value = serde_json::from_str(&e.data_json()).unwrap();
+        let data: serde_json::Value = serde_json::from_str(&preferred.data_json()).unwrap();
         assert_eq!(data["rewards/margins"], 0.75);
-        assert_eq!(JobEvent::parse("metrics", &e.data_json()).unwrap(), e);
+        assert_eq!(
+            JobEvent::parse("metrics", &preferred.data_json()).unwrap(),
+            preferred
+        );
         // an event stored by 0.1, with `loss` only, still reads
         let old = r#"{"step":3,"total_steps":10,"epoch":0.5,"loss":1.25,"learning_rate":0.001,"grad_norm":0.5,"tokens":100,"tokens_seen":300,"tokens_per_second":50.0,"elapsed_seconds":2.0}"#;
         assert_eq!(JobEvent::parse("metrics", old).unwrap(), e);
