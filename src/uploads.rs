@@ -230,6 +230,45 @@ pub async fn check_training_file(
     }
 }
 
+/// The format of a stored JSONL file's first record (`format` when it names one), for telling
+/// a file of single answers from one of preference pairs; `None` when no record can be read
+/// (the record checks say why).
+pub async fn first_record_format(
+    state: &AppState,
+    id: &str,
+    format: DatasetFormat,
+) -> std::io::Result<Option<DatasetFormat>> {
+    use crate::train::data::parse_line;
+    let Some(key) = Key::upload(id) else {
+        return Ok(None);
+    };
+    let max_record = (state.config.max_record_kib * 1024) as usize;
+    let mut chunks = state.artifacts.read(&key, None).await?;
+    let (mut pending, mut line_no) = (Vec::<u8>::new(), 0usize);
+    loop {
+        let chunk = chunks.next().await;
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            pending.extend_from_slice(&chunk?);
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = pending.drain(..=end).collect();
+            line_no += 1;
+            let mut detected = format;
+            match parse_line(&mut line, id, line_no, &mut detected, max_record) {
+                Ok(Some(_)) => return Ok(Some(detected)),
+                Ok(None) => continue,
+                Err(_) => return Ok(None),
+            }
+        }
+        if done || pending.len() > max_record + 2 {
+            let mut detected = format;
+            let parsed = parse_line(&mut pending, id, line_no + 1, &mut detected, max_record);
+            return Ok(matches!(parsed, Ok(Some(_))).then_some(detected));
+        }
+    }
+}
+
 /// Reads a stored JSONL file through the engine's own record checks: `Ok(Err(why))` names the
 /// line of the first bad record.
 async fn check_jsonl(

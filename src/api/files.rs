@@ -344,7 +344,7 @@ pub async fn check(
         Some(f) => serde_json::from_value(Value::String(f.into())).map_err(|_| {
             ApiError::invalid(
                 "format",
-                format!("unknown dataset format {f:?} (auto, messages, alpaca, sharegpt, prompt_completion, text)"),
+                format!("unknown dataset format {f:?} (auto, messages, alpaca, sharegpt, prompt_completion, text, preference, chosen_rejected)"),
             )
         })?,
     };

@@ -108,6 +108,29 @@ async fn validate_files(state: &AppState, owner: &Owner, spec: &JobSpec) -> Resu
             )
             .param(param));
         }
+        let found = crate::uploads::first_record_format(state, id, format).await?;
+        if let Some(found) = found.filter(|f| f.is_preference() != spec.method.is_preference()) {
+            let wants = match spec.method.is_preference() {
+                true => {
+                    "preference pairs (input/preferred_output/non_preferred_output, or \
+                         prompt/chosen/rejected)"
+                }
+                false => {
+                    "single answers (messages, prompt/completion, …); preference pairs \
+                          train with method dpo"
+                }
+            };
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_training_file",
+                format!(
+                    "{param}: {id} holds {} records; method {} trains on {wants}",
+                    found.as_str(),
+                    spec.method.name()
+                ),
+            )
+            .param(param));
+        }
     }
     Ok(())
 }

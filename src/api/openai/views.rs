@@ -263,39 +263,60 @@ fn describe(event: &JobEvent) -> (&'static str, String, &'static str, Value) {
             "message",
             Value::Null,
         ),
-        JobEvent::Metrics(m) => (
-            "info",
-            format!(
-                "Step {}/{}: training loss={:.4}",
-                m.step, m.total_steps, m.train_loss
-            ),
-            "metrics",
-            json!({
+        JobEvent::Metrics(m) => {
+            let mut data = json!({
                 "step": m.step,
                 "total_steps": m.total_steps,
                 "train_loss": m.train_loss,
                 "train_mean_token_accuracy": m.train_accuracy,
                 "learning_rate": m.learning_rate,
-            }),
-        ),
-        JobEvent::Eval(e) => (
-            "info",
-            format!("Step {}: validation loss={:.4}", e.step, e.eval_loss),
-            "metrics",
-            json!({
+            });
+            with_rewards(&mut data, m.rewards.as_ref(), "");
+            (
+                "info",
+                format!(
+                    "Step {}/{}: training loss={:.4}",
+                    m.step, m.total_steps, m.train_loss
+                ),
+                "metrics",
+                data,
+            )
+        }
+        JobEvent::Eval(e) => {
+            let mut data = json!({
                 "step": e.step,
                 "valid_loss": e.eval_loss,
                 "valid_mean_token_accuracy": e.eval_accuracy,
                 "full_valid_loss": e.eval_loss,
                 "full_valid_mean_token_accuracy": e.eval_accuracy,
-            }),
-        ),
+            });
+            with_rewards(&mut data, e.rewards.as_ref(), "valid_");
+            (
+                "info",
+                format!("Step {}: validation loss={:.4}", e.step, e.eval_loss),
+                "metrics",
+                data,
+            )
+        }
         JobEvent::Checkpoint(c) => (
             "info",
             format!("Checkpoint created at step {}", c.step),
             "message",
             Value::Null,
         ),
+    }
+}
+
+/// A preference step's rewards beside the loss in an event's data, under TRL's names
+/// (`rewards/margins`; `valid_rewards/margins` for an evaluation).
+fn with_rewards(data: &mut Value, rewards: Option<&crate::job::RewardMetrics>, prefix: &str) {
+    let (Some(rewards), Some(obj)) = (rewards, data.as_object_mut()) else {
+        return;
+    };
+    if let Value::Object(fields) = json!(rewards) {
+        for (k, v) in fields {
+            obj.insert(format!("{prefix}{k}"), v);
+        }
     }
 }
 

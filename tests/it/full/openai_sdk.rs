@@ -17,10 +17,22 @@ fn sdk_python() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_openai_sdk_fine_tunes_through_qtune() {
+    run_flow("sdk_flow.py", "flow passed").await;
+}
+
+/// DPO with OpenAI's preference file format, from a supervised job's model, as the SDK does it
+/// (tests/openai/dpo_flow.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_sdk_trains_dpo_through_qtune() {
+    run_flow("dpo_flow.py", "dpo flow passed").await;
+}
+
+/// Runs one of tests/openai/'s SDK scripts against a fresh server with two API keys.
+async fn run_flow(script: &str, passed: &str) {
     let python = sdk_python();
     let app = spawn_app_with(|c| c.api_keys = vec!["key-a".into(), "key-b".into()]).await;
     let work = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai/sdk_flow.py");
+    let script = format!("{}/tests/openai/{script}", env!("CARGO_MANIFEST_DIR"));
     let run = tokio::process::Command::new(&python)
         .arg(script)
         .env("OPENAI_BASE_URL", app.url("/v1"))
@@ -43,7 +55,7 @@ async fn the_openai_sdk_fine_tunes_through_qtune() {
         out.status.success(),
         "the openai SDK flow failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("flow passed"), "{stdout}");
+    assert!(stdout.contains(passed), "{stdout}");
     println!("{stdout}");
     app.shutdown().await;
 }
