@@ -457,6 +457,9 @@ pub struct JobView {
     pub progress: Progress,
     pub train_loss: Option<f64>,
     pub eval_loss: Option<f64>,
+    /// Under early stopping, the step of the best evaluation, whose checkpoint is the adapter.
+    #[serde(default)]
+    pub best_step: Option<i64>,
     pub error: Option<JobErrorView>,
     pub attempt: i64,
     pub(crate) cancel_requested: bool,

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use crate::job::CheckpointRef;
 
 mod method;
-pub(crate) use method::RawMethod;
-pub use method::{DpoLoss, DpoSpec, Method, OrpoSpec};
+pub use method::{DpoLoss, DpoSpec, EarlyStoppingSpec, Method, OrpoSpec};
+pub(crate) use method::{RawEarlyStopping, RawMethod};
 
 /// A spec error names the offending field (`param`, in dotted form) and says what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +59,8 @@ pub(crate) struct RawJobSpec {
     pub(crate) training: RawTraining,
     #[serde(default)]
     pub(crate) checkpoint_every_steps: Option<u64>,
+    #[serde(default)]
+    pub(crate) early_stopping: Option<RawEarlyStopping>,
     #[serde(default)]
     pub(crate) suffix: Option<String>,
     #[serde(default)]
@@ -203,6 +205,10 @@ pub struct JobSpec {
     pub training: TrainingSpec,
     /// Write a checkpoint every N optimizer steps (the final adapter is always written).
     pub checkpoint_every_steps: Option<u64>,
+    /// Stop when the validation loss stops improving; the best evaluation's checkpoint is then
+    /// the job's adapter. Needs validation data and `training.eval_every_steps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSpec>,
     /// Free text appended to the adapter's name.
     pub suffix: Option<String>,
     pub seed: u64,
@@ -500,6 +506,25 @@ impl TryFrom<RawJobSpec> for JobSpec {
             }
         };
         let training = raw.training.resolve()?;
+        let early_stopping = raw
+            .early_stopping
+            .map(RawEarlyStopping::resolve)
+            .transpose()?;
+        if early_stopping.is_some() {
+            if dataset.validation_url.is_none() && dataset.validation_split.is_none() {
+                return Err(err(
+                    "early_stopping",
+                    "needs validation data to judge by: give dataset.validation_url or \
+                     dataset.validation_split",
+                ));
+            }
+            if training.eval_every_steps.is_none() {
+                return Err(err(
+                    "early_stopping",
+                    "needs evaluations along the run: set training.eval_every_steps",
+                ));
+            }
+        }
         if raw.checkpoint_every_steps == Some(0) {
             return Err(err("checkpoint_every_steps", "must be >= 1"));
         }
@@ -518,6 +543,7 @@ impl TryFrom<RawJobSpec> for JobSpec {
             compute_dtype,
             training,
             checkpoint_every_steps: raw.checkpoint_every_steps,
+            early_stopping,
             suffix: raw.suffix,
             seed: raw.seed.unwrap_or(DEFAULT_SEED),
             from_checkpoint,
@@ -1249,5 +1275,89 @@ mod tests {
             let e = JobSpec::from_json(json).unwrap_err();
             assert_eq!(e.param, param, "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn methods_and_early_stopping_resolve_and_refuse_what_does_not_apply() {
+        let base = r#""base_model":"m","dataset":{"url":"d.jsonl""#;
+        let spec = |extra: &str| JobSpec::from_json(&format!("{{{base}}}{extra}}}"));
+        let sft = spec("").unwrap();
+        assert_eq!(sft.method, Method::Sft);
+        assert_eq!(
+            serde_json::to_value(&sft).unwrap()["method"],
+            serde_json::json!({"type": "sft"})
+        );
+        let dpo = spec(r#","method":{"type":"dpo","rpo_alpha":0.5}"#).unwrap();
+        let Method::Dpo(d) = &dpo.method else {
+            panic!("{:?}", dpo.method)
+        };
+        assert_eq!(
+            (d.beta, d.label_smoothing, d.loss_type, d.rpo_alpha),
+            (0.1, 0.0, DpoLoss::Sigmoid, Some(0.5))
+        );
+        // the stored form reads back as the same spec
+        let stored: JobSpec = serde_json::from_value(serde_json::to_value(&dpo).unwrap()).unwrap();
+        assert_eq!(stored, dpo);
+        let orpo = spec(r#","method":{"type":"orpo","beta":0.25}"#).unwrap();
+        assert_eq!(orpo.method, Method::Orpo(OrpoSpec { beta: 0.25 }));
+        let stopping = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d.jsonl","validation_split":0.1},
+                "training":{"eval_every_steps":5},"early_stopping":{"patience":2}}"#,
+        )
+        .unwrap();
+        let rule = stopping.early_stopping.as_ref().unwrap();
+        assert_eq!(
+            (rule.patience, rule.min_delta, rule.metric.as_str()),
+            (2, 0.0, "eval_loss")
+        );
+        for (extra, param) in [
+            (r#","method":{"type":"dpo","beta":0}"#, "method.beta"),
+            (
+                r#","method":{"type":"dpo","label_smoothing":0.5}"#,
+                "method.label_smoothing",
+            ),
+            (
+                r#","method":{"type":"dpo","loss_type":"ipo","label_smoothing":0.1}"#,
+                "method.label_smoothing",
+            ),
+            (
+                r#","method":{"type":"orpo","rpo_alpha":1}"#,
+                "method.rpo_alpha",
+            ),
+            (r#","method":{"type":"sft","beta":0.1}"#, "method.beta"),
+            (r#","method":{"type":"grpo"}"#, "method.type"),
+            (r#","method":{"type":"reinforcement"}"#, "method.type"),
+            (r#","method":{"type":"dpo","gamma":1}"#, "method.gamma"),
+            (r#","early_stopping":{"patience":2}"#, "early_stopping"),
+            (
+                r#","early_stopping":{"patience":0}"#,
+                "early_stopping.patience",
+            ),
+            (
+                r#","early_stopping":{"metric":"bleu"}"#,
+                "early_stopping.metric",
+            ),
+        ] {
+            let e = spec(extra).unwrap_err();
+            assert_eq!(e.param, param, "{extra}: {e}");
+        }
+        // a format given outright must hold what the method trains on
+        let e = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d.jsonl","format":"messages"},"method":{"type":"dpo"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "dataset.format");
+        let e = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d.jsonl","format":"preference"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, "dataset.format");
+        // without validation data, early stopping has nothing to judge by; without evaluations
+        // along the run, nothing to judge
+        let e = JobSpec::from_json(
+            r#"{"base_model":"m","dataset":{"url":"d.jsonl","validation_split":0.1},"early_stopping":{}}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("eval_every_steps"), "{e}");
     }
 }

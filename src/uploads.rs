@@ -286,8 +286,11 @@ async fn check_jsonl(
         let record =
             parse_line(raw, shown, line_no, format, max_record).map_err(|e| e.to_string())?;
         if let Some(record) = record {
-            check_record(&record, *format)
-                .map_err(|e| format!("{shown} line {line_no}: {}", data_message(e)))?;
+            let checked = match format.is_preference() {
+                true => crate::train::preference::check_record(&record, *format),
+                false => check_record(&record, *format),
+            };
+            checked.map_err(|e| format!("{shown} line {line_no}: {}", data_message(e)))?;
             return Ok::<bool, String>(true);
         }
         Ok(false)

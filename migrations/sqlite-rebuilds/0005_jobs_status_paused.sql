@@ -31,16 +31,18 @@ CREATE TABLE jobs_rebuilt (
     lease_expires_at     TEXT,
     adapter_files        TEXT,
     artifacts_removed_at TEXT,
-    failovers            INTEGER NOT NULL DEFAULT 0
+    failovers            INTEGER NOT NULL DEFAULT 0,
+    -- added by 0008_best_step.sql, which runs before this rebuild
+    best_step            INTEGER
 );
 INSERT INTO jobs_rebuilt (seq, id, owner, status, phase, spec, created_at, started_at, finished_at,
         step, total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code,
         error_message, cancel_requested, attempt, worker, lease_expires_at, adapter_files,
-        artifacts_removed_at, failovers)
+        artifacts_removed_at, failovers, best_step)
     SELECT seq, id, owner, status, phase, spec, created_at, started_at, finished_at, step,
         total_steps, epoch, tokens_seen, elapsed_seconds, train_loss, eval_loss, error_code,
         error_message, cancel_requested, attempt, worker, lease_expires_at, adapter_files,
-        artifacts_removed_at, failovers
+        artifacts_removed_at, failovers, best_step
     FROM jobs;
 DROP TABLE jobs;
 ALTER TABLE jobs_rebuilt RENAME TO jobs;

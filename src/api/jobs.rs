@@ -38,6 +38,7 @@ pub fn job_view(row: &JobRow) -> JobView {
         },
         train_loss: row.train_loss,
         eval_loss: row.eval_loss,
+        best_step: row.best_step,
         error: row.error_code.as_ref().map(|code| JobErrorView {
             code: code.clone(),
             message: row.error_message.clone(),

@@ -208,6 +208,7 @@ impl Reporter for PrintReporter {
                 e.eval_accuracy.unwrap_or(f64::NAN)
             ),
             Event::Checkpoint { step, path } => eprintln!("checkpoint {step}: {}", path.display()),
+            Event::Best { step } => eprintln!("best evaluation so far: step {step}"),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct JobRow {
     pub adapter_files: Option<Vec<FileDigest>>,
     /// When retention removed the job's artifacts.
     pub(crate) artifacts_removed_at: Option<String>,
+    /// Under early stopping, the step whose checkpoint is the adapter (the best evaluation).
+    pub best_step: Option<i64>,
 }
 
 impl JobRow {
@@ -76,6 +78,7 @@ struct JobRecord {
     attempt: i64,
     adapter_files: Option<String>,
     artifacts_removed_at: Option<String>,
+    best_step: Option<i64>,
 }
 
 impl TryFrom<JobRecord> for JobRow {
@@ -127,6 +130,7 @@ impl TryFrom<JobRecord> for JobRow {
             attempt: r.attempt,
             adapter_files,
             artifacts_removed_at: r.artifacts_removed_at,
+            best_step: r.best_step,
         })
     }
 }
@@ -226,7 +230,7 @@ pub struct Claim {
     pub failovers: i64,
 }
 
-const JOB_COLUMNS: [&str; 22] = [
+const JOB_COLUMNS: [&str; 23] = [
     "seq",
     "id",
     "owner",
@@ -249,6 +253,7 @@ const JOB_COLUMNS: [&str; 22] = [
     "attempt",
     "adapter_files",
     "artifacts_removed_at",
+    "best_step",
 ];
 
 /// The condition every fenced write adds: the job is still running under this attempt.
@@ -709,6 +714,18 @@ impl Db {
     pub async fn set_eval_loss(&self, lease: &Lease, eval_loss: f64) -> Result<()> {
         let done = sqlx::query(&self.sql(&format!("UPDATE jobs SET eval_loss = ? WHERE {FENCE}")))
             .bind(eval_loss)
+            .bind(lease.job.as_str())
+            .bind(lease.attempt)
+            .execute(&self.pool)
+            .await?;
+        lease.check(done.rows_affected())
+    }
+
+    /// Records that checkpoint `step` holds the best evaluation so far (early stopping): it is
+    /// kept through pruning and becomes the adapter unless a better one follows.
+    pub async fn set_best_step(&self, lease: &Lease, step: i64) -> Result<()> {
+        let done = sqlx::query(&self.sql(&format!("UPDATE jobs SET best_step = ? WHERE {FENCE}")))
+            .bind(step)
             .bind(lease.job.as_str())
             .bind(lease.attempt)
             .execute(&self.pool)

@@ -166,25 +166,54 @@ impl RawMethod {
     }
 }
 
-impl From<&Method> for RawMethod {
-    fn from(m: &Method) -> RawMethod {
-        match m {
-            Method::Sft => RawMethod {
-                kind: "sft".into(),
-                ..Default::default()
-            },
-            Method::Dpo(d) => RawMethod {
-                kind: "dpo".into(),
-                beta: Some(d.beta),
-                label_smoothing: Some(d.label_smoothing),
-                loss_type: Some(d.loss_type),
-                rpo_alpha: d.rpo_alpha,
-            },
-            Method::Orpo(o) => RawMethod {
-                kind: "orpo".into(),
-                beta: Some(o.beta),
-                ..Default::default()
-            },
+/// `early_stopping` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEarlyStopping {
+    #[serde(default)]
+    pub(crate) patience: Option<i64>,
+    #[serde(default)]
+    pub(crate) min_delta: Option<f64>,
+    #[serde(default)]
+    pub(crate) metric: Option<String>,
+}
+
+/// Stop a run once its evaluation metric has not improved by more than `min_delta` for
+/// `patience` evaluations in a row (transformers' `EarlyStoppingCallback`: patience counted in
+/// evaluations, an improvement is a change beyond the threshold); the best evaluation's
+/// checkpoint becomes the job's adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStoppingSpec {
+    pub patience: u32,
+    pub min_delta: f64,
+    /// `eval_loss` (lower is better): the method's own loss on the validation data.
+    pub metric: String,
+}
+
+impl RawEarlyStopping {
+    pub(crate) fn resolve(self) -> Result<EarlyStoppingSpec, SpecError> {
+        let patience = self.patience.unwrap_or(3);
+        if !(1..=10_000).contains(&patience) {
+            return Err(err(
+                "early_stopping.patience",
+                format!("must be between 1 and 10000 evaluations, got {patience}"),
+            ));
         }
+        let min_delta = self.min_delta.unwrap_or(0.0);
+        if !(min_delta.is_finite() && min_delta >= 0.0) {
+            return Err(err("early_stopping.min_delta", "must be >= 0"));
+        }
+        let metric = self.metric.unwrap_or_else(|| "eval_loss".into());
+        if metric != "eval_loss" {
+            return Err(err(
+                "early_stopping.metric",
+                format!("unknown metric {metric:?} (eval_loss)"),
+            ));
+        }
+        Ok(EarlyStoppingSpec {
+            patience: patience as u32,
+            min_delta,
+            metric,
+        })
     }
 }

@@ -45,6 +45,18 @@ pub(crate) struct TrainerState {
     /// Input tokens trained through `step` (0 in checkpoints written before it was kept).
     #[serde(default)]
     pub tokens_seen: u64,
+    /// Early stopping's record through `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSoFar>,
+}
+
+/// Early stopping's record: the best evaluation so far, its step, and how many evaluations
+/// since have not improved on it. Kept in each checkpoint's resume state.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct BestSoFar {
+    pub step: u64,
+    pub value: f64,
+    pub evals_without_improvement: u32,
 }
 
 /// The `adapter_config.json` PEFT expects; `target_modules` are the modules the model adapted,

@@ -192,9 +192,6 @@ pub(crate) fn check_record(
                 ))),
             }
         }
-        DatasetFormat::Preference | DatasetFormat::ChosenRejected => {
-            super::preference::check_record(record, format)
-        }
         _ => plain_segments(record, format).map(|_| ()),
     }
 }

@@ -1,7 +1,7 @@
 //! The training engine: LoRA fine-tuning of a Llama-family model with candle.
 //!
 //! [`run`] takes a validated [`JobSpec`] and does, step after step, the four things training is
-//! made of — forward, loss, backward, optimizer update ([`trainer::optimizer_step`]) — reporting
+//! made of — forward, loss, backward, optimizer update ([`step::Update`]) — reporting
 //! each step through a [`Reporter`] and checking it for cancellation between steps. It knows
 //! nothing of HTTP or SQL: the CLI prints its events, the service stores and streams them.
 //!
@@ -24,6 +24,7 @@ pub(crate) mod optim;
 pub mod preference;
 pub(crate) mod quant;
 pub mod report;
+pub(crate) mod step;
 #[cfg(test)]
 mod testing;
 pub(crate) mod timing;
@@ -50,6 +51,10 @@ pub struct Outcome {
     pub(crate) final_loss: Option<f64>,
     pub eval_loss: Option<f64>,
     pub adapter_dir: PathBuf,
+    /// Under early stopping: the step whose checkpoint is the adapter.
+    pub best_step: Option<u64>,
+    /// Why the run ended before its last step, when early stopping ended it.
+    pub stopped_early: Option<String>,
 }
 
 /// Runs a whole fine-tuning job. See the module docs.
@@ -60,7 +65,7 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
     };
     let mut trainer = Trainer::prepare(spec, opts, &datasets, reporter)?;
     reporter.report(&Event::Phase(Phase::Training));
-    let (mut last_loss, mut last_eval) = (None, None);
+    let (mut last_loss, mut last_eval, mut stopped_early) = (None, None, None);
     for step in trainer.start_step..trainer.schedule.total_steps {
         if reporter.should_stop() {
             if step > trainer.start_step {
@@ -72,22 +77,39 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         last_loss = Some(metrics.train_loss);
         reporter.report(&Event::Step(metrics));
         let done = step + 1;
+        let mut judged = trainer::Judgement::Continue;
         if trainer.eval_due(done) {
             let eval = trainer.evaluate_at(done)?;
             last_eval = Some(eval.eval_loss);
             reporter.report(&Event::Eval(eval));
+            judged = trainer.judge(done);
         }
-        if trainer.checkpoint_due(done) {
+        let last = done == trainer.schedule.total_steps;
+        let stop = matches!(judged, trainer::Judgement::Stop(_));
+        // the best step's checkpoint is the adapter: it is written whatever the schedule says
+        if (trainer.checkpoint_due(done) || judged != trainer::Judgement::Continue) && !last {
             trainer.save_checkpoint(done, reporter)?;
+        }
+        if judged == trainer::Judgement::Improved {
+            reporter.report(&Event::Best { step: done });
+        }
+        if let trainer::Judgement::Stop(why) = judged {
+            tracing::info!(step = done, reason = %why, "stopping early");
+            stopped_early = Some(why);
+        }
+        if stop {
+            break;
         }
     }
     reporter.report(&Event::Phase(Phase::Saving));
-    let adapter_dir = trainer.finish(reporter)?;
+    let adapter_dir = trainer.finish(reporter, stopped_early.is_some())?;
     Ok(Outcome {
-        steps: trainer.schedule.total_steps,
+        steps: trainer.steps_done(),
         final_loss: last_loss,
         eval_loss: last_eval,
         adapter_dir,
+        best_step: trainer.best_step(),
+        stopped_early,
     })
 }
 

@@ -628,7 +628,7 @@ pub fn reference_logps(
 /// What a micro-batch of pairs gave: the step's part (the tensor its backward runs from), the
 /// rewards, and each pair's answer log-probabilities.
 pub(crate) struct MicroPairs {
-    pub step: super::trainer::MicroStep,
+    pub step: super::step::MicroStep,
     pub rewards: RewardSums,
     pub logps: Vec<PairLogps>,
 }
@@ -678,7 +678,7 @@ pub(crate) fn micro_step(
         .to_dtype(token_losses.losses.dtype())?;
     let objective = (token_losses.losses * weights)?.sum_all()?;
     Ok(MicroPairs {
-        step: super::trainer::MicroStep {
+        step: super::step::MicroStep {
             objective,
             loss: share * loss.loss,
             correct: token_losses.correct,

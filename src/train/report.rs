@@ -23,7 +23,15 @@ pub enum Event {
     Data(DataSummary),
     Step(StepMetrics),
     Eval(EvalMetrics),
-    Checkpoint { step: u64, path: PathBuf },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
+    /// Under early stopping: checkpoint `step` (already reported) holds the best evaluation so
+    /// far, and becomes the job's adapter unless a better one follows.
+    Best {
+        step: u64,
+    },
 }
 
 /// Receives the engine's progress, and may ask it to stop.

@@ -7,19 +7,21 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint;
+use super::checkpoint::{self, BestSoFar};
 use super::data::Datasets;
 use super::data::{self, Batch, DataReport, DataSummary, Example};
 use super::error::{Error, Result};
-use super::model::{dropout_seed, mix_seed, BaseModel, ForwardMode, Llama};
+use super::model::{mix_seed, BaseModel, ForwardMode};
 use super::optim::{self, Optimizer};
 use super::preference::{self, Pair, ReferenceLogps};
 use super::report::{Event, Phase, Reporter};
+pub(crate) use super::step::optimizer_step;
+use super::step::{StepOutput, Update};
 use crate::job::{with_legacy_loss, EvalMetrics, MetricsRow, StepMetrics};
 use crate::spec::JobSpec;
 
@@ -139,160 +141,6 @@ fn split_validation<T>(examples: Vec<T>, fraction: f64, seed: u64) -> Result<(Ve
     Ok((train, val))
 }
 
-/// Seconds of each part of an optimizer step.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct StepTimes {
-    /// Forward and loss of every micro-batch.
-    pub forward: f64,
-    /// Backward of every micro-batch and the gradient accumulation.
-    pub backward: f64,
-    /// Clipping and the update.
-    pub optimizer: f64,
-}
-
-/// What one optimizer step did.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StepOutput {
-    /// Token-weighted mean loss over the step's label tokens.
-    pub loss: f64,
-    /// Fraction of the step's label tokens the model ranked first, before the update.
-    pub accuracy: f64,
-    /// How many they were.
-    pub correct: usize,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Input tokens processed (padding excluded).
-    pub tokens: usize,
-    pub times: StepTimes,
-    /// A preference step's reward metrics.
-    pub rewards: Option<super::preference::RewardMetrics>,
-}
-
-/// One optimizer step over `micro_batches`: forward and loss, backward, gradient accumulation,
-/// clipping, update. Each micro-batch's loss is weighted by its share of the step's label
-/// tokens, so any split of the same examples into batch × accumulation gives the same gradient;
-/// micro-batch `i` draws its dropout masks from `dropout_seed(seed, step, i)`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn optimizer_step(
-    model: &Llama,
-    vars: &[Var],
-    optimizer: &mut Optimizer,
-    micro_batches: &[Batch],
-    seed: u64,
-    step: u64,
-    learning_rate: f64,
-    max_grad_norm: f64,
-) -> Result<StepOutput> {
-    let label_total: usize = micro_batches.iter().map(|b| b.label_tokens).sum();
-    let update = Update {
-        seed,
-        step,
-        learning_rate,
-        max_grad_norm,
-    };
-    let mut out = update.run(model, vars, optimizer, micro_batches.len(), |mi, mode| {
-        let batch = &micro_batches[mi];
-        let loss_sum = model.batch_loss(batch, mode)?;
-        let objective = (loss_sum.sum / label_total as f64)?;
-        Ok(MicroStep {
-            loss: objective.to_scalar::<f32>()? as f64,
-            objective,
-            correct: loss_sum.correct,
-            tokens: batch.tokens,
-        })
-    })?;
-    out.accuracy = out.correct as f64 / label_total.max(1) as f64;
-    Ok(out)
-}
-
-/// What a micro-batch's forward gives the step: the tensor its backward starts from (weighted
-/// by the micro-batch's share of the step), that share of the step's loss, the label tokens the
-/// model ranked first, and the input tokens it read.
-pub(crate) struct MicroStep {
-    pub objective: Tensor,
-    pub loss: f64,
-    pub correct: usize,
-    pub tokens: usize,
-}
-
-/// The optimizer step's settings.
-pub(crate) struct Update {
-    pub seed: u64,
-    pub step: u64,
-    pub learning_rate: f64,
-    pub max_grad_norm: f64,
-}
-
-impl Update {
-    /// Runs `micro` micro-batches through `forward` (micro-batch `i` with its dropout masks),
-    /// a backward from each, accumulates the LoRA gradients, clips and updates.
-    pub(crate) fn run(
-        &self,
-        model: &Llama,
-        vars: &[Var],
-        optimizer: &mut Optimizer,
-        micro: usize,
-        mut forward: impl FnMut(usize, ForwardMode) -> Result<MicroStep>,
-    ) -> Result<StepOutput> {
-        let (step, learning_rate) = (self.step, self.learning_rate);
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut loss_value, mut tokens, mut correct) = (0f64, 0usize, 0usize);
-        let mut times = StepTimes::default();
-        for mi in 0..micro {
-            let t0 = Instant::now();
-            let mode = ForwardMode::train(dropout_seed(self.seed, step, mi as u64));
-            let m = forward(mi, mode)?;
-            tokens += m.tokens;
-            correct += m.correct;
-            loss_value += m.loss;
-            let t1 = Instant::now();
-            let store = m.objective.backward()?;
-            for (i, g) in model.lora_grads(&store)?.iter().enumerate() {
-                grads[i] = Some(match grads[i].take() {
-                    None => g.clone(),
-                    Some(acc) => (acc + g)?,
-                });
-            }
-            drop(store);
-            times.forward += (t1 - t0).as_secs_f64();
-            times.backward += t1.elapsed().as_secs_f64();
-        }
-        if !loss_value.is_finite() {
-            return Err(Error::Diverged {
-                step: step + 1,
-                reason: format!(
-                    "the loss is {loss_value}; lower training.learning_rate (now {learning_rate})"
-                ),
-            });
-        }
-        let t2 = Instant::now();
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .map(|g| g.expect("every var has a gradient after the first micro-batch"))
-            .collect();
-        let grad_norm = optim::clip_grad_norm(&mut grads, self.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::Diverged {
-                step: step + 1,
-                reason: format!(
-                    "the gradient norm is {grad_norm}; lower training.learning_rate (now {learning_rate})"
-                ),
-            });
-        }
-        optimizer.step(vars, &grads, learning_rate)?;
-        times.optimizer = t2.elapsed().as_secs_f64();
-        Ok(StepOutput {
-            loss: loss_value,
-            accuracy: 0.0,
-            correct,
-            grad_norm,
-            tokens,
-            times,
-            rewards: None,
-        })
-    }
-}
-
 /// What a run needs besides its spec.
 pub struct RunOptions {
     /// Checkpoints, `adapter/` (the final PEFT adapter) and `metrics.jsonl` go here.
@@ -327,6 +175,23 @@ pub(crate) struct Trainer {
     started: Instant,
     metrics: MetricsLog,
     health: Health,
+    /// Optimizer steps done so far.
+    done: u64,
+    /// Early stopping's record (when the spec asks for it).
+    best: Option<BestSoFar>,
+    /// The latest evaluation's loss.
+    last_eval: Option<f64>,
+}
+
+/// What early stopping made of an evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Judgement {
+    /// No early stopping, or no better and patience left.
+    Continue,
+    /// The best so far: its checkpoint is the adapter unless a better one follows.
+    Improved,
+    /// Not better for `patience` evaluations: the run ends here, for this reason.
+    Stop(String),
 }
 
 /// What a run trains on: labelled examples (sft), or preference pairs with, for DPO, the
@@ -467,7 +332,7 @@ impl Trainer {
         let data = data.with_reference(spec, &base, opts.init_adapter.is_some())?;
 
         let mut optimizer = Optimizer::new(t, vars.len());
-        let (mut start_step, mut tokens_seen) = (0, 0);
+        let (mut start_step, mut tokens_seen, mut best) = (0, 0, None);
         if opts.resume {
             if let Some((_, dir)) = checkpoint::list_checkpoints(&out).pop() {
                 let state = checkpoint::load_checkpoint(&dir, &base.model, &mut optimizer)?;
@@ -479,6 +344,7 @@ impl Trainer {
                 }
                 start_step = state.step;
                 tokens_seen = state.tokens_seen;
+                best = state.best;
                 tracing::info!(step = start_step, "resuming from the latest checkpoint");
             }
         }
@@ -496,6 +362,9 @@ impl Trainer {
             started: Instant::now(),
             metrics,
             health: Health::default(),
+            done: start_step,
+            best,
+            last_eval: None,
         })
     }
 
@@ -552,6 +421,7 @@ impl Trainer {
             }
         };
         let done = step + 1;
+        self.done = done;
         self.tokens_seen += out.tokens as u64;
         let m = StepMetrics {
             step: done,
@@ -610,6 +480,7 @@ impl Trainer {
                 (loss, None, Some(rewards))
             }
         };
+        self.last_eval = Some(eval_loss);
         let e = EvalMetrics {
             step: done,
             epoch: self.schedule.epoch_at(done),
@@ -639,6 +510,7 @@ impl Trainer {
             seed: self.spec.seed,
             spec: self.spec.clone(),
             tokens_seen: self.tokens_seen,
+            best: self.best,
         };
         checkpoint::save_checkpoint(
             &dir,
@@ -652,15 +524,83 @@ impl Trainer {
         Ok(())
     }
 
-    /// The final checkpoint (unless a resumed run had nothing left to do and one exists) and
-    /// the final adapter; returns the adapter's folder.
-    pub fn finish(&self, reporter: &mut dyn Reporter) -> Result<PathBuf> {
+    /// Judges the evaluation just logged at step `done` by the spec's early stopping: better
+    /// than the best by more than `min_delta` (transformers' rule), or one more evaluation
+    /// without improvement, and at `patience` of those, the end.
+    pub(crate) fn judge(&mut self, done: u64) -> Judgement {
+        let (Some(rule), Some(value)) = (&self.spec.early_stopping, self.last_eval) else {
+            return Judgement::Continue;
+        };
+        let improves = |best: &BestSoFar| value < best.value - rule.min_delta;
+        match &mut self.best {
+            Some(best) if !improves(best) => {
+                best.evals_without_improvement += 1;
+                if best.evals_without_improvement < rule.patience {
+                    return Judgement::Continue;
+                }
+                Judgement::Stop(format!(
+                    "stopped early at step {done}: {} has not improved on step {}'s {:.6} by more \
+                     than {} for {} evaluations; the adapter is step {}'s",
+                    rule.metric,
+                    best.step,
+                    best.value,
+                    rule.min_delta,
+                    best.evals_without_improvement,
+                    best.step
+                ))
+            }
+            _ => {
+                self.best = Some(BestSoFar {
+                    step: done,
+                    value,
+                    evals_without_improvement: 0,
+                });
+                Judgement::Improved
+            }
+        }
+    }
+
+    pub(crate) fn steps_done(&self) -> u64 {
+        self.done
+    }
+
+    /// Under early stopping, the step whose checkpoint is the adapter.
+    pub(crate) fn best_step(&self) -> Option<u64> {
+        self.best.map(|b| b.step)
+    }
+
+    /// The final checkpoint (unless a resumed run had nothing left to do and one exists, or
+    /// early stopping wrote it where the run stopped) and the final adapter: the weights as
+    /// trained, or under early stopping the best step's checkpoint's adapter files, copied
+    /// byte for byte. Returns the adapter's folder.
+    pub fn finish(&self, reporter: &mut dyn Reporter, stopped: bool) -> Result<PathBuf> {
         let total = self.schedule.total_steps;
-        if self.start_step < total || checkpoint::list_checkpoints(&self.out).is_empty() {
+        let resumed_done =
+            self.start_step >= total && !checkpoint::list_checkpoints(&self.out).is_empty();
+        if !stopped && !resumed_done {
             self.save_checkpoint(total, reporter)?;
         }
         let adapter_dir = self.out.join(checkpoint::ADAPTER_DIR);
-        checkpoint::save_adapter(&adapter_dir, &self.base.model, &self.spec, &self.base.name)?;
+        match self.best {
+            Some(best) => {
+                let from = checkpoint::checkpoint_dir(&self.out, best.step);
+                std::fs::create_dir_all(&adapter_dir).map_err(|e| Error::io(&adapter_dir, e))?;
+                for name in [checkpoint::ADAPTER_WEIGHTS, checkpoint::ADAPTER_CONFIG] {
+                    let (src, dst) = (from.join(name), adapter_dir.join(name));
+                    std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+                }
+                tracing::info!(
+                    step = best.step,
+                    "the best evaluation's adapter is the job's"
+                );
+            }
+            None => checkpoint::save_adapter(
+                &adapter_dir,
+                &self.base.model,
+                &self.spec,
+                &self.base.name,
+            )?,
+        }
         tracing::info!(path = %adapter_dir.display(), "adapter saved");
         Ok(adapter_dir)
     }

@@ -161,17 +161,19 @@ pub async fn record_outcome(state: &AppState, lease: &Lease, outcome: &Outcome) 
         Outcome::Cancelled => (JobStatus::Cancelled, None),
         Outcome::Failed { code, message } => (JobStatus::Failed, Some((*code, message.as_str()))),
     };
-    let adapter = match outcome {
-        Outcome::Succeeded { adapter } => {
-            Some(serde_json::to_string(adapter).expect("digests serialize"))
-        }
-        _ => None,
+    let (adapter, note) = match outcome {
+        Outcome::Succeeded { adapter, note } => (
+            Some(serde_json::to_string(adapter).expect("digests serialize")),
+            note.clone(),
+        ),
+        _ => (None, None),
     };
     let event = JobEvent::Status(StatusChange {
         error: error.map(|(code, message)| JobErrorView {
             code: code.to_string(),
             message: Some(message.to_string()),
         }),
+        reason: note,
         ..StatusChange::to(status)
     });
     let data = event.data_json();

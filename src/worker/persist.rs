@@ -140,6 +140,7 @@ impl Persister {
                     .await?;
                 prune_checkpoints(state, lease).await?;
             }
+            Event::Best { step } => state.db.set_best_step(lease, *step as i64).await?,
         }
         Ok(())
     }
@@ -150,15 +151,21 @@ impl Persister {
 /// needs.
 pub(crate) const KEEP_CHECKPOINTS: usize = 3;
 
-/// Forgets, then removes, the job's checkpoints older than the last [`KEEP_CHECKPOINTS`]. The
-/// record goes first: a takeover never resumes from a checkpoint whose files are being removed.
+/// Forgets, then removes, the job's checkpoints older than the last [`KEEP_CHECKPOINTS`], all
+/// but early stopping's best (the adapter to be). The record goes first: a takeover never
+/// resumes from a checkpoint whose files are being removed.
 async fn prune_checkpoints(state: &AppState, lease: &Lease) -> Result<(), PersistError> {
+    let best = match state.db.get_job(&lease.job, None).await? {
+        Some(row) => row.best_step,
+        None => None,
+    };
     let steps: Vec<i64> = state
         .db
         .list_checkpoints(&lease.job)
         .await?
         .iter()
         .map(|c| c.step)
+        .filter(|&s| Some(s) != best)
         .collect();
     let old = steps.len().saturating_sub(KEEP_CHECKPOINTS);
     for &step in &steps[..old] {

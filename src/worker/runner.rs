@@ -23,9 +23,11 @@ use crate::train::{self, Datasets, Event, Reporter};
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// With the digests of the final adapter's files, to be recorded.
+    /// With the digests of the final adapter's files, to be recorded, and why it ended before
+    /// its last step when early stopping ended it.
     Succeeded {
         adapter: Vec<FileDigest>,
+        note: Option<String>,
     },
     Failed {
         code: &'static str,
@@ -339,13 +341,16 @@ async fn outcome_of(
     over_time: &AtomicBool,
 ) -> Result<Outcome, Outcome> {
     Ok(match result {
-        Ok(Ok(_)) => {
+        Ok(Ok(run)) => {
             written(
                 state.db.set_phase(lease, JobPhase::Saving).await,
                 "the phase",
             )?;
             match state.artifacts.pack_adapter(&lease.job).await {
-                Ok(adapter) => Outcome::Succeeded { adapter },
+                Ok(adapter) => Outcome::Succeeded {
+                    adapter,
+                    note: run.stopped_early,
+                },
                 Err(e) if crate::disk::is_full(&e) => {
                     let dir = state.artifacts.job_output_dir(&lease.job);
                     let free = crate::disk::free_bytes(&dir).unwrap_or(0);
@@ -431,7 +436,13 @@ async fn align_checkpoints_with_record(state: &AppState, lease: &Lease, out: &Pa
             }
         }
     }
-    if let Some(&last) = recorded.iter().max() {
+    // the last to resume from; under early stopping, the best too (the adapter to be)
+    let best = match state.db.get_job(&lease.job, None).await {
+        Ok(row) => row.and_then(|r| r.best_step).map(|s| s as u64),
+        Err(_) => None,
+    };
+    let wanted = recorded.iter().max().copied().into_iter().chain(best);
+    for last in wanted.filter(|s| recorded.contains(s)) {
         if !train::checkpoint::checkpoint_dir(out, last).is_dir() {
             let key = crate::artifacts::Key::checkpoint_dir(&lease.job, last);
             match state.artifacts.load_dir(&key).await {

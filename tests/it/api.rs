@@ -98,7 +98,9 @@ async fn a_job_runs_end_to_end_and_its_adapter_downloads() {
         .unwrap();
     assert!(
         csv.starts_with(
-            "step,epoch,train_loss,eval_loss,learning_rate,grad_norm,tokens_per_second,train_accuracy,eval_accuracy\n1,"
+            "step,epoch,train_loss,eval_loss,learning_rate,grad_norm,tokens_per_second,train_accuracy,eval_accuracy,\
+             rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,\
+             eval_rewards/chosen,eval_rewards/rejected,eval_rewards/margins,eval_rewards/accuracies\n1,"
         ),
         "{csv}"
     );

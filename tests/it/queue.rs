@@ -283,7 +283,10 @@ async fn the_requeue_at_shutdown_is_written_and_its_failure_surfaces() {
     let err = record_outcome(
         state,
         &second.lease,
-        &Outcome::Succeeded { adapter: vec![] },
+        &Outcome::Succeeded {
+            adapter: vec![],
+            note: None,
+        },
     )
     .await
     .expect_err("the lease is gone");

@@ -14,8 +14,8 @@ use serde::{Deserialize, Deserializer};
 use crate::api::ApiError;
 use crate::job::CheckpointRef;
 use crate::spec::{
-    ComputeDtype, DatasetFormat, JobSpec, RawDataset, RawJobSpec, RawLora, RawMethod,
-    RawQuantization, RawTraining, DEFAULT_LEARNING_RATE,
+    ComputeDtype, DatasetFormat, JobSpec, RawDataset, RawEarlyStopping, RawJobSpec, RawLora,
+    RawMethod, RawQuantization, RawTraining, DEFAULT_LEARNING_RATE,
 };
 
 /// The create request's body, as the `openai` SDK sends it.
@@ -138,6 +138,8 @@ pub struct NativeFields {
     #[serde(default)]
     pub checkpoint_every_steps: Option<u64>,
     #[serde(default)]
+    pub early_stopping: Option<RawEarlyStopping>,
+    #[serde(default)]
     base_model: Option<IgnoredAny>,
     #[serde(default)]
     seed: Option<IgnoredAny>,
@@ -199,20 +201,22 @@ impl CreateFineTuningJob {
             })
     }
 
+    /// `training_file`, required.
+    fn training_file(&self) -> Result<String, ApiError> {
+        let file = self.training_file.clone().filter(|f| !f.trim().is_empty());
+        file.ok_or_else(|| {
+            ApiError::bad(
+                "training_file",
+                "missing: the id of an uploaded training file",
+            )
+        })
+    }
+
     /// The native spec this request stands for; `continued` is what a `ft:` `model` names,
     /// read by the caller from the database.
     pub fn into_spec(self, continued: Option<Continued>) -> Result<JobSpec, ApiError> {
         let model = self.model()?.to_string();
-        let training_file = self
-            .training_file
-            .clone()
-            .filter(|f| !f.trim().is_empty())
-            .ok_or_else(|| {
-                ApiError::bad(
-                    "training_file",
-                    "missing: the id of an uploaded training file",
-                )
-            })?;
+        let training_file = self.training_file()?;
         if self.integrations.as_ref().is_some_and(|i| !i.is_empty()) {
             return Err(ApiError::bad(
                 "integrations",
@@ -248,6 +252,7 @@ impl CreateFineTuningJob {
             compute_dtype: native.compute_dtype,
             training,
             checkpoint_every_steps: native.checkpoint_every_steps,
+            early_stopping: native.early_stopping,
             suffix: self.suffix,
             seed: self.seed,
             from_checkpoint,
@@ -268,60 +273,10 @@ impl CreateFineTuningJob {
     fn chosen_hyperparameters(
         &self,
     ) -> Result<(Hyperparameters, &'static str, Option<RawMethod>), ApiError> {
-        let (under_method, param, method) =
-            match &self.method {
-                None => (None, "hyperparameters", None),
-                Some(m) => {
-                    let kind = m.kind.as_deref().unwrap_or("supervised");
-                    let misplaced = match kind {
-                        "supervised" => m.dpo.as_ref().map(|_| "method.dpo"),
-                        _ => m.supervised.as_ref().map(|_| "method.supervised"),
-                    };
-                    if let Some(field) = misplaced {
-                        return Err(ApiError::bad(
-                            field,
-                            format!("does not go with method.type {kind:?}"),
-                        ));
-                    }
-                    match kind {
-                        "supervised" => (
-                            m.supervised
-                                .as_ref()
-                                .and_then(|s| s.hyperparameters.as_ref())
-                                .map(Hyperparameters::clone_settings),
-                            "method.supervised.hyperparameters",
-                            None,
-                        ),
-                        "dpo" => {
-                            let h = m.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
-                            let method = RawMethod {
-                                kind: "dpo".into(),
-                                beta: h.and_then(|h| h.beta.0),
-                                ..Default::default()
-                            };
-                            let common = h.map(|h| Hyperparameters {
-                                n_epochs: h.n_epochs,
-                                batch_size: h.batch_size,
-                                learning_rate_multiplier: h.learning_rate_multiplier,
-                            });
-                            (common, "method.dpo.hyperparameters", Some(method))
-                        }
-                        "reinforcement" => return Err(ApiError::new(
-                            StatusCode::BAD_REQUEST,
-                            "unsupported_method",
-                            "qtune trains supervised and dpo fine-tuning (and orpo through its \
-                             native API); reinforcement fine-tuning is not supported",
-                        )
-                        .param("method.type")),
-                        other => {
-                            return Err(ApiError::bad(
-                                "method.type",
-                                format!("unknown method type {other:?} (supervised or dpo)"),
-                            ))
-                        }
-                    }
-                }
-            };
+        let (under_method, param, method) = match &self.method {
+            None => (None, "hyperparameters", None),
+            Some(m) => m.native()?,
+        };
         match (&self.hyperparameters, under_method) {
             (Some(_), Some(_)) => Err(ApiError::bad(
                 "hyperparameters",
@@ -330,6 +285,61 @@ impl CreateFineTuningJob {
             (Some(h), None) => Ok((h.clone_settings(), "hyperparameters", method)),
             (None, Some(h)) => Ok((h, param, method)),
             (None, None) => Ok((Hyperparameters::default(), "hyperparameters", method)),
+        }
+    }
+}
+
+impl Method {
+    /// The hyperparameters under the method (with their param) and the native method it is.
+    #[allow(clippy::type_complexity)]
+    fn native(
+        &self,
+    ) -> Result<(Option<Hyperparameters>, &'static str, Option<RawMethod>), ApiError> {
+        let kind = self.kind.as_deref().unwrap_or("supervised");
+        let misplaced = match kind {
+            "supervised" => self.dpo.as_ref().map(|_| "method.dpo"),
+            _ => self.supervised.as_ref().map(|_| "method.supervised"),
+        };
+        if let Some(field) = misplaced {
+            return Err(ApiError::bad(
+                field,
+                format!("does not go with method.type {kind:?}"),
+            ));
+        }
+        match kind {
+            "supervised" => {
+                let h = self
+                    .supervised
+                    .as_ref()
+                    .and_then(|s| s.hyperparameters.as_ref());
+                let h = h.map(Hyperparameters::clone_settings);
+                Ok((h, "method.supervised.hyperparameters", None))
+            }
+            "dpo" => {
+                let h = self.dpo.as_ref().and_then(|d| d.hyperparameters.as_ref());
+                let method = RawMethod {
+                    kind: "dpo".into(),
+                    beta: h.and_then(|h| h.beta.0),
+                    ..Default::default()
+                };
+                let common = h.map(|h| Hyperparameters {
+                    n_epochs: h.n_epochs,
+                    batch_size: h.batch_size,
+                    learning_rate_multiplier: h.learning_rate_multiplier,
+                });
+                Ok((common, "method.dpo.hyperparameters", Some(method)))
+            }
+            "reinforcement" => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_method",
+                "qtune trains supervised and dpo fine-tuning (and orpo through its native \
+                 API); reinforcement fine-tuning is not supported",
+            )
+            .param("method.type")),
+            other => Err(ApiError::bad(
+                "method.type",
+                format!("unknown method type {other:?} (supervised or dpo)"),
+            )),
         }
     }
 }

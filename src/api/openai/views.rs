@@ -157,6 +157,9 @@ pub struct JobProgress {
     pub phase: Option<&'static str>,
     pub step: i64,
     pub total_steps: Option<i64>,
+    /// Under early stopping, the step whose checkpoint is the fine-tuned model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_step: Option<i64>,
 }
 
 fn hyperparameters(spec: &JobSpec) -> Hyperparameters {
@@ -207,6 +210,7 @@ impl From<&JobRow> for FineTuningJob {
                 phase: row.phase.map(|p| p.as_str()),
                 step: row.step,
                 total_steps: row.total_steps,
+                best_step: row.best_step,
             },
         }
     }
@@ -263,41 +267,8 @@ fn describe(event: &JobEvent) -> (&'static str, String, &'static str, Value) {
             "message",
             Value::Null,
         ),
-        JobEvent::Metrics(m) => {
-            let mut data = json!({
-                "step": m.step,
-                "total_steps": m.total_steps,
-                "train_loss": m.train_loss,
-                "train_mean_token_accuracy": m.train_accuracy,
-                "learning_rate": m.learning_rate,
-            });
-            with_rewards(&mut data, m.rewards.as_ref(), "");
-            (
-                "info",
-                format!(
-                    "Step {}/{}: training loss={:.4}",
-                    m.step, m.total_steps, m.train_loss
-                ),
-                "metrics",
-                data,
-            )
-        }
-        JobEvent::Eval(e) => {
-            let mut data = json!({
-                "step": e.step,
-                "valid_loss": e.eval_loss,
-                "valid_mean_token_accuracy": e.eval_accuracy,
-                "full_valid_loss": e.eval_loss,
-                "full_valid_mean_token_accuracy": e.eval_accuracy,
-            });
-            with_rewards(&mut data, e.rewards.as_ref(), "valid_");
-            (
-                "info",
-                format!("Step {}: validation loss={:.4}", e.step, e.eval_loss),
-                "metrics",
-                data,
-            )
-        }
+        JobEvent::Metrics(m) => metrics_event(m),
+        JobEvent::Eval(e) => eval_event(e),
         JobEvent::Checkpoint(c) => (
             "info",
             format!("Checkpoint created at step {}", c.step),
@@ -305,6 +276,37 @@ fn describe(event: &JobEvent) -> (&'static str, String, &'static str, Value) {
             Value::Null,
         ),
     }
+}
+
+/// A step as OpenAI's `metrics` event: its loss and accuracy (and a preference step's rewards).
+fn metrics_event(m: &crate::job::StepMetrics) -> (&'static str, String, &'static str, Value) {
+    let mut data = json!({
+        "step": m.step,
+        "total_steps": m.total_steps,
+        "train_loss": m.train_loss,
+        "train_mean_token_accuracy": m.train_accuracy,
+        "learning_rate": m.learning_rate,
+    });
+    with_rewards(&mut data, m.rewards.as_ref(), "");
+    let message = format!(
+        "Step {}/{}: training loss={:.4}",
+        m.step, m.total_steps, m.train_loss
+    );
+    ("info", message, "metrics", data)
+}
+
+/// An evaluation as OpenAI's `metrics` event, under its validation names.
+fn eval_event(e: &crate::job::EvalMetrics) -> (&'static str, String, &'static str, Value) {
+    let mut data = json!({
+        "step": e.step,
+        "valid_loss": e.eval_loss,
+        "valid_mean_token_accuracy": e.eval_accuracy,
+        "full_valid_loss": e.eval_loss,
+        "full_valid_mean_token_accuracy": e.eval_accuracy,
+    });
+    with_rewards(&mut data, e.rewards.as_ref(), "valid_");
+    let message = format!("Step {}: validation loss={:.4}", e.step, e.eval_loss);
+    ("info", message, "metrics", data)
 }
 
 /// A preference step's rewards beside the loss in an event's data, under TRL's names

@@ -1,0 +1,376 @@
+//! Preference training against TRL itself: tests/fixtures/preference/ was made by
+//! scripts/make-preference-fixtures.py (versions in its expected.json) on the tiny Llama of the
+//! family fixtures, with a PEFT LoRA whose A and B are drawn, for one batch of four pairs: TRL's
+//! loss, its reward metrics and every LoRA gradient for DPO (sigmoid, IPO, RPO) and ORPO, and
+//! each pair's answer log-probabilities under the policy and the reference (the adapter off).
+//! qtune's engine, on the same folder, adapter and token ids, must give the same numbers:
+//! log-probabilities, losses and gradients within 1e-4 relative.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use qtune::spec::{DpoLoss, DpoSpec, Method, OrpoSpec};
+use qtune::train::data::Example;
+use qtune::train::model::ForwardMode;
+use qtune::train::preference::{self, Pair, ReferenceLogps};
+use qtune::train::{checkpoint, model};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preference")
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The fixture's pairs as the engine tokenizes them: prompt then answer, labels on the answer.
+fn pairs(expected: &Value) -> Vec<Pair> {
+    expected["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let prompt = ids(&p["prompt_ids"]);
+            let example = |answer: &str| {
+                let all: Vec<u32> = prompt.iter().copied().chain(ids(&p[answer])).collect();
+                let labels = (0..all.len()).map(|i| i >= prompt.len()).collect();
+                Example { ids: all, labels }
+            };
+            Pair {
+                chosen: example("chosen_ids"),
+                rejected: example("rejected_ids"),
+                prompt_len: prompt.len(),
+            }
+        })
+        .collect()
+}
+
+fn dpo(loss_type: DpoLoss, rpo_alpha: Option<f64>) -> Method {
+    Method::Dpo(DpoSpec {
+        beta: 0.1,
+        label_smoothing: 0.0,
+        loss_type,
+        rpo_alpha,
+    })
+}
+
+#[test]
+fn dpo_ipo_rpo_and_orpo_match_trl() {
+    let dir = dir();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let grads: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let base_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama");
+    let adapter = dir.join("adapter");
+    let lora = checkpoint::read_lora_spec(&adapter).unwrap();
+    let base = model::load_base(
+        base_dir.to_str().unwrap(),
+        None,
+        &lora,
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    checkpoint::load_adapter(&adapter, &base.model).unwrap();
+    let pairs = pairs(&expected);
+
+    // the reference is the base with the adapter off; the policy has it on
+    for (mode, key) in [
+        (ForwardMode::BASE, "reference"),
+        (ForwardMode::EVAL, "policy"),
+    ] {
+        let got = preference::reference_logps(&base.model, &pairs, 3, true, 0, mode).unwrap();
+        for (i, (g, w)) in got
+            .iter()
+            .zip(expected[key].as_array().unwrap())
+            .enumerate()
+        {
+            for (side, value) in [("chosen", g.chosen), ("rejected", g.rejected)] {
+                let want = w[side].as_f64().unwrap();
+                assert!(
+                    relative(value, want) <= 1e-4,
+                    "{key} pair {i} {side}: {value} vs TRL's {want}"
+                );
+            }
+        }
+    }
+    let reference: Vec<ReferenceLogps> =
+        preference::reference_logps(&base.model, &pairs, 4, true, 0, ForwardMode::BASE).unwrap();
+
+    let cases = [
+        ("dpo_sigmoid", dpo(DpoLoss::Sigmoid, None)),
+        ("dpo_ipo", dpo(DpoLoss::Ipo, None)),
+        ("dpo_rpo", dpo(DpoLoss::Sigmoid, Some(0.5))),
+        ("orpo", Method::Orpo(OrpoSpec { beta: 0.1 })),
+    ];
+    for (name, method) in cases {
+        let case = &expected["cases"][name];
+        // packed (the default) and one sequence per row give the same numbers
+        for packing in [true, false] {
+            let probe =
+                preference::loss_and_gradients(&base.model, &method, &pairs, &reference, packing)
+                    .unwrap();
+            let want = case["loss"].as_f64().unwrap();
+            assert!(
+                relative(probe.loss, want) <= 1e-4,
+                "{name}: loss {} vs TRL's {want}",
+                probe.loss
+            );
+            let metrics = serde_json::to_value(probe.rewards).unwrap();
+            for (metric, want) in case["metrics"].as_object().unwrap() {
+                let (got, want) = (metrics[metric].as_f64().unwrap(), want.as_f64().unwrap());
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1e-2),
+                    "{name}: {metric} {got} vs TRL's {want}"
+                );
+            }
+            let names = base.model.lora_vars();
+            assert_eq!(
+                names.len(),
+                grads.keys().filter(|k| k.starts_with(name)).count()
+            );
+            for ((var, _), grad) in names.iter().zip(&probe.grads) {
+                let key = format!("{name}.grad.{}", checkpoint::peft_name(var));
+                let reference = grads
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("the fixture has no {key}"));
+                let scale = reference
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let err = crate::helpers::max_abs_diff(grad, reference) / scale.max(1e-12);
+                assert!(
+                    err <= 1e-4,
+                    "{name} (packing {packing}): {var} gradient off TRL's by {err} (relative)"
+                );
+            }
+        }
+    }
+}
+
+/// Early stopping through the service: a run that overfits four records stops before its
+/// max_steps once the validation loss has not improved for `patience` evaluations; its adapter
+/// is the best evaluation's checkpoint, byte for byte, and the job says which step and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_stopping_ends_an_overfitting_run_with_the_best_checkpoint() {
+    use serde_json::json;
+    let app = crate::helpers::app::spawn_app().await;
+    let write = |name: &str, answer: &str| {
+        let path = app.dir.path().join(name);
+        let lines: Vec<String> = (0..4)
+            .map(|i| {
+                json!({"messages": [
+                    {"role": "user", "content": format!("say {i}")},
+                    {"role": "assistant", "content": format!("{answer} {i}")},
+                ]})
+                .to_string()
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        format!("file://{}", path.display())
+    };
+    // the validation answers are not the trained ones: memorising the training set raises
+    // their loss after the shared format is learned
+    let (train, validation) = (write("train.jsonl", "ok"), write("val.jsonl", "never"));
+    let spec = app.job(json!({
+        "dataset": {"url": train, "validation_url": validation},
+        "training": {"max_steps": 80, "epochs": 1, "learning_rate": 0.05, "eval_every_steps": 2},
+        "early_stopping": {"patience": 3, "min_delta": 0.0},
+    }));
+    let id = app.submit(&spec).await;
+    let done = app
+        .wait_status(
+            &id,
+            &["succeeded", "failed"],
+            std::time::Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let stopped_at = done["progress"]["step"].as_i64().unwrap();
+    let best = done["best_step"]
+        .as_i64()
+        .expect("the job names its best step");
+    assert!(stopped_at < 80, "the run went to its max_steps: {done}");
+    // patience 3 at an evaluation every 2 steps: three evaluations after the best
+    assert_eq!(stopped_at, best + 6, "{done}");
+
+    // the best step is the lowest validation loss of the run
+    let (_, metrics) = app.get(&format!("/v1/jobs/{id}/metrics")).await;
+    let evals: Vec<(i64, f64)> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| Some((r["step"].as_i64()?, r["eval_loss"].as_f64()?)))
+        .collect();
+    let lowest = evals.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(lowest.0, best, "{evals:?}");
+    println!("stopped at step {stopped_at}, best step {best}: {evals:?}");
+    assert!(evals.iter().all(|e| e.0 <= stopped_at), "{evals:?}");
+
+    // the status event says so
+    let reasons: Vec<String> = app
+        .events(&id, None)
+        .await
+        .iter()
+        .filter_map(|(_, _, data)| data["reason"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("stopped early")
+                && r.contains(&format!("the adapter is step {best}'s"))),
+        "{reasons:?}"
+    );
+
+    // the adapter is the best checkpoint's, byte for byte; the checkpoints stay listed
+    let (_, ckpts) = app.get(&format!("/v1/jobs/{id}/checkpoints")).await;
+    let steps: Vec<i64> = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_i64().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&best) && steps.contains(&stopped_at),
+        "{steps:?}"
+    );
+    let bytes = |path: String| {
+        let req = app.client.get(app.url(&path));
+        async move { req.send().await.unwrap().bytes().await.unwrap() }
+    };
+    let adapter = bytes(format!(
+        "/v1/jobs/{id}/adapter?file=adapter_model.safetensors"
+    ))
+    .await;
+    let at_best = bytes(format!(
+        "/v1/jobs/{id}/checkpoints/{best}/adapter_model.safetensors"
+    ))
+    .await;
+    let at_end = bytes(format!(
+        "/v1/jobs/{id}/checkpoints/{stopped_at}/adapter_model.safetensors"
+    ))
+    .await;
+    assert!(adapter.len() > 1000);
+    assert_eq!(adapter, at_best, "the adapter is not the best checkpoint's");
+    assert_ne!(
+        adapter, at_end,
+        "the adapter is the last step's, not the best's"
+    );
+    app.shutdown().await;
+}
+
+/// ORPO through the native API on TRL's preference records (conversations whose shared turns
+/// are the prompt): the job trains, its steps and evaluations carry TRL's reward metrics in the
+/// metrics endpoint and the CSV, and a supervised file under a preference method fails naming
+/// the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orpo_trains_on_trl_records_and_reports_rewards() {
+    use serde_json::json;
+    let app = crate::helpers::app::spawn_app().await;
+    let path = app.dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            let turn = |answer: String| {
+                json!([
+                    {"role": "user", "content": format!("say {}", i % 4)},
+                    {"role": "assistant", "content": answer},
+                ])
+            };
+            json!({
+                "chosen": turn(format!("ok {}", i % 4)),
+                "rejected": turn(format!("no {}", (i + 1) % 4)),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let spec = app.job(json!({
+        "method": {"type": "orpo", "beta": 0.2},
+        "dataset": {"url": format!("file://{}", path.display()), "validation_split": 0.25},
+        "training": {"max_steps": 6, "epochs": 1, "eval_every_steps": 3, "learning_rate": 0.02},
+    }));
+    let id = app.submit(&spec).await;
+    let done = app
+        .wait_status(
+            &id,
+            &["succeeded", "failed"],
+            std::time::Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let spec: Value = serde_json::from_str(&done["spec"].to_string()).unwrap();
+    assert_eq!(spec["method"], json!({"type": "orpo", "beta": 0.2}));
+
+    let (_, metrics) = app.get(&format!("/v1/jobs/{id}/metrics")).await;
+    let rows = metrics["data"].as_array().unwrap();
+    let steps: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["train_loss"].is_number())
+        .collect();
+    let evals: Vec<&Value> = rows.iter().filter(|r| r["eval_loss"].is_number()).collect();
+    assert_eq!((steps.len(), evals.len()), (6, 2), "{metrics}");
+    for r in &steps {
+        let (c, j, m) = (
+            r["rewards/chosen"].as_f64().unwrap(),
+            r["rewards/rejected"].as_f64().unwrap(),
+            r["rewards/margins"].as_f64().unwrap(),
+        );
+        assert!((m - (c - j)).abs() < 1e-9, "{r}");
+        // ORPO's reward is β × a mean token log-probability: below zero
+        assert!(c < 0.0 && j < 0.0, "{r}");
+        assert!((0.0..=1.0).contains(&r["rewards/accuracies"].as_f64().unwrap()));
+    }
+    for r in &evals {
+        assert!(r["eval_rewards/margins"].is_number(), "{r}");
+    }
+    // the margin grows as the chosen answers are learned
+    let margin = |r: &Value| r["rewards/margins"].as_f64().unwrap();
+    assert!(margin(steps[5]) > margin(steps[0]), "{steps:?}");
+    let csv = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/metrics?format=csv")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(
+        header.ends_with("rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies,eval_rewards/chosen,eval_rewards/rejected,eval_rewards/margins,eval_rewards/accuracies"),
+        "{header}"
+    );
+
+    // chat records under a preference method: the job fails naming the file's line
+    let sft = app.job(json!({"method": {"type": "dpo"}, "training": {"max_steps": 1}}));
+    let id = app.submit(&sft).await;
+    let failed = app
+        .wait_status(
+            &id,
+            &["succeeded", "failed"],
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 1") && message.contains("not preference pairs"),
+        "{message}"
+    );
+    app.shutdown().await;
+}
