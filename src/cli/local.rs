@@ -198,7 +198,7 @@ impl Reporter for PrintReporter {
                 eprintln!("{total_steps} optimizer steps, {trainable_parameters} trainable parameters");
             }
             Event::Step(m) => eprintln!(
-                "step {}/{}  epoch {:.2}  loss {:.4}  acc {:.3}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.1}s",
+                "step {}/{}  epoch {:.2}  loss {:.4}  acc {:.3}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  {:.2}s",
                 m.step, m.total_steps, m.epoch, m.train_loss, m.train_accuracy.unwrap_or(f64::NAN), m.learning_rate, m.grad_norm, m.tokens_per_second, m.elapsed_seconds
             ),
             Event::Eval(e) => eprintln!(
