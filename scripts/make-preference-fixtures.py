@@ -18,10 +18,19 @@ fixtures"):
     ~/.cache/qtune-reference/venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
         peft==0.21.2 trl==1.16.0 datasets safetensors==0.8.0 tokenizers==0.23.3 accelerate==1.15.0
     ~/.cache/qtune-reference/venv/bin/python scripts/make-preference-fixtures.py tests/fixtures/preference
+
+With `--smollm2=DIR` (the folder ../shared/reference/convert_smollm2.py makes) it makes the same
+fixture for SmolLM2-135M-Instruct in tests/fixtures/preference-smollm2 (an adapter on q and v,
+rank 2; tests/it/methods.rs's full-tier test loads the GGUF the folder was made from).
+
+With `--qtune=PATH` (a built qtune binary) it checks the other direction instead: qtune trains a
+DPO adapter and evaluates it on held-out pairs; PEFT loads the adapter and TRL's own evaluation
+(the base as reference) must report the same loss, reward accuracy and margins.
 """
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -191,7 +200,55 @@ def curve(name, work):
     return logs
 
 
-def main(out):
+HELD_OUT = [
+    {"prompt": "Q: capital of Italy?\nA:", "chosen": " Rome.", "rejected": " Paris."},
+    {"prompt": "Q: 3 + 3?\nA:", "chosen": " 6", "rejected": " 7"},
+    {"prompt": "Q: colour of grass?\nA:", "chosen": " Green.", "rejected": " Blue."},
+    {"prompt": "Q: opposite of up?\nA:", "chosen": " Down.", "rejected": " Left."},
+]
+
+
+def check_qtune_adapter(qtune):
+    """qtune trains a DPO adapter (its reference the base) and evaluates it on held-out pairs;
+    PEFT loads that adapter unchanged and TRL's own evaluation, with the base as its reference
+    model, must give the reward accuracy and mean margin qtune reported."""
+    with tempfile.TemporaryDirectory() as work:
+        def write(name, rows):
+            path = os.path.join(work, name)
+            with open(path, "w") as f:
+                f.write("\n".join(json.dumps(r) for r in rows))
+            return path
+        spec = {
+            "base_model": os.path.abspath(BASE),
+            "dataset": {"url": write("train.jsonl", CURVE_PAIRS), "validation_url": write("held.jsonl", HELD_OUT)},
+            "method": {"type": "dpo", "beta": 0.1},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+            "training": {"max_steps": 10, "batch_size": 4, "learning_rate": 5e-3, "lr_scheduler": "constant",
+                         "max_seq_len": 64},
+            "seed": 0,
+        }
+        with open(os.path.join(work, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        out = os.path.join(work, "run")
+        subprocess.run([qtune, "train", os.path.join(work, "spec.json"), "--output", out],
+                       check=True, capture_output=True)
+        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+        reported = next(r for r in rows if r.get("eval_loss") is not None)
+        model = peft.PeftModel.from_pretrained(base_model(), os.path.join(out, "adapter"))
+        args = DPOConfig(output_dir=os.path.join(work, "trl"), report_to=[], per_device_eval_batch_size=len(HELD_OUT),
+                         use_cpu=True, bf16=False, beta=0.1, max_length=64)
+        trainer = DPOTrainer(model=model, ref_model=base_model(), args=args, train_dataset=Dataset.from_list(CURVE_PAIRS),
+                             eval_dataset=Dataset.from_list(HELD_OUT), processing_class=tokenizer())
+        trl_metrics = trainer.evaluate()
+        for ours, theirs in [("eval_loss", "eval_loss"), ("eval_rewards/accuracies", "eval_rewards/accuracies"),
+                             ("eval_rewards/margins", "eval_rewards/margins"), ("eval_rewards/chosen", "eval_rewards/chosen")]:
+            a, b = reported[ours], trl_metrics[theirs]
+            print(f"  {ours}: qtune {a:.6f}, TRL on the PEFT-loaded adapter {b:.6f}")
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (ours, a, b)
+        print("qtune's DPO adapter, loaded by PEFT, evaluates in TRL as qtune reported")
+
+
+def main(out, curves=True):
     os.makedirs(out, exist_ok=True)
     batch = pairs()
     expected = {"pairs": batch, "cases": {}}
@@ -219,7 +276,7 @@ def main(out):
         tensors.update({f"orpo.{k}": v for k, v in grads.items()})
         print(f"orpo: loss {loss:.6f} {metrics}")
         expected["curves"] = {"pairs": CURVE_PAIRS, "steps": CURVE_STEPS, "learning_rate": CURVE_LR}
-        for name in ("dpo_sigmoid", "dpo_ipo", "orpo"):
+        for name in ("dpo_sigmoid", "dpo_ipo", "orpo") if curves else ():
             expected["curves"][name] = curve(name, work)
             print(f"{name} curve: {[round(e['loss'], 4) for e in expected['curves'][name]]}")
     expected["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -230,4 +287,17 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "tests", "fixtures", "preference"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--qtune=")]
+    qtune = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--qtune=")), None)
+    smollm2 = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--smollm2=")), None)
+    args = [a for a in args if not a.startswith("--smollm2=")]
+    if smollm2:
+        # the real model (the float32 folder convert_smollm2.py makes from the PyPI GGUF, which
+        # the test loads itself): a smaller adapter, ids from its whole vocabulary, no curves
+        BASE, VOCAB, FIRST_ID = smollm2, 49152, 100
+        LORA.update(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        main(args[0] if args else os.path.join(HERE, "..", "tests", "fixtures", "preference-smollm2"), curves=False)
+    elif qtune:
+        check_qtune_adapter(qtune)
+    else:
+        main(args[0] if args else os.path.join(HERE, "..", "tests", "fixtures", "preference"))

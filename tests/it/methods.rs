@@ -66,16 +66,61 @@ fn dpo(loss_type: DpoLoss, rpo_alpha: Option<f64>) -> Method {
 
 #[test]
 fn dpo_ipo_rpo_and_orpo_match_trl() {
-    let dir = dir();
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama");
+    check_against_trl(&dir(), &base, Relative::Elementwise);
+}
+
+/// How a gradient's distance from TRL's is measured.
+#[derive(Clone, Copy)]
+enum Relative {
+    /// The largest elementwise gap over the tensor's largest entry (the tiny model).
+    Elementwise,
+    /// ‖qtune − TRL‖ / ‖TRL‖ per tensor, within 5e-4 (the real model: float32 through 30
+    /// layers of backward, summed in other orders by oneDNN and PyTorch; measured: median 1e-5,
+    /// the worst 1.9e-4, ORPO's and IPO's layer-0 factors, whose gradients are the smallest and
+    /// reach there through every layer — the log-probabilities, losses and rewards agree within
+    /// 1e-4, and outside layer 0 no entry is off by more than 1.2e-4 of its tensor's largest).
+    Norm,
+}
+
+fn relative_error(a: &Tensor, b: &Tensor, how: Relative) -> f32 {
+    let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    match how {
+        Relative::Elementwise => {
+            let scale = scalar(b.abs().unwrap().max_all().unwrap());
+            crate::helpers::max_abs_diff(a, b) / scale.max(1e-12)
+        }
+        Relative::Norm => {
+            let diff = scalar((a - b).unwrap().sqr().unwrap().sum_all().unwrap()).sqrt();
+            diff / scalar(b.sqr().unwrap().sum_all().unwrap())
+                .sqrt()
+                .max(1e-12)
+        }
+    }
+}
+
+/// The real SmolLM2-135M-Instruct: the fixture was made by TRL on the float32 folder converted
+/// from the same GGUF the test loads (`--smollm2` of the fixture script).
+mod full {
+    #[test]
+    fn smollm2_dpo_ipo_and_orpo_match_trl() {
+        let dir = super::dir().with_file_name("preference-smollm2");
+        let model = crate::helpers::test_model("SmolLM2-135M-Instruct.Q4_1.gguf");
+        super::check_against_trl(&dir, &model, super::Relative::Norm);
+    }
+}
+
+/// Loads `base_path` with the fixture's adapter and compares the engine's log-probabilities,
+/// loss, reward metrics and LoRA gradients with each case TRL recorded in `dir`.
+fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: Relative) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let grads: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let base_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama");
     let adapter = dir.join("adapter");
     let lora = checkpoint::read_lora_spec(&adapter).unwrap();
     let base = model::load_base(
-        base_dir.to_str().unwrap(),
+        base_path.to_str().unwrap(),
         None,
         &lora,
         None,
@@ -117,6 +162,9 @@ fn dpo_ipo_rpo_and_orpo_match_trl() {
     ];
     for (name, method) in cases {
         let case = &expected["cases"][name];
+        if case.is_null() {
+            continue;
+        }
         // packed (the default) and one sequence per row give the same numbers
         for packing in [true, false] {
             let probe =
@@ -146,16 +194,13 @@ fn dpo_ipo_rpo_and_orpo_match_trl() {
                 let reference = grads
                     .get(&key)
                     .unwrap_or_else(|| panic!("the fixture has no {key}"));
-                let scale = reference
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let err = crate::helpers::max_abs_diff(grad, reference) / scale.max(1e-12);
+                let err = relative_error(grad, reference, norm);
+                let bound = match norm {
+                    Relative::Elementwise => 1e-4,
+                    Relative::Norm => 5e-4,
+                };
                 assert!(
-                    err <= 1e-4,
+                    err <= bound,
                     "{name} (packing {packing}): {var} gradient off TRL's by {err} (relative)"
                 );
             }
