@@ -9,7 +9,7 @@ no gradient accumulation. TRL twice: float32 (as qtune), and as its config defau
 with bf16 (autocast). TRL as its DPOTrainer runs by default with a PEFT model: the
 reference log-probabilities computed in each step with the adapter switched off. qtune computes
 them once before the first step (its default; that pass is timed apart). Runs alternate
-(TRL f32, TRL bf16, qtune DPO, qtune SFT, ... `--rounds` times); each run's first `--warmup` steps are left out.
+(TRL f32, TRL bf16, qtune DPO, qtune DPO with a bf16 base, qtune SFT, ... `--rounds` times); each run's first `--warmup` steps are left out.
 
     ~/.cache/qtune-reference/venv/bin/python scripts/dpo-bench.py \
         --model ~/qtune-reference/models/smollm2-135m-instruct --qtune target/debug/qtune
@@ -89,7 +89,7 @@ def run_trl(model_dir, data, steps, bf16):
     return times
 
 
-def run_qtune(qtune, model_dir, data, steps, method):
+def run_qtune(qtune, model_dir, data, steps, method, bf16=False):
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "data.jsonl")
         with open(path, "w") as f:
@@ -108,6 +108,8 @@ def run_qtune(qtune, model_dir, data, steps, method):
         }
         if method == "dpo":
             spec["method"] = {"type": "dpo", "beta": 0.1}
+        if bf16:
+            spec["compute_dtype"] = "bf16"
         with open(os.path.join(work, "spec.json"), "w") as f:
             json.dump(spec, f)
         out = os.path.join(work, "run")
@@ -133,7 +135,7 @@ def main():
     a = ap.parse_args()
     data = pairs()
     total = a.steps + a.warmup
-    results = {"trl": [], "trl bf16": [], "qtune dpo": [], "qtune sft": []}
+    results = {"trl": [], "trl bf16": [], "qtune dpo": [], "qtune bf16": [], "qtune sft": []}
     outside = []
     for r in range(a.rounds):
         results["trl"] += run_trl(a.model, data, total, bf16=False)[a.warmup:]
@@ -141,6 +143,8 @@ def main():
         times, other = run_qtune(a.qtune, a.model, data, total, "dpo")
         results["qtune dpo"] += times[a.warmup:]
         outside.append(other)
+        times, _ = run_qtune(a.qtune, a.model, data, total, "dpo", bf16=True)
+        results["qtune bf16"] += times[a.warmup:]
         times, _ = run_qtune(a.qtune, a.model, data, total, "sft")
         results["qtune sft"] += times[a.warmup:]
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
@@ -153,7 +157,8 @@ def main():
     for name, m in medians.items():
         print(f"  {name:10s} {m:7.3f} s/step  {4 / m:6.2f} pairs/s   (steps: {len(results[name])})")
     print(f"  qtune's DPO vs TRL: {medians['trl'] / medians['qtune dpo']:.2f}x pairs/s (float32 both), "
-          f"{medians['trl bf16'] / medians['qtune dpo']:.2f}x TRL's default (bf16 autocast); "
+          f"{medians['trl bf16'] / medians['qtune dpo']:.2f}x TRL's default (bf16 autocast), "
+          f"{medians['trl bf16'] / medians['qtune bf16']:.2f}x with qtune's bf16 base too; "
           f"a DPO step costs {medians['qtune dpo'] / medians['qtune sft']:.2f}x a supervised step "
           f"on the same pairs (chosen answers only)")
     print(f"  qtune's run outside its steps (load, tokenize, reference pass, save): "

@@ -174,7 +174,9 @@ function jobsView() {
 
 function jobView(id) {
   const controller = new AbortController();
-  const curve = { train: new Map(), eval: new Map(), lr: new Map(), trainAcc: new Map(), evalAcc: new Map() };
+  // margin, evalMargin: a preference job's reward margin (chosen − rejected), TRL's rewards/margins
+  const curve = { train: new Map(), eval: new Map(), lr: new Map(), trainAcc: new Map(), evalAcc: new Map(),
+    margin: new Map(), evalMargin: new Map() };
   let job = null, logScale = false, timer = null;
 
   const title = el("h1", { text: `Job ${id}` });
@@ -185,6 +187,8 @@ function jobView(id) {
   const chartBox = el("div");
   const lrBox = el("div");
   const accBox = el("div");
+  const marginHead = el("h2", { text: "Reward margin", hidden: true });
+  const marginBox = el("div");
   const checkpoints = el("div");
   const exportsBox = el("div", { id: "exports" });
   const events = el("ol", { class: "events", id: "events", reversed: true });
@@ -199,6 +203,7 @@ function jobView(id) {
     el("div", { class: "chart-head" },
       el("div", { class: "legend" }, el("span", { class: "train", text: "train accuracy" }), el("span", { class: "eval", text: "eval accuracy" }))),
     accBox,
+    marginHead, marginBox,
     el("h2", { text: "Learning rate" }), lrBox,
     el("h2", { text: "Checkpoints" }), checkpoints,
     el("h2", { text: "Export" }), exportsBox,
@@ -215,6 +220,12 @@ function jobView(id) {
       { name: "eval", points: [...curve.evalAcc], dots: true },
     ], { height: 160, label: "Token accuracy against step", id: "accuracy-chart" }));
     lrBox.replaceChildren(lineChart([{ name: "lr", points: [...curve.lr] }], { height: 120, label: "Learning rate against step" }));
+    const preference = curve.margin.size > 0;
+    marginHead.hidden = !preference;
+    marginBox.replaceChildren(...(preference ? [lineChart([
+      { name: "train", points: [...curve.margin] },
+      { name: "eval", points: [...curve.evalMargin], dots: true },
+    ], { height: 160, label: "Reward margin (chosen − rejected) against step", id: "margin-chart" })] : []));
   }
 
   function render() {
@@ -311,10 +322,12 @@ function jobView(id) {
           curve.train.set(data.step, data.train_loss ?? data.loss);  // events stored by 0.1 say `loss`
           curve.lr.set(data.step, data.learning_rate);
           if (typeof data.train_accuracy === "number") curve.trainAcc.set(data.step, data.train_accuracy);
+          if (typeof data["rewards/margins"] === "number") curve.margin.set(data.step, data["rewards/margins"]);
           drawSoon();
         } else if (kind === "eval") {
           curve.eval.set(data.step, data.eval_loss);
           if (typeof data.eval_accuracy === "number") curve.evalAcc.set(data.step, data.eval_accuracy);
+          if (typeof data["rewards/margins"] === "number") curve.evalMargin.set(data.step, data["rewards/margins"]);
           drawSoon();
         } else if (kind === "checkpoint") {
           refreshCheckpoints();

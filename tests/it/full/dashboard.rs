@@ -319,6 +319,46 @@ fn dashboard_shows_a_live_job_and_submits_one_through_its_form() {
         assert!((0.0..=100.0).contains(&pct), "{accuracy}");
     }
     browser.screenshot(&shots.join("job.png"));
+    // no reward chart for a supervised job
+    assert_eq!(
+        browser.js("return document.querySelector('#margin-chart') === null"),
+        true
+    );
+
+    // a DPO job's page charts its reward margin, every step and every evaluation
+    let pairs = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            json!({"prompt": format!("say {}", i % 4), "chosen": format!(" ok {}", i % 4),
+                   "rejected": format!(" no {}", (i + 1) % 4)})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&pairs, lines.join("\n")).unwrap();
+    let dpo: Value = api
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(KEY)
+        .json(&json!({
+            "base_model": model,
+            "method": {"type": "dpo"},
+            "dataset": {"url": format!("file://{}", pairs.display()), "validation_split": 0.25},
+            "lora": {"r": 4, "dropout": 0.0},
+            "training": {"max_steps": 6, "batch_size": 2, "learning_rate": 0.01, "eval_every_steps": 3,
+                         "max_seq_len": 64},
+        }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let dpo_id = dpo["id"].as_str().unwrap();
+    browser.goto(&format!("{base}/#/jobs/{dpo_id}"));
+    let margins = browser.wait_js(
+        "the reward margin chart to reach step 6 and its last evaluation",
+        "const s = document.querySelector('#margin-chart');
+         return s && Number(s.dataset.trainPoints) >= 6 && Number(s.dataset.evalPoints) >= 2
+                && [Number(s.dataset.trainPoints), Number(s.dataset.evalPoints)]",
+    );
+    assert_eq!(margins, json!([6, 2]), "margin points");
 
     // pause and resume from the job page
     let long: Value = api
