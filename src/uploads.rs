@@ -243,7 +243,33 @@ pub async fn first_record_format(
         return Ok(None);
     };
     let max_record = (state.config.max_record_kib * 1024) as usize;
-    let mut chunks = state.artifacts.read(&key, None).await?;
+    let found = each_line(
+        state.artifacts.as_ref(),
+        &key,
+        max_record,
+        |line, line_no| {
+            let mut detected = format;
+            match parse_line(line, id, line_no, &mut detected, max_record) {
+                Ok(Some(_)) => Some(Some(detected)),
+                Ok(None) => None,
+                Err(_) => Some(None),
+            }
+        },
+    )
+    .await?;
+    Ok(found.flatten())
+}
+
+/// Hands each line of a stored file to `each` (with its number, from 1; the last one without a
+/// newline too) until `each` answers; a line still unended past `max_record` + 2 bytes is handed
+/// over as far as it goes, for the record check to refuse by its size.
+async fn each_line<T>(
+    artifacts: &dyn ArtifactStore,
+    key: &Key,
+    max_record: usize,
+    mut each: impl FnMut(&mut Vec<u8>, usize) -> Option<T>,
+) -> std::io::Result<Option<T>> {
+    let mut chunks = artifacts.read(key, None).await?;
     let (mut pending, mut line_no) = (Vec::<u8>::new(), 0usize);
     loop {
         let chunk = chunks.next().await;
@@ -254,17 +280,15 @@ pub async fn first_record_format(
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let mut line: Vec<u8> = pending.drain(..=end).collect();
             line_no += 1;
-            let mut detected = format;
-            match parse_line(&mut line, id, line_no, &mut detected, max_record) {
-                Ok(Some(_)) => return Ok(Some(detected)),
-                Ok(None) => continue,
-                Err(_) => return Ok(None),
+            if let Some(answer) = each(&mut line, line_no) {
+                return Ok(Some(answer));
             }
         }
         if done || pending.len() > max_record + 2 {
-            let mut detected = format;
-            let parsed = parse_line(&mut pending, id, line_no + 1, &mut detected, max_record);
-            return Ok(matches!(parsed, Ok(Some(_))).then_some(detected));
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            return Ok(each(&mut pending, line_no + 1));
         }
     }
 }
@@ -279,52 +303,27 @@ async fn check_jsonl(
     max_record: usize,
 ) -> std::io::Result<Result<(), String>> {
     use crate::train::data::{check_record, parse_line};
-    let mut chunks = artifacts.read(key, None).await?;
     let mut format = format;
-    let (mut pending, mut line_no, mut records) = (Vec::<u8>::new(), 0usize, 0usize);
-    let check = |raw: &mut Vec<u8>, line_no: usize, format: &mut DatasetFormat| {
+    let mut records = 0usize;
+    let mut check = |raw: &mut Vec<u8>, line_no: usize| {
         let record =
-            parse_line(raw, shown, line_no, format, max_record).map_err(|e| e.to_string())?;
+            parse_line(raw, shown, line_no, &mut format, max_record).map_err(|e| e.to_string())?;
         if let Some(record) = record {
             let checked = match format.is_preference() {
-                true => crate::train::preference::check_record(&record, *format),
-                false => check_record(&record, *format),
+                true => crate::train::preference::check_record(&record, format),
+                false => check_record(&record, format),
             };
             checked.map_err(|e| format!("{shown} line {line_no}: {}", data_message(e)))?;
-            return Ok::<bool, String>(true);
+            records += 1;
         }
-        Ok(false)
+        Ok::<(), String>(())
     };
-    loop {
-        let chunk = chunks.next().await;
-        let done = chunk.is_none();
-        if let Some(chunk) = chunk {
-            pending.extend_from_slice(&chunk?);
-        }
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let mut line: Vec<u8> = pending.drain(..=end).collect();
-            line_no += 1;
-            match check(&mut line, line_no, &mut format) {
-                Ok(counted) => records += counted as usize,
-                Err(why) => return Ok(Err(why)),
-            }
-        }
-        if pending.len() > max_record + 2 {
-            return Ok(Err(format!(
-                "{shown} line {}: the record is over {max_record} bytes, the most one record may have",
-                line_no + 1
-            )));
-        }
-        if done {
-            break;
-        }
-    }
-    if !pending.is_empty() {
-        line_no += 1;
-        match check(&mut pending, line_no, &mut format) {
-            Ok(counted) => records += counted as usize,
-            Err(why) => return Ok(Err(why)),
-        }
+    let first_bad = each_line(artifacts, key, max_record, |raw, line_no| {
+        check(raw, line_no).err()
+    })
+    .await?;
+    if let Some(why) = first_bad {
+        return Ok(Err(why));
     }
     if records == 0 {
         return Ok(Err(format!("{shown} has no records")));

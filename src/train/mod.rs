@@ -43,7 +43,7 @@ pub use report::{Event, Reporter, Silent};
 pub use trainer::{evaluate, RunOptions};
 
 use crate::spec::JobSpec;
-use trainer::Trainer;
+use trainer::{Judgement, Trainer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -77,32 +77,31 @@ pub fn run(spec: &JobSpec, opts: &RunOptions, reporter: &mut dyn Reporter) -> Re
         last_loss = Some(metrics.train_loss);
         reporter.report(&Event::Step(metrics));
         let done = step + 1;
-        let mut judged = trainer::Judgement::Continue;
+        let mut judged = Judgement::Continue;
         if trainer.eval_due(done) {
             let eval = trainer.evaluate_at(done)?;
             last_eval = Some(eval.eval_loss);
+            judged = trainer.judge(done, eval.eval_loss);
             reporter.report(&Event::Eval(eval));
-            judged = trainer.judge(done);
         }
-        let last = done == trainer.schedule.total_steps;
-        let stop = matches!(judged, trainer::Judgement::Stop(_));
-        // the best step's checkpoint is the adapter: it is written whatever the schedule says
-        if (trainer.checkpoint_due(done) || judged != trainer::Judgement::Continue) && !last {
+        // the best step's checkpoint is the adapter, and a run stopped early ends on one: both
+        // are written whatever the schedule says (the last step's by `finish`)
+        let special = judged != Judgement::Continue;
+        if (trainer.checkpoint_due(done) || special) && done != trainer.schedule.total_steps {
             trainer.save_checkpoint(done, reporter)?;
         }
-        if judged == trainer::Judgement::Improved {
-            reporter.report(&Event::Best { step: done });
-        }
-        if let trainer::Judgement::Stop(why) = judged {
-            tracing::info!(step = done, reason = %why, "stopping early");
-            stopped_early = Some(why);
-        }
-        if stop {
-            break;
+        match judged {
+            Judgement::Continue => {}
+            Judgement::Improved => reporter.report(&Event::Best { step: done }),
+            Judgement::Stop(why) => {
+                tracing::info!(step = done, reason = %why, "stopping early");
+                stopped_early = Some(why);
+                break;
+            }
         }
     }
     reporter.report(&Event::Phase(Phase::Saving));
-    let adapter_dir = trainer.finish(reporter, stopped_early.is_some())?;
+    let adapter_dir = trainer.finish(reporter)?;
     Ok(Outcome {
         steps: trainer.steps_done(),
         final_loss: last_loss,

@@ -389,8 +389,8 @@ impl RewardSums {
     }
 }
 
-/// Per pair, what the losses read: the answers' summed log-probabilities, their token counts,
-/// and (DPO) the reference's sums.
+/// Per pair, what the losses read: the answers' summed log-probabilities and their token
+/// counts.
 #[derive(Debug, Clone, Copy)]
 pub struct PairLogps {
     pub chosen: f64,
@@ -568,12 +568,41 @@ fn sequences(
 }
 
 /// What a forward of a micro-batch's pairs measured: each pair's answer log-probabilities, the
-/// NLL term's cross-entropy sum and token count, and per label row which pair and side it is.
+/// NLL term's cross-entropy sum and token count, and what each label row is.
 struct Measured {
     logps: Vec<PairLogps>,
     nll: (f64, usize),
-    /// Per label row: (pair, chosen?, in the answer?).
-    rows: Vec<(usize, bool, bool)>,
+    rows: Vec<Row>,
+}
+
+/// A label row of a micro-batch: its pair, which side, and which loss terms it enters.
+#[derive(Clone, Copy)]
+struct Row {
+    pair: usize,
+    chosen: bool,
+    /// One of the answer's tokens (not the prompt's).
+    answer: bool,
+    /// Averaged by the NLL term.
+    in_nll: bool,
+}
+
+/// A micro-batch's pairs through the model in `mode`: each label token's cross-entropy (with
+/// its graph when `mode` trains) and what they measure.
+fn forward(
+    model: &Llama,
+    pairs: &[&Pair],
+    nll: NllTerm,
+    (packing, pad): (bool, u32),
+    mode: ForwardMode,
+) -> Result<(Batch, super::ops::TokenLosses, Measured)> {
+    let batch = sequences(pairs, nll, packing, pad, model)?;
+    let token_losses = model.batch_token_losses(&batch, mode)?;
+    let values: Vec<f32> = token_losses
+        .losses
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    let measured = measure(pairs, &batch, &values, nll);
+    Ok((batch, token_losses, measured))
 }
 
 fn measure(pairs: &[&Pair], batch: &Batch, token_losses: &[f32], nll: NllTerm) -> Measured {
@@ -613,7 +642,12 @@ fn measure(pairs: &[&Pair], batch: &Batch, token_losses: &[f32], nll: NllTerm) -
             nll_sum += loss;
             nll_tokens += 1;
         }
-        rows.push((pair, chosen, answer));
+        rows.push(Row {
+            pair,
+            chosen,
+            answer,
+            in_nll,
+        });
     }
     Measured {
         logps,
@@ -635,10 +669,7 @@ pub fn reference_logps(
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
-        let batch = sequences(&refs, NllTerm::None, packing, pad, model)?;
-        let losses = model.batch_token_losses(&batch, mode)?;
-        let values: Vec<f32> = losses.losses.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let m = measure(&refs, &batch, &values, NllTerm::None);
+        let (_, _, m) = forward(model, &refs, NllTerm::None, (packing, pad), mode)?;
         out.extend(m.logps.iter().map(|p| ReferenceLogps {
             chosen: p.chosen,
             rejected: p.rejected,
@@ -668,35 +699,27 @@ pub(crate) fn micro_step(
     pad: u32,
     mode: ForwardMode,
 ) -> Result<MicroPairs> {
-    let nll = nll_term(method);
-    let batch = sequences(pairs, nll, packing, pad, model)?;
-    let token_losses = model.batch_token_losses(&batch, mode)?;
-    let values: Vec<f32> = token_losses
-        .losses
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1()?;
-    let m = measure(pairs, &batch, &values, nll);
+    let (batch, token_losses, m) = forward(model, pairs, nll_term(method), (packing, pad), mode)?;
     let loss = pair_loss(method, &m.logps, reference, m.nll);
     // d loss / d token loss: a token's log-probability is minus its cross-entropy
     let weights: Vec<f32> = m
         .rows
         .iter()
-        .map(|&(pair, chosen, answer)| {
+        .map(|r| {
             let mut w = 0.0;
-            if answer {
-                w -= match chosen {
-                    true => loss.d_chosen[pair],
-                    false => loss.d_rejected[pair],
+            if r.answer {
+                w -= match r.chosen {
+                    true => loss.d_chosen[r.pair],
+                    false => loss.d_rejected[r.pair],
                 };
             }
-            let in_nll = chosen && (answer || nll == NllTerm::Sequence) && nll != NllTerm::None;
-            if in_nll {
+            if r.in_nll {
                 w += loss.nll_weight;
             }
             (share * w) as f32
         })
         .collect();
-    let weights = Tensor::from_vec(weights, values.len(), &model.device)?
+    let weights = Tensor::from_vec(weights, m.rows.len(), &model.device)?
         .to_dtype(token_losses.losses.dtype())?;
     let objective = (token_losses.losses * weights)?.sum_all()?;
     Ok(MicroPairs {
@@ -723,13 +746,8 @@ pub fn loss_and_gradients(
     packing: bool,
 ) -> Result<Probe> {
     let refs: Vec<&Pair> = pairs.iter().collect();
-    let pad = 0;
-    let mode = ForwardMode {
-        train: true,
-        dropout_seed: 0,
-        adapter: true,
-    };
-    let m = micro_step(model, method, &refs, reference, 1.0, packing, pad, mode)?;
+    let mode = ForwardMode::train(0);
+    let m = micro_step(model, method, &refs, reference, 1.0, packing, 0, mode)?;
     let store = m.step.objective.backward()?;
     Ok(Probe {
         loss: m.step.loss,
@@ -763,10 +781,7 @@ pub(crate) fn evaluate_pairs(
     let mut start = 0;
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
-        let batch = sequences(&refs, nll, packing, pad, model)?;
-        let losses = model.batch_token_losses(&batch, ForwardMode::EVAL)?;
-        let values: Vec<f32> = losses.losses.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let m = measure(&refs, &batch, &values, nll);
+        let (_, _, m) = forward(model, &refs, nll, (packing, pad), ForwardMode::EVAL)?;
         let reference = reference.get(start..start + chunk.len()).unwrap_or(&[]);
         let l = pair_loss(method, &m.logps, reference, m.nll);
         loss += l.loss * chunk.len() as f64;

@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{self, BestSoFar};
-use super::data::Datasets;
 use super::data::{self, Batch, DataReport, DataSummary, Example};
+use super::data::{DatasetFile, Datasets};
 use super::error::{Error, Result};
 use super::model::{mix_seed, BaseModel, ForwardMode};
 use super::optim::{self, Optimizer};
@@ -179,8 +179,6 @@ pub(crate) struct Trainer {
     done: u64,
     /// Early stopping's record (when the spec asks for it).
     best: Option<BestSoFar>,
-    /// The latest evaluation's loss.
-    last_eval: Option<f64>,
 }
 
 /// What early stopping made of an evaluation.
@@ -364,7 +362,6 @@ impl Trainer {
             health: Health::default(),
             done: start_step,
             best,
-            last_eval: None,
         })
     }
 
@@ -480,7 +477,6 @@ impl Trainer {
                 (loss, None, Some(rewards))
             }
         };
-        self.last_eval = Some(eval_loss);
         let e = EvalMetrics {
             step: done,
             epoch: self.schedule.epoch_at(done),
@@ -524,11 +520,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Judges the evaluation just logged at step `done` by the spec's early stopping: better
-    /// than the best by more than `min_delta` (transformers' rule), or one more evaluation
-    /// without improvement, and at `patience` of those, the end.
-    pub(crate) fn judge(&mut self, done: u64) -> Judgement {
-        let (Some(rule), Some(value)) = (&self.spec.early_stopping, self.last_eval) else {
+    /// Judges the evaluation `value` of step `done` by the spec's early stopping: better than
+    /// the best by more than `min_delta` (transformers' rule), or one more evaluation without
+    /// improvement, and at `patience` of those, the end.
+    pub(crate) fn judge(&mut self, done: u64, value: f64) -> Judgement {
+        let Some(rule) = &self.spec.early_stopping else {
             return Judgement::Continue;
         };
         let improves = |best: &BestSoFar| value < best.value - rule.min_delta;
@@ -569,16 +565,13 @@ impl Trainer {
         self.best.map(|b| b.step)
     }
 
-    /// The final checkpoint (unless a resumed run had nothing left to do and one exists, or
-    /// early stopping wrote it where the run stopped) and the final adapter: the weights as
-    /// trained, or under early stopping the best step's checkpoint's adapter files, copied
-    /// byte for byte. Returns the adapter's folder.
-    pub fn finish(&self, reporter: &mut dyn Reporter, stopped: bool) -> Result<PathBuf> {
-        let total = self.schedule.total_steps;
-        let resumed_done =
-            self.start_step >= total && !checkpoint::list_checkpoints(&self.out).is_empty();
-        if !stopped && !resumed_done {
-            self.save_checkpoint(total, reporter)?;
+    /// The run's last checkpoint (unless it is written already: a resumed run with nothing left
+    /// to do, a run stopped early) and the final adapter: the weights as trained, or under early
+    /// stopping the best step's checkpoint's adapter files, copied byte for byte. Returns the
+    /// adapter's folder.
+    pub fn finish(&self, reporter: &mut dyn Reporter) -> Result<PathBuf> {
+        if !checkpoint::checkpoint_dir(&self.out, self.done).is_dir() {
+            self.save_checkpoint(self.done, reporter)?;
         }
         let adapter_dir = self.out.join(checkpoint::ADAPTER_DIR);
         match self.best {
@@ -658,69 +651,56 @@ fn load_data(
     let t = &spec.training;
     let max_len = t.max_seq_len as usize;
     if spec.method.is_preference() {
-        let load = |file| {
+        let load = |file: &DatasetFile| {
+            let format = spec.dataset.format;
+            let tok = &base.tokenizer;
             preference::load_pairs(
                 file,
-                spec.dataset.format,
+                format,
                 &spec.method,
-                &base.tokenizer,
+                tok,
                 max_len,
                 opts.max_record_bytes,
             )
         };
-        let (train, report) = load(&datasets.train)?;
-        let (train, validation, reports) = with_validation(
-            spec,
-            train,
-            report,
-            datasets.validation.as_ref().map(load).transpose()?,
-            |p: &Pair| {
-                (
-                    p.tokens(),
-                    p.chosen.label_count() + p.rejected.label_count(),
-                )
-            },
-        )?;
+        let size = |p: &Pair| {
+            (
+                p.tokens(),
+                p.chosen.label_count() + p.rejected.label_count(),
+            )
+        };
+        let (train, validation, reports) = load_sets(spec, datasets, load, size)?;
+        let reference = Reference::default();
         let data = TrainingData::Pairs {
             train,
             validation,
-            reference: Reference::default(),
+            reference,
         };
         return Ok((data, reports));
     }
-    let load = |file| {
-        data::load_jsonl(
-            file,
-            spec.dataset.format,
-            &base.tokenizer,
-            max_len,
-            t.train_on_inputs,
-            opts.max_record_bytes,
-        )
+    let load = |file: &DatasetFile| {
+        let (format, tok) = (spec.dataset.format, &base.tokenizer);
+        let max_record = opts.max_record_bytes;
+        data::load_jsonl(file, format, tok, max_len, t.train_on_inputs, max_record)
     };
-    let (train, report) = load(&datasets.train)?;
-    let (train, validation, reports) = with_validation(
-        spec,
-        train,
-        report,
-        datasets.validation.as_ref().map(load).transpose()?,
-        |e: &Example| (e.ids.len(), e.label_count()),
-    )?;
+    let size = |e: &Example| (e.ids.len(), e.label_count());
+    let (train, validation, reports) = load_sets(spec, datasets, load, size)?;
     Ok((TrainingData::Examples { train, validation }, reports))
 }
 
-/// The training and validation sets: the validation file's when there is one, else a seeded
-/// `validation_split` of the training items (the training report then counts what is left).
-/// `size` gives an item's tokens and label tokens.
+/// The training and validation sets `load` reads: the validation file's when there is one,
+/// else a seeded `validation_split` of the training items (the training report then counts what
+/// is left). `size` gives an item's tokens and label tokens.
 #[allow(clippy::type_complexity)]
-fn with_validation<T>(
+fn load_sets<T>(
     spec: &JobSpec,
-    train: Vec<T>,
-    mut train_report: DataReport,
-    validation_file: Option<(Vec<T>, DataReport)>,
+    datasets: &Datasets,
+    load: impl Fn(&DatasetFile) -> Result<(Vec<T>, DataReport)>,
     size: impl Fn(&T) -> (usize, usize),
 ) -> Result<(Vec<T>, Vec<T>, (DataReport, Option<DataReport>))> {
-    if let Some((v, r)) = validation_file {
+    let (train, mut train_report) = load(&datasets.train)?;
+    if let Some(file) = &datasets.validation {
+        let (v, r) = load(file)?;
         return Ok((train, v, (train_report, Some(r))));
     }
     let Some(f) = spec.dataset.validation_split else {
