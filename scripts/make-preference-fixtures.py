@@ -19,9 +19,12 @@ fixtures"):
         peft==0.21.2 trl==1.16.0 datasets safetensors==0.8.0 tokenizers==0.23.3 accelerate==1.15.0
     ~/.cache/qtune-reference/venv/bin/python scripts/make-preference-fixtures.py tests/fixtures/preference
 
-With `--smollm2=DIR` (the folder ../shared/reference/convert_smollm2.py makes) it makes the same
-fixture for SmolLM2-135M-Instruct in tests/fixtures/preference-smollm2 (an adapter on q and v,
-rank 2; tests/it/methods.rs's full-tier test loads the GGUF the folder was made from).
+With `--smollm2=DIR --float64` (DIR the folder ../shared/reference/convert_smollm2.py makes) it
+makes the same fixture for SmolLM2-135M-Instruct in tests/fixtures/preference-smollm2 (an adapter
+on q and v, rank 2; tests/it/methods.rs's full-tier test loads the GGUF the folder was made from).
+`--float64` runs TRL's code on the model in float64: the exact values of the same computation,
+against which both float32 implementations are measured (TRL's own float32 run is off them by up
+to 8.2e-5 in norm, 1.8e-4 elementwise, on this 30-layer model; see the test).
 
 With `--qtune=PATH` (a built qtune binary) it checks the other direction instead: qtune trains a
 DPO adapter and evaluates it on held-out pairs; PEFT loads the adapter and TRL's own evaluation
@@ -59,8 +62,11 @@ def pairs():
     return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in SHAPES]
 
 
+DTYPE = torch.float32
+
+
 def base_model():
-    return transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=DTYPE)
 
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS)
@@ -115,7 +121,7 @@ def dpo_case(name, batch, work, **config):
                      use_cpu=True, bf16=False, **config)
     trainer = DPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tokenizer(),
                          peft_config=peft.LoraConfig(**LORA))
-    model = trainer.model
+    model = trainer.model.to(DTYPE)
     assert "ref" not in model.peft_config, "the reference must be the base with the adapter off"
     draw_adapter(model)
     model.train()
@@ -132,7 +138,7 @@ def orpo_case(batch, work, beta):
     tok = tokenizer()
     trainer = ORPOTrainer(model=base_model(), args=args, train_dataset=dummy_dataset(), processing_class=tok,
                           peft_config=peft.LoraConfig(**LORA))
-    model = trainer.model
+    model = trainer.model.to(DTYPE)
     draw_adapter(model)
     model.train()
     rows = {}
@@ -266,7 +272,8 @@ def main(out, curves=True):
                 expected["policy"] = answer_logps(model, batch)
                 with model.disable_adapter():
                     expected["reference"] = answer_logps(model, batch)
-                model.save_pretrained(os.path.join(out, "adapter"), selected_adapters=["default"])
+                # float32 whatever DTYPE is (the drawn factors are float32 values)
+                model.to(torch.float32).save_pretrained(os.path.join(out, "adapter"), selected_adapters=["default"])
                 os.remove(os.path.join(out, "adapter", "README.md"))  # PEFT's model card
             expected["cases"][name] = case
             tensors.update({f"{name}.{k}": v for k, v in grads.items()})
@@ -283,14 +290,16 @@ def main(out, curves=True):
                             "peft": peft.__version__, "trl": trl.__version__}
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "expected.safetensors"))
+    save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, os.path.join(out, "expected.safetensors"))
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--qtune=")]
     qtune = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--qtune=")), None)
     smollm2 = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--smollm2=")), None)
-    args = [a for a in args if not a.startswith("--smollm2=")]
+    if "--float64" in args:
+        DTYPE = torch.float64
+    args = [a for a in args if not a.startswith("--smollm2=") and a != "--float64"]
     if smollm2:
         # the real model (the float32 folder convert_smollm2.py makes from the PyPI GGUF, which
         # the test loads itself): a smaller adapter, ids from its whole vocabulary, no curves

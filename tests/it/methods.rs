@@ -75,11 +75,13 @@ fn dpo_ipo_rpo_and_orpo_match_trl() {
 enum Relative {
     /// The largest elementwise gap over the tensor's largest entry (the tiny model).
     Elementwise,
-    /// ‖qtune − TRL‖ / ‖TRL‖ per tensor, within 5e-4 (the real model: float32 through 30
-    /// layers of backward, summed in other orders by oneDNN and PyTorch; measured: median 1e-5,
-    /// the worst 1.9e-4, ORPO's and IPO's layer-0 factors, whose gradients are the smallest and
-    /// reach there through every layer — the log-probabilities, losses and rewards agree within
-    /// 1e-4, and outside layer 0 no entry is off by more than 1.2e-4 of its tensor's largest).
+    /// ‖qtune − TRL‖ / ‖TRL‖ per tensor against TRL's computation in float64 (the real model:
+    /// float32 through 30 layers of backward is itself that far from exact). Measured: every DPO,
+    /// IPO and RPO gradient within 4.6e-5, ORPO's within 1.6e-4 (its layer-0 factors, the
+    /// smallest gradients, reached through every layer; 8.5e-5 elsewhere), median 9e-6. TRL's own
+    /// float32 run is off the same values by up to 8.2e-5 (1.8e-4 elementwise), and qtune with
+    /// candle's gemm in place of oneDNN's by 6.2e-5, although oneDNN's products are as close to
+    /// exact as a plain sum: the spread is float32 summation order, amplified by 30 layers.
     Norm,
 }
 
@@ -99,8 +101,8 @@ fn relative_error(a: &Tensor, b: &Tensor, how: Relative) -> f32 {
     }
 }
 
-/// The real SmolLM2-135M-Instruct: the fixture was made by TRL on the float32 folder converted
-/// from the same GGUF the test loads (`--smollm2` of the fixture script).
+/// The real SmolLM2-135M-Instruct: the fixture was made by TRL's code on the folder converted
+/// from the same GGUF the test loads, in float64 (`--smollm2 --float64` of the fixture script).
 mod full {
     #[test]
     fn smollm2_dpo_ipo_and_orpo_match_trl() {
@@ -197,7 +199,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
                 let err = relative_error(grad, reference, norm);
                 let bound = match norm {
                     Relative::Elementwise => 1e-4,
-                    Relative::Norm => 5e-4,
+                    Relative::Norm => 2e-4,
                 };
                 assert!(
                     err <= bound,
