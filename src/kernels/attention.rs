@@ -67,17 +67,49 @@ impl Dims {
     }
 }
 
+/// Which keys each query of packed rows sees: those of its own example, up to itself, less a
+/// span of that example it may hide. A preference pair whose answers share their prompt is one
+/// example laid out as prompt, chosen answer, rejected answer: the rejected answer's positions
+/// hide the chosen answer's, and so see what they would see alone after the prompt.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Packing {
+    /// Per position (`b·t`, row-major), the column its example starts at.
+    pub starts: Vec<u32>,
+    /// Per position, the columns `[from, to)` it does not see, counted from its example's start
+    /// (`from == to`: none); empty when no position hides any.
+    pub hidden: Vec<[u32; 2]>,
+}
+
+impl Packing {
+    /// The columns, counted from its example's start, that position `p` does not see.
+    pub fn hidden_at(&self, p: usize) -> Option<(usize, usize)> {
+        let [from, to] = *self.hidden.get(p)?;
+        (from < to).then_some((from as usize, to as usize))
+    }
+
+    /// Position `p`'s place in its own sequence (its RoPE position), with rows `t` long: its
+    /// distance from its example's start, less the columns it does not see.
+    pub fn position(&self, p: usize, t: usize) -> usize {
+        let hidden = self.hidden_at(p).map_or(0, |(from, to)| to - from);
+        p % t - self.starts[p] as usize - hidden
+    }
+}
+
 /// The attention kernels on plain buffers, for callers that keep their own activations (the
 /// fused decoder layer).
 pub(crate) fn kernels(
     (batch, time, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
     scale: f64,
     window: usize,
-    example_starts: Option<std::sync::Arc<Vec<u32>>>,
+    packing: Option<std::sync::Arc<Packing>>,
     bf16: bool,
 ) -> CausalAttention {
     CausalAttention {
-        example_starts,
+        hidden: packing
+            .as_ref()
+            .filter(|p| !p.hidden.is_empty())
+            .map(|p| (p.clone(), 0)),
+        packing,
         bf16,
         dims: Dims {
             batch,
@@ -95,9 +127,12 @@ pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     window: usize,
-    /// Packed rows: per position (b·t), the column its example starts at; a query attends to
-    /// its own example's keys only, each example being a segment of its own.
-    example_starts: Option<std::sync::Arc<Vec<u32>>>,
+    /// Packed rows: a query attends to its own example's keys only, each example being a
+    /// segment of its own.
+    packing: Option<std::sync::Arc<Packing>>,
+    /// The packing whose spans these rows hide, and where this view's first position is in it
+    /// (a segment run [`CausalAttention::alone`] keeps its example's hidden spans).
+    hidden: Option<(std::sync::Arc<Packing>, usize)>,
     /// The products in bf16 through oneDNN (when it is in use).
     bf16: bool,
 }
@@ -123,12 +158,26 @@ impl CausalAttention {
         assert_eq!(q, rows * d.q_row(), "attention: q has the wrong length");
         assert_eq!(k, rows * d.kv_row(), "attention: k has the wrong length");
         assert_eq!(v, rows * d.kv_row(), "attention: v has the wrong length");
-        if let Some(starts) = &self.example_starts {
+        if let Some(packing) = &self.packing {
+            let starts = &packing.starts;
             assert_eq!(
                 starts.len(),
                 rows,
                 "attention: one example start per position"
             );
+            assert!(
+                packing.hidden.is_empty() || packing.hidden.len() == rows,
+                "attention: one hidden span per position"
+            );
+            // a position hides only columns of its own example before itself
+            for (p, &start) in starts.iter().enumerate() {
+                if let Some((_, to)) = packing.hidden_at(p) {
+                    assert!(
+                        to <= p % d.time - start as usize,
+                        "attention: position {p} hides columns after itself"
+                    );
+                }
+            }
             // each example is a run of positions that all name the run's first column
             for row in starts.chunks_exact(d.time) {
                 assert!(
@@ -154,9 +203,9 @@ impl CausalAttention {
         for b in 0..self.dims.batch {
             let mut start = 0;
             while start < t {
-                let end = match &self.example_starts {
-                    Some(s) => (start + 1..t)
-                        .find(|&i| s[b * t + i] as usize != start)
+                let end = match &self.packing {
+                    Some(p) => (start + 1..t)
+                        .find(|&i| p.starts[b * t + i] as usize != start)
                         .unwrap_or(t),
                     None => t,
                 };
@@ -183,16 +232,36 @@ impl CausalAttention {
         self.segments().iter().map(|s| heads * s.len * s.len).sum()
     }
 
-    /// The kernels of a segment alone: one row as long as it, nothing packed.
-    fn alone(&self, len: usize) -> CausalAttention {
+    /// The kernels of a segment alone: one row as long as it, nothing packed but the spans its
+    /// positions hide.
+    fn alone(&self, seg: &Segment) -> CausalAttention {
         CausalAttention {
             dims: Dims {
                 batch: 1,
-                time: len,
+                time: seg.len,
                 ..self.dims
             },
-            example_starts: None,
+            packing: None,
+            hidden: self
+                .hidden
+                .as_ref()
+                .map(|(p, at)| (p.clone(), at + seg.row)),
             ..*self
+        }
+    }
+
+    /// Softmax of `row`, the scores of this view's position `p` (`row` its own example's, the
+    /// example's first column at 0), over the keys `lo..hi` less those `p` hides.
+    fn softmax(&self, row: &mut [f32], lo: usize, hi: usize, p: usize) {
+        let hole = self.hidden.as_ref().and_then(|(h, at)| h.hidden_at(at + p));
+        match hole {
+            None => softmax_row(row, lo, hi),
+            Some((from, to)) => {
+                row[from..to].fill(f32::NEG_INFINITY);
+                softmax_row(row, lo, hi);
+                // exp's clamp leaves ~1e-38 there: hidden keys get exactly nothing
+                row[from..to].fill(0.0);
+            }
         }
     }
 
@@ -225,7 +294,7 @@ impl CausalAttention {
                 for i in 0..n {
                     // SAFETY: row i of this item's probabilities.
                     let row = unsafe { probs_ptr.slice(p_at + i * n, n) };
-                    softmax_row(row, self.window_start(i), i + 1);
+                    self.softmax(row, self.window_start(i), i + 1, seg.row + i);
                 }
                 // SAFETY: as above.
                 unsafe { self.band_rows(n, o, p, vm) };
@@ -405,7 +474,7 @@ impl CausalAttention {
     /// rows each segment on its own (its own length's products; they vary, and oneDNN keeps
     /// the primitives it made).
     fn forward_bf16(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        if self.example_starts.is_none() {
+        if self.packing.is_none() {
             return self.forward_bf16_rows(q, k, v);
         }
         let (qw, kw) = (self.dims.q_row(), self.dims.kv_row());
@@ -415,7 +484,7 @@ impl CausalAttention {
         for seg in self.segments() {
             let span = |width: usize| seg.row * width..(seg.row + seg.len) * width;
             let (p, o) =
-                self.alone(seg.len)
+                self.alone(&seg)
                     .forward_bf16_rows(&q[span(qw)], &k[span(kw)], &v[span(kw)]);
             debug_assert_eq!(probs.len(), seg.probs_at);
             probs.extend_from_slice(&p);
@@ -443,7 +512,7 @@ impl CausalAttention {
                     let row = unsafe { probs_ptr.slice(item * t * t + i * t, t) };
                     let lo = self.window_start(i);
                     row[lo..=i].iter_mut().for_each(|s| *s *= self.scale);
-                    softmax_row(row, lo, i + 1);
+                    self.softmax(row, lo, i + 1, item / d.heads * t + i);
                 }
             }
         });
@@ -463,7 +532,7 @@ impl CausalAttention {
         probs: &[f32],
         go: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        if self.example_starts.is_none() {
+        if self.packing.is_none() {
             return self.backward_bf16_rows(q, k, v, probs, go);
         }
         let (qw, kw, heads) = (self.dims.q_row(), self.dims.kv_row(), self.dims.heads);
@@ -474,7 +543,7 @@ impl CausalAttention {
         );
         for seg in self.segments() {
             let span = |width: usize| seg.row * width..(seg.row + seg.len) * width;
-            let (sq, sk, sv) = self.alone(seg.len).backward_bf16_rows(
+            let (sq, sk, sv) = self.alone(&seg).backward_bf16_rows(
                 &q[span(qw)],
                 &k[span(kw)],
                 &v[span(kw)],
@@ -730,7 +799,11 @@ mod tests {
             })
             .collect();
         let shape = (batch, time, heads, kv_heads, head_dim);
-        for (window, packed) in [(usize::MAX, None), (64, Some(Arc::new(starts)))] {
+        let packing = Packing {
+            starts,
+            hidden: vec![],
+        };
+        for (window, packed) in [(usize::MAX, None), (64, Some(Arc::new(packing)))] {
             let kernels = |bf16| kernels(shape, 0.25, window, packed.clone(), bf16);
             let f32_run = run(&kernels(false), &q, &k, &v, &go);
             let bf16_run = run(&kernels(true), &q, &k, &v, &go);
@@ -771,6 +844,94 @@ mod tests {
                 assert!(err > 0.0, "{name}: the bf16 path ran");
                 let same = relative_error(&fallback[i], &bf16_run[i]);
                 assert!(same < 1e-5, "{name}: oneDNN vs gemm on bf16 values {same}");
+            }
+        }
+    }
+
+    /// A pair laid out as prompt, chosen, rejected in one example (the rejected positions hiding
+    /// the chosen ones) gives what each answer gives alone after the prompt: outputs, query
+    /// gradients, and key/value gradients (the prompt's those of both branches less the prompt's
+    /// own, which the tree counts once), f32 and bf16.
+    #[test]
+    fn a_shared_prompt_gives_what_each_branch_gives_alone() {
+        let (heads, kv_heads, head_dim) = (4, 2, 8);
+        // a row of 80: padding first (an example of 10), then prompt 30, chosen 25, rejected 15
+        let (pad, p, c, r) = (10, 30, 25, 15);
+        let time = pad + p + c + r;
+        let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+        let (q, k, v, go) = (
+            values(time * qw, 5),
+            values(time * kw, 6),
+            values(time * kw, 7),
+            values(time * qw, 8),
+        );
+        let starts = (0..time)
+            .map(|i| if i < pad { 0 } else { pad as u32 })
+            .collect();
+        let hidden = (0..time)
+            .map(|i| match i >= pad + p + c {
+                true => [p as u32, (p + c) as u32],
+                false => [0, 0],
+            })
+            .collect();
+        let packing = Arc::new(Packing { starts, hidden });
+        for position in [pad, pad + p + c - 1, pad + p + c, time - 1] {
+            let want = (position - pad) - if position >= pad + p + c { c } else { 0 };
+            assert_eq!(packing.position(position, time), want);
+        }
+        let dims = |t| (1, t, heads, kv_heads, head_dim);
+        for bf16 in [false, true] {
+            let tree = run(
+                &kernels(dims(time), 0.3, usize::MAX, Some(packing.clone()), bf16),
+                &q,
+                &k,
+                &v,
+                &go,
+            );
+            // each branch alone: the prompt's rows, then the answer's
+            let branch = |answer: std::ops::Range<usize>| {
+                let take = |x: &[f32], w: usize| {
+                    let mut rows = x[(pad * w)..((pad + p) * w)].to_vec();
+                    rows.extend_from_slice(&x[answer.start * w..answer.end * w]);
+                    rows
+                };
+                let len = p + answer.len();
+                let out = run(
+                    &kernels(dims(len), 0.3, usize::MAX, None, bf16),
+                    &take(&q, qw),
+                    &take(&k, kw),
+                    &take(&v, kw),
+                    &take(&go, qw),
+                );
+                (answer, out)
+            };
+            let (chosen, rejected, prompt_alone) = (
+                branch(pad + p..pad + p + c),
+                branch(pad + p + c..time),
+                branch(pad + p..pad + p).1,
+            );
+            let bound = if bf16 { 1e-2 } else { 1e-5 };
+            for (i, w) in [qw, qw, kw, kw].into_iter().enumerate() {
+                for (answer, alone) in [&chosen, &rejected] {
+                    let got = &tree[i][answer.start * w..answer.end * w];
+                    let err = relative_error(got, &alone[i][p * w..]);
+                    assert!(
+                        err < bound,
+                        "bf16 {bf16}, buffer {i}, answer at {}: {err}",
+                        answer.start
+                    );
+                }
+                let prompt = &tree[i][(pad * w)..((pad + p) * w)];
+                let want: Vec<f32> = match i {
+                    // outputs and query gradients: what either branch computes for the prompt
+                    0 | 1 => chosen.1[i][..p * w].to_vec(),
+                    // key and value gradients: both branches' queries read the prompt's keys
+                    _ => (0..p * w)
+                        .map(|j| chosen.1[i][j] + rejected.1[i][j] - prompt_alone[i][j])
+                        .collect(),
+                };
+                let err = relative_error(prompt, &want);
+                assert!(err < bound, "bf16 {bf16}, buffer {i}, the prompt: {err}");
             }
         }
     }

@@ -8,11 +8,14 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::tokenizer::{Message, TextTokenizer};
+pub(crate) use crate::kernels::attention::Packing;
 use crate::spec::{DatasetFormat, JobSpec};
 use crate::train::{Error, Result};
 
@@ -612,10 +615,19 @@ pub struct Batch {
     /// over whole sequences (DPO, ORPO) sums by.
     pub(crate) label_rows: Vec<(u32, u32)>,
     /// Set when rows hold several examples ([`make_packed_batch`]): for each position of `ids`
-    /// (row-major), the column where its example starts in its row. Attention stays within an
-    /// example and RoPE positions count from its start, so each example computes what it would
-    /// alone in a row.
-    pub(crate) example_starts: Option<Vec<u32>>,
+    /// (row-major), the column where its example starts in its row, and the span it hides, if
+    /// any. Attention stays within an example and RoPE positions count from its start, so each
+    /// example computes what it would alone in a row.
+    pub(crate) packing: Option<Arc<Packing>>,
+}
+
+/// A run of positions packed whole into one row ([`make_packed_units`]): its input ids, the
+/// span each position hides (see [`Packing`]; empty: none), and its labels as `(position,
+/// target, tag)`, the tag going to [`Batch::label_rows`] beside the unit's index.
+pub(crate) struct Unit {
+    pub ids: Vec<u32>,
+    pub hidden: Vec<[u32; 2]>,
+    pub labels: Vec<(u32, u32, u32)>,
 }
 
 pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
@@ -651,7 +663,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
         label_tokens,
         tokens,
         label_rows,
-        example_starts: None,
+        packing: None,
     })
 }
 
@@ -662,29 +674,55 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
 /// matrices) stays within what the examples one per row would need; the padded tokens and the
 /// attention memory are then never more than without packing. Labels are unchanged.
 pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
-    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len() - 1).collect();
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let units: Vec<Unit> = examples
+        .iter()
+        .map(|ex| {
+            let n = ex.ids.len() - 1;
+            Unit {
+                ids: ex.ids[..n].to_vec(),
+                hidden: Vec::new(),
+                // tagged with the predicted token's index, as make_batch's label rows
+                labels: (0..n)
+                    .filter(|&p| ex.labels[p + 1])
+                    .map(|p| (p as u32, ex.ids[p + 1], (p + 1) as u32))
+                    .collect(),
+            }
+        })
+        .collect();
+    make_packed_units(&units, pad_id, device)
+}
+
+/// [`make_packed_batch`] of units: each whole in one row, its labels tagged in
+/// [`Batch::label_rows`] as `(unit index, tag)`.
+pub(crate) fn make_packed_units(units: &[Unit], pad_id: u32, device: &Device) -> Result<Batch> {
+    let lengths: Vec<usize> = units.iter().map(|u| u.ids.len()).collect();
+    let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     let (width, rows) = pack_rows(&lengths, &order);
     let b = rows.len().max(1);
     let mut ids = vec![pad_id; b * width];
     let mut starts = vec![0u32; b * width];
+    let mut hidden = match units.iter().any(|u| !u.hidden.is_empty()) {
+        true => vec![[0u32; 2]; b * width],
+        false => Vec::new(),
+    };
     let (mut positions, mut targets, mut tokens) = (Vec::new(), Vec::new(), 0);
     let mut label_rows = Vec::new();
     for (row, (used, members)) in rows.iter().enumerate() {
         let mut col = 0;
         for &i in members {
-            let ex = examples[i];
-            let n = ex.ids.len() - 1;
+            let unit = &units[i];
+            let n = unit.ids.len();
             let at = row * width + col;
-            ids[at..at + n].copy_from_slice(&ex.ids[..n]);
+            ids[at..at + n].copy_from_slice(&unit.ids);
             starts[at..at + n].fill(col as u32);
-            for p in 0..n {
-                if ex.labels[p + 1] {
-                    positions.push((at + p) as u32);
-                    targets.push(ex.ids[p + 1]);
-                    label_rows.push((i as u32, (p + 1) as u32));
-                }
+            if !unit.hidden.is_empty() {
+                hidden[at..at + n].copy_from_slice(&unit.hidden);
+            }
+            for &(p, target, tag) in &unit.labels {
+                positions.push(at as u32 + p);
+                targets.push(target);
+                label_rows.push((i as u32, tag));
             }
             col += n;
             tokens += n;
@@ -700,7 +738,7 @@ pub fn make_packed_batch(examples: &[&Example], pad_id: u32, device: &Device) ->
         label_tokens,
         tokens,
         label_rows,
-        example_starts: Some(starts),
+        packing: Some(Arc::new(Packing { starts, hidden })),
     })
 }
 
@@ -780,7 +818,7 @@ mod tests {
         let batch = make_packed_batch(&refs, 0, &Device::Cpu).unwrap();
         let (rows, width) = batch.ids.dims2().unwrap();
         let ids: Vec<u32> = batch.ids.flatten_all().unwrap().to_vec1().unwrap();
-        let starts = batch.example_starts.unwrap();
+        let starts = batch.packing.unwrap().starts.clone();
         let positions: Vec<u32> = batch.positions.to_vec1().unwrap();
         for (e, ex) in examples.iter().enumerate() {
             let n = ex.ids.len() - 1;

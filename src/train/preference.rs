@@ -537,76 +537,171 @@ pub(crate) fn pair_loss(
 // ---------------------------------------------------------------------------------------------
 // Forward passes
 
-/// A micro-batch's sequences: every pair's chosen, then every pair's rejected (one packed batch
-/// when `packing`). Under an NLL over the whole chosen sequence (ORPO), the chosen sequences
-/// carry labels on every predicted token; the answer is told apart by the prompt length.
+/// A micro-batch's sequences and what each of its labels is. Packed (the default), each pair is
+/// one unit: the prefix its two sequences share (the prompt, and the answers' first tokens where
+/// they agree), the chosen answer's rest, then the rejected answer's rest, whose positions hide
+/// the chosen answer's; the shared tokens run once, and a label the two answers share enters
+/// both. Where a sliding window is narrower than a pair, or unpacked, chosen and rejected are
+/// sequences of their own. Under an NLL over the whole chosen sequence (ORPO), the chosen side
+/// carries labels on every predicted token.
 fn sequences(
     pairs: &[&Pair],
     nll: NllTerm,
     packing: bool,
     pad: u32,
     model: &Llama,
-) -> Result<Batch> {
-    let whole = |e: &Example| Example {
-        ids: e.ids.clone(),
-        labels: vec![true; e.ids.len()],
+) -> Result<(Batch, Vec<Row>)> {
+    let chosen_labels = |p: &Pair| match nll {
+        NllTerm::Sequence => vec![true; p.chosen.ids.len()],
+        _ => p.chosen.labels.clone(),
     };
-    let chosen: Vec<Example> = match nll {
-        NllTerm::Sequence => pairs.iter().map(|p| whole(&p.chosen)).collect(),
-        _ => Vec::new(),
+    let in_nll = |answer: bool| match nll {
+        NllTerm::None => false,
+        NllTerm::Answer => answer,
+        NllTerm::Sequence => true,
     };
-    let mut refs: Vec<&Example> = match nll {
-        NllTerm::Sequence => chosen.iter().collect(),
-        _ => pairs.iter().map(|p| &p.chosen).collect(),
-    };
-    refs.extend(pairs.iter().map(|p| &p.rejected));
-    if packing {
-        data::make_packed_batch(&refs, pad, &model.device)
-    } else {
-        data::make_batch(&refs, pad, &model.device)
+    if !packing {
+        let chosen: Vec<Example> = pairs
+            .iter()
+            .map(|p| Example {
+                ids: p.chosen.ids.clone(),
+                labels: chosen_labels(p),
+            })
+            .collect();
+        let mut refs: Vec<&Example> = chosen.iter().collect();
+        refs.extend(pairs.iter().map(|p| &p.rejected));
+        let batch = data::make_batch(&refs, pad, &model.device)?;
+        let n = pairs.len();
+        let rows = batch
+            .label_rows
+            .iter()
+            .map(|&(example, token)| {
+                let (pair, chosen) = match (example as usize).checked_sub(n) {
+                    None => (example as usize, true),
+                    Some(i) => (i, false),
+                };
+                let answer = token as usize >= pairs[pair].prompt_len;
+                Row {
+                    pair,
+                    chosen,
+                    rejected: !chosen,
+                    answer,
+                    in_nll: chosen && in_nll(answer),
+                }
+            })
+            .collect();
+        return Ok((batch, rows));
     }
+    let window = model.cfg.narrowest_window();
+    let (mut units, mut rows) = (Vec::new(), Vec::new());
+    for (k, pair) in pairs.iter().enumerate() {
+        let (c, r) = (&pair.chosen, &pair.rejected);
+        let labels = [chosen_labels(pair), r.labels.clone()];
+        let agree = c.ids.iter().zip(&r.ids).take_while(|(a, b)| a == b).count();
+        // positions both sequences have in common (each keeps at least its last input)
+        let shared = agree.min(c.ids.len() - 1).min(r.ids.len() - 1);
+        let tree_len = c.ids.len() + r.ids.len() - 2 - shared;
+        let mut label =
+            |unit: &mut data::Unit, col: usize, target: u32, sides: [bool; 2], j: usize| {
+                let answer = j + 1 >= pair.prompt_len;
+                unit.labels.push((col as u32, target, rows.len() as u32));
+                rows.push(Row {
+                    pair: k,
+                    chosen: sides[0],
+                    rejected: sides[1],
+                    answer,
+                    in_nll: sides[0] && in_nll(answer),
+                });
+            };
+        if tree_len > window {
+            for (side, seq) in [c, r].into_iter().enumerate() {
+                let mut unit = data::Unit {
+                    ids: seq.ids[..seq.ids.len() - 1].to_vec(),
+                    hidden: Vec::new(),
+                    labels: Vec::new(),
+                };
+                for j in (0..seq.ids.len() - 1).filter(|&j| labels[side][j + 1]) {
+                    label(&mut unit, j, seq.ids[j + 1], [side == 0, side == 1], j);
+                }
+                units.push(unit);
+            }
+            continue;
+        }
+        // the chosen sequence's inputs, then the rejected one's after the shared ones
+        let branch = c.ids.len() - 1;
+        let mut ids = c.ids[..branch].to_vec();
+        ids.extend_from_slice(&r.ids[shared..r.ids.len() - 1]);
+        let mut hidden = vec![[0u32; 2]; ids.len()];
+        hidden[branch..].fill([shared as u32, branch as u32]);
+        let mut unit = data::Unit {
+            ids,
+            hidden,
+            labels: Vec::new(),
+        };
+        for j in 0..branch {
+            let both = j < shared && j + 1 < agree && labels[1][j + 1];
+            if labels[0][j + 1] {
+                label(&mut unit, j, c.ids[j + 1], [true, both], j);
+            }
+        }
+        for j in 0..r.ids.len() - 1 {
+            let counted = j < shared && j + 1 < agree && labels[0][j + 1];
+            if labels[1][j + 1] && !counted {
+                let col = if j < shared { j } else { branch + j - shared };
+                label(&mut unit, col, r.ids[j + 1], [false, true], j);
+            }
+        }
+        units.push(unit);
+    }
+    let batch = data::make_packed_units(&units, pad, &model.device)?;
+    // in the batch's label order
+    let rows = batch
+        .label_rows
+        .iter()
+        .map(|&(_, tag)| rows[tag as usize])
+        .collect();
+    Ok((batch, rows))
 }
 
 /// What a forward of a micro-batch's pairs measured: each pair's answer log-probabilities, the
-/// NLL term's cross-entropy sum and token count, and what each label row is.
+/// NLL term's cross-entropy sum and token count.
 struct Measured {
     logps: Vec<PairLogps>,
     nll: (f64, usize),
-    rows: Vec<Row>,
 }
 
-/// A label row of a micro-batch: its pair, which side, and which loss terms it enters.
+/// A label of a micro-batch: its pair, which answers' log-probabilities it enters (a token the
+/// two answers share enters both), whether it is one of the answers' tokens (not the prompt's),
+/// and whether the NLL term averages it.
 #[derive(Clone, Copy)]
 struct Row {
     pair: usize,
     chosen: bool,
-    /// One of the answer's tokens (not the prompt's).
+    rejected: bool,
     answer: bool,
-    /// Averaged by the NLL term.
     in_nll: bool,
 }
 
 /// A micro-batch's pairs through the model in `mode`: each label token's cross-entropy (with
-/// its graph when `mode` trains) and what they measure.
+/// its graph when `mode` trains), what each label is, and what they measure.
 fn forward(
     model: &Llama,
     pairs: &[&Pair],
     nll: NllTerm,
     (packing, pad): (bool, u32),
     mode: ForwardMode,
-) -> Result<(Batch, super::ops::TokenLosses, Measured)> {
-    let batch = sequences(pairs, nll, packing, pad, model)?;
+) -> Result<(Batch, super::ops::TokenLosses, Vec<Row>, Measured)> {
+    let (batch, rows) = sequences(pairs, nll, packing, pad, model)?;
     let token_losses = model.batch_token_losses(&batch, mode)?;
     let values: Vec<f32> = token_losses
         .losses
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?;
-    let measured = measure(pairs, &batch, &values, nll);
-    Ok((batch, token_losses, measured))
+    let measured = measure(pairs.len(), &rows, &values);
+    Ok((batch, token_losses, rows, measured))
 }
 
-fn measure(pairs: &[&Pair], batch: &Batch, token_losses: &[f32], nll: NllTerm) -> Measured {
-    let n = pairs.len();
+fn measure(pairs: usize, rows: &[Row], token_losses: &[f32]) -> Measured {
     let mut logps = vec![
         PairLogps {
             chosen: 0.0,
@@ -614,45 +709,30 @@ fn measure(pairs: &[&Pair], batch: &Batch, token_losses: &[f32], nll: NllTerm) -
             chosen_tokens: 0,
             rejected_tokens: 0,
         };
-        n
+        pairs
     ];
     let (mut nll_sum, mut nll_tokens) = (0f64, 0usize);
-    let mut rows = Vec::with_capacity(batch.label_rows.len());
-    for (&(example, token), &loss) in batch.label_rows.iter().zip(token_losses) {
-        let (pair, chosen) = match (example as usize).checked_sub(n) {
-            None => (example as usize, true),
-            Some(i) => (i, false),
-        };
-        let answer = token as usize >= pairs[pair].prompt_len;
+    for (row, &loss) in rows.iter().zip(token_losses) {
         let loss = loss as f64;
-        if answer {
-            let p = &mut logps[pair];
-            match chosen {
-                true => (p.chosen -= loss, p.chosen_tokens += 1),
-                false => (p.rejected -= loss, p.rejected_tokens += 1),
-            };
+        if row.answer {
+            let p = &mut logps[row.pair];
+            if row.chosen {
+                p.chosen -= loss;
+                p.chosen_tokens += 1;
+            }
+            if row.rejected {
+                p.rejected -= loss;
+                p.rejected_tokens += 1;
+            }
         }
-        let in_nll = chosen
-            && match nll {
-                NllTerm::None => false,
-                NllTerm::Answer => answer,
-                NllTerm::Sequence => true,
-            };
-        if in_nll {
+        if row.in_nll {
             nll_sum += loss;
             nll_tokens += 1;
         }
-        rows.push(Row {
-            pair,
-            chosen,
-            answer,
-            in_nll,
-        });
     }
     Measured {
         logps,
         nll: (nll_sum, nll_tokens),
-        rows,
     }
 }
 
@@ -669,7 +749,7 @@ pub fn reference_logps(
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
-        let (_, _, m) = forward(model, &refs, NllTerm::None, (packing, pad), mode)?;
+        let (_, _, _, m) = forward(model, &refs, NllTerm::None, (packing, pad), mode)?;
         out.extend(m.logps.iter().map(|p| ReferenceLogps {
             chosen: p.chosen,
             rejected: p.rejected,
@@ -699,19 +779,19 @@ pub(crate) fn micro_step(
     pad: u32,
     mode: ForwardMode,
 ) -> Result<MicroPairs> {
-    let (batch, token_losses, m) = forward(model, pairs, nll_term(method), (packing, pad), mode)?;
+    let (batch, token_losses, rows, m) =
+        forward(model, pairs, nll_term(method), (packing, pad), mode)?;
     let loss = pair_loss(method, &m.logps, reference, m.nll);
     // d loss / d token loss: a token's log-probability is minus its cross-entropy
-    let weights: Vec<f32> = m
-        .rows
+    let weights: Vec<f32> = rows
         .iter()
         .map(|r| {
             let mut w = 0.0;
-            if r.answer {
-                w -= match r.chosen {
-                    true => loss.d_chosen[r.pair],
-                    false => loss.d_rejected[r.pair],
-                };
+            if r.answer && r.chosen {
+                w -= loss.d_chosen[r.pair];
+            }
+            if r.answer && r.rejected {
+                w -= loss.d_rejected[r.pair];
             }
             if r.in_nll {
                 w += loss.nll_weight;
@@ -719,7 +799,7 @@ pub(crate) fn micro_step(
             (share * w) as f32
         })
         .collect();
-    let weights = Tensor::from_vec(weights, m.rows.len(), &model.device)?
+    let weights = Tensor::from_vec(weights, rows.len(), &model.device)?
         .to_dtype(token_losses.losses.dtype())?;
     let objective = (token_losses.losses * weights)?.sum_all()?;
     Ok(MicroPairs {
@@ -781,7 +861,7 @@ pub(crate) fn evaluate_pairs(
     let mut start = 0;
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&Pair> = chunk.iter().collect();
-        let (_, _, m) = forward(model, &refs, nll, (packing, pad), ForwardMode::EVAL)?;
+        let (_, _, _, m) = forward(model, &refs, nll, (packing, pad), ForwardMode::EVAL)?;
         let reference = reference.get(start..start + chunk.len()).unwrap_or(&[]);
         let l = pair_loss(method, &m.logps, reference, m.nll);
         loss += l.loss * chunk.len() as f64;

@@ -70,6 +70,110 @@ fn dpo_ipo_rpo_and_orpo_match_trl() {
     check_against_trl(&dir(), &base, Relative::Elementwise);
 }
 
+/// Packed, a pair runs as one tree: the prefix its sequences share once (the prompt and the
+/// answers' first tokens where they agree), then each answer's rest, the rejected answer hiding
+/// the chosen one. That must give what the two sequences give apart (the layout the TRL
+/// fixtures check): answers that agree on their first tokens, one that extends the other, two
+/// equal, two that differ at once; every method; and under a sliding window narrower than some
+/// pairs (those then run apart).
+#[test]
+fn a_pair_packed_as_one_tree_gives_what_its_sequences_give_apart() {
+    let base_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama");
+    let adapter = dir().join("adapter");
+    let lora = checkpoint::read_lora_spec(&adapter).unwrap();
+    let load = || {
+        let base = model::load_base(
+            base_dir.to_str().unwrap(),
+            None,
+            &lora,
+            None,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        checkpoint::load_adapter(&adapter, &base.model).unwrap();
+        base
+    };
+    let pair = |prompt: &[u32], chosen: &[u32], rejected: &[u32]| {
+        let example = |answer: &[u32]| {
+            let all: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+            let labels = (0..all.len()).map(|i| i >= prompt.len()).collect();
+            Example { ids: all, labels }
+        };
+        Pair {
+            chosen: example(chosen),
+            rejected: example(rejected),
+            prompt_len: prompt.len(),
+        }
+    };
+    // (tree lengths 10, 5, 5, 10, 4: a window of 8 sends the first and the fourth apart)
+    let pairs = vec![
+        pair(
+            &[5, 6, 7, 8],
+            &[20, 21, 22, 30, 31, 32],
+            &[20, 21, 22, 40, 41],
+        ),
+        pair(&[9, 10], &[50, 51], &[50, 51, 52, 53]),
+        pair(&[11, 12, 13], &[60, 61, 62], &[60, 61, 62]),
+        pair(&[14, 15, 16, 17, 18], &[70, 71, 72], &[80, 81, 82, 83]),
+        pair(&[1, 2], &[90, 91], &[92, 93]),
+    ];
+    let methods = [
+        dpo(DpoLoss::Sigmoid, None),
+        dpo(DpoLoss::Ipo, None),
+        dpo(DpoLoss::Sigmoid, Some(0.5)),
+        Method::Orpo(OrpoSpec { beta: 0.1 }),
+    ];
+    for window in [None, Some(8)] {
+        let mut base = load();
+        base.model.cfg.sliding_window = window;
+        let reference =
+            preference::reference_logps(&base.model, &pairs, 4, true, 0, ForwardMode::BASE)
+                .unwrap();
+        let apart =
+            preference::reference_logps(&base.model, &pairs, 4, false, 0, ForwardMode::BASE)
+                .unwrap();
+        for (tree, alone) in reference.iter().zip(&apart) {
+            assert!(
+                relative(tree.chosen, alone.chosen) < 1e-5,
+                "window {window:?}"
+            );
+            assert!(
+                relative(tree.rejected, alone.rejected) < 1e-5,
+                "window {window:?}"
+            );
+        }
+        for method in &methods {
+            let [tree, alone] = [true, false].map(|packing| {
+                preference::loss_and_gradients(&base.model, method, &pairs, &reference, packing)
+                    .unwrap()
+            });
+            assert!(
+                relative(tree.loss, alone.loss) < 1e-5,
+                "{method:?}, window {window:?}: loss {} packed as trees, {} apart",
+                tree.loss,
+                alone.loss
+            );
+            for (a, b) in tree.logps.iter().zip(&alone.logps) {
+                assert!(
+                    relative(a.chosen, b.chosen) < 1e-5 && relative(a.rejected, b.rejected) < 1e-5
+                );
+                assert_eq!(
+                    (a.chosen_tokens, a.rejected_tokens),
+                    (b.chosen_tokens, b.rejected_tokens)
+                );
+            }
+            for (g, h) in tree.grads.iter().zip(&alone.grads) {
+                let err = relative_error(g, h, Relative::Elementwise);
+                assert!(
+                    err < 1e-4,
+                    "{method:?}, window {window:?}: gradient off by {err}"
+                );
+            }
+        }
+    }
+}
+
 /// How a gradient's distance from TRL's is measured.
 #[derive(Clone, Copy)]
 enum Relative {

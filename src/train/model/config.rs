@@ -72,6 +72,17 @@ impl ModelConfig {
             .is_some_and(|l| l.layers.get(layer).copied().unwrap_or(false))
     }
 
+    /// The narrowest attention window of any layer (`usize::MAX`: none): a sequence no longer
+    /// sees the same keys under every layout that keeps positions apart.
+    pub(crate) fn narrowest_window(&self) -> usize {
+        let local = self.local_attention.as_ref().map(|l| l.window);
+        [self.sliding_window, local]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
     pub fn check(&self) -> Result<(), Error> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0

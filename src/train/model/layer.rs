@@ -170,7 +170,7 @@ impl LayerOp {
         // bf16 frozen weights on the CPU mean compute_dtype bf16: the attention products follow
         let bf16 = matches!(&self.block.linear(Proj::Q).weight,
             FrozenWeight::Dense(w) if w.dtype() == DType::BF16);
-        attention::kernels(c.shape, c.scale, window, c.example_starts.clone(), bf16)
+        attention::kernels(c.shape, c.scale, window, c.packing.clone(), bf16)
     }
 
     fn run_forward(&self, x: &[f32]) -> Result<(Vec<f32>, Saved)> {

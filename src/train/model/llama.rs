@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::arch::Proj;
 use super::config::ModelConfig;
 use super::weights::{Block, ForwardMode, GradStash, LayerContext};
+use crate::kernels::attention::Packing;
 use crate::train::ops;
 use crate::train::Result;
 
@@ -85,12 +86,13 @@ impl Llama {
         self.hidden_states_in(ids, None, mode)
     }
 
-    /// [`Llama::hidden_states`] of rows that may hold several examples: `example_starts` gives,
-    /// per position, the column its example starts at (see [`crate::train::data::Batch`]).
+    /// [`Llama::hidden_states`] of rows that may hold several examples: `packing` gives, per
+    /// position, the column its example starts at and the span it hides (see
+    /// [`crate::train::data::Batch`]).
     fn hidden_states_in(
         &self,
         ids: &Tensor,
-        example_starts: Option<&[u32]>,
+        packing: Option<&Arc<Packing>>,
         mode: ForwardMode,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -101,17 +103,19 @@ impl Llama {
             cfg.head_dim,
         );
         let dtype = self.embed.dtype();
-        if example_starts.is_some_and(|s| s.len() != b * t) {
+        if packing.is_some_and(|p| {
+            p.starts.len() != b * t || !(p.hidden.is_empty() || p.hidden.len() == b * t)
+        }) {
             return Err(crate::train::Error::Data(
                 "packed batch: example starts do not cover the rows".into(),
             ));
         }
-        let tables = |inv: &[f32], window: Option<usize>| match example_starts {
+        let tables = |inv: &[f32], window: Option<usize>| match packing {
             None => {
                 let (cos, sin) = self.rope_tables_from(inv, 0, t, dtype)?;
                 Ok((cos, sin, self.attention_mask_rows(0, t, t, window, dtype)?))
             }
-            Some(starts) => self.packed_tables(inv, starts, (b, t), window, dtype),
+            Some(packing) => self.packed_tables(inv, packing, (b, t), window, dtype),
         };
         let (cos, sin, mask) = tables(&cfg.rope_inv_freq(), cfg.sliding_window)?;
         let local = match &cfg.local_attention {
@@ -136,7 +140,7 @@ impl Llama {
             scale: cfg.attention_scale(),
             shape: (b, t, nh, nkv, hd),
             mode,
-            example_starts: example_starts.map(|s| Arc::new(s.to_vec())),
+            packing: packing.cloned(),
         };
         let checkpoint = self.gradient_checkpointing && mode.train;
         if ops::fused_applies(&x) && cfg.arch.fused_layer_applies() {
@@ -243,8 +247,8 @@ impl Llama {
         batch: &crate::train::data::Batch,
         mode: ForwardMode,
     ) -> Result<ops::LossSum> {
-        let starts = batch.example_starts.as_deref();
-        self.loss_in(&batch.ids, starts, &batch.positions, &batch.targets, mode)
+        let packing = batch.packing.as_ref();
+        self.loss_in(&batch.ids, packing, &batch.positions, &batch.targets, mode)
     }
 
     /// Each label token's cross-entropy `(label_tokens,)` of a batch, differentiable row by row:
@@ -254,8 +258,7 @@ impl Llama {
         batch: &crate::train::data::Batch,
         mode: ForwardMode,
     ) -> Result<ops::TokenLosses> {
-        let starts = batch.example_starts.as_deref();
-        let h = self.hidden_states_in(&batch.ids, starts, mode)?;
+        let h = self.hidden_states_in(&batch.ids, batch.packing.as_ref(), mode)?;
         let h = h
             .reshape(((), self.cfg.hidden_size))?
             .index_select(&batch.positions, 0)?;
@@ -269,12 +272,12 @@ impl Llama {
     fn loss_in(
         &self,
         ids: &Tensor,
-        example_starts: Option<&[u32]>,
+        packing: Option<&Arc<Packing>>,
         positions: &Tensor,
         targets: &Tensor,
         mode: ForwardMode,
     ) -> Result<ops::LossSum> {
-        let h = self.hidden_states_in(ids, example_starts, mode)?;
+        let h = self.hidden_states_in(ids, packing, mode)?;
         let h = h
             .reshape(((), self.cfg.hidden_size))?
             .index_select(positions, 0)?;
@@ -396,15 +399,15 @@ impl Llama {
     fn packed_tables(
         &self,
         inv: &[f32],
-        starts: &[u32],
+        packing: &Packing,
         (b, t): (usize, usize),
         window: Option<usize>,
         dtype: DType,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let half = inv.len();
         let mut freqs = Vec::with_capacity(b * t * half);
-        for (i, &start) in starts.iter().enumerate() {
-            let pos = (i % t) as u32 - start;
+        for i in 0..b * t {
+            let pos = packing.position(i, t);
             freqs.extend(inv.iter().map(|f| pos as f32 * f));
         }
         let freqs = Tensor::from_vec(freqs, (b, t, half), &self.device)?;
@@ -412,9 +415,13 @@ impl Llama {
         let mut mask = vec![f32::NEG_INFINITY; b * t * t];
         for row in 0..b {
             for i in 0..t {
-                let start = starts[row * t + i] as usize;
+                let p = row * t + i;
+                let start = packing.starts[p] as usize;
                 let first = start.max((i + 1).saturating_sub(window));
-                mask[(row * t + i) * t + first..(row * t + i) * t + i + 1].fill(0.0);
+                mask[p * t + first..p * t + i + 1].fill(0.0);
+                if let Some((from, to)) = packing.hidden_at(p) {
+                    mask[p * t + start + from..p * t + start + to].fill(f32::NEG_INFINITY);
+                }
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(dtype)?;

@@ -214,9 +214,9 @@ pub(crate) struct LayerContext {
     /// batch, time, heads, key/value heads, head dim
     pub shape: (usize, usize, usize, usize, usize),
     pub mode: ForwardMode,
-    /// Packed rows: per position, the column its example starts at (cos and sin are then
-    /// `(b, t, d/2)` and the mask `(b, 1, t, t)`).
-    pub(crate) example_starts: Option<Arc<Vec<u32>>>,
+    /// Packed rows: per position, the column its example starts at and the span it hides (cos
+    /// and sin are then `(b, t, d/2)` and the mask `(b, 1, t, t)`).
+    pub(crate) packing: Option<Arc<crate::kernels::attention::Packing>>,
 }
 
 impl LayerContext {
