@@ -154,7 +154,7 @@ pub fn estimate_memory(
 
     // activations: a micro-batch of rows max_seq_len long
     let t = spec.training.max_seq_len.max(1) as f64;
-    let tokens = spec.training.batch_size.max(1) as f64 * t;
+    let tokens = sequences_per_micro_batch(spec) * t;
     // Saved of the fused layer, per token: h1, x1, h2 and the layer's output; q and the
     // attention output; k, v; gate, up, act; x·A of each LoRA branch (dropout masks are
     // regenerated from their seed, not kept); and a row of t probabilities per head
@@ -282,10 +282,21 @@ pub fn measure_matmul_gflops(device: &Device, runs: usize) -> candle_core::Resul
 /// 45-70 % at SmolLM2's shapes on the CPU): what turns FLOPs into a time estimate.
 pub const STEP_EFFICIENCY: f64 = 0.5;
 
+/// Sequences in a micro-batch, at most: a preference example is a pair, two sequences (less
+/// their shared prompt when packed, which this upper bound leaves out); the reference pass of
+/// DPO runs once before the first step, without a graph.
+fn sequences_per_micro_batch(spec: &JobSpec) -> f64 {
+    let per_example = match spec.method {
+        crate::spec::Method::Sft => 1.0,
+        crate::spec::Method::Dpo(_) | crate::spec::Method::Orpo(_) => 2.0,
+    };
+    spec.training.batch_size.max(1) as f64 * per_example
+}
+
 /// Seconds of one optimizer step of `spec` on a device that multiplies at `gflops`.
 pub fn seconds_per_step(cfg: &ModelConfig, spec: &JobSpec, gflops: f64) -> f64 {
     let seq = spec.training.max_seq_len.max(1) as usize;
-    let tokens = spec.training.batch_size.max(1) as f64
+    let tokens = sequences_per_micro_batch(spec)
         * spec.training.gradient_accumulation_steps.max(1) as f64
         * seq as f64;
     let targets = &spec.lora.target_modules;

@@ -36,6 +36,22 @@ fn long_texts(dir: &Path) -> std::path::PathBuf {
     crate::helpers::write(dir, "long.jsonl", &lines.join("\n"))
 }
 
+/// Preference pairs whose answers fill max_seq_len: a DPO micro-batch holds two sequences per
+/// pair (less their shared prompt).
+fn long_pairs(dir: &Path) -> std::path::PathBuf {
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            json!({
+                "prompt": format!("Question {i}: say something long."),
+                "chosen": "the quick brown fox jumps over the lazy dog ".repeat(12),
+                "rejected": "a slow red hen walks under the busy cat ".repeat(12),
+            })
+            .to_string()
+        })
+        .collect();
+    crate::helpers::write(dir, "pairs.jsonl", &lines.join("\n"))
+}
+
 fn spec(model: &Path, data: &Path, extra: Value) -> Value {
     let mut v = json!({
         "base_model": model.to_str().unwrap(),
@@ -92,6 +108,7 @@ async fn the_estimate_is_within_a_quarter_of_the_measured_peak_on_the_cpu() {
     let app = spawn_app_with(|_| {}).await;
     let dir = app.dir.path();
     let (model, data) = (small_smollm2(dir, Arch::Llama), long_texts(dir));
+    let pairs = format!("file://{}", long_pairs(dir).display());
     let composite = small_smollm2(dir, Arch::Qwen3);
     let cases = [
         ("float32", &model, json!({})),
@@ -104,6 +121,11 @@ async fn the_estimate_is_within_a_quarter_of_the_measured_peak_on_the_cpu() {
             "all-linear-512",
             &model,
             json!({"lora": {"target_modules": "all-linear"}, "training": {"batch_size": 2, "max_seq_len": 512}}),
+        ),
+        (
+            "dpo",
+            &model,
+            json!({"method": {"type": "dpo"}, "dataset": {"url": pairs, "format": "auto"}}),
         ),
         ("composite-graph", &composite, json!({})),
         (

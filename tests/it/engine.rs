@@ -524,22 +524,6 @@ fn batch_times_accumulation_gives_the_same_first_update() {
     assert!(moved > 0.0, "the update must move B");
 }
 
-/// Asks the engine to stop after `n` steps.
-struct StopAfter {
-    n: u64,
-    seen: u64,
-}
-impl Reporter for StopAfter {
-    fn report(&mut self, e: &Event) {
-        if let Event::Step(m) = e {
-            self.seen = m.step;
-        }
-    }
-    fn should_stop(&self) -> bool {
-        self.seen >= self.n
-    }
-}
-
 #[test]
 fn resume_continues_the_identical_curve() {
     let dir = tempfile::tempdir().unwrap();
@@ -567,7 +551,7 @@ fn resume_continues_the_identical_curve() {
     let err = train::run(
         &s,
         &run_options(&interrupted),
-        &mut StopAfter { n: 7, seen: 0 },
+        &mut crate::helpers::StopAfter { n: 7, seen: 0 },
     )
     .unwrap_err();
     assert!(matches!(err, train::Error::Cancelled));

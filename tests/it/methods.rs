@@ -174,6 +174,137 @@ fn a_pair_packed_as_one_tree_gives_what_its_sequences_give_apart() {
     }
 }
 
+/// OpenAI-format preference records the tiny model can learn to tell apart.
+fn preference_records(dir: &std::path::Path, n: usize) -> PathBuf {
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "input": {"messages": [{"role": "user", "content": format!("say {}", i % 4)}]},
+                "preferred_output": [{"role": "assistant", "content": format!("ok {}", i % 4)}],
+                "non_preferred_output": [{"role": "assistant", "content": format!("no {}!", i % 4)}],
+            })
+            .to_string()
+        })
+        .collect();
+    crate::helpers::write(dir, "pairs.jsonl", &lines.join("\n"))
+}
+
+/// The `(train_loss, rewards/margins)` of each step in metrics.jsonl.
+fn preference_curve(output: &std::path::Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| !v["train_loss"].is_null())
+        .map(|v| {
+            let margin = v["rewards/margins"].as_f64().unwrap();
+            (v["train_loss"].as_f64().unwrap(), margin)
+        })
+        .collect()
+}
+
+/// A DPO run stopped after step 5 (as a pause stops it) and resumed from its checkpoint follows
+/// the uninterrupted run's curve bit for bit: the reference is computed again from the base
+/// before the checkpoint loads, the data order and the dropout seeds continue.
+#[test]
+fn a_dpo_run_paused_and_resumed_follows_the_identical_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::helpers::tiny_model(dir.path());
+    let data = preference_records(dir.path(), 8);
+    let spec = crate::helpers::spec(
+        &model,
+        &data,
+        serde_json::json!({
+            "method": {"type": "dpo", "beta": 0.5},
+            "lora": {"dropout": 0.1},
+            "training": {"epochs": 3, "batch_size": 2, "lr_scheduler": "cosine", "warmup_steps": 2},
+        }),
+    );
+    let run = |name: &str, stop: Option<u64>, resume: bool| {
+        let out = dir.path().join(name);
+        let mut options = crate::helpers::run_options(&out);
+        options.resume = resume;
+        let result = match stop {
+            Some(n) => qtune::train::run(
+                &spec,
+                &options,
+                &mut crate::helpers::StopAfter { n, seen: 0 },
+            ),
+            None => qtune::train::run(&spec, &options, &mut qtune::train::Silent),
+        };
+        (out, result)
+    };
+    let (straight, done) = run("straight", None, false);
+    done.unwrap();
+    let full = preference_curve(&straight);
+    assert_eq!(full.len(), 12);
+    let (_, stopped) = run("paused", Some(5), false);
+    assert!(matches!(
+        stopped.unwrap_err(),
+        qtune::train::Error::Cancelled
+    ));
+    let (paused, resumed) = run("paused", None, true);
+    resumed.unwrap();
+    let resumed = preference_curve(&paused);
+    assert_eq!(resumed.len(), full.len());
+    for (step, (a, b)) in full.iter().zip(&resumed).enumerate() {
+        assert_eq!(
+            (a.0.to_bits(), a.1.to_bits()),
+            (b.0.to_bits(), b.1.to_bits()),
+            "step {}: {a:?} straight, {b:?} resumed",
+            step + 1
+        );
+    }
+}
+
+/// DPO and ORPO on bases quantized as supervised QLoRA quantizes them: DPO's first loss is
+/// ln 2 (the reference pass, the adapter off, sees the same quantized base the policy does, and
+/// a fresh adapter changes nothing), then the chosen answers pull ahead; ORPO's loss falls.
+#[test]
+fn dpo_and_orpo_train_on_nf4_and_int8_bases() {
+    for kind in ["nf4", "int8"] {
+        for method in ["dpo", "orpo"] {
+            let dir = tempfile::tempdir().unwrap();
+            let model = crate::helpers::tiny_model(dir.path());
+            let data = preference_records(dir.path(), 8);
+            let spec = crate::helpers::spec(
+                &model,
+                &data,
+                serde_json::json!({
+                    "method": {"type": method, "beta": 0.5},
+                    "quantization": {"type": kind},
+                    "lora": {"target_modules": "all-linear", "r": 8},
+                    "training": {"epochs": 10, "batch_size": 4},
+                }),
+            );
+            let out = dir.path().join("out");
+            qtune::train::run(
+                &spec,
+                &crate::helpers::run_options(&out),
+                &mut qtune::train::Silent,
+            )
+            .unwrap();
+            let curve = preference_curve(&out);
+            let (first, last) = (curve[0], curve[curve.len() - 1]);
+            if method == "dpo" {
+                assert!(
+                    (first.0 - std::f64::consts::LN_2).abs() < 1e-6 && first.1.abs() < 1e-6,
+                    "{kind}: step 1 {first:?}"
+                );
+                assert!(
+                    last.0 < 0.5 * first.0 && last.1 > 1.0,
+                    "{kind} dpo: {first:?} -> {last:?}"
+                );
+            } else {
+                assert!(
+                    last.0 < 0.7 * first.0 && last.1 > 0.0,
+                    "{kind} orpo: {first:?} -> {last:?}"
+                );
+            }
+        }
+    }
+}
+
 /// How a gradient's distance from TRL's is measured.
 #[derive(Clone, Copy)]
 enum Relative {
@@ -213,6 +344,40 @@ mod full {
         let dir = super::dir().with_file_name("preference-smollm2");
         let model = crate::helpers::test_model("SmolLM2-135M-Instruct.Q4_1.gguf");
         super::check_against_trl(&dir, &model, super::Relative::Norm);
+    }
+
+    /// DPO on SmolLM2's own Q4_1 tensors, kept quantized (`quantization: gguf`): a loss of
+    /// ln 2 at step 1 (policy and reference on the same quantized weights), margins that grow.
+    #[test]
+    fn dpo_trains_on_the_ggufs_own_q4_1_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = crate::helpers::test_model("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let data = super::preference_records(dir.path(), 8);
+        let spec = crate::helpers::spec(
+            &model,
+            &data,
+            serde_json::json!({
+                "method": {"type": "dpo", "beta": 0.1},
+                "quantization": {"type": "gguf"},
+                "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+                "training": {"epochs": 3, "batch_size": 4, "learning_rate": 2e-3, "max_seq_len": 64},
+            }),
+        );
+        let out = dir.path().join("out");
+        qtune::train::run(
+            &spec,
+            &crate::helpers::run_options(&out),
+            &mut qtune::train::Silent,
+        )
+        .unwrap();
+        let curve = super::preference_curve(&out);
+        let (first, last) = (curve[0], curve[curve.len() - 1]);
+        eprintln!("DPO on GGUF Q4_1: (loss, margin) {first:?} -> {last:?}");
+        assert!(
+            (first.0 - std::f64::consts::LN_2).abs() < 1e-5,
+            "step 1 {first:?}"
+        );
+        assert!(last.0 < first.0 && last.1 > 0.1, "{first:?} -> {last:?}");
     }
 }
 

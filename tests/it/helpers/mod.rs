@@ -119,6 +119,23 @@ pub fn train_losses(output: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Asks the engine to stop after `n` steps (a pause, as the worker's sink asks for one).
+pub struct StopAfter {
+    pub n: u64,
+    pub seen: u64,
+}
+
+impl qtune::train::Reporter for StopAfter {
+    fn report(&mut self, e: &qtune::train::Event) {
+        if let qtune::train::Event::Step(m) = e {
+            self.seen = m.step;
+        }
+    }
+    fn should_stop(&self) -> bool {
+        self.seen >= self.n
+    }
+}
+
 pub fn run_options(out: &Path) -> qtune::train::RunOptions {
     qtune::train::RunOptions {
         output_dir: out.to_path_buf(),
