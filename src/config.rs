@@ -133,10 +133,11 @@ pub struct ServeConfig {
     /// Largest record (one line) of a dataset, in KiB: a longer one fails the job naming its line.
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
     pub(crate) max_record_kib: u64,
-    /// Chat and completion requests decoded at once (others wait their turn, first come first
-    /// served); they share the CPU threads with training, so each one running slows a running
-    /// job's steps while it lasts.
-    #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 1)]
+    /// Chat and completion requests a loaded base decodes together, in one continuous batch
+    /// (whatever adapter each uses; others wait their turn, first come first served); the batch
+    /// shares the CPU threads with training, so decoding slows a running job's steps while it
+    /// lasts.
+    #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 8)]
     pub(crate) max_concurrent_generations: usize,
     /// Base models kept loaded for chat (the least recently used is dropped past it).
     #[arg(long, env = "QTUNE_MAX_LOADED_BASES", default_value_t = 2)]
@@ -188,7 +189,7 @@ impl ServeConfig {
             idle_timeout_secs: 60,
             max_job_steps: 1_000_000,
             max_job_hours: 72.0,
-            max_concurrent_generations: 1,
+            max_concurrent_generations: 8,
             max_loaded_bases: 2,
             adapter_cache_mib: 512,
             min_free_disk_mib: 256,

@@ -38,7 +38,7 @@ pub(crate) mod egress;
 pub(crate) mod estimate;
 pub mod events;
 pub(crate) mod http;
-pub(crate) mod inference;
+pub mod inference;
 pub mod job;
 pub(crate) mod kernels;
 pub(crate) mod model_access;

@@ -21,7 +21,7 @@ use super::{ApiError, Owner};
 use crate::inference::Served;
 use crate::job::{CheckpointRef, JobId, JobStatus};
 use crate::state::AppState;
-use crate::train::generate::{self, Sampling};
+use crate::train::generate::Sampling;
 use crate::train::tokenizer::Message;
 
 /// The longest prompt a request may send, in tokens.
@@ -524,14 +524,11 @@ async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
         sampling,
         ..
     } = c;
+    // a client that hangs up drops this future, and its request leaves the batch
     let result = state
         .models
-        .run(move || {
-            let (model, tok) = (served.model(), served.tokenizer());
-            generate::generate(model, tok, &prompt, &sampling, &mut |_| true)
-        })
+        .generate(served, prompt, sampling, Box::new(|_| true))
         .await
-        .map_err(generation_failed)?
         .map_err(generation_failed)?;
     let (text, finish) = (result.text, result.finish.as_str());
     let (object, choice) = if ids.chat {
@@ -552,9 +549,10 @@ async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
 }
 
 /// The answer's chunks as Server-Sent Events while it is decoded, ending with `[DONE]`; a client
-/// that goes away stops the decode.
+/// that goes away stops the decode. The chunks queue without bound (at most `max_tokens` of
+/// them): a client that reads slowly never holds up the batch its answer is decoded in.
 fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     let models = state.models.clone();
     let Completion {
         served,
@@ -567,24 +565,21 @@ fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
         if ids.chat {
             let first = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]);
             // a send fails only when the client went away: nothing more to tell it
-            tx.send(ids.chunk(first, Value::Null)).await.ok();
+            tx.send(ids.chunk(first, Value::Null)).ok();
         }
         let (sender, of) = (tx.clone(), ids.clone());
+        let on_text = Box::new(move |text: &str| {
+            let piece = of.chunk(of.delta(text, None), Value::Null);
+            sender.send(piece).is_ok()
+        });
         let result = models
-            .run(move || {
-                let (model, tok) = (served.model(), served.tokenizer());
-                generate::generate(model, tok, &prompt, &sampling, &mut |text| {
-                    let piece = of.chunk(of.delta(text, None), Value::Null);
-                    sender.blocking_send(piece).is_ok()
-                })
-            })
+            .generate(served, prompt, sampling, on_text)
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .map_err(|e| e.to_string());
         let last = match result {
             Ok(g) => {
                 let end = ids.delta("", Some(g.finish.as_str()));
-                tx.send(ids.chunk(end, Value::Null)).await.ok();
+                tx.send(ids.chunk(end, Value::Null)).ok();
                 let usage = usage(g.prompt_tokens, g.tokens.len());
                 include_usage.then(|| ids.chunk(json!([]), usage))
             }
@@ -593,7 +588,7 @@ fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
             ),
         };
         if let Some(last) = last {
-            tx.send(last).await.ok();
+            tx.send(last).ok();
         }
     });
     let events = futures_util::stream::unfold((rx, false), |(mut rx, done)| async move {

@@ -138,57 +138,108 @@ pub fn generate(
     sampling: &Sampling,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    if prompt_ids.is_empty() {
-        return Err(Error::Data("the prompt is empty".into()));
-    }
-    let ends = end_of_turn_ids(tok);
-    let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
+    let mut decoding = Decoding::new(tok, prompt_ids, sampling)?;
     let mut cache = model.new_cache();
     let mut logits = model.forward_cached(prompt_ids, &mut cache)?;
-    let mut tokens: Vec<u32> = Vec::new();
-    let mut counts: std::collections::HashMap<u32, usize> = Default::default();
-    let (mut text, mut sent) = (String::new(), 0usize);
-    let mut finish = Finish::Length;
-    while tokens.len() < sampling.max_tokens {
-        let next = pick(&logits, prompt_ids, &counts, sampling, &mut rng)?;
-        if ends.contains(&next) {
-            finish = Finish::Stop;
-            break;
-        }
-        tokens.push(next);
-        *counts.entry(next).or_default() += 1;
-        text = tok.decode(&tokens)?;
-        if let Some(at) = sampling
-            .stop
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            text.truncate(at);
-            finish = Finish::Stop;
-            break;
-        }
-        let ready = settled_len(&text, &sampling.stop);
-        if ready > sent {
-            if !on_text(&text[sent..ready]) {
-                break;
-            }
-            sent = ready;
-        }
-        if tokens.len() == sampling.max_tokens {
-            break;
-        }
+    while let Some(next) = decoding.advance(tok, &logits, on_text)? {
         logits = model.forward_cached(&[next], &mut cache)?;
     }
-    if text.len() > sent {
-        on_text(&text[sent..]);
+    Ok(decoding.finish(on_text))
+}
+
+/// One answer being decoded: what has been picked, the text it makes and how much of it was
+/// sent. The model's forward passes are its caller's ([`generate`], or a batch that decodes
+/// many answers at once); this decides each token from the logits it is handed.
+pub struct Decoding {
+    sampling: Sampling,
+    prompt: Vec<u32>,
+    ends: Vec<u32>,
+    rng: ChaCha8Rng,
+    tokens: Vec<u32>,
+    counts: std::collections::HashMap<u32, usize>,
+    text: String,
+    sent: usize,
+    finish: Finish,
+    done: bool,
+}
+
+impl Decoding {
+    pub fn new(tok: &TextTokenizer, prompt_ids: &[u32], sampling: &Sampling) -> Result<Decoding> {
+        if prompt_ids.is_empty() {
+            return Err(Error::Data("the prompt is empty".into()));
+        }
+        Ok(Decoding {
+            sampling: sampling.clone(),
+            prompt: prompt_ids.to_vec(),
+            ends: end_of_turn_ids(tok),
+            rng: ChaCha8Rng::seed_from_u64(sampling.seed),
+            tokens: Vec::new(),
+            counts: Default::default(),
+            text: String::new(),
+            sent: 0,
+            finish: Finish::Length,
+            done: sampling.max_tokens == 0,
+        })
     }
-    Ok(Generation {
-        tokens,
-        text,
-        finish,
-        prompt_tokens: prompt_ids.len(),
-    })
+
+    /// Picks the next token from `logits` (the last position's, `(vocab,)`) and sends the text
+    /// it settles. Returns the token to run through the model next, or `None` when the answer is
+    /// over: an end-of-turn token, a stop sequence, `max_tokens`, or `on_text` refusing more.
+    pub fn advance(
+        &mut self,
+        tok: &TextTokenizer,
+        logits: &Tensor,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<u32>> {
+        if self.done {
+            return Ok(None);
+        }
+        let next = pick(
+            logits,
+            &self.prompt,
+            &self.counts,
+            &self.sampling,
+            &mut self.rng,
+        )?;
+        if self.ends.contains(&next) {
+            self.finish = Finish::Stop;
+            self.done = true;
+            return Ok(None);
+        }
+        self.tokens.push(next);
+        *self.counts.entry(next).or_default() += 1;
+        self.text = tok.decode(&self.tokens)?;
+        let stop = self.sampling.stop.iter();
+        if let Some(at) = stop.filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(at);
+            self.finish = Finish::Stop;
+            self.done = true;
+            return Ok(None);
+        }
+        let ready = settled_len(&self.text, &self.sampling.stop);
+        if ready > self.sent {
+            if !on_text(&self.text[self.sent..ready]) {
+                self.done = true;
+                return Ok(None);
+            }
+            self.sent = ready;
+        }
+        self.done = self.tokens.len() >= self.sampling.max_tokens;
+        Ok((!self.done).then_some(next))
+    }
+
+    /// The answer, its held-back text sent.
+    pub fn finish(self, on_text: &mut dyn FnMut(&str) -> bool) -> Generation {
+        if self.text.len() > self.sent {
+            on_text(&self.text[self.sent..]);
+        }
+        Generation {
+            tokens: self.tokens,
+            text: self.text,
+            finish: self.finish,
+            prompt_tokens: self.prompt.len(),
+        }
+    }
 }
 
 /// How much of `text` can be sent: not a trailing replacement character (the rest of a UTF-8

@@ -26,3 +26,4 @@ mod models;
 mod openai;
 mod quant;
 mod queue;
+mod serving;

@@ -364,6 +364,102 @@ impl Llama {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
+    /// One decode step of many sequences at once, each its token at its own position, through
+    /// its own cache and its own adapter (a view of this model's base, as
+    /// [`Llama::with_lora`] makes them, or none: the base alone). The frozen products run once
+    /// for all rows, each adapter's LoRA products over the rows that use it: on a CPU, where
+    /// decoding is bound by reading the weights, rows cost little more than one. Attention
+    /// runs per row over its own cache. Returns the float32 logits `(rows, vocab)`, each row
+    /// what [`Llama::forward_cached`] gives for it alone.
+    pub fn decode_batch(&self, rows: &mut [DecodeRow<'_>]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = rows.len();
+        if n == 0 {
+            return Err(crate::train::Error::Data("nothing to run: no rows".into()));
+        }
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let dtype = self.embed.dtype();
+        let positions: Vec<usize> = rows.iter().map(|r| r.cache.len).collect();
+        let tables = |inv: &[f32]| -> Result<(Tensor, Tensor)> {
+            let freqs: Vec<f32> = positions
+                .iter()
+                .flat_map(|&pos| inv.iter().map(move |f| pos as f32 * f))
+                .collect();
+            let freqs = Tensor::from_vec(freqs, (n, 1, inv.len()), &self.device)?;
+            Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+        };
+        let global = tables(&cfg.rope_inv_freq())?;
+        let local = match &cfg.local_attention {
+            Some(l) => {
+                let first_local = l.layers.iter().position(|&s| s).unwrap_or(0);
+                Some((tables(&cfg.layer_rope_inv_freq(first_local))?, l.window))
+            }
+            None => None,
+        };
+        // the rows of each adapter
+        let mut groups: Vec<(&Llama, Vec<u32>)> = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let Some(view) = row.adapter else { continue };
+            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, view)) {
+                Some((_, members)) => members.push(i as u32),
+                None => groups.push((view, vec![i as u32])),
+            }
+        }
+        let groups = groups
+            .into_iter()
+            .map(|(view, members)| {
+                let len = members.len();
+                Ok((view, Tensor::from_vec(members, len, &self.device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scale = cfg.attention_scale();
+        let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let mut x = self.embed_tokens(&ids)?.reshape((n, 1, cfg.hidden_size))?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let ((cos, sin), window) = match &local {
+                Some((t, w)) if cfg.is_local_layer(layer) => (t, Some(*w)),
+                _ => (&global, cfg.sliding_window),
+            };
+            let proj = |p: Proj, h: &Tensor| -> Result<Tensor> {
+                let mut y = block.linear(p).forward(h, ForwardMode::BASE, layer, p)?;
+                for (view, members) in &groups {
+                    let lora = &view.blocks[layer].linear(p);
+                    let part = h.index_select(members, 0)?;
+                    if let Some(delta) = lora.lora_delta(&part, ForwardMode::EVAL, layer, p)? {
+                        y = y.index_add(members, &delta.to_dtype(y.dtype())?, 0)?;
+                    }
+                }
+                Ok(y)
+            };
+            let attend = |q: Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
+                let mut out = Vec::with_capacity(n);
+                for (i, row) in rows.iter_mut().enumerate() {
+                    let at = row.cache.len;
+                    let one = |t: &Tensor| t.narrow(0, i, 1)?.contiguous();
+                    let (k, v) = row.cache.layers[layer].append(&one(&k)?, &one(&v)?)?;
+                    let mask = self.attention_mask_rows(at, 1, at + 1, window, dtype)?;
+                    out.push(ops::attention(&q.narrow(0, i, 1)?, &k, &v, &mask, scale)?);
+                }
+                Ok(Tensor::cat(&out, 0)?)
+            };
+            x = layer_forward_with(block, &x, cfg, (nh, nkv, hd), (cos, sin), proj, attend)?;
+        }
+        for row in rows.iter_mut() {
+            row.cache.len += 1;
+        }
+        let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let logits = match &self.decode_head {
+            Some(q) if x.dtype() == DType::F32 => x.apply_op1_no_bwd(q.as_ref())?,
+            _ => ops::frozen_matmul(&x, self.lm_head_weight())?,
+        };
+        Ok(logits.reshape((n, ()))?.to_dtype(DType::F32)?)
+    }
+
     /// The embeddings of `ids` (scaled by √hidden where the family does, in the embeddings'
     /// dtype as transformers rounds it).
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
@@ -457,6 +553,14 @@ impl Llama {
     }
 }
 
+/// A sequence in [`Llama::decode_batch`]: the token it runs, its cache, and the adapter view it
+/// decodes with (`None`: the base alone).
+pub struct DecodeRow<'a> {
+    pub token: u32,
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a Llama>,
+}
+
 /// The keys and values of every position a decode has run, per layer.
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
@@ -516,9 +620,23 @@ fn layer_forward(
     sin: &Tensor,
     attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
+    layer_forward_with(block, x, cfg, (nh, nkv, hd), (cos, sin), proj, attend)
+}
+
+/// [`layer_forward`] with the projections `proj` computes (a batch of rows over several
+/// adapters: [`Llama::decode_batch`]).
+fn layer_forward_with(
+    block: &Block,
+    x: &Tensor,
+    cfg: &ModelConfig,
+    (nh, nkv, hd): (usize, usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
+    proj: impl Fn(Proj, &Tensor) -> Result<Tensor>,
+    attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let eps = cfg.rms_norm_eps;
-    let proj = |p: Proj, input: &Tensor| block.linear(p).forward(input, mode, layer, p);
     let h = ops::rms_norm(x, &block.attn_norm, eps)?;
     // (b, t, heads, d): the projections' own layout; the attention op reads it as it is.
     let q = proj(Proj::Q, &h)?.reshape((b, t, nh, hd))?;

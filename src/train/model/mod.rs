@@ -25,7 +25,7 @@ pub use crate::train::quant::{Kind4, QuantizedWeight};
 pub use arch::Arch;
 pub(crate) use arch::Proj;
 pub use config::ModelConfig;
-pub use llama::Llama;
+pub use llama::{DecodeRow, KvCache, Llama};
 pub use load::{base_config, load_base, load_for_decoding};
 pub(crate) use load::{base_shape, load_base_in};
 pub(crate) use load::{BaseModel, StoredBase};

@@ -245,8 +245,26 @@ impl Linear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
+        match self.lora_delta(x, mode, layer, proj)? {
+            Some(delta) => {
+                let delta = delta.to_dtype(y.dtype())?;
+                Ok((y + delta)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// The LoRA branch alone, `scale · B · A · dropout(x)` in the factors' dtype and `x`'s shape
+    /// but for the last dimension; `None` without an adapter or with it switched off.
+    pub(crate) fn lora_delta(
+        &self,
+        x: &Tensor,
+        mode: ForwardMode,
+        layer: usize,
+        proj: Proj,
+    ) -> Result<Option<Tensor>> {
         let Some(lora) = self.lora.as_ref().filter(|_| mode.adapter) else {
-            return Ok(y);
+            return Ok(None);
         };
         let (a, b) = if mode.train {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
@@ -263,7 +281,8 @@ impl Linear {
         }
         let b = lora.b_rows(&b)?;
         let delta = (x32.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?;
-        let delta = delta.reshape(y.shape())?.to_dtype(y.dtype())?;
-        Ok((y + delta)?)
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("x has dimensions") = delta.dim(1)?;
+        Ok(Some(delta.reshape(dims)?))
     }
 }

@@ -2,16 +2,18 @@
 //! job's adapter is attached to its base as a view that shares the base's weights (only the
 //! LoRA factors are its own), so many adapters sit over one resident base. Both are kept least
 //! recently used within the operator's limits (`--max-loaded-bases`, `--adapter-cache-mib`).
-//! Generations take turns from a first-come-first-served semaphore
-//! (`--max-concurrent-generations`) and run on blocking threads, never on the async runtime.
-//! Which base or job a request may name is the API's to decide; this room loads and runs.
+//! Each loaded base decodes its requests in one continuous batch on a thread of its own
+//! ([`batch`]; up to `--max-concurrent-generations` together, whatever adapter each uses),
+//! never on the async runtime. Which base or job a request may name is the API's to decide;
+//! this room loads and runs.
+
+pub mod batch;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Semaphore;
-
 use crate::spec::LoraSpec;
+use crate::train::generate::{Generation, Sampling};
 use crate::train::model::{self, BaseModel, Llama};
 use crate::train::tokenizer::TextTokenizer;
 use crate::train::{checkpoint, Error, Result};
@@ -20,6 +22,8 @@ use crate::train::{checkpoint, Error, Result};
 pub struct Served {
     pub base: Arc<BaseModel>,
     view: Option<Llama>,
+    /// The base's decode loop (shared by the base and every adapter over it).
+    batcher: Arc<batch::Batcher>,
 }
 
 impl Served {
@@ -43,7 +47,8 @@ struct Resident {
 pub struct Models {
     max_bases: usize,
     adapter_budget: usize,
-    turns: Arc<Semaphore>,
+    /// Requests a base decodes together.
+    max_rows: usize,
     /// One load at a time: two requests for a model not yet loaded load it once.
     loading: tokio::sync::Mutex<()>,
     resident: Mutex<Resident>,
@@ -54,7 +59,7 @@ impl Models {
         Models {
             max_bases: config.max_loaded_bases.max(1),
             adapter_budget: (config.adapter_cache_mib as usize) << 20,
-            turns: Arc::new(Semaphore::new(config.max_concurrent_generations.max(1))),
+            max_rows: config.max_concurrent_generations.max(1),
             loading: tokio::sync::Mutex::new(()),
             resident: Mutex::new(Resident::default()),
         }
@@ -77,8 +82,10 @@ impl Models {
         let base = tokio::task::spawn_blocking(move || load_plain_base(&owned))
             .await
             .map_err(|e| Error::Model(format!("loading {name}: {e}")))??;
+        let base = Arc::new(base);
         let served = Arc::new(Served {
-            base: Arc::new(base),
+            batcher: Arc::new(batch::Batcher::start(base.clone(), self.max_rows)),
+            base,
             view: None,
         });
         let mut r = self.resident();
@@ -139,6 +146,7 @@ impl Models {
         let served = Arc::new(Served {
             base: base.base.clone(),
             view: Some(view),
+            batcher: base.batcher.clone(),
         });
         let mut r = self.resident();
         r.adapters.push((job.to_string(), served.clone(), bytes));
@@ -152,36 +160,47 @@ impl Models {
         Ok(served)
     }
 
+    /// The most requests a loaded base has decoded together in one step.
+    pub fn largest_batch(&self) -> usize {
+        let r = self.resident();
+        r.bases
+            .iter()
+            .map(|(_, s)| s.batcher.peak_rows())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Adapters loaded now and the bytes their factors take.
     pub fn adapters_loaded(&self) -> (usize, usize) {
         let r = self.resident();
         (r.adapters.len(), r.adapters.iter().map(|a| a.2).sum())
     }
 
-    /// Runs `work` (a generation) on a blocking thread once it is its turn. A panic inside it
-    /// (candle asserts on shapes) becomes this request's error, as a worker makes it a job's
-    /// failure, instead of a panic in the server.
-    pub async fn run<T: Send + 'static>(
+    /// Decodes an answer to `prompt` with `served` in its base's batch, sending its text to
+    /// `on_text` as it is decided (`on_text` answering `false`, or this future dropped, ends it
+    /// early). An error in the model (or a panic: candle asserts on shapes) fails this request,
+    /// not the server.
+    pub async fn generate(
         &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, GenerationPanicked> {
-        let _turn = self
-            .turns
-            .clone()
-            .acquire_owned()
+        served: Arc<Served>,
+        prompt: Vec<u32>,
+        sampling: Sampling,
+        on_text: batch::OnText,
+    ) -> Result<Generation> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let batcher = served.batcher.clone();
+        batcher.submit(batch::Request {
+            served,
+            prompt,
+            sampling,
+            on_text,
+            done,
+        });
+        answer
             .await
-            .expect("the semaphore is never closed");
-        tokio::task::spawn_blocking(work).await.map_err(|e| {
-            tracing::error!(error = %e, "a generation panicked");
-            GenerationPanicked(e.to_string())
-        })
+            .map_err(|_| Error::Model("the decode loop dropped the request".into()))?
     }
 }
-
-/// A generation that panicked, with what the panic said.
-#[derive(Debug, thiserror::Error)]
-#[error("the generation stopped on an internal error: {0}")]
-pub struct GenerationPanicked(String);
 
 /// A base as a job names it, without LoRA factors, loaded for decoding
 /// ([`model::load_for_decoding`]: a `.gguf` base stays quantized).
