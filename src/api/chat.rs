@@ -218,6 +218,7 @@ impl CompletionRequest {
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            ignore_eos: false,
         };
         s.check()
             .map_err(|(field, why)| ApiError::bad(field, why))?;

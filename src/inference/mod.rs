@@ -34,6 +34,15 @@ impl Served {
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.base.tokenizer
     }
+
+    /// `view` (made over `base`'s model by [`Llama::with_lora`]) served in `base`'s batch.
+    pub(crate) fn adapter_view(base: &Arc<Served>, view: Llama) -> Arc<Served> {
+        Arc::new(Served {
+            base: base.base.clone(),
+            view: Some(view),
+            batcher: base.batcher.clone(),
+        })
+    }
 }
 
 #[derive(Default)]

@@ -12,6 +12,7 @@
 //! pointers for worker threads, strided views, the `gemm` crate's multiply).
 
 pub mod attention;
+pub mod decode;
 pub(crate) mod cpu;
 pub mod elementwise;
 pub mod lora;

@@ -30,6 +30,9 @@ pub struct Sampling {
     pub frequency_penalty: f64,
     /// Subtracted from a token's logit if it appears in the answer at all (OpenAI's).
     pub presence_penalty: f64,
+    /// Decode past end-of-turn tokens, to `max_tokens` (vLLM's `ignore_eos`: what a benchmark
+    /// of decoding speed wants).
+    pub ignore_eos: bool,
 }
 
 impl Default for Sampling {
@@ -44,6 +47,7 @@ impl Default for Sampling {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            ignore_eos: false,
         }
     }
 }
@@ -201,7 +205,7 @@ impl Decoding {
             &self.sampling,
             &mut self.rng,
         )?;
-        if self.ends.contains(&next) {
+        if self.ends.contains(&next) && !self.sampling.ignore_eos {
             self.finish = Finish::Stop;
             self.done = true;
             return Ok(None);

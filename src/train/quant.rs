@@ -708,6 +708,18 @@ impl candle_core::CustomOp1 for QuantizedMatmul {
 }
 
 /// `x · Wᵀ` for a frozen quantized `W` (see [`QuantizedMatmul`]).
+/// [`quantized_matmul`] of the rows of a batched decode step (one per sequence): on a GGUF
+/// weight's stored blocks whatever the number of rows, as for one row (candle reads each block
+/// once for up to 16 rows); the rows' numbers are each what that row alone would give.
+pub fn decode_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
+    match w.as_ref() {
+        QuantizedWeight::Ggml(q) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Ok(x.contiguous()?.apply_op1_no_bwd(q.as_ref())?)
+        }
+        _ => quantized_matmul(x, w),
+    }
+}
+
 pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.track_op() {

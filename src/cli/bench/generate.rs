@@ -1,13 +1,16 @@
-//! `qtune bench-generate`: decoding speed of the engine's generation path — time to first token
-//! (the prompt's prefill) and decode tokens/s, for one stream and for N streams at once, on the
-//! base and with an adapter attached — and the memory of one base with many adapters over it.
+//! `qtune bench-generate`: decoding speed through the server's own path (`inference::Models`:
+//! each base's continuous batch) — aggregate tokens/s, time to first token and the gap between
+//! tokens (p50 and p99), at each number of concurrent streams, on the base, with one adapter for
+//! every stream, and with a different adapter per stream — and the memory of one base with many
+//! adapters over it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::config::ServeConfig;
+use crate::inference::{Models, Served};
 use crate::spec::LoraSpec;
-
-use crate::train::model::{self, Llama};
+use crate::train::generate::Sampling;
 use crate::train::Result;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -21,9 +24,9 @@ pub struct GenerateBenchOptions {
     /// Prompt tokens prefilled before the first one.
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: usize,
-    /// Concurrent streams measured besides one.
-    #[arg(long, default_value_t = 8)]
-    pub streams: usize,
+    /// Numbers of concurrent streams measured, each in one batch.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 4, 8, 16])]
+    pub streams: Vec<usize>,
     /// Adapters attached over the one base for the memory figure.
     #[arg(long, default_value_t = 20)]
     pub adapters: usize,
@@ -54,20 +57,61 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-/// One stream's (time to first token, decode seconds, tokens decoded).
-fn one_stream(model: &Llama, prompt: &[u32], tokens: usize) -> Result<(f64, f64, usize)> {
-    let t0 = Instant::now();
-    let mut cache = model.new_cache();
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
-    let ttft = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut decoded = 0;
-    for _ in 0..tokens {
-        let next = logits.argmax(0)?.to_scalar::<u32>()?;
-        logits = model.forward_cached(&[next], &mut cache)?;
-        decoded += 1;
+/// What one stream saw: tokens decoded, its time to first token, the gaps between its pieces.
+struct Stream {
+    tokens: usize,
+    first: f64,
+    gaps: Vec<f64>,
+}
+
+/// `streams` requests at once, the i-th through `served(i)`, each decoding `tokens` tokens.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    models: &Models,
+    served: impl Fn(usize) -> Arc<Served>,
+    prompt: &[u32],
+    (streams, tokens): (usize, usize),
+) -> Result<(f64, Vec<Stream>)> {
+    let sampling = Sampling {
+        max_tokens: tokens,
+        ignore_eos: true,
+        ..Sampling::default()
+    };
+    let start = Instant::now();
+    let requests = (0..streams).map(|i| {
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let seen = times.clone();
+        let on_text = Box::new(move |_: &str| {
+            seen.lock().expect("no panic holding it").push(Instant::now());
+            true
+        });
+        let answer = models.generate(served(i), prompt.to_vec(), sampling.clone(), on_text);
+        async move { (answer.await, times) }
+    });
+    let done = runtime.block_on(futures_util::future::join_all(requests));
+    let wall = start.elapsed().as_secs_f64();
+    let mut out = Vec::with_capacity(streams);
+    for (answer, times) in done {
+        let generation = answer?;
+        let times = times.lock().expect("no panic holding it");
+        let first = times.first().map_or(wall, |t| (*t - start).as_secs_f64());
+        let gaps = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+        out.push(Stream {
+            tokens: generation.tokens.len(),
+            first,
+            gaps,
+        });
     }
-    Ok((ttft, t1.elapsed().as_secs_f64(), decoded))
+    Ok((wall, out))
+}
+
+/// The `q` quantile (0 to 1) of `values`, in milliseconds.
+fn quantile_ms(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * q).round() as usize] * 1e3
 }
 
 pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
@@ -75,18 +119,25 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
         .map(|n| n.get())
         .unwrap_or(1);
     println!(
-        "qtune bench-generate on {} ({threads} CPU threads): {}, {} prompt tokens, {} decoded per stream",
+        "qtune bench-generate on {} ({threads} CPU threads): {}, {} prompt tokens, {} decoded per stream, through the server's batch",
         cpu_name(),
         opts.model,
         opts.prompt_tokens,
         opts.tokens
     );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::train::Error::Model(format!("a runtime: {e}")))?;
+    let most = opts.streams.iter().copied().max().unwrap_or(1).max(1);
+    let mut config = ServeConfig::for_data_dir(std::env::temp_dir());
+    config.max_concurrent_generations = most;
+    let models = Models::new(&config);
     let before = rss_mib();
-    let loaded = model::load_for_decoding(&opts.model, &LoraSpec::default())?;
-    let base = Arc::new(loaded.model.with_lora(None, 0)?);
+    let base = runtime.block_on(models.base(&opts.model))?;
     let base_mib = rss_mib() - before;
     // a fixed prompt of ordinary text tokens, within any vocabulary of a few thousand
-    let vocab = base.cfg.vocab_size as u32;
+    let vocab = base.model().cfg.vocab_size as u32;
     let prompt: Vec<u32> = (0..opts.prompt_tokens as u32)
         .map(|i| (200 + i * 37) % vocab.max(1))
         .collect();
@@ -96,55 +147,48 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
         &["q_proj", "k_proj", "v_proj", "o_proj"],
         false,
     );
-    let with_adapter = Arc::new(base.with_lora(Some(&adapter_spec), 1)?);
+    let views = (0..most)
+        .map(|i| {
+            let view = base.model().with_lora(Some(&adapter_spec), 100 + i as u64)?;
+            Ok(Served::adapter_view(&base, view))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // warm-up: first-touch page faults and thread start-up are not decode speed
-    one_stream(&base, &prompt, 4)?;
-    for (label, m) in [
-        ("base", &base),
-        ("base + adapter (r 16, q k v o)", &with_adapter),
-    ] {
-        let (ttft, secs, n) = one_stream(m, &prompt, opts.tokens)?;
-        println!(
-            "  {label}, 1 stream: time to first token {:.0} ms, decode {:.1} tokens/s",
-            ttft * 1e3,
-            n as f64 / secs
-        );
-        let t0 = Instant::now();
-        let results: Vec<Result<(f64, f64, usize)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..opts.streams)
-                .map(|_| {
-                    let m = m.clone();
-                    let prompt = prompt.clone();
-                    s.spawn(move || one_stream(&m, &prompt, opts.tokens))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("no panic"))
-                .collect()
-        });
-        let wall = t0.elapsed().as_secs_f64();
-        let mut total = 0;
-        let mut ttfts = Vec::new();
-        for r in results {
-            let (ttft, _, n) = r?;
-            total += n;
-            ttfts.push(ttft);
+    measure(&runtime, &models, |_| base.clone(), &prompt, (1, 4))?;
+    type Pick<'a> = Box<dyn Fn(usize) -> Arc<Served> + 'a>;
+    let kinds: [(&str, Pick); 3] = [
+        ("base", Box::new(|_| base.clone())),
+        ("one adapter (r 16, q k v o)", Box::new(|_| views[0].clone())),
+        ("an adapter per stream", Box::new(|i| views[i].clone())),
+    ];
+    let mut one_stream = f64::NAN;
+    for (label, pick) in &kinds {
+        for &streams in &opts.streams {
+            let (wall, seen) = measure(&runtime, &models, pick, &prompt, (streams, opts.tokens))?;
+            let tokens: usize = seen.iter().map(|s| s.tokens).sum();
+            let rate = tokens as f64 / wall;
+            if streams == 1 && *label == "base" {
+                one_stream = rate;
+            }
+            let mut firsts: Vec<f64> = seen.iter().map(|s| s.first).collect();
+            let mut gaps: Vec<f64> = seen.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+            println!(
+                "  {label}, {streams} streams: {rate:.1} tokens/s in all ({:.2}x one stream on the base), time to first token p50 {:.0} ms p99 {:.0} ms, between tokens p50 {:.1} ms p99 {:.1} ms",
+                rate / one_stream,
+                quantile_ms(&mut firsts, 0.5),
+                quantile_ms(&mut firsts, 0.99),
+                quantile_ms(&mut gaps, 0.5),
+                quantile_ms(&mut gaps, 0.99),
+            );
         }
-        ttfts.sort_by(f64::total_cmp);
-        println!(
-            "  {label}, {} streams at once: {:.1} tokens/s in all, median time to first token {:.0} ms",
-            opts.streams,
-            total as f64 / wall,
-            ttfts[ttfts.len() / 2] * 1e3
-        );
     }
+    println!("  the most streams one decode step ran: {}", models.largest_batch());
     let before_adapters = rss_mib();
-    let mut views = Vec::with_capacity(opts.adapters);
+    let mut more = Vec::with_capacity(opts.adapters);
     for i in 0..opts.adapters {
-        views.push(base.with_lora(Some(&adapter_spec), 100 + i as u64)?);
+        more.push(base.model().with_lora(Some(&adapter_spec), 1000 + i as u64)?);
     }
-    let factors: usize = views.iter().map(|v| v.lora_bytes()).sum();
+    let factors: usize = more.iter().map(|v| v.lora_bytes()).sum();
     println!(
         "  memory: the base {:.0} MiB resident; {} adapters (r 16, q k v o) over it add {:.1} MiB ({:.1} MiB of LoRA factors)",
         base_mib,

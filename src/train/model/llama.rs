@@ -14,6 +14,7 @@ use super::arch::Proj;
 use super::config::ModelConfig;
 use super::weights::{Block, ForwardMode, GradStash, LayerContext};
 use crate::kernels::attention::Packing;
+use crate::kernels::decode::{LayerCache, Shape as DecodeShape};
 use crate::train::ops;
 use crate::train::Result;
 
@@ -292,8 +293,7 @@ impl Llama {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: (0..self.blocks.len())
-                // (b, t, kv_heads, d): positions along dim 1, grown 256 at a time
-                .map(|_| candle_nn::kv_cache::KvCache::new(1, 256))
+                .map(|_| LayerCache::default())
                 .collect(),
             len: 0,
         }
@@ -338,7 +338,7 @@ impl Llama {
                 Some((cos, sin, mask)) if cfg.is_local_layer(layer) => (cos, sin, mask),
                 _ => (&cos, &sin, &mask),
             };
-            let kv = &mut cache.layers[layer];
+            let shape = self.decode_shape(layer);
             x = layer_forward(
                 block,
                 layer,
@@ -349,7 +349,16 @@ impl Llama {
                 cos,
                 sin,
                 |q, k, v| {
-                    let (k, v) = kv.append(&k.contiguous()?, &v.contiguous()?)?;
+                    let held = cache.append(layer, &k, &v)?;
+                    if n == 1 {
+                        return decode_attention(&q, &[held], shape);
+                    }
+                    let t = held.keys.len() / (nkv * hd);
+                    let stored = |data: &[f32]| -> Result<Tensor> {
+                        let all = Tensor::from_slice(data, (1, t, nkv, hd), &self.device)?;
+                        Ok(all.to_dtype(q.dtype())?)
+                    };
+                    let (k, v) = (stored(&held.keys)?, stored(&held.values)?);
                     Ok(ops::attention(&q, &k, &v, mask, scale)?)
                 },
             )?;
@@ -416,17 +425,16 @@ impl Llama {
                 Ok((view, Tensor::from_vec(members, len, &self.device)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let scale = cfg.attention_scale();
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let mut x = self.embed_tokens(&ids)?.reshape((n, 1, cfg.hidden_size))?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let ((cos, sin), window) = match &local {
-                Some((t, w)) if cfg.is_local_layer(layer) => (t, Some(*w)),
-                _ => (&global, cfg.sliding_window),
+            let (cos, sin) = match &local {
+                Some((t, _)) if cfg.is_local_layer(layer) => t,
+                _ => &global,
             };
             let proj = |p: Proj, h: &Tensor| -> Result<Tensor> {
-                let mut y = block.linear(p).forward(h, ForwardMode::BASE, layer, p)?;
+                let mut y = block.linear(p).frozen(h, true)?;
                 for (view, members) in &groups {
                     let lora = &view.blocks[layer].linear(p);
                     let part = h.index_select(members, 0)?;
@@ -436,16 +444,13 @@ impl Llama {
                 }
                 Ok(y)
             };
+            let shape = self.decode_shape(layer);
             let attend = |q: Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
-                let mut out = Vec::with_capacity(n);
                 for (i, row) in rows.iter_mut().enumerate() {
-                    let at = row.cache.len;
-                    let one = |t: &Tensor| t.narrow(0, i, 1)?.contiguous();
-                    let (k, v) = row.cache.layers[layer].append(&one(&k)?, &one(&v)?)?;
-                    let mask = self.attention_mask_rows(at, 1, at + 1, window, dtype)?;
-                    out.push(ops::attention(&q.narrow(0, i, 1)?, &k, &v, &mask, scale)?);
+                    row.cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
                 }
-                Ok(Tensor::cat(&out, 0)?)
+                let held: Vec<&LayerCache> = rows.iter().map(|r| &r.cache.layers[layer]).collect();
+                decode_attention(&q, &held, shape)
             };
             x = layer_forward_with(block, &x, cfg, (nh, nkv, hd), (cos, sin), proj, attend)?;
         }
@@ -458,6 +463,22 @@ impl Llama {
             _ => ops::frozen_matmul(&x, self.lm_head_weight())?,
         };
         Ok(logits.reshape((n, ()))?.to_dtype(DType::F32)?)
+    }
+
+    /// The attention of `layer` as the decode kernel takes it.
+    fn decode_shape(&self, layer: usize) -> DecodeShape {
+        let cfg = &self.cfg;
+        let window = match &cfg.local_attention {
+            Some(l) if cfg.is_local_layer(layer) => Some(l.window),
+            _ => cfg.sliding_window,
+        };
+        DecodeShape {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            scale: cfg.attention_scale() as f32,
+            window: window.unwrap_or(usize::MAX),
+        }
     }
 
     /// The embeddings of `ids` (scaled by √hidden where the family does, in the embeddings'
@@ -563,11 +584,20 @@ pub struct DecodeRow<'a> {
 
 /// The keys and values of every position a decode has run, per layer.
 pub struct KvCache {
-    layers: Vec<candle_nn::kv_cache::KvCache>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
 impl KvCache {
+    /// Appends `k` and `v` `(1, t, kv_heads, head_dim)` to `layer`'s cache; returns the cache.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<&LayerCache> {
+        let cache = &mut self.layers[layer];
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        cache.keys.extend(flat(k)?);
+        cache.values.extend(flat(v)?);
+        Ok(cache)
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -576,6 +606,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// One query position per row, `q` `(rows, 1, heads, head_dim)`, against each row's `caches`
+/// (its own key and value appended): the kernel on the host's float32 numbers, back in `q`'s
+/// dtype and shape.
+fn decode_attention(q: &Tensor, caches: &[&LayerCache], shape: DecodeShape) -> Result<Tensor> {
+    let flat: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = crate::kernels::decode::decode_attention(&flat, caches, shape);
+    Ok(Tensor::from_vec(out, q.shape(), q.device())?.to_dtype(q.dtype())?)
 }
 
 /// q and k `(b, t, heads, head_dim)` with each head RMS-normalised, where the family has it.

@@ -238,18 +238,26 @@ impl Linear {
         layer: usize,
         proj: Proj,
     ) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
-            FrozenWeight::Quantized(q) => quant::quantized_matmul(x, q)?,
-        };
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let y = self.frozen(x, false)?;
         match self.lora_delta(x, mode, layer, proj)? {
             Some(delta) => {
                 let delta = delta.to_dtype(y.dtype())?;
                 Ok((y + delta)?)
             }
+            None => Ok(y),
+        }
+    }
+
+    /// The frozen part, `x · Wᵀ + bias`; `decode`: `x` holds the rows of a batched decode step
+    /// (a GGUF weight multiplies them on its stored blocks, as it does one row).
+    pub(crate) fn frozen(&self, x: &Tensor, decode: bool) -> Result<Tensor> {
+        let y = match &self.weight {
+            FrozenWeight::Dense(w) => ops::frozen_matmul(x, w)?,
+            FrozenWeight::Quantized(q) if decode => quant::decode_matmul(x, q)?,
+            FrozenWeight::Quantized(q) => quant::quantized_matmul(x, q)?,
+        };
+        match &self.bias {
+            Some(bias) => Ok(y.broadcast_add(bias)?),
             None => Ok(y),
         }
     }
