@@ -31,7 +31,11 @@ pub fn decode_attention(q: &[f32], caches: &[&LayerCache], s: Shape) -> Vec<f32>
     let (d, kv_row) = (s.head_dim, s.kv_heads * s.head_dim);
     let q_row = s.heads * d;
     assert!(s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads));
-    assert_eq!(q.len(), caches.len() * q_row, "decode attention: q's length");
+    assert_eq!(
+        q.len(),
+        caches.len() * q_row,
+        "decode attention: q's length"
+    );
     for c in caches {
         assert!(
             c.keys.len() == c.values.len() && c.keys.len().is_multiple_of(kv_row),
@@ -80,7 +84,9 @@ mod tests {
         let (heads, kv_heads, d) = (6, 2, 8);
         let mut z = 1u64;
         let mut value = || {
-            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
         let lens = [1usize, 7, 40];
@@ -121,10 +127,15 @@ mod tests {
                         let want: f64 = keys
                             .iter()
                             .zip(&scores)
-                            .map(|(&j, x)| (x - max).exp() / sum * c.values[j * kv_heads * d + at + i] as f64)
+                            .map(|(&j, x)| {
+                                (x - max).exp() / sum * c.values[j * kv_heads * d + at + i] as f64
+                            })
                             .sum();
                         let have = got[(row * heads + h) * d + i] as f64;
-                        assert!((have - want).abs() < 1e-5, "row {row} head {h} window {window}");
+                        assert!(
+                            (have - want).abs() < 1e-5,
+                            "row {row} head {h} window {window}"
+                        );
                     }
                 }
             }

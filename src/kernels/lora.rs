@@ -337,3 +337,45 @@ pub fn backward(
     };
     (sum(da_parts, da_len), sum(db_parts, db_len))
 }
+
+/// One row's LoRA factors in a decode step: `A` (rank, inputs), `B` (outputs, rank), the scale.
+pub type RowFactors<'a> = Option<(&'a [f32], &'a [f32], f32)>;
+
+/// `y[i] += scale · x[i]·Aᵢᵀ·Bᵢᵀ` for each row `i` of a decode step that has factors (each row
+/// its own adapter, or none), `x` (rows, inputs), `y` (rows, outputs): the rows in parallel, a
+/// few thousand multiply-adds each.
+pub fn rows_forward_into(y: &mut [f32], x: &[f32], factors: &[RowFactors], inputs: usize) {
+    let rows = factors.len();
+    assert_eq!(x.len(), rows * inputs, "LoRA rows: input buffer size");
+    assert!(
+        y.len().is_multiple_of(rows.max(1)),
+        "LoRA rows: output buffer size"
+    );
+    let outputs = y.len() / rows.max(1);
+    for (a, b, _) in factors.iter().flatten() {
+        let rank = a.len() / inputs.max(1);
+        assert!(
+            a.len() == rank * inputs && b.len() == outputs * rank,
+            "LoRA rows: factors' sizes"
+        );
+    }
+    let y_ptr = SharedMut::new(y);
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for i in range {
+            let Some((a, b, scale)) = factors[i] else {
+                continue;
+            };
+            let rank = a.len() / inputs;
+            let xi = &x[i * inputs..(i + 1) * inputs];
+            let xa: Vec<f32> = a
+                .chunks_exact(inputs)
+                .map(|row| row.iter().zip(xi).map(|(p, q)| p * q).sum::<f32>() * scale)
+                .collect();
+            // SAFETY: row i of y belongs to this item alone.
+            let yi = unsafe { y_ptr.slice(i * outputs, outputs) };
+            for (o, brow) in yi.iter_mut().zip(b.chunks_exact(rank)) {
+                *o += brow.iter().zip(&xa).map(|(p, q)| p * q).sum::<f32>();
+            }
+        }
+    });
+}

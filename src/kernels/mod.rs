@@ -12,8 +12,8 @@
 //! pointers for worker threads, strided views, the `gemm` crate's multiply).
 
 pub mod attention;
-pub mod decode;
 pub(crate) mod cpu;
+pub mod decode;
 pub mod elementwise;
 pub mod lora;
 pub mod onednn;

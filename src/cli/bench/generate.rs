@@ -82,7 +82,9 @@ fn measure(
         let times = Arc::new(Mutex::new(Vec::new()));
         let seen = times.clone();
         let on_text = Box::new(move |_: &str| {
-            seen.lock().expect("no panic holding it").push(Instant::now());
+            seen.lock()
+                .expect("no panic holding it")
+                .push(Instant::now());
             true
         });
         let answer = models.generate(served(i), prompt.to_vec(), sampling.clone(), on_text);
@@ -95,7 +97,10 @@ fn measure(
         let generation = answer?;
         let times = times.lock().expect("no panic holding it");
         let first = times.first().map_or(wall, |t| (*t - start).as_secs_f64());
-        let gaps = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+        let gaps = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
         out.push(Stream {
             tokens: generation.tokens.len(),
             first,
@@ -149,7 +154,9 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
     );
     let views = (0..most)
         .map(|i| {
-            let view = base.model().with_lora(Some(&adapter_spec), 100 + i as u64)?;
+            let view = base
+                .model()
+                .with_lora(Some(&adapter_spec), 100 + i as u64)?;
             Ok(Served::adapter_view(&base, view))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -158,7 +165,10 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
     type Pick<'a> = Box<dyn Fn(usize) -> Arc<Served> + 'a>;
     let kinds: [(&str, Pick); 3] = [
         ("base", Box::new(|_| base.clone())),
-        ("one adapter (r 16, q k v o)", Box::new(|_| views[0].clone())),
+        (
+            "one adapter (r 16, q k v o)",
+            Box::new(|_| views[0].clone()),
+        ),
         ("an adapter per stream", Box::new(|i| views[i].clone())),
     ];
     let mut one_stream = f64::NAN;
@@ -182,11 +192,17 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
             );
         }
     }
-    println!("  the most streams one decode step ran: {}", models.largest_batch());
+    println!(
+        "  the most streams one decode step ran: {}",
+        models.largest_batch()
+    );
     let before_adapters = rss_mib();
     let mut more = Vec::with_capacity(opts.adapters);
     for i in 0..opts.adapters {
-        more.push(base.model().with_lora(Some(&adapter_spec), 1000 + i as u64)?);
+        more.push(
+            base.model()
+                .with_lora(Some(&adapter_spec), 1000 + i as u64)?,
+        );
     }
     let factors: usize = more.iter().map(|v| v.lora_bytes()).sum();
     println!(

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var, D};
 
 use super::arch::Proj;
 use super::config::ModelConfig;
@@ -409,22 +409,7 @@ impl Llama {
             }
             None => None,
         };
-        // the rows of each adapter
-        let mut groups: Vec<(&Llama, Vec<u32>)> = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            let Some(view) = row.adapter else { continue };
-            match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, view)) {
-                Some((_, members)) => members.push(i as u32),
-                None => groups.push((view, vec![i as u32])),
-            }
-        }
-        let groups = groups
-            .into_iter()
-            .map(|(view, members)| {
-                let len = members.len();
-                Ok((view, Tensor::from_vec(members, len, &self.device)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let adapters: Vec<Option<&Llama>> = rows.iter().map(|r| r.adapter).collect();
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let mut x = self.embed_tokens(&ids)?.reshape((n, 1, cfg.hidden_size))?;
@@ -434,20 +419,18 @@ impl Llama {
                 _ => &global,
             };
             let proj = |p: Proj, h: &Tensor| -> Result<Tensor> {
-                let mut y = block.linear(p).frozen(h, true)?;
-                for (view, members) in &groups {
-                    let lora = &view.blocks[layer].linear(p);
-                    let part = h.index_select(members, 0)?;
-                    if let Some(delta) = lora.lora_delta(&part, ForwardMode::EVAL, layer, p)? {
-                        y = y.index_add(members, &delta.to_dtype(y.dtype())?, 0)?;
-                    }
-                }
-                Ok(y)
+                let y = block.linear(p).frozen(h, true)?;
+                let linears: Vec<Option<&super::weights::Linear>> = adapters
+                    .iter()
+                    .map(|a| a.map(|view| view.blocks[layer].linear(p)))
+                    .collect();
+                lora_rows(y, h, &linears, (layer, p))
             };
             let shape = self.decode_shape(layer);
             let attend = |q: Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
                 for (i, row) in rows.iter_mut().enumerate() {
-                    row.cache.append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                    row.cache
+                        .append(layer, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
                 }
                 let held: Vec<&LayerCache> = rows.iter().map(|r| &r.cache.layers[layer]).collect();
                 decode_attention(&q, &held, shape)
@@ -606,6 +589,77 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// `y` (a decode step's rows through a frozen projection) plus each row's LoRA branch of
+/// `linears` (its adapter's projection, or none) on its row of `h`: one pass over the rows on
+/// the host ([`crate::kernels::lora::rows_forward_into`]); a projection whose factors are not
+/// plain float32 ones of its own (a fused module's rows) through the graph instead.
+fn lora_rows(
+    y: Tensor,
+    h: &Tensor,
+    linears: &[Option<&super::weights::Linear>],
+    (layer, proj): (usize, Proj),
+) -> Result<Tensor> {
+    let adapted: Vec<(usize, &super::weights::LoraAdapter)> = linears
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((i, l.and_then(|l| l.lora.as_ref())?)))
+        .collect();
+    if adapted.is_empty() {
+        return Ok(y);
+    }
+    let plain = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if adapted
+        .iter()
+        .any(|(_, l)| l.fused.is_some() || !plain(l.a.as_tensor()) || !plain(l.b.as_tensor()))
+    {
+        let mut y = y;
+        for (i, _) in &adapted {
+            let lin = linears[*i].expect("adapted rows have a projection");
+            let at = Tensor::new(&[*i as u32], h.device())?;
+            let part = h.index_select(&at, 0)?;
+            if let Some(d) = lin.lora_delta(&part, ForwardMode::EVAL, layer, proj)? {
+                y = y.index_add(&at, &d.to_dtype(y.dtype())?, 0)?;
+            }
+        }
+        return Ok(y);
+    }
+    let inputs = h.dim(D::Minus1)?;
+    let x: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // the factors read where they are stored (no copies: a step reads every row's)
+    let stored: Vec<_> = adapted
+        .iter()
+        .map(|(i, l)| {
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            (
+                *i,
+                a.storage_and_layout(),
+                b.storage_and_layout(),
+                l.scale as f32,
+            )
+        })
+        .collect();
+    fn slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+        match storage {
+            Storage::Cpu(CpuStorage::F32(v)) if layout.is_contiguous() => {
+                v.get(layout.start_offset()..layout.start_offset() + layout.shape().elem_count())
+            }
+            _ => None,
+        }
+    }
+    let mut factors: Vec<crate::kernels::lora::RowFactors> = vec![None; linears.len()];
+    for (i, a, b, scale) in &stored {
+        let (Some(a), Some(b)) = (slice(&a.0, a.1), slice(&b.0, b.1)) else {
+            return Err(crate::train::Error::Model(
+                "LoRA factors are not plain float32 on the host".into(),
+            ));
+        };
+        factors[*i] = Some((a, b, *scale));
+    }
+    crate::kernels::lora::rows_forward_into(&mut out, &x, &factors, inputs);
+    Ok(Tensor::from_vec(out, y.shape(), y.device())?.to_dtype(y.dtype())?)
 }
 
 /// One query position per row, `q` `(rows, 1, heads, head_dim)`, against each row's `caches`
