@@ -116,6 +116,7 @@ struct CompletionRequest {
     seed: Option<f64>,
     stop: Option<Stop>,
     repetition_penalty: Option<f64>,
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
     stream: Option<bool>,
@@ -218,11 +219,28 @@ impl CompletionRequest {
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias()?,
             ignore_eos: false,
         };
         s.check()
             .map_err(|(field, why)| ApiError::bad(field, why))?;
         Ok(s)
+    }
+
+    /// `logit_bias` as OpenAI sends it: token ids (as strings) to biases.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        map.iter()
+            .map(|(id, &bias)| match id.parse::<u32>() {
+                Ok(id) => Ok((id, bias as f32)),
+                Err(_) => Err(ApiError::bad(
+                    "logit_bias",
+                    "keys are token ids (whole numbers as strings)",
+                )),
+            })
+            .collect()
     }
 
     /// `max_completion_tokens` (or the older `max_tokens`).

@@ -80,11 +80,15 @@ impl Models {
 
     /// The base model `name` (as a job's `base_model`), loaded on first use.
     pub async fn base(&self, name: &str) -> Result<Arc<Served>> {
-        if let Some(found) = self.find_base(name) {
+        // one entry per file, however its path is spelled (`dir/./x.gguf` is `dir/x.gguf`)
+        let key = std::fs::canonicalize(name)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| name.to_string());
+        if let Some(found) = self.find_base(&key) {
             return Ok(found);
         }
         let _one_load = self.loading.lock().await;
-        if let Some(found) = self.find_base(name) {
+        if let Some(found) = self.find_base(&key) {
             return Ok(found);
         }
         let owned = name.to_string();
@@ -98,7 +102,7 @@ impl Models {
             view: None,
         });
         let mut r = self.resident();
-        r.bases.push((name.to_string(), served.clone()));
+        r.bases.push((key, served.clone()));
         while r.bases.len() > self.max_bases {
             let (gone, _) = r.bases.remove(0);
             // adapters over a dropped base keep it alive until they are dropped too

@@ -30,6 +30,9 @@ pub struct Sampling {
     pub frequency_penalty: f64,
     /// Subtracted from a token's logit if it appears in the answer at all (OpenAI's).
     pub presence_penalty: f64,
+    /// Added to the logits of these tokens before anything else (OpenAI's `logit_bias`: −100
+    /// bans a token, 100 all but forces it); ids outside the vocabulary change nothing.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Decode past end-of-turn tokens, to `max_tokens` (vLLM's `ignore_eos`: what a benchmark
     /// of decoding speed wants).
     pub ignore_eos: bool,
@@ -47,6 +50,7 @@ impl Default for Sampling {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             ignore_eos: false,
         }
     }
@@ -64,8 +68,22 @@ impl Sampling {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(("repetition_penalty", "must be > 0".into()));
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err((
+                "repetition_penalty",
+                format!("must be in (0, 10], got {}", self.repetition_penalty),
+            ));
+        }
+        if self.logit_bias.len() > 300
+            || self
+                .logit_bias
+                .iter()
+                .any(|b| !(-100.0..=100.0).contains(&b.1))
+        {
+            return Err((
+                "logit_bias",
+                "at most 300 tokens, each biased by -100 to 100".into(),
+            ));
         }
         for (name, v) in [
             ("frequency_penalty", self.frequency_penalty),
@@ -275,12 +293,19 @@ fn pick(
     s: &Sampling,
     rng: &mut ChaCha8Rng,
 ) -> Result<u32> {
-    let penalised =
-        s.repetition_penalty != 1.0 || s.frequency_penalty != 0.0 || s.presence_penalty != 0.0;
+    let penalised = s.repetition_penalty != 1.0
+        || s.frequency_penalty != 0.0
+        || s.presence_penalty != 0.0
+        || !s.logit_bias.is_empty();
     if s.temperature == 0.0 && !penalised {
         return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
     }
     let mut l: Vec<f32> = logits.to_vec1()?;
+    for &(t, bias) in &s.logit_bias {
+        if let Some(v) = l.get_mut(t as usize) {
+            *v += bias;
+        }
+    }
     if s.repetition_penalty != 1.0 {
         let p = s.repetition_penalty as f32;
         let seen = prompt.iter().chain(counts.keys());

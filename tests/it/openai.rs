@@ -132,3 +132,51 @@ async fn hostile_requests_to_the_compatible_routes_are_refused_cleanly() {
     );
     app.shutdown().await;
 }
+
+/// `logit_bias` steers the answer as OpenAI's does (100 on one token: every token is that one),
+/// and sampling values that have no meaning or no bound are 400s naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_steers_the_answer_and_unbounded_sampling_is_refused() {
+    use serde_json::json;
+    let app = crate::helpers::app::spawn_app_with(|c| c.workers = Some(0)).await;
+    let ask = |extra: serde_json::Value| {
+        let mut body = json!({"model": app.model, "messages": [{"role": "user", "content": "say 3"}],
+                              "max_tokens": 5, "temperature": 0});
+        crate::helpers::app::merge(&mut body, extra);
+        body
+    };
+    let (status, plain) = app.post("/v1/chat/completions", &ask(json!({}))).await;
+    assert_eq!(status, 200, "{plain}");
+    let (status, biased) = app
+        .post(
+            "/v1/chat/completions",
+            &ask(json!({"logit_bias": {"100": 100}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{biased}");
+    assert_eq!(biased["usage"]["completion_tokens"], 5, "{biased}");
+    let text = biased["choices"][0]["message"]["content"].as_str().unwrap();
+    let first = text.chars().next().expect("an answer");
+    assert!(
+        text.chars().all(|c| c == first),
+        "one token over and over: {text:?}"
+    );
+    assert_ne!(
+        plain["choices"][0]["message"]["content"],
+        biased["choices"][0]["message"]["content"]
+    );
+    for (extra, param) in [
+        (json!({"logit_bias": {"100": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"a": 1}}), "logit_bias"),
+        (json!({"repetition_penalty": 1e30}), "repetition_penalty"),
+        (json!({"repetition_penalty": 0}), "repetition_penalty"),
+    ] {
+        let (status, err) = app.post("/v1/chat/completions", &ask(extra.clone())).await;
+        assert_eq!(
+            (status, err["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{extra}: {err}"
+        );
+    }
+    app.shutdown().await;
+}

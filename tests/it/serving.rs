@@ -54,6 +54,10 @@ async fn a_batch_over_mixed_adapters_decodes_what_each_request_decodes_alone() {
     let base_name = base_dir.to_str().unwrap();
     let models = Models::new(&ServeConfig::for_data_dir(dir.path().join("data")));
     let mut served = vec![models.base(base_name).await.unwrap()];
+    // the same folder spelled another way is the same loaded base, not a second copy
+    let respelled = dir.path().join(".").join("model");
+    let again = models.base(respelled.to_str().unwrap()).await.unwrap();
+    assert!(Arc::ptr_eq(&served[0], &again), "one base per file");
     for k in 0..3u64 {
         let adapter_dir = dir.path().join(format!("adapter-{k}"));
         drawn_adapter(&base_dir, &adapter_dir, k + 1);
