@@ -6,8 +6,10 @@
 //! can reach outside them.
 //!
 //! `attention` (causal grouped-query attention, forward and backward, block-diagonal for packed
-//! rows), `lora` (the LoRA branch and its dropout masks), `elementwise` (RMSNorm, RoPE, SiLU·up,
-//! softmax with cross-entropy, bf16 rounding; AVX2 + fallback), `unpack` (4-bit weights),
+//! rows), `decode` (a decode step's queries against each sequence's cache), `lora` (the LoRA
+//! branch and its dropout masks, and a decode step's rows each through its own adapter),
+//! `elementwise` (RMSNorm, RoPE, SiLU·up, softmax with cross-entropy, bf16 rounding; AVX2 +
+//! fallback), `unpack` (4-bit weights),
 //! `onednn` (oneDNN's matmul primitive, loaded at run time), `cpu` (what they share: output
 //! pointers for worker threads, strided views, the `gemm` crate's multiply).
 
