@@ -42,7 +42,7 @@ pub(crate) fn matmul_xwt<S: BackendStorage>(
 }
 
 /// Contiguous f32 data of a CPU storage as an `(rows × cols)` slice, when it is one.
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Option<&'a [f32]> {
+pub(crate) fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> Option<&'a [f32]> {
     match s {
         CpuStorage::F32(v) if l.is_contiguous() => v.get(l.start_offset()..l.start_offset() + len),
         _ => None,

@@ -555,11 +555,6 @@ fn sequences(
         NllTerm::Sequence => vec![true; p.chosen.ids.len()],
         _ => p.chosen.labels.clone(),
     };
-    let in_nll = |answer: bool| match nll {
-        NllTerm::None => false,
-        NllTerm::Answer => answer,
-        NllTerm::Sequence => true,
-    };
     if !packing {
         let chosen: Vec<Example> = pairs
             .iter()
@@ -581,39 +576,46 @@ fn sequences(
                     Some(i) => (i, false),
                 };
                 let answer = token as usize >= pairs[pair].prompt_len;
-                Row {
-                    pair,
-                    chosen,
-                    rejected: !chosen,
-                    answer,
-                    in_nll: chosen && in_nll(answer),
-                }
+                Row::new(pair, [chosen, !chosen], answer, nll)
             })
             .collect();
         return Ok((batch, rows));
     }
     let window = model.cfg.narrowest_window();
-    let (mut units, mut rows) = (Vec::new(), Vec::new());
+    let mut packed = PairUnits::default();
     for (k, pair) in pairs.iter().enumerate() {
+        let labels = [chosen_labels(pair), pair.rejected.labels.clone()];
+        packed.add(k, pair, &labels, nll, window);
+    }
+    let batch = data::make_packed_units(&packed.units, pad, &model.device)?;
+    // in the batch's label order
+    let rows = batch
+        .label_rows
+        .iter()
+        .map(|&(_, tag)| packed.rows[tag as usize])
+        .collect();
+    Ok((batch, rows))
+}
+
+/// The packed units of a micro-batch's pairs, and the row of each label they carry (a label's
+/// tag is its index here).
+#[derive(Default)]
+struct PairUnits {
+    units: Vec<data::Unit>,
+    rows: Vec<Row>,
+}
+
+impl PairUnits {
+    /// Pair `k` with its chosen and rejected `labels`: one tree, or its two sequences apart when
+    /// the tree is longer than `window`.
+    fn add(&mut self, k: usize, pair: &Pair, labels: &[Vec<bool>; 2], nll: NllTerm, window: usize) {
         let (c, r) = (&pair.chosen, &pair.rejected);
-        let labels = [chosen_labels(pair), r.labels.clone()];
         let agree = c.ids.iter().zip(&r.ids).take_while(|(a, b)| a == b).count();
         // positions both sequences have in common (each keeps at least its last input)
         let shared = agree.min(c.ids.len() - 1).min(r.ids.len() - 1);
-        let tree_len = c.ids.len() + r.ids.len() - 2 - shared;
-        let mut label =
-            |unit: &mut data::Unit, col: usize, target: u32, sides: [bool; 2], j: usize| {
-                let answer = j + 1 >= pair.prompt_len;
-                unit.labels.push((col as u32, target, rows.len() as u32));
-                rows.push(Row {
-                    pair: k,
-                    chosen: sides[0],
-                    rejected: sides[1],
-                    answer,
-                    in_nll: sides[0] && in_nll(answer),
-                });
-            };
-        if tree_len > window {
+        let answer = |j: usize| j + 1 >= pair.prompt_len;
+        let row = |sides: [bool; 2], j: usize| Row::new(k, sides, answer(j), nll);
+        if c.ids.len() + r.ids.len() - 2 - shared > window {
             for (side, seq) in [c, r].into_iter().enumerate() {
                 let mut unit = data::Unit {
                     ids: seq.ids[..seq.ids.len() - 1].to_vec(),
@@ -621,11 +623,11 @@ fn sequences(
                     labels: Vec::new(),
                 };
                 for j in (0..seq.ids.len() - 1).filter(|&j| labels[side][j + 1]) {
-                    label(&mut unit, j, seq.ids[j + 1], [side == 0, side == 1], j);
+                    self.label(&mut unit, j, seq.ids[j + 1], row([side == 0, side == 1], j));
                 }
-                units.push(unit);
+                self.units.push(unit);
             }
-            continue;
+            return;
         }
         // the chosen sequence's inputs, then the rejected one's after the shared ones
         let branch = c.ids.len() - 1;
@@ -638,29 +640,23 @@ fn sequences(
             hidden,
             labels: Vec::new(),
         };
-        for j in 0..branch {
-            let both = j < shared && j + 1 < agree && labels[1][j + 1];
-            if labels[0][j + 1] {
-                label(&mut unit, j, c.ids[j + 1], [true, both], j);
-            }
+        // a label both answers have (the same token after the same prefix) is one label
+        let both = |j: usize, other: usize| j < shared && j + 1 < agree && labels[other][j + 1];
+        for j in (0..branch).filter(|&j| labels[0][j + 1]) {
+            self.label(&mut unit, j, c.ids[j + 1], row([true, both(j, 1)], j));
         }
-        for j in 0..r.ids.len() - 1 {
-            let counted = j < shared && j + 1 < agree && labels[0][j + 1];
-            if labels[1][j + 1] && !counted {
-                let col = if j < shared { j } else { branch + j - shared };
-                label(&mut unit, col, r.ids[j + 1], [false, true], j);
-            }
+        for j in (0..r.ids.len() - 1).filter(|&j| labels[1][j + 1] && !both(j, 0)) {
+            let col = if j < shared { j } else { branch + j - shared };
+            self.label(&mut unit, col, r.ids[j + 1], row([false, true], j));
         }
-        units.push(unit);
+        self.units.push(unit);
     }
-    let batch = data::make_packed_units(&units, pad, &model.device)?;
-    // in the batch's label order
-    let rows = batch
-        .label_rows
-        .iter()
-        .map(|&(_, tag)| rows[tag as usize])
-        .collect();
-    Ok((batch, rows))
+
+    fn label(&mut self, unit: &mut data::Unit, col: usize, target: u32, row: Row) {
+        unit.labels
+            .push((col as u32, target, self.rows.len() as u32));
+        self.rows.push(row);
+    }
 }
 
 /// What a forward of a micro-batch's pairs measured: each pair's answer log-probabilities, the
@@ -680,6 +676,26 @@ struct Row {
     rejected: bool,
     answer: bool,
     in_nll: bool,
+}
+
+impl Row {
+    /// Pair `pair`'s label entering the `[chosen, rejected]` answers' log-probabilities it is
+    /// marked for; the NLL term averages the chosen side's as `nll` says.
+    fn new(pair: usize, [chosen, rejected]: [bool; 2], answer: bool, nll: NllTerm) -> Row {
+        let in_nll = chosen
+            && match nll {
+                NllTerm::None => false,
+                NllTerm::Answer => answer,
+                NllTerm::Sequence => true,
+            };
+        Row {
+            pair,
+            chosen,
+            rejected,
+            answer,
+            in_nll,
+        }
+    }
 }
 
 /// A micro-batch's pairs through the model in `mode`: each label token's cross-entropy (with

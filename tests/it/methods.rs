@@ -79,21 +79,6 @@ fn dpo_ipo_rpo_and_orpo_match_trl() {
 #[test]
 fn a_pair_packed_as_one_tree_gives_what_its_sequences_give_apart() {
     let base_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama");
-    let adapter = dir().join("adapter");
-    let lora = checkpoint::read_lora_spec(&adapter).unwrap();
-    let load = || {
-        let base = model::load_base(
-            base_dir.to_str().unwrap(),
-            None,
-            &lora,
-            None,
-            0,
-            &Device::Cpu,
-        )
-        .unwrap();
-        checkpoint::load_adapter(&adapter, &base.model).unwrap();
-        base
-    };
     let pair = |prompt: &[u32], chosen: &[u32], rejected: &[u32]| {
         let example = |answer: &[u32]| {
             let all: Vec<u32> = prompt.iter().chain(answer).copied().collect();
@@ -125,14 +110,12 @@ fn a_pair_packed_as_one_tree_gives_what_its_sequences_give_apart() {
         Method::Orpo(OrpoSpec { beta: 0.1 }),
     ];
     for window in [None, Some(8)] {
-        let mut base = load();
-        base.model.cfg.sliding_window = window;
+        let mut policy = with_adapter(&base_dir, &dir().join("adapter"));
+        policy.cfg.sliding_window = window;
         let reference =
-            preference::reference_logps(&base.model, &pairs, 4, true, 0, ForwardMode::BASE)
-                .unwrap();
+            preference::reference_logps(&policy, &pairs, 4, true, 0, ForwardMode::BASE).unwrap();
         let apart =
-            preference::reference_logps(&base.model, &pairs, 4, false, 0, ForwardMode::BASE)
-                .unwrap();
+            preference::reference_logps(&policy, &pairs, 4, false, 0, ForwardMode::BASE).unwrap();
         for (tree, alone) in reference.iter().zip(&apart) {
             assert!(
                 relative(tree.chosen, alone.chosen) < 1e-5,
@@ -145,7 +128,7 @@ fn a_pair_packed_as_one_tree_gives_what_its_sequences_give_apart() {
         }
         for method in &methods {
             let [tree, alone] = [true, false].map(|packing| {
-                preference::loss_and_gradients(&base.model, method, &pairs, &reference, packing)
+                preference::loss_and_gradients(&policy, method, &pairs, &reference, packing)
                     .unwrap()
             });
             assert!(
@@ -305,6 +288,25 @@ fn dpo_and_orpo_train_on_nf4_and_int8_bases() {
     }
 }
 
+/// The model at `base_path` with the PEFT adapter in `adapter` over it.
+fn with_adapter(
+    base_path: &std::path::Path,
+    adapter: &std::path::Path,
+) -> qtune::train::model::Llama {
+    let lora = checkpoint::read_lora_spec(adapter).unwrap();
+    let base = model::load_base(
+        base_path.to_str().unwrap(),
+        None,
+        &lora,
+        None,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    checkpoint::load_adapter(adapter, &base.model).unwrap();
+    base.model
+}
+
 /// How a gradient's distance from TRL's is measured.
 #[derive(Clone, Copy)]
 enum Relative {
@@ -388,18 +390,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let grads: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let adapter = dir.join("adapter");
-    let lora = checkpoint::read_lora_spec(&adapter).unwrap();
-    let base = model::load_base(
-        base_path.to_str().unwrap(),
-        None,
-        &lora,
-        None,
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
-    checkpoint::load_adapter(&adapter, &base.model).unwrap();
+    let policy = with_adapter(base_path, &dir.join("adapter"));
     let pairs = pairs(&expected);
 
     // the reference is the base with the adapter off; the policy has it on
@@ -407,7 +398,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
         (ForwardMode::BASE, "reference"),
         (ForwardMode::EVAL, "policy"),
     ] {
-        let got = preference::reference_logps(&base.model, &pairs, 3, true, 0, mode).unwrap();
+        let got = preference::reference_logps(&policy, &pairs, 3, true, 0, mode).unwrap();
         for (i, (g, w)) in got
             .iter()
             .zip(expected[key].as_array().unwrap())
@@ -423,7 +414,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
         }
     }
     let reference: Vec<ReferenceLogps> =
-        preference::reference_logps(&base.model, &pairs, 4, true, 0, ForwardMode::BASE).unwrap();
+        preference::reference_logps(&policy, &pairs, 4, true, 0, ForwardMode::BASE).unwrap();
 
     let cases = [
         ("dpo_sigmoid", dpo(DpoLoss::Sigmoid, None)),
@@ -439,7 +430,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
         // packed (the default) and one sequence per row give the same numbers
         for packing in [true, false] {
             let probe =
-                preference::loss_and_gradients(&base.model, &method, &pairs, &reference, packing)
+                preference::loss_and_gradients(&policy, &method, &pairs, &reference, packing)
                     .unwrap();
             let want = case["loss"].as_f64().unwrap();
             assert!(
@@ -455,7 +446,7 @@ fn check_against_trl(dir: &std::path::Path, base_path: &std::path::Path, norm: R
                     "{name}: {metric} {got} vs TRL's {want}"
                 );
             }
-            let names = base.model.lora_vars();
+            let names = policy.lora_vars();
             assert_eq!(
                 names.len(),
                 grads.keys().filter(|k| k.starts_with(name)).count()

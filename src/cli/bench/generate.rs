@@ -110,6 +110,25 @@ fn measure(
     Ok((wall, out))
 }
 
+/// Prints what `seen`, the streams of one measurement, saw in `wall` seconds (the rate also
+/// against `one_stream`, one stream's on the base); returns their tokens/s in all.
+fn report(label: &str, seen: &[Stream], wall: f64, one_stream: f64) -> f64 {
+    let tokens: usize = seen.iter().map(|s| s.tokens).sum();
+    let rate = tokens as f64 / wall;
+    let mut firsts: Vec<f64> = seen.iter().map(|s| s.first).collect();
+    let mut gaps: Vec<f64> = seen.iter().flat_map(|s| s.gaps.iter().copied()).collect();
+    println!(
+        "  {label}, {} streams: {rate:.1} tokens/s in all ({:.2}x one stream on the base), time to first token p50 {:.0} ms p99 {:.0} ms, between tokens p50 {:.1} ms p99 {:.1} ms",
+        seen.len(),
+        rate / one_stream,
+        quantile_ms(&mut firsts, 0.5),
+        quantile_ms(&mut firsts, 0.99),
+        quantile_ms(&mut gaps, 0.5),
+        quantile_ms(&mut gaps, 0.99),
+    );
+    rate
+}
+
 /// The `q` quantile (0 to 1) of `values`, in milliseconds.
 fn quantile_ms(values: &mut [f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -175,40 +194,36 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
     for (label, pick) in &kinds {
         for &streams in &opts.streams {
             let (wall, seen) = measure(&runtime, &models, pick, &prompt, (streams, opts.tokens))?;
-            let tokens: usize = seen.iter().map(|s| s.tokens).sum();
-            let rate = tokens as f64 / wall;
+            let rate = report(label, &seen, wall, one_stream);
             if streams == 1 && *label == "base" {
                 one_stream = rate;
             }
-            let mut firsts: Vec<f64> = seen.iter().map(|s| s.first).collect();
-            let mut gaps: Vec<f64> = seen.iter().flat_map(|s| s.gaps.iter().copied()).collect();
-            println!(
-                "  {label}, {streams} streams: {rate:.1} tokens/s in all ({:.2}x one stream on the base), time to first token p50 {:.0} ms p99 {:.0} ms, between tokens p50 {:.1} ms p99 {:.1} ms",
-                rate / one_stream,
-                quantile_ms(&mut firsts, 0.5),
-                quantile_ms(&mut firsts, 0.99),
-                quantile_ms(&mut gaps, 0.5),
-                quantile_ms(&mut gaps, 0.99),
-            );
         }
     }
     println!(
         "  the most streams one decode step ran: {}",
         models.largest_batch()
     );
+    adapters_memory(base.model(), &adapter_spec, opts.adapters, base_mib)
+}
+
+/// Prints what `n` adapters of `spec` over `base` add to the resident memory.
+fn adapters_memory(
+    base: &crate::train::model::Llama,
+    adapter_spec: &LoraSpec,
+    n: usize,
+    base_mib: f64,
+) -> Result<()> {
     let before_adapters = rss_mib();
-    let mut more = Vec::with_capacity(opts.adapters);
-    for i in 0..opts.adapters {
-        more.push(
-            base.model()
-                .with_lora(Some(&adapter_spec), 1000 + i as u64)?,
-        );
+    let mut more = Vec::with_capacity(n);
+    for i in 0..n {
+        more.push(base.with_lora(Some(adapter_spec), 1000 + i as u64)?);
     }
     let factors: usize = more.iter().map(|v| v.lora_bytes()).sum();
     println!(
         "  memory: the base {:.0} MiB resident; {} adapters (r 16, q k v o) over it add {:.1} MiB ({:.1} MiB of LoRA factors)",
         base_mib,
-        opts.adapters,
+        n,
         rss_mib() - before_adapters,
         factors as f64 / (1 << 20) as f64
     );

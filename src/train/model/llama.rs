@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var, D};
+use candle_core::{DType, Device, Layout, Storage, Tensor, Var, D};
 
 use super::arch::Proj;
 use super::config::ModelConfig;
@@ -364,13 +364,18 @@ impl Llama {
             )?;
         }
         cache.len = total;
-        let last = x.narrow(1, n - 1, 1)?;
-        let last = ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps)?;
+        Ok(self.decode_logits(&x.narrow(1, n - 1, 1)?)?.flatten_all()?)
+    }
+
+    /// The float32 logits of a decode's last hidden states `x` `(rows, 1, hidden)`: the final
+    /// norm, then the quantized vocabulary head where the model keeps one for decoding.
+    fn decode_logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
         let logits = match &self.decode_head {
-            Some(q) if last.dtype() == DType::F32 => last.apply_op1_no_bwd(q.as_ref())?,
-            _ => ops::frozen_matmul(&last, self.lm_head_weight())?,
+            Some(q) if x.dtype() == DType::F32 => x.apply_op1_no_bwd(q.as_ref())?,
+            _ => ops::frozen_matmul(&x, self.lm_head_weight())?,
         };
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// One decode step of many sequences at once, each its token at its own position, through
@@ -393,14 +398,8 @@ impl Llama {
         );
         let dtype = self.embed.dtype();
         let positions: Vec<usize> = rows.iter().map(|r| r.cache.len).collect();
-        let tables = |inv: &[f32]| -> Result<(Tensor, Tensor)> {
-            let freqs: Vec<f32> = positions
-                .iter()
-                .flat_map(|&pos| inv.iter().map(move |f| pos as f32 * f))
-                .collect();
-            let freqs = Tensor::from_vec(freqs, (n, 1, inv.len()), &self.device)?;
-            Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
-        };
+        let tables =
+            |inv: &[f32]| self.rope_tables_at(inv, positions.iter().copied(), &[n, 1], dtype);
         let global = tables(&cfg.rope_inv_freq())?;
         let local = match &cfg.local_attention {
             Some(l) => {
@@ -440,12 +439,7 @@ impl Llama {
         for row in rows.iter_mut() {
             row.cache.len += 1;
         }
-        let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        let logits = match &self.decode_head {
-            Some(q) if x.dtype() == DType::F32 => x.apply_op1_no_bwd(q.as_ref())?,
-            _ => ops::frozen_matmul(&x, self.lm_head_weight())?,
-        };
-        Ok(logits.reshape((n, ()))?.to_dtype(DType::F32)?)
+        Ok(self.decode_logits(&x)?.reshape((n, ()))?)
     }
 
     /// The attention of `layer` as the decode kernel takes it.
@@ -484,12 +478,23 @@ impl Llama {
         t: usize,
         dtype: DType,
     ) -> Result<(Tensor, Tensor)> {
-        let half = inv.len();
-        let mut freqs = Vec::with_capacity(t * half);
-        for pos in start..start + t {
-            freqs.extend(inv.iter().map(|f| pos as f32 * f));
-        }
-        let freqs = Tensor::from_vec(freqs, (t, half), &self.device)?;
+        self.rope_tables_at(inv, start..start + t, &[t], dtype)
+    }
+
+    /// cos and sin `(lead…, head_dim / 2)` of `positions`, one per entry of the leading
+    /// dimensions `lead`, for inverse frequencies `inv`.
+    fn rope_tables_at(
+        &self,
+        inv: &[f32],
+        positions: impl Iterator<Item = usize>,
+        lead: &[usize],
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let freqs: Vec<f32> = positions
+            .flat_map(|pos| inv.iter().map(move |f| pos as f32 * f))
+            .collect();
+        let shape: Vec<usize> = lead.iter().copied().chain([inv.len()]).collect();
+        let freqs = Tensor::from_vec(freqs, shape, &self.device)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
@@ -504,13 +509,8 @@ impl Llama {
         window: Option<usize>,
         dtype: DType,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let half = inv.len();
-        let mut freqs = Vec::with_capacity(b * t * half);
-        for i in 0..b * t {
-            let pos = packing.position(i, t);
-            freqs.extend(inv.iter().map(|f| pos as f32 * f));
-        }
-        let freqs = Tensor::from_vec(freqs, (b, t, half), &self.device)?;
+        let positions = (0..b * t).map(|i| packing.position(i, t));
+        let (cos, sin) = self.rope_tables_at(inv, positions, &[b, t], dtype)?;
         let window = window.unwrap_or(usize::MAX);
         let mut mask = vec![f32::NEG_INFINITY; b * t * t];
         for row in 0..b {
@@ -525,11 +525,7 @@ impl Llama {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), &self.device)?.to_dtype(dtype)?;
-        Ok((
-            freqs.cos()?.to_dtype(dtype)?,
-            freqs.sin()?.to_dtype(dtype)?,
-            mask,
-        ))
+        Ok((cos, sin, mask))
     }
 
     /// The additive causal (and sliding-window) mask `(rows, total)` of the query positions
@@ -593,8 +589,9 @@ impl KvCache {
 
 /// `y` (a decode step's rows through a frozen projection) plus each row's LoRA branch of
 /// `linears` (its adapter's projection, or none) on its row of `h`: one pass over the rows on
-/// the host ([`crate::kernels::lora::rows_forward_into`]); a projection whose factors are not
-/// plain float32 ones of its own (a fused module's rows) through the graph instead.
+/// the host ([`crate::kernels::lora::rows_forward_into`]), the factors read where they are
+/// stored; factors that are not plain float32 ones of their own on the host (a fused module's
+/// rows) go through the graph instead, row by row.
 fn lora_rows(
     y: Tensor,
     h: &Tensor,
@@ -609,57 +606,53 @@ fn lora_rows(
     if adapted.is_empty() {
         return Ok(y);
     }
-    let plain = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if adapted
-        .iter()
-        .any(|(_, l)| l.fused.is_some() || !plain(l.a.as_tensor()) || !plain(l.b.as_tensor()))
-    {
-        let mut y = y;
-        for (i, _) in &adapted {
-            let lin = linears[*i].expect("adapted rows have a projection");
-            let at = Tensor::new(&[*i as u32], h.device())?;
-            let part = h.index_select(&at, 0)?;
-            if let Some(d) = lin.lora_delta(&part, ForwardMode::EVAL, layer, proj)? {
-                y = y.index_add(&at, &d.to_dtype(y.dtype())?, 0)?;
-            }
-        }
-        return Ok(y);
-    }
-    let inputs = h.dim(D::Minus1)?;
-    let x: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut out: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    // the factors read where they are stored (no copies: a step reads every row's)
     let stored: Vec<_> = adapted
         .iter()
         .map(|(i, l)| {
             let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
-            (
-                *i,
-                a.storage_and_layout(),
-                b.storage_and_layout(),
-                l.scale as f32,
-            )
+            (*i, l, a.storage_and_layout(), b.storage_and_layout())
         })
         .collect();
-    fn slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    fn host<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
         match storage {
-            Storage::Cpu(CpuStorage::F32(v)) if layout.is_contiguous() => {
-                v.get(layout.start_offset()..layout.start_offset() + layout.shape().elem_count())
-            }
+            Storage::Cpu(cpu) => ops::f32_rows(cpu, layout, layout.shape().elem_count()),
             _ => None,
         }
     }
     let mut factors: Vec<crate::kernels::lora::RowFactors> = vec![None; linears.len()];
-    for (i, a, b, scale) in &stored {
-        let (Some(a), Some(b)) = (slice(&a.0, a.1), slice(&b.0, b.1)) else {
-            return Err(crate::train::Error::Model(
-                "LoRA factors are not plain float32 on the host".into(),
-            ));
-        };
-        factors[*i] = Some((a, b, *scale));
+    for (i, lora, a, b) in &stored {
+        match (host(&a.0, a.1), host(&b.0, b.1)) {
+            (Some(a), Some(b)) if lora.fused.is_none() => {
+                factors[*i] = Some((a, b, lora.scale as f32))
+            }
+            _ => {
+                drop(stored);
+                return lora_rows_through_the_graph(y, h, linears, (layer, proj));
+            }
+        }
     }
-    crate::kernels::lora::rows_forward_into(&mut out, &x, &factors, inputs);
+    let x: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    crate::kernels::lora::rows_forward_into(&mut out, &x, &factors, h.dim(D::Minus1)?);
     Ok(Tensor::from_vec(out, y.shape(), y.device())?.to_dtype(y.dtype())?)
+}
+
+/// [`lora_rows`] through each row's own projection ([`super::weights::Linear::lora_delta`]).
+fn lora_rows_through_the_graph(
+    mut y: Tensor,
+    h: &Tensor,
+    linears: &[Option<&super::weights::Linear>],
+    (layer, proj): (usize, Proj),
+) -> Result<Tensor> {
+    for (i, lin) in linears.iter().enumerate() {
+        let Some(lin) = lin else { continue };
+        let at = Tensor::new(&[i as u32], h.device())?;
+        let part = h.index_select(&at, 0)?;
+        if let Some(d) = lin.lora_delta(&part, ForwardMode::EVAL, layer, proj)? {
+            y = y.index_add(&at, &d.to_dtype(y.dtype())?, 0)?;
+        }
+    }
+    Ok(y)
 }
 
 /// One query position per row, `q` `(rows, 1, heads, head_dim)`, against each row's `caches`
