@@ -15,6 +15,8 @@ ls /usr/lib/*/libdnnl.so.2 >/dev/null 2>&1 || missing+=(libdnnl2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 # the README's and the getting-started guide's examples run as written (tests/it/full/docs_examples.rs)
 command -v jq >/dev/null && command -v curl >/dev/null || missing+=(jq curl)
+# /metrics is checked by promtool and scraped by a real Prometheus server (tests/it/metrics.rs)
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (Debian)"
     SUDO=""
@@ -56,9 +58,10 @@ PY
 
 # The official openai SDK (PyPI, pinned) for the test that drives the OpenAI-compatible API with it.
 OPENAI_VENV="$HOME/.cache/qtune-openai/venv"
-if ! "$OPENAI_VENV/bin/python" -c 'import openai, sys; sys.exit(openai.__version__ != "3.57.0")' 2>/dev/null; then
+# jsonschema validates the structured answers the SDK gets back.
+if ! "$OPENAI_VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("openai") != "3.57.0" or m.version("jsonschema") != "4.25.1")' 2>/dev/null; then
     python3 -m venv "$OPENAI_VENV"
-    "$OPENAI_VENV/bin/pip" install -q 'openai==3.57.0'
+    "$OPENAI_VENV/bin/pip" install -q 'openai==3.57.0' 'jsonschema==4.25.1'
 fi
 export QTUNE_TEST_OPENAI_PYTHON="$OPENAI_VENV/bin/python"
 

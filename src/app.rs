@@ -162,7 +162,8 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
     }
     let egress = EgressPolicy::parse(&config.fetch_allow)
         .map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
-    let models = Arc::new(crate::inference::Models::new(&config));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let models = Arc::new(crate::inference::Models::new(&config, metrics));
     Ok(AppState {
         db,
         artifacts,

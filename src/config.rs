@@ -138,7 +138,16 @@ pub struct ServeConfig {
     /// shares the CPU threads with training, so decoding slows a running job's steps while it
     /// lasts.
     #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 8)]
-    pub(crate) max_concurrent_generations: usize,
+    pub max_concurrent_generations: usize,
+    /// Memory for the key/value caches of the requests being decoded, in MiB, across all
+    /// loaded bases: a request reserves its prompt's and its longest answer's share when it
+    /// joins a batch and waits while that would pass the budget.
+    #[arg(long, env = "QTUNE_KV_CACHE_MIB", default_value_t = 1024)]
+    pub kv_cache_mib: u64,
+    /// Chat and completion requests that may wait for a place in a batch; past it a request is
+    /// answered 429 with Retry-After.
+    #[arg(long, env = "QTUNE_MAX_WAITING_GENERATIONS", default_value_t = 64)]
+    pub max_waiting_generations: usize,
     /// Base models kept loaded for chat (the least recently used is dropped past it).
     #[arg(long, env = "QTUNE_MAX_LOADED_BASES", default_value_t = 2)]
     pub(crate) max_loaded_bases: usize,
@@ -190,6 +199,8 @@ impl ServeConfig {
             max_job_steps: 1_000_000,
             max_job_hours: 72.0,
             max_concurrent_generations: 8,
+            kv_cache_mib: 1024,
+            max_waiting_generations: 64,
             max_loaded_bases: 2,
             adapter_cache_mib: 512,
             min_free_disk_mib: 256,

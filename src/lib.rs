@@ -23,6 +23,7 @@
 //! - `egress`: which addresses dataset URLs may reach; `model_access`: which base models a job
 //!   may name.
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
+//! - [`metrics`]: what `/metrics` exposes to Prometheus (serving figures, the queue).
 //! - `client`: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
 
@@ -41,6 +42,7 @@ pub(crate) mod http;
 pub mod inference;
 pub mod job;
 pub(crate) mod kernels;
+pub mod metrics;
 pub(crate) mod model_access;
 pub(crate) mod queue;
 pub(crate) mod relay;

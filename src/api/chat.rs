@@ -16,12 +16,14 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
 
+mod logprobs;
+
 use super::openai::{fine_tuned_model_name, parse_fine_tuned_model};
 use super::{ApiError, Owner};
-use crate::inference::Served;
+use crate::inference::{Refusal, Served, Ticket};
 use crate::job::{CheckpointRef, JobId, JobStatus};
 use crate::state::AppState;
-use crate::train::generate::Sampling;
+use crate::train::generate::{Sampling, TokenConstraint, TokenLogprob};
 use crate::train::tokenizer::Message;
 
 /// The longest prompt a request may send, in tokens.
@@ -107,7 +109,10 @@ struct CompletionRequest {
     messages: Option<Vec<ChatMessage>>,
     prompt: Option<String>,
     n: Option<f64>,
-    logprobs: Option<bool>,
+    logprobs: Option<Logprobs>,
+    top_logprobs: Option<f64>,
+    /// Kept as text until it is checked ([`ResponseFormat`], at most [`MAX_SCHEMA_BYTES`]).
+    response_format: Option<Box<serde_json::value::RawValue>>,
     max_completion_tokens: Option<f64>,
     max_tokens: Option<f64>,
     temperature: Option<f64>,
@@ -130,6 +135,36 @@ enum Stop {
     One(String),
     Many(Vec<String>),
 }
+
+/// `logprobs`: a chat's `true`/`false`, or a completion's count of alternatives (0 to 5).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Logprobs {
+    Flag(bool),
+    Count(f64),
+}
+
+/// OpenAI's `response_format`.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(serde::Deserialize)]
+struct JsonSchemaFormat {
+    #[allow(dead_code)] // OpenAI requires it; the grammar does not use it
+    name: String,
+    schema: Option<Value>,
+    /// The answer always follows the schema: `strict` changes nothing.
+    #[allow(dead_code)]
+    strict: Option<bool>,
+}
+
+/// The largest JSON schema a request may send.
+const MAX_SCHEMA_BYTES: usize = 64 << 10;
 
 #[derive(serde::Deserialize)]
 struct StreamOptions {
@@ -187,17 +222,11 @@ impl CompletionRequest {
     }
 
     /// The sampling it asks for, OpenAI's defaults where it is silent (temperature 1).
-    fn sampling(&self) -> Result<Sampling, ApiError> {
+    fn sampling(&self, chat: bool) -> Result<Sampling, ApiError> {
         if self.n.is_some_and(|n| n != 1.0) {
             return Err(ApiError::bad(
                 "n",
                 "qtune answers one choice per request (n = 1)",
-            ));
-        }
-        if self.logprobs == Some(true) {
-            return Err(ApiError::bad(
-                "logprobs",
-                "log probabilities are not returned",
             ));
         }
         let s = Sampling {
@@ -221,6 +250,7 @@ impl CompletionRequest {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             logit_bias: self.logit_bias()?,
             ignore_eos: false,
+            logprobs: self.logprobs(chat)?,
         };
         s.check()
             .map_err(|(field, why)| ApiError::bad(field, why))?;
@@ -241,6 +271,78 @@ impl CompletionRequest {
                 )),
             })
             .collect()
+    }
+
+    /// How many alternatives each token's log-probability comes with, if any: a chat's
+    /// `logprobs: true` with `top_logprobs` (0 to 20), a completion's `logprobs` (0 to 5).
+    fn logprobs(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let whole = |v: f64, most: f64| (v >= 0.0 && v <= most && v.fract() == 0.0).then_some(v);
+        if chat {
+            let on = match &self.logprobs {
+                None | Some(Logprobs::Flag(false)) => false,
+                Some(Logprobs::Flag(true)) => true,
+                Some(Logprobs::Count(_)) => {
+                    return Err(ApiError::bad(
+                        "logprobs",
+                        "a chat's logprobs is true or false",
+                    ))
+                }
+            };
+            return match (on, self.top_logprobs) {
+                (false, None) => Ok(None),
+                (false, Some(_)) => Err(ApiError::bad("top_logprobs", "needs logprobs: true")),
+                (true, None) => Ok(Some(0)),
+                (true, Some(n)) => whole(n, 20.0)
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| ApiError::bad("top_logprobs", "a whole number from 0 to 20")),
+            };
+        }
+        match &self.logprobs {
+            None => Ok(None),
+            Some(Logprobs::Count(n)) => whole(*n, 5.0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| ApiError::bad("logprobs", "a whole number from 0 to 5")),
+            Some(Logprobs::Flag(_)) => Err(ApiError::bad(
+                "logprobs",
+                "a completion's logprobs is a number of alternatives, 0 to 5",
+            )),
+        }
+    }
+
+    /// The JSON schema the answer must follow, if `response_format` asks for one.
+    fn schema(&self) -> Result<Option<Value>, ApiError> {
+        let Some(raw) = &self.response_format else {
+            return Ok(None);
+        };
+        if raw.get().len() > MAX_SCHEMA_BYTES {
+            return Err(ApiError::bad(
+                "response_format",
+                format!("more than {MAX_SCHEMA_BYTES} bytes"),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        let format: ResponseFormat = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let param = match path.as_str() {
+                "." => "response_format".to_string(),
+                p => format!("response_format.{p}"),
+            };
+            ApiError::bad(&param, e.into_inner().to_string())
+        })?;
+        match format {
+            ResponseFormat::Text => Ok(None),
+            ResponseFormat::JsonObject => Ok(Some(json!({"type": "object"}))),
+            ResponseFormat::JsonSchema { json_schema } => {
+                let param = "response_format.json_schema.schema";
+                match json_schema.schema {
+                    None => Err(ApiError::bad(param, "missing: the JSON schema to follow")),
+                    Some(s) if !s.is_object() => {
+                        Err(ApiError::bad(param, "a JSON schema is an object"))
+                    }
+                    Some(s) => Ok(Some(s)),
+                }
+            }
+        }
     }
 
     /// `max_completion_tokens` (or the older `max_tokens`).
@@ -347,6 +449,12 @@ struct Completion {
     served: Arc<Served>,
     prompt: Vec<u32>,
     sampling: Sampling,
+    /// The grammar the answer follows (`response_format`).
+    constraint: Option<Box<dyn TokenConstraint>>,
+    /// Where the answer's log-probabilities are written, when asked for.
+    logprobs: Option<logprobs::Logprobs>,
+    /// Its place in the line to a batch.
+    ticket: Ticket,
     model: String,
     stream: bool,
     include_usage: bool,
@@ -369,14 +477,41 @@ async fn completion(
             ))
         }
     };
-    let sampling = req.sampling()?;
+    let sampling = req.sampling(chat)?;
+    let schema = req.schema()?;
     let prompt = check_prompt_size(req, chat)?;
     let served = resolve(state, owner, &model).await?;
     let prompt = encode_prompt(&served, req, prompt)?;
+    let ticket = state
+        .models
+        .ticket(&served, prompt.len(), sampling.max_tokens)
+        .map_err(|refusal| match refusal {
+            Refusal::Busy => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "server_busy",
+                "too many generations are waiting for a place in a batch: try again shortly",
+            )
+            .retry_after(1),
+            Refusal::TooLarge {
+                need_mib,
+                budget_mib,
+            } => ApiError::bad(
+                "max_tokens",
+                format!(
+                    "the prompt and the longest answer need {need_mib} MiB of key/value \
+                     cache, more than the server's {budget_mib} MiB: ask for fewer tokens"
+                ),
+            ),
+        })?;
+    let (constraint, logprobs) =
+        structure(&served, schema, sampling.logprobs.is_some(), chat).await?;
     Ok(Completion {
+        ticket,
         served,
         prompt,
         sampling,
+        constraint,
+        logprobs,
         model,
         stream: req.stream.unwrap_or(false),
         include_usage: req
@@ -386,6 +521,47 @@ async fn completion(
             .unwrap_or(false),
         chat,
     })
+}
+
+/// The grammar compiled from `schema` and the writer of log-probabilities, when the request
+/// asks for them (both need the model's vocabulary as bytes, built on a blocking thread the
+/// first time, as a schema is compiled: an attacker's schema costs a thread, not the runtime).
+async fn structure(
+    served: &Arc<Served>,
+    schema: Option<Value>,
+    logprobs: bool,
+    chat: bool,
+) -> Result<(Option<Box<dyn TokenConstraint>>, Option<logprobs::Logprobs>), ApiError> {
+    if schema.is_none() && !logprobs {
+        return Ok((None, None));
+    }
+    let param = if schema.is_some() {
+        "response_format"
+    } else {
+        "logprobs"
+    };
+    let served = served.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let vocabulary = served
+            .vocabulary()
+            .map_err(|e| ApiError::bad(param, format!("not available for this model: {e}")))?;
+        let constraint = match schema {
+            None => None,
+            Some(schema) => Some(
+                vocabulary
+                    .json_schema(&schema)
+                    .map_err(|e| ApiError::bad("response_format.json_schema.schema", e))?,
+            ),
+        };
+        Ok::<_, ApiError>((constraint, vocabulary))
+    })
+    .await
+    .map_err(|e| generation_failed(format!("compiling the schema: {e}")))??;
+    let (constraint, vocabulary) = built;
+    Ok((
+        constraint.map(|c| Box::new(c) as Box<dyn TokenConstraint>),
+        logprobs.then(|| logprobs::Logprobs::new(vocabulary, chat)),
+    ))
 }
 
 /// What a request asks the model to continue.
@@ -517,16 +693,19 @@ impl AnswerIds {
                "choices": choices, "usage": usage, "system_fingerprint": null})
     }
 
-    /// A streamed choice: a piece of text, or (with `finish`) the end.
-    fn delta(&self, text: &str, finish: Option<&str>) -> Value {
+    /// A streamed choice: a piece of text and its tokens' log-probabilities, or (with
+    /// `finish`) the end.
+    fn delta(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
         match (self.chat, finish) {
             (true, None) => {
-                json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": null}])
+                json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": logprobs}])
             }
             (true, Some(f)) => {
-                json!([{"index": 0, "delta": {}, "finish_reason": f, "logprobs": null}])
+                json!([{"index": 0, "delta": {}, "finish_reason": f, "logprobs": logprobs}])
             }
-            (false, f) => json!([{"index": 0, "text": text, "finish_reason": f, "logprobs": null}]),
+            (false, f) => {
+                json!([{"index": 0, "text": text, "finish_reason": f, "logprobs": logprobs}])
+            }
         }
     }
 }
@@ -541,22 +720,34 @@ async fn answer(state: &AppState, c: Completion) -> Result<Response, ApiError> {
         served,
         prompt,
         sampling,
+        constraint,
+        logprobs,
+        ticket,
         ..
     } = c;
     // a client that hangs up drops this future, and its request leaves the batch
     let result = state
         .models
-        .generate(served, prompt, sampling, Box::new(|_| true))
+        .generate(
+            served,
+            prompt,
+            sampling,
+            constraint,
+            ticket,
+            Box::new(|_, _| true),
+        )
         .await
         .map_err(generation_failed)?;
     let (text, finish) = (result.text, result.finish.as_str());
+    let logprobs = logprobs.map_or(Value::Null, |mut l| l.render(&result.logprobs));
     let (object, choice) = if ids.chat {
         let message = json!({"role": "assistant", "content": text, "refusal": null});
         let choice =
-            json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": null});
+            json!({"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs});
         ("chat.completion", choice)
     } else {
-        let choice = json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null});
+        let choice =
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs});
         ("text_completion", choice)
     };
     Ok(Json(json!({
@@ -577,7 +768,10 @@ fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
         served,
         prompt,
         sampling,
+        constraint,
+        mut logprobs,
         include_usage,
+        ticket,
         ..
     } = c;
     tokio::spawn(async move {
@@ -587,17 +781,18 @@ fn answer_stream(state: &AppState, c: Completion, ids: AnswerIds) -> Response {
             tx.send(ids.chunk(first, Value::Null)).ok();
         }
         let (sender, of) = (tx.clone(), ids.clone());
-        let on_text = Box::new(move |text: &str| {
-            let piece = of.chunk(of.delta(text, None), Value::Null);
+        let on_text = Box::new(move |text: &str, tokens: &[TokenLogprob]| {
+            let lp = logprobs.as_mut().map_or(Value::Null, |l| l.render(tokens));
+            let piece = of.chunk(of.delta(text, lp, None), Value::Null);
             sender.send(piece).is_ok()
         });
         let result = models
-            .generate(served, prompt, sampling, on_text)
+            .generate(served, prompt, sampling, constraint, ticket, on_text)
             .await
             .map_err(|e| e.to_string());
         let last = match result {
             Ok(g) => {
-                let end = ids.delta("", Some(g.finish.as_str()));
+                let end = ids.delta("", Value::Null, Some(g.finish.as_str()));
                 tx.send(ids.chunk(end, Value::Null)).ok();
                 let usage = usage(g.prompt_tokens, g.tokens.len());
                 include_usage.then(|| ids.chunk(json!([]), usage))

@@ -55,6 +55,7 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
         .route("/assets/app.css", get(dashboard::app_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .merge(v1)
         .fallback(not_found)
@@ -144,6 +145,21 @@ pub(crate) fn idempotency_key_reused() -> ApiError {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus' text format ([`crate::metrics`]); counts only, no tenant's
+/// names, so it is served without a key, as `/healthz` is.
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let queue = state.db.queue_snapshot().await?;
+    let text = state.models.metrics().render(&queue);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

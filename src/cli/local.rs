@@ -117,10 +117,16 @@ pub(super) fn generate(
     };
     // the answer is printed as it is decoded
     let mut stdout = std::io::stdout();
-    train::generate::generate(&base.model, &base.tokenizer, &ids, sampling, &mut |text| {
-        use std::io::Write;
-        stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok()
-    })?;
+    train::generate::generate(
+        &base.model,
+        &base.tokenizer,
+        &ids,
+        sampling,
+        &mut |text, _| {
+            use std::io::Write;
+            stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok()
+        },
+    )?;
     println!();
     Ok(())
 }

@@ -72,6 +72,36 @@ impl Db {
         .await?)
     }
 
+    /// Jobs per status, and running jobs and free memory per live worker, for `/metrics`.
+    pub async fn queue_snapshot(&self) -> Result<crate::metrics::QueueSnapshot> {
+        let jobs: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let running: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT worker, COUNT(*) FROM jobs
+             WHERE status = 'running' AND worker IS NOT NULL GROUP BY worker",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let live = self.live_workers().await?;
+        let running_per_worker = live
+            .iter()
+            .map(|w| {
+                let n = running
+                    .iter()
+                    .find(|(id, _)| *id == w.id)
+                    .map_or(0, |r| r.1);
+                (w.id.clone(), n)
+            })
+            .collect();
+        Ok(crate::metrics::QueueSnapshot {
+            jobs,
+            running_per_worker,
+            free_bytes_per_worker: live.into_iter().map(|w| (w.id, w.free_bytes)).collect(),
+        })
+    }
+
     /// Removes the rows of workers that stopped reporting (killed without a shutdown).
     pub(crate) async fn forget_silent_workers(&self) -> Result<()> {
         sqlx::query(&self.sql("DELETE FROM workers WHERE seen_at < ?::timestamptz"))

@@ -10,27 +10,117 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::Served;
-use crate::train::generate::{Decoding, Generation, Sampling};
+use crate::metrics::Metrics;
+use crate::train::generate::{Decoding, Generation, Sampling, TokenConstraint, TokenLogprob};
 use crate::train::model::{BaseModel, DecodeRow, KvCache};
 use crate::train::{Error, Result};
 
 /// Prompt tokens prefilled between two decode steps.
 const PREFILL_CHUNK: usize = 256;
 
-/// Where a request's text goes as it is decided; `false`: nobody is listening any more.
-pub type OnText = Box<dyn FnMut(&str) -> bool + Send>;
+/// Where a request's text (and its tokens' log-probabilities, when asked for) goes as it is
+/// decided; `false`: nobody is listening any more.
+pub type OnText = Box<dyn FnMut(&str, &[TokenLogprob]) -> bool + Send>;
+
+/// The key/value cache memory of all decode loops (`--kv-cache-mib`), reserved by each request
+/// for its prompt and longest answer when it joins a batch.
+pub struct KvBudget {
+    total: usize,
+    used: Mutex<usize>,
+    metrics: Arc<Metrics>,
+}
+
+impl KvBudget {
+    pub fn new(total: usize, metrics: Arc<Metrics>) -> KvBudget {
+        metrics.kv_cache_budget_bytes.set(total as i64);
+        KvBudget {
+            total,
+            used: Mutex::new(0),
+            metrics,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// `bytes` of it, if they are free now.
+    fn take(self: &Arc<KvBudget>, bytes: usize) -> Option<KvReservation> {
+        let mut used = self.used.lock().expect("no panics while holding it");
+        if *used + bytes > self.total {
+            return None;
+        }
+        *used += bytes;
+        self.metrics.kv_cache_bytes.set(*used as i64);
+        Some(KvReservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+/// Cache memory a running request holds; given back when it is dropped (the request retired).
+struct KvReservation {
+    budget: Arc<KvBudget>,
+    bytes: usize,
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().expect("no panics while holding it");
+        *used -= self.bytes;
+        self.budget.metrics.kv_cache_bytes.set(*used as i64);
+    }
+}
+
+/// A place in the line of requests waiting for a batch (`--max-waiting-generations`); the
+/// line shortens when it is dropped, as its request joins a batch or goes away.
+pub struct Place {
+    waiting: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Place {
+    /// A place, unless `max` requests wait already.
+    pub fn take(waiting: &Arc<AtomicUsize>, max: usize, metrics: &Arc<Metrics>) -> Option<Place> {
+        let taken = waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+        taken.ok()?;
+        metrics.generations_waiting.inc();
+        Some(Place {
+            waiting: waiting.clone(),
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.generations_waiting.dec();
+    }
+}
 
 /// A generation handed to a base's decode loop.
 pub struct Request {
     pub served: Arc<Served>,
     pub prompt: Vec<u32>,
     pub sampling: Sampling,
+    /// The grammar its answer must follow (structured output), if any.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     pub on_text: OnText,
     /// The answer; a request whose receiver is dropped (its client hung up) is abandoned.
     pub done: tokio::sync::oneshot::Sender<Result<Generation>>,
+    /// Its place in the waiting line, given up when it joins the batch.
+    pub place: Option<Place>,
+    /// The cache memory it reserves when it joins (prompt and longest answer).
+    pub kv_bytes: usize,
+    pub(super) arrived: Instant,
 }
 
 /// The handle of one base's decode loop; the loop ends when the last handle is dropped and
@@ -42,9 +132,9 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the decode loop of `base`, at most `max_rows` requests decoded together (the
-    /// others wait, first come first served).
-    pub fn start(base: Arc<BaseModel>, max_rows: usize) -> Batcher {
+    /// Starts the decode loop of `base`, at most `max_rows` requests decoded together and their
+    /// caches within `kv` (the others wait, first come first served).
+    pub fn start(base: Arc<BaseModel>, max_rows: usize, kv: Arc<KvBudget>) -> Batcher {
         let (tx, rx) = mpsc::channel();
         let name = base.name.clone();
         let peak_rows = Arc::new(AtomicUsize::new(0));
@@ -53,6 +143,8 @@ impl Batcher {
             .name("qtune-decode".into())
             .spawn(move || {
                 DecodeLoop {
+                    metrics: kv.metrics.clone(),
+                    kv,
                     base,
                     max_rows: max_rows.max(1),
                     waiting: VecDeque::new(),
@@ -91,6 +183,9 @@ struct Row {
     next: Option<u32>,
     /// Why this request failed, to be answered when it is retired.
     failed: Option<String>,
+    /// When its last token was picked (its arrival before the first).
+    last_token: Instant,
+    _kv: KvReservation,
 }
 
 impl Row {
@@ -98,9 +193,28 @@ impl Row {
     fn abandoned(&self) -> bool {
         self.request.done.is_closed()
     }
+
+    /// Counts the token picked since `before` tokens, if one was: its time since the last (or
+    /// since the request arrived, for the first).
+    fn count_token(&mut self, metrics: &Metrics, before: usize) {
+        if self.decoding.picked() == before {
+            return;
+        }
+        let now = Instant::now();
+        let since = now.duration_since(self.last_token).as_secs_f64();
+        if before == 0 {
+            metrics.time_to_first_token.observe(since);
+        } else {
+            metrics.inter_token_latency.observe(since);
+        }
+        metrics.generated_tokens.inc();
+        self.last_token = now;
+    }
 }
 
 struct DecodeLoop {
+    kv: Arc<KvBudget>,
+    metrics: Arc<Metrics>,
     base: Arc<BaseModel>,
     max_rows: usize,
     waiting: VecDeque<Request>,
@@ -131,26 +245,50 @@ impl DecodeLoop {
         }
     }
 
-    /// Moves waiting requests into the batch while it has room.
+    /// Moves waiting requests into the batch while it has room and their caches fit the
+    /// budget (first come first served: one that does not fit holds up those behind it).
     fn admit(&mut self) {
         while self.running.len() < self.max_rows {
-            let Some(request) = self.waiting.pop_front() else {
+            let Some(mut request) = self.waiting.pop_front() else {
                 return;
             };
             if request.done.is_closed() {
+                self.metrics
+                    .generations
+                    .with_label_values(&["abandoned"])
+                    .inc();
                 continue;
             }
+            let Some(kv) = self.kv.take(request.kv_bytes) else {
+                self.waiting.push_front(request);
+                return;
+            };
+            request.place = None;
+            self.metrics.generations_running.inc();
+            self.metrics
+                .prompt_tokens
+                .inc_by(request.prompt.len() as u64);
             let tok = request.served.tokenizer();
-            match Decoding::new(tok, &request.prompt, &request.sampling) {
+            let decoding = Decoding::new(tok, &request.prompt, &request.sampling);
+            let decoding = match request.constraint.take() {
+                Some(c) => decoding.map(|d| d.constrained(c)),
+                None => decoding,
+            };
+            let positions = request.kv_bytes / request.served.model().kv_bytes_per_token().max(1);
+            match decoding {
                 Ok(decoding) => self.running.push(Row {
-                    cache: request.served.model().new_cache(),
+                    cache: request.served.model().new_cache_for(positions),
+                    last_token: request.arrived,
                     request,
                     decoding,
                     prefilled: 0,
                     next: None,
                     failed: None,
+                    _kv: kv,
                 }),
                 Err(e) => {
+                    self.metrics.generations_running.dec();
+                    self.metrics.generations.with_label_values(&["error"]).inc();
                     request.done.send(Err(e)).ok();
                 }
             }
@@ -178,6 +316,7 @@ impl DecodeLoop {
                 row.next = row
                     .decoding
                     .advance(tok, &logits, &mut row.request.on_text)?;
+                row.count_token(&self.metrics, 0);
             }
             Ok(())
         });
@@ -208,11 +347,14 @@ impl DecodeLoop {
             self.peak_rows.fetch_max(inputs.len(), Ordering::Relaxed);
             self.base.model.decode_batch(&mut inputs)?
         };
+        self.metrics.batch_rows.observe(rows.len() as f64);
         for (k, row) in rows.into_iter().enumerate() {
             let tok = row.request.served.tokenizer();
+            let before = row.decoding.picked();
             row.next = row
                 .decoding
                 .advance(tok, &logits.get(k)?, &mut row.request.on_text)?;
+            row.count_token(&self.metrics, before);
         }
         Ok(())
     }
@@ -232,12 +374,20 @@ impl DecodeLoop {
                     failed,
                     ..
                 } = self.running.remove(i);
+                let abandoned = request.done.is_closed();
                 let answer = match failed {
                     Some(message) => Err(Error::Model(format!(
                         "the generation stopped on an internal error: {message}"
                     ))),
                     None => Ok(decoding.finish(&mut request.on_text)),
                 };
+                let finish = match &answer {
+                    _ if abandoned => "abandoned",
+                    Err(_) => "error",
+                    Ok(g) => g.finish.as_str(),
+                };
+                self.metrics.generations.with_label_values(&[finish]).inc();
+                self.metrics.generations_running.dec();
                 request.done.send(answer).ok();
             } else {
                 i += 1;

@@ -8,12 +8,16 @@
 //! this room loads and runs.
 
 pub mod batch;
+pub mod structured;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::metrics::Metrics;
 
 use crate::spec::LoraSpec;
-use crate::train::generate::{Generation, Sampling};
+use crate::train::generate::{Generation, Sampling, TokenConstraint};
 use crate::train::model::{self, BaseModel, Llama};
 use crate::train::tokenizer::TextTokenizer;
 use crate::train::{checkpoint, Error, Result};
@@ -24,6 +28,8 @@ pub struct Served {
     view: Option<Llama>,
     /// The base's decode loop (shared by the base and every adapter over it).
     batcher: Arc<batch::Batcher>,
+    /// The base tokenizer's [`structured::Vocabulary`], built on the first request that needs it.
+    vocabulary: Arc<OnceLock<std::result::Result<Arc<structured::Vocabulary>, String>>>,
 }
 
 impl Served {
@@ -35,12 +41,26 @@ impl Served {
         &self.base.tokenizer
     }
 
+    /// This model's tokens as bytes and its grammar compiler (built once per base: a blocking
+    /// call the first time, some tens of milliseconds).
+    pub fn vocabulary(&self) -> Result<Arc<structured::Vocabulary>> {
+        self.vocabulary
+            .get_or_init(|| {
+                structured::Vocabulary::new(self.tokenizer())
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::Tokenizer)
+    }
+
     /// `view` (made over `base`'s model by [`Llama::with_lora`]) served in `base`'s batch.
     pub(crate) fn adapter_view(base: &Arc<Served>, view: Llama) -> Arc<Served> {
         Arc::new(Served {
             base: base.base.clone(),
             view: Some(view),
             batcher: base.batcher.clone(),
+            vocabulary: base.vocabulary.clone(),
         })
     }
 }
@@ -58,17 +78,29 @@ pub struct Models {
     adapter_budget: usize,
     /// Requests a base decodes together.
     max_rows: usize,
+    kv: Arc<batch::KvBudget>,
+    /// Requests waiting for a place in a batch, and how many may.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    metrics: Arc<Metrics>,
     /// One load at a time: two requests for a model not yet loaded load it once.
     loading: tokio::sync::Mutex<()>,
     resident: Mutex<Resident>,
 }
 
 impl Models {
-    pub fn new(config: &crate::config::ServeConfig) -> Models {
+    pub fn new(config: &crate::config::ServeConfig, metrics: Arc<Metrics>) -> Models {
         Models {
             max_bases: config.max_loaded_bases.max(1),
             adapter_budget: (config.adapter_cache_mib as usize) << 20,
             max_rows: config.max_concurrent_generations.max(1),
+            kv: Arc::new(batch::KvBudget::new(
+                (config.kv_cache_mib as usize) << 20,
+                metrics.clone(),
+            )),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting: config.max_waiting_generations,
+            metrics,
             loading: tokio::sync::Mutex::new(()),
             resident: Mutex::new(Resident::default()),
         }
@@ -96,10 +128,12 @@ impl Models {
             .await
             .map_err(|e| Error::Model(format!("loading {name}: {e}")))??;
         let base = Arc::new(base);
+        let batcher = batch::Batcher::start(base.clone(), self.max_rows, self.kv.clone());
         let served = Arc::new(Served {
-            batcher: Arc::new(batch::Batcher::start(base.clone(), self.max_rows)),
+            batcher: Arc::new(batcher),
             base,
             view: None,
+            vocabulary: Default::default(),
         });
         let mut r = self.resident();
         r.bases.push((key, served.clone()));
@@ -108,6 +142,7 @@ impl Models {
             // adapters over a dropped base keep it alive until they are dropped too
             tracing::info!(base = %gone, "unloaded the least recently used base model");
         }
+        self.metrics.bases_loaded.set(r.bases.len() as i64);
         Ok(served)
     }
 
@@ -127,6 +162,10 @@ impl Models {
         let entry = r.adapters.remove(at);
         let found = entry.1.clone();
         r.adapters.push(entry);
+        self.metrics
+            .adapter_requests
+            .with_label_values(&["hit"])
+            .inc();
         Some(found)
     }
 
@@ -156,11 +195,7 @@ impl Models {
         .await
         .map_err(|e| Error::Model(format!("loading the adapter of job {job}: {e}")))??;
         let bytes = view.lora_bytes();
-        let served = Arc::new(Served {
-            base: base.base.clone(),
-            view: Some(view),
-            batcher: base.batcher.clone(),
-        });
+        let served = Served::adapter_view(&base, view);
         let mut r = self.resident();
         r.adapters.push((job.to_string(), served.clone(), bytes));
         let mut total: usize = r.adapters.iter().map(|a| a.2).sum();
@@ -170,6 +205,11 @@ impl Models {
             total -= freed;
             tracing::info!(job.id = %gone, "unloaded the least recently used adapter");
         }
+        self.metrics
+            .adapter_requests
+            .with_label_values(&["load"])
+            .inc();
+        self.metrics.adapters_loaded.set(r.adapters.len() as i64);
         Ok(served)
     }
 
@@ -189,6 +229,36 @@ impl Models {
         (r.adapters.len(), r.adapters.iter().map(|a| a.2).sum())
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A place in the line for a request of `prompt_tokens` and at most `max_tokens` more with
+    /// `served`: refused when the line is full, or when its cache alone would pass the whole
+    /// budget (it could never run).
+    pub fn ticket(
+        &self,
+        served: &Served,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    ) -> std::result::Result<Ticket, Refusal> {
+        let model = served.model();
+        let positions = (prompt_tokens + max_tokens)
+            .min(model.cfg.max_position_embeddings.max(prompt_tokens + 1));
+        let kv_bytes = positions * model.kv_bytes_per_token();
+        if kv_bytes > self.kv.total() {
+            return Err(Refusal::TooLarge {
+                need_mib: kv_bytes.div_ceil(1 << 20),
+                budget_mib: self.kv.total() >> 20,
+            });
+        }
+        let Some(place) = batch::Place::take(&self.waiting, self.max_waiting, &self.metrics) else {
+            self.metrics.generations_rejected.inc();
+            return Err(Refusal::Busy);
+        };
+        Ok(Ticket { place, kv_bytes })
+    }
+
     /// Decodes an answer to `prompt` with `served` in its base's batch, sending its text to
     /// `on_text` as it is decided (`on_text` answering `false`, or this future dropped, ends it
     /// early). An error in the model (or a panic: candle asserts on shapes) fails this request,
@@ -198,6 +268,8 @@ impl Models {
         served: Arc<Served>,
         prompt: Vec<u32>,
         sampling: Sampling,
+        constraint: Option<Box<dyn TokenConstraint>>,
+        ticket: Ticket,
         on_text: batch::OnText,
     ) -> Result<Generation> {
         let (done, answer) = tokio::sync::oneshot::channel();
@@ -206,13 +278,32 @@ impl Models {
             served,
             prompt,
             sampling,
+            constraint,
             on_text,
             done,
+            place: Some(ticket.place),
+            kv_bytes: ticket.kv_bytes,
+            arrived: std::time::Instant::now(),
         });
         answer
             .await
             .map_err(|_| Error::Model("the decode loop dropped the request".into()))?
     }
+}
+
+/// A request's place in the line to a batch, and the cache memory it will reserve there.
+pub struct Ticket {
+    place: batch::Place,
+    kv_bytes: usize,
+}
+
+/// Why a request gets no [`Ticket`].
+#[derive(Debug)]
+pub enum Refusal {
+    /// `--max-waiting-generations` requests wait already.
+    Busy,
+    /// Its prompt and longest answer need more cache than the whole `--kv-cache-mib`.
+    TooLarge { need_mib: usize, budget_mib: usize },
 }
 
 /// A base as a job names it, without LoRA factors, loaded for decoding

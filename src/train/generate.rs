@@ -36,6 +36,9 @@ pub struct Sampling {
     /// Decode past end-of-turn tokens, to `max_tokens` (vLLM's `ignore_eos`: what a benchmark
     /// of decoding speed wants).
     pub ignore_eos: bool,
+    /// Record each picked token's log-probability and this many of the likeliest alternatives'
+    /// (OpenAI's `logprobs` / `top_logprobs`, at most 20); `None`: record nothing.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for Sampling {
@@ -52,6 +55,7 @@ impl Default for Sampling {
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -93,6 +97,9 @@ impl Sampling {
                 return Err((name, format!("must be between -2 and 2, got {v}")));
             }
         }
+        if self.logprobs.is_some_and(|n| n > 20) {
+            return Err(("top_logprobs", "at most 20 alternatives".into()));
+        }
         if self.stop.len() > 4 || self.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err(("stop", "at most 4 sequences of 1 to 256 bytes".into()));
         }
@@ -118,10 +125,31 @@ impl Finish {
     }
 }
 
+/// A picked token's log-probability under the model: the log-softmax of its raw logits, before
+/// any sampling setting changes them (what OpenAI's and vLLM's `logprobs` report), and the
+/// likeliest alternatives', most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A grammar the answer must follow (structured output): asked which tokens it allows before
+/// each pick, told the token picked. The engine knows nothing of how it decides.
+pub trait TokenConstraint: Send {
+    /// Sets the logit of every token it forbids now to minus infinity.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
+    /// `token` was picked; answers whether the grammar is complete (nothing may follow it).
+    fn commit(&mut self, token: u32) -> Result<bool>;
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     /// The answer's tokens (the end-of-turn token excluded).
     pub tokens: Vec<u32>,
+    /// Each token's log-probability, when [`Sampling::logprobs`] asked for them.
+    pub logprobs: Vec<TokenLogprob>,
     /// The answer's text, cut before a stop sequence.
     pub text: String,
     pub finish: Finish,
@@ -149,6 +177,10 @@ pub(crate) fn end_of_turn_ids(tok: &TextTokenizer) -> Vec<u32> {
     ids
 }
 
+/// Where an answer's text goes as it is decided, with the log-probabilities of the tokens picked
+/// since the last call (empty unless asked for); `false`: nobody is listening any more.
+pub type TextSink<'a> = &'a mut dyn FnMut(&str, &[TokenLogprob]) -> bool;
+
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text as it
 /// is decided (text that may still turn out to start a stop sequence, or an incomplete UTF-8
 /// character, is held back until it is known). `on_text` returning `false` stops early (a
@@ -158,7 +190,7 @@ pub fn generate(
     tok: &TextTokenizer,
     prompt_ids: &[u32],
     sampling: &Sampling,
-    on_text: &mut dyn FnMut(&str) -> bool,
+    on_text: TextSink,
 ) -> Result<Generation> {
     let mut decoding = Decoding::new(tok, prompt_ids, sampling)?;
     let mut cache = model.new_cache();
@@ -181,6 +213,9 @@ pub struct Decoding {
     counts: std::collections::HashMap<u32, usize>,
     text: String,
     sent: usize,
+    logprobs: Vec<TokenLogprob>,
+    logprobs_sent: usize,
+    constraint: Option<Box<dyn TokenConstraint>>,
     finish: Finish,
     done: bool,
 }
@@ -199,9 +234,24 @@ impl Decoding {
             counts: Default::default(),
             text: String::new(),
             sent: 0,
+            logprobs: Vec::new(),
+            logprobs_sent: 0,
+            constraint: None,
             finish: Finish::Length,
             done: sampling.max_tokens == 0,
         })
+    }
+
+    /// Tokens picked so far.
+    pub fn picked(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// This answer follows `constraint`: each pick among the tokens it allows, the answer over
+    /// when it is complete.
+    pub fn constrained(mut self, constraint: Box<dyn TokenConstraint>) -> Decoding {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// Picks the next token from `logits` (the last position's, `(vocab,)`) and sends the text
@@ -211,7 +261,7 @@ impl Decoding {
         &mut self,
         tok: &TextTokenizer,
         logits: &Tensor,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        on_text: TextSink,
     ) -> Result<Option<u32>> {
         if self.done {
             return Ok(None);
@@ -222,12 +272,20 @@ impl Decoding {
             &self.counts,
             &self.sampling,
             &mut self.rng,
+            self.constraint.as_mut(),
         )?;
         if self.ends.contains(&next) && !self.sampling.ignore_eos {
             self.finish = Finish::Stop;
             self.done = true;
             return Ok(None);
         }
+        if let Some(top) = self.sampling.logprobs {
+            self.logprobs.push(token_logprob(logits, next, top)?);
+        }
+        let complete = match &mut self.constraint {
+            Some(c) => c.commit(next)?,
+            None => false,
+        };
         self.tokens.push(next);
         *self.counts.entry(next).or_default() += 1;
         self.text = tok.decode(&self.tokens)?;
@@ -240,23 +298,32 @@ impl Decoding {
         }
         let ready = settled_len(&self.text, &self.sampling.stop);
         if ready > self.sent {
-            if !on_text(&self.text[self.sent..ready]) {
+            let logprobs = &self.logprobs[self.logprobs_sent..];
+            if !on_text(&self.text[self.sent..ready], logprobs) {
                 self.done = true;
                 return Ok(None);
             }
             self.sent = ready;
+            self.logprobs_sent = self.logprobs.len();
         }
-        self.done = self.tokens.len() >= self.sampling.max_tokens;
+        if complete {
+            self.finish = Finish::Stop;
+        }
+        self.done = complete || self.tokens.len() >= self.sampling.max_tokens;
         Ok((!self.done).then_some(next))
     }
 
     /// The answer, its held-back text sent.
-    pub fn finish(self, on_text: &mut dyn FnMut(&str) -> bool) -> Generation {
-        if self.text.len() > self.sent {
-            on_text(&self.text[self.sent..]);
+    pub fn finish(self, on_text: TextSink) -> Generation {
+        if self.text.len() > self.sent || self.logprobs.len() > self.logprobs_sent {
+            on_text(
+                &self.text[self.sent..],
+                &self.logprobs[self.logprobs_sent..],
+            );
         }
         Generation {
             tokens: self.tokens,
+            logprobs: self.logprobs,
             text: self.text,
             finish: self.finish,
             prompt_tokens: self.prompt.len(),
@@ -292,15 +359,19 @@ fn pick(
     counts: &std::collections::HashMap<u32, usize>,
     s: &Sampling,
     rng: &mut ChaCha8Rng,
+    constraint: Option<&mut Box<dyn TokenConstraint>>,
 ) -> Result<u32> {
     let penalised = s.repetition_penalty != 1.0
         || s.frequency_penalty != 0.0
         || s.presence_penalty != 0.0
         || !s.logit_bias.is_empty();
-    if s.temperature == 0.0 && !penalised {
+    if s.temperature == 0.0 && !penalised && constraint.is_none() {
         return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
     }
     let mut l: Vec<f32> = logits.to_vec1()?;
+    if let Some(c) = constraint {
+        c.mask(&mut l)?;
+    }
     for &(t, bias) in &s.logit_bias {
         if let Some(v) = l.get_mut(t as usize) {
             *v += bias;
@@ -362,6 +433,32 @@ fn pick(
     Ok(order[keep - 1])
 }
 
+/// `token`'s log-softmax in `logits` and the `top` likeliest tokens' (in float64 sums, so a
+/// 150k-token vocabulary loses nothing to rounding).
+fn token_logprob(logits: &Tensor, token: u32, top: usize) -> Result<TokenLogprob> {
+    let l: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = l.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let of = |t: u32| (l[t as usize] as f64 - log_z) as f32;
+    let mut best: Vec<u32> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        // one pass keeping the `top` largest, not a sort of the vocabulary
+        for (i, &v) in l.iter().enumerate() {
+            if best.len() < top || v > l[*best.last().expect("top > 0") as usize] {
+                let at = best.partition_point(|&b| l[b as usize] >= v);
+                best.insert(at, i as u32);
+                best.truncate(top);
+            }
+        }
+    }
+    Ok(TokenLogprob {
+        token,
+        logprob: of(token),
+        top: best.into_iter().map(|t| (t, of(t))).collect(),
+    })
+}
+
 fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in l.iter().enumerate() {
@@ -410,7 +507,7 @@ pub fn greedy(base: &BaseModel, prompt_ids: &[u32], max_new_tokens: usize) -> Re
         &base.tokenizer,
         prompt_ids,
         &sampling,
-        &mut |_| true,
+        &mut |_, _| true,
     )?
     .tokens)
 }

@@ -684,7 +684,7 @@ fn cached_decoding_matches_the_uncached_path_and_sampling_is_seeded() {
             ..Sampling::default()
         };
         let mut pieces = String::new();
-        let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |t| {
+        let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |t, _| {
             pieces.push_str(t);
             true
         })
@@ -703,7 +703,7 @@ fn cached_decoding_matches_the_uncached_path_and_sampling_is_seeded() {
         stop: vec![stop.clone()],
         ..Sampling::default()
     };
-    let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |_| true).unwrap();
+    let g = generate::generate(&base.model, &base.tokenizer, &ids, &s, &mut |_, _| true).unwrap();
     let before = &greedy_text[..greedy_text.find(&stop).unwrap()];
     assert_eq!(
         (g.text.as_str(), g.finish),

@@ -13,7 +13,9 @@ import json
 import os
 import time
 
+import jsonschema
 import openai
+import pydantic
 from openai import OpenAI
 
 BASE_URL = os.environ["OPENAI_BASE_URL"]
@@ -186,6 +188,59 @@ sampled = [
     for _ in range(2)
 ]
 assert sampled[0] == sampled[1], sampled
+
+# --- structured output: 50 sampled answers of the fine-tune, each valid against the schema ----
+ORDER = {
+    "type": "object",
+    "properties": {
+        "item": {"type": "string", "enum": ["tea", "cake", "soup"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 12},
+        "note": {"type": "string", "maxLength": 10},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
+        "urgent": {"type": "boolean"},
+    },
+    "required": ["item", "count", "note", "tags", "urgent"],
+    "additionalProperties": False,
+}
+fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER, "strict": True}}
+answers = [
+    a.chat.completions.create(
+        model=done.fine_tuned_model, messages=ask, max_tokens=120, temperature=1.0, seed=s, response_format=fmt
+    )
+    for s in range(50)
+]
+for r in answers:
+    assert r.choices[0].finish_reason == "stop", r
+    jsonschema.validate(json.loads(r.choices[0].message.content), ORDER)
+distinct = len({r.choices[0].message.content for r in answers})
+assert distinct > 1, "the answers were sampled"
+print(f"structured output: 50 sampled answers valid against the schema, {distinct} distinct")
+
+
+class Order(pydantic.BaseModel):
+    item: str
+    count: int
+
+
+parsed = a.chat.completions.parse(model=done.fine_tuned_model, messages=ask, max_tokens=60, response_format=Order)
+assert isinstance(parsed.choices[0].message.parsed, Order), parsed
+obj = a.chat.completions.create(
+    model=job.id, messages=ask, max_tokens=60, temperature=0.7, seed=1, response_format={"type": "json_object"}
+)
+assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+expect_error(
+    openai.BadRequestError,
+    "response_format.json_schema.schema",
+    lambda: a.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+    ),
+)
+# log-probabilities as the SDK types them
+lp = a.chat.completions.create(model=done.fine_tuned_model, messages=ask, max_tokens=6, logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content
+assert len(content) == lp.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content), lp
+assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.logprob for t in content), content
 plain = a.completions.create(model=MODEL, prompt="say 1", max_tokens=4, temperature=0)
 assert plain.object == "text_completion" and isinstance(plain.choices[0].text, str), plain
 assert done.fine_tuned_model in [m.id for m in a.models.list()]

@@ -11,7 +11,7 @@ use crate::config::ServeConfig;
 use crate::inference::{Models, Served};
 use crate::spec::LoraSpec;
 use crate::train::generate::Sampling;
-use crate::train::Result;
+use crate::train::{Error, Result};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateBenchOptions {
@@ -81,14 +81,25 @@ fn measure(
     let requests = (0..streams).map(|i| {
         let times = Arc::new(Mutex::new(Vec::new()));
         let seen = times.clone();
-        let on_text = Box::new(move |_: &str| {
+        let on_text = Box::new(move |_: &str, _: &[_]| {
             seen.lock()
                 .expect("no panic holding it")
                 .push(Instant::now());
             true
         });
-        let answer = models.generate(served(i), prompt.to_vec(), sampling.clone(), on_text);
-        async move { (answer.await, times) }
+        let served = served(i);
+        let ticket = models
+            .ticket(&served, prompt.len(), tokens)
+            .map_err(|r| Error::Model(format!("no place for a stream: {r:?}")));
+        let answer = ticket
+            .map(|t| models.generate(served, prompt.to_vec(), sampling.clone(), None, t, on_text));
+        async move {
+            let answer = match answer {
+                Ok(a) => a.await,
+                Err(e) => Err(e),
+            };
+            (answer, times)
+        }
     });
     let done = runtime.block_on(futures_util::future::join_all(requests));
     let wall = start.elapsed().as_secs_f64();
@@ -156,7 +167,7 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
     let most = opts.streams.iter().copied().max().unwrap_or(1).max(1);
     let mut config = ServeConfig::for_data_dir(std::env::temp_dir());
     config.max_concurrent_generations = most;
-    let models = Models::new(&config);
+    let models = Models::new(&config, Default::default());
     let before = rss_mib();
     let base = runtime.block_on(models.base(&opts.model))?;
     let base_mib = rss_mib() - before;

@@ -299,6 +299,27 @@ impl Llama {
         }
     }
 
+    /// Bytes of key/value cache one position takes (every layer's float32 keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.cfg;
+        c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// A cache with room for `tokens` positions allocated at once, so that what a request
+    /// reserves is what it holds (a growing vector would double past it).
+    pub fn new_cache_for(&self, tokens: usize) -> KvCache {
+        let row = self.cfg.num_key_value_heads * self.cfg.head_dim;
+        KvCache {
+            layers: (0..self.blocks.len())
+                .map(|_| LayerCache {
+                    keys: Vec::with_capacity(tokens * row),
+                    values: Vec::with_capacity(tokens * row),
+                })
+                .collect(),
+            len: 0,
+        }
+    }
+
     /// Runs `ids` (the positions after those `cache` holds) through the model, appends their
     /// keys and values to the cache, and returns the float32 logits `(vocab,)` of the last one:
     /// a prompt's prefill, then one token at a time. LoRA branches apply, without dropout.
