@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+import typing
 
 import jsonschema
 import openai
@@ -218,8 +219,8 @@ print(f"structured output: 50 sampled answers valid against the schema, {distinc
 
 
 class Order(pydantic.BaseModel):
-    item: str
-    count: int
+    item: typing.Literal["tea", "cake"]
+    count: int = pydantic.Field(ge=1, le=9)
 
 
 parsed = a.chat.completions.parse(model=done.fine_tuned_model, messages=ask, max_tokens=60, response_format=Order)

@@ -8,6 +8,7 @@ mod chaos;
 mod dashboard;
 mod docs_examples;
 mod gemma3;
+mod load;
 mod openai_sdk;
 mod outages;
 mod quickstart;
