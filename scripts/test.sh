@@ -67,4 +67,4 @@ export QTUNE_TEST_OPENAI_PYTHON="$OPENAI_VENV/bin/python"
 
 cargo test --all-targets "$@"
 echo "== the service, queue and client tests again, on PostgreSQL and the S3 server"
-QTUNE_TEST_BACKEND=postgres cargo test --test it "$@" -- api:: client:: hostile:: queue:: openai:: full::openai_sdk::
+QTUNE_TEST_BACKEND=postgres cargo test --test it "$@" -- api:: adapters:: client:: hostile:: queue:: openai:: serving::metrics full::openai_sdk::

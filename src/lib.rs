@@ -20,6 +20,7 @@
 //! - [`db`]: SQLite or PostgreSQL through sqlx; all SQL lives there; the jobs table is the queue;
 //!   `relay`: PostgreSQL's LISTEN/NOTIFY carrying events between processes.
 //! - [`artifacts`]: where uploads, datasets, checkpoints and adapters live (a directory or S3).
+//! - `adapters`: PEFT adapters brought from outside (checked, stored, served by name).
 //! - `egress`: which addresses dataset URLs may reach; `model_access`: which base models a job
 //!   may name.
 //! - [`worker`]: claims jobs under a lease, fetches datasets, runs the engine off the async runtime.
@@ -27,6 +28,7 @@
 //! - `client`: an HTTP client of the job API (the CLI's `submit`, `follow`, ... and `quickstart`).
 //! - [`cli`]: the `qtune` command line, with its benchmarks.
 
+pub(crate) mod adapters;
 pub mod api;
 pub mod app;
 pub mod artifacts;

@@ -59,6 +59,15 @@ pub fn check_base_model(config: &ServeConfig, base_model: &str) -> Result<(), &'
     }
 }
 
+/// `path` as the folder it really is, if it is one under the operator's `--allow-model-dirs`
+/// (what vLLM's `load_lora_adapter` names: a folder on the server).
+pub fn allowed_folder(config: &ServeConfig, path: &str) -> Result<PathBuf, &'static str> {
+    match Path::new(path).canonicalize() {
+        Ok(real) if real.is_dir() && under_any(&real, &config.allow_model_dirs) => Ok(real),
+        _ => Err(NOT_ALLOWED),
+    }
+}
+
 fn under_any(real: &Path, dirs: &[PathBuf]) -> bool {
     dirs.iter()
         .filter_map(|d| d.canonicalize().ok())

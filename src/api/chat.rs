@@ -46,6 +46,9 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
     let named = parse_fine_tuned_model(model)
         .or_else(|| JobId::parse(model).map(|job| CheckpointRef { job, step: None }));
     let Some(CheckpointRef { job, step }) = named else {
+        if let Some(row) = state.db.get_adapter(owner.as_deref(), model).await? {
+            return Ok(crate::adapters::served(state, &row).await?);
+        }
         crate::model_access::check_base_model(&state.config, model)
             .map_err(|why| model_not_found(model, why))?;
         return state
@@ -844,8 +847,8 @@ pub async fn completions(
     answer(&state, c).await
 }
 
-/// `GET /v1/models`: the fine-tuned models of the caller's succeeded jobs, newest first, and the
-/// bases they were trained from.
+/// `GET /v1/models`: the fine-tuned models of the caller's succeeded jobs, newest first, the
+/// adapters it brought (with their base as `parent`, as vLLM lists them), and the bases.
 pub async fn models(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -866,6 +869,18 @@ pub async fn models(
         }));
         if !bases.contains(&spec.base_model) {
             bases.push(spec.base_model.clone());
+        }
+    }
+    for adapter in state.db.list_adapters(owner.as_deref(), 100).await? {
+        data.push(json!({
+            "id": adapter.name,
+            "object": "model",
+            "created": crate::job::unix_seconds(&adapter.created_at),
+            "owned_by": format!("org-{}", adapter.owner.as_deref().unwrap_or("qtune")),
+            "parent": adapter.base_model,
+        }));
+        if !bases.contains(&adapter.base_model) {
+            bases.push(adapter.base_model);
         }
     }
     for base in bases {

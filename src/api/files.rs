@@ -221,7 +221,9 @@ const SMALL_FIELD_BYTES: usize = 64 << 10;
 
 /// A form field other than the file, read a chunk at a time up to [`SMALL_FIELD_BYTES`]: only
 /// the file is meant to be large, and it is streamed to the store.
-async fn small_field(mut field: axum::extract::multipart::Field<'_>) -> Result<String, ApiError> {
+pub(super) async fn small_field(
+    mut field: axum::extract::multipart::Field<'_>,
+) -> Result<String, ApiError> {
     let name = field.name().unwrap_or("(unnamed)").to_string();
     let mut bytes = Vec::new();
     while let Some(chunk) = field.chunk().await? {

@@ -1,6 +1,7 @@
 //! HTTP API: thin handlers that parse, make one call into `db`, `queue` or the artifact store,
 //! and answer JSON. Every error body is `{"error": {"code", "message", "param"}}`.
 
+mod adapters;
 mod auth;
 mod chat;
 mod dashboard;
@@ -42,7 +43,8 @@ pub fn router(state: AppState, bound: std::net::SocketAddr) -> Router {
         .merge(jobs::routes())
         .merge(stream::routes())
         .merge(exports::routes(exports))
-        .merge(files::routes(uploads, upload_limit))
+        .merge(files::routes(uploads.clone(), upload_limit))
+        .merge(adapters::routes(uploads, upload_limit))
         .merge(openai::routes())
         .merge(chat::routes())
         .route_layer(middleware::from_fn_with_state(

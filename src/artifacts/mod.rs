@@ -5,6 +5,7 @@
 //! Layout, as keys under the store's root:
 //! ```text
 //! files/{file id}                                  uploaded datasets
+//! adapters/{adapter id}/adapter_model.safetensors, adapter_config.json   adapters brought from outside
 //! jobs/{job id}/dataset/{train,validation}.jsonl   datasets fetched from a URL
 //! jobs/{job id}/output/                            the engine's output folder (see train::checkpoint):
 //!     checkpoint-{step}/adapter_model.safetensors, adapter_config.json, optimizer + trainer state
@@ -131,6 +132,14 @@ impl Key {
         Key(format!("jobs/{job}/output"))
     }
 
+    /// The folder of an adapter brought from outside; `None` unless `id` is one that
+    /// [`new_adapter_id`] could issue.
+    pub(crate) fn outside_adapter_dir(id: &str) -> Option<Key> {
+        id.strip_prefix("adapter-")
+            .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Key(format!("adapters/{id}")))
+    }
+
     /// Everything of a job.
     pub(crate) fn job_prefix(job: &JobId) -> Key {
         Key(format!("jobs/{job}"))
@@ -152,6 +161,10 @@ fn is_export_id(s: &str) -> bool {
 
 pub(crate) fn new_export_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
+pub(crate) fn new_adapter_id() -> String {
+    format!("adapter-{}", uuid::Uuid::new_v4().simple())
 }
 
 pub(crate) fn new_upload_id() -> String {

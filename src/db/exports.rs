@@ -23,13 +23,15 @@ pub(crate) enum RecordedExport {
 }
 
 /// What an owner stores, in bytes: uploads, checkpoints and exports of jobs whose artifacts
-/// retention has not removed. Three `?` parameters, each the owner.
+/// retention has not removed, and adapters brought from outside. Four `?` parameters, each the
+/// owner.
 const STORED_BY_OWNER: &str = "(
     (SELECT COALESCE(SUM(bytes), 0) FROM files WHERE owner IS NOT DISTINCT FROM ?)
   + (SELECT COALESCE(SUM(c.bytes), 0) FROM checkpoints c JOIN jobs j ON j.id = c.job_id
      WHERE j.owner IS NOT DISTINCT FROM ? AND j.artifacts_removed_at IS NULL)
   + (SELECT COALESCE(SUM(e.bytes), 0) FROM exports e JOIN jobs j ON j.id = e.job_id
-     WHERE j.owner IS NOT DISTINCT FROM ? AND j.artifacts_removed_at IS NULL))";
+     WHERE j.owner IS NOT DISTINCT FROM ? AND j.artifacts_removed_at IS NULL)
+  + (SELECT COALESCE(SUM(bytes), 0) FROM adapters WHERE owner IS NOT DISTINCT FROM ?))";
 
 /// `sql` with `{stored}` replaced by the owner's stored bytes.
 pub(super) fn with_stored_bytes(sql: &str) -> String {
@@ -46,6 +48,7 @@ impl Db {
     pub(crate) async fn stored_bytes(&self, owner: Option<&str>) -> Result<u64> {
         let (n,): (i64,) =
             sqlx::query_as(&self.sql(&with_stored_bytes("SELECT CAST({stored} AS BIGINT)")))
+                .bind(owner)
                 .bind(owner)
                 .bind(owner)
                 .bind(owner)
@@ -77,6 +80,7 @@ impl Db {
             "SELECT CASE WHEN ? < 0 OR {stored} - ? + ? <= ? THEN 1 ELSE 0 END",
         )))
         .bind(quota_param(quota))
+        .bind(owner)
         .bind(owner)
         .bind(owner)
         .bind(owner)

@@ -66,6 +66,7 @@ impl Db {
         .bind(&row.owner)
         .bind(&row.owner)
         .bind(&row.owner)
+        .bind(&row.owner)
         .bind(row.bytes)
         .bind(quota_param(quota))
         .execute(&mut *tx)

@@ -14,6 +14,7 @@
 //! times read through [`Db::time`]; [`Db::sql`] makes the backend's text. Times are RFC 3339 text
 //! in SQLite (a fixed format, so that text order is time order) and `timestamptz` in PostgreSQL.
 
+pub(crate) mod adapters;
 mod events;
 mod exports;
 mod files;
@@ -25,6 +26,7 @@ mod workers;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
+pub use adapters::AdapterRow;
 pub(crate) use events::EventRow;
 pub use exports::ExportRow;
 pub(crate) use exports::RecordedExport;

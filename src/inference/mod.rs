@@ -213,6 +213,13 @@ impl Models {
         Ok(served)
     }
 
+    /// Drops the adapter loaded as `key`, if it is (requests using it finish with it).
+    pub fn unload_adapter(&self, key: &str) {
+        let mut r = self.resident();
+        r.adapters.retain(|(k, _, _)| k != key);
+        self.metrics.adapters_loaded.set(r.adapters.len() as i64);
+    }
+
     /// The most requests a loaded base has decoded together in one step.
     pub fn largest_batch(&self) -> usize {
         let r = self.resident();

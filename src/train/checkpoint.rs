@@ -154,10 +154,24 @@ pub(crate) fn save_checkpoint(
 pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let bad = |e: String| Error::Checkpoint(format!("{}: {e}", path.display()));
+    // the file's name, not its path on this server: the message may reach a client
+    let bad = |e: String| Error::Checkpoint(format!("{ADAPTER_CONFIG}: {e}"));
     let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone())
-        .map_err(|e| bad(format!("target_modules: {e}")))?;
+    let targets: Vec<String> = match &cfg["target_modules"] {
+        // PEFT's keyword: every linear layer of every block
+        serde_json::Value::String(k) if k == "all-linear" => [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+        v => serde_json::from_value(v.clone()).map_err(|e| bad(format!("target_modules: {e}")))?,
+    };
     let r = cfg["r"]
         .as_i64()
         .ok_or_else(|| bad("no integer \"r\"".into()))?;
@@ -170,7 +184,96 @@ pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
     ))
 }
 
-/// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its shape.
+/// The LoRA settings of an adapter made elsewhere (by PEFT itself): what [`read_lora_spec`]
+/// reads, after refusing, by name, every PEFT setting that would make it compute something
+/// else than plain LoRA over the listed modules (DoRA, biases, modules saved whole, per-layer
+/// ranks, a subset of layers, a regex of targets, ...).
+pub fn read_outside_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{ADAPTER_CONFIG} is not JSON: {e}")))?;
+    let refuse = |why: String| Err(Error::Checkpoint(format!("{ADAPTER_CONFIG}: {why}")));
+    match cfg["peft_type"].as_str() {
+        Some("LORA") => {}
+        other => {
+            return refuse(format!(
+                "peft_type {other:?}: only LORA adapters are served"
+            ))
+        }
+    }
+    let empty = |v: &serde_json::Value| {
+        v.is_null()
+            || v.as_object().is_some_and(|o| o.is_empty())
+            || v.as_array().is_some_and(|a| a.is_empty())
+    };
+    for (field, off) in [
+        ("use_dora", cfg["use_dora"].as_bool() != Some(true)),
+        (
+            "fan_in_fan_out",
+            cfg["fan_in_fan_out"].as_bool() != Some(true),
+        ),
+        ("lora_bias", cfg["lora_bias"].as_bool() != Some(true)),
+        ("bias", matches!(cfg["bias"].as_str(), None | Some("none"))),
+        ("modules_to_save", empty(&cfg["modules_to_save"])),
+        ("rank_pattern", empty(&cfg["rank_pattern"])),
+        ("alpha_pattern", empty(&cfg["alpha_pattern"])),
+        ("layers_to_transform", empty(&cfg["layers_to_transform"])),
+        ("layer_replication", empty(&cfg["layer_replication"])),
+        (
+            "trainable_token_indices",
+            empty(&cfg["trainable_token_indices"]),
+        ),
+        ("exclude_modules", empty(&cfg["exclude_modules"])),
+        ("target_parameters", empty(&cfg["target_parameters"])),
+    ] {
+        if !off {
+            return refuse(format!(
+                "{field} is set: qtune serves plain LoRA adapters only"
+            ));
+        }
+    }
+    if cfg["target_modules"].is_string() && cfg["target_modules"] != "all-linear" {
+        return refuse(
+            "target_modules as a regular expression is not supported: list the modules".into(),
+        );
+    }
+    let spec = read_lora_spec(dir)?;
+    // the factors are allocated from r before the file's shapes are compared with them
+    if !(1..=1024).contains(&spec.r) {
+        return refuse(format!("r {} is not from 1 to 1024", spec.r));
+    }
+    if !spec.alpha.is_finite() {
+        return refuse("lora_alpha is not a finite number".into());
+    }
+    const LINEARS: [&str; 7] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    if spec.target_modules.is_empty() {
+        return refuse("target_modules is empty".into());
+    }
+    if let Some(other) = spec
+        .target_modules
+        .iter()
+        .find(|m| !LINEARS.contains(&m.as_str()))
+    {
+        return refuse(format!(
+            "target_modules names {other:?}: the modules an adapter may target are {}",
+            LINEARS.join(", ")
+        ));
+    }
+    Ok(spec)
+}
+
+/// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its
+/// shape, and the file must hold nothing else (a tensor for a module the model has no LoRA on
+/// would otherwise be silently dropped).
 pub fn load_adapter(dir: &Path, model: &Llama) -> Result<()> {
     let path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)
@@ -179,8 +282,14 @@ pub fn load_adapter(dir: &Path, model: &Llama) -> Result<()> {
         let key = peft_name(&name);
         let t = tensors
             .remove(&key)
-            .ok_or_else(|| Error::Checkpoint(format!("{} has no tensor {key}", path.display())))?;
+            .ok_or_else(|| Error::Checkpoint(format!("{ADAPTER_WEIGHTS} has no tensor {key}")))?;
         set_var(&var, &t, &key)?;
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::Checkpoint(format!(
+            "{ADAPTER_WEIGHTS} has {} tensor(s) the model has no place for, such as {extra}",
+            tensors.len()
+        )));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 
 mod helpers;
 
+mod adapters;
 mod api;
 mod capacity;
 mod cli;
