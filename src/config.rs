@@ -134,7 +134,7 @@ pub struct ServeConfig {
     #[arg(long, env = "QTUNE_MAX_RECORD_KIB", default_value_t = 1024)]
     pub(crate) max_record_kib: u64,
     /// Chat and completion requests a loaded base decodes together, in one continuous batch
-    /// (whatever adapter each uses; others wait their turn, first come first served); the batch
+    /// (whatever adapter each uses; others wait their turn, shared fairly between keys); the batch
     /// shares the CPU threads with training, so decoding slows a running job's steps while it
     /// lasts.
     #[arg(long, env = "QTUNE_MAX_CONCURRENT_GENERATIONS", default_value_t = 8)]

@@ -487,7 +487,7 @@ async fn completion(
     let prompt = encode_prompt(&served, req, prompt)?;
     let ticket = state
         .models
-        .ticket(&served, prompt.len(), sampling.max_tokens)
+        .ticket(&served, prompt.len(), sampling.max_tokens, owner.as_deref())
         .map_err(|refusal| match refusal {
             Refusal::Busy => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,

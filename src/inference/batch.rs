@@ -120,6 +120,8 @@ pub struct Request {
     pub place: Option<Place>,
     /// The cache memory it reserves when it joins (prompt and longest answer).
     pub kv_bytes: usize,
+    /// Whose it is (an API key's owner; opaque here): the batch is shared fairly between them.
+    pub tenant: Option<String>,
     pub(super) arrived: Instant,
 }
 
@@ -246,10 +248,12 @@ impl DecodeLoop {
     }
 
     /// Moves waiting requests into the batch while it has room and their caches fit the
-    /// budget (first come first served: one that does not fit holds up those behind it).
+    /// budget: next, the oldest request of the tenant with the fewest requests running (so a
+    /// tenant that sends many at once cannot keep another's out of the batch), first come first
+    /// served between equals. One whose cache does not fit holds up the others.
     fn admit(&mut self) {
         while self.running.len() < self.max_rows {
-            let Some(mut request) = self.waiting.pop_front() else {
+            let Some(mut request) = self.next_fair() else {
                 return;
             };
             if request.done.is_closed() {
@@ -260,6 +264,7 @@ impl DecodeLoop {
                 continue;
             }
             let Some(kv) = self.kv.take(request.kv_bytes) else {
+                // back in front: it is the one chosen, and stays first among its tenant's
                 self.waiting.push_front(request);
                 return;
             };
@@ -293,6 +298,18 @@ impl DecodeLoop {
                 }
             }
         }
+    }
+
+    /// Takes the waiting request [`DecodeLoop::admit`] admits next.
+    fn next_fair(&mut self) -> Option<Request> {
+        let running = |tenant: &Option<String>| {
+            self.running
+                .iter()
+                .filter(|r| &r.request.tenant == tenant)
+                .count()
+        };
+        let at = (0..self.waiting.len()).min_by_key(|&i| (running(&self.waiting[i].tenant), i))?;
+        self.waiting.remove(at)
     }
 
     /// One chunk of the oldest prompt still prefilling, through its own view of the model; a

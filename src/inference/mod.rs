@@ -243,11 +243,13 @@ impl Models {
     /// A place in the line for a request of `prompt_tokens` and at most `max_tokens` more with
     /// `served`: refused when the line is full, or when its cache alone would pass the whole
     /// budget (it could never run).
+    /// `tenant` is whose request it is: a base's batch is shared fairly between tenants.
     pub fn ticket(
         &self,
         served: &Served,
         prompt_tokens: usize,
         max_tokens: usize,
+        tenant: Option<&str>,
     ) -> std::result::Result<Ticket, Refusal> {
         let model = served.model();
         let positions = (prompt_tokens + max_tokens)
@@ -263,7 +265,11 @@ impl Models {
             self.metrics.generations_rejected.inc();
             return Err(Refusal::Busy);
         };
-        Ok(Ticket { place, kv_bytes })
+        Ok(Ticket {
+            place,
+            kv_bytes,
+            tenant: tenant.map(str::to_string),
+        })
     }
 
     /// Decodes an answer to `prompt` with `served` in its base's batch, sending its text to
@@ -290,6 +296,7 @@ impl Models {
             done,
             place: Some(ticket.place),
             kv_bytes: ticket.kv_bytes,
+            tenant: ticket.tenant,
             arrived: std::time::Instant::now(),
         });
         answer
@@ -302,6 +309,7 @@ impl Models {
 pub struct Ticket {
     place: batch::Place,
     kv_bytes: usize,
+    tenant: Option<String>,
 }
 
 /// Why a request gets no [`Ticket`].

@@ -120,7 +120,9 @@ async fn a_batch_over_mixed_adapters_decodes_what_each_request_decodes_alone() {
         );
     }
     let together = futures_util::future::join_all(requests.iter().map(|(s, prompt)| {
-        let ticket = models.ticket(s, prompt.len(), sampling.max_tokens).unwrap();
+        let ticket = models
+            .ticket(s, prompt.len(), sampling.max_tokens, None)
+            .unwrap();
         models.generate(
             s.clone(),
             prompt.clone(),
@@ -449,4 +451,47 @@ async fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
     let p50 = query("histogram_quantile(0.5, qtune_time_to_first_token_seconds_bucket)").await;
     assert!(p50.is_some_and(|s| s > 0.0), "{p50:?}");
     app.shutdown().await;
+}
+
+/// A tenant that sends many requests at once does not keep another's out of the batch: with
+/// room for two, six requests of one tenant then one of another, the other's joins as soon as
+/// the first place frees (first come first served would run it last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_is_shared_fairly_between_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_dir = crate::helpers::tiny_model(dir.path());
+    let mut config = ServeConfig::for_data_dir(dir.path().join("data"));
+    config.max_concurrent_generations = 2;
+    let models = Models::new(&config, Default::default());
+    let served = models.base(base_dir.to_str().unwrap()).await.unwrap();
+    let prompt = served.tokenizer().encode("hello there").unwrap();
+    let sampling = Sampling {
+        max_tokens: 24,
+        ignore_eos: true,
+        ..Sampling::default()
+    };
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tenants = ["a", "a", "a", "a", "a", "a", "b"];
+    let requests = tenants.iter().enumerate().map(|(i, &tenant)| {
+        let ticket = models
+            .ticket(&served, prompt.len(), sampling.max_tokens, Some(tenant))
+            .unwrap();
+        let answer = models.generate(
+            served.clone(),
+            prompt.clone(),
+            sampling.clone(),
+            None,
+            ticket,
+            Box::new(|_, _| true),
+        );
+        let finished = finished.clone();
+        async move {
+            answer.await.unwrap();
+            finished.lock().unwrap().push(i);
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    let order = finished.lock().unwrap().clone();
+    let b = order.iter().position(|&i| i == 6).unwrap();
+    assert!(b <= 3, "tenant b's request finished {b}th: {order:?}");
 }

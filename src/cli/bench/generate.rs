@@ -89,7 +89,7 @@ fn measure(
         });
         let served = served(i);
         let ticket = models
-            .ticket(&served, prompt.len(), tokens)
+            .ticket(&served, prompt.len(), tokens, None)
             .map_err(|r| Error::Model(format!("no place for a stream: {r:?}")));
         let answer = ticket
             .map(|t| models.generate(served, prompt.to_vec(), sampling.clone(), None, t, on_text));
