@@ -115,7 +115,11 @@ pub(crate) async fn add(
     let recorded = async {
         state
             .models
-            .load_adapter(&served_key(&id), base_model, &local)
+            .load_adapter(
+                &served_key(&id),
+                &state.config.model_source(base_model),
+                &local,
+            )
             .await
             .map_err(|e| AdapterError::Invalid {
                 param: "adapter_model",
@@ -204,7 +208,7 @@ pub(crate) async fn served(
     let local = state.artifacts.local_path(&dir);
     state
         .models
-        .load_adapter(&key, &row.base_model, &local)
+        .load_adapter(&key, &state.config.model_source(&row.base_model), &local)
         .await
         .map_err(|e| AdapterError::Failed(e.to_string()))
 }

@@ -66,6 +66,12 @@ pub struct ServeConfig {
     /// Directories under which a job's base_model may be a local .gguf file or model folder.
     #[arg(long, env = "QTUNE_ALLOW_MODEL_DIRS", value_delimiter = ',')]
     pub allow_model_dirs: Vec<PathBuf>,
+    /// The base models offered by name: `NAME=SOURCE` entries (SOURCE a model folder, a .gguf
+    /// file or a Hub id), listed by `GET /v1/models` and usable wherever a base model is named
+    /// (job specs, chat, completions, adapters); a fine-tune's `ft:` name carries NAME, not the
+    /// source's path. NAME: 1 to 64 letters, digits, '.', '_', '-'.
+    #[arg(long, env = "QTUNE_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
     /// Hub repos a job's base_model may name (`owner/name`, `owner/*`, or `*` for any); none
     /// listed: no Hub repo (local models only).
     #[arg(long, env = "QTUNE_ALLOW_HUB", value_delimiter = ',')]
@@ -180,6 +186,7 @@ impl ServeConfig {
             allow_file_dirs: vec![],
             allow_model_dirs: vec![],
             allow_hub: vec![],
+            models: vec![],
             max_upload_mib: 256,
             max_dataset_mib: 1024,
             fetch_timeout_secs: 120,
@@ -205,6 +212,49 @@ impl ServeConfig {
             adapter_cache_mib: 512,
             min_free_disk_mib: 256,
         }
+    }
+
+    /// The `--models` catalogue as (name, source) pairs; an error names the entry that is not
+    /// `NAME=SOURCE` with a valid, unique name.
+    pub fn catalogue(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for entry in &self.models {
+            let Some((name, source)) = entry.split_once('=') else {
+                return Err(format!("--models entry {entry:?} is not NAME=SOURCE"));
+            };
+            let (name, source) = (name.trim(), source.trim());
+            let valid = (1..=64).contains(&name.len())
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !valid || source.is_empty() {
+                return Err(format!(
+                    "--models entry {entry:?}: NAME is 1 to 64 letters, digits, '.', '_', '-' \
+                     and SOURCE a model folder, .gguf file or Hub id"
+                ));
+            }
+            if out.iter().any(|(n, _)| n == name) {
+                return Err(format!("--models names {name:?} twice"));
+            }
+            out.push((name.to_string(), source.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// What `model` names: a catalogue entry's source, or `model` itself.
+    pub fn model_source(&self, model: &str) -> String {
+        self.catalogue()
+            .ok()
+            .and_then(|c| c.into_iter().find(|(n, _)| n == model))
+            .map_or_else(|| model.to_string(), |(_, source)| source)
+    }
+
+    /// `spec` as the engine runs it: its base model a catalogue name's source.
+    pub fn resolved(&self, spec: &crate::spec::JobSpec) -> crate::spec::JobSpec {
+        let mut spec = spec.clone();
+        spec.base_model = self.model_source(&spec.base_model);
+        spec
     }
 
     /// The database URL: --database, or the SQLite file in the data dir.

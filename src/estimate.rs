@@ -65,7 +65,8 @@ pub enum EstimateError {
 /// Estimates `spec` (validated by `JobSpec::from_json`, base model allowed) against the pool's
 /// live workers.
 pub async fn estimate(state: &AppState, spec: &JobSpec) -> Result<JobEstimate, EstimateError> {
-    let (base, revision) = (spec.base_model.clone(), spec.revision.clone());
+    let base = state.config.model_source(&spec.base_model);
+    let revision = spec.revision.clone();
     let (cfg, stored) = tokio::task::spawn_blocking(move || {
         crate::train::model::base_shape(&base, revision.as_deref())
     })

@@ -27,8 +27,17 @@ pub fn is_repo_id(s: &str) -> bool {
         })
 }
 
-/// Whether a job may use `base_model` on this server.
+/// Whether a job may use `base_model` on this server: a name of the operator's `--models`
+/// catalogue, or a path or Hub id the operator allows.
 pub fn check_base_model(config: &ServeConfig, base_model: &str) -> Result<(), &'static str> {
+    if config
+        .catalogue()
+        .unwrap_or_default()
+        .iter()
+        .any(|(name, _)| name == base_model)
+    {
+        return Ok(());
+    }
     let path = Path::new(base_model);
     // what the engine treats as local: a .gguf file or an existing folder
     if base_model.ends_with(".gguf") || path.is_dir() {
@@ -66,6 +75,22 @@ pub fn allowed_folder(config: &ServeConfig, path: &str) -> Result<PathBuf, &'sta
         Ok(real) if real.is_dir() && under_any(&real, &config.allow_model_dirs) => Ok(real),
         _ => Err(NOT_ALLOWED),
     }
+}
+
+/// What a fine-tuned model's name says of its base: a catalogue name or a Hub id as it is, and
+/// of a path only its last part (without `.gguf`): never where the server keeps it.
+pub fn display_name(base_model: &str) -> String {
+    let local = base_model.starts_with(['/', '.'])
+        || base_model.ends_with(".gguf")
+        || Path::new(base_model).is_dir();
+    if !local {
+        return base_model.to_string();
+    }
+    let last = Path::new(base_model)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    last.strip_suffix(".gguf").unwrap_or(&last).to_string()
 }
 
 fn under_any(real: &Path, dirs: &[PathBuf]) -> bool {

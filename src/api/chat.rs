@@ -53,7 +53,7 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
             .map_err(|why| model_not_found(model, why))?;
         return state
             .models
-            .base(model)
+            .base(&state.config.model_source(model))
             .await
             .map_err(|e| model_not_found(model, e));
     };
@@ -88,7 +88,7 @@ async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Ser
         })?;
     state
         .models
-        .load_adapter(&key, &spec.base_model, &dir)
+        .load_adapter(&key, &state.config.model_source(&spec.base_model), &dir)
         .await
         .map_err(|e| {
             // the engine's words name files on this server: they go to the log only
@@ -848,7 +848,8 @@ pub async fn completions(
 }
 
 /// `GET /v1/models`: the fine-tuned models of the caller's succeeded jobs, newest first, the
-/// adapters it brought (with their base as `parent`, as vLLM lists them), and the bases.
+/// adapters it brought (with their base as `parent`, as vLLM lists them), and the bases: the
+/// operator's `--models` catalogue and those the caller's models are over.
 pub async fn models(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
@@ -858,7 +859,14 @@ pub async fn models(
         .list_jobs(owner.as_deref(), Some(JobStatus::Succeeded), None, 100)
         .await?;
     let mut data = Vec::new();
-    let mut bases: Vec<String> = Vec::new();
+    // the operator's catalogue first, by name
+    let mut bases: Vec<String> = state
+        .config
+        .catalogue()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     for row in &rows {
         let spec = &row.spec;
         data.push(json!({

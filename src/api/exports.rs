@@ -236,8 +236,9 @@ fn exportable_base(state: &AppState, row: &JobRow) -> Result<PathBuf, ApiError> 
     // the operator's lists may have changed since the job ran
     crate::model_access::check_base_model(&state.config, &spec.base_model)
         .map_err(|m| ApiError::invalid("base_model", m))?;
-    let base = PathBuf::from(&spec.base_model);
-    if !(base.is_dir() || spec.base_model.ends_with(".gguf")) {
+    let source = state.config.model_source(&spec.base_model);
+    let base = PathBuf::from(&source);
+    if !(base.is_dir() || source.ends_with(".gguf")) {
         return Err(ApiError::invalid(
             "format",
             format!(

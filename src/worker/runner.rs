@@ -171,7 +171,8 @@ async fn try_run(
     // spawn_blocking starts with no span: carry the job's in, so the engine's lines name the job
     let span = tracing::Span::current();
     let engine_stop = stop.clone();
-    let spec = claim.spec.clone();
+    // a catalogue name runs as its source
+    let spec = state.config.resolved(&claim.spec);
     let engine = tokio::task::spawn_blocking(move || {
         let _in_job = span.enter();
         let mut reporter = ChannelReporter {
@@ -249,10 +250,11 @@ async fn prepare(
             .await,
         "the start",
     )?;
-    let spec = &claim.spec;
     // checked at submission too; the operator's lists may have changed since
-    crate::model_access::check_base_model(&state.config, &spec.base_model)
+    crate::model_access::check_base_model(&state.config, &claim.spec.base_model)
         .map_err(|m| Outcome::failed("model_not_allowed", format!("base_model: {m}")))?;
+    let resolved = state.config.resolved(&claim.spec);
+    let spec = &resolved;
     super::capacity::check_fit(state, device, lease, spec)
         .await
         .map_err(|misfit| match misfit {

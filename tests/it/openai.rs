@@ -180,3 +180,73 @@ async fn logit_bias_steers_the_answer_and_unbounded_sampling_is_refused() {
     }
     app.shutdown().await;
 }
+
+/// The operator's `--models` catalogue: a base offered by name is listed, trained on and
+/// chatted with by that name, and a fine-tune's `ft:` name carries the catalogue name, or of a
+/// path only its last part, never where the server keeps the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalogue_name_names_the_base_everywhere_and_no_path_leaks() {
+    use serde_json::json;
+    let mut source = String::new();
+    let app = crate::helpers::app::spawn_app_with(|c| {
+        // the tiny model sits beside the data dir, as `model/`
+        source = c
+            .data_dir
+            .parent()
+            .unwrap()
+            .join("model")
+            .display()
+            .to_string();
+        c.models = vec![format!("tiny-llama={source}")];
+    })
+    .await;
+    assert_eq!(source, app.model.display().to_string());
+    let (_, models) = app.get("/v1/models").await;
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "tiny-llama"),
+        "{models}"
+    );
+    let mut by_name = app.job(json!({"training": {"epochs": 1}}));
+    by_name["base_model"] = json!("tiny-llama");
+    let named = app.submit(&by_name).await;
+    let by_path = app
+        .submit(&app.job(json!({"training": {"epochs": 1}})))
+        .await;
+    for id in [&named, &by_path] {
+        app.wait_status(id, &["succeeded"], std::time::Duration::from_secs(120))
+            .await;
+    }
+    let (_, job) = app.get(&format!("/v1/fine_tuning/jobs/{named}")).await;
+    assert_eq!(
+        job["fine_tuned_model"],
+        format!("ft:tiny-llama::{named}"),
+        "{job}"
+    );
+    let (_, job) = app.get(&format!("/v1/fine_tuning/jobs/{by_path}")).await;
+    let ft = job["fine_tuned_model"].as_str().unwrap().to_string();
+    assert_eq!(ft, format!("ft:model::{by_path}"), "{job}");
+    assert!(!ft.contains('/'), "{ft}");
+    for model in ["tiny-llama", &format!("ft:tiny-llama::{named}"), &ft] {
+        let (status, answer) = app
+            .post(
+                "/v1/chat/completions",
+                &json!({"model": model, "messages": [{"role": "user", "content": "say 1"}],
+                        "max_tokens": 3, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{model}: {answer}");
+    }
+    let mut unknown = app.job(json!({}));
+    unknown["base_model"] = json!("no-such-model");
+    let (status, err) = app.post("/v1/jobs", &unknown).await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (422, Some("base_model")),
+        "{err}"
+    );
+    app.shutdown().await;
+}

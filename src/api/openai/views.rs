@@ -12,11 +12,12 @@ use crate::spec::{JobSpec, DEFAULT_LEARNING_RATE};
 /// The id of a succeeded job's results file.
 pub(super) const RESULTS_PREFIX: &str = "file-results-";
 
-/// `ft:{base}:{suffix}:{job id}`: the name a succeeded job's model goes by.
+/// `ft:{base}:{suffix}:{job id}`: the name a succeeded job's model goes by, its base as
+/// [`crate::model_access::display_name`] shows it (a catalogue name, never a server path).
 pub fn fine_tuned_model_name(spec: &JobSpec, job_id: &JobId) -> String {
     format!(
         "ft:{}:{}:{job_id}",
-        spec.base_model,
+        crate::model_access::display_name(&spec.base_model),
         spec.suffix.as_deref().unwrap_or("")
     )
 }
