@@ -160,12 +160,12 @@ impl TextTokenizer {
                     ByteLevel::new(false, true, true).into(),
                 ])));
             }
-            "default" | "gpt2" => {
+            "default" | "gpt2" | "gpt-2" => {
                 inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             }
             other => {
                 return Err(Error::Tokenizer(format!(
-                    "GGUF tokenizer pre-type {other:?} is not supported (supported: smollm, gpt2, default)"
+                    "GGUF tokenizer pre-type {other:?} is not supported (supported: smollm, gpt-2, default)"
                 )))
             }
         }

@@ -284,6 +284,60 @@ fn folder_metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, gguf_fi
     Ok(md)
 }
 
+/// The `tokenizer.ggml.pre` llama.cpp's converter writes for the tokenizer in `dir`: the ids of
+/// its check text hashed and looked up among the tokenizers it knows ([`super::llama_pre`]);
+/// `None` for one it does not know.
+pub fn llama_cpp_pre_name(dir: &Path) -> Result<Option<String>> {
+    use sha2::{Digest, Sha256};
+    let path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| Error::caused(Area::Tokenizer, path.display().to_string(), e))?;
+    // as transformers' `tokenizer.encode(text)`: with the special tokens the tokenizer adds
+    let ids = tokenizer
+        .encode(super::llama_pre::CHECK_TEXT, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    // Python's `str()` of a list of ints
+    let listed = format!(
+        "[{}]",
+        ids.get_ids()
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let hash = format!("{:x}", Sha256::digest(listed.as_bytes()));
+    let known = &super::llama_pre::KNOWN;
+    Ok(known
+        .binary_search_by(|(h, _)| h.cmp(&hash.as_str()))
+        .ok()
+        .map(|i| known[i].1.to_string()))
+}
+
+/// The name of a byte-level BPE pre-tokenizer llama.cpp does not know by its hash, from what it
+/// is made of: plain `ByteLevel` is llama.cpp's `gpt-2`, `Digits` then `ByteLevel` its `smollm`.
+fn pre_name_by_shape(tj: &Json) -> Result<String> {
+    let pre = &tj["pre_tokenizer"];
+    let kinds: Vec<&str> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"]
+            .as_array()
+            .map(|l| l.iter().filter_map(|p| p["type"].as_str()).collect())
+            .unwrap_or_default(),
+        Some(one) => vec![one],
+        None => vec![],
+    };
+    match kinds.as_slice() {
+        ["ByteLevel"] => Ok("gpt-2".into()),
+        ["Digits", "ByteLevel"] if pre["pretokenizers"][0]["individual_digits"] == true => {
+            Ok("smollm".into())
+        }
+        other => Err(Error::Tokenizer(format!(
+            "tokenizer.json's pre-tokenizer {other:?} is not one llama.cpp's converter knows \
+             (by the ids of its check text) nor plain byte-level BPE; export `merged` and \
+             convert with llama.cpp's convert_hf_to_gguf.py"
+        ))),
+    }
+}
+
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` from a folder's tokenizer.json and
 /// tokenizer_config.json, as `get_vocab_base` and `SpecialVocab` write them: one token per id
 /// up to the model's vocabulary (`[PAD{i}]`, type UNUSED, for ids the tokenizer lacks), type
@@ -308,26 +362,9 @@ fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, gguf
             model["type"]
         )));
     }
-    // llama.cpp's pre-tokenizer names for the two pre-tokenizers qtune reads back from GGUF
-    let pre = &tj["pre_tokenizer"];
-    let kinds: Vec<&str> = match pre["type"].as_str() {
-        Some("Sequence") => pre["pretokenizers"]
-            .as_array()
-            .map(|l| l.iter().filter_map(|p| p["type"].as_str()).collect())
-            .unwrap_or_default(),
-        Some(one) => vec![one],
-        None => vec![],
-    };
-    let pre_name = match kinds.as_slice() {
-        ["ByteLevel"] => "gpt2",
-        ["Digits", "ByteLevel"] if pre["pretokenizers"][0]["individual_digits"] == true => "smollm",
-        other => {
-            return Err(Error::Tokenizer(format!(
-                "tokenizer.json's pre-tokenizer {other:?} has no llama.cpp name qtune knows \
-                 (gpt2: ByteLevel; smollm: Digits + ByteLevel); export `merged` and convert with \
-                 llama.cpp's convert_hf_to_gguf.py"
-            )))
-        }
+    let pre_name = match llama_cpp_pre_name(dir)? {
+        Some(name) => name,
+        None => pre_name_by_shape(&tj)?,
     };
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     let mut types: Vec<i32> = vec![1; vocab_size];
@@ -374,7 +411,7 @@ fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, gguf
         .collect();
     let mut md: Vec<(String, V)> = vec![
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String(pre_name.into())),
+        ("tokenizer.ggml.pre".into(), V::String(pre_name)),
         ("tokenizer.ggml.tokens".into(), V::Array(tokens.clone())),
         (
             "tokenizer.ggml.token_type".into(),

@@ -8,6 +8,7 @@
 //! - `gguf-lora` ([`gguf_lora`]): the adapter alone in llama.cpp's LoRA format.
 
 mod gguf;
+mod llama_pre;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 pub(crate) use gguf::gguf_lora;
-pub use gguf::{gguf_model, GgufType, GGUF_LORA_KEYS};
+pub use gguf::{gguf_model, llama_cpp_pre_name, GgufType, GGUF_LORA_KEYS};
 
 use super::checkpoint::{read_lora_spec, ADAPTER_WEIGHTS};
 use super::error::Area;

@@ -368,4 +368,19 @@ fn candle_transformers_answers_from_the_merged_exports_as_qtune_does_with_the_ad
         .render_chat(&[train::tokenizer::Message::new("user", question)], true)
         .unwrap();
     assert_eq!(tok.encode(&again).unwrap(), ids);
+    // llama.cpp's converter knows this tokenizer by the ids of its check text: `smollm`, the
+    // name a gguf export of the folder must write for llama.cpp to load it
+    assert_eq!(
+        export::llama_cpp_pre_name(&folder).unwrap().as_deref(),
+        Some("smollm")
+    );
+    let from_folder_gguf = dir.path().join("from-folder.gguf");
+    export::gguf_model(&folder, &adapter, export::GgufType::F16, &from_folder_gguf).unwrap();
+    let mut file = std::fs::File::open(&from_folder_gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let pre = content.metadata["tokenizer.ggml.pre"]
+        .to_string()
+        .unwrap()
+        .clone();
+    assert_eq!(pre, "smollm");
 }
