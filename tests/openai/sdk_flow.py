@@ -119,7 +119,9 @@ assert a.files.retrieve(f.id).status == "processed"
 
 done = wait(job.id, {"succeeded", "failed", "cancelled"})
 assert done.status == "succeeded", done
-assert done.fine_tuned_model == f"ft:{MODEL}:sdk:{job.id}", done.fine_tuned_model
+# the base as the name shows it: of a path only its last part, never where the server keeps it
+SHOWN = os.path.basename(MODEL.rstrip("/")).removesuffix(".gguf")
+assert done.fine_tuned_model == f"ft:{SHOWN}:sdk:{job.id}", done.fine_tuned_model
 assert done.finished_at >= done.created_at and done.trained_tokens > 0, done
 # 6 training examples at batch 2, 2 epochs
 steps = 6
