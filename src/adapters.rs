@@ -7,8 +7,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use crate::artifacts::{new_adapter_id, Key};
 use crate::db::adapters::RecordedAdapter;
 use crate::db::AdapterRow;
@@ -45,16 +43,9 @@ impl From<std::io::Error> for AdapterError {
     }
 }
 
-/// 1 to 64 ASCII letters, digits, `.`, `_`, `-`, starting with a letter or digit, and not a
-/// job id: a name that cannot be read as a base model's path or Hub id (no `/`), a fine-tuned
-/// model's name (no `:`) or a job.
+/// A model name ([`crate::config::is_model_name`]) that is not a job id either.
 pub(crate) fn check_name(name: &str) -> Result<(), AdapterError> {
-    let ok = (1..=64).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        && crate::job::JobId::parse(name).is_none();
+    let ok = crate::config::is_model_name(name) && crate::job::JobId::parse(name).is_none();
     if ok {
         Ok(())
     } else {
@@ -104,14 +95,13 @@ pub(crate) async fn add(
     let id = new_adapter_id();
     let key = stored_dir(&id)?;
     let local = state.artifacts.local_path(&key);
-    tokio::fs::create_dir_all(&local).await?;
-    let mut bytes = 0;
-    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
-        bytes += tokio::fs::copy(files.join(file), local.join(file)).await?;
-    }
-    let weights = tokio::fs::read(local.join(ADAPTER_WEIGHTS)).await?;
-    let sha256 = format!("{:x}", Sha256::digest(&weights));
-    drop(weights);
+    let (bytes, sha256) = match copy_in(files, &local).await {
+        Ok(copied) => copied,
+        Err(e) => {
+            state.artifacts.delete_dir(&key).await.ok();
+            return Err(e);
+        }
+    };
     let recorded = async {
         state
             .models
@@ -135,13 +125,7 @@ pub(crate) async fn add(
             sha256,
             created_at: crate::db::now(),
         };
-        let quota_mib = state.config.max_stored_mib_per_key;
-        let quota = (quota_mib > 0).then_some(quota_mib << 20);
-        match state.db.insert_adapter(&row, quota).await? {
-            RecordedAdapter::Recorded => Ok(row),
-            RecordedAdapter::NameTaken => Err(AdapterError::NameTaken(name.to_string())),
-            RecordedAdapter::OverQuota => Err(AdapterError::OverQuota { quota_mib }),
-        }
+        record(state, row).await
     }
     .await;
     if recorded.is_err() {
@@ -152,6 +136,29 @@ pub(crate) async fn add(
     let row = recorded?;
     tracing::info!(adapter = %row.id, name, base_model, bytes, "adapter added");
     Ok(row)
+}
+
+/// Records `row` within its owner's stored-bytes quota, under a name of its own.
+async fn record(state: &AppState, row: AdapterRow) -> Result<AdapterRow, AdapterError> {
+    let quota_mib = state.config.max_stored_mib_per_key;
+    let quota = (quota_mib > 0).then_some(quota_mib << 20);
+    match state.db.insert_adapter(&row, quota).await? {
+        RecordedAdapter::Recorded => Ok(row),
+        RecordedAdapter::NameTaken => Err(AdapterError::NameTaken(row.name)),
+        RecordedAdapter::OverQuota => Err(AdapterError::OverQuota { quota_mib }),
+    }
+}
+
+/// Copies the adapter's two files from `files` into `local`; their bytes in all and the
+/// weights' sha256.
+async fn copy_in(files: &Path, local: &Path) -> Result<(u64, String), AdapterError> {
+    tokio::fs::create_dir_all(local).await?;
+    let mut bytes = 0;
+    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        bytes += tokio::fs::copy(files.join(file), local.join(file)).await?;
+    }
+    let weights = crate::artifacts::digest_file(&local.join(ADAPTER_WEIGHTS)).await?;
+    Ok((bytes, weights.sha256))
 }
 
 /// `path`, a folder of the server's that `POST /v1/load_lora_adapter` names, if the operator

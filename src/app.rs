@@ -160,7 +160,7 @@ async fn shared_state(mut config: ServeConfig) -> anyhow::Result<AppState> {
     if !(config.max_job_hours.is_finite() && config.max_job_hours > 0.0) {
         anyhow::bail!("--max-job-hours must be a positive number of hours");
     }
-    config.catalogue().map_err(anyhow::Error::msg)?;
+    config.parse_catalogue().map_err(anyhow::Error::msg)?;
     let egress = EgressPolicy::parse(&config.fetch_allow)
         .map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
     let metrics = Arc::new(crate::metrics::Metrics::new());

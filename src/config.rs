@@ -72,6 +72,9 @@ pub struct ServeConfig {
     /// source's path. NAME: 1 to 64 letters, digits, '.', '_', '-'.
     #[arg(long, env = "QTUNE_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
+    /// `models` parsed, once, when the service is assembled ([`ServeConfig::parse_catalogue`]).
+    #[arg(skip)]
+    catalogue: Vec<(String, String)>,
     /// Hub repos a job's base_model may name (`owner/name`, `owner/*`, or `*` for any); none
     /// listed: no Hub repo (local models only).
     #[arg(long, env = "QTUNE_ALLOW_HUB", value_delimiter = ',')]
@@ -168,6 +171,16 @@ pub struct ServeConfig {
     pub min_free_disk_mib: u64,
 }
 
+/// 1 to 64 ASCII letters, digits, `.`, `_`, `-`, starting with a letter or digit: a name the
+/// operator's catalogue or a tenant's uploaded adapter goes by, which no path (no `/`), Hub id
+/// or fine-tuned model's name (no `:`) can be read as.
+pub fn is_model_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 impl ServeConfig {
     /// A config for tests and embedding: everything default but the data dir.
     pub fn for_data_dir(data_dir: PathBuf) -> ServeConfig {
@@ -187,6 +200,7 @@ impl ServeConfig {
             allow_model_dirs: vec![],
             allow_hub: vec![],
             models: vec![],
+            catalogue: vec![],
             max_upload_mib: 256,
             max_dataset_mib: 1024,
             fetch_timeout_secs: 120,
@@ -214,21 +228,16 @@ impl ServeConfig {
         }
     }
 
-    /// The `--models` catalogue as (name, source) pairs; an error names the entry that is not
-    /// `NAME=SOURCE` with a valid, unique name.
-    pub fn catalogue(&self) -> Result<Vec<(String, String)>, String> {
+    /// Reads `--models` into the catalogue the service consults; an error names the entry
+    /// that is not `NAME=SOURCE` with a valid, unique name.
+    pub(crate) fn parse_catalogue(&mut self) -> Result<(), String> {
         let mut out: Vec<(String, String)> = Vec::new();
         for entry in &self.models {
             let Some((name, source)) = entry.split_once('=') else {
                 return Err(format!("--models entry {entry:?} is not NAME=SOURCE"));
             };
             let (name, source) = (name.trim(), source.trim());
-            let valid = (1..=64).contains(&name.len())
-                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !valid || source.is_empty() {
+            if !is_model_name(name) || source.is_empty() {
                 return Err(format!(
                     "--models entry {entry:?}: NAME is 1 to 64 letters, digits, '.', '_', '-' \
                      and SOURCE a model folder, .gguf file or Hub id"
@@ -239,15 +248,21 @@ impl ServeConfig {
             }
             out.push((name.to_string(), source.to_string()));
         }
-        Ok(out)
+        self.catalogue = out;
+        Ok(())
+    }
+
+    /// The `--models` catalogue as (name, source) pairs.
+    pub fn catalogue(&self) -> &[(String, String)] {
+        &self.catalogue
     }
 
     /// What `model` names: a catalogue entry's source, or `model` itself.
     pub fn model_source(&self, model: &str) -> String {
-        self.catalogue()
-            .ok()
-            .and_then(|c| c.into_iter().find(|(n, _)| n == model))
-            .map_or_else(|| model.to_string(), |(_, source)| source)
+        self.catalogue
+            .iter()
+            .find(|(n, _)| n == model)
+            .map_or_else(|| model.to_string(), |(_, source)| source.clone())
     }
 
     /// `spec` as the engine runs it: its base model a catalogue name's source.

@@ -32,7 +32,6 @@ pub fn is_repo_id(s: &str) -> bool {
 pub fn check_base_model(config: &ServeConfig, base_model: &str) -> Result<(), &'static str> {
     if config
         .catalogue()
-        .unwrap_or_default()
         .iter()
         .any(|(name, _)| name == base_model)
     {

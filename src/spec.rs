@@ -687,7 +687,9 @@ impl RawDataset {
 }
 
 impl RawLora {
-    fn resolve(self) -> Result<LoraSpec, SpecError> {
+    /// The LoRA settings checked and completed: the one place a job's, and an adapter file's
+    /// ([`crate::train::checkpoint::read_lora_spec`]), are validated.
+    pub(crate) fn resolve(self) -> Result<LoraSpec, SpecError> {
         let r = self.r.unwrap_or(DEFAULT_R);
         if !(1..=1024).contains(&r) {
             return Err(err(

@@ -116,6 +116,9 @@ async fn read_form(mut form: Multipart, dir: &Path) -> Result<(String, String), 
         while let Some(chunk) = field.chunk().await? {
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await?;
         }
+        // tokio's file finishes its last write on another thread: without this, what reads
+        // the file next (the tar's unpacking, the copy into the store) can find it short
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
     }
     if dir.join("adapter.tar").exists() {
         let tar = dir.to_path_buf();

@@ -41,13 +41,29 @@ fn model_not_found(model: &str, why: impl std::fmt::Display) -> ApiError {
     .param("model")
 }
 
+/// `owner`'s uploaded adapter called `model`, loaded, if there is one (an adapter's name has
+/// no '/': a path or Hub id costs no lookup).
+async fn uploaded_adapter(
+    state: &AppState,
+    owner: &Owner,
+    model: &str,
+) -> Result<Option<Arc<Served>>, ApiError> {
+    if model.contains('/') {
+        return Ok(None);
+    }
+    match state.db.get_adapter(owner.as_deref(), model).await? {
+        Some(row) => Ok(Some(crate::adapters::served(state, &row).await?)),
+        None => Ok(None),
+    }
+}
+
 /// The model a request names, loaded: a job's adapter over its base, or a base.
 async fn resolve(state: &AppState, owner: &Owner, model: &str) -> Result<Arc<Served>, ApiError> {
     let named = parse_fine_tuned_model(model)
         .or_else(|| JobId::parse(model).map(|job| CheckpointRef { job, step: None }));
     let Some(CheckpointRef { job, step }) = named else {
-        if let Some(row) = state.db.get_adapter(owner.as_deref(), model).await? {
-            return Ok(crate::adapters::served(state, &row).await?);
+        if let Some(adapter) = uploaded_adapter(state, owner, model).await? {
+            return Ok(adapter);
         }
         crate::model_access::check_base_model(&state.config, model)
             .map_err(|why| model_not_found(model, why))?;
@@ -863,9 +879,8 @@ pub async fn models(
     let mut bases: Vec<String> = state
         .config
         .catalogue()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(name, _)| name)
+        .iter()
+        .map(|(name, _)| name.clone())
         .collect();
     for row in &rows {
         let spec = &row.spec;

@@ -152,47 +152,45 @@ pub(crate) fn save_checkpoint(
 /// The LoRA shape an adapter folder was trained with (r, alpha, targets), from its
 /// `adapter_config.json`: what a base model must be loaded with before [`load_adapter`].
 pub fn read_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
+    lora_spec_of(&read_adapter_config(dir)?)
+}
+
+/// `adapter_config.json` of `dir`, as JSON.
+fn read_adapter_config(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     // the file's name, not its path on this server: the message may reach a client
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{ADAPTER_CONFIG} is not JSON: {e}")))
+}
+
+/// The LoRA settings PEFT's config names, checked as a job's are ([`crate::spec::RawLora`]:
+/// rank, alpha, known modules, `"all-linear"`).
+fn lora_spec_of(cfg: &serde_json::Value) -> Result<crate::spec::LoraSpec> {
     let bad = |e: String| Error::Checkpoint(format!("{ADAPTER_CONFIG}: {e}"));
-    let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let targets: Vec<String> = match &cfg["target_modules"] {
-        // PEFT's keyword: every linear layer of every block
-        serde_json::Value::String(k) if k == "all-linear" => [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
-        v => serde_json::from_value(v.clone()).map_err(|e| bad(format!("target_modules: {e}")))?,
-    };
+    let target_modules = serde_json::from_value(cfg["target_modules"].clone())
+        .map_err(|e| bad(format!("target_modules: {e}")))?;
     let r = cfg["r"]
         .as_i64()
         .ok_or_else(|| bad("no integer \"r\"".into()))?;
-    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
-    Ok(crate::spec::LoraSpec::new(
-        r,
-        cfg["lora_alpha"].as_f64(),
-        &targets,
-        cfg["use_rslora"].as_bool().unwrap_or(false),
-    ))
+    crate::spec::RawLora {
+        r: Some(r),
+        alpha: cfg["lora_alpha"].as_f64(),
+        // dropout is training's; an adapter read back is run without it
+        dropout: Some(0.0),
+        target_modules: Some(target_modules),
+        use_rslora: cfg["use_rslora"].as_bool(),
+    }
+    .resolve()
+    .map_err(|e| bad(e.to_string()))
 }
 
 /// The LoRA settings of an adapter made elsewhere (by PEFT itself): what [`read_lora_spec`]
 /// reads, after refusing, by name, every PEFT setting that would make it compute something
 /// else than plain LoRA over the listed modules (DoRA, biases, modules saved whole, per-layer
-/// ranks, a subset of layers, a regex of targets, ...).
+/// ranks, a subset of layers, ...).
 pub fn read_outside_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
-    let path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint(format!("{ADAPTER_CONFIG} is not JSON: {e}")))?;
+    let cfg = read_adapter_config(dir)?;
     let refuse = |why: String| Err(Error::Checkpoint(format!("{ADAPTER_CONFIG}: {why}")));
     match cfg["peft_type"].as_str() {
         Some("LORA") => {}
@@ -233,42 +231,8 @@ pub fn read_outside_lora_spec(dir: &Path) -> Result<crate::spec::LoraSpec> {
             ));
         }
     }
-    if cfg["target_modules"].is_string() && cfg["target_modules"] != "all-linear" {
-        return refuse(
-            "target_modules as a regular expression is not supported: list the modules".into(),
-        );
-    }
-    let spec = read_lora_spec(dir)?;
-    // the factors are allocated from r before the file's shapes are compared with them
-    if !(1..=1024).contains(&spec.r) {
-        return refuse(format!("r {} is not from 1 to 1024", spec.r));
-    }
-    if !spec.alpha.is_finite() {
-        return refuse("lora_alpha is not a finite number".into());
-    }
-    const LINEARS: [&str; 7] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    if spec.target_modules.is_empty() {
-        return refuse("target_modules is empty".into());
-    }
-    if let Some(other) = spec
-        .target_modules
-        .iter()
-        .find(|m| !LINEARS.contains(&m.as_str()))
-    {
-        return refuse(format!(
-            "target_modules names {other:?}: the modules an adapter may target are {}",
-            LINEARS.join(", ")
-        ));
-    }
-    Ok(spec)
+    // rank (1 to 1024, checked before any factor is allocated from it), alpha, modules
+    lora_spec_of(&cfg)
 }
 
 /// Loads PEFT adapter weights into the model's LoRA vars. Every var must be present with its
