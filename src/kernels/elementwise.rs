@@ -48,6 +48,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 /// `e^x` to about 2 ulp, for x clamped to [−87.3, 88] (the ends of float32's normal range), written so that loops
 /// over it vectorise: range reduction `x = n·ln2 + r`, a degree-6 polynomial for `e^r`, and the
 /// exponent bits set directly.

@@ -11,6 +11,7 @@
 //! goes to candle's worker threads in chunks of 64 rows that stay in cache through every step.
 
 use super::cpu::{gemm, Mat, SharedMut};
+use super::elementwise::multiversion;
 
 /// Mask words (64 elements each) one worker draws at a time.
 const MASK_WORDS: usize = 1 << 10;
@@ -341,6 +342,26 @@ pub fn backward(
 /// One row's LoRA factors in a decode step: `A` (rank, inputs), `B` (outputs, rank), the scale.
 pub type RowFactors<'a> = Option<(&'a [f32], &'a [f32], f32)>;
 
+/// `Σ a·b` in eight independent partial sums, which the compiler keeps in one vector register
+/// (a single running sum is a chain of dependent additions, one at a time).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
+    for (pa, pb) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += pa[k] * pb[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `y[i] += scale · x[i]·Aᵢᵀ·Bᵢᵀ` for each row `i` of a decode step that has factors (each row
 /// its own adapter, or none), `x` (rows, inputs), `y` (rows, outputs): the rows in parallel, a
 /// few thousand multiply-adds each.
@@ -365,17 +386,21 @@ pub fn rows_forward_into(y: &mut [f32], x: &[f32], factors: &[RowFactors], input
             let Some((a, b, scale)) = factors[i] else {
                 continue;
             };
-            let rank = a.len() / inputs;
-            let xi = &x[i * inputs..(i + 1) * inputs];
-            let xa: Vec<f32> = a
-                .chunks_exact(inputs)
-                .map(|row| row.iter().zip(xi).map(|(p, q)| p * q).sum::<f32>() * scale)
-                .collect();
             // SAFETY: row i of y belongs to this item alone.
             let yi = unsafe { y_ptr.slice(i * outputs, outputs) };
-            for (o, brow) in yi.iter_mut().zip(b.chunks_exact(rank)) {
-                *o += brow.iter().zip(&xa).map(|(p, q)| p * q).sum::<f32>();
-            }
+            lora_row(yi, &x[i * inputs..(i + 1) * inputs], a, b, scale);
         }
     });
+}
+
+multiversion! {
+    fn lora_row(y: &mut [f32], x: &[f32], a: &[f32], b: &[f32], scale: f32) {
+        let xa: Vec<f32> = a
+            .chunks_exact(x.len())
+            .map(|row| dot(row, x) * scale)
+            .collect();
+        for (o, brow) in y.iter_mut().zip(b.chunks_exact(xa.len().max(1))) {
+            *o += dot(brow, &xa);
+        }
+    }
 }

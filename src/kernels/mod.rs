@@ -9,7 +9,8 @@
 //! rows), `decode` (a decode step's queries against each sequence's cache), `lora` (the LoRA
 //! branch and its dropout masks, and a decode step's rows each through its own adapter),
 //! `elementwise` (RMSNorm, RoPE, SiLU·up, softmax with cross-entropy, bf16 rounding; AVX2 +
-//! fallback), `unpack` (4-bit weights),
+//! fallback), `unpack` (4-bit weights), `qdot` (GGUF weight blocks times a decode batch's rows,
+//! each block unpacked once for the rows),
 //! `onednn` (oneDNN's matmul primitive, loaded at run time), `cpu` (what they share: output
 //! pointers for worker threads, strided views, the `gemm` crate's multiply).
 
@@ -19,4 +20,5 @@ pub mod decode;
 pub mod elementwise;
 pub mod lora;
 pub mod onednn;
+pub mod qdot;
 pub mod unpack;

@@ -14,6 +14,8 @@ use crate::train::timing::{self, Part};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
+
+use crate::kernels::qdot::{GgmlBlocks, PackedWeight};
 use candle_core::{DType, Device, Tensor};
 
 use crate::train::{ops, Result};
@@ -452,6 +454,8 @@ pub enum QuantizedWeight {
     },
     /// A GGUF tensor in its own GGML type.
     Ggml(Arc<QTensor>),
+    /// A GGUF tensor repacked for decoding on the CPU ([`QuantizedWeight::for_decoding`]).
+    Packed(PackedWeight),
 }
 
 impl QuantizedWeight {
@@ -512,10 +516,39 @@ impl QuantizedWeight {
         })
     }
 
+    /// A GGUF tensor as decoding on the CPU reads it fastest: the 4- and 8-bit block types
+    /// repacked for [`crate::kernels::qdot`], whose dot products unpack each block once for
+    /// a whole decode batch; Q5_0 and Q5_1, which it does not read, requantized to Q8_0 first
+    /// (nearer the float weights than 4 bits); other types left to candle as they are.
+    pub fn for_decoding(q: &Arc<QTensor>) -> Result<QuantizedWeight> {
+        use candle_core::quantized::GgmlDType as G;
+        let requantized;
+        let stored = match q.dtype() {
+            G::Q5_0 | G::Q5_1 => {
+                requantized = QTensor::quantize(&q.dequantize(&Device::Cpu)?, G::Q8_0)?;
+                &requantized
+            }
+            _ => q.as_ref(),
+        };
+        let kind = match stored.dtype() {
+            G::Q4_0 => GgmlBlocks::Q4_0,
+            G::Q4_1 => GgmlBlocks::Q4_1,
+            G::Q4K => GgmlBlocks::Q4K,
+            G::Q8_0 => GgmlBlocks::Q8_0,
+            _ => return Ok(QuantizedWeight::Ggml(q.clone())),
+        };
+        let (rows, cols) = stored.shape().dims2()?;
+        let bytes = stored.data()?;
+        Ok(QuantizedWeight::Packed(PackedWeight::from_ggml(
+            kind, &bytes, rows, cols,
+        )))
+    }
+
     pub fn shape(&self) -> (usize, usize) {
         match self {
             QuantizedWeight::FourBit { shape, .. } | QuantizedWeight::Int8 { shape, .. } => *shape,
             QuantizedWeight::Ggml(q) => q.shape().dims2().unwrap_or((0, 0)),
+            QuantizedWeight::Packed(p) => p.shape(),
         }
     }
 
@@ -533,6 +566,7 @@ impl QuantizedWeight {
             }
             QuantizedWeight::Int8 { q, absmax, .. } => q.elem_count() + 4 * absmax.elem_count(),
             QuantizedWeight::Ggml(q) => q.storage_size_in_bytes(),
+            QuantizedWeight::Packed(p) => p.bytes(),
         }
     }
 
@@ -570,6 +604,7 @@ impl QuantizedWeight {
             QuantizedWeight::FourBit { packed, .. } => packed.device().clone(),
             QuantizedWeight::Int8 { q, .. } => q.device().clone(),
             QuantizedWeight::Ggml(q) => q.device(),
+            QuantizedWeight::Packed(_) => Device::Cpu,
         };
         self.unpack(&device, dtype, false)
     }
@@ -625,6 +660,7 @@ impl QuantizedWeight {
                     .reshape((out, inp))?
             }
             QuantizedWeight::Ggml(q) => q.dequantize(device)?,
+            QuantizedWeight::Packed(p) => Tensor::from_vec(p.dequantize(), (out, inp), device)?,
         };
         Ok(dense.to_dtype(dtype)?)
     }
@@ -645,6 +681,7 @@ impl QuantizedWeight {
             ),
             QuantizedWeight::Int8 { .. } => "int8".into(),
             QuantizedWeight::Ggml(q) => format!("{:?}", q.dtype()),
+            QuantizedWeight::Packed(_) => "ggml blocks, repacked".into(),
         }
     }
 }
@@ -707,31 +744,52 @@ impl candle_core::CustomOp1 for QuantizedMatmul {
     }
 }
 
-/// `x · Wᵀ` for a frozen quantized `W` (see [`QuantizedMatmul`]).
 /// [`quantized_matmul`] of the rows of a batched decode step (one per sequence): on a GGUF
-/// weight's stored blocks whatever the number of rows, as for one row (candle reads each block
-/// once for up to 16 rows); the rows' numbers are each what that row alone would give.
+/// weight's stored blocks whatever the number of rows, as for one row; the rows' numbers are
+/// each what that row alone would give.
 pub fn decode_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
     match w.as_ref() {
         QuantizedWeight::Ggml(q) if x.device().is_cpu() && x.dtype() == DType::F32 => {
             Ok(x.contiguous()?.apply_op1_no_bwd(q.as_ref())?)
         }
+        QuantizedWeight::Packed(p) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            packed_matmul(x, p)
+        }
         _ => quantized_matmul(x, w),
     }
 }
+
+/// Rows up to which a repacked weight multiplies on its blocks; past it, a dense float32 copy
+/// and a matrix product are faster (a long prompt's prefill).
+const PACKED_ROWS: usize = 64;
+
+/// `x · Wᵀ` on a repacked weight's blocks (the activations quantized per block of 32).
+fn packed_matmul(x: &Tensor, p: &PackedWeight) -> Result<Tensor> {
+    let (out, inp) = p.shape();
+    let rows = x.elem_count() / inp.max(1);
+    let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a matrix") = out;
+    Ok(Tensor::from_vec(p.matmul(&flat, rows), dims, x.device())?)
+}
+
+/// `x · Wᵀ` for a frozen quantized `W` (see [`QuantizedMatmul`]).
 
 pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.track_op() {
         return Ok(x.apply_op1(QuantizedMatmul { weight: w.clone() })?);
     }
-    if let QuantizedWeight::Ggml(q) = w.as_ref() {
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        if rows == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
-            // One row is a decode step: a matrix-vector product on the stored blocks (the
-            // activation quantized to the type's dot-product partner, as llama.cpp decodes),
-            // reading a quarter to an eighth of the bytes a float32 weight would take.
-            return Ok(x.apply_op1_no_bwd(q.as_ref())?);
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        // One row is a decode step: a matrix-vector product on the stored blocks (the
+        // activation quantized to the type's dot-product partner, as llama.cpp decodes),
+        // reading a quarter to an eighth of the bytes a float32 weight would take. A short
+        // prompt's rows too, on repacked blocks: cheaper than a dense copy of the weight.
+        match w.as_ref() {
+            QuantizedWeight::Ggml(q) if rows == 1 => return Ok(x.apply_op1_no_bwd(q.as_ref())?),
+            QuantizedWeight::Packed(p) if rows <= PACKED_ROWS => return packed_matmul(&x, p),
+            _ => {}
         }
     }
     let dense = w.dequantize(x.device(), x.dtype())?;

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Layout, Storage, Tensor, Var, D};
 
 use super::arch::Proj;
@@ -31,7 +30,7 @@ pub struct Llama {
     pub gradient_checkpointing: bool,
     /// The vocabulary projection kept quantized for decode steps (set by
     /// [`super::load_for_decoding`]): at one row per step it is the largest single read.
-    pub(crate) decode_head: Option<std::sync::Arc<QTensor>>,
+    pub(crate) decode_head: Option<std::sync::Arc<crate::train::quant::QuantizedWeight>>,
     /// LoRA gradients computed by fused or recomputed layers during a backward pass, by
     /// variable id; [`Llama::lora_grads`] hands them to the optimizer step.
     pub(super) layer_grads: GradStash,
@@ -393,7 +392,7 @@ impl Llama {
     fn decode_logits(&self, x: &Tensor) -> Result<Tensor> {
         let x = ops::rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
         let logits = match &self.decode_head {
-            Some(q) if x.dtype() == DType::F32 => x.apply_op1_no_bwd(q.as_ref())?,
+            Some(q) if x.dtype() == DType::F32 => crate::train::quant::decode_matmul(&x, q)?,
             _ => ops::frozen_matmul(&x, self.lm_head_weight())?,
         };
         Ok(logits.to_dtype(DType::F32)?)

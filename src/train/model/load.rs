@@ -124,10 +124,13 @@ pub(crate) fn load_hf_dir(
 
 /// Loads `base_model` for generation, with the LoRA factors `lora` asks for (to be filled by
 /// an adapter). A `.gguf` base keeps its linear weights quantized, so that decoding reads the
-/// stored blocks as llama.cpp does; types whose CPU dot products candle leaves unvectorised
-/// (Q4_1, Q5_0, Q5_1) are requantized to Q8_0, which is vectorised and closer to the float
-/// weights. Other bases load in float32.
+/// stored blocks as llama.cpp does, repacked for the decode kernel where it reads the type
+/// ([`QuantizedWeight::for_decoding`]); the vocabulary head, kept in float32 for training,
+/// is quantized to Q8_0 for decoding. Other bases load in float32.
 pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel> {
+    use crate::train::quant::QuantizedWeight;
+    use candle_core::quantized::GgmlDType;
+    use std::sync::Arc;
     let device = Device::Cpu;
     if !base_model.ends_with(".gguf") {
         return load_base(base_model, None, lora, None, 0, &device);
@@ -139,8 +142,6 @@ pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel>
         compute_dtype: ComputeDtype::F32,
     };
     let mut loaded = load_base(base_model, None, lora, Some(&keep), 0, &device)?;
-    use crate::train::quant::QuantizedWeight;
-    use candle_core::quantized::GgmlDType;
     for block in &mut loaded.model.blocks {
         for proj in Proj::ALL {
             let linear = block.linear_mut(proj);
@@ -150,24 +151,13 @@ pub fn load_for_decoding(base_model: &str, lora: &LoraSpec) -> Result<BaseModel>
             let QuantizedWeight::Ggml(t) = q.as_ref() else {
                 continue;
             };
-            if matches!(
-                t.dtype(),
-                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-            ) {
-                let dense = t.dequantize(&device)?;
-                let requantized = QTensor::quantize(&dense, GgmlDType::Q8_0)?;
-                linear.weight = FrozenWeight::Quantized(std::sync::Arc::new(
-                    QuantizedWeight::Ggml(std::sync::Arc::new(requantized)),
-                ));
-            }
+            linear.weight = FrozenWeight::Quantized(Arc::new(QuantizedWeight::for_decoding(t)?));
         }
     }
     let head = loaded.model.lm_head_weight();
     if head.dim(1)?.is_multiple_of(GgmlDType::Q8_0.block_size()) {
-        loaded.model.decode_head = Some(std::sync::Arc::new(QTensor::quantize(
-            &head.to_dtype(DType::F32)?,
-            GgmlDType::Q8_0,
-        )?));
+        let q8 = QTensor::quantize(&head.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        loaded.model.decode_head = Some(Arc::new(QuantizedWeight::for_decoding(&Arc::new(q8))?));
     }
     Ok(loaded)
 }

@@ -184,7 +184,8 @@ fn lora_and_qlora_on_the_ggufs_own_tensors_lower_held_out_loss() {
 /// quantized, as llama.cpp decodes), the raw prompt with the BOS the tokenizer adds, greedy
 /// decoding through the KV cache with Gemma's local layers: the prompt's ids are transformers',
 /// and the first eight tokens are those transformers' greedy `generate` picks on the dequantized
-/// weights (after that a near-tie may go either way: decoding runs on requantized Q8_0 blocks).
+/// weights (after that a near-tie may go either way: decoding multiplies the stored blocks by
+/// activations quantized to 8 bits).
 #[test]
 fn greedy_continuation_follows_transformers() {
     let expected = &fixture()["greedy"];
