@@ -759,10 +759,6 @@ pub fn decode_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
     }
 }
 
-/// Rows up to which a repacked weight multiplies on its blocks; past it, a dense float32 copy
-/// and a matrix product are faster (a long prompt's prefill).
-const PACKED_ROWS: usize = 64;
-
 /// `x · Wᵀ` on a repacked weight's blocks (the activations quantized per block of 32).
 fn packed_matmul(x: &Tensor, p: &PackedWeight) -> Result<Tensor> {
     let (out, inp) = p.shape();
@@ -784,11 +780,12 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> 
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         // One row is a decode step: a matrix-vector product on the stored blocks (the
         // activation quantized to the type's dot-product partner, as llama.cpp decodes),
-        // reading a quarter to an eighth of the bytes a float32 weight would take. A short
-        // prompt's rows too, on repacked blocks: cheaper than a dense copy of the weight.
+        // reading a quarter to an eighth of the bytes a float32 weight would take. A prompt's
+        // rows too, on repacked blocks (as fast as a dense copy of the weight and a float32
+        // product, and a row's numbers the same however its prompt is cut into chunks).
         match w.as_ref() {
             QuantizedWeight::Ggml(q) if rows == 1 => return Ok(x.apply_op1_no_bwd(q.as_ref())?),
-            QuantizedWeight::Packed(p) if rows <= PACKED_ROWS => return packed_matmul(&x, p),
+            QuantizedWeight::Packed(p) => return packed_matmul(&x, p),
             _ => {}
         }
     }
