@@ -770,7 +770,6 @@ fn packed_matmul(x: &Tensor, p: &PackedWeight) -> Result<Tensor> {
 }
 
 /// `x · Wᵀ` for a frozen quantized `W` (see [`QuantizedMatmul`]).
-
 pub fn quantized_matmul(x: &Tensor, w: &Arc<QuantizedWeight>) -> Result<Tensor> {
     let x = x.contiguous()?;
     if x.track_op() {
