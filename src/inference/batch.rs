@@ -15,12 +15,11 @@ use std::time::Instant;
 
 use super::Served;
 use crate::metrics::Metrics;
-use crate::train::generate::{Decoding, Generation, Sampling, TokenConstraint, TokenLogprob};
+use crate::train::generate::{
+    Decoding, Generation, Sampling, TokenConstraint, TokenLogprob, PREFILL_CHUNK,
+};
 use crate::train::model::{BaseModel, DecodeRow, KvCache};
 use crate::train::{Error, Result};
-
-/// Prompt tokens prefilled between two decode steps.
-const PREFILL_CHUNK: usize = 256;
 
 /// Where a request's text (and its tokens' log-probabilities, when asked for) goes as it is
 /// decided; `false`: nobody is listening any more.

@@ -348,18 +348,17 @@ pub type RowFactors<'a> = Option<(&'a [f32], &'a [f32], f32)>;
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
+    let mut tail = 0f32;
+    for (p, q) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += p * q;
+    }
     for (pa, pb) in ca.zip(cb) {
         for k in 0..8 {
             lanes[k] += pa[k] * pb[k];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    let l = lanes;
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail
 }
 
 /// `y[i] += scale · x[i]·Aᵢᵀ·Bᵢᵀ` for each row `i` of a decode step that has factors (each row
@@ -395,10 +394,12 @@ pub fn rows_forward_into(y: &mut [f32], x: &[f32], factors: &[RowFactors], input
 
 multiversion! {
     fn lora_row(y: &mut [f32], x: &[f32], a: &[f32], b: &[f32], scale: f32) {
-        let xa: Vec<f32> = a
-            .chunks_exact(x.len())
-            .map(|row| dot(row, x) * scale)
-            .collect();
+        // plain loops, not iterator adapters: a `collect` would be compiled once, outside the
+        // vector instruction set this function is compiled for
+        let mut xa = vec![0f32; a.len() / x.len().max(1)];
+        for (v, row) in xa.iter_mut().zip(a.chunks_exact(x.len().max(1))) {
+            *v = dot(row, x) * scale;
+        }
         for (o, brow) in y.iter_mut().zip(b.chunks_exact(xa.len().max(1))) {
             *o += dot(brow, &xa);
         }

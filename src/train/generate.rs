@@ -181,6 +181,11 @@ pub(crate) fn end_of_turn_ids(tok: &TextTokenizer) -> Vec<u32> {
 /// since the last call (empty unless asked for); `false`: nobody is listening any more.
 pub type TextSink<'a> = &'a mut dyn FnMut(&str, &[TokenLogprob]) -> bool;
 
+/// Prompt tokens one forward pass prefills: [`generate`] and a server's batch (which runs one
+/// chunk between two decode steps) cut a prompt alike, so a request decodes to the same numbers
+/// either way; and attention's score matrices stay a chunk's rows tall.
+pub const PREFILL_CHUNK: usize = 256;
+
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text as it
 /// is decided (text that may still turn out to start a stop sequence, or an incomplete UTF-8
 /// character, is held back until it is known). `on_text` returning `false` stops early (a
@@ -194,7 +199,13 @@ pub fn generate(
 ) -> Result<Generation> {
     let mut decoding = Decoding::new(tok, prompt_ids, sampling)?;
     let mut cache = model.new_cache();
-    let mut logits = model.forward_cached(prompt_ids, &mut cache)?;
+    let mut logits = model.forward_cached(
+        &prompt_ids[..prompt_ids.len().min(PREFILL_CHUNK)],
+        &mut cache,
+    )?;
+    for chunk in prompt_ids.chunks(PREFILL_CHUNK).skip(1) {
+        logits = model.forward_cached(chunk, &mut cache)?;
+    }
     while let Some(next) = decoding.advance(tok, &logits, on_text)? {
         logits = model.forward_cached(&[next], &mut cache)?;
     }

@@ -51,19 +51,32 @@ fn drawn_adapter(base_dir: &std::path::Path, dir: &std::path::Path, seed: u64) {
 async fn a_batch_over_mixed_adapters_decodes_what_each_request_decodes_alone() {
     let dir = tempfile::tempdir().unwrap();
     let base_dir = crate::helpers::tiny_model(dir.path());
+    batch_decodes_what_each_request_decodes_alone(dir.path(), &base_dir).await;
+}
+
+/// The comparison above on the base at `base_dir` (a model folder or a `.gguf` file), with
+/// adapters drawn for it under `dir`.
+pub async fn batch_decodes_what_each_request_decodes_alone(
+    dir: &std::path::Path,
+    base_dir: &std::path::Path,
+) {
     let base_name = base_dir.to_str().unwrap();
     let models = Models::new(
-        &ServeConfig::for_data_dir(dir.path().join("data")),
+        &ServeConfig::for_data_dir(dir.join("data")),
         Default::default(),
     );
     let mut served = vec![models.base(base_name).await.unwrap()];
     // the same folder spelled another way is the same loaded base, not a second copy
-    let respelled = dir.path().join(".").join("model");
+    let respelled = base_dir
+        .parent()
+        .unwrap()
+        .join(".")
+        .join(base_dir.file_name().unwrap());
     let again = models.base(respelled.to_str().unwrap()).await.unwrap();
     assert!(Arc::ptr_eq(&served[0], &again), "one base per file");
     for k in 0..3u64 {
-        let adapter_dir = dir.path().join(format!("adapter-{k}"));
-        drawn_adapter(&base_dir, &adapter_dir, k + 1);
+        let adapter_dir = dir.join(format!("adapter-{k}"));
+        drawn_adapter(base_dir, &adapter_dir, k + 1);
         let view = models
             .load_adapter(&format!("job-{k}"), base_name, &adapter_dir.join("adapter"))
             .await
@@ -71,11 +84,16 @@ async fn a_batch_over_mixed_adapters_decodes_what_each_request_decodes_alone() {
         served.push(view);
     }
     let tok = served[0].tokenizer();
+    // a prompt longer than a prefill chunk in this model's tokens
+    let long = (1..)
+        .map(|n| "jumps over the lazy dog ".repeat(n))
+        .find(|t| tok.encode(t).unwrap().len() > 256)
+        .unwrap();
     let texts = [
         "hi",
         "say 1",
         "the quick brown fox",
-        &"jumps over the lazy dog ".repeat(12),
+        &long,
         "ok",
         "what is two and two",
         "a",

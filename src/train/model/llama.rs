@@ -359,29 +359,31 @@ impl Llama {
                 _ => (&cos, &sin, &mask),
             };
             let shape = self.decode_shape(layer);
-            x = layer_forward(
-                block,
-                layer,
-                &x,
-                cfg,
-                mode,
-                (nh, nkv, hd),
-                cos,
-                sin,
-                |q, k, v| {
-                    let held = cache.append(layer, &k, &v)?;
-                    if n == 1 {
-                        return decode_attention(&q, &[held], shape);
-                    }
-                    let t = held.keys.len() / (nkv * hd);
-                    let stored = |data: &[f32]| -> Result<Tensor> {
-                        let all = Tensor::from_slice(data, (1, t, nkv, hd), &self.device)?;
-                        Ok(all.to_dtype(q.dtype())?)
-                    };
-                    let (k, v) = (stored(&held.keys)?, stored(&held.values)?);
-                    Ok(ops::attention(&q, &k, &v, mask, scale)?)
-                },
-            )?;
+            let attend = |q: Tensor, k: Tensor, v: Tensor| {
+                let held = cache.append(layer, &k, &v)?;
+                if n == 1 {
+                    return decode_attention(&q, &[held], shape);
+                }
+                let t = held.keys.len() / (nkv * hd);
+                let stored = |data: &[f32]| -> Result<Tensor> {
+                    let all = Tensor::from_slice(data, (1, t, nkv, hd), &self.device)?;
+                    Ok(all.to_dtype(q.dtype())?)
+                };
+                let (k, v) = (stored(&held.keys)?, stored(&held.values)?);
+                Ok(ops::attention(&q, &k, &v, mask, scale)?)
+            };
+            x = if n == 1 {
+                // one new position: the projections as a decode batch computes its rows
+                // ([`Llama::decode_batch`]), so that a sequence decodes to the same numbers
+                // alone or batched
+                let proj = |p: Proj, h: &Tensor| -> Result<Tensor> {
+                    let linear = block.linear(p);
+                    lora_rows(linear.frozen(h, true)?, h, &[Some(linear)], (layer, p))
+                };
+                layer_forward_with(block, &x, cfg, (nh, nkv, hd), (cos, sin), proj, attend)?
+            } else {
+                layer_forward(block, layer, &x, cfg, mode, (nh, nkv, hd), cos, sin, attend)?
+            };
         }
         cache.len = total;
         Ok(self.decode_logits(&x.narrow(1, n - 1, 1)?)?.flatten_all()?)

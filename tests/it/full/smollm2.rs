@@ -384,3 +384,12 @@ fn candle_transformers_answers_from_the_merged_exports_as_qtune_does_with_the_ad
         .clone();
     assert_eq!(pre, "smollm");
 }
+
+/// A batch over mixed adapters and prompt lengths decodes, token for token, what each request
+/// decodes alone, on the GGUF's own Q4_1 blocks (repacked for the decode kernel, which unpacks
+/// each block once for all the rows) and the Q8_0 vocabulary head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_the_gguf_decodes_what_each_request_decodes_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::serving::batch_decodes_what_each_request_decodes_alone(dir.path(), &smollm2()).await;
+}
