@@ -14,10 +14,9 @@ use crate::train::timing::{self, Part};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-
-use crate::kernels::qdot::{GgmlBlocks, PackedWeight};
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::qdot::{GgmlBlocks, PackedWeight};
 use crate::train::{ops, Result};
 
 /// NormalFloat-4 (QLoRA paper; bitsandbytes `get_4bit_type("nf4")`), code 0 … 15, written as
