@@ -1,10 +1,9 @@
 //! GGUF weights multiplied as llama.cpp multiplies them when decoding: the activations
 //! quantized to 8 bits per block of 32 (ggml's `q8_1`: a scale and the scaled sum of the codes),
 //! integer dot products per block, one scale (and minimum) per block of the weight. Unlike
-//! ggml's (and candle's) matrix-vector products, which read and unpack every weight block once
-//! per activation row, a block here is unpacked once for up to [`ROWS`] rows of a decode batch:
-//! on a CPU, where a decode step is bound by the weight bytes and their unpacking, a batch of
-//! rows costs little more than one.
+//! candle's matrix-vector products, which load and unpack every weight block again for each
+//! activation row, a block here is loaded and unpacked once for up to [`ROWS`] rows of a decode
+//! batch; what is left per row is the integer products themselves.
 //!
 //! The weights are repacked at load into two forms that cover the 4- and 8-bit GGML types:
 //! unsigned 4-bit codes with a float32 scale and minimum per 32 values (`value = scale·q + min`:

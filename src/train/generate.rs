@@ -199,11 +199,10 @@ pub fn generate(
 ) -> Result<Generation> {
     let mut decoding = Decoding::new(tok, prompt_ids, sampling)?;
     let mut cache = model.new_cache();
-    let mut logits = model.forward_cached(
-        &prompt_ids[..prompt_ids.len().min(PREFILL_CHUNK)],
-        &mut cache,
-    )?;
-    for chunk in prompt_ids.chunks(PREFILL_CHUNK).skip(1) {
+    let mut chunks = prompt_ids.chunks(PREFILL_CHUNK);
+    // an empty prompt goes through too, for the model's own refusal
+    let mut logits = model.forward_cached(chunks.next().unwrap_or_default(), &mut cache)?;
+    for chunk in chunks {
         logits = model.forward_cached(chunk, &mut cache)?;
     }
     while let Some(next) = decoding.advance(tok, &logits, on_text)? {
